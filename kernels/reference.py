@@ -1,0 +1,122 @@
+"""Pure-torch twins of the masked kernels: the test oracle and the CPU path.
+
+Each function gathers only the kept work and runs one dense op on it, so it also saves
+time where Triton does not run. Inputs are assumed already checked (see `checks.py`);
+the public, checked entry points are in `dispatch.py`.
+
+    head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads=False)
+        q [B,H,T,D], k/v [B,Hkv,T,D], head_keep [B,H] bool -> [B,H,T,D] or [B,T,H*D]
+    row_sparse_linear(x, weight, bias, keep_idx)            x [...,in] -> [...,len(keep)]
+    col_sparse_linear(x, weight, bias, keep_idx, compact_input=False)   -> [...,out]
+    grouped_row_sparse_linear(x, weight, bias, group_keep_idx, group_ids, full_width=False)
+    grouped_col_sparse_linear(x, weight, bias, group_keep_idx, group_ids, compact_input=False)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.indices import PAD_INDEX, scatter_columns
+
+__all__ = [
+    "col_sparse_linear",
+    "grouped_col_sparse_linear",
+    "grouped_row_sparse_linear",
+    "head_sparse_attention",
+    "row_sparse_linear",
+]
+
+
+def head_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    head_keep: torch.Tensor,
+    causal: bool,
+    scale: float | None,
+    merge_heads: bool = False,
+) -> torch.Tensor:
+    """SDPA over the kept (batch, head) pairs only; pruned heads output exact zeros."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]  # query heads per KV head (GQA)
+    out = q.new_zeros(B, H, T, D)
+    b_idx, h_idx = head_keep.nonzero(as_tuple=True)  # (N,), (N,) kept pairs
+    if b_idx.numel():
+        kv_idx = h_idx // group  # each kept query head reads its own KV head
+        q_kept = q[b_idx, h_idx]  # (N, T, D)
+        k_kept = k[b_idx, kv_idx]  # (N, T, D)
+        v_kept = v[b_idx, kv_idx]  # (N, T, D)
+        out[b_idx, h_idx] = F.scaled_dot_product_attention(
+            q_kept, k_kept, v_kept, is_causal=causal, scale=scale
+        )
+    if merge_heads:
+        return out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+    return out
+
+
+def row_sparse_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep_idx: torch.Tensor
+) -> torch.Tensor:
+    """x @ weight[keep].T + bias[keep]: only the kept output features."""
+    kept_bias = None if bias is None else bias.index_select(0, keep_idx)
+    return F.linear(x, weight.index_select(0, keep_idx), kept_bias)
+
+
+def col_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep_idx: torch.Tensor,
+    compact_input: bool = False,
+) -> torch.Tensor:
+    """x[..., keep] @ weight[:, keep].T + bias: only the kept input features."""
+    x_kept = x if compact_input else x.index_select(-1, keep_idx)
+    return F.linear(x_kept, weight.index_select(1, keep_idx), bias)
+
+
+def _group_rows(group_ids: torch.Tensor, group_keep_idx: torch.Tensor):
+    """Yield (rows, keep) per mask group present in the batch."""
+    for g in group_ids.unique().tolist():
+        rows = (group_ids == g).nonzero().squeeze(1)
+        keep = group_keep_idx[g]
+        yield rows, keep[keep != PAD_INDEX]
+
+
+def grouped_row_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_keep_idx: torch.Tensor,
+    group_ids: torch.Tensor,
+    full_width: bool = False,
+) -> torch.Tensor:
+    """row_sparse_linear with sample b using mask group_ids[b]; compact output right-padded with zeros."""
+    width = weight.shape[0] if full_width else group_keep_idx.shape[1]
+    out = x.new_zeros(*x.shape[:-1], width)
+    for rows, keep in _group_rows(group_ids, group_keep_idx):
+        y = row_sparse_linear(x.index_select(0, rows), weight, bias, keep)  # (R, ..., len(keep))
+        if full_width:
+            y = scatter_columns(y, keep, width)
+        else:
+            y = F.pad(y, (0, width - keep.numel()))
+        out.index_copy_(0, rows, y)
+    return out
+
+
+def grouped_col_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_keep_idx: torch.Tensor,
+    group_ids: torch.Tensor,
+    compact_input: bool = False,
+) -> torch.Tensor:
+    """col_sparse_linear with sample b using mask group_ids[b]."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for rows, keep in _group_rows(group_ids, group_keep_idx):
+        x_rows = x.index_select(0, rows)
+        if compact_input:
+            x_rows = x_rows[..., : keep.numel()]  # drop this group's right padding
+        out.index_copy_(0, rows, col_sparse_linear(x_rows, weight, bias, keep, compact_input))
+    return out

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models of every supported family and a byte-level tokenizer.
+
+Tiny means 2 layers and hidden 64, so every unit test runs in milliseconds on a CPU.
+The shipped real models are opened only by tests marked `real_model`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny import TINY_FAMILIES, tiny_handle
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: opens a shipped real model (slower)")
+    config.addinivalue_line("markers", "browser: drives a real chromium browser")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def handle(request):
+    """A tiny random model of each family (gpt2, bert, llama with GQA, qwen2 with biases)."""
+    return tiny_handle(request.param)
+
+
+@pytest.fixture
+def llama_handle():
+    return tiny_handle("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The shipped default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from engine.model import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The shipped MiniLM sentence encoder (a real BERT)."""
+    from engine.model import load_model
+
+    return load_model("minilm")

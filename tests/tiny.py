@@ -1,0 +1,72 @@
+"""Tiny random models of each supported family, built offline from configs."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from engine.model import ModelHandle
+
+__all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "VOCAB"]
+
+TINY_FAMILIES = ("gpt2", "bert", "llama", "qwen2")
+VOCAB = 260  # 256 bytes + specials
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte): no files, no download."""
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_to_unicode))}
+    for name in ("<pad>", "<eos>", "<bos>", "<unk>"):
+        vocab[name] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, bos_token_id=258, eos_token_id=257,
+                         **common)
+        model = GPT2LMHeadModel(cfg)
+    elif family == "bert":
+        cfg = BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128,
+                         max_position_embeddings=128, **common)
+        model = BertModel(cfg, add_pooling_layer=False)
+    elif family == "llama":
+        cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                          intermediate_size=128, max_position_embeddings=128, **common)
+        model = LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
+                          intermediate_size=128, max_position_embeddings=128, **common)
+        model = Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    model.config._attn_implementation = "eager"
+    # Random init leaves some biases at exactly zero; make them non-zero so bias handling is tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_handle(family: str, seed: int = 0) -> ModelHandle:
+    return ModelHandle.from_model(tiny_model(family, seed), tiny_tokenizer(), name=f"tiny-{family}")
