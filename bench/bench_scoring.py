@@ -1,0 +1,104 @@
+"""Time and peak memory of a full scoring pass against a plain forward+backward.
+
+    python bench/bench_scoring.py [--model M] [--n-texts 16] [--max-length 256] [--batch-size 4]
+
+Scoring = one pass computing entropy + attention-position statistics + activation moments
+(forward hooks) and |dL/dgate| for every head, channel and sub-block (backward to the gates),
+plus magnitude from the weights. Baselines over the same texts and batches: a plain forward,
+and a plain forward+backward with weight gradients (a training step without the update).
+Each mode runs in its own process so peak RSS is its own. Goal: scoring <= 1.5x fwd+bwd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+MODES = ("forward", "forward+backward", "scoring")
+
+
+def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
+    import torch
+
+    from engine.datasets import calibration_texts
+    from engine.importance import score
+    from engine.model import load_model
+    from engine.objective import lm_loss
+    from engine.tokens import batches, encode_batch
+
+    torch.set_num_threads(args.threads)
+    handle = load_model(args.model, progress=lambda m: None)
+    texts = calibration_texts("wikitext", args.n_texts)
+    encoded = [encode_batch(handle.tokenizer, list(c), args.max_length) for c in batches(texts, args.batch_size)]
+    if mode == "forward+backward":
+        for p in handle.model.parameters():
+            p.requires_grad_(True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def once() -> None:
+        if mode == "scoring":
+            score(handle, texts, ("entropy", "magnitude", "gradient", "activation"),
+                  batch_size=args.batch_size, max_length=args.max_length)
+            return
+        for ids, mask in encoded:
+            with torch.set_grad_enabled(mode != "forward"):
+                loss, _ = lm_loss(handle, ids, mask)
+                if mode != "forward":
+                    loss.backward()
+        handle.model.zero_grad(set_to_none=True)
+
+    once()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.put((mode, statistics.median(times), (peak - rss0) / 1024, peak / 1024))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n-texts", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for mode in MODES:
+        q = ctx.Queue()
+        p = ctx.Process(target=_run, args=(mode, args, q))
+        p.start()
+        mode_, t, rss_delta, rss_peak = q.get()
+        p.join()
+        results[mode_] = (t, rss_delta, rss_peak)
+
+    from engine.model import load_model
+
+    g = load_model(args.model, progress=lambda m: None).geometry
+    full_maps_mb = g.n_layers * args.batch_size * g.n_heads * args.max_length**2 * 4 / 2**20
+    print(f"# bench_scoring: {args.model or 'smollm2-135m-instruct'}, {args.n_texts} wikitext texts x "
+          f"{args.max_length} tokens, batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch CPU")
+    base = results["forward+backward"][0]
+    print(f"| mode | time (s) | vs fwd+bwd | peak RSS growth (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|")
+    for mode in MODES:
+        t, d, peak = results[mode]
+        print(f"| {mode} | {t:.2f} | {t / base:.2f}x | {d:.0f} | {peak:.0f} |")
+    print(f"\nattention maps retained by scoring: none (reduced per layer inside a hook); keeping every layer's "
+          f"maps for one batch would take {full_maps_mb:.0f} MiB.")
+
+
+if __name__ == "__main__":
+    main()
