@@ -5,8 +5,11 @@ What a mask removes, exactly (the same rules `surgery` follows when it slices):
 - a KV head: its K and V rows (+bias), only when every query head reading it is pruned;
 - a pruned FFN channel: its up (and gate) rows (+bias) and its down-projection column;
 - a removed sub-block: every parameter of its modules (adapter.subblock_modules), heads,
-  channels, output biases and post-LN norms included.
-Embeddings, the LM head and norms outside sub-blocks always stay.
+  channels, output biases and post-LN norms included;
+- a layer with both sub-blocks removed is dropped whole: its remaining norms go too;
+- a non-zero compensation bias (mask.attn_bias / ffn_bias) on a projection that has no bias
+  adds one (hidden values).
+Embeddings, the LM head and norms outside sub-blocks otherwise stay.
 FLOPs are forward FLOPs per token (2 per multiply-add) for a sequence of `seq_len` tokens:
 linear layers plus attention scores and weighting (4 * seq_len * head_dim per kept head,
 the full-context upper bound), plus the LM head.
@@ -90,6 +93,17 @@ def _ffn_in_bias_count(adapter: Any, layer: int) -> int:
     return count
 
 
+def _created_bias_params(adapter: Any, mask: PruneMask, layer: int) -> int:
+    """Parameters surgery adds to fold a compensation bias into a projection that has none."""
+    count = 0
+    for name, kept, proj in (("attn_bias", mask.attn, adapter.head_output_proj),
+                             ("ffn_bias", mask.ffn_block, adapter.ffn_output_proj)):
+        bias = getattr(mask, name, None)
+        if bias is not None and kept[layer] > 0 and bool(bias[layer].any()) and proj(layer).bias is None:
+            count += bias.shape[-1]
+    return count
+
+
 def cost(handle: Any, mask: PruneMask | None = None, seq_len: int = 512) -> Cost:
     """Parameters and per-token forward FLOPs, dense and under `mask`."""
     adapter, g = handle.adapter, handle.geometry
@@ -119,4 +133,7 @@ def cost(handle: Any, mask: PruneMask | None = None, seq_len: int = 512) -> Cost
         else:
             removed += (g.ffn_dim - n_ch) * s["ch"]
             flops_kept += ffn_flops(n_ch)
+        if mask.attn[layer] == 0 and mask.ffn_block[layer] == 0:
+            removed += _numel([adapter.layers()[layer]]) - s["attn_total"] - s["ffn_total"]
+        removed -= _created_bias_params(adapter, mask, layer)
     return Cost(total, total - removed, flops_dense + lm_flops, flops_kept + lm_flops)

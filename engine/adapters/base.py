@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+
+from engine.adapters.reshape import add_bias_, is_removed
 
 __all__ = ["Geometry", "SubBlock", "HeadWeights", "Adapter", "UnsupportedModelError"]
 
@@ -144,6 +146,85 @@ class Adapter(ABC):
     @property
     def has_lm_head(self) -> bool:
         return self.lm_head() is not None
+
+    def is_subblock_removed(self, layer: int, kind: str) -> bool:
+        """The `kind` sub-block of `layer` was physically removed (engine.surgery)."""
+        return is_removed(self.subblock(layer, kind).module)
+
+    # --- physical reshaping (engine.surgery, engine.export) ----------------------------
+    # These mutate the model: call them only on a private copy, never on a shared model.
+
+    #: The family's config can say heads * head_dim != hidden (Llama's `head_dim`), so fewer
+    #: heads per layer still load with the family's standard config.
+    config_decouples_heads: bool = False
+
+    def resize_attention_(
+        self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None
+    ) -> None:
+        """Keep query heads `q_heads` and KV heads `kv_heads` of `layer`, in that order.
+
+        `kv_index` (uneven GQA groups only) gives, per kept query head, the position in
+        `kv_heads` of the KV head it reads; without it heads pair up as repeat_kv does.
+        """
+        raise NotImplementedError(f"{self.family}: physical head pruning is not implemented")
+
+    def resize_ffn_(self, layer: int, channels: Sequence[int]) -> None:
+        """Keep FFN channels `channels` of `layer`, in that order."""
+        raise NotImplementedError(f"{self.family}: physical channel pruning is not implemented")
+
+    def remove_subblock_(self, layer: int, kind: str) -> None:
+        """Replace the `kind` sub-block of `layer` by a RemovedSubBlock (and free its parameters)."""
+        raise NotImplementedError(f"{self.family}: sub-block removal is not implemented")
+
+    def set_sizes_(self, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+        """Write one per-layer size into the config (every layer has it); refuses what the config cannot say."""
+        raise NotImplementedError(f"{self.family}: config sizes cannot be set")
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        raise NotImplementedError(f"{self.family}: layers cannot be dropped")
+
+    def add_output_bias_(self, layer: int, kind: str, bias: torch.Tensor) -> bool:
+        """Fold `bias` [hidden] into the O- (`"attn"`) or down-projection (`"ffn"`) bias; True if one was created."""
+        proj = self.head_output_proj(layer) if kind == "attn" else self.ffn_output_proj(layer)
+        return add_bias_(proj, bias)
+
+    def keep_layers_(self, keep: Sequence[int]) -> None:
+        """Keep only the layers `keep` (in order); updates num_hidden_layers and layer_types."""
+        layers = self.layers()
+        if not keep:
+            raise ValueError("at least one layer must be kept")
+        self._set_layers(nn.ModuleList([layers[i] for i in keep]))
+        cfg = self.model.config
+        types = getattr(cfg, "layer_types", None)
+        if isinstance(types, (list, tuple)) and len(types) == len(layers):
+            cfg.layer_types = [types[i] for i in keep]
+        cfg.num_hidden_layers = len(keep)
+        self.geometry = self._geometry(cfg)
+
+    def renumber_cache_layers_(self) -> None:
+        """Number the attention modules that remain 0, 1, ... so KV caches stay dense.
+
+        Caches measure the sequence length on their first layer; an attention removed from
+        layer 0 would otherwise leave that layer empty and break generation.
+        """
+        k = 0
+        for layer in range(len(self.layers())):
+            if self.is_subblock_removed(layer, "attn"):
+                continue
+            attn = self.attention(layer)
+            if hasattr(attn, "layer_idx"):
+                attn.layer_idx = k
+            k += 1
+
+    def _head_rows(self, heads: Sequence[int]) -> torch.Tensor:
+        """Feature indices [len(heads) * head_dim] of `heads` in a concatenated-heads axis."""
+        hd = self.geometry.head_dim
+        h = torch.as_tensor(list(heads), dtype=torch.long)
+        return (h[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)  # (n * hd,)
+
+    def layer_sizes(self, layer: int) -> dict[str, Any]:
+        """Physical sizes of `layer`: heads, kv_heads, ffn, sub-blocks kept, output biases present."""
+        raise NotImplementedError(f"{self.family}: layer sizes are not implemented")
 
     def module_name(self, module: nn.Module) -> str:
         """Dotted path of `module` inside the model (for messages and manifests)."""

@@ -7,12 +7,13 @@ The shipped all-MiniLM-L6-v2 sentence encoder is a real model of this family.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from engine.adapters.base import Adapter, Geometry, HeadWeights, SubBlock
+from engine.adapters.reshape import RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["BertAdapter"]
 
@@ -96,3 +97,57 @@ class BertAdapter(Adapter):
 
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embeddings.word_embeddings
+
+    # --- physical reshaping ---------------------------------------------------------------
+    def resize_attention_(
+        self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None
+    ) -> None:
+        if list(q_heads) != list(kv_heads) or not q_heads or kv_index is not None:
+            raise ValueError(f"layer {layer}: BERT keeps one K/V head per query head (got {q_heads} / {kv_heads})")
+        attn, rows = self.attention(layer), self._head_rows(q_heads)
+        for proj in (attn.query, attn.key, attn.value):
+            slice_out_(proj, rows)
+        slice_in_(self.head_output_proj(layer), rows)
+        attn.num_attention_heads = len(q_heads)
+        attn.all_head_size = len(q_heads) * self.geometry.head_dim
+
+    def resize_ffn_(self, layer: int, channels: Sequence[int]) -> None:
+        block = self.layers()[layer]
+        slice_out_(block.intermediate.dense, channels)
+        slice_in_(block.output.dense, channels)
+
+    def remove_subblock_(self, layer: int, kind: str) -> None:
+        block = self.layers()[layer]
+        if kind == "attn":
+            block.attention = RemovedSubBlock("attn", residual_inclusive=True, residual_input=_first_arg,
+                                              returns_tuple=True)
+        elif kind == "ffn":
+            # The output stand-in ignores the intermediate activations, so skip computing them.
+            block.intermediate = nn.Identity()
+            block.output = RemovedSubBlock("ffn", residual_inclusive=True, residual_input=_second_arg)
+        else:
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def set_sizes_(self, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+        g, cfg = self.geometry, self.model.config
+        if n_heads != g.n_heads or n_kv_heads != g.n_kv_heads:
+            raise ValueError("a BERT config cannot state fewer heads than hidden / head size")
+        cfg.intermediate_size = ffn_dim
+        self.geometry = self._geometry(cfg)
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self._base.encoder.layer = layers
+
+    def layer_sizes(self, layer: int) -> dict[str, Any]:
+        hd = self.geometry.head_dim
+        attn_gone, ffn_gone = self.is_subblock_removed(layer, "attn"), self.is_subblock_removed(layer, "ffn")
+        block = self.layers()[layer]
+        return {
+            "heads": 0 if attn_gone else self.attention(layer).query.out_features // hd,
+            "kv_heads": 0 if attn_gone else self.attention(layer).query.out_features // hd,
+            "ffn": 0 if ffn_gone else block.intermediate.dense.out_features,
+            "attn": not attn_gone,
+            "ffn_block": not ffn_gone,
+            "attn_out_bias": not attn_gone and self.head_output_proj(layer).bias is not None,
+            "ffn_out_bias": not ffn_gone and block.output.dense.bias is not None,
+        }

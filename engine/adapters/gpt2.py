@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from engine.adapters.base import Adapter, Geometry, HeadWeights, SubBlock
+from engine.adapters.reshape import RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["GPT2Adapter"]
 
@@ -85,3 +86,61 @@ class GPT2Adapter(Adapter):
 
     def input_embeddings(self) -> nn.Embedding:
         return self._base.wte
+
+    # --- physical reshaping ---------------------------------------------------------------
+    def resize_attention_(
+        self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None
+    ) -> None:
+        if list(q_heads) != list(kv_heads) or not q_heads or kv_index is not None:
+            raise ValueError(f"layer {layer}: GPT-2 keeps one K/V head per query head (got {q_heads} / {kv_heads})")
+        attn = self.attention(layer)
+        rows, width = self._head_rows(q_heads), attn.split_size
+        # c_attn's output is [q | k | v], each `split_size` wide.
+        slice_out_(attn.c_attn, torch.cat([rows, rows + width, rows + 2 * width]))
+        slice_in_(attn.c_proj, rows)
+        attn.num_heads = len(q_heads)
+        attn.split_size = len(q_heads) * self.geometry.head_dim
+
+    def resize_ffn_(self, layer: int, channels: Sequence[int]) -> None:
+        mlp = self.layers()[layer].mlp
+        slice_out_(mlp.c_fc, channels)
+        slice_in_(mlp.c_proj, channels)
+
+    def remove_subblock_(self, layer: int, kind: str) -> None:
+        block = self.layers()[layer]
+        if kind == "attn":
+            block.attn = RemovedSubBlock("attn", residual_inclusive=False, returns_tuple=True)
+        elif kind == "ffn":
+            block.mlp = RemovedSubBlock("ffn", residual_inclusive=False)
+        else:
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def set_sizes_(self, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+        g, cfg = self.geometry, self.model.config
+        if n_heads != g.n_heads or n_kv_heads != g.n_kv_heads:
+            raise ValueError("a GPT-2 config cannot state fewer heads than hidden / head_dim")
+        cfg.n_inner = ffn_dim
+        self.geometry = self._geometry(cfg)
+
+    def keep_layers_(self, keep: Sequence[int]) -> None:
+        if getattr(self.model.config, "scale_attn_by_inverse_layer_idx", False):
+            # The scale depends on the layer's position, which dropping layers changes.
+            raise ValueError("this GPT-2 scales attention by layer index: layers cannot be dropped")
+        super().keep_layers_(keep)
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self._base.h = layers
+
+    def layer_sizes(self, layer: int) -> dict[str, Any]:
+        hd = self.geometry.head_dim
+        attn_gone, ffn_gone = self.is_subblock_removed(layer, "attn"), self.is_subblock_removed(layer, "ffn")
+        attn, mlp = self.attention(layer), self.layers()[layer].mlp
+        return {
+            "heads": 0 if attn_gone else attn.c_attn.nf // 3 // hd,
+            "kv_heads": 0 if attn_gone else attn.c_attn.nf // 3 // hd,
+            "ffn": 0 if ffn_gone else mlp.c_fc.nf,
+            "attn": not attn_gone,
+            "ffn_block": not ffn_gone,
+            "attn_out_bias": not attn_gone and attn.c_proj.bias is not None,
+            "ffn_out_bias": not ffn_gone and mlp.c_proj.bias is not None,
+        }

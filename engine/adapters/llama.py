@@ -6,12 +6,13 @@ Covers Llama, Mistral, Qwen2 and SmolLM (all `LlamaDecoderLayer`-shaped: pre-RMS
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from engine.adapters.base import Adapter, Geometry, HeadWeights, SubBlock
+from engine.adapters.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["LlamaAdapter"]
 
@@ -19,6 +20,7 @@ __all__ = ["LlamaAdapter"]
 class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama", "mistral", "qwen2")
+    config_decouples_heads = True
 
     def _geometry(self, config: Any) -> Geometry:
         n_heads = config.num_attention_heads
@@ -91,3 +93,66 @@ class LlamaAdapter(Adapter):
 
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embed_tokens
+
+    # --- physical reshaping ---------------------------------------------------------------
+    def resize_attention_(
+        self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None
+    ) -> None:
+        attn = self.attention(layer)
+        n_q, n_kv = len(q_heads), len(kv_heads)
+        if n_q == 0 or n_kv == 0 or (kv_index is None and n_q % n_kv):
+            raise ValueError(f"layer {layer}: {n_q} query heads cannot share {n_kv} KV heads evenly")
+        q, kv = self._head_rows(q_heads), self._head_rows(kv_heads)
+        slice_out_(attn.q_proj, q)
+        slice_in_(attn.o_proj, q)
+        if kv_index is not None and len(kv_index) != n_q:
+            raise ValueError(f"layer {layer}: kv_index needs one entry per query head ({n_q})")
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(attn, name)
+            if isinstance(proj, GatheredHeads):
+                raise ValueError(f"layer {layer}: its K/V heads were already regrouped; prune the source model instead")
+            slice_out_(proj, kv)
+            if kv_index is not None:
+                setattr(attn, name, GatheredHeads(proj, kv_index, self.geometry.head_dim))
+        # repeat_kv expands each KV head to this many consecutive query heads.
+        attn.num_key_value_groups = 1 if kv_index is not None else n_q // n_kv
+
+    def resize_ffn_(self, layer: int, channels: Sequence[int]) -> None:
+        mlp = self.layers()[layer].mlp
+        slice_out_(mlp.gate_proj, channels)
+        slice_out_(mlp.up_proj, channels)
+        slice_in_(mlp.down_proj, channels)
+
+    def remove_subblock_(self, layer: int, kind: str) -> None:
+        block = self.layers()[layer]
+        if kind == "attn":
+            block.self_attn = RemovedSubBlock("attn", residual_inclusive=False, returns_tuple=True)
+        elif kind == "ffn":
+            block.mlp = RemovedSubBlock("ffn", residual_inclusive=False)
+        else:
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def set_sizes_(self, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+        cfg = self.model.config
+        cfg.head_dim = self.geometry.head_dim  # explicit: hidden // heads no longer gives it
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = n_heads, n_kv_heads, ffn_dim
+        self.geometry = self._geometry(cfg)
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self._base.layers = layers
+
+    def layer_sizes(self, layer: int) -> dict[str, Any]:
+        hd = self.geometry.head_dim
+        attn_gone, ffn_gone = self.is_subblock_removed(layer, "attn"), self.is_subblock_removed(layer, "ffn")
+        attn, mlp = self.attention(layer), self.layers()[layer].mlp
+        return {
+            "heads": 0 if attn_gone else attn.q_proj.out_features // hd,
+            "kv_heads": 0 if attn_gone else attn.k_proj.out_features // hd,
+            "kv_index": attn.k_proj.head_index.tolist() if not attn_gone and isinstance(attn.k_proj, GatheredHeads)
+            else None,
+            "ffn": 0 if ffn_gone else mlp.up_proj.out_features,
+            "attn": not attn_gone,
+            "ffn_block": not ffn_gone,
+            "attn_out_bias": not attn_gone and attn.o_proj.bias is not None,
+            "ffn_out_bias": not ffn_gone and mlp.down_proj.bias is not None,
+        }
