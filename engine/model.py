@@ -204,6 +204,11 @@ def load_model(
         raise ModelLoadError(f"cannot read the config of {name!r}: {e}") from None
     # Check the family before loading weights, so an unsupported model fails fast.
     adapter_class(config.model_type, name)
+    if getattr(config, "headlab_layers", None) is not None:
+        # A per-layer pruned export: the standard class cannot hold it; engine.export reshapes it.
+        from engine.export import load_pruned
+
+        return load_pruned(source, device=device, dtype=dtype, attn_implementation=attn_implementation, name=name)
     cls = _auto_class(config)
     try:
         model = cls.from_pretrained(

@@ -222,6 +222,9 @@ class Adapter(ABC):
         h = torch.as_tensor(list(heads), dtype=torch.long)
         return (h[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)  # (n * hd,)
 
+    def drop_unsaved_optional_(self, saved_keys: set[str]) -> None:
+        """Remove optional modules (e.g. BERT's pooler) that a saved state dict has no weights for."""
+
     def layer_sizes(self, layer: int) -> dict[str, Any]:
         """Physical sizes of `layer`: heads, kv_heads, ffn, sub-blocks kept, output biases present."""
         raise NotImplementedError(f"{self.family}: layer sizes are not implemented")

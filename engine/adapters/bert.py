@@ -138,6 +138,14 @@ class BertAdapter(Adapter):
     def _set_layers(self, layers: nn.ModuleList) -> None:
         self._base.encoder.layer = layers
 
+    def drop_unsaved_optional_(self, saved_keys: set[str]) -> None:
+        # BertModel builds a pooler by default; a model saved without one must not get a random one.
+        base = self._base
+        if getattr(base, "pooler", None) is not None:
+            prefix = "pooler." if base is self.model else "bert.pooler."
+            if not any(k.startswith(prefix) for k in saved_keys):
+                base.pooler = None
+
     def layer_sizes(self, layer: int) -> dict[str, Any]:
         hd = self.geometry.head_dim
         attn_gone, ffn_gone = self.is_subblock_removed(layer, "attn"), self.is_subblock_removed(layer, "ffn")
