@@ -40,6 +40,7 @@ __all__ = [
     "gqa_layout",
     "plan",
     "prune",
+    "private_copy",
     "layer_record",
     "LAYERS_KEY",
     "LAYERS_FORMAT",
@@ -184,12 +185,14 @@ def plan(g: Geometry, mask: PruneMask) -> SurgeryPlan:
     return SurgeryPlan(g, tuple(layers), tuple(dropped), tuple(notes))
 
 
-def _strip_engine_hooks(model: nn.Module) -> None:
-    """Drop temporary engine hooks that a concurrent caller had on the shared model when it was copied."""
-    for module in model.modules():
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of a shared model, without the temporary engine hooks a concurrent caller may have on it."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key in [k for k, fn in hooks.items() if "HookSet._guard" in getattr(fn, "__qualname__", "")]:
                 del hooks[key]
+    return copied
 
 
 def _nonzero(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:
@@ -210,8 +213,7 @@ def prune(handle: Any, mask: PruneMask, *, progress: Progress | None = None) -> 
     g = handle.geometry
     sp = plan(g, mask)
     norm = mask.normalized()
-    model = copy.deepcopy(handle.model)
-    _strip_engine_hooks(model)
+    model = private_copy(handle.model)
     adapter = adapter_for(model)
     kept = {lp.source: lp for lp in sp.layers}
     created_bias = False
