@@ -1,0 +1,189 @@
+"""The prefix cache gives the full-forward perplexity while re-running only the changed layers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.evaluate import PerplexityProtocol, perplexity
+from engine.masks import PruneMask
+from engine.model import ModelHandle
+from engine.prefix_cache import PrefixCache, first_changed_layer, live_protocol
+from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
+
+from tests.tiny import tiny_model, tiny_tokenizer
+
+CAUSAL = ("gpt2", "llama", "qwen2")
+MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=5)  # 2 batches of 4: batching is exercised
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    # One tokenizer object for every handle: the evaluation text is tokenised once per tokenizer (seconds).
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=CAUSAL)
+def causal(request, tokenizer):
+    """A tiny causal model of each family, with 4 layers so toggles land in different prefixes."""
+    cfg = tiny_model(request.param).config
+    # tiny.py builds 2 layers; 4 give prefix lengths 0..3 to test.
+    cfg.num_hidden_layers = 4
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[0]] * 4
+    torch.manual_seed(1)
+    model = MODEL_CLASSES[request.param](cfg).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():  # non-zero biases, as in tiny.py, so bias paths are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return ModelHandle.from_model(model, tokenizer, name=f"tiny-{request.param}")
+
+
+def _random_mask(g, gen: torch.Generator) -> PruneMask:
+    m = PruneMask.dense(g)
+    m.heads = (torch.rand(g.n_layers, g.n_heads, generator=gen) > 0.3).float()
+    m.ffn = (torch.rand(g.n_layers, g.ffn_dim, generator=gen) > 0.2).float()
+    if torch.rand(1, generator=gen) < 0.5:
+        m.ffn_block[int(torch.randint(g.n_layers, (1,), generator=gen))] = 0.0
+    return m.normalized()
+
+
+def test_prefix_cached_perplexity_equals_full_forward_for_random_masks_and_toggles(causal):
+    g = causal.geometry
+    cache = PrefixCache(causal, PROTOCOL)
+    gen = torch.Generator().manual_seed(0)
+    masks = [PruneMask.dense(g), _random_mask(g, gen), _random_mask(g, gen)]
+    m = masks[-1]
+    for _ in range(6):  # toggles in random layers, accumulating like a user clicking heads
+        m = m.toggle_head(int(torch.randint(g.n_layers, (1,), generator=gen)), int(torch.randint(g.n_heads, (1,), generator=gen)))
+        masks.append(m)
+    soft = PruneMask.dense(g)
+    soft.heads = torch.rand(g.n_layers, g.n_heads, generator=gen)  # soft gates go through the same path
+    masks.append(soft)
+    for mask in masks:
+        fast = cache.perplexity(mask)
+        full = perplexity(causal, mask, PROTOCOL)
+        assert fast.n_tokens == full.n_tokens
+        assert fast.perplexity == pytest.approx(full.perplexity, abs=1e-5)
+
+
+def test_prefix_cache_matches_full_forward_across_batch_sizes(causal):
+    cache = PrefixCache(causal, PROTOCOL, batch_size=2)
+    mask = PruneMask.dense(causal.geometry).toggle_head(2, 1)
+    cache.perplexity(None)
+    # Different batch shapes reorder float sums; the values agree to float32 precision.
+    assert cache.perplexity(mask).perplexity == pytest.approx(perplexity(causal, mask, PROTOCOL).perplexity, rel=1e-5)
+
+
+def test_toggle_in_layer_l_reruns_only_layers_l_to_last(causal):
+    g = causal.geometry
+    cache = PrefixCache(causal, PROTOCOL)
+    cache.perplexity(None)
+    assert cache.last_run.start_layer == 0 and cache.last_run.layers_run == g.n_layers
+    for layer in (3, 1, 2):
+        cache.perplexity(PruneMask.dense(g).toggle_head(layer, 0))
+        assert cache.last_run.start_layer == layer
+        assert cache.last_run.layers_run == g.n_layers - layer
+
+
+def test_successive_toggles_reuse_the_longest_common_prefix(causal):
+    g = causal.geometry
+    cache = PrefixCache(causal, PROTOCOL)
+    a = PruneMask.dense(g).toggle_head(1, 0)
+    cache.perplexity(None)
+    cache.perplexity(a)
+    b = a.toggle_head(3, 1)  # differs from the dense root at layer 1, from `a` only at layer 3
+    cache.perplexity(b)
+    assert cache.last_run.start_layer == 3
+
+
+def test_a_mask_seen_before_returns_its_result_without_running_a_layer(causal):
+    cache = PrefixCache(causal, PROTOCOL)
+    mask = PruneMask.dense(causal.geometry).toggle_head(2, 2)
+    first = cache.perplexity(mask)
+    cache.perplexity(None)
+    again = cache.perplexity(mask)
+    assert again == first
+    assert cache.last_run.reused_result and cache.last_run.layers_run == 0
+
+
+def test_cache_memory_stays_under_its_bound_and_keeps_the_root(causal):
+    g = causal.geometry
+    probe = PrefixCache(causal, PROTOCOL)
+    probe.perplexity(None)
+    root_bytes = probe.nbytes
+    cache = PrefixCache(causal, PROTOCOL, max_bytes=int(root_bytes * 1.6))
+    dense = cache.perplexity(None)
+    for h in range(g.n_heads):
+        cache.perplexity(PruneMask.dense(g).toggle_head(0, h))  # each adds a full set of layer inputs
+        assert cache.nbytes <= int(root_bytes * 1.6) or len(cache) == 2
+    assert len(cache) < g.n_heads + 1
+    assert cache.perplexity(None) == dense and cache.last_run.reused_result
+
+
+def test_model_weights_are_unchanged_after_cached_evaluations(causal):
+    before = {k: v.clone() for k, v in causal.model.state_dict().items()}
+    cache = PrefixCache(causal, PROTOCOL)
+    cache.perplexity(PruneMask.dense(causal.geometry).toggle_head(1, 1))
+    cache.perplexity(PruneMask.dense(causal.geometry).with_block(2, "attn", 0.0))
+    after = causal.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in causal.model.modules())
+
+
+def test_two_threads_with_their_own_caches_get_their_own_perplexities(causal):
+    g = causal.geometry
+    masks = {"a": PruneMask.dense(g).toggle_head(0, 0), "b": PruneMask.dense(g).with_block(1, "ffn", 0.0)}
+    expected = {k: perplexity(causal, m, PROTOCOL).perplexity for k, m in masks.items()}
+    got: dict[str, list[float]] = {"a": [], "b": []}
+
+    def session(name: str) -> None:
+        cache = PrefixCache(causal, PROTOCOL)
+        for _ in range(3):
+            got[name].append(cache.perplexity(masks[name]).perplexity)
+            cache.clear()
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in masks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert expected["a"] != pytest.approx(expected["b"], abs=1e-6)
+    for k in masks:
+        assert got[k] == pytest.approx([expected[k]] * 3, abs=1e-5)
+
+
+def test_first_changed_layer_names_the_earliest_differing_layer(llama_handle):
+    g = llama_handle.geometry
+    dense = PruneMask.dense(g)
+    assert first_changed_layer(dense, dense.clone()) == g.n_layers
+    assert first_changed_layer(dense, dense.toggle_head(1, 3)) == 1
+    assert first_changed_layer(dense, dense.with_block(0, "ffn", 0.0).toggle_head(1, 0)) == 0
+
+
+def test_live_protocol_fits_the_model_context(llama_handle):
+    p = live_protocol(llama_handle)
+    assert p.window == 128  # the tiny model's context, below the 256 default
+    assert p.stride == p.window and p.n_windows >= 2
+
+
+def test_prefix_cache_refuses_an_encoder_with_a_clear_message(tokenizer):
+    from tests.tiny import tiny_handle
+
+    with pytest.raises(ValueError, match="causal language model"):
+        PrefixCache(tiny_handle("bert"), PROTOCOL)
+
+
+def test_prefix_cache_rejects_a_mask_of_another_model(causal):
+    from engine.masks import MaskError
+
+    cache = PrefixCache(causal, PROTOCOL)
+    other = PruneMask.dense(causal.geometry)
+    other.heads = torch.ones(1, 1)
+    with pytest.raises(MaskError, match="shape"):
+        cache.perplexity(other)
