@@ -270,6 +270,10 @@ def _build_generate(sub) -> None:
 
 COMMANDS: list[Callable[[Any], None]] = [_build_eval, _build_score, _build_prune, _build_generate]
 
+from engine.cli_export import _build_export  # noqa: E402  (its module reuses the helpers above)
+
+COMMANDS.append(_build_export)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
