@@ -688,7 +688,7 @@ def distill(
                     state.bad_evals += 1
                     state.stopped_early = bool(config.patience) and state.bad_evals >= config.patience
             state.wall_s = time.perf_counter() - started
-            record = StepRecord(state.step, config.steps, float(loss), kd, hid, lr, held, state.wall_s, stage)
+            record = StepRecord(state.step, config.steps, loss.item(), kd, hid, lr, held, state.wall_s, stage)
             state.history.append(record)
             if out is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps
                                     or state.stopped_early):

@@ -24,7 +24,12 @@ in full precision.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -48,6 +53,11 @@ __all__ = [
     "materialize",
     "quantized_state",
     "dequantize_state",
+    "export_student",
+    "load_quantized",
+    "QUANTIZED_FILE",
+    "QUANTIZATION_JSON",
+    "STUDENT_MANIFEST",
 ]
 
 SCHEMES: dict[int, tuple[str, ...]] = {1: ("binary",), 2: ("ternary", "uniform")}
@@ -238,11 +248,19 @@ def _parametrized(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def materialize(model: nn.Module) -> nn.Module:
-    """A plain copy of `model`: every parametrized weight (quantiser, low-rank delta) baked into a normal Parameter."""
+    """A plain copy of `model`: every parametrized weight (quantiser, low-rank delta) baked into a normal Parameter.
+
+    Not `remove_parametrizations` on a deep copy: the copy shares its generated Parametrized*
+    class with the original, and removal deletes the property from that shared class.
+    """
     plain = copy.deepcopy(model)
-    for m in list(_parametrized(plain)):
-        for name in list(m.parametrizations.keys()):
-            parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    with torch.no_grad():
+        for m in list(_parametrized(plain)):
+            baked = {name: getattr(m, name).detach().clone() for name in m.parametrizations.keys()}
+            m.__class__ = m.__class__.__bases__[0]  # the module's own class, without the properties
+            del m._modules["parametrizations"]
+            for name, t in baked.items():
+                m.register_parameter(name, nn.Parameter(t, requires_grad=False))
     for p in plain.parameters():
         p.requires_grad_(False)
     return plain.eval()
@@ -291,3 +309,67 @@ def dequantize_state(tensors: dict[str, torch.Tensor], description: dict[str, An
         w = dequantize_rows(tensors[f"{key}.codes"], tensors[f"{key}.scale"], info["scheme"])
         state[key] = w.t().contiguous() if info["transposed"] else w
     return state
+
+
+# --- writing a trained student -------------------------------------------------------------
+QUANTIZED_FILE = "quantized.safetensors"
+QUANTIZATION_JSON = "quantization.json"
+STUDENT_MANIFEST = "headlab_student.json"
+
+
+def export_student(student: Any, folder: str | os.PathLike, *, manifest: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a trained student: a dequantised Hugging Face folder, plus integer codes + scales when quantised.
+
+    - `model.safetensors` + `config.json` + tokenizer: the plain (dequantised, LoRA-merged) weights. A
+      uniformly pruned student has the family's standard config, so plain transformers loads it; a
+      per-layer one records its sizes in config.json (engine.export.load_pruned / load_model read it).
+    - `quantized.safetensors` + `quantization.json` (quantised students only): int8 codes [out, in] and
+      float32 scales [out] per projection, everything else as is; `load_quantized` turns them back.
+    - `headlab_student.json`: `manifest` (recipe, steps, metrics) as given.
+    Written into a temporary sibling folder renamed into place; a non-empty target needs `overwrite`.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder).expanduser().resolve()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or overwrite it")
+    plain = materialize(student.model)
+    if hasattr(plain.config, "quantization_config"):  # a GGUF record must not travel with plain weights
+        delattr(plain.config, "quantization_config")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        student.tokenizer.save_pretrained(tmp)
+        quant = quantization_of(student.model)
+        if quant is not None:
+            tensors, description = quantized_state(student.model)
+            save_file(tensors, str(tmp / QUANTIZED_FILE))
+            (tmp / QUANTIZATION_JSON).write_text(json.dumps(description, indent=1))
+        (tmp / STUDENT_MANIFEST).write_text(json.dumps({"format": "headlab.student", "version": 1,
+                                                       "quantization": None if quant is None else
+                                                       {"bits": quant[0], "scheme": quant[1]},
+                                                       **(manifest or {})}, indent=1, default=str))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_quantized(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The plain state dict rebuilt from a folder's integer codes and scales (`export_student`)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / QUANTIZED_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {QUANTIZED_FILE}: the student was not quantised")
+    description = json.loads((folder / QUANTIZATION_JSON).read_text())
+    return dequantize_state(load_file(str(folder / QUANTIZED_FILE)), description)
