@@ -1,0 +1,217 @@
+"""Routing to the nearest pool entry, grouping, router files, and the two-stage pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.calibration import calibration_prompts, kmeans, split_prompts
+from engine.embeddings import SentenceEncoder, embed_texts
+from engine.masks import PruneMask
+from engine.router import (
+    Router,
+    RouterError,
+    heldout_perplexity,
+    pruned_blocks,
+    routed_generate,
+    texts_nll,
+    train_router,
+)
+from engine.softmask import MaskTarget, TrainConfig
+from engine.tokens import EmptyTextError
+from tests.tiny import tiny_handle
+
+
+@pytest.fixture(autouse=True)
+def private_cache_one_thread(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SentenceEncoder(tiny_handle("bert"), max_length=64)
+
+
+def block_masks(g, k):
+    """k distinct hard masks: mask c removes the FFN sub-block of layer c % L."""
+    return [PruneMask.dense(g).with_block(c % g.n_layers, "ffn" if c < g.n_layers else "attn", 0.0) for c in range(k)]
+
+
+def hand_router(g, pool, distance="euclidean"):
+    return Router(pool, block_masks(g, pool.shape[0]), encoder="tiny-bert", distance=distance)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A router trained end to end on tiny models (llama LM, bert encoder), 2 clusters."""
+    torch.set_num_threads(1)
+    lm, enc = tiny_handle("llama"), SentenceEncoder(tiny_handle("bert"), max_length=64)
+    split = split_prompts(calibration_prompts(["gsm8k", "humaneval"], per_source=8), 0.25)
+    emb = enc.encode([p.text for p in split.train])
+    clustering = kmeans(emb, 2)
+    router = train_router(lm, enc, split.train, emb, clustering, MaskTarget(blocks=1),
+                          TrainConfig(steps=3, max_length=32))
+    return lm, enc, split, emb, clustering, router
+
+
+def test_routing_picks_the_nearest_centroid():
+    g = tiny_handle("llama").geometry
+    pool = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    router = hand_router(g, pool)
+    x = torch.tensor([[1.0, 1.0], [9.0, 2.0], [-1.0, 7.0], [5.1, 0.0]])
+    assert router.route_embeddings(x).tolist() == [0, 1, 2, 1]
+    brute = ((x[:, None] - pool[None]) ** 2).sum(-1).argmin(1)  # (N, k) squared distances
+    assert torch.equal(router.route_embeddings(x), brute)
+
+
+def test_cosine_routing_ignores_the_embedding_norm():
+    g = tiny_handle("llama").geometry
+    router = hand_router(g, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), distance="cosine")
+    x = torch.tensor([[100.0, 1.0], [0.01, 0.02]])
+    assert router.route_embeddings(x).tolist() == [0, 1]
+
+
+def test_routing_agrees_with_kmeans_assignment_on_training_points(trained):
+    _, _, _, emb, clustering, router = trained
+    assert torch.equal(router.route_embeddings(emb), clustering.labels)
+
+
+def test_groups_partition_the_batch_with_one_mask_each():
+    g = tiny_handle("llama").geometry
+    router = hand_router(g, torch.eye(3))
+    groups = router.groups([2, 0, 2, 1, 0])
+    assert [(gr.cluster, gr.indices) for gr in groups] == [(0, (1, 4)), (1, (3,)), (2, (0, 2))]
+    assert all(gr.mask is router.masks[gr.cluster] for gr in groups)
+
+
+def test_each_cluster_mask_and_the_static_mask_remove_exactly_the_budget(trained):
+    *_, router = trained
+    for m in [*router.masks, router.static_mask]:
+        assert m.is_hard and int((m.attn == 0).sum() + (m.ffn_block == 0).sum()) == 1
+    assert sum(router.meta["cluster_sizes"]) == len(trained[2].train)
+
+
+def test_saved_router_reloads_and_routes_identically(trained, tmp_path):
+    lm, enc, split, *_, router = trained
+    router.save(tmp_path / "r")
+    again = Router.load(tmp_path / "r", lm.geometry)
+    texts = [p.text for p in split.held_out]
+    a, b = router.route(enc, texts), again.route(enc, texts)
+    assert [r.cluster for r in a] == [r.cluster for r in b]
+    assert all(x.mask == y.mask for x, y in zip(a, b))
+    assert torch.equal(again.pool, router.pool) and again.static_mask == router.static_mask
+    assert again.meta["purity"] == json.loads(json.dumps(router.meta["purity"]))
+
+
+def test_export_writes_every_mask_as_a_mask_file(trained, tmp_path):
+    lm, *_, router = trained
+    written = router.export(tmp_path / "exp")
+    names = sorted(p.name for p in written)
+    assert names == ["cluster_0.json", "cluster_1.json", "router.json", "router.safetensors", "static.json"]
+    assert PruneMask.load(tmp_path / "exp" / "masks" / "cluster_1.json", lm.geometry) == router.masks[1]
+
+
+def test_missing_router_file_is_named(tmp_path, trained):
+    *_, router = trained
+    router.save(tmp_path / "r")
+    (tmp_path / "r" / "router.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="router.safetensors"):
+        Router.load(tmp_path / "r")
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: d.write_text("{not json"), "not valid JSON"),
+    (lambda d: d.write_text(json.dumps({"format": "something.else"})), "not a router file"),
+])
+def test_corrupt_router_json_gives_a_clear_error(tmp_path, trained, corrupt, message):
+    *_, router = trained
+    router.save(tmp_path / "r")
+    corrupt(tmp_path / "r" / "router.json")
+    with pytest.raises(RouterError, match=message):
+        Router.load(tmp_path / "r")
+
+
+def test_corrupt_pool_file_gives_a_clear_error(tmp_path, trained):
+    *_, router = trained
+    router.save(tmp_path / "r")
+    (tmp_path / "r" / "router.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(RouterError, match="corrupt"):
+        Router.load(tmp_path / "r")
+
+
+def test_pool_shape_that_disagrees_with_the_json_is_refused(tmp_path, trained):
+    *_, router = trained
+    router.save(tmp_path / "r")
+    d = json.loads((tmp_path / "r" / "router.json").read_text())
+    d["k"] = 5
+    (tmp_path / "r" / "router.json").write_text(json.dumps(d))
+    with pytest.raises(RouterError, match="shape"):
+        Router.load(tmp_path / "r")
+
+
+def test_router_for_another_model_is_refused_on_load(tmp_path, trained):
+    *_, router = trained
+    router.save(tmp_path / "r")
+    with pytest.raises(RouterError, match="does not fit this model"):
+        Router.load(tmp_path / "r", tiny_handle("qwen2").geometry)
+
+
+def test_router_refuses_a_different_encoder(trained):
+    *_, router = trained
+    other = SentenceEncoder(tiny_handle("bert"), max_length=64)
+    other.handle.name = "another-encoder"
+    with pytest.raises(RouterError, match="another-encoder"):
+        router.route(other, "hello")
+
+
+def test_empty_prompt_gives_a_clear_message(trained):
+    enc, router = trained[1], trained[5]
+    with pytest.raises(EmptyTextError, match="empty"):
+        router.route(enc, "   ")
+    with pytest.raises(EmptyTextError, match="#1"):
+        router.route(enc, ["fine", ""])
+
+
+def test_prompt_longer_than_the_encoder_limit_is_cut_with_a_notice(trained):
+    enc, router = trained[1], trained[5]
+    route = router.route(enc, "word " * 200)[0]
+    assert route.notice is not None and "first 64" in route.notice
+    assert router.route(enc, "short")[0].notice is None
+
+
+def test_routed_generation_reports_context_truncation_and_pruned_blocks(trained):
+    lm, enc, *_, router = trained
+    out = routed_generate(lm, router, enc, "x" * 300, max_new_tokens=4)  # tiny llama: 128-token context
+    assert any("context of 128" in n for n in out.notices)
+    assert out.pruned == pruned_blocks(out.route.mask) and len(out.pruned) == 1
+    assert isinstance(out.text, str)
+
+
+def test_pruned_blocks_names_removed_sub_blocks_in_layer_order():
+    g = tiny_handle("llama").geometry
+    m = PruneMask.dense(g).with_block(1, "attn", 0.0).with_block(0, "ffn", 0.0)
+    assert pruned_blocks(m) == ["FFN 0", "ATTN 1"]
+
+
+def test_texts_nll_weights_by_tokens_and_grows_when_blocks_are_removed(trained):
+    lm = trained[0]
+    texts = ["The quick brown fox jumps over the lazy dog.", "abc"]
+    total, n = texts_nll(lm, texts)
+    assert n == len("The quick brown fox jumps over the lazy dog.") - 1 + 2  # byte tokenizer
+    worse, _ = texts_nll(lm, texts, PruneMask.dense(lm.geometry).with_block(0, "attn", 0.0))
+    assert worse != total
+
+
+def test_heldout_perplexity_reports_every_routed_cluster_and_the_total(trained):
+    lm, enc, split, *_, router = trained
+    rows = heldout_perplexity(lm, router, enc, split.held_out, max_length=32)
+    assert rows[-1].cluster is None and rows[-1].n_prompts == len(split.held_out)
+    assert sum(r.n_prompts for r in rows[:-1]) == len(split.held_out)
+    assert sum(r.n_tokens for r in rows[:-1]) == rows[-1].n_tokens
+    assert all(r.dense > 0 and r.routed > 0 and r.static > 0 for r in rows)
