@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from engine.datasets import DATA_DIR, PROMPT_SETS, load_prompts
+from engine.embeddings import SentenceEncoder, embed_texts
 from engine.model import cache_dir
 
 __all__ = [
@@ -48,10 +49,14 @@ __all__ = [
     "project_2d",
     "cached_projection",
     "PROJECTIONS",
+    "ClusterRun",
+    "cluster_prompts",
+    "CLUSTERS_FORMAT_VERSION",
 ]
 
 PROMPT_SOURCES = ("mt_bench", "vicuna_bench", "gsm8k", "humaneval")
 PROJECTIONS = ("pca", "umap")
+CLUSTERS_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -242,3 +247,98 @@ def project_2d(
         save_file({"xy": torch.from_numpy(xy).contiguous()}, str(tmp))
         os.replace(tmp, path)
     return xy
+
+
+@dataclass
+class ClusterRun:
+    """Stage 1 up to the clusters: the prompts, their split, the training embeddings and K-means."""
+
+    split: PromptSplit
+    embeddings: torch.Tensor  # [N_train, d], one per split.train prompt
+    clustering: Clustering
+    encoder: str
+    settings: dict[str, Any]  # sources, per_source, held_out, split_seed: enough to rebuild the prompts
+
+    @property
+    def prompts(self) -> tuple[CalibrationPrompt, ...]:
+        return self.split.train
+
+    def purity(self) -> Purity:
+        return purity(self.clustering.labels, [p.category for p in self.prompts], self.clustering.k)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "headlab.clusters",
+            "version": CLUSTERS_FORMAT_VERSION,
+            "encoder": self.encoder,
+            "settings": self.settings,
+            "k": self.clustering.k,
+            "kmeans_seed": self.clustering.seed,
+            "inertia": self.clustering.inertia,
+            "keys": [p.key for p in self.prompts],
+            "labels": self.clustering.labels.tolist(),
+            "centroids": self.clustering.centroids.tolist(),
+            "sizes": self.clustering.sizes(),
+            "purity": self.purity().to_dict(),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the clusters as JSON (labels by prompt key, centroids, purity, the settings)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, encoder: SentenceEncoder) -> "ClusterRun":
+        """Read a clusters file; prompts are rebuilt from its settings and embeddings come from the cache."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: write it with `python -m engine cluster --out {path}`")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or d.get("format") != "headlab.clusters":
+            raise ValueError(f"{path} is not a clusters file (its 'format' is not 'headlab.clusters')")
+        try:
+            st = d["settings"]
+            if d["encoder"] != encoder.name:
+                raise ValueError(f"{path} was clustered with the encoder {d['encoder']!r}, not {encoder.name!r}")
+            split = split_prompts(calibration_prompts(st["sources"], st["per_source"]), st["held_out"],
+                                  st["split_seed"])
+            if [p.key for p in split.train] != d["keys"]:
+                raise ValueError(f"{path} lists prompts that the shipped prompt sets no longer produce "
+                                 f"with its settings; cluster again")
+            labels = torch.tensor(d["labels"], dtype=torch.int64)
+            centroids = torch.tensor(d["centroids"], dtype=torch.float32)
+            if labels.numel() != len(split.train) or centroids.dim() != 2 or centroids.shape[0] != d["k"]:
+                raise ValueError(f"{path}: labels or centroids do not match k = {d['k']} and "
+                                 f"{len(split.train)} prompts")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= centroids.shape[0]):
+                raise ValueError(f"{path}: a label is outside 0..{centroids.shape[0] - 1}")
+            clustering = Clustering(labels, centroids, float(d["inertia"]), int(d["kmeans_seed"]))
+        except KeyError as e:
+            raise ValueError(f"{path} is missing the field {e.args[0]!r}") from None
+        emb = embed_texts(encoder, [p.text for p in split.train])
+        return cls(split, emb, clustering, encoder.name, dict(st))
+
+
+def cluster_prompts(
+    encoder: SentenceEncoder,
+    k: int = 4,
+    *,
+    sources: Sequence[str] = PROMPT_SOURCES,
+    per_source: int | None = 80,
+    held_out: float = 0.25,
+    split_seed: int = 0,
+    kmeans_seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ClusterRun:
+    """Shipped prompts -> split -> embeddings of the training part (cached) -> K-means with `k`."""
+    split = split_prompts(calibration_prompts(sources, per_source), held_out, split_seed)
+    emb = embed_texts(encoder, [p.text for p in split.train], progress=progress)
+    settings = {"sources": list(sources), "per_source": per_source, "held_out": held_out, "split_seed": split_seed}
+    return ClusterRun(split, emb, kmeans(emb, k, kmeans_seed), encoder.name, settings)

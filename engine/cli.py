@@ -274,6 +274,10 @@ from engine.cli_export import _build_export  # noqa: E402  (its module reuses th
 
 COMMANDS.append(_build_export)
 
+from engine.cli_router import _build_cluster, _build_route, _build_train_masks  # noqa: E402
+
+COMMANDS += [_build_cluster, _build_train_masks, _build_route]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
