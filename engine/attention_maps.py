@@ -32,6 +32,7 @@ __all__ = [
     "attention_map_pair",
     "pool_attention",
     "token_labels",
+    "prompt_length",
     "REDUCTIONS",
     "MAX_TOKENS",
 ]
@@ -125,6 +126,12 @@ def _encode(handle: Any, text: str, max_tokens: int) -> tuple[torch.Tensor, bool
     if ids.shape[1] == 0:
         raise EmptyTextError("the tokenizer produced no tokens for this prompt")
     return ids[:, :limit], ids.shape[1] > limit
+
+
+def prompt_length(handle: Any, text: str, max_tokens: int = MAX_TOKENS) -> tuple[int, bool]:
+    """(tokens an attention map of `text` covers, whether the text was cut to fit)."""
+    ids, truncated = _encode(handle, text, max_tokens)
+    return ids.shape[1], truncated
 
 
 @torch.no_grad()

@@ -1,0 +1,21 @@
+"""HeadLab in the browser: find the least useful attention heads, see what they attend to, prune them live.
+
+    make app        # = python -m streamlit run app.py   (opens the shipped SmolLM2-135M-Instruct)
+
+Pages come from ui/pages.py (a page appears when its file exists); the sidebar is drawn
+here so it shows on every page.
+"""
+
+import streamlit as st
+
+from ui import keys
+from ui.pages import navigation
+from ui.sidebar import render_sidebar
+
+st.set_page_config(page_title="HeadLab", page_icon=":material/grid_view:", layout="wide")
+for key in keys.WIDGETS_TO_KEEP:  # keep each page's settings while another page is open
+    if key in st.session_state:
+        st.session_state[key] = st.session_state[key]
+page = navigation()
+render_sidebar()
+page.run()

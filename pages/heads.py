@@ -1,0 +1,54 @@
+"""Heads: every attention head scored by four criteria; click one to switch it off and watch perplexity."""
+
+import streamlit as st
+
+from ui import figures, keys, session, tables, widgets
+from ui.errors import user_errors
+from ui.scoring import HEAD_CRITERIA
+
+st.title("Heads")
+with user_errors():
+    handle = session.handle()
+    g = handle.geometry
+    scores = session.scores()
+    mask = session.mask()
+    live = (session.live_perplexity(None), session.live_perplexity(mask)) if handle.is_causal_lm else None
+
+groups = f"; white lines separate the {g.n_kv_heads} groups of {g.group_size} heads sharing keys and values" \
+    if g.group_size > 1 else ""
+st.caption(f"{handle.name}: {g.n_layers} layers x {g.n_heads} heads{groups}. Scores from "
+           f"{session.calibration().describe()}. Darker = less useful. **Click a head to switch it off (x) or on.**")
+if live:
+    widgets.perplexity_metrics(*live)
+else:
+    st.info("This model is an encoder (no LM head): no perplexity to watch, but scores, maps and masks all work.")
+
+pruned = (mask.heads_effective() == 0).numpy()
+for column, name in zip(st.columns(len(HEAD_CRITERIA)), HEAD_CRITERIA):
+    s = scores[name]
+    fig = figures.head_heatmap(tables.display_statistic(s).numpy(), title=name, group_size=g.group_size,
+                               colorbar_title=tables.STATISTIC_LABELS[name], pruned=pruned,
+                               hover=tables.head_hover(s, g, mask), reverse=name == "entropy")
+    with column:
+        widgets.clickable_head_grid(fig, key=f"heads.grid.{name}")
+with st.expander("Switch a head by number"):
+    widgets.toggle_form(g, "heads.toggle")
+
+st.subheader("Least useful heads")
+session.widget_default(keys.W_HEADS_RANK_BY, "gradient")
+rank_by = st.selectbox("Rank by", HEAD_CRITERIA, key=keys.W_HEADS_RANK_BY)
+table = tables.heads_table(scores, mask, g, rank_by)
+event = st.dataframe(table, key=f"heads.table.v{session.mask_version()}", on_select="rerun",
+                     selection_mode="multi-row", hide_index=True, height=320,
+                     column_config={"gate": st.column_config.NumberColumn("gate", format="%.2g",
+                                                                          help="1 kept, 0 pruned")})
+cells = [(int(table.at[r, "layer"]), int(table.at[r, "head"])) for r in event.selection.rows]
+c1, c2, _ = st.columns([1, 1, 2])
+c1.button("Switch selected heads off / on", disabled=not cells, on_click=session.toggle, args=(cells,))
+if c2.button("See what the first selected head attends to", disabled=not cells):
+    st.session_state[keys.W_ATTN_LAYER], st.session_state[keys.W_ATTN_HEAD] = cells[0]
+    st.switch_page("pages/attention.py")
+
+st.subheader("Do the criteria agree?")
+st.plotly_chart(figures.correlation_figure(tables.criteria_correlation(scores, list(HEAD_CRITERIA))),
+                config={"displayModeBar": False})

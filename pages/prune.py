@@ -1,0 +1,121 @@
+"""Prune: choose a criterion, a budget and a scope (or click heads), and watch perplexity and text respond."""
+
+import streamlit as st
+
+from engine.select import select
+from ui import compute, curves, figures, keys, session, widgets
+from ui.errors import user_errors
+from ui.mask_edit import reset_unit
+
+UNITS = {"heads": "heads", "ffn": "FFN channels", "blocks": "sub-blocks"}
+UNIT_CRITERIA = {
+    "heads": ("gradient", "entropy", "magnitude", "activation", "random"),
+    "ffn": ("gradient", "magnitude", "activation", "random"),
+    "blocks": ("block_influence", "gradient", "random"),
+}
+DEFAULT_GEN_PROMPT = "Explain in two sentences why the sky is blue."
+
+st.title("Prune")
+with user_errors():
+    handle = session.handle()
+    scores = session.scores()
+g = handle.geometry
+model_key = session.model_choice().key
+for key, value in ((keys.W_PRUNE_UNIT, "heads"), (keys.W_PRUNE_BUDGET, 0.0), (keys.W_PRUNE_SCOPE, "global"),
+                   (keys.W_PRUNE_KV, False), (keys.W_GEN_PROMPT, DEFAULT_GEN_PROMPT), (keys.W_GEN_TOKENS, 32)):
+    session.widget_default(key, value)
+
+
+def apply_selection() -> None:
+    """Re-select the chosen unit from the controls, on top of the mask's other units."""
+    unit = st.session_state[keys.W_PRUNE_UNIT]
+    criterion = st.session_state.get(keys.W_PRUNE_CRITERION, UNIT_CRITERIA[unit][0])
+    if criterion not in UNIT_CRITERIA[unit]:
+        criterion = st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[unit][0]
+    scope = st.session_state[keys.W_PRUNE_SCOPE] if unit != "blocks" else "global"
+    with user_errors(stop=False):
+        session.set_mask(select(g, scores[criterion], float(st.session_state[keys.W_PRUNE_BUDGET]), unit=unit,
+                                scope=scope, kv_groups=bool(st.session_state[keys.W_PRUNE_KV]) and unit == "heads",
+                                base=reset_unit(session.mask(), unit)))
+
+
+def change_unit() -> None:
+    """A new unit starts from its own natural criterion (ShortGPT's block influence for sub-blocks)."""
+    st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[st.session_state[keys.W_PRUNE_UNIT]][0]
+    apply_selection()
+
+
+c1, c2, c3, c4 = st.columns([1.3, 1, 1.4, 1])
+unit = c1.radio("Prune", list(UNITS), format_func=UNITS.get, horizontal=True, key=keys.W_PRUNE_UNIT,
+                on_change=change_unit)
+session.widget_default(keys.W_PRUNE_CRITERION, UNIT_CRITERIA[unit][0])
+if st.session_state[keys.W_PRUNE_CRITERION] not in UNIT_CRITERIA[unit]:
+    st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[unit][0]
+c2.selectbox("Criterion", UNIT_CRITERIA[unit], key=keys.W_PRUNE_CRITERION, on_change=apply_selection,
+             help="Units with the lowest importance under this criterion are pruned first.")
+c3.slider(f"Fraction of {UNITS[unit]} to prune", 0.0, 0.9, step=0.05, key=keys.W_PRUNE_BUDGET,
+          on_change=apply_selection)
+c4.selectbox("Scope", ["global", "uniform"], key=keys.W_PRUNE_SCOPE, on_change=apply_selection,
+             disabled=unit == "blocks", help="global: one ranking over the model; uniform: the same count per layer")
+c4.checkbox("Whole KV groups", key=keys.W_PRUNE_KV, on_change=apply_selection,
+            disabled=unit != "heads" or g.group_size == 1,
+            help="Prune a KV head with all the query heads reading it (removes its K/V weights too).")
+mask = session.mask()
+
+left, right = st.columns([1, 2])
+with left:
+    widgets.clickable_head_grid(figures.mask_grid(mask, g.group_size, title="Mask: heads (click to switch)"),
+                                key="prune.grid")
+with right:
+    st.plotly_chart(figures.block_gates_figure(mask), config={"displayModeBar": False})
+    if not handle.is_causal_lm:
+        st.info("This model is an encoder (no LM head): perplexity and generation need a causal language model.")
+        st.stop()
+    with user_errors():
+        dense, current = session.live_perplexity(None), session.live_perplexity(mask)
+    widgets.perplexity_metrics(dense, current)
+    if st.button("Full evaluation (12 windows x 512 tokens)"):
+        bar = st.progress(0.0, text="Full evaluation")
+        with user_errors():
+            for label, m in (("dense", None), ("with mask", mask)):
+                r = compute.full_perplexity(handle, model_key, m, lambda d, t, lb=label: bar.progress(
+                    d / t, text=f"Full evaluation, {lb}: {d}/{t} windows"))
+                st.write(f"**{label}**: {r.describe()}")
+        bar.empty()
+
+    st.markdown("**Generation** (greedy)")
+    p1, p2 = st.columns([4, 1])
+    prompt = p1.text_input("Prompt", key=keys.W_GEN_PROMPT)
+    n_new = p2.number_input("New tokens", 8, 128, step=8, key=keys.W_GEN_TOKENS)
+    for column, (label, m) in zip(st.columns(2), (("Dense", None), ("With the mask", mask))):
+        with column, user_errors(stop=False), st.spinner(f"Generating ({label.lower()})..."):
+            column.markdown(f"*{label}*")
+            column.text(compute.generation(handle, model_key, prompt, m, int(n_new)) or "(nothing generated)")
+
+st.subheader(f"Perplexity vs fraction of {UNITS[unit]} pruned")
+if unit == "blocks":
+    st.caption("Curves are drawn for heads and FFN channels.")
+    st.stop()
+calibration_key = session.calibration().describe()
+job = curves.curve_job(model_key, calibration_key, unit)
+if job is None:
+    st.caption(f"Each criterion prunes {', '.join(f'{f:.0%}' for f in curves.CURVE_FRACTIONS)} of the "
+               f"{UNITS[unit]} (global ranking); perplexity on the live evaluation text. Runs in the background.")
+    if st.button("Compute the curves"):
+        curves.start_curve_job(handle, model_key, calibration_key, unit, scores, UNIT_CRITERIA[unit])
+        st.rerun()
+else:
+    polling = not job.finished
+
+    @st.fragment(run_every=1.0 if polling else None)
+    def curve_panel() -> None:
+        if job.error:
+            st.error(f"The curves could not be computed: {job.error}")
+        elif not job.finished:
+            st.progress(job.done / max(job.total, 1), text=f"Computing curves: {job.done}/{job.total} points")
+        elif polling:
+            st.rerun()  # finished while polling: one full run redraws the page without the timer
+        st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNITS[unit]),
+                        config={"displayModeBar": False}, key="prune.curve")
+
+    curve_panel()

@@ -1,0 +1,25 @@
+"""Streamlit helpers of the app (the engine never imports these).
+
+For page authors: a page is `pages/<name>.py`; it appears in the app when the file exists
+(ui/pages.py, KNOWN_PAGES gives the known ones a title and icon). The sidebar (model,
+device/dtype, calibration set, current mask summary) is drawn by app.py on every page.
+What a page needs, one call each:
+
+    from ui import session
+    from ui.errors import user_errors
+
+    with user_errors():                   # engine USER_ERRORS -> st.error, page stops; no traceback
+        handle = session.handle()         # the open model: cached, shared by sessions, never mutate it
+        mask = session.mask()             # this session's current PruneMask (dense at first)
+        scores = session.scores()         # criterion -> Scores on the sidebar's calibration set (cached)
+    session.set_mask(new_mask)            # make a mask current; the sidebar and every page follow
+    session.model_choice().key            # a string naming the open model, for your own cache keys
+    session.calibration()                 # the calibration set chosen in the sidebar
+    session.live_perplexity(mask)         # fast perplexity through this session's prefix cache
+
+Modules: session (the API above), models (model choice + cached loader), scoring (cached
+scores), sidebar, pages (page registry), keys (session-state names), errors, figures
+(plotly builders), tables (pandas tables), widgets (clickable head grid, perplexity
+metrics), compute (cached attention maps, generations, full evaluations, costs), curves
+(background perplexity curves), mask_edit (click edits and mask digests).
+"""

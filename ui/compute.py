@@ -1,0 +1,61 @@
+"""Engine calls whose results are pure functions of (model, inputs, mask), cached for every session.
+
+Masks are passed unhashed (`_mask`) next to their digest, so equal masks hit the same entry
+whichever session asks; the model is passed unhashed next to its key.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import streamlit as st
+
+from engine.attention_maps import AttentionMap, attention_map
+from engine.cost import Cost, cost
+from engine.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
+from engine.masks import PruneMask
+from engine.model import ModelHandle
+from ui.mask_edit import mask_digest
+from ui.shared_cache import shared_cache
+
+__all__ = ["attention_maps", "generation", "full_perplexity", "mask_cost"]
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _attention(_handle: ModelHandle, model_key: str, text: str, layer: int, _mask: PruneMask | None, digest: str,
+               max_bins: int, window: tuple[int, int] | None, reduce: str) -> AttentionMap:
+    return attention_map(_handle, text, layer, mask=_mask, max_bins=max_bins, window=window, reduce=reduce)
+
+
+def attention_maps(handle: ModelHandle, model_key: str, text: str, layer: int, mask: PruneMask | None, *,
+                   max_bins: int, window: tuple[int, int] | None, reduce: str) -> AttentionMap:
+    """The (cached) attention map of `layer` for `text` under `mask` (None = dense)."""
+    return _attention(handle, model_key, text, layer, mask, mask_digest(mask), max_bins, window, reduce)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _generation(_handle: ModelHandle, model_key: str, prompt: str, _mask: PruneMask | None, digest: str,
+                max_new_tokens: int) -> str:
+    return generate(_handle, prompt, _mask, max_new_tokens=max_new_tokens)
+
+
+def generation(handle: ModelHandle, model_key: str, prompt: str, mask: PruneMask | None, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt` under `mask` (cached: equal inputs give equal text)."""
+    return _generation(handle, model_key, prompt, mask, mask_digest(mask), max_new_tokens)
+
+
+def full_perplexity(handle: ModelHandle, model_key: str, mask: PruneMask | None,
+                    progress: Callable[[int, int], None]) -> PerplexityResult:
+    """Perplexity on the pinned full protocol (12 windows x 512 tokens), computed once per mask."""
+    return shared_cache("full_perplexity", 64).get_or_compute(
+        (model_key, mask_digest(mask)), lambda: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=progress))
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _cost(_handle: ModelHandle, model_key: str, _mask: PruneMask, digest: str) -> Cost:
+    return cost(_handle, _mask)
+
+
+def mask_cost(handle: ModelHandle, model_key: str, mask: PruneMask) -> Cost:
+    """Parameters and FLOPs kept under `mask` (cached per mask)."""
+    return _cost(handle, model_key, mask, mask_digest(mask))

@@ -1,0 +1,143 @@
+"""This session's model, mask and caches: the shared API every page calls.
+
+    from ui import session
+    handle = session.handle()        # the session's model (cached, shared by sessions: never mutate)
+    mask = session.mask()            # this session's current PruneMask (dense at first)
+    session.set_mask(new_mask)       # replace it; every page and the sidebar summary follow
+    result = session.live_perplexity(mask)   # fast perplexity via this session's prefix cache
+    scores = session.scores()        # criterion -> engine.importance.Scores on the calibration set
+
+State lives in st.session_state under the names in ui/keys.py, so two browser tabs never
+see each other's masks or caches; only the loaded model and the scores (pure functions of
+model and calibration set) are shared between sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from typing import Any
+
+import streamlit as st
+
+from engine.evaluate import PerplexityResult
+from engine.importance import Scores
+from engine.masks import PruneMask
+from engine.model import ModelHandle
+from engine.prefix_cache import PrefixCache, PrefixRun
+from ui import keys
+from ui.mask_edit import toggle_heads
+from ui.models import ModelChoice, default_choice, load_cached
+from ui.scoring import Calibration, cached_scores, calibration_choice
+
+__all__ = [
+    "MaskState",
+    "model_choice",
+    "set_model_choice",
+    "handle",
+    "mask",
+    "set_mask",
+    "toggle",
+    "mask_version",
+    "prefix_cache",
+    "live_perplexity",
+    "last_live_run",
+    "scores",
+    "calibration",
+    "widget_default",
+]
+
+
+@dataclass(frozen=True)
+class MaskState:
+    model_key: str
+    mask: PruneMask
+
+
+def model_choice() -> ModelChoice:
+    """The model this session has open (the default until the sidebar changes it)."""
+    return st.session_state.get(keys.MODEL_CHOICE) or default_choice()
+
+
+def set_model_choice(choice: ModelChoice) -> None:
+    """Open another model in this session (its mask starts dense)."""
+    st.session_state[keys.MODEL_CHOICE] = choice
+
+
+def handle() -> ModelHandle:
+    """The session's loaded model (shared with other sessions on the same choice; never mutate it)."""
+    return load_cached(model_choice())
+
+
+def mask() -> PruneMask:
+    """This session's current mask for the open model (dense when none was set)."""
+    key = model_choice().key
+    state: MaskState | None = st.session_state.get(keys.MASK)
+    if state is None or state.model_key != key:
+        state = MaskState(key, PruneMask.dense(handle().geometry))
+        st.session_state[keys.MASK] = state
+    return state.mask
+
+
+def set_mask(new: PruneMask) -> None:
+    """Make `new` the session's mask (checked against the model first)."""
+    new.check(handle().geometry)
+    st.session_state[keys.MASK] = MaskState(model_choice().key, new)
+    st.session_state[keys.MASK_VERSION] = mask_version() + 1
+
+
+def toggle(cells: list[tuple[int, int]]) -> None:
+    """Flip the given (layer, head) cells of the session's mask."""
+    if cells:
+        set_mask(toggle_heads(mask(), cells))
+
+
+def mask_version() -> int:
+    """A counter bumped on each mask change (widgets that show the mask key on it)."""
+    return int(st.session_state.get(keys.MASK_VERSION, 0))
+
+
+def prefix_cache() -> PrefixCache | None:
+    """This session's prefix cache for the open model (None for encoders: no perplexity)."""
+    h = handle()
+    if not h.is_causal_lm:
+        return None
+    key = model_choice().key
+    entry = st.session_state.get(keys.PREFIX_CACHE)
+    if entry is None or entry[0] != key:
+        entry = (key, PrefixCache(h))
+        st.session_state[keys.PREFIX_CACHE] = entry
+    return entry[1]
+
+
+def live_perplexity(m: PruneMask | None = None) -> PerplexityResult | None:
+    """Perplexity under `m` (None = dense) on the short live protocol, through the prefix cache."""
+    cache = prefix_cache()
+    if cache is None:
+        return None
+    if len(cache) == 0:
+        with st.spinner("Running the model once over the evaluation text (later changes reuse it)..."):
+            cache.perplexity(None)  # the dense pass is the root every toggle derives from
+    return cache.perplexity(m)
+
+
+def last_live_run() -> PrefixRun | None:
+    """What the last live_perplexity call re-ran (layers, seconds)."""
+    cache = prefix_cache()
+    return cache.last_run if cache is not None else None
+
+
+def calibration() -> Calibration:
+    """The calibration set chosen in the sidebar (or the default one)."""
+    return calibration_choice()
+
+
+def scores() -> dict[str, Scores]:
+    """Scores of every criterion the app shows, for the open model and calibration set (cached)."""
+    return cached_scores(handle(), model_choice().key, calibration())
+
+
+
+def widget_default(key: str, value: Any) -> None:
+    """Give widget `key` its first value (widgets in keys.WIDGETS_TO_KEEP must not pass their own default)."""
+    st.session_state.setdefault(key, value)
