@@ -230,3 +230,27 @@ def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm
             ref = ref_handle.model(input_ids=ids).logits
         got = model.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_export_page_previews_the_size_and_exports(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    h = tiny_handle("llama")
+    h.model.save_pretrained(tmp_path / "model")
+    h.tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("HEADLAB_MODEL", str(tmp_path / "model"))
+    page = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "pages" / "export.py")
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception
+    assert at.title[0].value == "Export"
+    assert {m.label for m in at.metric} >= {"Parameters", "Layout"}
+    at.text_input(key="w.export.folder").set_value(str(tmp_path / "out"))
+    at.checkbox(key="w.export.evaluate").set_value(False)
+    next(b for b in at.button if b.label == "Export").click()
+    at.run()
+    assert not at.exception
+    assert (tmp_path / "out" / MANIFEST).exists()
+    assert any("Wrote" in s.value for s in at.success)
+    next(b for b in at.button if b.label == "Compute mask").click()
+    at.run()
+    assert not at.exception and any("depth (block_influence)" in s.value for s in at.success)

@@ -1,0 +1,84 @@
+"""Export: write the current mask as a genuinely smaller checkpoint (or first reach a size by width or depth)."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from engine import depth  # noqa: F401  (registers the depth criteria)
+from engine.datasets import calibration_texts
+from engine.export import LAYOUTS, export, preview, zip_folder
+from engine.size_target import reach_size
+from ui import session
+from ui.errors import user_errors
+
+ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"), "width": ("magnitude", "activation", "gradient")}
+LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
+               "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")
+RESULT = "headlab.export.result"  # this session's last ExportResult
+ZIP_LIMIT = 2 * 2**30
+
+st.title("Export")
+with user_errors():
+    handle = session.handle()
+    mask = session.mask()
+
+with st.expander("Reach a parameter count first (replaces the current mask)"):
+    c1, c2, c3, c4 = st.columns([1.2, 1, 1.2, 1], vertical_alignment="bottom")
+    keep = c1.slider("Parameters to keep", 0.5, 0.95, 0.8, 0.05, key="w.export.keep")
+    route = c2.radio("Route", ("depth", "width"), horizontal=True, key="w.export.route",
+                     help="depth: drop whole layers; width: fewer heads and FFN channels in every layer")
+    criterion = c3.selectbox("Criterion", ROUTE_CRITERIA[route], key=f"w.export.criterion.{route}")
+    if c4.button("Compute mask", width="stretch"):
+        with user_errors(), st.spinner(f"Scoring {route} units with {criterion}..."):
+            cal = session.calibration()
+            r = reach_size(handle, keep, route=route, criterion=criterion, texts=calibration_texts(cal.name, cal.n_texts))
+            session.set_mask(r.mask)
+            st.success(r.describe())
+            mask = r.mask
+
+layout = st.radio("Config layout", LAYOUTS, horizontal=True, key="w.export.layout", help=LAYOUT_HELP)
+with user_errors():
+    pv = preview(handle, mask, layout)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Parameters", f"{pv.params_after / 1e6:.2f} M", f"{-100 * pv.removed_fraction:.1f}%", delta_color="inverse")
+m2.metric("Before", f"{pv.params_before / 1e6:.2f} M")
+m3.metric("Size on disk (about)", f"{pv.bytes_estimate / 2**20:.0f} MiB")
+m4.metric("Layout", pv.layout.replace("_", "-"))
+if pv.why_not_uniform:
+    st.caption(f"Per-layer sizes are needed because {pv.why_not_uniform}. The folder loads with "
+               "`engine.export.load_pruned(folder)`; docs/export.md shows how to load it without HeadLab.")
+if pv.plan.notes:
+    with st.expander(f"What surgery keeps and why ({len(pv.plan.notes)} notes)"):
+        st.text("\n".join(pv.plan.notes))
+
+default_dir = Path.home() / "headlab-exports" / f"{Path(handle.name).name}-{100 * (1 - pv.removed_fraction):.0f}pct"
+folder = st.text_input("Folder to write (a new or empty folder)", str(default_dir), key="w.export.folder")
+o1, o2 = st.columns(2)
+overwrite = o1.checkbox("Replace it if it is not empty", key="w.export.overwrite")
+evaluate = o2.checkbox("Measure perplexity before / after (12 windows x 512 tokens)", value=handle.is_causal_lm,
+                       disabled=not handle.is_causal_lm, key="w.export.evaluate")
+if st.button("Export", type="primary"):
+    with user_errors(), st.status("Exporting...", expanded=True) as status:
+        st.session_state[RESULT] = export(handle, mask, folder, layout=layout, overwrite=overwrite,
+                                          evaluate=evaluate, stage=lambda msg: status.write(msg))
+        status.update(label="Exported", state="complete", expanded=False)
+
+result = st.session_state.get(RESULT)
+if result is not None:
+    man = result.manifest
+    st.success(f"Wrote {result.folder} ({result.bytes_on_disk / 2**20:.1f} MiB, {result.layout} layout): "
+               f"{result.params_before:,} -> {result.params_after:,} parameters.")
+    if man["perplexity"]:
+        p = man["perplexity"]
+        st.write(f"Perplexity {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
+                 f"({p['ratio']:.2f}x) on {p['protocol']}")
+    st.caption(f"Pruned vs masked logits: max |difference| {man['parity']['max_abs_logit_diff']:.1e} "
+               f"(logits up to {man['parity']['max_abs_logit']:.0f}).")
+    st.code(f"folder = {str(result.folder)!r}\n{result.load_hint}", language="python")
+    if result.bytes_on_disk > ZIP_LIMIT:
+        st.info(f"The folder is over {ZIP_LIMIT / 2**30:.0f} GiB: copy it from {result.folder}.")
+    elif st.button("Prepare a zip to download"):
+        with st.spinner("Zipping..."):
+            path = zip_folder(result.folder)
+        st.download_button(f"Download {path.name}", path.read_bytes(), file_name=path.name,
+                           mime="application/zip", type="primary")
