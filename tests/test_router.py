@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,35 @@ def test_heldout_perplexity_reports_every_routed_cluster_and_the_total(trained):
     assert sum(r.n_prompts for r in rows[:-1]) == len(split.held_out)
     assert sum(r.n_tokens for r in rows[:-1]) == rows[-1].n_tokens
     assert all(r.dense > 0 and r.routed > 0 and r.static > 0 for r in rows)
+
+
+@pytest.mark.real_model
+def test_clusters_page_trains_masks_and_routes_a_prompt_on_a_tiny_model(tmp_path, monkeypatch):
+    """The Clusters page end to end (the shipped MiniLM embeds 20 prompts per set; the LM is a tiny Llama)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("HEADLAB_CACHE")  # reuse the real embedding cache: the page embeds real prompts
+    lm = tiny_handle("llama")
+    lm.model.save_pretrained(tmp_path / "tiny-llama", safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    monkeypatch.setenv("HEADLAB_MODEL", str(tmp_path / "tiny-llama"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    at.session_state["w.clusters.per_source"] = 20
+    at.session_state["w.clusters.k"] = 2
+    at.session_state["w.clusters.removed"] = 1
+    at.session_state["w.clusters.steps"] = 2
+    at.run()
+    at.switch_page("pages/clusters.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.title[0].value == "Clusters"
+    assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 2  # one row per cluster
+    next(b for b in at.button if b.label == "Train masks").click()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    router = at.session_state["headlab.clusters.router"][3]
+    assert router.k == 2 and router.static_mask is not None
+    next(b for b in at.button if b.label == "Route and generate").click()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("removes" in m.value for m in at.markdown)
+    assert len(at.text) == 1  # the generation

@@ -1,0 +1,169 @@
+"""Clusters: calibration prompts grouped by meaning, one learned mask per cluster, and routing a prompt."""
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.calibration import cached_projection, cluster_prompts, project_2d, silhouette_scores
+from engine.embeddings import SentenceEncoder
+from engine.router import Router, pruned_blocks, routed_generate, train_router
+from engine.softmask import MaskTarget, TrainConfig
+from ui import session
+from ui.errors import user_errors
+
+ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
+PRUNED, KEPT = "#e4572e", "#2f6f9f"
+
+
+@st.cache_resource(show_spinner="Opening the sentence encoder...")
+def encoder() -> SentenceEncoder:
+    return SentenceEncoder.load()
+
+
+@st.cache_resource(show_spinner="Embedding and clustering the calibration prompts...", max_entries=16)
+def clusters(k: int, per_source: int):
+    return cluster_prompts(encoder(), k, per_source=per_source)
+
+
+@st.cache_data(show_spinner="Silhouette for k = 2..10...")
+def silhouettes(per_source: int) -> dict[int, float]:
+    return silhouette_scores(clusters(4, per_source).embeddings)
+
+
+def masks_figure(router: Router) -> go.Figure:
+    """Layers (rows) x {ATTN, FFN} of every cluster's mask and the static one, side by side."""
+    named = [(f"cluster {c}", m) for c, m in enumerate(router.masks)] + [("static", router.static_mask)]
+    cols = [f"{n}<br>{kind}" for n, _ in named for kind in ("ATTN", "FFN")]
+    z = np.stack([t.float().numpy() for _, m in named for t in (m.attn, m.ffn_block)], axis=1)  # (L, 2 * masks)
+    fig = go.Figure(go.Heatmap(z=z, x=cols, zmin=0, zmax=1, colorscale=[[0, PRUNED], [1, KEPT]], showscale=False,
+                               xgap=2, ygap=1, hovertemplate="%{x}, layer %{y}: %{z:.0f}<extra></extra>"))
+    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=2)
+    fig.update_layout(title="Sub-blocks kept (blue) and removed (red) per mask", height=520,
+                      margin=dict(l=50, r=10, t=40, b=10))
+    return fig
+
+
+def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
+    """Loss and expected sparsity per step; the keep probability of every sub-block per step."""
+    steps = [h.step for h in history]
+    curve = go.Figure([go.Scatter(x=steps, y=[h.objective for h in history], name="KL to dense"),
+                       go.Scatter(x=steps, y=[h.expected_sparsity["blocks"] for h in history], yaxis="y2",
+                                  name="expected sparsity"),
+                       go.Scatter(x=steps, y=[history[-1].target_sparsity["blocks"]] * len(steps), yaxis="y2",
+                                  name="target", line=dict(dash="dash"))])
+    curve.update_layout(height=260, margin=dict(l=50, r=50, t=10, b=40), legend=dict(orientation="h", y=-0.25),
+                        yaxis=dict(title="loss"), yaxis2=dict(title="sparsity", overlaying="y", side="right"))
+    probs = np.array([np.asarray(h.keep_probability["blocks"]).T.ravel() for h in history]).T  # (2L, steps)
+    L = probs.shape[0] // 2
+    gates = go.Figure(go.Heatmap(z=probs, x=steps, y=[f"ATTN {l}" for l in range(L)] + [f"FFN {l}" for l in range(L)],
+                                 zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="P(kept)")))
+    gates.update_layout(height=420, margin=dict(l=70, r=10, t=10, b=40), xaxis_title="step")
+    return curve, gates
+
+
+st.title("Clusters")
+st.caption("Input-dependent pruning: calibration prompts are embedded by a sentence encoder and clustered; "
+           "one hard-concrete mask over the ATTN/FFN sub-blocks is learned per cluster; a prompt runs with "
+           "the mask of its nearest cluster.")
+for key, value in (("w.clusters.k", 4), ("w.clusters.per_source", 80), ("w.clusters.colour", "cluster"),
+                   ("w.clusters.removed", 8), ("w.clusters.steps", 30),
+                   ("w.clusters.prompt", "Write a Python function that returns the n-th Fibonacci number.")):
+    session.widget_default(key, value)
+c1, c2, c3 = st.columns(3)
+k = c1.slider("Clusters (k)", 2, 10, key="w.clusters.k")
+per_source = c2.select_slider("Prompts per set (at most)", [20, 40, 80, 160], key="w.clusters.per_source")
+colour = c3.radio("Colour by", ["cluster", "category", "source"], horizontal=True, key="w.clusters.colour")
+with user_errors():
+    run = clusters(k, per_source)
+    handle = session.handle()
+model_key = session.model_choice().key
+
+left, right = st.columns([3, 2])
+with left:
+    xy, method = cached_projection(run.embeddings, "umap"), "UMAP"
+    if xy is None:
+        xy, method = project_2d(run.embeddings, "pca"), "PCA"
+        if st.button("Compute the UMAP projection (about 20 s once, then cached)"):
+            with st.spinner("UMAP..."):
+                project_2d(run.embeddings, "umap")
+            st.rerun()
+    df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": run.clustering.labels.numpy().astype(str),
+                       "category": [p.category for p in run.prompts], "source": [p.source for p in run.prompts],
+                       "prompt": [p.text[:160].replace("\n", " ") for p in run.prompts]})
+    fig = px.scatter(df, x="x", y="y", color=colour, hover_data={"prompt": True, "category": True, "cluster": True,
+                                                                "x": False, "y": False}, title=f"{method} of the prompt embeddings")
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=10))
+    st.plotly_chart(fig, key="clusters.scatter")
+with right:
+    pur = run.purity()
+    st.metric("Purity against the categories", f"{pur.overall:.2f}")
+    st.dataframe(pd.DataFrame({
+        "size": run.clustering.sizes(), "majority category": pur.majority,
+        "share": [f"{f:.0%}" for f in pur.majority_fraction],
+        "categories": [", ".join(f"{c} {n}" for c, n in sorted(cnt.items(), key=lambda x: -x[1])) for cnt in pur.counts],
+    }), hide_index=False)
+    sil = silhouettes(per_source)
+    st.caption("Silhouette (cosine) by k: " + ", ".join(f"{kk}: {s:.3f}" for kk, s in sil.items())
+               + f". Best k = {max(sil, key=sil.get)}.")
+
+st.subheader("Train one mask per cluster")
+n_blocks = 2 * handle.geometry.n_layers
+with st.form("clusters.train"):
+    f1, f2, f3 = st.columns(3)
+    st.session_state["w.clusters.removed"] = min(st.session_state["w.clusters.removed"], n_blocks - 1)
+    removed = f1.number_input("Sub-blocks to remove", 1, n_blocks - 1, key="w.clusters.removed")
+    steps = f2.number_input("Steps per mask", 1, 1000, key="w.clusters.steps",
+                            help="One step = one forward and backward over 4 texts of at most 128 tokens.")
+    f3.caption(f"{k} cluster masks + 1 static mask on all {len(run.prompts)} prompts, KL to the dense model.")
+    start = st.form_submit_button("Train masks", type="primary")
+if start:
+    bar, plots = st.progress(0.0), st.empty()
+    history: dict[str, list] = {}
+
+    def progress(name, log) -> None:
+        history.setdefault(name, []).append(log)
+        done = (len(history) - 1) * log.steps + log.step
+        bar.progress(done / ((k + 1) * log.steps), text=f"mask {name}: step {log.step}/{log.steps}, "
+                     f"KL {log.objective:.3f}, expected sparsity {log.expected_sparsity['blocks']:.3f}")
+        if log.step % 5 == 0 or log.step == log.steps:
+            curve, gates = training_figures(history[name])
+            with plots.container():
+                st.plotly_chart(curve, key=f"clusters.live.curve.{name}.{log.step}")
+                st.plotly_chart(gates, key=f"clusters.live.gates.{name}.{log.step}")
+
+    with user_errors():
+        router = train_router(handle, encoder(), run.prompts, run.embeddings, run.clustering,
+                              MaskTarget(blocks=int(removed)), TrainConfig(steps=int(steps)), progress=progress)
+    st.session_state[ROUTER] = (model_key, k, per_source, router, history)
+    plots.empty()
+    bar.empty()
+
+state = st.session_state.get(ROUTER)
+if state is None or state[0] != model_key or state[1:3] != (k, per_source):
+    st.info("Train masks to see them side by side and to route prompts.")
+    st.stop()
+_, _, _, router, history = state
+m1, m2 = st.columns([2, 3])
+with m1:
+    st.plotly_chart(masks_figure(router), key="clusters.masks")
+with m2:
+    name = st.selectbox("Gate activity of", list(history), key="w.clusters.history")
+    curve, gates = training_figures(history[name])
+    st.plotly_chart(curve, key="clusters.curve")
+    st.plotly_chart(gates, key="clusters.gates")
+
+st.subheader("Route a prompt")
+prompt = st.text_area("Prompt", key="w.clusters.prompt")
+if st.button("Route and generate", type="primary"):
+    with user_errors():
+        out = routed_generate(handle, router, encoder(), prompt, max_new_tokens=48) if handle.is_causal_lm else None
+        route = out.route if out else router.route(encoder(), prompt)[0]
+    st.markdown(f"**Cluster {route.cluster}** (mostly {pur.majority[route.cluster]}); removes "
+                f"{', '.join(pruned_blocks(route.mask)) or 'nothing'}.")
+    for note in (out.notices if out else [route.notice] if route.notice else []):
+        st.warning(note)
+    if out:
+        st.text(out.text)
+    st.button("Use this mask on the other pages", on_click=session.set_mask, args=(route.mask,))
