@@ -92,6 +92,8 @@ def _training_bar() -> Iterator[Callable[[str, Any], None]]:
         bar.n = log.step
         sparsity = " ".join(f"{k} {v:.3f}->{log.target_sparsity[k]:.3f}" for k, v in log.expected_sparsity.items())
         bar.set_postfix_str(f"KL/LM {log.objective:.3f} sparsity {sparsity}", refresh=True)
+        if log.step == log.steps:
+            bars.pop(name).close()
 
     try:
         yield update
@@ -152,8 +154,8 @@ def cmd_train_masks(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from engine.router import Router, pruned_blocks, routed_generate
 
+    router = Router.load(args.router)  # a bad folder fails before the slow loads
     enc = _encoder(args)
-    router = Router.load(args.router)
     handle = None
     if args.generate:
         from engine.cli import _load
@@ -173,7 +175,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             out = routed_generate(handle, router, enc, route.text, max_new_tokens=args.max_new_tokens)
             for n in out.notices[1 if route.notice else 0 :]:
                 print(f"  note: {n}")
-            print(f"  generation: {out.text}")
+            print(f"  generation: {out.text.strip() or '(whitespace only)'}")
     return 0
 
 
