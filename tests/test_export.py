@@ -254,3 +254,23 @@ def test_export_page_previews_the_size_and_exports(tmp_path, monkeypatch):
     next(b for b in at.button if b.label == "Compute mask").click()
     at.run()
     assert not at.exception and any("depth (block_influence)" in s.value for s in at.success)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_documented_recipe_loads_a_per_layer_export_without_headlab(tmp_path, family):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    section = doc.split("## Loading a per-layer export without HeadLab", 1)[1]
+    recipe = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "import engine" not in recipe and "from engine" not in recipe
+    namespace: dict = {}
+    exec(compile(recipe, "docs/export.md", "exec"), namespace)
+    h = tiny_handle(family)
+    # Layer 0: uneven GQA groups, no FFN; layer 1: no attention, fewer channels.
+    mask = make_mask(h.geometry, "mixed").with_block(0, "ffn", 0.0)
+    r = export(h, mask, tmp_path / "out", evaluate=False)
+    assert r.layout == "per_layer"
+    model = namespace["load_headlab_per_layer"](str(tmp_path / "out"))
+    assert sum(p.numel() for p in model.parameters()) == r.params_after
+    torch.testing.assert_close(_plain_logits(model), _masked_logits(h, mask), atol=1e-4, rtol=0)
