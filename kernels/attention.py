@@ -21,36 +21,39 @@ import triton.language as tl
 
 from kernels.backend import interpreter_enabled
 from kernels.dot import dot_acc, dot_options
+from kernels.interpreter import interpretable_triton_library
 
 __all__ = ["launch_head_sparse_attention"]
 
 _LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x * log2(e)), and exp2 is cheaper
 
 
-def _configs() -> list[triton.Config]:
+def _configs(interpreted: bool) -> list[triton.Config]:
     """Autotuning space; the interpreter gets one small config since it never benchmarks."""
-    if interpreter_enabled():
+    if interpreted:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
-        for s in (2, 3, 4)
+        for s in (2, 3)
     ]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep configs whose KV blocks tile a query block (the causal split needs it) and fit."""
-    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    """Drop configs that cannot be right or cannot fit, before any is compiled."""
+    head_dim = kwargs["BLOCK_D"]
+    fp32 = named_args["q_ptr"].element_size() == 4
     kept = []
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm % bn:
+        if bm % bn:  # the causal split into unmasked/diagonal KV blocks needs BLOCK_N | BLOCK_M
             continue
-        # 128x128 tiles with head_dim >= 128 spill registers on 4 warps and rarely win
         if head_dim >= 128 and bm * bn >= 128 * 128 and c.num_warps < 8:
-            continue
+            continue  # 128x128 tiles of wide heads spill registers on 4 warps
+        if fp32 and bm * bn > 64 * 64:
+            continue  # fp32 tiles this big overflow shared memory (no tensor-core path either)
         kept.append(c)
     return kept
 
@@ -92,7 +95,7 @@ def _attend_kv_range(
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=_configs(interpreter_enabled()),
     key=["SEQ_BUCKET", "HEAD_DIM", "CAUSAL"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -179,26 +182,28 @@ def launch_head_sparse_attention(
         out = q.new_empty(B, H, T, D)
         out_bhtd = out
     flat_keep = head_keep.reshape(-1)  # (B*H,), index b * H + h
-    # one host sync, to size the grid: the price of launching no program for pruned heads
-    pairs = flat_keep.nonzero().squeeze(1).to(torch.int32)
-    pruned_b, pruned_h = (~head_keep).nonzero(as_tuple=True)
-    out_bhtd[pruned_b, pruned_h] = 0  # writes only the pruned heads' slices
-    if pairs.numel() == 0 or T == 0:
+    # The one host sync, to size the grid: the price of launching no program for pruned heads.
+    n_kept = int(flat_keep.sum())
+    order = torch.argsort(~flat_keep, stable=True)  # (B*H,) kept pair ids first, then pruned
+    pairs, pruned = order[:n_kept].to(torch.int32), order[n_kept:]
+    out_bhtd[pruned // H, pruned % H] = 0  # writes only the pruned heads' slices
+    if n_kept == 0 or T == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     def grid(meta):
-        return (pairs.numel() * triton.cdiv(T, meta["BLOCK_M"]),)
+        return (n_kept * triton.cdiv(T, meta["BLOCK_M"]),)
 
-    _head_sparse_attention_kernel[grid](
-        q, k, v, out_bhtd, pairs,
-        scale * _LOG2E, H, group, T,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out_bhtd.stride(0), out_bhtd.stride(1), out_bhtd.stride(2),
-        triton.next_power_of_2(T),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
-        **dot_options(q.dtype),
-    )
+    with interpretable_triton_library():
+        _head_sparse_attention_kernel[grid](
+            q, k, v, out_bhtd, pairs,
+            scale * _LOG2E, H, group, T,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out_bhtd.stride(0), out_bhtd.stride(1), out_bhtd.stride(2),
+            triton.next_power_of_2(T),
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
+            **dot_options(q.dtype),
+        )
     return out

@@ -91,7 +91,10 @@ def check_group_keep(
     n_samples: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate per-group keep indices and group ids; return (keep [G,Kmax] int64, counts [G], group_ids [B]) on device."""
+    """Validate grouped keep indices and group ids.
+
+    Returns (keep [G, Kmax] int64, counts [G], group_ids [B] int64), all on device.
+    """
     if not isinstance(group_keep_idx, torch.Tensor) or group_keep_idx.dtype == torch.bool:
         group_keep_idx = pad_keep_indices(group_keep_idx)
     if group_keep_idx.dim() != 2 or group_keep_idx.is_floating_point():
@@ -106,7 +109,9 @@ def check_group_keep(
     if keep.shape[1] > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         raise ValueError(f"group_keep_idx padding ({PAD_INDEX}) must only trail each row")
     if group_ids.dim() != 1 or group_ids.numel() != n_samples:
-        raise ValueError(f"group_ids must have shape ({n_samples},) (one group per sample), got {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"group_ids must have shape ({n_samples},) (one group per sample), got {tuple(group_ids.shape)}"
+        )
     if group_ids.is_floating_point() or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must be integer, got {group_ids.dtype}")
     group_ids = group_ids.to(device=device, dtype=torch.int64)

@@ -43,6 +43,7 @@ y = col(h, W_down, b, k, compact_input=True). For per-sample head masks, build t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,11 +70,22 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _as_samples(x: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """x [..., K] as [S, M, K] with unit feature stride: S samples of M rows sharing a mask."""
+    rows = math.prod(x.shape[:-1]) // max(n_samples, 1)
+    return _unit_last_stride(x.reshape(n_samples, rows, x.shape[-1]))  # (S, M, K)
+
+
 def _single_group(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one-mask case as a grouped problem: keep [1, K], counts [1], group_ids [1]."""
+    """The one-mask case as a grouped problem: keep [1, K], counts [1], group_ids [1] (int32)."""
     counts = torch.full((1,), keep.numel(), dtype=torch.int32, device=keep.device)
     group_ids = torch.zeros(1, dtype=torch.int32, device=keep.device)
     return keep.to(torch.int32)[None], counts, group_ids  # (1, K)
+
+
+def _int32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Index tensors as the int32 the kernels load (kept counts are far below 2**31)."""
+    return tuple(t.to(torch.int32) for t in tensors)
 
 
 def head_sparse_attention(
@@ -114,8 +126,8 @@ def row_sparse_linear(
         return reference.row_sparse_linear(x, weight, bias, keep)
     from kernels.linear import launch_row_sparse_linear  # imports triton
 
-    x3 = x.reshape(1, -1, x.shape[-1])  # (1, M, K_in): all rows share one mask
-    y = launch_row_sparse_linear(x3, weight, bias, *_single_group(keep), full_width=False)
+    x3 = _as_samples(x, 1)  # (1, M, K_in): all rows share one mask
+    y = launch_row_sparse_linear(x3, _unit_last_stride(weight), bias, *_single_group(keep), full_width=False)
     return y.reshape(*x.shape[:-1], keep.numel())  # (..., len(keep))
 
 
@@ -139,8 +151,9 @@ def col_sparse_linear(
         return reference.col_sparse_linear(x, weight, bias, keep, compact_input)
     from kernels.linear import launch_col_sparse_linear  # imports triton
 
-    x3 = x.reshape(1, -1, x.shape[-1])  # (1, M, K): all rows share one mask
-    y = launch_col_sparse_linear(x3, weight, bias, *_single_group(keep), compact_input=compact_input)
+    x3 = _as_samples(x, 1)  # (1, M, K): all rows share one mask
+    w = _unit_last_stride(weight)
+    y = launch_col_sparse_linear(x3, w, bias, *_single_group(keep), compact_input=compact_input)
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (..., N_out)
 
 
@@ -169,10 +182,8 @@ def grouped_row_sparse_linear(
         return reference.grouped_row_sparse_linear(x, weight, bias, keep, group_ids, full_width)
     from kernels.linear import launch_row_sparse_linear  # imports triton
 
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, M, K_in): one mask per sample
-    y = launch_row_sparse_linear(
-        x3, weight, bias, keep.to(torch.int32), counts.to(torch.int32), group_ids.to(torch.int32), full_width
-    )
+    x3 = _as_samples(x, x.shape[0])  # (B, M, K_in): one mask per sample
+    y = launch_row_sparse_linear(x3, _unit_last_stride(weight), bias, *_int32(keep, counts, group_ids), full_width)
     return y.reshape(*x.shape[:-1], y.shape[-1])  # (B, ..., Kmax or N_out)
 
 
@@ -198,8 +209,7 @@ def grouped_col_sparse_linear(
         return reference.grouped_col_sparse_linear(x, weight, bias, keep, group_ids, compact_input)
     from kernels.linear import launch_col_sparse_linear  # imports triton
 
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, M, K): one mask per sample
-    y = launch_col_sparse_linear(
-        x3, weight, bias, keep.to(torch.int32), counts.to(torch.int32), group_ids.to(torch.int32), compact_input
-    )
+    x3 = _as_samples(x, x.shape[0])  # (B, M, K): one mask per sample
+    w = _unit_last_stride(weight)
+    y = launch_col_sparse_linear(x3, w, bias, *_int32(keep, counts, group_ids), compact_input)
     return y.reshape(*x.shape[:-1], weight.shape[0])  # (B, ..., N_out)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PAD_INDEX", "keep_indices", "pad_keep_indices", "scatter_columns"]
+__all__ = ["PAD_INDEX", "aligned_run_length", "keep_indices", "pad_keep_indices", "scatter_columns"]
 
 PAD_INDEX = -1  # marks unused slots of a padded group keep index
 
@@ -49,3 +49,25 @@ def scatter_columns(y: torch.Tensor, keep_idx: torch.Tensor, width: int) -> torc
         raise ValueError(f"y has {y.shape[-1]} columns but keep_idx has {keep_idx.numel()} entries")
     out = y.new_zeros(*y.shape[:-1], width)
     return out.index_copy_(-1, keep_idx.to(y.device), y)
+
+
+def aligned_run_length(keep: torch.Tensor, counts: torch.Tensor, candidates: tuple[int, ...] = (16, 8, 4)) -> int:
+    """Largest R in candidates such that every group keeps whole aligned runs r*R .. r*R+R-1, else 1.
+
+    keep [G, Kmax] padded index, counts [G] kept per group. Heads pruned as wholes give
+    runs of head_dim; knowing it lets the Triton kernels vectorise their gathers.
+    """
+    if keep.numel() == 0:
+        return 1
+    col = torch.arange(keep.shape[1], device=keep.device)  # (Kmax,)
+    valid = col[None, :] < counts[:, None]  # (G, Kmax)
+    flags = []
+    for r in candidates:
+        offset = col % r  # position inside a run
+        run_start = keep[:, col - offset]  # (G, Kmax) index at the start of each run
+        ok = (keep == run_start + offset) & (run_start % r == 0)
+        flags.append((ok | ~valid).all() & (counts % r == 0).all() & (counts.max() >= r))
+    for r, fits in zip(candidates, torch.stack(flags).tolist()):  # one host sync for all
+        if fits:
+            return r
+    return 1

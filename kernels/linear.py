@@ -12,7 +12,8 @@ copied (no W[keep] is materialised).
         y[s, m, n] = sum_j x[s, m, keep[g, j]] * W[n, keep[g, j]] + b[n]   (O, FFN down)
         x3 is full width [S, M, K_in], or compact [S, M, Kmax] when compact_input
 
-Inputs must already be checked (`checks.py`); use `dispatch` for the public API.
+x3, weight and the output have unit stride along features (dispatch ensures it). Inputs
+must already be checked (`checks.py`); use `dispatch` for the public API.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import triton.language as tl
 
 from kernels.backend import interpreter_enabled
 from kernels.dot import dot_acc, dot_options
+from kernels.indices import aligned_run_length
+from kernels.interpreter import interpretable_triton_library
 
 __all__ = ["launch_col_sparse_linear", "launch_row_sparse_linear"]
 
 
-def _configs() -> list[triton.Config]:
+def _configs(interpreted: bool) -> list[triton.Config]:
     """Autotuning space (the Triton matmul tutorial's); one small config when interpreted."""
-    if interpreter_enabled():
+    if interpreted:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
         (128, 256, 64, 8, 3),
@@ -49,7 +52,9 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-_KEY = ["M_BUCKET", "N_COLS", "K_IN", "HAS_BIAS"]
+# Powers-of-two buckets, not exact sizes: every toggle changes the kept count, and an
+# exact key would re-benchmark every config on each one.
+_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "HAS_BIAS"]
 
 
 @triton.jit
@@ -66,16 +71,24 @@ def _tile_ids(M, N_COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _load_keep(keep_row_ptr, offs, mask, KEEP_RUN: tl.constexpr):
+    """Keep indices at offs (0 where masked), with the launcher's promise of aligned runs."""
+    idx = tl.load(keep_row_ptr + offs, mask=mask, other=0)
+    if KEEP_RUN > 1:
+        # kept features come in aligned runs of KEEP_RUN consecutive indices (e.g. whole
+        # heads): telling the compiler lets gathers through idx become vector loads
+        idx = tl.max_contiguous(tl.multiple_of(idx, KEEP_RUN), KEEP_RUN)
+    return idx.to(tl.int64)
+
+
+@triton.autotune(configs=_configs(interpreter_enabled()), key=_KEY)
 @triton.jit
 def _row_sparse_linear_kernel(
     x_ptr, w_ptr, b_ptr, keep_ptr, count_ptr, group_ptr, out_ptr,
-    M, N_COLS, K_IN, M_BUCKET,  # N_COLS = Kmax; M_BUCKET only keys the autotuning
-    stride_xs, stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_keep,
-    stride_os, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, FULL_WIDTH: tl.constexpr,
+    M, N_COLS, K_IN, M_BUCKET, N_BUCKET, K_BUCKET,  # N_COLS = Kmax; *_BUCKET only key the autotuning
+    stride_xs, stride_xm, stride_wn, stride_keep, stride_os, stride_om,  # features: unit stride
+    HAS_BIAS: tl.constexpr, FULL_WIDTH: tl.constexpr, KEEP_RUN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -89,45 +102,42 @@ def _row_sparse_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_kept = offs_n < count
-    idx = tl.load(keep_ptr + g * stride_keep + offs_n, mask=n_kept, other=0).to(tl.int64)
+    idx = _load_keep(keep_ptr + g * stride_keep, offs_n, n_kept, KEEP_RUN)
 
     # A tile lying wholly in this group's padding does no reduction: its loop is empty.
     k_end = tl.where(pid_n * BLOCK_N < count, K_IN, 0)
-    x_ptrs = x_ptr + s * stride_xs + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    # W rows gathered through the index: tile [BLOCK_K, BLOCK_N] of W[idx].T
-    w_ptrs = w_ptr + idx[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    x_ptrs = x_ptr + s * stride_xs + offs_m[:, None] * stride_xm + offs_k[None, :]
+    # the kept rows of W, gathered through the index: tile [BLOCK_N, BLOCK_K] of W[idx]
+    w_ptrs = w_ptr + idx[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = offs_k < K_IN - k0
         a = tl.load(x_ptrs, mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_kept[None, :], other=0.0)
-        acc = dot_acc(a, w, acc, DOT_PRECISION, DOT_UPCAST)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        w = tl.load(w_ptrs, mask=n_kept[:, None] & k_ok[None, :], other=0.0)
+        acc = dot_acc(a, tl.trans(w), acc, DOT_PRECISION, DOT_UPCAST)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + idx, mask=n_kept, other=0.0).to(tl.float32)[None, :]
 
-    out_base = out_ptr + s * stride_os + offs_m[:, None] * stride_om
+    out_rows = out_ptr + s * stride_os + offs_m[:, None] * stride_om
     if FULL_WIDTH:
         # scatter to the kept columns; the launcher zero-filled the pruned ones
-        tl.store(out_base + idx[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_rows + idx[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_kept[None, :])
     else:
         # compact: write padding columns too (as zeros), so the output needs no zero fill
-        tl.store(out_base + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_rows + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & (offs_n < N_COLS)[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(interpreter_enabled()), key=_KEY)
 @triton.jit
 def _col_sparse_linear_kernel(
     x_ptr, w_ptr, b_ptr, keep_ptr, count_ptr, group_ptr, out_ptr,
-    M, N_COLS, K_IN, M_BUCKET,  # N_COLS = out features; K_IN = Kmax; M_BUCKET keys autotuning
-    stride_xs, stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_keep,
-    stride_os, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, COMPACT_INPUT: tl.constexpr,
+    M, N_COLS, K_IN, M_BUCKET, N_BUCKET, K_BUCKET,  # N_COLS = out features, K_IN = Kmax
+    stride_xs, stride_xm, stride_wn, stride_keep, stride_os, stride_om,  # features: unit stride
+    HAS_BIAS: tl.constexpr, COMPACT_INPUT: tl.constexpr, KEEP_RUN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
@@ -135,35 +145,38 @@ def _col_sparse_linear_kernel(
     s = tl.program_id(1).to(tl.int64)
     g = tl.load(group_ptr + s)
     count = tl.load(count_ptr + g)
+    if KEEP_RUN > 1:
+        count = tl.multiple_of(count, KEEP_RUN)  # lets the k masks below stay vectorised
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N_COLS
     x_rows = x_ptr + s * stride_xs + offs_m[:, None] * stride_xm
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     # the reduction runs over this group's kept features only: pruned ones are never loaded
     for k0 in range(0, count, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_kept = offs_k < count
-        idx = tl.load(keep_ptr + g * stride_keep + offs_k, mask=k_kept, other=0).to(tl.int64)
+        idx = _load_keep(keep_ptr + g * stride_keep, offs_k, k_kept, KEEP_RUN)
         if COMPACT_INPUT:
             x_cols = offs_k
         else:
             x_cols = idx
-        a = tl.load(x_rows + x_cols[None, :] * stride_xk, mask=m_mask[:, None] & k_kept[None, :], other=0.0)
-        # W columns gathered through the index: tile [BLOCK_K, BLOCK_N] of W[:, idx].T
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + idx[:, None] * stride_wk,
-                    mask=k_kept[:, None] & n_mask[None, :], other=0.0)
-        acc = dot_acc(a, w, acc, DOT_PRECISION, DOT_UPCAST)
+        a = tl.load(x_rows + x_cols[None, :], mask=m_mask[:, None] & k_kept[None, :], other=0.0)
+        # kept columns of W through the index, tile [BLOCK_N, BLOCK_K] of W[:, idx]. Past
+        # `count`, idx reads column 0..KEEP_RUN-1 (in bounds) against a zeroed x: no k mask.
+        w = tl.load(w_rows + idx[None, :], mask=n_mask[:, None], other=0.0)
+        acc = dot_acc(a, tl.trans(w), acc, DOT_PRECISION, DOT_UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _launch(kernel, x3, weight, bias, keep, counts, group_ids, out, n_cols, k_in, flag_name, flag):
-    """Shared launcher: grid (tiles of one sample, samples)."""
+    """Shared launcher: grid (tiles of one sample, samples); features must have unit stride."""
     S, M, _ = x3.shape
     if S == 0 or M == 0 or n_cols == 0:
         return out
@@ -173,17 +186,16 @@ def _launch(kernel, x3, weight, bias, keep, counts, group_ids, out, n_cols, k_in
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_cols, meta["BLOCK_N"]), S)
 
-    kernel[grid](
-        x3, weight, weight if bias is None else bias, keep, counts, group_ids, out,
-        M, n_cols, k_in, triton.next_power_of_2(M),
-        x3.stride(0), x3.stride(1), x3.stride(2),
-        weight.stride(0), weight.stride(1),
-        keep.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        HAS_BIAS=bias is not None, GROUP_M=8,
-        **{flag_name: flag},
-        **dot_options(x3.dtype),
-    )
+    keep_run = aligned_run_length(keep, counts)
+    with interpretable_triton_library():
+        kernel[grid](
+            x3, weight, weight if bias is None else bias, keep, counts, group_ids, out,
+            M, n_cols, k_in, *(triton.next_power_of_2(n) for n in (M, n_cols, k_in)),
+            x3.stride(0), x3.stride(1), weight.stride(0), keep.stride(0), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, KEEP_RUN=keep_run, GROUP_M=8,
+            **{flag_name: flag},
+            **dot_options(x3.dtype),
+        )
     return out
 
 

@@ -44,12 +44,13 @@ def head_sparse_attention(
     b_idx, h_idx = head_keep.nonzero(as_tuple=True)  # (N,), (N,) kept pairs
     if b_idx.numel():
         kv_idx = h_idx // group  # each kept query head reads its own KV head
-        q_kept = q[b_idx, h_idx]  # (N, T, D)
-        k_kept = k[b_idx, kv_idx]  # (N, T, D)
-        v_kept = v[b_idx, kv_idx]  # (N, T, D)
+        # (1, N, T, D): SDPA's fused CPU kernels need 4-D inputs; 3-D ones take the slow math path
+        q_kept = q[b_idx, h_idx][None]
+        k_kept = k[b_idx, kv_idx][None]
+        v_kept = v[b_idx, kv_idx][None]
         out[b_idx, h_idx] = F.scaled_dot_product_attention(
             q_kept, k_kept, v_kept, is_causal=causal, scale=scale
-        )
+        )[0]
     if merge_heads:
         return out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
     return out
