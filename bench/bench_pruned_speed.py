@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the shipped SmolLM2-135M-Instruct")
     ap.add_argument("--keeps", default="0.8,0.65", help="fractions of parameters to keep")
     ap.add_argument("--depth-criterion", default="block_influence")
-    ap.add_argument("--width-criterion", default="magnitude")
+    ap.add_argument("--width-criterion", default="gradient")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seq", type=int, default=512, help="tokens in the timed forward")
     ap.add_argument("--gen", type=int, default=64, help="new tokens in the timed generation")

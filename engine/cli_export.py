@@ -82,7 +82,7 @@ def _build_export(sub) -> None:
     p.add_argument("--keep", type=float, help="instead of a mask: fraction (0-1) or count of parameters to keep")
     p.add_argument("--route", default="depth", choices=ROUTES, help="with --keep: drop layers or narrow them")
     p.add_argument("--criterion", default=None,
-                   help="with --keep: depth default block_influence (or block_ppl, taylor_plus); width default magnitude")
+                   help="with --keep: depth default block_influence (or block_ppl, taylor_plus); width default gradient")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only after the new one is complete)")

@@ -10,9 +10,10 @@ Sizes are engine.cost's params_kept, which is exactly what surgery produces.
   taylor_plus); the k least important go, k chosen so the size is closest to the target.
 - width: every layer loses the same units (so the export has a standard config): the same
   number of query heads from each KV group (or whole KV groups) and the same number of FFN
-  channels, picked per layer by a criterion's head and channel scores. Among the head counts
-  that can reach the target, the one removing attention and FFN in the most similar
-  proportion is taken. For families whose config cannot state fewer heads (GPT-2, BERT) only
+  channels, picked per layer by a criterion's head and channel scores (default: gradient,
+  Michel et al. 2019, which holds perplexity far better than magnitude on the default
+  model). Among the head counts that can reach the target, the one removing attention and
+  FFN in the most similar proportion is taken. For families whose config cannot state fewer heads (GPT-2, BERT) only
   channels are pruned unless `prune_heads=True`.
 """
 
@@ -186,7 +187,7 @@ def reach_size(
         mask, detail = depth_mask(handle, target, ls.layers)
         unit = "layers"
     else:
-        criterion = criterion or "magnitude"
+        criterion = criterion or "gradient"
         calib = list(texts) if texts is not None else None
         if calib is None:
             from engine.datasets import calibration_texts

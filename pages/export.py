@@ -11,7 +11,7 @@ from engine.size_target import reach_size
 from ui import session
 from ui.errors import user_errors
 
-ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"), "width": ("magnitude", "activation", "gradient")}
+ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"), "width": ("gradient", "magnitude", "activation")}
 LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
                "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")
 RESULT = "headlab.export.result"  # this session's last ExportResult
