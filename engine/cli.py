@@ -278,6 +278,10 @@ from engine.cli_router import _build_cluster, _build_route, _build_train_masks  
 
 COMMANDS += [_build_cluster, _build_train_masks, _build_route]
 
+from engine.cli_distill import _build_distill  # noqa: E402
+
+COMMANDS.append(_build_distill)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,

@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from engine.quantize import FakeQuantize, default_scheme, quantizable_modules, set_quantization_
-from engine.tokens import encode_batch
+from engine.tokens import context_length, encode_batch
 
 __all__ = [
     "DistillError",
@@ -106,6 +106,7 @@ class DistillConfig:
     restore_best: bool = True
     checkpoint_every: int = 50
     seed: int = 0
+    data_offset: int = 0  # the position in the data order of step 0 (later stages of a recipe continue it)
 
     def check(self) -> "DistillConfig":
         """Raise DistillError naming the first setting that cannot work."""
@@ -201,8 +202,9 @@ def _generate(teacher: Any, prompts: Sequence[str], max_new_tokens: int, batch_s
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
     texts: list[str] = []
+    keep = max(1, context_length(model) - max_new_tokens)  # a prompt longer than the context keeps its end
     for start in range(0, len(prompts), batch_size):
-        chunk = [_prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        chunk = [_prompt_ids(tok, p)[-keep:] for p in prompts[start : start + batch_size]]
         width = max(map(len, chunk))
         # Left padding, so every row's continuation starts at the same column.
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=teacher.device)
@@ -507,7 +509,8 @@ def _batch_texts(data: DistillData, config: DistillConfig, step: int) -> list[st
     """The texts of step `step`: a fresh seeded permutation of the training texts per epoch."""
     n, bs = len(data.train), config.batch_size
     texts, perms = [], {}
-    for pos in range(step * bs, (step + 1) * bs):
+    start = (config.data_offset + step) * bs
+    for pos in range(start, start + bs):
         epoch = pos // n
         if epoch not in perms:
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -716,6 +719,7 @@ def distill(
                          config)
 
 
-def with_bits(config: DistillConfig, bits: int | None, steps: int, scheme: str | None = None) -> DistillConfig:
-    """`config` for one stage: its bit width and step budget."""
-    return replace(config, bits=bits, steps=steps, scheme=scheme if bits == 2 else None)
+def with_bits(config: DistillConfig, bits: int | None, steps: int, scheme: str | None = None,
+              data_offset: int = 0) -> DistillConfig:
+    """`config` for one stage: its bit width, step budget and where in the data order it starts."""
+    return replace(config, bits=bits, steps=steps, scheme=scheme if bits == 2 else None, data_offset=data_offset)

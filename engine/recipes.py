@@ -117,7 +117,8 @@ class RecipeResult:
         """Every stage's records on one step axis (a stage's step 0 is the previous stage's last step)."""
         out, offset = [], 0
         for _, r in self.stages:
-            out += [StepRecord(**{**rec.__dict__, "step": rec.step + offset}) for rec in r.history]
+            out += [StepRecord(**{**rec.__dict__, "step": rec.step + offset, "steps": self.steps_planned})
+                    for rec in r.history]
             offset += r.steps_run
         return out
 
@@ -186,9 +187,11 @@ def run_recipe(
     stages = plan_stages(recipe, bits, config.steps, scheme)
     result = RecipeResult(recipe, None if recipe == "fp32" else bits)
     out = Path(out_dir) if out_dir is not None else None
-    offset = 0
+    offset, planned = 0, 0
     for i, stage in enumerate(stages):
-        stage_config = with_bits(config, stage.bits, stage.steps, stage.scheme)
+        # Each stage continues the data order where the previous one's budget ended, as one long run would.
+        stage_config = with_bits(config, stage.bits, stage.steps, stage.scheme, config.data_offset + planned)
+        planned += stage.steps
         folder = out / f"stage{i + 1}-{stage.name}" if out is not None else None
         if folder is not None and (folder / _DONE).is_file():
             if not resume:
@@ -200,7 +203,7 @@ def run_recipe(
 
         def shifted(rec: StepRecord, offset: int = offset) -> None:
             if progress:
-                progress(StepRecord(**{**rec.__dict__, "step": rec.step + offset}))
+                progress(StepRecord(**{**rec.__dict__, "step": rec.step + offset, "steps": config.steps}))
 
         r = distill(teacher, student, data, stage_config, out_dir=folder,
                     resume=resume and folder is not None and has_checkpoint(folder),
