@@ -42,6 +42,7 @@ from kernels import (  # noqa: E402
 )
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+Cases = dict[str, Callable[[], object]]  # implementation name -> one call of it
 
 
 @dataclass(frozen=True)
@@ -83,35 +84,43 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
 
 
 def _kept(n: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
-    """Sorted random keep index of round((1 - sparsity) * n) of n features."""
+    """Sorted random keep index of round((1 - sparsity) * n) of n features, on gen's device."""
     n_kept = round((1 - sparsity) * n)
-    return torch.randperm(n, generator=gen)[:n_kept].sort().values
+    return torch.randperm(n, generator=gen, device=gen.device)[:n_kept].sort().values
 
 
-def attention_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, Callable[[], object]]:
+def _randn(*shape: int, gen: torch.Generator, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Normal samples made on gen's device (Llama-sized tensors are slow to make on a CPU)."""
+    return torch.randn(*shape, generator=gen, device=gen.device).mul_(scale).to(dtype)
+
+
+def attention_cases(s: Shape, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> Cases:
     """Causal GQA attention with a share of query heads pruned (same heads in every sample)."""
-    q = torch.randn(s.batch, s.heads, s.seq, s.head_dim, generator=gen).to(device, dtype)
-    k = torch.randn(s.batch, s.kv_heads, s.seq, s.head_dim, generator=gen).to(device, dtype)
-    v = torch.randn_like(k)
-    kept = _kept(s.heads, sparsity, gen).to(device)
-    keep = torch.zeros(s.heads, dtype=torch.bool, device=device)
+    q = _randn(s.batch, s.heads, s.seq, s.head_dim, gen=gen, dtype=dtype)
+    k = _randn(s.batch, s.kv_heads, s.seq, s.head_dim, gen=gen, dtype=dtype)
+    v = _randn(s.batch, s.kv_heads, s.seq, s.head_dim, gen=gen, dtype=dtype)
+    kept = _kept(s.heads, sparsity, gen)
+    keep = torch.zeros(s.heads, dtype=torch.bool, device=gen.device)
     keep[kept] = True
-    group = s.heads // s.kv_heads
+    group = s.heads // s.kv_heads  # query heads per KV head
+    # KV repeated per query head beforehand: the layout torch's fastest (flash) SDPA takes,
+    # so dense is the strongest baseline, not one slowed by a GQA fallback
+    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, T, D)
     q_c = q[:, kept].contiguous()  # (B, H_kept, T, D): what a sliced model holds
-    k_c, v_c = k[:, kept // group].contiguous(), v[:, kept // group].contiguous()
+    k_c, v_c = k_rep[:, kept].contiguous(), v_rep[:, kept].contiguous()
     return {
-        "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "dense": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True),
         "reference": lambda: head_sparse_attention(q, k, v, keep, backend="torch"),
         "compacted": lambda: F.scaled_dot_product_attention(q_c, k_c, v_c, is_causal=True),
         "kernel": lambda: head_sparse_attention(q, k, v, keep, backend="triton"),
     }
 
 
-def ffn_up_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, Callable[[], object]]:
+def ffn_up_cases(s: Shape, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> Cases:
     """FFN up projection hidden -> ffn, a share of output channels pruned."""
-    x = torch.randn(s.batch * s.seq, s.hidden, generator=gen).to(device, dtype)
-    w = (torch.randn(s.ffn, s.hidden, generator=gen) / s.hidden**0.5).to(device, dtype)
-    keep = _kept(s.ffn, sparsity, gen).to(device)
+    x = _randn(s.batch * s.seq, s.hidden, gen=gen, dtype=dtype)
+    w = _randn(s.ffn, s.hidden, gen=gen, dtype=dtype, scale=s.hidden**-0.5)
+    keep = _kept(s.ffn, sparsity, gen)
     w_c = w[keep].contiguous()
     return {
         "dense": lambda: F.linear(x, w),
@@ -121,12 +130,12 @@ def ffn_up_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, Cal
     }
 
 
-def ffn_down_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, Callable[[], object]]:
+def ffn_down_cases(s: Shape, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> Cases:
     """FFN down projection ffn -> hidden from the compact activations of the kept channels."""
-    keep = _kept(s.ffn, sparsity, gen).to(device)
-    h_full = torch.randn(s.batch * s.seq, s.ffn, generator=gen).to(device, dtype)
+    keep = _kept(s.ffn, sparsity, gen)
+    h_full = _randn(s.batch * s.seq, s.ffn, gen=gen, dtype=dtype)
     h = h_full[:, keep].contiguous()  # (tokens, kept): what the up projection produced
-    w = (torch.randn(s.hidden, s.ffn, generator=gen) / s.ffn**0.5).to(device, dtype)
+    w = _randn(s.hidden, s.ffn, gen=gen, dtype=dtype, scale=s.ffn**-0.5)
     w_c = w[:, keep].contiguous()
     return {
         "dense": lambda: F.linear(h_full, w),
@@ -136,15 +145,15 @@ def ffn_down_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, C
     }
 
 
-def ffn_up_grouped_cases(s: Shape, sparsity: float, device, dtype, gen) -> dict[str, Callable[[], object]]:
+def ffn_up_grouped_cases(s: Shape, sparsity: float, dtype: torch.dtype, gen: torch.Generator) -> Cases:
     """FFN up projection where each sample was routed to one of 4 masks of equal sparsity."""
-    x = torch.randn(s.batch, s.seq, s.hidden, generator=gen).to(device, dtype)
-    w = (torch.randn(s.ffn, s.hidden, generator=gen) / s.hidden**0.5).to(device, dtype)
+    x = _randn(s.batch, s.seq, s.hidden, gen=gen, dtype=dtype)
+    w = _randn(s.ffn, s.hidden, gen=gen, dtype=dtype, scale=s.hidden**-0.5)
     keeps = [_kept(s.ffn, sparsity, gen) for _ in range(4)]
-    padded = pad_keep_indices(keeps).to(device)
-    group_ids = (torch.arange(s.batch) % 4).to(device)
+    padded = pad_keep_indices(keeps)
+    group_ids = torch.arange(s.batch, device=gen.device) % 4
     # compacted bound: each group's sliced weights applied to its own samples, slices made beforehand
-    slices = [(torch.nonzero(group_ids == g).squeeze(1), w[k.to(device)].contiguous()) for g, k in enumerate(keeps)]
+    slices = [(torch.nonzero(group_ids == g).squeeze(1), w[k].contiguous()) for g, k in enumerate(keeps)]
     return {
         "dense": lambda: F.linear(x, w),
         "reference": lambda: grouped_row_sparse_linear(x, w, None, padded, group_ids, backend="torch"),
@@ -164,11 +173,11 @@ OPS = {
 def run(shape: Shape, device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> list[dict]:
     """Time every op x sparsity x implementation; one row per (op, sparsity)."""
     with_kernel = device.type == "cuda"
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for op, make in OPS.items():
         for sparsity in SPARSITIES:
-            cases = make(shape, sparsity, device, dtype, gen)
+            cases = make(shape, sparsity, dtype, gen)
             if not with_kernel:
                 cases.pop("kernel")
             with torch.no_grad():
@@ -207,6 +216,15 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Write rows to path as CSV, one column per key (empty where not measured)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small shapes (the default without CUDA)")
@@ -236,11 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(shape, device, dtype, warmup, repeats)
     print_table(rows)
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
 
 

@@ -2,9 +2,9 @@
 
 `backend="auto"` runs Triton on CUDA tensors and the torch reference elsewhere;
 `"triton"` forces the kernels (on CPU only under ``TRITON_INTERPRET=1``, which must be
-set before triton is imported: triton reads it when a kernel is decorated) and
-`"torch"` forces the reference. The Triton path is forward-only, so "auto" also falls
-back to torch whenever autograd would need a backward.
+set before the first Triton-backed call: triton reads it when our kernels are decorated,
+on that call's lazy import) and `"torch"` forces the reference. The Triton path is
+forward-only, so "auto" also falls back to torch whenever autograd would need a backward.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> Literal["tri
         )
     if not on_cuda and not interpreter_enabled():
         raise RuntimeError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton "
-            "is imported to run the kernels on the CPU"
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before the first "
+            "Triton-backed call to run the kernels on the CPU"
         )
     return "triton"

@@ -2,7 +2,7 @@
 
 Every function computes only the kept work and gives the same result as the dense op
 with pruned heads/features zeroed. `backend`: "auto" (Triton on CUDA, else torch),
-"triton" (forced; on CPU needs TRITON_INTERPRET=1 before triton is imported), "torch".
+"triton" (forced; on CPU needs TRITON_INTERPRET=1 before the first such call), "torch".
 The Triton path is forward-only; "auto" uses torch when autograd needs a backward.
 
 Attention (q [B,H,T,D], k/v [B,Hkv,T,D], H % Hkv == 0; query head h reads KV head

@@ -39,6 +39,9 @@ def head_sparse_attention(
 ) -> torch.Tensor:
     """SDPA over the kept (batch, head) pairs only; pruned heads output exact zeros."""
     B, H, T, D = q.shape
+    if bool(head_keep.all()):  # nothing pruned: skip the gathers, which copy K/V per query head
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(B, T, H * D) if merge_heads else out
     group = H // k.shape[1]  # query heads per KV head (GQA)
     out = q.new_zeros(B, H, T, D)
     b_idx, h_idx = head_keep.nonzero(as_tuple=True)  # (N,), (N,) kept pairs

@@ -32,7 +32,7 @@ def _skip_unless_triton_runs(device: str) -> None:
     if not triton_available():
         pytest.skip("triton is not installed")
     if device == "cpu" and not interpreter_enabled():
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before the kernels are imported")
 
 
 def _inputs(B, H, Hkv, T, D, dtype, device, seed=0):
@@ -66,11 +66,12 @@ def _dense_masked(q, k, v, keep, causal, scale=None):
 @pytest.mark.parametrize("group", [1, 3, 8])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_reference_equals_dense_sdpa_with_pruned_heads_zeroed(device, group, causal, per_sample):
+@pytest.mark.parametrize("kind", ["none", "half", "all"])
+def test_reference_equals_dense_sdpa_with_pruned_heads_zeroed(device, group, causal, per_sample, kind):
     B, Hkv, T, D = 2, 2, 23, 16
     H = Hkv * group
     q, k, v = _inputs(B, H, Hkv, T, D, torch.float32, device)
-    keep = _head_keep("half", B, H, per_sample).to(device)
+    keep = _head_keep(kind, B, H, per_sample).to(device)
     expected = _dense_masked(q, k, v, keep, causal)
     got = reference.head_sparse_attention(q, k, v, keep.expand(B, H), causal, None)
     torch.testing.assert_close(got, expected, **ORACLE_TOL)

@@ -45,7 +45,7 @@ def _skip_unless_triton_runs(device: str) -> None:
     if not triton_available():
         pytest.skip("triton is not installed")
     if device == "cpu" and not interpreter_enabled():
-        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before triton is imported")
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 before the kernels are imported")
 
 
 def _linear(n_out, n_in, dtype=torch.float32, device="cpu", bias=True, seed=0):
