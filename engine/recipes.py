@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +39,7 @@ from engine.distill import (
     with_bits,
 )
 
-__all__ = ["RECIPES", "Stage", "RecipeResult", "plan_stages", "recovery_student", "run_recipe"]
+__all__ = ["RECIPES", "Stage", "RecipeResult", "RecoveryJob", "plan_stages", "recovery_student", "run_recipe"]
 
 RECIPES = ("fp32", "single", "multi")
 _DONE = "done.json"
@@ -216,3 +217,96 @@ def run_recipe(
         if folder is not None:
             _finish_stage(folder, student, stage, r)
     return result
+
+
+@dataclass
+class RecoveryJob:
+    """Prune by `mask`, distil by `recipe` and measure before / after, in a background thread.
+
+    For front ends that must stay responsive: read `status`, `history` (grows step by step),
+    `before` / `after` (metrics of the teacher, the un-recovered and the recovered student:
+    perplexity under `protocol` for a causal LM, engine.encoder_agreement on held-out prompts
+    for an encoder), `error`; `stop()` ends the run after the current step (with an `out_dir`,
+    at a checkpoint that `resume=True` continues). `student` is the private trained copy.
+    """
+
+    teacher: Any
+    mask: Any
+    recipe: str = "fp32"
+    bits: int | None = 1
+    config: DistillConfig = field(default_factory=DistillConfig)
+    scheme: str | None = None
+    protocol: Any = None  # perplexity protocol (causal LM); None = engine.evaluate's default
+    n_wikitext: int = 64
+    n_prompts: int = 48
+    max_new_tokens: int = 64
+    n_heldout: int = 100
+    out_dir: str | os.PathLike | None = None
+    resume: bool = False
+    status: str = "not started"
+    history: list[StepRecord] = field(default_factory=list)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] | None = None
+    result: RecipeResult | None = None
+    student: Any = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        plan_stages(self.recipe, self.bits, self.config.check().steps, self.scheme)  # refuse bad settings now
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def finished(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Ask the run to stop after the current step."""
+        self._stop.set()
+
+    def _measure(self, model: Any, heldout: list[str]) -> dict[str, Any]:
+        from engine.encoder_agreement import encoder_agreement
+        from engine.evaluate import DEFAULT_PROTOCOL, perplexity
+
+        if self.teacher.is_causal_lm:
+            return perplexity(model, protocol=self.protocol or DEFAULT_PROTOCOL).to_dict()
+        return encoder_agreement(self.teacher, model, heldout).to_dict()
+
+    def run(self) -> None:
+        """The whole job in the calling thread (start() runs it in a background one)."""
+        from engine.distill import distill_data, prompt_split
+        from engine.surgery import prune
+
+        try:
+            self.status = "pruning"
+            self.student = prune(self.teacher, self.mask)
+            self.status = "preparing data (the teacher answers the training prompts once, then it is cached)"
+            data = distill_data(self.teacher, n_wikitext=self.n_wikitext, n_prompts=self.n_prompts,
+                                max_new_tokens=self.max_new_tokens)
+            heldout = prompt_split()[1][: self.n_heldout]
+            self.status = "measuring the teacher and the un-recovered student"
+            self.before = {"teacher": self._measure(self.teacher, heldout),
+                           "student": self._measure(self.student, heldout)}
+            self.status = "distilling"
+            self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
+                                     config=self.config, scheme=self.scheme, out_dir=self.out_dir,
+                                     resume=self.resume, progress=self.history.append,
+                                     should_stop=self._stop.is_set)
+            self.status = "measuring the recovered student"
+            self.after = self._measure(self.student, heldout)
+            self.status = "stopped" if self.result.interrupted else "done"
+        except Exception as e:  # shown by the front end; a background thread must not die silently
+            self.error = f"{type(e).__name__}: {e}"
+            self.status = "failed"
+
+    def start(self) -> "RecoveryJob":
+        """Run the job in a daemon thread; returns self."""
+        if self._thread is not None:
+            raise DistillError("this job was already started")
+        self._thread = threading.Thread(target=self.run, name="headlab-distill", daemon=True)
+        self._thread.start()
+        return self

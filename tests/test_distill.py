@@ -228,3 +228,41 @@ def test_history_reports_the_untrained_student_at_step_zero(llama_handle, data):
     distill(llama_handle, _student(llama_handle), data, _config(steps=2), progress=seen.append)
     assert [r.step for r in seen] == [0, 1, 2]
     assert seen[0].heldout is not None and math.isnan(seen[0].loss)
+
+
+def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecovered(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from ui import keys
+    from ui.models import ModelChoice
+    from ui.session import MaskState
+
+    model_dir = tmp_path / "tiny-llama"
+    h = tiny_handle("llama")
+    h.model.save_pretrained(model_dir)
+    h.tokenizer.save_pretrained(model_dir)
+    monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)
+    at.session_state[keys.MASK] = MaskState(ModelChoice(str(model_dir)).key, _mask(h))
+    at.run()
+    at.switch_page("pages/distill.py").run()
+    assert not at.exception
+    at.number_input(key="distill.steps").set_value(3)
+    at.selectbox(key="distill.recipe").set_value("single")
+    next(b for b in at.button if b.label == "Start").click()
+    at.run()
+    job = at.session_state["distill.job"]
+    deadline = time.time() + 120
+    while not job.finished and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.finished and job.error is None, job.error
+    at.run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["teacher", "student, no recovery", "student, after 1-bit single-stage"]
+    assert (table["perplexity"] > 1).all()
+    assert job.result.steps_run == 3

@@ -1,0 +1,104 @@
+"""Distill: recover a pruned student from the dense teacher (optionally as a 1-/2-bit student) and watch it live."""
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine.distill import MODES, DistillConfig
+from engine.prefix_cache import live_protocol
+from engine.quantize import export_student
+from engine.recipes import RECIPES, RecoveryJob
+from engine.size_target import target_params, width_mask
+from ui import session
+from ui.errors import user_errors
+
+JOB = "distill.job"  # this session's engine.recipes.RecoveryJob
+RECIPE_LABELS = {"fp32": "Full precision", "single": "Single-stage (quantise at step 0, one KD run)",
+                 "multi": "Multi-stage (FP32 KD, then 2-bit, then 1-bit)"}
+
+st.title("Distill")
+st.caption("The student is a physically smaller copy of the model; the dense model is the teacher (never changed). "
+           "Loss: KL between next-token distributions at temperature 2 (sentence embeddings for an encoder).")
+with user_errors():
+    handle = session.handle()
+mask = session.mask()
+
+c1, c2, c3 = st.columns([1.3, 1.3, 1])
+source = c1.radio("Student", ["the session's mask", "uniform width, by size"], key="distill.source")
+keep = c1.slider("Keep this fraction of the parameters", 0.3, 0.95, 0.7, 0.05, key="distill.keep",
+                 disabled=source != "uniform width, by size",
+                 help="The same heads per KV group and FFN channels removed in every layer, by the gradient criterion.")
+recipe = c2.selectbox("Recipe", RECIPES, format_func=RECIPE_LABELS.get, key="distill.recipe")
+bits = c2.radio("Target bits", [1, 2], horizontal=True, key="distill.bits", disabled=recipe == "fp32",
+                help="1 bit: sign x per-row scale; 2 bits: ternary. Q/K/V/O and FFN weights; embeddings stay.")
+mode = c2.radio("Train", MODES, horizontal=True, key="distill.mode",
+                format_func={"full": "all weights", "lora": "LoRA adapters"}.get)
+steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key="distill.steps"))
+lr = c3.select_slider("Learning rate", [3e-5, 1e-4, 2e-4, 5e-4, 1e-3], 2e-4, key="distill.lr")
+
+job: RecoveryJob | None = st.session_state.get(JOB)
+running = job is not None and job.running
+b1, b2, _ = st.columns([1, 1, 4])
+if b1.button("Start", type="primary", disabled=running):
+    with user_errors():
+        student_mask = mask
+        if source == "uniform width, by size":
+            gradient = session.scores()["gradient"]
+            student_mask, _ = width_mask(handle, target_params(handle, keep), gradient.heads, gradient.ffn)
+        elif mask == mask.dense(handle.geometry):
+            st.warning("The session's mask prunes nothing: the student is a full-size copy.")
+        config = DistillConfig(steps=steps, lr=lr, mode=mode, eval_every=max(1, steps // 10), patience=0,
+                               warmup=max(1, steps // 10))
+        job = RecoveryJob(handle, student_mask, recipe, bits, config, protocol=live_protocol(handle)).start()
+        st.session_state[JOB] = job
+        running = True
+if b2.button("Stop", disabled=not running):
+    job.stop()
+if job is None:
+    st.info("Choose a student and a recipe, then Start. Each step runs the teacher and the student on a batch "
+            "of 4 texts x 128 tokens: seconds per step for the default model on a CPU.")
+    st.stop()
+
+
+def _history_figure(history) -> go.Figure:
+    train = [r for r in history if r.loss == r.loss]  # a stage's step 0 has no loss (NaN)
+    held = [r for r in history if r.heldout is not None]
+    fig = go.Figure()
+    fig.add_scatter(x=[r.step for r in train], y=[r.loss for r in train], name="training loss", mode="lines")
+    fig.add_scatter(x=[r.step for r in held], y=[r.heldout for r in held], name="held-out gap to the teacher",
+                    mode="lines+markers")
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), xaxis_title="step", yaxis_type="log",
+                      legend=dict(orientation="h", y=1.1))
+    return fig
+
+
+def _metric_rows(job: RecoveryJob) -> list[dict]:
+    rows = [("teacher", job.before.get("teacher")), ("student, no recovery", job.before.get("student")),
+            (f"student, after {job.result.label if job.result else 'distillation'}", job.after)]
+    return [{"model": name, **{k: v for k, v in m.items() if k in ("perplexity", "spearman", "nn_agreement",
+                                                                   "mean_cosine", "n_tokens", "n_texts")}}
+            for name, m in rows if m]
+
+
+@st.fragment(run_every=1.0 if running else None)
+def live_panel() -> None:
+    done = job.history[-1].step if job.history else 0
+    st.progress(min(done / steps, 1.0) if steps else 0.0, text=f"{job.status}: step {done}/{steps}")
+    if job.error:
+        st.error(f"The distillation failed: {job.error}")
+    if job.history:
+        st.plotly_chart(_history_figure(job.history), config={"displayModeBar": False}, key="distill.chart")
+    if job.before:
+        st.dataframe(_metric_rows(job), hide_index=True)
+        if handle.is_causal_lm:
+            st.caption(f"Perplexity on the live protocol: {live_protocol(handle).describe(handle.name)}")
+    if running and job.finished:
+        st.rerun()  # finished while polling: one full run redraws the page without the timer
+
+
+live_panel()
+if job.finished and job.student is not None and job.after is not None:
+    folder = st.text_input("Write the student to", "runs/distilled-student", key="distill.folder")
+    if st.button("Export"):
+        with user_errors():
+            path = export_student(job.student, folder, manifest={"recipe": job.recipe, "after": job.after})
+        st.success(f"Wrote {path} (plain transformers loads a uniform student; int8 codes + scales for 1-/2-bit).")
