@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine import gates
 from engine.datasets import read_wikitext, wikitext_sha256
 from engine.masks import PruneMask
+from engine.sparse_forward import sparse_logits, supports_sparse
 from engine.tokens import EmptyTextError, context_length
 
 __all__ = [
@@ -112,19 +113,30 @@ def perplexity(
     *,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    use_kernels: bool | None = None,
 ) -> PerplexityResult:
-    """Perplexity of the model (under `mask` when given) with the pinned protocol."""
+    """Perplexity of the model (under `mask` when given) with the pinned protocol.
+
+    `use_kernels`: run a hard mask through the masked kernels (engine.sparse_forward: Triton on
+    CUDA, the exact torch twins elsewhere), skipping pruned work. None picks it whenever the
+    mask is hard and the family has that path; otherwise the gates' hook path runs.
+    """
     if not handle.is_causal_lm:
         raise ValueError(
             f"perplexity needs a causal language model; {handle.name} is an encoder without an LM head"
         )
     windows, score_from = eval_windows(handle, protocol)
+    if use_kernels is None:
+        use_kernels = mask is not None and mask.is_hard and supports_sparse(handle)
     total, count = 0.0, 0
     n = windows.shape[0]
-    with gates.apply(handle, mask):
+    with gates.apply(handle, None if use_kernels else mask):
         for i in range(0, n, batch_size):
             ids = windows[i : i + batch_size].to(handle.device)
-            logits = handle.model(input_ids=ids).logits
+            if use_kernels:
+                logits = sparse_logits(handle, ids, mask if mask is not None else PruneMask.dense(handle.geometry))
+            else:
+                logits = handle.model(input_ids=ids).logits
             s, c = window_nll(logits, ids, score_from[i : i + batch_size])
             total, count = total + float(s), count + c
             if progress:
