@@ -101,7 +101,7 @@ def _why_not_uniform(handle: Any, sp: SurgeryPlan, mask: PruneMask) -> str:
         return f"a {adapter.family} config cannot state fewer heads than hidden / head_dim"
     for name, proj in (("attn_bias", adapter.head_output_proj), ("ffn_bias", adapter.ffn_output_proj)):
         bias = getattr(mask, name, None)
-        if bias is not None and bias.any() and any(proj(lp.source).bias is None for lp in sp.layers):
+        if bias is not None and any(bias[lp.source].any() and proj(lp.source).bias is None for lp in sp.layers):
             return f"the mask's compensation {name} adds a bias the {adapter.family} config has no switch for"
     return ""
 
@@ -244,6 +244,7 @@ def export(
     pv = preview(handle, mask, layout)
     stage("slicing the model")
     pruned = prune(handle, mask)
+    assert pv.layout == "per_layer" or pruned.meta["standard_config"], "preview and surgery disagree on the layout"
     params_after = sum(p.numel() for p in pruned.model.parameters())
     c = cost(handle, mask)
     assert params_after == c.params_kept, f"surgery kept {params_after:,} parameters, cost says {c.params_kept:,}"
