@@ -10,6 +10,9 @@ Where the gates act (the same places for every family, found by the adapter):
 - a sub-block: a delta sub-block (pre-LN) has its output multiplied by the gate; a
   residual-inclusive one (post-LN BERT) becomes residual + gate * (output - residual).
 
+Compensation biases (PruneMask.attn_bias / ffn_bias, FLAP) are added to the O-projection's /
+down-projection's output, inside the sub-block, so a removed sub-block removes its bias too.
+
 Gates may be soft and require grad (training masks), and may be per sample: pass a list of
 masks, one per row of the batch. Hooks fire only in the thread that opened the context, so
 concurrent callers (browser sessions) sharing one model never see each other's masks, and
@@ -41,6 +44,8 @@ class StackedGates:
     attn: torch.Tensor  # [L] or [B, L]
     ffn_block: torch.Tensor  # [L] or [B, L]
     per_sample: bool
+    attn_bias: torch.Tensor | None = None  # [L, d] or [B, L, d]
+    ffn_bias: torch.Tensor | None = None  # [L, d] or [B, L, d]
 
 
 def adapter_of(target: Any) -> Adapter:
@@ -58,7 +63,8 @@ def stack_masks(masks: PruneMask | Sequence[PruneMask], adapter: Adapter) -> Sta
     g = adapter.geometry
     if isinstance(masks, PruneMask):
         m = masks.check(g)
-        return StackedGates(m.heads, m.ffn, m.attn, m.ffn_block, per_sample=False)
+        return StackedGates(m.heads, m.ffn, m.attn, m.ffn_block, per_sample=False,
+                            attn_bias=m.attn_bias, ffn_bias=m.ffn_bias)
     masks = list(masks)
     if not masks:
         raise ValueError("an empty list of masks: pass one mask per batch row")
@@ -70,7 +76,16 @@ def stack_masks(masks: PruneMask | Sequence[PruneMask], adapter: Adapter) -> Sta
         attn=torch.stack([m.attn for m in masks]),
         ffn_block=torch.stack([m.ffn_block for m in masks]),
         per_sample=True,
+        attn_bias=_stack_bias([m.attn_bias for m in masks], g),
+        ffn_bias=_stack_bias([m.ffn_bias for m in masks], g),
     )
+
+
+def _stack_bias(biases: list[torch.Tensor | None], g) -> torch.Tensor | None:
+    """[B, L, d] with zeros for masks without a bias; None when no mask has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.stack([torch.zeros(g.n_layers, g.hidden) if b is None else b for b in biases])
 
 
 def _is_ones(t: torch.Tensor) -> bool:
@@ -108,6 +123,19 @@ def _channel_pre_hook(gate: torch.Tensor, per_sample: bool):
     return hook
 
 
+def _bias_post_hook(bias: torch.Tensor, per_sample: bool):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        _check_batch(output, bias, per_sample)  # output: (B, T, d)
+        b = bias.to(device=output.device, dtype=output.dtype).view(output.shape[0] if per_sample else 1, 1, -1)
+        return output + b
+
+    return hook
+
+
+def _is_zero(t: torch.Tensor) -> bool:
+    return not t.requires_grad and not bool(t.any())
+
+
 def _subblock_hook(gate: torch.Tensor, per_sample: bool, residual_inclusive: bool, residual_input):
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output  # (B, T, d)
@@ -141,6 +169,12 @@ def apply(target: Any, mask: PruneMask | Sequence[PruneMask] | None) -> Iterator
             ffn = _layer_slice(gates.ffn, layer, per)
             if not _is_ones(ffn):
                 hooks.pre(adapter.ffn_output_proj(layer), _channel_pre_hook(ffn, per))
+            for bias, proj in ((gates.attn_bias, adapter.head_output_proj), (gates.ffn_bias, adapter.ffn_output_proj)):
+                if bias is None:
+                    continue
+                b = _layer_slice(bias, layer, per)
+                if not _is_zero(b):
+                    hooks.post(proj(layer), _bias_post_hook(b, per))
             for kind, t in (("attn", gates.attn), ("ffn", gates.ffn_block)):
                 block_gate = _layer_slice(t, layer, per)
                 if _is_ones(block_gate):

@@ -6,6 +6,11 @@ Values are gates in [0, 1]: 1 keeps a unit, 0 prunes it, values between are soft
   ffn   [L, F]   one gate per FFN channel (applied to the down-projection's input)
   attn  [L]      the whole ATTN sub-block of each layer
   ffn_block [L]  the whole FFN sub-block of each layer
+Optional compensation biases (FLAP, An et al. AAAI 2024), None unless a strategy set them:
+  attn_bias [L, hidden]  added to the O-projection's output (the pruned heads' mean contribution)
+  ffn_bias  [L, hidden]  added to the down-projection's output (the pruned channels' mean contribution)
+They live inside their sub-block: a removed sub-block removes its bias too. Editing gates by
+hand keeps the biases as they are; engine.compensation recomputes them for the new gates.
 A mask is immutable in spirit: editing methods return a new mask.
 """
 
@@ -41,6 +46,8 @@ class PruneMask:
     attn: torch.Tensor
     ffn_block: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    attn_bias: torch.Tensor | None = None
+    ffn_bias: torch.Tensor | None = None
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -63,9 +70,16 @@ class PruneMask:
         return m
 
     def clone(self) -> "PruneMask":
+        bias = lambda b: None if b is None else b.clone()  # noqa: E731
         return PruneMask(
-            self.heads.clone(), self.ffn.clone(), self.attn.clone(), self.ffn_block.clone(), dict(self.meta)
+            self.heads.clone(), self.ffn.clone(), self.attn.clone(), self.ffn_block.clone(), dict(self.meta),
+            attn_bias=bias(self.attn_bias), ffn_bias=bias(self.ffn_bias),
         )
+
+    @property
+    def has_bias(self) -> bool:
+        """The mask carries compensation biases."""
+        return self.attn_bias is not None or self.ffn_bias is not None
 
     # --- checks ------------------------------------------------------------------------
     def check(self, g: Geometry) -> "PruneMask":
@@ -85,6 +99,17 @@ class PruneMask:
                 )
             if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
                 raise MaskError(f"mask.{name} must hold gates in [0, 1] (found values outside, or NaN)")
+        for name in ("attn_bias", "ffn_bias"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if tuple(t.shape) != (g.n_layers, g.hidden):
+                raise MaskError(
+                    f"mask.{name} has shape {tuple(t.shape)} but this model needs {(g.n_layers, g.hidden)} "
+                    f"({g.n_layers} layers, hidden size {g.hidden})"
+                )
+            if not torch.isfinite(t).all():
+                raise MaskError(f"mask.{name} holds NaN or inf")
         if self.attn.max() == 0 and self.ffn_block.max() == 0:
             raise MaskError("this mask prunes every sub-block of every layer: nothing would be left to run")
         if self.heads_effective().sum() == 0 and self.ffn_effective().sum() == 0:
@@ -153,13 +178,15 @@ class PruneMask:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PruneMask):
             return NotImplemented
-        return all(
-            torch.equal(getattr(self, n), getattr(other, n)) for n in ("heads", "ffn", "attn", "ffn_block")
-        )
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            return a is b if a is None or b is None else torch.equal(a, b)
+
+        return all(same(getattr(self, n), getattr(other, n))
+                   for n in ("heads", "ffn", "attn", "ffn_block", "attn_bias", "ffn_bias"))
 
     # --- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": "headlab.prune_mask",
             "version": MASK_FORMAT_VERSION,
             "heads": self.heads.tolist(),
@@ -168,6 +195,11 @@ class PruneMask:
             "ffn_block": self.ffn_block.tolist(),
             "meta": self.meta,
         }
+        # Written only when present, so masks without compensation keep the original format.
+        for name in ("attn_bias", "ffn_bias"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name).tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PruneMask":
@@ -180,6 +212,8 @@ class PruneMask:
                 attn=_as_float(d["attn"]),
                 ffn_block=_as_float(d["ffn_block"]),
                 meta=dict(d.get("meta", {})),
+                attn_bias=_as_float(d["attn_bias"]) if d.get("attn_bias") is not None else None,
+                ffn_bias=_as_float(d["ffn_bias"]) if d.get("ffn_bias") is not None else None,
             )
         except KeyError as e:
             raise MaskError(f"mask file is missing the field {e.args[0]!r}") from None

@@ -1,0 +1,236 @@
+"""Pruning strategies: replay, ablation, iterative schedules, the optimised mask, suggest_mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import gates
+from engine.masks import PruneMask
+from engine.objective import token_logits
+from engine.select import BudgetError
+from engine.strategies import (
+    Budget,
+    Calibration,
+    UnknownStrategyError,
+    get_strategy,
+    strategy_names,
+    suggest_mask,
+)
+from engine.strategies.ablation import ablation_kl, head_removal_mask
+from engine.strategies.hardconcrete import prior_log_alpha
+from engine.strategies.iterative import schedule
+from engine.strategies.replay import LayerReplay
+from engine.strategies.suggest import predicted_perplexity
+from engine.strategies.taylor import gate_gradients
+from engine.tokens import encode_batch
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog again and again.",
+    "Pruning attention heads keeps most of the model.",
+    "a b c d e f g h i j k l m n o p q r s t",
+    "Numbers: 1 2 3 4 5 6 7 8 9 10 11 12 13 14",
+    "She sells sea shells by the sea shore, they say.",
+]
+
+
+def calib() -> Calibration:
+    return Calibration(list(TEXTS), max_length=48, batch_size=2)
+
+
+def full_kl(handle, mask, texts=TEXTS[:4]) -> float:
+    """KL(dense || masked) averaged over predicting positions, by two full forwards."""
+    ids, am = encode_batch(handle.tokenizer, texts, 48)
+    with torch.no_grad():
+        dense = F.log_softmax(token_logits(handle, ids, am).float(), -1)
+        with gates.apply(handle, mask):
+            masked = F.log_softmax(token_logits(handle, ids, am).float(), -1)
+    valid = am.bool()
+    if handle.geometry.causal:
+        valid = valid & am.roll(-1, 1).bool()
+        valid[:, -1] = False
+    kl = (dense.exp() * (dense - masked)).sum(-1)
+    return float(kl[valid].mean())
+
+
+def test_replay_from_a_layer_equals_a_full_forward(handle):
+    g = handle.geometry
+    replay = LayerReplay(handle, TEXTS[:4], max_length=48, batch_size=2)
+    assert replay.base_kl == pytest.approx(0.0, abs=1e-6)
+    mask = PruneMask.dense(g).with_head(g.n_layers - 1, 1, 0.0)
+    assert replay.kl(mask, g.n_layers - 1) == pytest.approx(full_kl(handle, mask), rel=1e-4, abs=1e-7)
+    assert replay.kl(mask, g.n_layers - 1) > 0
+
+
+def test_ablation_kl_of_each_head_matches_removing_it_by_full_forward(llama_handle):
+    g = llama_handle.geometry
+    delta, kept = ablation_kl(llama_handle, TEXTS[:4], max_length=48, batch_size=2)
+    assert kept.all() and delta.shape == (g.n_layers, g.n_heads)
+    for layer, head in [(0, 0), (1, 3)]:
+        expected = full_kl(llama_handle, PruneMask.dense(g).with_head(layer, head, 0.0))
+        assert delta[layer, head] == pytest.approx(expected, rel=1e-4)
+
+
+def test_mean_ablation_of_a_constant_output_head_costs_nothing():
+    from tests.test_compensation import constant_kv_group
+    from tests.tiny import tiny_handle
+    from engine.capture import capture
+
+    handle = tiny_handle("qwen2")
+    heads = constant_kv_group(handle, layer=0, kv=0)
+    stats = capture(handle, TEXTS, gradients=False, max_length=48)
+    delta, _ = ablation_kl(handle, TEXTS[:4], means=stats.head_in_mean, max_length=48, batch_size=2)
+    zero, _ = ablation_kl(handle, TEXTS[:4], means=None, max_length=48, batch_size=2)
+    assert delta[0, heads].abs().max() < 1e-6
+    assert zero[0, heads].min() > 1e-5
+
+
+def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
+    from engine.compensation import attention_bias
+
+    g = llama_handle.geometry
+    means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
+    base = PruneMask.dense(g).with_head(0, 2, 0.0)
+    base.attn_bias = attention_bias(llama_handle.adapter, base.heads, means)
+    m = head_removal_mask(llama_handle.adapter, base, 1, [0, 3], means)
+    assert torch.allclose(m.attn_bias, attention_bias(llama_handle.adapter, m.heads, means), atol=1e-6)
+
+
+def test_schedule_splits_the_budget_into_steps_that_add_up():
+    parts = schedule(54, 4)
+    assert sum(parts) == 54 and max(parts) - min(parts) <= 1
+    assert schedule(5, 1) == [5]
+    assert sum(schedule(7, 3)) == 7
+    with pytest.raises(ValueError):
+        schedule(3, 0)
+
+
+@pytest.mark.parametrize("iterative, one_shot", [("gradient-iterative", "gradient"),
+                                                 ("gradient-iterative+comp", "gradient+comp"),
+                                                 ("ablation-iterative", "ablation"),
+                                                 ("ablation-iterative+comp", "ablation+comp")])
+def test_iterative_pruning_with_one_step_equals_one_shot(llama_handle, iterative, one_shot):
+    c = calib()
+    budget = Budget(heads=3)
+    a = get_strategy(iterative, steps=1)(llama_handle, budget, c)
+    b = get_strategy(one_shot)(llama_handle, budget, c)
+    assert torch.equal(a.heads, b.heads)
+    assert (a.attn_bias is None) == (b.attn_bias is None)
+    if a.attn_bias is not None:
+        assert torch.allclose(a.attn_bias, b.attn_bias)
+
+
+def test_iterative_pruning_removes_exactly_the_budget_in_several_steps(handle):
+    c = calib()
+    for name in ("gradient-iterative", "ablation-iterative+comp"):
+        m = get_strategy(name, steps=3)(handle, Budget(heads=3, ffn=10), c)
+        s = m.summary()
+        assert s["heads_pruned"] == 3 and s["ffn_channels_pruned"] == 10, name
+
+
+def test_gate_gradients_of_the_dense_model_equal_the_capture_gradients(llama_handle):
+    c = calib()
+    stats = c.stats(llama_handle)
+    heads, ffn = gate_gradients(llama_handle, c.texts, None, batch_size=c.batch_size, max_length=c.max_length)
+    assert torch.allclose(heads, stats.head_grad, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(ffn, stats.ffn_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("heads, ffn", [(5, 0), (0.25, 0.1), (1, 7)])
+def test_optimised_mask_meets_its_budget_exactly(llama_handle, heads, ffn):
+    g = llama_handle.geometry
+    budget = Budget(heads=heads, ffn=ffn)
+    want_h, want_f = budget.counts(g)
+    for comp in (False, True):
+        m = get_strategy("hardconcrete", steps=6, prior=None, compensate=comp)(llama_handle, budget, calib())
+        s = m.summary()
+        assert m.is_hard
+        assert s["heads_pruned"] == want_h and s["ffn_channels_pruned"] == want_f
+        assert (m.attn_bias is not None) == comp
+
+
+def test_optimised_mask_training_changes_log_alpha_towards_the_budget(llama_handle):
+    logs = []
+    get_strategy("hardconcrete", steps=8, prior="gradient", log=lambda *a: logs.append(a))(
+        llama_handle, Budget(heads=4), calib())
+    assert len(logs) == 8 and all(torch.isfinite(torch.tensor(l[2])) for l in logs)
+
+
+def test_prior_log_alpha_orders_units_like_the_prior():
+    prior = torch.tensor([0.3, 0.1, 0.9, 0.5])
+    la = prior_log_alpha(prior, base=1.0, spread=2.0)
+    assert torch.equal(torch.argsort(la), torch.argsort(prior))
+    assert la.mean() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_every_strategy_returns_a_valid_mask_with_the_requested_counts(handle):
+    c = calib()
+    g = handle.geometry
+    for name in strategy_names(with_comp=True):
+        kwargs = {"steps": 2} if "iterative" in name or "hardconcrete" in name else {}
+        m = get_strategy(name, **kwargs)(handle, Budget(heads=2, ffn=5), c)
+        m.check(g)
+        s = m.summary()
+        assert s["heads_pruned"] == 2 and s["ffn_channels_pruned"] == 5, name
+        assert (m.attn_bias is not None) == (name.endswith("+comp") or name == "flap"), name
+        assert m.meta["method"] == name, name
+
+
+def test_flap_cuts_standardised_scores_so_every_layer_keeps_a_share():
+    from tests.tiny import tiny_handle
+
+    handle = tiny_handle("qwen2")
+    m = get_strategy("flap")(handle, Budget(heads=0.5), calib())
+    per_layer = (m.heads == 0).sum(dim=1)
+    assert per_layer.sum() == 6 and per_layer.min() >= 1
+
+
+def test_unknown_method_names_the_known_ones():
+    with pytest.raises(UnknownStrategyError, match="ablation-iterative"):
+        get_strategy("entropyy")
+    with pytest.raises(UnknownStrategyError, match="always compensates"):
+        get_strategy("flap+comp")
+
+
+def test_budget_beyond_the_model_is_refused_before_any_work(llama_handle):
+    with pytest.raises(BudgetError):
+        suggest_mask(llama_handle, 1.5)
+    with pytest.raises(BudgetError):
+        get_strategy("gradient")(llama_handle, Budget(heads=100), calib())
+
+
+def test_calibration_shares_one_capture_between_strategies(llama_handle):
+    c = calib()
+    get_strategy("gradient")(llama_handle, Budget(heads=2), c)
+    first = c.stats(llama_handle)
+    get_strategy("flap")(llama_handle, Budget(heads=2), c)
+    assert c.stats(llama_handle) is first
+
+
+def test_suggest_mask_reports_prediction_and_measurement(llama_handle):
+    from engine.evaluate import PerplexityProtocol
+
+    c = calib()
+    protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
+    mask, info = suggest_mask(llama_handle, 0.25, calib=c, protocol=protocol)
+    assert mask.summary()["heads_pruned"] == 2 and mask.has_bias
+    assert info.method == "ablation+comp" and info.predicted_perplexity is not None
+    assert info.measured_perplexity > 0 and info.dense_perplexity > 0
+    assert "window 32" in info.protocol
+    assert mask.meta["suggestion"]["method"] == "ablation+comp"
+
+
+def test_suggest_mask_on_an_encoder_skips_perplexity(handle):
+    mask, info = suggest_mask(handle, 2, calib=calib(), method="gradient")
+    assert mask.summary()["heads_pruned"] == 2
+    if not handle.is_causal_lm:
+        assert info.measured_perplexity is None and info.predicted_perplexity is None
+
+
+def test_predicted_perplexity_adds_the_removed_heads_kl(llama_handle):
+    g = llama_handle.geometry
+    kl = torch.zeros(g.n_layers, g.n_heads)
+    kl[0, 1], kl[1, 2] = 0.1, 0.2
+    m = PruneMask.dense(g).with_head(0, 1, 0.0).with_head(1, 2, 0.0)
+    assert predicted_perplexity(10.0, kl, m) == pytest.approx(10.0 * torch.exp(torch.tensor(0.3)).item(), rel=1e-5)
