@@ -34,13 +34,13 @@ def silhouettes(per_source: int) -> dict[int, float]:
 
 def masks_figure(router: Router) -> go.Figure:
     """Layers (rows) x {ATTN, FFN} of every cluster's mask and the static one, side by side."""
-    named = [(f"cluster {c}", m) for c, m in enumerate(router.masks)] + [("static", router.static_mask)]
-    cols = [f"{n}<br>{kind}" for n, _ in named for kind in ("ATTN", "FFN")]
+    named = [(f"C{c}", m) for c, m in enumerate(router.masks)] + [("static", router.static_mask)]
+    cols = [[n for n, _ in named for _ in (0, 1)], ["A", "F"] * len(named)]  # a two-level axis: mask, then ATTN/FFN
     z = np.stack([t.float().numpy() for _, m in named for t in (m.attn, m.ffn_block)], axis=1)  # (L, 2 * masks)
     fig = go.Figure(go.Heatmap(z=z, x=cols, zmin=0, zmax=1, colorscale=[[0, PRUNED], [1, KEPT]], showscale=False,
                                xgap=2, ygap=1, hovertemplate="%{x}, layer %{y}: %{z:.0f}<extra></extra>"))
-    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=2)
-    fig.update_layout(title="Sub-blocks kept (blue) and removed (red) per mask", height=520,
+    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if z.shape[0] <= 12 else 2)
+    fig.update_layout(title="Masks: blue kept, red removed", height=560,
                       margin=dict(l=50, r=10, t=40, b=10))
     return fig
 
@@ -55,11 +55,12 @@ def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
                                   name="target", line=dict(dash="dash"))])
     curve.update_layout(height=260, margin=dict(l=50, r=50, t=10, b=40), legend=dict(orientation="h", y=-0.25),
                         yaxis=dict(title="loss"), yaxis2=dict(title="sparsity", overlaying="y", side="right"))
-    probs = np.array([np.asarray(h.keep_probability["blocks"]).T.ravel() for h in history]).T  # (2L, steps)
-    L = probs.shape[0] // 2
-    gates = go.Figure(go.Heatmap(z=probs, x=steps, y=[f"ATTN {l}" for l in range(L)] + [f"FFN {l}" for l in range(L)],
-                                 zmin=0, zmax=1, colorscale="Viridis", colorbar=dict(title="P(kept)")))
+    probs = np.array([np.asarray(h.keep_probability["blocks"]).ravel() for h in history]).T  # (2L, steps): A0 F0 A1..
+    names = [f"{kind} {l}" for l in range(probs.shape[0] // 2) for kind in ("ATTN", "FFN")]
+    gates = go.Figure(go.Heatmap(z=probs, x=steps, y=names, zmin=0, zmax=1, colorscale="Viridis",
+                                 colorbar=dict(title="P(kept)")))
     gates.update_layout(height=420, margin=dict(l=70, r=10, t=10, b=40), xaxis_title="step")
+    gates.update_yaxes(autorange="reversed")
     return curve, gates
 
 
