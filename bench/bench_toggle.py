@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     mask = PruneMask.dense(g)
     rows = []
-    print(f"\n{'toggle':>6} {'layer':>5} {'head':>4} {'prefix s':>9} {'full s':>8} {'ratio':>6} {'ppl':>10} {'|diff|':>8}")
+    header = ("toggle", "layer", "head", "prefix s", "full s", "ratio", "ppl", "|diff|")
+    print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(header, (6, 5, 4, 9, 8, 6, 10, 8))))
     for i in range(args.toggles):
         layer, head = rng.randrange(g.n_layers), rng.randrange(g.n_heads)
         mask = mask.toggle_head(layer, head)

@@ -15,9 +15,9 @@ with user_errors():
     handle = session.handle()
     mask = session.mask()
 g = handle.geometry
-for key, value in ((keys.W_ATTN_PROMPT, DEFAULT_PROMPT), (keys.W_ATTN_LAYER, 0), (keys.W_ATTN_HEAD, "all"),
-                   (keys.W_ATTN_VIEW, "both"), (keys.W_ATTN_BINS, 64), (keys.W_ATTN_REDUCE, "mass"),
-                   (keys.W_ATTN_POWER, 0.5)):
+for key, value in ((keys.W_ATTN_PROMPT, DEFAULT_PROMPT), (keys.W_ATTN_LAYER, g.n_layers // 2),
+                   (keys.W_ATTN_HEAD, "all"), (keys.W_ATTN_VIEW, "both"), (keys.W_ATTN_BINS, 64),
+                   (keys.W_ATTN_REDUCE, "mass"), (keys.W_ATTN_POWER, 0.5)):
     session.widget_default(key, value)
 st.session_state[keys.W_ATTN_LAYER] = min(int(st.session_state[keys.W_ATTN_LAYER]), g.n_layers - 1)
 

@@ -17,18 +17,24 @@ with user_errors():
 groups = f"; white lines separate the {g.n_kv_heads} groups of {g.group_size} heads sharing keys and values" \
     if g.group_size > 1 else ""
 st.caption(f"{handle.name}: {g.n_layers} layers x {g.n_heads} heads{groups}. Scores from "
-           f"{session.calibration().describe()}. Darker = less useful. **Click a head to switch it off (x) or on.**")
+           f"{session.calibration().describe()}. **Click a head to switch it off (x) or on.**")
 if live:
     widgets.perplexity_metrics(*live)
 else:
     st.info("This model is an encoder (no LM head): no perplexity to watch, but scores, maps and masks all work.")
 
+session.widget_default(keys.W_HEADS_COLOUR, "rank")
+colour = st.radio("Colour by", ["rank", "value"], horizontal=True, key=keys.W_HEADS_COLOUR,
+                  format_func={"rank": "rank (darkest = least useful)", "value": "the criterion's value"}.get)
 pruned = (mask.heads_effective() == 0).numpy()
 for column, name in zip(st.columns(len(HEAD_CRITERIA)), HEAD_CRITERIA):
     s = scores[name]
-    fig = figures.head_heatmap(tables.display_statistic(s).numpy(), title=name, group_size=g.group_size,
-                               colorbar_title=tables.STATISTIC_LABELS[name], pruned=pruned,
-                               hover=tables.head_hover(s, g, mask), reverse=name == "entropy")
+    common = dict(title=name, group_size=g.group_size, pruned=pruned, hover=tables.head_hover(s, g, mask))
+    if colour == "rank":
+        fig = figures.rank_heatmap(s.heads.numpy(), **common)
+    else:
+        fig = figures.head_heatmap(tables.display_statistic(s).numpy(), colorbar_title=tables.STATISTIC_LABELS[name],
+                                   reverse=name == "entropy", **common)
     with column:
         widgets.clickable_head_grid(fig, key=f"heads.grid.{name}")
 with st.expander("Switch a head by number"):

@@ -74,14 +74,17 @@ with right:
     with user_errors():
         dense, current = session.live_perplexity(None), session.live_perplexity(mask)
     widgets.perplexity_metrics(dense, current)
-    if st.button("Full evaluation (12 windows x 512 tokens)"):
+    full = {label: compute.known_full_perplexity(model_key, m) for label, m in (("dense", None), ("with mask", mask))}
+    if None in full.values() and st.button("Full evaluation (12 windows x 512 tokens)"):
         bar = st.progress(0.0, text="Full evaluation")
         with user_errors():
             for label, m in (("dense", None), ("with mask", mask)):
-                r = compute.full_perplexity(handle, model_key, m, lambda d, t, lb=label: bar.progress(
+                full[label] = compute.full_perplexity(handle, model_key, m, lambda d, t, lb=label: bar.progress(
                     d / t, text=f"Full evaluation, {lb}: {d}/{t} windows"))
-                st.write(f"**{label}**: {r.describe()}")
         bar.empty()
+    for label, r in full.items():
+        if r is not None:
+            st.caption(f"Full evaluation, {label}: {r.describe()}")
 
     st.markdown("**Generation** (greedy)")
     p1, p2 = st.columns([4, 1])
@@ -115,7 +118,8 @@ else:
             st.progress(job.done / max(job.total, 1), text=f"Computing curves: {job.done}/{job.total} points")
         elif polling:
             st.rerun()  # finished while polling: one full run redraws the page without the timer
-        st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNITS[unit]),
-                        config={"displayModeBar": False}, key="prune.curve")
+        if any(job.points.values()):
+            st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNITS[unit]),
+                            config={"displayModeBar": False}, key="prune.curve")
 
     curve_panel()

@@ -163,3 +163,11 @@ def test_shared_cache_computes_a_value_once_for_concurrent_callers_and_bounds_it
     cache.get_or_compute("a", lambda: 1)
     cache.get_or_compute("b", lambda: 2)
     assert cache.get("k") is None and cache.get("b") == 2
+
+
+def test_curve_figure_keeps_its_log_axis_on_the_data_and_draws_dense_as_a_line():
+    fig = figures.curve_figure({"gradient": [(0.0, 27.7), (0.5, 60.0)], "random": [(0.0, 27.7), (0.5, 400.0)]}, 27.7)
+    assert fig.layout.yaxis.type == "log"
+    assert not fig.layout.annotations and not fig.layout.shapes  # nothing placed in log10 units
+    dense = next(t for t in fig.data if t.name.startswith("dense"))
+    assert list(dense.y) == [27.7, 27.7] and list(dense.x) == [0.0, 0.5]

@@ -224,3 +224,11 @@ def test_model_weights_are_never_changed_by_the_app(tiny_llama):
     at.slider(key=keys.W_PRUNE_BUDGET).set_value(0.5).run()
     at.switch_page("pages/attention.py").run()
     assert all(torch.equal(before[k], v) for k, v in handle.model.state_dict().items())
+
+
+def test_full_evaluation_that_does_not_fit_the_model_shows_a_clear_error(tiny_llama):
+    at = new_app().run()
+    at.switch_page("pages/prune.py").run()
+    next(b for b in at.button if b.label.startswith("Full evaluation")).click().run()
+    assert not at.exception
+    assert "exceeds the model's context of 128 tokens" in at.error[0].value

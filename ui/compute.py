@@ -18,7 +18,7 @@ from engine.model import ModelHandle
 from ui.mask_edit import mask_digest
 from ui.shared_cache import shared_cache
 
-__all__ = ["attention_maps", "generation", "full_perplexity", "mask_cost"]
+__all__ = ["attention_maps", "generation", "full_perplexity", "known_full_perplexity", "mask_cost"]
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)
@@ -49,6 +49,11 @@ def full_perplexity(handle: ModelHandle, model_key: str, mask: PruneMask | None,
     """Perplexity on the pinned full protocol (12 windows x 512 tokens), computed once per mask."""
     return shared_cache("full_perplexity", 64).get_or_compute(
         (model_key, mask_digest(mask)), lambda: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=progress))
+
+
+def known_full_perplexity(model_key: str, mask: PruneMask | None) -> PerplexityResult | None:
+    """The full-protocol perplexity of `mask` if some session already computed it, else None."""
+    return shared_cache("full_perplexity", 64).get((model_key, mask_digest(mask)))
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

@@ -21,6 +21,7 @@ from engine.masks import PruneMask
 __all__ = [
     "CLICK_TRACE_NAME",
     "head_heatmap",
+    "rank_heatmap",
     "mask_grid",
     "block_gates_figure",
     "attention_heatmap",
@@ -39,22 +40,31 @@ def _cell_px(n_layers: int) -> int:
 
 
 def _grid_layout(fig: go.Figure, n_layers: int, n_heads: int, group_size: int, title: str, height: int | None) -> None:
+    """Heads labelled along the top, layers down the side (0 at the top), fixed ranges, KV group lines."""
     for k in range(1, n_heads // group_size):
         if group_size > 1:
             fig.add_vline(x=k * group_size - 0.5, line_width=2, line_color="white")
     fig.update_layout(
-        title=dict(text=title, x=0, font=dict(size=14)),
-        height=height or (n_layers * _cell_px(n_layers) + 110),
-        margin=dict(l=50, r=10, t=40, b=45),
+        title=dict(text=title, x=0, y=1, yanchor="top", font=dict(size=14)),
+        height=height or (n_layers * _cell_px(n_layers) + 150),
+        margin=dict(l=45, r=10, t=70, b=50),
         font=_FONT,
         dragmode=False,
         showlegend=False,
         clickmode="event+select",
+        plot_bgcolor="white",
     )
-    fig.update_xaxes(title_text="head", tickmode="linear", dtick=1, range=[-0.5, n_heads - 0.5], showgrid=False,
-                     zeroline=False, fixedrange=True)
-    fig.update_yaxes(title_text="layer", autorange="reversed", tickmode="linear", dtick=1 if n_layers <= 32 else 4,
-                     showgrid=False, zeroline=False, fixedrange=True)
+    # Fixed ranges: the invisible click markers must not widen the axes.
+    fig.update_xaxes(title_text="head", side="top", tickmode="linear", dtick=1, range=[-0.5, n_heads - 0.5],
+                     showgrid=False, zeroline=False, fixedrange=True, title_standoff=4)
+    fig.update_yaxes(title_text="layer", range=[n_layers - 0.5, -0.5], tickmode="linear",
+                     dtick=1 if n_layers <= 32 else 4, showgrid=False, zeroline=False, fixedrange=True)
+
+
+def _bottom_colorbar(title: str, **extra) -> dict:
+    """A horizontal colour bar under the grid, so narrow grids keep their width."""
+    return dict(title=dict(text=title, side="bottom"), orientation="h", thickness=8, len=1.0, y=-0.02,
+                yanchor="top", **extra)
 
 
 def _click_layer(values: np.ndarray, hover: list[list[str]]) -> go.Scatter:
@@ -87,19 +97,33 @@ def head_heatmap(
     reverse: bool = False,
     height: int | None = None,
 ) -> go.Figure:
-    """A layers x heads heatmap of one statistic, pruned heads crossed out, clickable cells."""
+    """A layers x heads heatmap of one statistic, pruned heads crossed out, clickable cells.
+
+    `reverse` flips the colour scale (so that dark always means "less useful").
+    """
     values = np.asarray(values, dtype=float)
     L, H = values.shape
     if hover is None:
         hover = [[f"layer {l}, head {h}: {values[l, h]:.4g}" for h in range(H)] for l in range(L)]
     fig = go.Figure(go.Heatmap(
         z=values, x=list(range(H)), y=list(range(L)), colorscale="Viridis", reversescale=reverse,
-        colorbar=dict(title=dict(text=colorbar_title, side="right"), thickness=10), hoverinfo="skip",
+        colorbar=_bottom_colorbar(colorbar_title, nticks=4), hoverinfo="skip",
     ))
     if pruned is not None and pruned.any():
         fig.add_trace(_pruned_markers(pruned))
     fig.add_trace(_click_layer(values, hover))
     _grid_layout(fig, L, H, group_size, title, height)
+    return fig
+
+
+def rank_heatmap(importance: np.ndarray, **kwargs) -> go.Figure:
+    """head_heatmap coloured by rank: darkest = least useful (pruned first), brightest = most useful."""
+    imp = np.asarray(importance, dtype=float)
+    order = np.argsort(imp.ravel(), kind="stable")
+    pct = np.empty(imp.size)
+    pct[order] = np.arange(imp.size) / max(imp.size - 1, 1)
+    fig = head_heatmap(pct.reshape(imp.shape), colorbar_title="rank", **kwargs)
+    fig.data[0].colorbar.update(tickvals=[0, 1], ticktext=["least useful", "most useful"], nticks=None)
     return fig
 
 
@@ -112,8 +136,7 @@ def mask_grid(mask: PruneMask, group_size: int = 1, *, title: str = "Heads kept 
     fig = go.Figure(go.Heatmap(
         z=gates, x=list(range(H)), y=list(range(L)), zmin=0, zmax=1,
         colorscale=[[0.0, PRUNED_COLOR], [0.5, "#f6d8a8"], [1.0, "#2f6f9f"]],
-        colorbar=dict(title=dict(text="gate", side="right"), thickness=10, tickvals=[0, 0.5, 1],
-                      ticktext=["0 pruned", "0.5", "1 kept"]),
+        colorbar=_bottom_colorbar("gate", tickvals=[0, 0.5, 1], ticktext=["0 pruned", "0.5", "1 kept"]),
         hoverinfo="skip", xgap=1, ygap=1,
     ))
     fig.add_trace(_click_layer(gates, hover))
@@ -223,7 +246,8 @@ def correlation_figure(corr) -> go.Figure:
     return fig
 
 
-def curve_figure(points: dict[str, list[tuple[float, float]]], dense: float | None, *, unit: str = "heads") -> go.Figure:
+def curve_figure(points: dict[str, list[tuple[float, float]]], dense: float | None, *,
+                 unit: str = "heads") -> go.Figure:
     """Perplexity against the fraction of `unit` pruned, one line per criterion (log y axis)."""
     fig = go.Figure()
     for name, pts in points.items():
@@ -231,9 +255,11 @@ def curve_figure(points: dict[str, list[tuple[float, float]]], dense: float | No
             xs, ys = zip(*sorted(pts))
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name,
                                      hovertemplate=f"{name}: %{{x:.0%}} pruned, perplexity %{{y:.2f}}<extra></extra>"))
-    if dense is not None:
-        fig.add_hline(y=dense, line_dash="dash", line_color="grey", annotation_text=f"dense {dense:.2f}",
-                      annotation_position="bottom right")
+    if dense is not None and points:
+        # A trace, not add_hline: a line annotation on a log axis takes log10 units and would stretch the axis.
+        xs = [f for pts in points.values() for f, _ in pts] or [0.0, 1.0]
+        fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[dense, dense], mode="lines", name=f"dense ({dense:.2f})",
+                                 line=dict(dash="dash", color="grey"), hoverinfo="skip"))
     fig.update_layout(title=dict(text=f"Perplexity vs fraction of {unit} pruned", x=0, font=dict(size=14)),
                       height=380, margin=dict(l=60, r=10, t=40, b=50), font=_FONT,
                       legend=dict(orientation="h", y=-0.2))

@@ -11,7 +11,8 @@ from __future__ import annotations
 __all__ = [
     "MODEL_CHOICE", "MODEL_FAILED", "MASK", "MASK_VERSION", "PREFIX_CACHE", "MASK_UPLOAD_ERROR",
     "W_MODEL_OPTION", "W_MODEL_PATH", "W_DEVICE", "W_DTYPE", "W_TRUST_REMOTE_CODE", "W_CALIBRATION",
-    "W_CALIBRATION_TEXTS", "W_MASK_UPLOAD", "W_HEADS_RANK_BY", "W_ATTN_PROMPT", "W_ATTN_LAYER", "W_ATTN_HEAD",
+    "W_CALIBRATION_TEXTS", "W_MASK_UPLOAD", "W_HEADS_RANK_BY", "W_HEADS_COLOUR", "W_ATTN_PROMPT", "W_ATTN_LAYER",
+    "W_ATTN_HEAD",
     "W_ATTN_VIEW", "W_ATTN_BINS", "W_ATTN_REDUCE", "W_ATTN_WINDOW", "W_ATTN_POWER", "W_PRUNE_UNIT",
     "W_PRUNE_CRITERION", "W_PRUNE_BUDGET", "W_PRUNE_SCOPE", "W_PRUNE_KV", "W_GEN_PROMPT", "W_GEN_TOKENS",
     "WIDGETS_TO_KEEP",
@@ -37,6 +38,7 @@ W_MASK_UPLOAD = "w.mask_upload"
 
 # --- page widgets ------------------------------------------------------------------------------
 W_HEADS_RANK_BY = "w.heads.rank_by"
+W_HEADS_COLOUR = "w.heads.colour"  # "rank" or "value"
 W_ATTN_PROMPT = "w.attention.prompt"
 W_ATTN_LAYER = "w.attention.layer"
 W_ATTN_HEAD = "w.attention.head"  # "all" or a head index
@@ -56,7 +58,7 @@ W_GEN_TOKENS = "w.prune.max_new_tokens"
 # Page settings that must survive a visit to another page (Streamlit drops the state of
 # widgets a run does not draw; app.py re-assigns these on every run, the documented way).
 WIDGETS_TO_KEEP = (
-    W_HEADS_RANK_BY, W_ATTN_PROMPT, W_ATTN_LAYER, W_ATTN_HEAD, W_ATTN_VIEW, W_ATTN_BINS, W_ATTN_REDUCE,
+    W_HEADS_RANK_BY, W_HEADS_COLOUR, W_ATTN_PROMPT, W_ATTN_LAYER, W_ATTN_HEAD, W_ATTN_VIEW, W_ATTN_BINS, W_ATTN_REDUCE,
     W_ATTN_WINDOW, W_ATTN_POWER, W_PRUNE_UNIT, W_PRUNE_CRITERION, W_PRUNE_BUDGET, W_PRUNE_SCOPE, W_PRUNE_KV,
     W_GEN_PROMPT, W_GEN_TOKENS,
 )

@@ -40,7 +40,8 @@ def _model_picker() -> None:
                                "Hugging Face model (Llama, Mistral, Qwen2, GPT-2, BERT) from a folder or the hub.")
     name = option
     if option == OTHER_MODEL:
-        name = st.text_input("Folder or hub id", key=keys.W_MODEL_PATH, placeholder="/path/to/model or org/name").strip()
+        name = st.text_input("Folder or hub id", key=keys.W_MODEL_PATH,
+                             placeholder="/path/to/model or org/name").strip()
     session.widget_default(keys.W_DEVICE, current.device)
     session.widget_default(keys.W_DTYPE, current.dtype)
     c1, c2 = st.columns(2)

@@ -45,11 +45,13 @@ def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, la
     c1, c2, c3 = st.columns([1, 1, 2])
     c1.metric(f"{label}, dense", f"{dense.perplexity:.3f}")
     delta = current.perplexity - dense.perplexity
-    c2.metric(f"{label}, with mask", f"{current.perplexity:.3f}", delta=f"{delta:+.3f}", delta_color="inverse")
+    c2.metric(f"{label}, with mask", f"{current.perplexity:.3f}", delta=f"{delta:+.3f}" if delta else None,
+              delta_color="inverse")
     run = session.last_live_run()
     timing = ""
     if run is not None and not run.reused_result:
-        timing = f" Last change re-ran layers {run.start_layer}-{session.handle().geometry.n_layers - 1} in {run.seconds:.2f} s."
+        last = session.handle().geometry.n_layers - 1
+        timing = f" Last change re-ran layers {run.start_layer}-{last} in {run.seconds:.2f} s."
     c3.caption(f"Live evaluation: {current.n_tokens} scored tokens of WikiText-2 "
                f"({current.protocol.n_windows} windows of {current.protocol.window}).{timing}")
 
