@@ -82,10 +82,12 @@ def _build_export(sub) -> None:
     p.add_argument("--keep", type=float, help="instead of a mask: fraction (0-1) or count of parameters to keep")
     p.add_argument("--route", default="depth", choices=ROUTES, help="with --keep: drop layers or narrow them")
     p.add_argument("--criterion", default=None,
-                   help="with --keep: depth default block_influence (or block_ppl, taylor_plus); width default gradient")
+                   help="with --keep: for depth block_influence (default), block_ppl or taylor_plus; "
+                        "for width gradient (default), magnitude or activation")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (only after the new one is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (the old folder goes only after the new one is complete)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
     p.add_argument("--save-mask", help="also write the mask used to this JSON file")
     p.add_argument("--zip", action="store_true", help="also write <out>.zip")

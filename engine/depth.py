@@ -3,12 +3,12 @@
 Every criterion gives sub-block scores `Scores.blocks` [L, 2] (ATTN, FFN) and whole-layer
 scores `Scores.meta["layers"]` [L]; higher = keep, as everywhere in engine.importance.
 
-| name            | score of a sub-block / a layer                                  | reference                       |
-|-----------------|-----------------------------------------------------------------|---------------------------------|
-| block_influence | 1 - cos(h_in, h_out) of the residual stream                     | ShortGPT, Men et al. 2024       |
-| block_ppl       | calibration perplexity rise when that unit alone is removed     | Shortened LLaMA "PPL", Kim et al. 2024 |
-| taylor_plus     | sum over its parameters of |W * dL/dW| (first-order loss change), | Shortened LLaMA "Taylor+"       |
-|                 | with the first 4 and last 2 layers protected                    |                                 |
+| name            | score of a sub-block / a layer                               | reference                    |
+|-----------------|--------------------------------------------------------------|------------------------------|
+| block_influence | 1 - cos(h_in, h_out) of the residual stream                  | ShortGPT, Men et al. 2024    |
+| block_ppl       | calibration perplexity rise when that unit alone is removed  | Shortened LLaMA "PPL"        |
+| taylor_plus     | sum over its parameters of |W * dL/dW| (first-order change   | Shortened LLaMA "Taylor+",   |
+|                 | of the loss); the first 4 and last 2 layers protected        | Kim et al. 2024              |
 
 block_ppl and taylor_plus read calibration text (wikitext calibration comes from the end of
 the file, disjoint from the evaluated windows at its start), never the evaluation windows.
@@ -42,7 +42,7 @@ def _calibration(texts: Sequence[str] | None, n_texts: int) -> list[str]:
     return list(texts) if texts is not None else calibration_texts("wikitext", n_texts)
 
 
-def _encoded(handle: Any, texts: list[str], batch_size: int, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _encoded(handle: Any, texts: list[str], batch_size: int, max_length: int) -> list[tuple[torch.Tensor, ...]]:
     max_length = min(max_length, context_length(handle.model))
     return [encode_batch(handle.tokenizer, chunk, max_length, handle.device) for chunk in batches(texts, batch_size)]
 
@@ -101,7 +101,8 @@ class BlockPPL(Criterion):
         total, done = g.n_layers * (len(kinds) + 1), 0
         for layer in range(g.n_layers):
             for col, kind in enumerate(kinds):
-                blocks[layer, col] = math.exp(_mean_nll(handle, encoded, dense_mask.with_block(layer, kind, 0.0))) - dense
+                removed = dense_mask.with_block(layer, kind, 0.0)
+                blocks[layer, col] = math.exp(_mean_nll(handle, encoded, removed)) - dense
                 done += 1
                 if self.progress:
                     self.progress(done, total)
@@ -150,11 +151,11 @@ class TaylorPlus(Criterion):
         for i, (ids, am) in enumerate(encoded):
             loss, _ = lm_loss(shim, ids, am)
             grads = torch.autograd.grad(loss, params)
-            for s, p, gr in zip(salience, params, grads):
+            for s, p, gr in zip(salience, params, grads, strict=True):
                 s += (p.detach() * gr).float()  # signed sum over batches, |.| taken at the end (as the paper)
             if self.progress:
                 self.progress(i + 1, len(encoded))
-        per_param = {id(p): float(s.abs().sum()) for p, s in zip(params, salience)}
+        per_param = {id(p): float(s.abs().sum()) for p, s in zip(params, salience, strict=True)}
         layers = torch.zeros(g.n_layers)
         blocks = torch.zeros(g.n_layers, 2)
         for layer in range(g.n_layers):

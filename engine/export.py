@@ -335,6 +335,7 @@ def verify_files(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from engine.model import ModelLoadError
@@ -349,7 +350,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"{path} is missing: an exported model needs its safetensors weights")
         try:
             state.update(load_file(str(path), device="cpu"))
-        except Exception as e:  # safetensors raises its own error type for truncated headers/data
+        except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path} is corrupt or truncated and cannot be read as safetensors ({e})") from None
     return state
 
@@ -414,7 +415,7 @@ def load_pruned(
     verify: bool = True,
     name: str | None = None,
 ) -> Any:
-    """Open an exported folder (uniform or per-layer) as a ModelHandle; checks file hashes when a manifest lists them."""
+    """Open an exported folder (uniform or per-layer) as a ModelHandle, checking files against the manifest."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
     from transformers.initialization import no_init_weights
@@ -433,7 +434,8 @@ def load_pruned(
         handle.meta["manifest"] = manifest
         return handle
     if record.get("format") != "headlab.layers":
-        raise ModelLoadError(f"{folder}/config.json has a {LAYERS_KEY} entry of unknown format {record.get('format')!r}")
+        raise ModelLoadError(f"{folder}/config.json has a {LAYERS_KEY} entry of unknown format "
+                             f"{record.get('format')!r}")
     adapter_class(config.model_type, str(folder))
     archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None

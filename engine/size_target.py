@@ -66,7 +66,7 @@ def target_params(handle: Any, keep: float | int) -> int:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise BudgetError(f"keep must be a fraction in (0, 1) or a parameter count, got {keep!r}")
     if isinstance(keep, float) and 0.0 < keep < 1.0:
-        return int(round(keep * total))
+        return round(keep * total)
     if isinstance(keep, int) and 0 < keep < total:
         return keep
     raise BudgetError(f"keep {keep!r}: give a fraction of the parameters in (0, 1) or a count below {total:,}")
@@ -106,7 +106,12 @@ def _channel_keep(g: Any, ffn_scores: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def width_mask(
-    handle: Any, target: int, head_scores: torch.Tensor | None, ffn_scores: torch.Tensor, *, prune_heads: bool | None = None
+    handle: Any,
+    target: int,
+    head_scores: torch.Tensor | None,
+    ffn_scores: torch.Tensor,
+    *,
+    prune_heads: bool | None = None,
 ) -> tuple[PruneMask, str]:
     """A uniform width mask whose params_kept is closest to `target` (see module doc)."""
     g = handle.geometry
@@ -124,7 +129,7 @@ def width_mask(
         one = base.clone()
         one.ffn = _channel_keep(g, ffn_scores, 1)
         slope = kept0 - cost(handle, one).params_kept  # parameters per channel removed in every layer
-        c = int(round((kept0 - target) / slope)) if slope > 0 else 0
+        c = round((kept0 - target) / slope) if slope > 0 else 0
         c = max(0, min(c, g.ffn_dim - 1))
         m = base.clone()
         m.ffn = _channel_keep(g, ffn_scores, c)
@@ -150,7 +155,7 @@ def depth_mask(handle: Any, target: int, layer_importance: torch.Tensor) -> tupl
     order = torch.sort(layer_importance.float(), stable=True).indices.tolist()
     best: tuple[int, PruneMask, list[int]] | None = None
     mask = PruneMask.dense(g)
-    for k in range(0, g.n_layers):
+    for k in range(g.n_layers):
         if k:
             layer = order[k - 1]
             mask = mask.with_block(layer, "attn", 0.0).with_block(layer, "ffn", 0.0)

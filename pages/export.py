@@ -11,7 +11,8 @@ from engine.size_target import reach_size
 from ui import session
 from ui.errors import user_errors
 
-ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"), "width": ("gradient", "magnitude", "activation")}
+ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"),
+                  "width": ("gradient", "magnitude", "activation")}
 LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
                "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")
 RESULT = "headlab.export.result"  # this session's last ExportResult
@@ -31,7 +32,8 @@ with st.expander("Reach a parameter count first (replaces the current mask)"):
     if c4.button("Compute mask", width="stretch"):
         with user_errors(), st.spinner(f"Scoring {route} units with {criterion}..."):
             cal = session.calibration()
-            r = reach_size(handle, keep, route=route, criterion=criterion, texts=calibration_texts(cal.name, cal.n_texts))
+            texts = calibration_texts(cal.name, cal.n_texts)
+            r = reach_size(handle, keep, route=route, criterion=criterion, texts=texts)
             session.set_mask(r.mask)
             st.success(r.describe())
             mask = r.mask

@@ -265,7 +265,7 @@ def test_the_documented_recipe_loads_a_per_layer_export_without_headlab(tmp_path
     recipe = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert "import engine" not in recipe and "from engine" not in recipe
     namespace: dict = {}
-    exec(compile(recipe, "docs/export.md", "exec"), namespace)
+    exec(compile(recipe, "docs/export.md", "exec"), namespace)  # noqa: S102  (the documented code itself)
     h = tiny_handle(family)
     # Layer 0: uneven GQA groups, no FFN; layer 1: no attention, fewer channels.
     mask = make_mask(h.geometry, "mixed").with_block(0, "ffn", 0.0)

@@ -156,7 +156,7 @@ def test_generation_with_kv_cache_matches_when_layer_zero_attention_is_removed(f
     h = tiny_handle(family)
     mask = PruneMask.dense(h.geometry).with_block(0, "attn", 0.0)
     ids = torch.tensor([[5, 9, 77, 100, 3, 41]])
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=256)
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 8, "do_sample": False, "pad_token_id": 256}
     with torch.no_grad():
         with gates.apply(h, mask):
             ref = h.model.generate(input_ids=ids, **kw)

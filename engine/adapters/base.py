@@ -222,7 +222,7 @@ class Adapter(ABC):
         h = torch.as_tensor(list(heads), dtype=torch.long)
         return (h[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)  # (n * hd,)
 
-    def drop_unsaved_optional_(self, saved_keys: set[str]) -> None:
+    def drop_unsaved_optional_(self, saved_keys: set[str]) -> None:  # noqa: B027  (most families have none)
         """Remove optional modules (e.g. BERT's pooler) that a saved state dict has no weights for."""
 
     def layer_sizes(self, layer: int) -> dict[str, Any]:
