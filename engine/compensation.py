@@ -14,6 +14,16 @@ A head whose output is constant over the data (an attention-sink head writing th
 vector everywhere) is removed at no cost at all; the criterion that ranks heads by how
 much their output *varies* is FLAP's fluctuation metric, registered here as "fluctuation".
 
+Removed sub-blocks. A compensated mask is normalized first (a layer with no head left loses
+its ATTN sub-block, as everywhere in the engine), and a removed sub-block has no projection
+to carry a bias. In a pre-LN model (a sub-block adds a delta to the residual stream) its
+mean output (W mu + the projection's own bias) is folded into the output bias of the
+nearest *preceding* kept sub-block instead: nothing in between reads the residual stream,
+so the stream every later layer sees is exactly the same. A removed sub-block with no kept
+one before it (e.g. layer 0's ATTN), or in a post-LN model (BERT), loses its mean.
+Masked model, kernel path and surgery all agree on this, because the biases only ever sit
+on kept sub-blocks.
+
 The means come from `CaptureStats` (head_in_mean, ffn_mean: the projections' inputs, taken
 before any gate). `sequential=True` re-captures them under the compensated mask, so each
 layer's means reflect the pruned layers before it (the shift FLAP's one-pass means ignore).
@@ -32,6 +42,7 @@ from engine.masks import PruneMask
 __all__ = [
     "attention_bias",
     "ffn_bias",
+    "mean_biases",
     "compensate",
     "strip_compensation",
     "head_fluctuation",
@@ -75,13 +86,44 @@ def strip_compensation(mask: PruneMask) -> PruneMask:
     return m
 
 
-def _with_biases(handle: Any, mask: PruneMask, stats: CaptureStats, units: str) -> PruneMask:
-    m = mask.clone()
-    a = handle.adapter
-    if units in ("heads", "both"):
-        m.attn_bias = attention_bias(a, m.heads, stats.head_in_mean)
-    if units in ("ffn", "both"):
-        m.ffn_bias = ffn_bias(a, m.ffn, stats.ffn_mean)
+def _proj_bias(proj: Any, hidden: int) -> torch.Tensor:
+    b = getattr(proj, "bias", None)
+    return torch.zeros(hidden) if b is None else b.detach().float().cpu().reshape(hidden)
+
+
+def mean_biases(handle: Any, mask: PruneMask, head_means: torch.Tensor | None = None,
+                ffn_means: torch.Tensor | None = None) -> PruneMask:
+    """`mask.normalized()` with compensation biases (see the module doc).
+
+    Pruned heads get their mean when `head_means` is given, pruned channels when `ffn_means`
+    is; otherwise that kind's existing bias (or none) is kept. Removed sub-blocks of a kind
+    that is compensated are folded into the preceding kept sub-block.
+    """
+    g, a = handle.geometry, handle.adapter
+    m = mask.normalized()
+    zeros = lambda: torch.zeros(g.n_layers, g.hidden)  # noqa: E731
+    attn = attention_bias(a, m.heads_effective(), head_means) if head_means is not None else (
+        m.attn_bias.clone() if m.attn_bias is not None else zeros())
+    ffn = ffn_bias(a, m.ffn_effective(), ffn_means) if ffn_means is not None else (
+        m.ffn_bias.clone() if m.ffn_bias is not None else zeros())
+    biases = {"attn": attn, "ffn": ffn}
+    means = {"attn": head_means, "ffn": ffn_means}
+    projs = {"attn": a.head_output_proj, "ffn": a.ffn_output_proj}
+    last: tuple[str, int] | None = None  # the nearest preceding kept sub-block
+    for layer in range(g.n_layers):
+        for kind, gate in (("attn", m.attn), ("ffn", m.ffn_block)):
+            if gate[layer] > 0:
+                last = (kind, layer)
+                continue
+            removed = biases[kind][layer].clone()
+            biases[kind][layer] = 0.0
+            if means[kind] is None:
+                continue  # this kind is not compensated: the sub-block is simply gone
+            removed += _proj_bias(projs[kind](layer), g.hidden)
+            if last is not None and not a.subblock(layer, kind).residual_inclusive:
+                biases[last[0]][last[1]] += removed
+    m.attn_bias = attn if attn.any() else None
+    m.ffn_bias = ffn if ffn.any() else None
     return m
 
 
@@ -96,7 +138,7 @@ def compensate(
     progress: Callable[[int, int], None] | None = None,
     **capture_kwargs: Any,
 ) -> PruneMask:
-    """A copy of `mask` with FLAP biases for its pruned heads/channels (`units`: heads, ffn, both).
+    """`mask` normalized, with FLAP biases for its pruned heads/channels (`units`: heads, ffn, both).
 
     The means come from `stats` (dense calibration statistics) or, when absent, a forward
     capture over `texts`; `sequential=True` re-captures them under the compensated mask once.
@@ -109,13 +151,18 @@ def compensate(
         if texts is None:
             raise ValueError("compensate needs calibration statistics or texts to compute them from")
         stats = capture(handle, texts, gradients=False, progress=progress, **capture_kwargs)
-    m = _with_biases(handle, strip_compensation(mask), stats, units)
+
+    def with_means(m: PruneMask, s: CaptureStats) -> PruneMask:
+        return mean_biases(handle, m, s.head_in_mean if units in ("heads", "both") else None,
+                           s.ffn_mean if units in ("ffn", "both") else None)
+
+    m = with_means(strip_compensation(mask), stats)
     if sequential:
         if texts is None:
             raise ValueError("sequential compensation re-captures statistics: pass the calibration texts")
         # Means under the pruned model: what each layer really receives once the earlier ones changed.
         shifted = capture(handle, texts, gradients=False, mask=m, progress=progress, **capture_kwargs)
-        m = _with_biases(handle, m, shifted, units)
+        m = with_means(strip_compensation(m), shifted)
     m.meta["compensation"] = {"method": "FLAP mean bias (An et al. 2024)", "units": units,
                               "sequential": sequential, "calibration_tokens": stats.n_tokens}
     return m.check(g)

@@ -196,3 +196,54 @@ def test_strip_compensation_drops_biases_and_their_note(llama_handle):
 def test_compensate_without_statistics_or_texts_is_refused(llama_handle):
     with pytest.raises(ValueError, match="statistics or texts"):
         compensate(llama_handle, PruneMask.dense(llama_handle.geometry))
+
+
+def test_a_removed_attention_sub_block_is_replaced_by_its_mean_through_the_previous_ffn(llama_handle):
+    """All heads of layer 1 pruned: the sub-block goes and its mean output rides on layer 0's FFN bias."""
+    g = llama_handle.geometry
+    stats = capture(llama_handle, TEXTS, gradients=False)
+    mask = PruneMask.dense(g)
+    mask.heads[1] = 0.0
+    m = compensate(llama_handle, mask, stats)
+    assert m.attn[1] == 0 and m.attn_bias is None and m.ffn_bias[0].abs().sum() > 0
+    constant = attention_bias(llama_handle.adapter, torch.zeros(g.n_layers, g.n_heads), stats.head_in_mean)[1]
+    attn = llama_handle.adapter.attention(1)
+
+    def mean_output(module, args, kwargs, output):
+        out = output[0]  # (B, T, d)
+        return (torch.zeros_like(out) + constant.to(out.dtype), *output[1:])
+
+    hook = attn.register_forward_hook(mean_output, with_kwargs=True)
+    try:
+        expected = logits(llama_handle)
+    finally:
+        hook.remove()
+    with gates.apply(llama_handle, m):
+        got = logits(llama_handle)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_compensated_masks_run_the_same_through_the_kernel_path(llama_handle):
+    from engine.sparse_forward import sparse_logits
+
+    g = llama_handle.geometry
+    stats = capture(llama_handle, TEXTS, gradients=False)
+    mask = PruneMask.dense(g)
+    mask.heads[1] = 0.0
+    mask.heads[0, 2] = 0.0
+    mask.ffn[1, :9] = 0.0
+    m = compensate(llama_handle, mask, stats)
+    with gates.apply(llama_handle, m):
+        hooked = logits(llama_handle)
+    with torch.no_grad():
+        kernel = sparse_logits(llama_handle, IDS, m)
+    assert torch.allclose(hooked, kernel, atol=1e-4)
+
+
+def test_a_removed_first_sub_block_has_nothing_to_fold_into(llama_handle):
+    g = llama_handle.geometry
+    stats = capture(llama_handle, TEXTS, gradients=False)
+    mask = PruneMask.dense(g)
+    mask.heads[0] = 0.0
+    m = compensate(llama_handle, mask, stats)
+    assert m.attn[0] == 0 and m.attn_bias is None and m.ffn_bias is None

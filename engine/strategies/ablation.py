@@ -20,29 +20,39 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine.compensation import attention_bias
+from engine.compensation import mean_biases
 from engine.importance import Criterion, Scores, register
 from engine.masks import PruneMask
 from engine.strategies.replay import LayerReplay
 
-__all__ = ["head_removal_mask", "ablation_kl", "Ablation"]
+__all__ = ["head_removal_mask", "first_changed_layer", "ablation_kl", "Ablation"]
 
 Progress = Callable[[int, int], None]
 
 
-def head_removal_mask(adapter: Any, base: PruneMask, layer: int, heads: Sequence[int],
+def head_removal_mask(handle: Any, base: PruneMask, layer: int, heads: Sequence[int],
                       means: torch.Tensor | None) -> PruneMask:
-    """`base` with `heads` of `layer` pruned; with `means`, that layer's compensation bias recomputed."""
+    """`base` with `heads` of `layer` pruned (normalized); with `means`, compensation biases recomputed."""
     m = base.clone()
     m.heads[layer, list(heads)] = 0.0
-    if means is not None:
-        bias = m.attn_bias if m.attn_bias is not None else torch.zeros(adapter.geometry.n_layers, adapter.geometry.hidden)
-        one = torch.ones_like(m.heads)
-        one[layer] = m.heads[layer]
-        bias = bias.clone()
-        bias[layer] = attention_bias(adapter, one, means)[layer]  # only `layer`'s gates differ from 1
-        m.attn_bias = bias
-    return m
+    return mean_biases(handle, m, head_means=means) if means is not None else m.normalized()
+
+
+def first_changed_layer(a: PruneMask, b: PruneMask) -> int:
+    """The first layer whose gates or biases differ between two masks (n_layers when none does)."""
+    L = a.heads.shape[0]
+    for layer in range(L):
+        for name in ("heads", "ffn", "attn", "ffn_block", "attn_bias", "ffn_bias"):
+            x, y = getattr(a, name), getattr(b, name)
+            if x is None and y is None:
+                continue
+            if x is None or y is None:
+                if bool((x if x is not None else y)[layer].any()):
+                    return layer
+                continue
+            if not torch.equal(x[layer], y[layer]):
+                return layer
+    return L
 
 
 def ablation_kl(
@@ -64,10 +74,10 @@ def ablation_kl(
     delta = torch.zeros(g.n_layers, g.n_heads)
     todo = [(l, h) for l in range(g.n_layers) for h in range(g.n_heads) if kept[l, h]]
     for i, (layer, head) in enumerate(todo):
-        m = head_removal_mask(handle.adapter, base, layer, [head], means)
-        if not (m.heads_effective()[layer] > 0).any():
-            m = m.normalized()  # the layer's last head: its attention sub-block goes
-        delta[layer, head] = replay.kl(m, layer) - replay.base_kl
+        m = head_removal_mask(handle, base, layer, [head], means)
+        # Usually `layer`; earlier when the layer's last head goes and its mean folds into layer - 1.
+        start = min(layer, first_changed_layer(base, m))
+        delta[layer, head] = replay.kl(m, start) - replay.base_kl
         if progress:
             progress(i + 1, len(todo))
     return delta, kept

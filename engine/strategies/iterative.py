@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from engine.compensation import attention_bias, ffn_fluctuation
+from engine.compensation import ffn_fluctuation, mean_biases
 from engine.masks import PruneMask
-from engine.strategies.ablation import head_removal_mask
+from engine.strategies.ablation import first_changed_layer, head_removal_mask
 from engine.strategies.base import Budget, Calibration, Strategy, lowest, register_strategy
 from engine.strategies.oneshot import finish
 from engine.strategies.replay import LayerReplay
@@ -110,13 +110,12 @@ class IterativeAblation(Strategy):
                 pool = lowest(scores, min(int(self.pool * k), int(kept.sum())), allowed=kept)
                 replay = LayerReplay(handle, texts, base=mask, max_length=min(calib.max_length, 128))
                 for layer, head in pool.nonzero().tolist():
-                    m = head_removal_mask(handle.adapter, mask, layer, [head], means)
-                    if not (m.heads_effective()[layer] > 0).any():
-                        m = m.normalized()
-                    scores[layer, head] = replay.kl(m, layer) - replay.base_kl
+                    m = head_removal_mask(handle, mask, layer, [head], means)
+                    start = min(layer, first_changed_layer(mask, m))
+                    scores[layer, head] = replay.kl(m, start) - replay.base_kl
             mask = _cut(mask, scores, k, "heads")
             if means is not None:  # the next replay runs the compensated model
-                mask.attn_bias = attention_bias(handle.adapter, mask.heads_effective(), means)
+                mask = mean_biases(handle, mask, head_means=means)
         if f:
             mask = _cut(mask, ffn_fluctuation(handle.adapter, stats), f, "ffn")
         return finish(handle, mask, calib, self.compensate,

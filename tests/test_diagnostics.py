@@ -1,0 +1,74 @@
+"""Head diagnostics: the kind rules, the numbers behind them, and the plain-language reasons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.capture import capture
+from engine.diagnostics import HEAD_KINDS, THRESHOLDS, classify_head, diagnose, diagnosis_rows, kind_counts
+from tests.test_compensation import constant_kv_group
+from tests.tiny import tiny_handle
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Diagnostics explain scores", "a b c d e f g h i j k l"]
+
+
+@pytest.mark.parametrize("sink, prev, local, ent, kind", [
+    (0.9, 0.0, 0.1, 0.1, "sink"),
+    (0.1, 0.8, 0.9, 0.2, "previous-token"),
+    (0.1, 0.2, 0.7, 0.4, "local"),
+    (0.05, 0.1, 0.15, 0.9, "broad"),
+    (0.35, 0.1, 0.2, 0.7, "mixed"),
+    (0.1, 0.1, 0.2, 0.3, "mixed"),
+])
+def test_classify_head_follows_the_documented_rules_in_order(sink, prev, local, ent, kind):
+    got, reason = classify_head(sink, prev, local, ent)
+    assert got == kind
+    assert reason  # every label comes with the numbers that decided it
+
+
+def test_a_sink_label_quotes_its_sink_mass():
+    kind, reason = classify_head(0.83, 0.0, 0.0, 0.1)
+    assert kind == "sink" and "83%" in reason and f"{THRESHOLDS['sink']:.0%}" in reason
+
+
+def test_diagnose_gives_one_row_per_head_with_consistent_ranks(handle):
+    g = handle.geometry
+    stats = capture(handle, TEXTS, gradients=False)
+    d = diagnose(handle, stats)
+    n = g.n_layers * g.n_heads
+    assert len(d) == n and [(x.layer, x.head) for x in d[:2]] == [(0, 0), (0, 1)]
+    assert sorted(x.entropy_rank for x in d) == list(range(1, n + 1))
+    assert sorted(x.magnitude_rank for x in d) == list(range(1, n + 1))
+    assert all(x.kind in HEAD_KINDS and 0 <= x.constant_share <= 1 + 1e-6 for x in d)
+    highest = max(d, key=lambda x: x.entropy)
+    assert highest.entropy_rank == 1, "entropy prunes the broadest head first"
+    assert all(x.why_entropy.startswith("entropy ranks it") and "magnitude ranks it" in x.why_magnitude for x in d)
+
+
+def test_a_head_with_constant_output_has_a_constant_share_of_one():
+    handle = tiny_handle("qwen2")
+    heads = constant_kv_group(handle, layer=0, kv=1)
+    stats = capture(handle, TEXTS, gradients=False)
+    d = {(x.layer, x.head): x for x in diagnose(handle, stats)}
+    assert all(d[0, h].constant_share == pytest.approx(1.0, abs=1e-4) for h in heads)
+    others = [h for h in range(handle.geometry.n_heads) if h not in heads]
+    assert all(d[0, h].constant_share < 0.99 for h in others)
+
+
+def test_rows_and_counts_cover_every_head_and_kind(llama_handle):
+    stats = capture(llama_handle, TEXTS, gradients=False)
+    d = diagnose(llama_handle, stats)
+    rows = diagnosis_rows(d)
+    counts = kind_counts(d)
+    assert set(counts) == set(HEAD_KINDS) and sum(counts.values()) == len(rows)
+    assert {"layer", "head", "kind", "sink", "reason", "why_entropy", "why_magnitude"} <= set(rows[0])
+
+
+def test_measured_cost_is_attached_when_given(llama_handle):
+    g = llama_handle.geometry
+    stats = capture(llama_handle, TEXTS, gradients=False)
+    kl = torch.arange(g.n_layers * g.n_heads, dtype=torch.float32).view(g.n_layers, g.n_heads) / 100
+    d = diagnose(llama_handle, stats, ablation=kl)
+    assert d[3].ablation_kl == pytest.approx(0.03)
+    assert diagnose(llama_handle, stats)[0].ablation_kl is None
