@@ -55,6 +55,8 @@ __all__ = [
     "MaskTarget",
     "SoftMask",
     "Lagrangian",
+    "SharedScaleAdam",
+    "GATE_OPTIMIZERS",
     "TrainConfig",
     "StepLog",
     "SoftMaskResult",
@@ -241,6 +243,41 @@ class Lagrangian(nn.Module):
         return total
 
 
+class SharedScaleAdam(torch.optim.Optimizer):
+    """Adam whose second-moment scale is shared by all entries of a parameter (one scalar per tensor).
+
+    Per-entry Adam moves every gate by about `lr` per step whatever the size of its gradient;
+    when all gates are pushed the same way (early on, the KL pushes every gate up) that
+    erases the ranking the run is meant to find. A shared scale keeps the gates' relative
+    step sizes proportional to their (momentum-averaged) gradients, so a block whose removal
+    costs more rises faster, while the step size stays invariant to the loss's scale.
+    """
+
+    def __init__(self, params, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the torch.optim interface
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["t"], st["m"], st["v"] = 0, torch.zeros_like(p), torch.zeros((), device=p.device)
+                st["t"] += 1
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).add_((p.grad * p.grad).mean(), alpha=1 - b2)
+                m_hat = st["m"] / (1 - b1 ** st["t"])
+                v_hat = st["v"] / (1 - b2 ** st["t"])
+                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+        return None
+
+
+GATE_OPTIMIZERS = ("shared-adam", "adam")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one mask training run. The defaults fit a 135M model on a CPU in a few minutes."""
@@ -249,13 +286,16 @@ class TrainConfig:
     batch_size: int = 4
     max_length: int = 128
     objective: str = "kl"  # "kl" to the dense model, or "lm" (next-token / token reconstruction loss)
-    lr: float = 0.1  # Adam on log_alpha: gates need to cross ~5 nats of log_alpha within the short run
+    lr: float = 0.1  # on log_alpha: gates need to cross a few nats of log_alpha within the short run
+    optimizer: str = "shared-adam"  # for log_alpha: "shared-adam" (see SharedScaleAdam) or per-entry "adam"
     lr_lambda: float = 0.05  # Adam *ascent* on the Lagrange multipliers
     init_keep: float | None = None  # P(kept) of every gate at step 0; None: the target's keep fraction
     seed: int = 0
     dense_cache_mb: int = 256  # dense log-probabilities kept between steps (0: recompute every step)
 
     def __post_init__(self) -> None:
+        if self.optimizer not in GATE_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {GATE_OPTIMIZERS}, got {self.optimizer!r}")
         if self.objective not in ("kl", "lm"):
             raise ValueError(f"objective must be 'kl' or 'lm', got {self.objective!r}")
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
@@ -348,7 +388,8 @@ def train_mask(
     soft = SoftMask(g, list(removed), init_keep=init_keep)
     soft.to(handle.device)
     lagrangian = Lagrangian(list(removed)).to(handle.device)
-    opt = torch.optim.Adam(soft.parameters(), lr=config.lr)
+    opt_class = SharedScaleAdam if config.optimizer == "shared-adam" else torch.optim.Adam
+    opt = opt_class(soft.parameters(), lr=config.lr)
     opt_lambda = torch.optim.Adam(lagrangian.parameters(), lr=config.lr_lambda, maximize=True)
     batches = _fixed_batches(texts, config.batch_size, config.seed)
     generator = torch.Generator().manual_seed(config.seed)

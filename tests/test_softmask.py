@@ -13,6 +13,7 @@ from engine.softmask import (
     HardConcrete,
     HardConcreteGates,
     MaskTarget,
+    SharedScaleAdam,
     SoftMask,
     TrainConfig,
     kl_to_dense,
@@ -158,3 +159,22 @@ def test_training_is_deterministic_for_a_seed(llama_handle):
     a = train_mask(llama_handle, TEXTS[:4], MaskTarget(heads=2), cfg)
     b = train_mask(llama_handle, TEXTS[:4], MaskTarget(heads=2), cfg)
     assert torch.equal(a.soft.gates["heads"].log_alpha, b.soft.gates["heads"].log_alpha)
+
+
+def test_shared_scale_adam_keeps_step_sizes_proportional_to_gradients_unlike_adam():
+    grad = torch.tensor([1.0, 0.1, -0.5])
+    moved = {}
+    for name, cls in (("shared", SharedScaleAdam), ("adam", torch.optim.Adam)):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = cls([p], lr=0.1)
+        for _ in range(3):
+            p.grad = grad.clone()
+            opt.step()
+        moved[name] = -p.detach()
+    assert torch.allclose(moved["shared"] / moved["shared"][0], grad, atol=1e-5)
+    assert torch.allclose(moved["adam"].abs(), moved["adam"].abs()[0].expand(3), atol=1e-4), "Adam moves all alike"
+
+
+def test_unknown_gate_optimizer_is_refused():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
