@@ -191,3 +191,21 @@ def test_gpt2_conv1d_is_quantised_per_output_feature():
     set_quantization_(student.model, 1)
     w = student.model.transformer.h[0].mlp.c_fc.weight  # (in, out): a column is one output feature
     assert all(torch.unique(col).numel() == 2 for col in w.t())
+
+
+def test_a_per_layer_student_export_reloads_through_the_engine(tmp_path):
+    from engine.export import load_pruned
+    from tests.tiny import tiny_handle
+
+    bert = tiny_handle("bert")
+    mask = PruneMask.dense(bert.geometry)
+    mask.heads[0, :2] = 0  # fewer heads: a BERT config cannot state it, so sizes go per layer
+    student = prune(bert, mask)
+    set_quantization_(student.model, 2)
+    folder = export_student(student, tmp_path / "enc")
+    reloaded = load_pruned(folder)
+    am = torch.ones_like(IDS)
+    with torch.no_grad():
+        got = reloaded.model(input_ids=IDS, attention_mask=am).last_hidden_state
+        want = student.model(input_ids=IDS, attention_mask=am).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
