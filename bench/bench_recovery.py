@@ -51,7 +51,8 @@ def _progress(label: str) -> Callable[[Any], None]:
     def cb(rec: Any) -> None:
         if rec.heldout is not None or rec.step % 10 == 0:
             held = f" held-out {rec.heldout:.4f}" if rec.heldout is not None else ""
-            _say(f"  [{label}] step {rec.step}/{rec.steps} loss {rec.loss:.4f}{held} ({rec.elapsed_s:.0f} s) {rec.stage}")
+            loss = "" if rec.loss is None else f" loss {rec.loss:.4f}"
+            _say(f"  [{label}] step {rec.step}/{rec.steps}{loss}{held} ({rec.elapsed_s:.0f} s) {rec.stage}")
     return cb
 
 

@@ -32,7 +32,7 @@ def _step_printer(every: int):
         if rec.heldout is None and rec.step % every:
             return
         held = f", held-out {rec.heldout:.4f}" if rec.heldout is not None else ""
-        loss = "" if rec.loss != rec.loss else f" loss {rec.loss:.4f}"  # NaN at a stage's step 0
+        loss = "" if rec.loss is None else f" loss {rec.loss:.4f}"  # a stage's step 0 is an evaluation only
         _say(f"  step {rec.step}/{rec.steps}{loss}{held} [{rec.stage}, {rec.elapsed_s:.0f} s]")
     return show
 

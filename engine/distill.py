@@ -285,11 +285,12 @@ def distill_data(teacher: Any, *, n_wikitext: int = 64, n_prompts: int = 48, max
 class LowRankDelta(nn.Module):
     """Parametrization W -> W + (alpha / r) B A (LoRA, Hu et al. 2022); B = 0, so the student starts unchanged."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, transposed: bool = False):
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, transposed: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(rank, in_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default range: a seeded generator makes it reproducible
+        self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
         self.B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = alpha / rank
         self.transposed = transposed
 
@@ -317,10 +318,9 @@ def add_lora_(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> int:
         conv = isinstance(m, Conv1D)
         w = m.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if conv else tuple(w.shape)
-        delta = LowRankDelta(out_f, in_f, rank, alpha, transposed=conv).to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():  # seeded, so a resumed run rebuilds the same adapters
-            delta.A.copy_(torch.empty_like(delta.A, device="cpu").uniform_(-1, 1, generator=gen)
-                          .mul_(1 / math.sqrt(in_f)))
+        # Seeded, so a resumed run rebuilds the same adapters.
+        delta = LowRankDelta(out_f, in_f, rank, alpha, transposed=conv, generator=gen).to(device=w.device,
+                                                                                          dtype=w.dtype)
         parametrize.register_parametrization(m, "weight", delta)
     return len(modules)
 
@@ -456,13 +456,14 @@ def heldout_metric(teacher: Any, student: Any, texts: Sequence[str], *, batch_si
 # --- the loop ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimisation step; `heldout` is set on evaluation steps (step 0 = before training)."""
+    """One optimisation step; `heldout` is set on evaluation steps. Step 0 is the student before
+    training: held-out gap only, no loss."""
 
     step: int
     steps: int
-    loss: float
-    kd: float
-    hidden: float
+    loss: float | None
+    kd: float | None
+    hidden: float | None
     lr: float
     heldout: float | None
     elapsed_s: float
@@ -619,7 +620,7 @@ def distill(
     teacher: Any,
     student: Any,
     data: DistillData,
-    config: DistillConfig = DistillConfig(),
+    config: DistillConfig | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -628,7 +629,7 @@ def distill(
     stage: str = "",
 ) -> DistillResult:
     """Train `student` (in place) to match `teacher` on `data`; see the module doc for the objective."""
-    config.check()
+    config = (config or DistillConfig()).check()
     data.check()
     _check_pair(teacher, student)
     out = Path(out_dir) if out_dir is not None else None
@@ -658,7 +659,7 @@ def distill(
         if out is not None and best is not None:
             out.mkdir(parents=True, exist_ok=True)
             _save_tensors(best, out / BEST)
-        state.history.append(StepRecord(0, config.steps, math.nan, math.nan, math.nan, 0.0, state.initial, 0.0, stage))
+        state.history.append(StepRecord(0, config.steps, None, None, None, 0.0, state.initial, 0.0, stage))
         if progress:
             progress(state.history[-1])
     tokenizer = teacher.tokenizer

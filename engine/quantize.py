@@ -256,7 +256,7 @@ def materialize(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     with torch.no_grad():
         for m in list(_parametrized(plain)):
-            baked = {name: getattr(m, name).detach().clone() for name in m.parametrizations.keys()}
+            baked = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
             m.__class__ = m.__class__.__bases__[0]  # the module's own class, without the properties
             del m._modules["parametrizations"]
             for name, t in baked.items():

@@ -177,7 +177,7 @@ def run_recipe(
     recipe: str,
     bits: int | None = 1,
     *,
-    config: DistillConfig = DistillConfig(),
+    config: DistillConfig | None = None,
     scheme: str | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -185,6 +185,7 @@ def run_recipe(
     should_stop: Callable[[], bool] | None = None,
 ) -> RecipeResult:
     """Run `recipe` on `student` (in place) with `config.steps` steps in total (module doc)."""
+    config = config or DistillConfig()
     stages = plan_stages(recipe, bits, config.steps, scheme)
     result = RecipeResult(recipe, None if recipe == "fp32" else bits)
     out = Path(out_dir) if out_dir is not None else None

@@ -60,7 +60,7 @@ if job is None:
 
 
 def _history_figure(history) -> go.Figure:
-    train = [r for r in history if r.loss == r.loss]  # a stage's step 0 has no loss (NaN)
+    train = [r for r in history if r.loss is not None]  # a stage's step 0 is an evaluation only
     held = [r for r in history if r.heldout is not None]
     fig = go.Figure()
     fig.add_scatter(x=[r.step for r in train], y=[r.loss for r in train], name="training loss", mode="lines")

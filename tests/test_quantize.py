@@ -8,6 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from engine.masks import PruneMask
+from engine.objective import token_logits
 from engine.quantize import (
     STE_CLIP,
     QuantizeError,
@@ -21,7 +22,6 @@ from engine.quantize import (
     set_quantization_,
 )
 from engine.surgery import prune
-from engine.objective import token_logits
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
 
