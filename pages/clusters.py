@@ -1,5 +1,7 @@
 """Clusters: calibration prompts grouped by meaning, one learned mask per cluster, and routing a prompt."""
 
+import threading
+
 import numpy as np
 import pandas as pd
 import plotly.express as px
@@ -14,6 +16,7 @@ from ui import session
 from ui.errors import user_errors
 
 ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
+UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP
 PRUNED, KEPT = "#e4572e", "#2f6f9f"
 
 
@@ -30,6 +33,20 @@ def clusters(k: int, per_source: int):
 @st.cache_data(show_spinner="Silhouette for k = 2..10...")
 def silhouettes(per_source: int) -> dict[int, float]:
     return silhouette_scores(clusters(4, per_source).embeddings)
+
+
+@st.cache_resource
+def umap_jobs() -> dict:
+    """Background UMAP computations, one per prompt set size, shared by every session."""
+    return {}
+
+
+def start_umap(key: int, embeddings) -> None:
+    """Compute (and cache on disk) the UMAP projection in a thread, unless one is running."""
+    jobs = umap_jobs()
+    if key not in jobs or not jobs[key].is_alive():
+        jobs[key] = threading.Thread(target=project_2d, args=(embeddings, "umap"), daemon=True)
+        jobs[key].start()
 
 
 def masks_figure(router: Router) -> go.Figure:
@@ -82,21 +99,34 @@ with user_errors():
 model_key = session.model_choice().key
 
 left, right = st.columns([3, 2])
-with left:
+def prompt_map() -> None:
+    """The prompt map: UMAP once it is cached, PCA meanwhile (this fragment polls a running UMAP job)."""
     xy, method = cached_projection(run.embeddings, "umap"), "UMAP"
+    job = umap_jobs().get(per_source)
     if xy is None:
         xy, method = project_2d(run.embeddings, "pca"), "PCA"
-        if st.button("Compute the UMAP projection (about 20 s once, then cached)"):
-            with st.spinner("UMAP..."):
-                project_2d(run.embeddings, "umap")
+        if job is not None and job.is_alive():
+            st.caption("Computing the UMAP projection in the background (about 20 s the first time); "
+                       "the map switches to it when it is ready.")
+        elif st.button("Compute the UMAP projection (in the background, then cached)"):
+            start_umap(per_source, run.embeddings)
             st.rerun()
+    elif st.session_state.get(UMAP_POLLING):
+        st.session_state[UMAP_POLLING] = False  # the job has finished: one full rerun stops the polling
+        st.rerun()
     df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": run.clustering.labels.numpy().astype(str),
                        "category": [p.category for p in run.prompts], "source": [p.source for p in run.prompts],
                        "prompt": [p.text[:160].replace("\n", " ") for p in run.prompts]})
-    fig = px.scatter(df, x="x", y="y", color=colour, hover_data={"prompt": True, "category": True, "cluster": True,
-                                                                "x": False, "y": False}, title=f"{method} of the prompt embeddings")
+    fig = px.scatter(df, x="x", y="y", color=colour, title=f"{method} of the prompt embeddings",
+                     hover_data={"prompt": True, "category": True, "cluster": True, "x": False, "y": False})
     fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key="clusters.scatter")
+
+
+with left:
+    running = umap_jobs().get(per_source) is not None and umap_jobs()[per_source].is_alive()
+    st.session_state[UMAP_POLLING] = running
+    st.fragment(prompt_map, run_every=2.0 if running else None)()
 with right:
     pur = run.purity()
     st.metric("Purity against the categories", f"{pur.overall:.2f}")
