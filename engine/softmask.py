@@ -25,6 +25,10 @@ s_target the target one. The multipliers are trained by gradient *ascent* (Wang 
 "Structured pruning of large language models"; Sheared-LLaMA), which turns the penalty into
 a constraint that pins the expected sparsity to the target instead of a soft preference.
 
+The gates' log_alpha are trained with SharedScaleAdam (Adam with one second-moment scale
+per tensor) so that step sizes stay proportional to gradients, which is what ranks units
+in a short run; per-entry Adam is available as `TrainConfig(optimizer="adam")`.
+
 At the end `binary_mask` keeps exactly the `n - removed` units with the largest log_alpha of
 each kind (ties go to the lower index), so the budget is exact whatever training reached.
 A layer left with no head has its ATTN sub-block removed (PruneMask.normalized).
