@@ -282,6 +282,10 @@ from engine.cli_distill import _build_distill  # noqa: E402
 
 COMMANDS.append(_build_distill)
 
+from engine.cli_quality import _build_diagnose, _build_suggest  # noqa: E402
+
+COMMANDS += [_build_suggest, _build_diagnose]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,

@@ -7,6 +7,7 @@ from engine.importance import UnknownCriterionError
 from engine.masks import MaskError
 from engine.model import ModelLoadError
 from engine.select import BudgetError
+from engine.strategies.base import UnknownStrategyError
 from engine.tokens import EmptyTextError
 
 __all__ = ["USER_ERRORS"]
@@ -21,4 +22,5 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     FileExistsError,
     ValueError,
+    UnknownStrategyError,
 )

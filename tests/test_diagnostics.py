@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,3 +74,33 @@ def test_measured_cost_is_attached_when_given(llama_handle):
     d = diagnose(llama_handle, stats, ablation=kl)
     assert d[3].ablation_kl == pytest.approx(0.03)
     assert diagnose(llama_handle, stats)[0].ablation_kl is None
+
+
+# --- the Diagnostics page, on a tiny saved model --------------------------------------------------
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    h = tiny_handle("llama")
+    h.model.save_pretrained(path, safe_serialization=True)
+    h.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_diagnostics_page_shows_a_kind_per_head_and_measures_costs_on_request(tiny_llama_dir, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("HEADLAB_MODEL", str(tiny_llama_dir))
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    at.switch_page("pages/diagnostics.py").run()
+    assert not at.exception
+    assert at.title[0].value == "Diagnostics"
+    table = at.dataframe[0].value
+    assert len(table) == 8 and set(table["kind"]) <= set(HEAD_KINDS)
+    assert "ablation_kl" not in table.columns
+    next(b for b in at.button if b.label.startswith("Measure each head")).click()
+    at.run()
+    assert not at.exception
+    assert "ablation_kl" in at.dataframe[0].value.columns

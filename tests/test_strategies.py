@@ -249,3 +249,39 @@ def test_predicted_perplexity_adds_the_removed_heads_kl(llama_handle):
     kl[0, 1], kl[1, 2] = 0.1, 0.2
     m = PruneMask.dense(g).with_head(0, 1, 0.0).with_head(1, 2, 0.0)
     assert predicted_perplexity(10.0, kl, m) == pytest.approx(10.0 * torch.exp(torch.tensor(0.3)).item(), rel=1e-5)
+
+
+def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tests.tiny import tiny_handle
+    from ui import keys
+
+    path = tmp_path / "tiny-llama"
+    h = tiny_handle("llama")
+    h.model.save_pretrained(path, safe_serialization=True)
+    h.tokenizer.save_pretrained(path)
+    monkeypatch.setenv("HEADLAB_MODEL", str(path))
+
+    def page():
+        from ui.suggest import suggest_panel
+
+        suggest_panel()
+
+    at = AppTest.from_function(page, default_timeout=240).run()
+    assert not at.exception
+    at.slider(key="suggest.budget").set_value(0.25)
+    next(b for b in at.button if b.label == "Suggest mask").click()
+    at.run()
+    assert not at.exception
+    mask = at.session_state[keys.MASK].mask
+    assert mask.summary()["heads_pruned"] == 2 and mask.has_bias
+    assert {m.label for m in at.metric} == {"Dense", "Predicted", "Measured"}
+    edited = mask.toggle_head(1, int((mask.heads[1] == 1).nonzero()[0]))
+    at.session_state[keys.MASK] = type(at.session_state[keys.MASK])(at.session_state[keys.MASK].model_key, edited)
+    at.run()
+    next(b for b in at.button if b.label.startswith("Recompute compensation")).click()
+    at.run()
+    assert not at.exception
+    again = at.session_state[keys.MASK].mask
+    assert torch.equal(again.heads, edited.normalized().heads) and not torch.equal(again.attn_bias, mask.attn_bias)

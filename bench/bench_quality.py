@@ -1,0 +1,294 @@
+"""Perplexity after pruning without recovery: the classic criteria against the quality strategies.
+
+    python bench/bench_quality.py                 # full run (hours on a shared CPU; resumable)
+    python bench/bench_quality.py --quick         # smoke run: short protocols, few texts, few steps
+
+Configurations: 10, 20, 30 and 50% of the attention heads; ~20% of the parameters by width
+(the same fraction of heads and FFN channels) and by depth (whole layers, the count that
+brings the size closest to the same target).
+Calibration: 32 WikiText-2 test paragraphs from the END of the file (engine.datasets), up
+to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each).
+Evaluation, both printed with their token ranges:
+- main: the pinned protocol (engine.evaluate.DEFAULT_PROTOCOL): the START of the file;
+- held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
+  never used for calibration, for choosing methods or for tuning; the run checks that the
+  calibration paragraphs lie after it.
+Every (method, configuration) mask and every perplexity is cached under
+bench/results/quality_cache/ (JSON + safetensors), so an interrupted run resumes; --fresh
+starts over. Ratios are against the dense model measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import gates
+from engine.capture import CaptureStats
+from engine.cost import cost
+from engine.datasets import read_wikitext
+from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
+from engine.masks import PruneMask
+from engine.model import load_model
+from engine.strategies import Budget, Calibration, get_strategy
+from engine.strategies.depth import DEPTH_METHODS, depth_prune
+
+HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "gradient+comp", "flap",
+                "ablation", "ablation+comp", "ablation-iterative+comp", "hardconcrete+comp")
+CONFIGS = ("heads10", "heads20", "heads30", "heads50", "width20", "depth20")
+HELDOUT_OFFSET = 150_000
+RESULTS = Path("bench/results")
+Row = dict[str, Any]
+
+
+# --- evaluation ------------------------------------------------------------------------------
+def heldout_windows(handle: Any, offset: int, window: int, n: int) -> torch.Tensor:
+    """[n, window] token windows starting at `offset` (each scored from its second token)."""
+    ids = _wikitext_ids(handle.tokenizer)
+    if offset + n * window > ids.numel():
+        raise ValueError(f"held-out windows end at {offset + n * window}, the text has {ids.numel()} tokens")
+    return torch.stack([ids[offset + i * window: offset + (i + 1) * window] for i in range(n)])
+
+
+@torch.no_grad()
+def heldout_perplexity(handle: Any, mask: PruneMask | None, windows: torch.Tensor, batch_size: int = 4) -> float:
+    total, count = 0.0, 0
+    with gates.apply(handle, mask):
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i: i + batch_size].to(handle.device)
+            s, c = window_nll(handle.model(input_ids=ids).logits, ids, torch.ones(ids.shape[0], dtype=torch.long))
+            total, count = total + float(s), count + c
+    return math.exp(total / count)
+
+
+def check_disjoint(handle: Any, calib: Calibration, heldout_end_token: int) -> str:
+    """Where the calibration paragraphs start in the file, asserted to lie after the held-out windows."""
+    text = read_wikitext()
+    first = min(text.rfind(t) for t in calib.texts)
+    tokens_before = len(handle.tokenizer(text[:first], add_special_tokens=False)["input_ids"])
+    if tokens_before < heldout_end_token:
+        raise SystemExit(f"calibration starts at token ~{tokens_before}, inside the held-out windows")
+    return f"calibration paragraphs start at token ~{tokens_before:,} of {_wikitext_ids(handle.tokenizer).numel():,}"
+
+
+# --- caching -----------------------------------------------------------------------------------
+def save_stats(stats: CaptureStats, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f.name: getattr(stats, f.name).contiguous() for f in fields(stats)
+               if isinstance(getattr(stats, f.name), torch.Tensor)}
+    save_file(tensors, str(path))
+    scalars = {f.name: getattr(stats, f.name) for f in fields(stats) if not isinstance(getattr(stats, f.name), torch.Tensor)}
+    path.with_suffix(".json").write_text(json.dumps(scalars))
+
+
+def load_stats(path: Path) -> CaptureStats | None:
+    from safetensors.torch import load_file
+
+    if not path.exists() or not path.with_suffix(".json").exists():
+        return None
+    return CaptureStats(**load_file(str(path)), **json.loads(path.with_suffix(".json").read_text()))
+
+
+def save_tensors(cache: dict[str, Any], path: Path) -> None:
+    """The calibration's measured tables (ablation KLs, compensated gradients) as safetensors."""
+    from safetensors.torch import save_file
+
+    out = {}
+    for k, v in cache.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.contiguous()
+        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            out.update({f"{k}#{i}": t.contiguous() for i, t in enumerate(v)})
+    if out:
+        save_file(out, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return {}
+    flat = load_file(str(path))
+    out: dict[str, Any] = {}
+    for k in sorted(flat):
+        if "#" in k:
+            base, _ = k.split("#")
+            out[base] = (*out.get(base, ()), flat[k])
+        else:
+            out[k] = flat[k]
+    return out
+
+
+# --- configurations -------------------------------------------------------------------------
+def width_fraction(handle: Any, target: float) -> float:
+    """The fraction r of heads and of FFN channels whose removal is `target` of all parameters."""
+    g = handle.geometry
+    total = cost(handle).params_total
+    one_head = PruneMask.dense(g).with_head(0, 0, 0.0)
+    per_head = total - cost(handle, one_head).params_kept
+    one_ch = PruneMask.dense(g)
+    one_ch.ffn[0, 0] = 0.0
+    per_ch = total - cost(handle, one_ch).params_kept
+    return target * total / (g.n_layers * (g.n_heads * per_head + g.ffn_dim * per_ch))
+
+
+def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
+    if config.startswith("depth"):
+        return depth_prune(handle, 1.0 - int(config[5:]) / 100, method, calib)
+    if config.startswith("width"):
+        r = round(width_fraction(handle, int(config[5:]) / 100), 4)
+        budget = Budget(heads=r, ffn=r)
+    else:
+        budget = Budget(heads=int(config[5:]) / 100)
+    kwargs: dict[str, Any] = {}
+    if "iterative" in method:
+        kwargs["steps"] = args.iter_steps
+    if method.startswith("hardconcrete"):
+        kwargs["steps"] = args.hc_steps
+    return get_strategy(method, **kwargs)(handle, budget, calib)
+
+
+def methods_for(config: str, args: argparse.Namespace) -> list[str]:
+    chosen = args.methods.split(",") if args.methods else list(HEAD_METHODS)
+    if config.startswith("depth"):
+        depth = args.depth_methods.split(",") if args.depth_methods else list(DEPTH_METHODS)
+        return [m for m in depth if m in DEPTH_METHODS]
+    return chosen
+
+
+# --- main ------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 8 texts, few steps")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(HEAD_METHODS)})")
+    ap.add_argument("--depth-methods", default=None, help=f"default: {','.join(DEPTH_METHODS)}")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thrashing on shared cores)")
+    ap.add_argument("--iter-steps", type=int, default=4)
+    ap.add_argument("--hc-steps", type=int, default=80)
+    ap.add_argument("--fresh", action="store_true", help="ignore cached masks and results")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tag = "quality_quick" if args.quick else "quality"
+    cache_dir = RESULTS / f"{tag}_cache"
+    (cache_dir / "masks").mkdir(parents=True, exist_ok=True)
+    csv_path = Path(args.csv or RESULTS / f"{tag}.csv")
+
+    handle = load_model(args.model)
+    if args.quick:
+        main_protocol = PerplexityProtocol(window=256, stride=256, n_windows=2)
+        ho_window, ho_n = 256, 2
+        calib = Calibration.shipped("wikitext", 8, max_length=128)
+        args.iter_steps, args.hc_steps = min(args.iter_steps, 2), min(args.hc_steps, 8)
+    else:
+        main_protocol = DEFAULT_PROTOCOL
+        ho_window, ho_n = 512, 12
+        calib = Calibration.shipped("wikitext", 32, max_length=256)
+    ho = heldout_windows(handle, HELDOUT_OFFSET, ho_window, ho_n)
+    where = check_disjoint(handle, calib, HELDOUT_OFFSET + ho.numel())
+
+    stats_path, tables_path, results_path = cache_dir / "stats.safetensors", cache_dir / "tables.safetensors", cache_dir / "results.json"
+    if args.fresh:
+        for p in [stats_path, stats_path.with_suffix(".json"), tables_path, results_path, *(cache_dir / "masks").glob("*.json")]:
+            p.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    stats = load_stats(stats_path)
+    if stats is None:
+        stats = calib.stats(handle)
+        save_stats(stats, stats_path)
+    calib.set_stats(stats)
+    calib.cache.update(load_tensors(tables_path))
+    results: dict[str, Row] = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    dense_main = perplexity(handle, None, main_protocol)
+    dense_ho = heldout_perplexity(handle, None, ho)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# bench_quality: {handle.name}, {args.threads} thread(s) on {platform.machine()} "
+          f"({os.cpu_count()} cores, load average {load:.1f} at start: timings are indicative only)")
+    print(f"# calibration: {calib.describe()} from the END of WikiText-2 test ({where}); "
+          f"measured methods replay the first 4 texts x 128 tokens; capture {time.perf_counter() - t0:.0f} s")
+    print(f"# main protocol: {dense_main.protocol.describe(dense_main.tokenizer, dense_main.n_tokens)} "
+          f"(tokens 0-{main_protocol.window * main_protocol.n_windows:,})")
+    print(f"# held-out: WikiText-2 test tokens {HELDOUT_OFFSET:,}-{HELDOUT_OFFSET + ho.numel():,} "
+          f"({ho_n} windows of {ho_window}), not used for calibration or for choosing methods")
+    print(f"# dense perplexity: main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f}; no recovery training\n",
+          flush=True)
+
+    rows: list[Row] = []
+    for config in args.configs.split(","):
+        for method in methods_for(config, args):
+            key = f"{method}@{config}"
+            mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+            if key not in results:
+                t = time.perf_counter()
+                if mask_path.exists():
+                    mask = PruneMask.load(mask_path, handle.geometry)
+                    select_s = mask.meta.get("bench_select_seconds", float("nan"))
+                else:
+                    mask = make_mask(handle, method, config, calib, args)
+                    select_s = time.perf_counter() - t
+                    mask.meta["bench_select_seconds"] = select_s
+                    mask.save(mask_path)
+                    save_tensors(calib.cache, tables_path)
+                c, s = cost(handle, mask), mask.summary()
+                results[key] = {
+                    "method": method, "config": config,
+                    "ppl_main": perplexity(handle, mask, main_protocol).perplexity,
+                    "ppl_heldout": heldout_perplexity(handle, mask, ho),
+                    "heads_removed": s["heads_pruned"], "ffn_removed": s["ffn_channels_pruned"],
+                    "blocks_removed": s["attn_blocks_pruned"] + s["ffn_blocks_pruned"],
+                    "params_removed_pct": round(100 * c.params_removed_fraction, 2),
+                    "compensated": mask.has_bias, "select_s": round(select_s, 1),
+                }
+                results_path.write_text(json.dumps(results, indent=1))
+            r = dict(results[key])
+            r["ratio_main"] = r["ppl_main"] / dense_main.perplexity
+            r["ratio_heldout"] = r["ppl_heldout"] / dense_ho
+            rows.append(r)
+            print(f"  {config:>8} {method:>26}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
+                  f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  params -{r['params_removed_pct']:.1f}%  "
+                  f"select {r['select_s']:.0f} s", flush=True)
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "heads_removed",
+            "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "select_s"]
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in cols})
+    print(f"\nwrote {csv_path} (dense main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f})")
+    print_tables(rows)
+
+
+def print_tables(rows: list[Row]) -> None:
+    """Markdown tables: perplexity (ratio to dense) per method x configuration, main then held-out."""
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["config"]): r for r in rows}
+    for which in ("main", "heldout"):
+        print(f"\n{'main protocol' if which == 'main' else 'held-out'}: perplexity (x dense)")
+        print("| method | " + " | ".join(configs) + " |")
+        print("|---" * (len(configs) + 1) + "|")
+        for m in methods:
+            cells = [f"{by[m, c]['ppl_' + which]:,.1f} ({by[m, c]['ratio_' + which]:.2f}x)" if (m, c) in by else "-"
+                     for c in configs]
+            print(f"| {m} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

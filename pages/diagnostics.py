@@ -1,0 +1,81 @@
+"""Diagnostics: what each head attends to, and why entropy and magnitude rank it as they do."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from engine.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
+from engine.strategies.scores import ablation_scores, cached_ablation
+from ui import session
+from ui.errors import user_errors
+from ui.suggest import shared_calibration
+
+KIND_COLORS = dict(zip(HEAD_KINDS, px.colors.qualitative.Set2))
+
+st.title("Diagnostics")
+st.caption("Each head is labelled by where its attention goes on the calibration text, with the numbers behind "
+           f"the label: sink (>= {THRESHOLDS['sink']:.0%} on the first token), previous-token "
+           f"(>= {THRESHOLDS['prev']:.0%}), local (>= {THRESHOLDS['local']:.0%} within 4 tokens), broad "
+           f"(normalized entropy >= {THRESHOLDS['broad_entropy']}), else mixed.")
+with user_errors():
+    handle = session.handle()
+    calib = shared_calibration()
+    with st.spinner(f"One capture pass over {calib.describe()} (once per model)..."):
+        stats = calib.stats(handle)
+measured = cached_ablation(calib, mean=True)
+if measured is None and st.button("Measure each head's real cost (mean-ablation KL; a few minutes once)"):
+    bar = st.progress(0.0, text="Measuring heads")
+    with user_errors():
+        measured, _ = ablation_scores(handle, calib, mean=True,
+                                      progress=lambda d, t: bar.progress(d / t, text=f"Measuring heads {d}/{t}"))
+    bar.empty()
+diagnoses = diagnose(handle, stats, measured)
+table = pd.DataFrame([d.__dict__ for d in diagnoses])
+table["head_id"] = [f"L{d.layer}H{d.head}" for d in diagnoses]
+
+counts = kind_counts(diagnoses)
+st.markdown(" · ".join(f"**{n}** {k}" for k, n in counts.items()))
+left, right = st.columns(2)
+with left:
+    fig = px.scatter(table, x="entropy_normalized", y="sink", color="kind", color_discrete_map=KIND_COLORS,
+                     category_orders={"kind": list(HEAD_KINDS)}, hover_name="head_id",
+                     hover_data={"layer": True, "head": True, "prev_mass": ":.2f", "local_mass": ":.2f",
+                                 "entropy_rank": True, "kind": False},
+                     labels={"entropy_normalized": "normalized entropy", "sink": "attention on the first token"},
+                     title="Entropy against sink mass")
+    st.plotly_chart(fig, config={"displayModeBar": False})
+with right:
+    y = "ablation_kl" if measured is not None else "constant_share"
+    fig = px.scatter(table, x="entropy_rank", y=y, color="kind", color_discrete_map=KIND_COLORS,
+                     category_orders={"kind": list(HEAD_KINDS)}, hover_name="head_id", log_y=y == "ablation_kl",
+                     hover_data={"layer": True, "head": True, "magnitude_rank": True, "kind": False},
+                     labels={"entropy_rank": "entropy's pruning order (1 = first to go)",
+                             "ablation_kl": "measured cost (KL, nats/token)",
+                             "constant_share": "share of the output that is constant"},
+                     title="What entropy prunes first vs what the head is worth")
+    st.plotly_chart(fig, config={"displayModeBar": False})
+
+with st.expander("Why entropy and magnitude mislead", expanded=True):
+    sinks = table[table.kind == "sink"]
+    broad = table[table.kind == "broad"]
+    st.markdown(
+        f"- **Entropy** rewards sharp attention. Sink heads ({len(sinks)} here) park their attention on the first "
+        f"token, so they look sharp and entropy keeps them (median pruning order "
+        f"{sinks.entropy_rank.median() if len(sinks) else float('nan'):.0f} of {len(table)}), yet a median "
+        f"{sinks.constant_share.median() if len(sinks) else float('nan'):.0%} of their output is one constant "
+        "vector that a bias can stand in for. Broad heads "
+        f"({len(broad)} here) average over many tokens, so entropy prunes them first, but in the first layers "
+        "that averaging is how each token gathers its context.\n"
+        "- **Magnitude** compares weight norms across layers, ignoring how much signal flows through the weights "
+        "and that the residual stream a head writes into grows with depth: the same norm means a large change "
+        "early and a negligible one late.\n"
+        "- **What works**: measure the cost of removing each head (the KL of mean-ablating it) and replace a pruned "
+        "head by its mean output (compensation). The Prune page's *Suggest mask* does both.")
+
+kinds = st.multiselect("Show kinds", HEAD_KINDS, default=list(HEAD_KINDS))
+cols = ["head_id", "kind", "reason", "sink", "prev_mass", "local_mass", "mean_distance", "entropy_normalized",
+        "entropy_rank", "magnitude_rank", "constant_share", *(["ablation_kl"] if measured is not None else []),
+        "why_entropy", "why_magnitude"]
+st.dataframe(table[table.kind.isin(kinds)][cols], hide_index=True, width="stretch",
+             column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
+                            ("sink", "prev_mass", "local_mass", "entropy_normalized", "constant_share", "ablation_kl")})

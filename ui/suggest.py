@@ -1,0 +1,104 @@
+"""The "suggest mask" panel (for the Prune page) and the shared calibration it and Diagnostics use.
+
+    from ui.suggest import suggest_panel
+    suggest_panel()          # budget + mode -> engine.strategies.suggest_mask -> apply, then edit by hand
+
+One `engine.strategies.Calibration` per (model, calibration set) lives in a process-wide
+SharedCache: its capture pass and its per-head ablation KLs are pure functions of those two,
+so the first suggestion (a few CPU-minutes) makes every later budget, mode and session
+instant or close to it. The panel shows the method, the predicted and the measured perplexity
+(live protocol), applies the mask to the session, and after hand edits recomputes the
+compensation biases for the edited gates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from engine.compensation import compensate
+from engine.masks import PruneMask
+from engine.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, suggest_mask
+from engine.strategies.scores import cached_ablation
+from ui import session
+from ui.errors import user_errors
+from ui.shared_cache import shared_cache
+
+__all__ = ["shared_calibration", "suggest_panel", "K_SUGGEST_BUDGET", "K_SUGGEST_MODE", "K_SUGGESTION"]
+
+K_SUGGEST_BUDGET = "suggest.budget"
+K_SUGGEST_MODE = "suggest.mode"
+K_SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's last suggestion
+
+MODE_HELP = {
+    "fast": "one cut by each head's measured cost (mean-ablation KL), then compensation; instant once measured",
+    "measured": "the same in 4 steps, re-measuring the heads near the cut under the pruned model (minutes)",
+    "optimise": "a hard-concrete mask trained on KL to the dense model from that ranking (slowest)",
+}
+
+
+def shared_calibration() -> Calibration:
+    """The Calibration (capture + measured tables) of the open model and the sidebar's calibration set."""
+    cal = session.calibration()
+    key = (session.model_choice().key, cal.name, cal.n_texts, cal.max_length)
+    return shared_cache("quality.calibration", 4).get_or_compute(
+        key, lambda: Calibration.shipped(cal.name, cal.n_texts, max_length=cal.max_length))
+
+
+def _progress_bar(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
+
+    return bar, update
+
+
+def _show(info: Suggestion) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Dense", f"{info.dense_perplexity:.2f}" if info.dense_perplexity else "-")
+    c2.metric("Predicted", f"{info.predicted_perplexity:.2f}" if info.predicted_perplexity else "-",
+              help="dense x exp(sum of the removed heads' single-head KL): assumes removals add up")
+    c3.metric("Measured", f"{info.measured_perplexity:.2f}" if info.measured_perplexity else "-",
+              delta=f"{info.measured_ratio:.2f}x dense" if info.measured_ratio else None, delta_color="off")
+    st.caption(f"{info.method}: {info.budget}; calibration {info.calibration}; "
+               f"{info.protocol or 'no perplexity (encoder)'}; {info.seconds:.0f} s")
+
+
+def suggest_panel(handle: Any | None = None) -> PruneMask | None:
+    """Draw the panel; returns the mask it applied in this run (None otherwise)."""
+    handle = handle or session.handle()
+    model_key = session.model_choice().key
+    st.session_state.setdefault(K_SUGGEST_BUDGET, 0.2)
+    st.session_state.setdefault(K_SUGGEST_MODE, "fast")
+    c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=K_SUGGEST_BUDGET, format="%.2f")
+    c2.radio("Method", MODES, key=K_SUGGEST_MODE, horizontal=True,
+             format_func=lambda m: f"{m} ({MODE_METHODS[m]})", help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
+    clicked = c3.button("Suggest mask", type="primary", width="stretch")
+    applied = None
+    if clicked:
+        calib = shared_calibration()
+        first = cached_ablation(calib, mean=True) is None
+        bar, update = _progress_bar("Measuring each head's cost once for this model..." if first else "Selecting...")
+        with user_errors(stop=False):
+            mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[K_SUGGEST_BUDGET])),
+                                      mode=st.session_state[K_SUGGEST_MODE], calib=calib, progress=update)
+            st.session_state[K_SUGGESTION] = (model_key, mask, info)
+            session.set_mask(mask)
+            applied = mask
+        bar.empty()
+    last = st.session_state.get(K_SUGGESTION)
+    if last is not None and last[0] == model_key:
+        _show(last[2])
+        current = session.mask()
+        if current.has_bias and current != last[1]:
+            st.info("You edited the suggested mask: its compensation biases still describe the suggestion.")
+            if st.button("Recompute compensation for my edits"):
+                with user_errors(stop=False), st.spinner("Recomputing the mean biases..."):
+                    edited = compensate(handle, current, shared_calibration().stats(handle))
+                    session.set_mask(edited)
+                    st.session_state[K_SUGGESTION] = (model_key, edited, last[2])
+                    st.rerun()
+    return applied
