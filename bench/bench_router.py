@@ -39,7 +39,7 @@ def log(msg: str) -> None:
 
 def table(rows, removed: int, total: int) -> str:
     lines = [f"removed {removed}/{total} sub-blocks",
-             f"| cluster | majority category | held-out prompts | tokens | dense | static | routed | routed/static |",
+             "| cluster | majority category | held-out prompts | tokens | dense | static | routed | routed/static |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = "**all**" if r["cluster"] is None else str(r["cluster"])
@@ -61,12 +61,12 @@ def routing_overhead(handle, encoder, router, prompts, n: int) -> dict:
     """Median encoder call vs median pruned-model forward, per prompt (batch of one each)."""
     enc_t, fwd_t = [], []
     for p in prompts[:n]:
-        route = router.route(encoder, p.text)[0]
-        enc_t.append(median_seconds(lambda: encoder.encode([p.text]), 3))
+        mask = router.route(encoder, p.text)[0].mask
+        enc_t.append(median_seconds(lambda text=p.text: encoder.encode([text]), 3))
         ids, attn = encode_batch(handle.tokenizer, [p.text], 512, handle.device)
 
-        def forward():
-            with torch.no_grad(), gates.apply(handle, route.mask):
+        def forward(mask=mask, ids=ids, attn=attn):
+            with torch.no_grad(), gates.apply(handle, mask):
                 token_logits(handle, ids, attn)
 
         fwd_t.append(median_seconds(forward, 3))
@@ -108,7 +108,7 @@ def main() -> int:
     for removed in [int(x) for x in args.remove.split(",")]:
         t = time.perf_counter()
 
-        def progress(name, step_log):
+        def progress(name, step_log, removed=removed):
             if step_log.step % 10 == 0 or step_log.step == step_log.steps:
                 s = step_log.expected_sparsity["blocks"]
                 log(f"  [{removed} removed] mask {name}: step {step_log.step}/{step_log.steps} "

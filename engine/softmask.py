@@ -261,7 +261,7 @@ class SharedScaleAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - the torch.optim interface
+    def step(self, closure=None):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -276,7 +276,6 @@ class SharedScaleAdam(torch.optim.Optimizer):
                 m_hat = st["m"] / (1 - b1 ** st["t"])
                 v_hat = st["v"] / (1 - b2 ** st["t"])
                 p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
-        return None
 
 
 GATE_OPTIMIZERS = ("shared-adam", "adam")

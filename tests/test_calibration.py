@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from engine.calibration import (
-    calibration_prompts,
     cached_projection,
+    calibration_prompts,
     kmeans,
     project_2d,
     purity,

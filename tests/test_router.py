@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.calibration import calibration_prompts, kmeans, split_prompts
-from engine.embeddings import SentenceEncoder, embed_texts
+from engine.embeddings import SentenceEncoder
 from engine.masks import PruneMask
 from engine.router import (
     Router,
