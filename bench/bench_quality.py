@@ -14,8 +14,9 @@ Evaluation, both printed with their token ranges:
   never used for calibration, for choosing methods or for tuning; the run checks that the
   calibration paragraphs lie after it.
 Every (method, configuration) mask and every perplexity is cached under
-bench/results/quality_cache/ (JSON + safetensors), so an interrupted run resumes; --fresh
-starts over. Ratios are against the dense model measured in the same process.
+~/.cache/headlab/bench/ ($HEADLAB_CACHE; JSON + safetensors), so an interrupted run resumes;
+--fresh starts over, --report tabulates what is cached. Ratios are against the dense model
+measured in the same process.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from engine.cost import cost
 from engine.datasets import read_wikitext
 from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
 from engine.masks import PruneMask
-from engine.model import load_model
+from engine.model import DEFAULT_MODEL, cache_dir as cache_dir_root, load_model
 from engine.strategies import Budget, Calibration, get_strategy
 from engine.strategies.depth import DEPTH_METHODS, depth_prune
 
-HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "gradient+comp", "flap",
+HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
                 "ablation", "ablation+comp", "ablation-iterative+comp", "hardconcrete+comp")
+BENCH_DEPTH_METHODS = ("random", "magnitude", "entropy", "gradient", "block_influence", "ablation-iterative",
+                       "ablation-iterative+comp")
 CONFIGS = ("heads10", "heads20", "heads30", "heads50", "width20", "depth20")
 HELDOUT_OFFSET = 150_000
 RESULTS = Path("bench/results")
@@ -163,7 +166,7 @@ def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: a
 def methods_for(config: str, args: argparse.Namespace) -> list[str]:
     chosen = args.methods.split(",") if args.methods else list(HEAD_METHODS)
     if config.startswith("depth"):
-        depth = args.depth_methods.split(",") if args.depth_methods else list(DEPTH_METHODS)
+        depth = args.depth_methods.split(",") if args.depth_methods else list(BENCH_DEPTH_METHODS)
         return [m for m in depth if m in DEPTH_METHODS]
     return chosen
 
@@ -175,7 +178,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 8 texts, few steps")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(HEAD_METHODS)})")
-    ap.add_argument("--depth-methods", default=None, help=f"default: {','.join(DEPTH_METHODS)}")
+    ap.add_argument("--depth-methods", default=None,
+                    help=f"default: {','.join(BENCH_DEPTH_METHODS)}; any of {','.join(DEPTH_METHODS)}")
+    ap.add_argument("--report", action="store_true", help="compute nothing new: tabulate every cached result")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thrashing on shared cores)")
     ap.add_argument("--iter-steps", type=int, default=4)
     ap.add_argument("--hc-steps", type=int, default=80)
@@ -184,7 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tag = "quality_quick" if args.quick else "quality"
-    cache_dir = RESULTS / f"{tag}_cache"
+    cache_dir = cache_dir_root() / "bench" / f"{tag}_{(args.model or DEFAULT_MODEL).replace('/', '_')}"
     (cache_dir / "masks").mkdir(parents=True, exist_ok=True)
     csv_path = Path(args.csv or RESULTS / f"{tag}.csv")
 
@@ -229,40 +234,44 @@ def main() -> None:
           flush=True)
 
     rows: list[Row] = []
-    for config in args.configs.split(","):
-        for method in methods_for(config, args):
-            key = f"{method}@{config}"
-            mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
-            if key not in results:
-                t = time.perf_counter()
-                if mask_path.exists():
-                    mask = PruneMask.load(mask_path, handle.geometry)
-                    select_s = mask.meta.get("bench_select_seconds", float("nan"))
-                else:
-                    mask = make_mask(handle, method, config, calib, args)
-                    select_s = time.perf_counter() - t
-                    mask.meta["bench_select_seconds"] = select_s
-                    mask.save(mask_path)
-                    save_tensors(calib.cache, tables_path)
-                c, s = cost(handle, mask), mask.summary()
-                results[key] = {
-                    "method": method, "config": config,
-                    "ppl_main": perplexity(handle, mask, main_protocol).perplexity,
-                    "ppl_heldout": heldout_perplexity(handle, mask, ho),
-                    "heads_removed": s["heads_pruned"], "ffn_removed": s["ffn_channels_pruned"],
-                    "blocks_removed": s["attn_blocks_pruned"] + s["ffn_blocks_pruned"],
-                    "params_removed_pct": round(100 * c.params_removed_fraction, 2),
-                    "compensated": mask.has_bias, "select_s": round(select_s, 1),
-                }
-                results_path.write_text(json.dumps(results, indent=1))
-            r = dict(results[key])
-            r["ratio_main"] = r["ppl_main"] / dense_main.perplexity
-            r["ratio_heldout"] = r["ppl_heldout"] / dense_ho
-            rows.append(r)
-            print(f"  {config:>8} {method:>26}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
-                  f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  params -{r['params_removed_pct']:.1f}%  "
-                  f"select {r['select_s']:.0f} s", flush=True)
+    todo = [(c, m) for c in args.configs.split(",") for m in methods_for(c, args)]
+    if args.report:
+        todo = [(r["config"], r["method"]) for r in results.values()]
+    for config, method in todo:
+        key = f"{method}@{config}"
+        mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+        if key not in results:
+            t = time.perf_counter()
+            if mask_path.exists():
+                mask = PruneMask.load(mask_path, handle.geometry)
+                select_s = mask.meta.get("bench_select_seconds", float("nan"))
+            else:
+                mask = make_mask(handle, method, config, calib, args)
+                select_s = time.perf_counter() - t
+                mask.meta["bench_select_seconds"] = select_s
+                mask.save(mask_path)
+                save_tensors(calib.cache, tables_path)
+            c, s = cost(handle, mask), mask.summary()
+            results[key] = {
+                "method": method, "config": config,
+                "ppl_main": perplexity(handle, mask, main_protocol).perplexity,
+                "ppl_heldout": heldout_perplexity(handle, mask, ho),
+                "heads_removed": s["heads_pruned"], "ffn_removed": s["ffn_channels_pruned"],
+                "blocks_removed": s["attn_blocks_pruned"] + s["ffn_blocks_pruned"],
+                "params_removed_pct": round(100 * c.params_removed_fraction, 2),
+                "compensated": mask.has_bias, "select_s": round(select_s, 1),
+            }
+            results_path.write_text(json.dumps(results, indent=1))
+        r = dict(results[key])
+        r["ratio_main"] = r["ppl_main"] / dense_main.perplexity
+        r["ratio_heldout"] = r["ppl_heldout"] / dense_ho
+        rows.append(r)
+        print(f"  {config:>8} {method:>26}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
+              f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  params -{r['params_removed_pct']:.1f}%  "
+              f"select {r['select_s']:.0f} s", flush=True)
 
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    rows.sort(key=lambda r: order.get(r["config"], len(order)))
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "heads_removed",
             "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "select_s"]

@@ -13,15 +13,18 @@ From one capture pass (CaptureStats) every head gets a *kind*, decided in this o
 and the numbers behind the label, plus two quantities that explain the naive criteria:
 
 - `constant_share`: the fraction of the head's output energy through W_O that is its mean
-  (||W_O mu||^2 / E||W_O x||^2, diagonal second moments). A sink head reads the same value
-  vector at every position, so its output is nearly constant: its entropy is low ("sharp",
-  entropy keeps it) although mean compensation would remove it almost for free; a broad head
-  averages many positions, so its entropy is high (entropy prunes it first) although in the
-  first layers that averaging is how the model builds context.
-- `write_rms`: the RMS of the head's output through W_O. Weight magnitude ignores the scale
-  of what flows through the weights and of the residual stream the head writes into, which
-  grows by orders of magnitude with depth; a small weight norm in layer 0 can carry a larger
-  relative write than a big one in layer 25.
+  (||W_O mu||^2 / E||W_O x||^2, diagonal second moments): how much of the head a bias can
+  stand in for once it is pruned with compensation.
+- `write_rms`: the RMS of the head's output through W_O.
+
+Why the naive criteria mislead, in these terms. Entropy calls a sink head "sharp" and keeps
+it, although parking attention on the first token is how a head idles, and such heads are
+often the cheapest to remove; it calls a broad head "unfocused" and prunes it first,
+although early layers build each token's context by broad averaging (on SmolLM2-135M its
+first nine picks are all of layer 0). Weight magnitude ignores what flows through the
+weights and that the residual stream a head writes into grows with depth, so it prunes
+small-norm heads that matter, such as previous-token heads. `ablation_kl`, when given, is
+the measured cost that settles it.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def _why_entropy(kind: str, ent_norm: float, rank: int, n: int, share: float, la
     pos = f"entropy ranks it {rank}/{n} for pruning"
     if kind == "sink":
         return (f"{pos}: parking its attention on the first token makes it look sharp (low entropy), so entropy "
-                f"keeps it, yet {share:.0%} of its output is a constant that a bias can replace")
+                f"keeps it, yet a sink is how a head idles and such heads are often cheap to remove "
+                f"({share:.0%} of its output is constant)")
     if kind in ("previous-token", "local"):
         return f"{pos}: attention on a few nearby tokens has low entropy, so it is kept; such heads carry word order"
     if kind == "broad":

@@ -56,21 +56,22 @@ with right:
     st.plotly_chart(fig, config={"displayModeBar": False})
 
 with st.expander("Why entropy and magnitude mislead", expanded=True):
-    sinks = table[table.kind == "sink"]
-    broad = table[table.kind == "broad"]
+    by_kind = table.groupby("kind")
+    summary = by_kind[["entropy_rank", "magnitude_rank", "constant_share",
+                       *(["ablation_kl"] if measured is not None else [])]].median()
     st.markdown(
-        f"- **Entropy** rewards sharp attention. Sink heads ({len(sinks)} here) park their attention on the first "
-        f"token, so they look sharp and entropy keeps them (median pruning order "
-        f"{sinks.entropy_rank.median() if len(sinks) else float('nan'):.0f} of {len(table)}), yet a median "
-        f"{sinks.constant_share.median() if len(sinks) else float('nan'):.0%} of their output is one constant "
-        "vector that a bias can stand in for. Broad heads "
-        f"({len(broad)} here) average over many tokens, so entropy prunes them first, but in the first layers "
-        "that averaging is how each token gathers its context.\n"
+        "- **Entropy** rewards sharp attention. A sink head parks its attention on the first token, which is how a "
+        "head idles: entropy calls it sharp and keeps it, yet such heads are often the cheapest to remove. A broad "
+        "head averages many tokens, so entropy prunes it first, but early layers build each token's context that "
+        "way; pruning by entropy can empty the first layer's attention altogether.\n"
         "- **Magnitude** compares weight norms across layers, ignoring how much signal flows through the weights "
-        "and that the residual stream a head writes into grows with depth: the same norm means a large change "
-        "early and a negligible one late.\n"
-        "- **What works**: measure the cost of removing each head (the KL of mean-ablating it) and replace a pruned "
-        "head by its mean output (compensation). The Prune page's *Suggest mask* does both.")
+        "and that the residual stream a head writes into grows with depth; small-norm heads can matter a lot "
+        "(previous-token heads often have small weights).\n"
+        "- **What works**: measure the cost of removing each head (the KL to the dense model when it is replaced "
+        "by its mean output) and keep that mean as a bias when pruning (compensation). The Prune page's "
+        "*Suggest mask* does both.")
+    st.caption("Medians per kind (ranks: 1 = pruned first; measured cost once measured):")
+    st.dataframe(summary.reindex([k for k in HEAD_KINDS if k in summary.index]), width="stretch")
 
 kinds = st.multiselect("Show kinds", HEAD_KINDS, default=list(HEAD_KINDS))
 cols = ["head_id", "kind", "reason", "sink", "prev_mass", "local_mass", "mean_distance", "entropy_normalized",

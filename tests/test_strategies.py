@@ -285,3 +285,32 @@ def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(t
     assert not at.exception
     again = at.session_state[keys.MASK].mask
     assert torch.equal(again.heads, edited.normalized().heads) and not torch.equal(again.attn_bias, mask.attn_bias)
+
+
+@pytest.mark.parametrize("method", ["random", "gradient", "block_influence", "ablation+comp", "ablation-iterative+comp"])
+def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
+    from engine.cost import cost
+    from engine.strategies.depth import depth_prune
+    from tests.tiny import tiny_handle
+
+    handle = tiny_handle("llama")
+    m = depth_prune(handle, 0.75, method, calib())
+    assert len(m.meta["layers_dropped"]) == 1
+    dropped = m.meta["layers_dropped"][0]
+    assert m.attn[dropped] == 0 and m.ffn_block[dropped] == 0
+    assert cost(handle, m).params_removed > 0
+    if method.endswith("+comp") and dropped == 1:
+        assert m.ffn_bias is not None and m.ffn_bias[0].abs().sum() > 0, "layer 1's mean rides on layer 0's FFN"
+
+
+def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
+    from engine.strategies.depth import layer_scores
+    from tests.tiny import tiny_handle
+
+    handle = tiny_handle("llama")
+    c = Calibration(TEXTS[:4], max_length=48, batch_size=2)
+    scores = layer_scores(handle, "ablation", c)
+    g = handle.geometry
+    for layer in range(g.n_layers):
+        m = PruneMask.dense(g).with_block(layer, "attn", 0.0).with_block(layer, "ffn", 0.0)
+        assert scores[layer] == pytest.approx(full_kl(handle, m, TEXTS[:4]), rel=1e-3)
