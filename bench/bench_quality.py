@@ -217,6 +217,7 @@ def main() -> None:
         save_stats(stats, stats_path)
     calib.set_stats(stats)
     calib.cache.update(load_tensors(tables_path))
+    capture_s = time.perf_counter() - t0
     results: dict[str, Row] = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     dense_main = perplexity(handle, None, main_protocol)
@@ -225,7 +226,7 @@ def main() -> None:
     print(f"# bench_quality: {handle.name}, {args.threads} thread(s) on {platform.machine()} "
           f"({os.cpu_count()} cores, load average {load:.1f} at start: timings are indicative only)")
     print(f"# calibration: {calib.describe()} from the END of WikiText-2 test ({where}); "
-          f"measured methods replay the first 4 texts x 128 tokens; capture {time.perf_counter() - t0:.0f} s")
+          f"measured methods replay the first 4 texts x 128 tokens; capture {capture_s:.0f} s (0: cached)")
     print(f"# main protocol: {dense_main.protocol.describe(dense_main.tokenizer, dense_main.n_tokens)} "
           f"(tokens 0-{main_protocol.window * main_protocol.n_windows:,})")
     print(f"# held-out: WikiText-2 test tokens {HELDOUT_OFFSET:,}-{HELDOUT_OFFSET + ho.numel():,} "

@@ -19,16 +19,19 @@ import streamlit as st
 
 from engine.compensation import compensate
 from engine.masks import PruneMask
-from engine.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, suggest_mask
+from engine.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, strategy_names, suggest_mask
 from engine.strategies.scores import cached_ablation
 from ui import session
 from ui.errors import user_errors
 from ui.shared_cache import shared_cache
 
-__all__ = ["shared_calibration", "suggest_panel", "K_SUGGEST_BUDGET", "K_SUGGEST_MODE", "K_SUGGESTION"]
+__all__ = ["shared_calibration", "suggest_panel", "K_SUGGEST_BUDGET", "K_SUGGEST_MODE", "K_SUGGEST_METHOD",
+           "K_SUGGESTION"]
 
 K_SUGGEST_BUDGET = "suggest.budget"
 K_SUGGEST_MODE = "suggest.mode"
+K_SUGGEST_METHOD = "suggest.method"
+AUTO = "best for the mode"
 K_SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's last suggestion
 
 MODE_HELP = {
@@ -72,19 +75,24 @@ def suggest_panel(handle: Any | None = None) -> PruneMask | None:
     model_key = session.model_choice().key
     st.session_state.setdefault(K_SUGGEST_BUDGET, 0.2)
     st.session_state.setdefault(K_SUGGEST_MODE, "fast")
-    c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
+    st.session_state.setdefault(K_SUGGEST_METHOD, AUTO)
+    c1, c2, c3, c4 = st.columns([2, 2, 1.4, 1], vertical_alignment="bottom")
     c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=K_SUGGEST_BUDGET, format="%.2f")
-    c2.radio("Method", MODES, key=K_SUGGEST_MODE, horizontal=True,
+    c2.radio("Mode", MODES, key=K_SUGGEST_MODE, horizontal=True,
              format_func=lambda m: f"{m} ({MODE_METHODS[m]})", help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
-    clicked = c3.button("Suggest mask", type="primary", width="stretch")
+    c3.selectbox("Method", [AUTO, *strategy_names(with_comp=True)], key=K_SUGGEST_METHOD,
+                 help="Any strategy by name (+comp: with FLAP compensation); the mode's best by default")
+    clicked = c4.button("Suggest mask", type="primary", width="stretch")
     applied = None
     if clicked:
         calib = shared_calibration()
         first = cached_ablation(calib, mean=True) is None
         bar, update = _progress_bar("Measuring each head's cost once for this model..." if first else "Selecting...")
         with user_errors(stop=False):
+            method = st.session_state[K_SUGGEST_METHOD]
             mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[K_SUGGEST_BUDGET])),
-                                      mode=st.session_state[K_SUGGEST_MODE], calib=calib, progress=update)
+                                      mode=st.session_state[K_SUGGEST_MODE], method=None if method == AUTO else method,
+                                      calib=calib, progress=update)
             st.session_state[K_SUGGESTION] = (model_key, mask, info)
             session.set_mask(mask)
             applied = mask
