@@ -11,13 +11,32 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 __all__ = ["_build_suggest", "_build_diagnose", "cmd_suggest", "cmd_diagnose"]
+
+
+@contextlib.contextmanager
+def _phased_bar(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress(done, total) callback for several phases in a row: a new total starts the bar over."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="step", file=sys.stderr, leave=False)
+    try:
+        def update(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = done
+            bar.refresh()
+
+        yield update
+    finally:
+        bar.close()
 
 
 def _budget(x: float) -> Any:
@@ -36,7 +55,7 @@ def _print_methods() -> None:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from engine.cli import _load, _print_cost, _protocol, progress_bar
+    from engine.cli import _load, _print_cost, _protocol
     from engine.strategies import Budget, Calibration, get_strategy, suggest_mask
 
     if args.list:
@@ -51,7 +70,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     budget.counts(handle.geometry)
     calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length)
     t = time.perf_counter()
-    with progress_bar(f"suggest ({args.method or args.mode})") as cb:
+    with _phased_bar(f"suggest ({args.method or args.mode})") as cb:
         mask, info = suggest_mask(handle, budget, mode=args.mode, method=args.method, calib=calib,
                                   protocol=_protocol(args), measure=not args.no_eval, progress=cb)
     mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": args.n_texts})
@@ -86,7 +105,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
         calib = Calibration(texts, max_length=args.max_length, name=args.calibration)
         calib.set_stats(stats)
-        with progress_bar("ablation") as cb:
+        with _phased_bar("ablation") as cb:
             ablation, _ = ablation_scores(handle, calib, mean=True, progress=cb)
     d = diagnose(handle, stats, ablation)
     counts = kind_counts(d)

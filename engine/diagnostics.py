@@ -21,7 +21,7 @@ Why the naive criteria mislead, in these terms. Entropy calls a sink head "sharp
 it, although parking attention on the first token is how a head idles, and such heads are
 often the cheapest to remove; it calls a broad head "unfocused" and prunes it first,
 although early layers build each token's context by broad averaging (on SmolLM2-135M its
-first nine picks are all of layer 0). Weight magnitude ignores what flows through the
+first 15 picks include all nine heads of layer 0). Weight magnitude ignores what flows through the
 weights and that the residual stream a head writes into grows with depth, so it prunes
 small-norm heads that matter, such as previous-token heads. `ablation_kl`, when given, is
 the measured cost that settles it.

@@ -315,3 +315,27 @@ def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
     for layer in range(g.n_layers):
         m = PruneMask.dense(g).with_block(layer, "attn", 0.0).with_block(layer, "ffn", 0.0)
         assert scores[layer] == pytest.approx(full_kl(handle, m, TEXTS[:4]), rel=1e-3)
+
+
+def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
+    from engine.cli import main
+    from tests.tiny import tiny_handle
+
+    model = tmp_path / "tiny-llama"
+    h = tiny_handle("llama")
+    h.model.save_pretrained(model, safe_serialization=True)
+    h.tokenizer.save_pretrained(model)
+    small = ["--model", str(model), "--n-texts", "4", "--max-length", "32"]
+    protocol = ["--window", "32", "--stride", "32", "--windows", "2"]
+    out = tmp_path / "mask.json"
+    assert main(["suggest", *small, *protocol, "--budget", "0.25", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "method ablation+comp" in text and "predicted" in text and "measured" in text
+    assert PruneMask.load(out, h.geometry).has_bias
+    csv_path = tmp_path / "heads.csv"
+    assert main(["diagnose", *small, "--out", str(csv_path)]) == 0
+    assert len(csv_path.read_text().strip().splitlines()) == 1 + h.geometry.n_layers * h.geometry.n_heads
+    assert main(["prune", *small, "--criterion", "fluctuation", "--budget", "0.25", "--no-eval",
+                 "--out", str(tmp_path / "f.json")]) == 0
+    assert main(["suggest", *small, "--budget", "0.25", "--method", "nope"]) == 2
+    assert "unknown pruning method" in capsys.readouterr().err
