@@ -16,7 +16,6 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from engine.capture import CaptureStats, capture
-from engine.importance import Scores
 from engine.masks import PruneMask
 from engine.select import BudgetError, count_from_budget
 
@@ -30,7 +29,9 @@ __all__ = [
     "strategy_names",
     "get_strategy",
     "parse_method",
+    "lowest",
     "COMP_SUFFIX",
+    "Progress",
 ]
 
 COMP_SUFFIX = "+comp"
@@ -172,7 +173,3 @@ def lowest(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) ->
     if k > 0:
         out[torch.sort(flat, stable=True).indices[:k]] = True
     return out.view_as(scores)
-
-
-def scores_note(scores: Scores) -> str:
-    return f"{scores.criterion}: {scores.note}" if scores.note else scores.criterion

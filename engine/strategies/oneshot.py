@@ -45,7 +45,7 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
 
 
 def select_scores(g: Any, scores: Scores, budget: Budget, scope: str, base: PruneMask | None = None) -> PruneMask:
-    """Cut heads (and channels) by `scores` under `scope`; channels fall back to global raw scores."""
+    """Cut the budget's heads and FFN channels by `scores` under `scope`, on top of `base`."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
     h, f = budget.counts(g)
