@@ -247,3 +247,27 @@ def test_a_removed_first_sub_block_has_nothing_to_fold_into(llama_handle):
     mask.heads[0] = 0.0
     m = compensate(llama_handle, mask, stats)
     assert m.attn[0] == 0 and m.attn_bias is None and m.ffn_bias is None
+
+
+@pytest.mark.real_model
+def test_compensation_brings_the_pruned_default_model_closer_to_the_dense_one(smollm):
+    from engine.datasets import calibration_texts
+    from engine.tokens import encode_batch
+
+    g = smollm.geometry
+    stats = capture(smollm, calibration_texts("wikitext", 4), gradients=False, max_length=64)
+    mask = PruneMask.dense(g)
+    mask.heads[g.n_layers // 2:, :3] = 0.0  # 45 heads of the upper half
+    from engine.datasets import read_wikitext
+
+    text = read_wikitext()[600_000:601_500]  # the middle of the file: never calibration text
+    ids, am = encode_batch(smollm.tokenizer, [text], 256)
+
+    def kl(m):
+        with torch.no_grad():
+            dense = torch.log_softmax(token_logits(smollm, ids, am).float(), -1)
+            with gates.apply(smollm, m):
+                pruned = torch.log_softmax(token_logits(smollm, ids, am).float(), -1)
+        return float((dense.exp() * (dense - pruned)).sum(-1).mean())
+
+    assert kl(compensate(smollm, mask, stats)) < kl(mask)
