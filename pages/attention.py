@@ -61,8 +61,8 @@ if first.pooled:
     notes.append(f"pooled into bins of about {first.bin_size:.1f} tokens (hover for their text)")
 pruned_here = [h for h in range(g.n_heads) if float(mask.heads_effective()[layer, h]) == 0]
 if pruned_here:
-    notes.append(f"pruned in this layer: heads {', '.join(map(str, pruned_here))} (their maps still exist; "
-                 "their outputs are dropped)")
+    which = f"head {pruned_here[0]}" if len(pruned_here) == 1 else f"heads {', '.join(map(str, pruned_here))}"
+    notes.append(f"pruned in this layer: {which} (a pruned head still computes its map; its output is dropped)")
 st.caption(" · ".join(notes))
 if view != "dense" and mask == type(mask).dense(g):
     st.info("The current mask keeps every head, so both maps are the same. Switch heads off on the Heads or "

@@ -102,3 +102,14 @@ def test_token_labels_are_unique_and_readable(llama_handle):
 def test_no_hook_survives_an_attention_map_call(llama_handle):
     attention_map(llama_handle, TEXT, layer=0, mask=PruneMask.dense(llama_handle.geometry).toggle_head(1, 1))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in llama_handle.model.modules())
+
+
+@pytest.mark.real_model
+def test_a_thousand_token_prompt_is_pooled_server_side_on_the_shipped_model(smollm):
+    from engine.datasets import read_wikitext
+
+    text = read_wikitext()[:6000]  # about 1,400 tokens: cut to MAX_TOKENS, pooled to 64 bins
+    m = attention_map(smollm, text, layer=smollm.geometry.n_layers - 1, max_bins=64)
+    assert m.truncated and m.n_tokens == 1024
+    assert m.probs.shape == (smollm.geometry.n_heads, 64, 64) and m.bin_size == 16
+    assert torch.allclose(m.probs.sum(-1), torch.ones(m.probs.shape[:2]), atol=1e-4)

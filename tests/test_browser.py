@@ -156,12 +156,13 @@ def grid_shape(page) -> tuple[int, int]:
 
 
 def curve_points(page) -> int:
-    """Points on the shortest line of the perplexity-curve chart, read from Plotly's data in the page (0 if none)."""
+    """Points on the shortest criterion line of the perplexity-curve chart, from Plotly's data (0 if none)."""
     return page.evaluate("""() => {
         for (const el of document.querySelectorAll('.js-plotly-plot')) {
             const title = el.layout && el.layout.title && el.layout.title.text;
             if (title && title.includes('Perplexity vs fraction') && el.data.length)
-                return Math.min(...el.data.map(t => (t.x || []).length));
+                return Math.min(...el.data.filter(t => !(t.name || '').startsWith('dense'))
+                                          .map(t => (t.x || []).length));
         }
         return 0;
     }""")

@@ -188,3 +188,15 @@ def test_prefix_cache_rejects_a_mask_of_another_model(causal):
     other.heads = torch.ones(1, 1)
     with pytest.raises(MaskError, match="shape"):
         cache.perplexity(other)
+
+
+@pytest.mark.real_model
+def test_prefix_cache_matches_the_full_forward_on_the_shipped_model(smollm):
+    protocol = live_protocol(smollm)
+    cache = PrefixCache(smollm, protocol)
+    dense = cache.perplexity(None)
+    mask = PruneMask.dense(smollm.geometry).toggle_head(20, 4).toggle_head(27, 0)
+    fast = cache.perplexity(mask)
+    assert cache.last_run.start_layer == 20 and cache.last_run.layers_run == 10
+    assert fast.perplexity == pytest.approx(perplexity(smollm, mask, protocol).perplexity, abs=1e-5)
+    assert fast.perplexity != pytest.approx(dense.perplexity, abs=1e-3)

@@ -63,8 +63,9 @@ def _grid_layout(fig: go.Figure, n_layers: int, n_heads: int, group_size: int, t
 
 def _bottom_colorbar(title: str, **extra) -> dict:
     """A horizontal colour bar under the grid, so narrow grids keep their width."""
-    return dict(title=dict(text=title, side="bottom"), orientation="h", thickness=8, len=1.0, y=-0.02,
-                yanchor="top", **extra)
+    # len < 1 leaves room for the end tick labels ("least useful", "most useful") inside the figure.
+    return dict(title=dict(text=title, side="bottom"), orientation="h", thickness=8, len=0.7, x=0.5, xanchor="center",
+                y=-0.02, yanchor="top", **extra)
 
 
 def _click_layer(values: np.ndarray, hover: list[list[str]]) -> go.Scatter:
