@@ -40,7 +40,8 @@ from engine.quantize import set_quantization_
 from engine.recipes import recovery_student, run_recipe
 from engine.surgery import prune
 
-RUNS = (("fp32", None), ("single", 2), ("multi", 2), ("single", 1), ("multi", 1))
+RUN_NAMES = {"fp32": ("fp32", None), "single2": ("single", 2), "multi2": ("multi", 2), "single1": ("single", 1),
+             "multi1": ("multi", 1)}
 
 
 def _say(msg: str) -> None:
@@ -109,7 +110,7 @@ def bench_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
     for bits in (2, 1):
         row(f"pruned {bits}-bit", "none (quantised, step 0)",
             perplexity(_quantised_copy(teacher, mask, bits), protocol=protocol).perplexity)
-    for recipe, bits in RUNS:
+    for recipe, bits in args.runs:
         student = prune(teacher, mask)
         label = "fp32" if bits is None else f"{bits}-bit"
         r = run_recipe(teacher, student, data, recipe, bits, config=config, progress=_progress(f"{label} {recipe}"))
@@ -154,7 +155,7 @@ def bench_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
     row("pruned fp32", "none", base)
     for bits in (2, 1):
         row(f"pruned {bits}-bit", "none (quantised, step 0)", _quantised_copy(teacher, mask, bits))
-    for recipe, bits in RUNS:
+    for recipe, bits in args.runs:
         student = prune(teacher, mask)
         label = "fp32" if bits is None else f"{bits}-bit"
         r = run_recipe(teacher, student, data, recipe, bits, config=config, progress=_progress(f"enc {label} {recipe}"))
@@ -191,6 +192,7 @@ def main() -> None:
     ap.add_argument("--encoder-prompts", type=int, default=400, help="training prompts for the encoder")
     ap.add_argument("--n-heldout", type=int, default=200, help="held-out prompts for the encoder agreement")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--runs", default=",".join(RUN_NAMES), help=f"KD runs, from: {', '.join(RUN_NAMES)}")
     ap.add_argument("--skip-lm", action="store_true")
     ap.add_argument("--skip-encoder", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 4 perplexity windows, no CSV")
@@ -200,6 +202,10 @@ def main() -> None:
     if args.quick:
         args.steps, args.encoder_steps, args.n_wikitext, args.n_prompts = 4, 6, 8, 4
         args.encoder_prompts, args.n_heldout, args.max_new_tokens, args.n_score_texts = 16, 24, 16, 4
+    unknown = [r for r in args.runs.split(",") if r not in RUN_NAMES]
+    if unknown:
+        ap.error(f"unknown run(s) {unknown}; choose from {', '.join(RUN_NAMES)}")
+    args.runs = [RUN_NAMES[r] for r in args.runs.split(",")]
     torch.set_num_threads(args.threads)
     print(f"# bench_recovery: {args.threads} threads on {platform.machine()} ({os.cpu_count()} cores), "
           f"torch {torch.__version__}; wall times are for this machine and its load")
