@@ -58,11 +58,19 @@ def live_protocol(handle: Any, n_windows: int = LIVE_WINDOWS, window: int = LIVE
 
 
 def _layer_keys(mask: PruneMask) -> LayerKey:
-    """One bytes key per layer: every gate that acts inside that layer."""
-    parts = torch.cat(
-        [mask.heads.detach(), mask.ffn.detach(), mask.attn.detach()[:, None], mask.ffn_block.detach()[:, None]], dim=1
-    ).float()  # (L, H + F + 2)
-    return tuple(row.numpy().tobytes() for row in parts)
+    """One bytes key per layer: every gate and compensation bias that acts inside that layer."""
+    gates_ = torch.cat(
+        [mask.heads, mask.ffn, mask.attn[:, None], mask.ffn_block[:, None]], dim=1
+    ).detach().float().cpu()  # (L, H + F + 2)
+    keys = []
+    for layer, row in enumerate(gates_):
+        key = row.numpy().tobytes()
+        for tag, bias in ((b"a", getattr(mask, "attn_bias", None)), (b"f", getattr(mask, "ffn_bias", None))):
+            # No bias and a zero bias compute the same thing (gates skip a missing one): same key.
+            if bias is not None and bool(bias[layer].any()):
+                key += tag + bias[layer].detach().float().cpu().numpy().tobytes()
+        keys.append(key)
+    return tuple(keys)
 
 
 def _first_diff(a: LayerKey, b: LayerKey) -> int:

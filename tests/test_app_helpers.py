@@ -171,3 +171,11 @@ def test_curve_figure_keeps_its_log_axis_on_the_data_and_draws_dense_as_a_line()
     assert not fig.layout.annotations and not fig.layout.shapes  # nothing placed in log10 units
     dense = next(t for t in fig.data if t.name.startswith("dense"))
     assert list(dense.y) == [27.7, 27.7] and list(dense.x) == [0.0, 0.5]
+
+
+def test_mask_digest_tells_apart_masks_that_differ_only_in_compensation_biases(llama_handle):
+    g = llama_handle.geometry
+    a = PruneMask.dense(g).toggle_head(0, 1)
+    b = a.clone()
+    b.ffn_bias = torch.full((g.n_layers, g.hidden), 0.01)
+    assert mask_digest(a) != mask_digest(b)

@@ -44,6 +44,11 @@ def causal(request, tokenizer):
     return ModelHandle.from_model(model, tokenizer, name=f"tiny-{request.param}")
 
 
+def full_forward(handle, mask, protocol=PROTOCOL):
+    """The whole model under `mask` through the gate hooks: the same operations the cache re-runs."""
+    return perplexity(handle, mask, protocol, use_kernels=False)
+
+
 def _random_mask(g, gen: torch.Generator) -> PruneMask:
     m = PruneMask.dense(g)
     m.heads = (torch.rand(g.n_layers, g.n_heads, generator=gen) > 0.3).float()
@@ -68,9 +73,18 @@ def test_prefix_cached_perplexity_equals_full_forward_for_random_masks_and_toggl
     masks.append(soft)
     for mask in masks:
         fast = cache.perplexity(mask)
-        full = perplexity(causal, mask, PROTOCOL, use_kernels=False)  # the same hook arithmetic
+        full = full_forward(causal, mask)
         assert fast.n_tokens == full.n_tokens
         assert fast.perplexity == pytest.approx(full.perplexity, abs=1e-5)
+
+
+def test_prefix_cache_agrees_with_the_masked_kernel_path_to_float_precision(causal):
+    mask = PruneMask.dense(causal.geometry).toggle_head(2, 1).toggle_head(3, 0)
+    cache = PrefixCache(causal, PROTOCOL)
+    cache.perplexity(None)
+    # evaluate.perplexity may run hard masks through masked kernels: other float sums, same maths.
+    kernels = perplexity(causal, mask, PROTOCOL)
+    assert cache.perplexity(mask).perplexity == pytest.approx(kernels.perplexity, rel=1e-5)
 
 
 def test_prefix_cache_matches_full_forward_across_batch_sizes(causal):
@@ -78,7 +92,7 @@ def test_prefix_cache_matches_full_forward_across_batch_sizes(causal):
     mask = PruneMask.dense(causal.geometry).toggle_head(2, 1)
     cache.perplexity(None)
     # Different batch shapes reorder float sums; the values agree to float32 precision.
-    assert cache.perplexity(mask).perplexity == pytest.approx(perplexity(causal, mask, PROTOCOL).perplexity, rel=1e-5)
+    assert cache.perplexity(mask).perplexity == pytest.approx(full_forward(causal, mask).perplexity, rel=1e-5)
 
 
 def test_toggle_in_layer_l_reruns_only_layers_l_to_last(causal):
@@ -140,7 +154,7 @@ def test_model_weights_are_unchanged_after_cached_evaluations(causal):
 def test_two_threads_with_their_own_caches_get_their_own_perplexities(causal):
     g = causal.geometry
     masks = {"a": PruneMask.dense(g).toggle_head(0, 0), "b": PruneMask.dense(g).with_block(1, "ffn", 0.0)}
-    expected = {k: perplexity(causal, m, PROTOCOL).perplexity for k, m in masks.items()}
+    expected = {k: full_forward(causal, m).perplexity for k, m in masks.items()}
     got: dict[str, list[float]] = {"a": [], "b": []}
 
     def session(name: str) -> None:
@@ -198,5 +212,24 @@ def test_prefix_cache_matches_the_full_forward_on_the_shipped_model(smollm):
     mask = PruneMask.dense(smollm.geometry).toggle_head(20, 4).toggle_head(27, 0)
     fast = cache.perplexity(mask)
     assert cache.last_run.start_layer == 20 and cache.last_run.layers_run == 10
-    assert fast.perplexity == pytest.approx(perplexity(smollm, mask, protocol).perplexity, abs=1e-5)
+    assert fast.perplexity == pytest.approx(full_forward(smollm, mask, protocol).perplexity, abs=1e-5)
     assert fast.perplexity != pytest.approx(dense.perplexity, abs=1e-3)
+
+
+def test_masks_differing_only_in_compensation_biases_are_told_apart(causal):
+    g = causal.geometry
+    base = PruneMask.dense(g).toggle_head(1, 0)
+    biased = base.clone()
+    biased.attn_bias = torch.zeros(g.n_layers, g.hidden)
+    # Acts in layer 2 only; not a constant vector, which LayerNorm's mean-centring would cancel (GPT-2).
+    biased.attn_bias[2] = torch.randn(g.hidden, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert first_changed_layer(base, biased) == 2
+    zero_bias = base.clone()
+    zero_bias.attn_bias = torch.zeros(g.n_layers, g.hidden)
+    assert first_changed_layer(base, zero_bias) == g.n_layers  # a zero bias changes nothing
+    cache = PrefixCache(causal, PROTOCOL)
+    cache.perplexity(base)
+    fast = cache.perplexity(biased)
+    assert cache.last_run.start_layer == 2
+    assert fast.perplexity == pytest.approx(full_forward(causal, biased).perplexity, abs=1e-5)
+    assert fast.perplexity != pytest.approx(cache.perplexity(base).perplexity, abs=1e-6)

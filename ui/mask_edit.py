@@ -54,12 +54,15 @@ def reset_unit(mask: PruneMask, unit: str) -> PruneMask:
 
 
 def mask_digest(mask: PruneMask | None) -> str:
-    """A short hex digest of every gate; equal masks give equal digests ("dense" for None)."""
+    """A short hex digest of every gate and bias; equal masks give equal digests ("dense" for None)."""
     if mask is None:
         return "dense"
     h = hashlib.sha1()
     for t in (mask.heads, mask.ffn, mask.attn, mask.ffn_block):
         h.update(t.detach().float().contiguous().numpy().tobytes())
+    for name in ("attn_bias", "ffn_bias"):  # compensation biases change what the model computes too
+        bias = getattr(mask, name, None)
+        h.update(b"-" if bias is None else bias.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
