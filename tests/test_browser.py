@@ -220,7 +220,7 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
         time.sleep(1)
     assert curve_points(page) == len(CURVE_FRACTIONS), "the perplexity curves did not finish"
     wait_idle(page)
-    page.set_viewport_size({"width": VIEWPORT["width"], "height": 2300})  # the whole page, curves included
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 1800})  # the whole page, curves included
     wait_idle(page)
     page.screenshot(path=str(shots / "prune.png"))
     assert not errors, errors

@@ -161,7 +161,7 @@ def block_gates_figure(mask: PruneMask) -> go.Figure:
     ))
     fig.update_layout(title=dict(text="Sub-blocks and FFN channels per layer", x=0, font=dict(size=14)),
                       height=190, margin=dict(l=130, r=10, t=40, b=40), font=_FONT)
-    fig.update_xaxes(title_text="layer", dtick=1 if L <= 32 else 4, fixedrange=True)
+    fig.update_xaxes(title_text="layer", dtick=1 if L <= 16 else 2 if L <= 40 else 4, fixedrange=True)
     fig.update_yaxes(autorange="reversed", fixedrange=True)
     return fig
 
@@ -265,5 +265,5 @@ def curve_figure(points: dict[str, list[tuple[float, float]]], dense: float | No
                       height=380, margin=dict(l=60, r=10, t=40, b=50), font=_FONT,
                       legend=dict(orientation="h", y=-0.2))
     fig.update_xaxes(title_text=f"fraction of {unit} pruned", tickformat=".0%")
-    fig.update_yaxes(title_text="perplexity (log scale)", type="log")
+    fig.update_yaxes(title_text="perplexity (log scale)", type="log", dtick=1)  # one tick per decade
     return fig
