@@ -25,6 +25,11 @@ s_target the target one. The multipliers are trained by gradient *ascent* (Wang 
 "Structured pruning of large language models"; Sheared-LLaMA), which turns the penalty into
 a constraint that pins the expected sparsity to the target instead of a soft preference.
 
+Gates start near dense (P(kept) = `init_keep`, 0.97) and the target sparsity ramps linearly to
+its final value over the first `warmup` fraction of the steps (the sparsity warm-up of CoFi and
+Sheared-LLaMA): gates that start at the target drop critical blocks in many draws, and the KL
+of a broken model no longer ranks the units.
+
 The gates' log_alpha are trained with SharedScaleAdam (Adam with one second-moment scale
 per tensor) so that step sizes stay proportional to gradients, which is what ranks units
 in a short run; per-entry Adam is available as `TrainConfig(optimizer="adam")`.
@@ -292,7 +297,8 @@ class TrainConfig:
     lr: float = 0.1  # on log_alpha: gates need to cross a few nats of log_alpha within the short run
     optimizer: str = "shared-adam"  # for log_alpha: "shared-adam" (see SharedScaleAdam) or per-entry "adam"
     lr_lambda: float = 0.05  # Adam *ascent* on the Lagrange multipliers
-    init_keep: float | None = None  # P(kept) of every gate at step 0; None: the target's keep fraction
+    init_keep: float = 0.97  # P(kept) of every gate at step 0 (never below the target's keep fraction)
+    warmup: float = 0.5  # fraction of the steps over which the target sparsity ramps up from the start's
     seed: int = 0
     dense_cache_mb: int = 256  # dense log-probabilities kept between steps (0: recompute every step)
 
@@ -303,8 +309,10 @@ class TrainConfig:
             raise ValueError(f"objective must be 'kl' or 'lm', got {self.objective!r}")
         if self.steps < 1 or self.batch_size < 1 or self.max_length < 2:
             raise ValueError("steps and batch_size must be >= 1 and max_length >= 2")
-        if self.init_keep is not None and not 0 < self.init_keep < 1:
+        if not 0 < self.init_keep < 1:
             raise ValueError(f"init_keep must be in (0, 1), got {self.init_keep}")
+        if not 0 <= self.warmup <= 1:
+            raise ValueError(f"warmup must be a fraction of the steps in [0, 1], got {self.warmup}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,7 +328,7 @@ class StepLog:
     objective: float  # KL to dense (or LM loss) on this step's batch
     penalty: float  # the Lagrangian term
     expected_sparsity: dict[str, float]
-    target_sparsity: dict[str, float]
+    target_sparsity: dict[str, float]  # the target at this step (it ramps up during the warm-up)
     lambdas: dict[str, tuple[float, float]]
     keep_probability: dict[str, list[list[float]]]  # per kind, [L, 2] or [L, H]
 
@@ -384,11 +392,13 @@ def train_mask(
     if not texts:
         raise EmptyTextError("no non-empty calibration text to train the mask on")
     torch.manual_seed(config.seed)
-    target_sparsity = {k: removed[k] / unit_count(g, k) for k in removed}
-    # Starting at the target's keep fraction means the constraint holds from step 0 and training
-    # only has to decide *which* units go, which a short run can do.
-    init_keep = config.init_keep or {k: 1.0 - s for k, s in target_sparsity.items()}
-    soft = SoftMask(g, list(removed), init_keep=init_keep)
+    final_sparsity = {k: removed[k] / unit_count(g, k) for k in removed}
+    # Start near dense and ramp the target up (CoFi / Sheared-LLaMA's sparsity warm-up): a draw
+    # from gates already at the target drops critical blocks in many steps, the KL then
+    # measures a broken model and its gradients stop ranking the units.
+    start_sparsity = {k: min(1.0 - config.init_keep, s) for k, s in final_sparsity.items()}
+    soft = SoftMask(g, list(removed), init_keep={k: 1.0 - s for k, s in start_sparsity.items()})
+    ramp_steps = config.warmup * config.steps
     soft.to(handle.device)
     lagrangian = Lagrangian(list(removed)).to(handle.device)
     opt_class = SharedScaleAdam if config.optimizer == "shared-adam" else torch.optim.Adam
@@ -418,6 +428,8 @@ def train_mask(
             else:
                 objective, _ = lm_loss(handle, ids, attn)
         expected = soft.expected_sparsity()
+        ramp = min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0
+        target_sparsity = {k: start_sparsity[k] + ramp * (final_sparsity[k] - start_sparsity[k]) for k in removed}
         penalty = lagrangian(expected, target_sparsity)
         loss = objective + penalty
         opt.zero_grad()

@@ -68,7 +68,7 @@ def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
     curve = go.Figure([go.Scatter(x=steps, y=[h.objective for h in history], name="KL to dense"),
                        go.Scatter(x=steps, y=[h.expected_sparsity["blocks"] for h in history], yaxis="y2",
                                   name="expected sparsity"),
-                       go.Scatter(x=steps, y=[history[-1].target_sparsity["blocks"]] * len(steps), yaxis="y2",
+                       go.Scatter(x=steps, y=[h.target_sparsity["blocks"] for h in history], yaxis="y2",
                                   name="target", line=dict(dash="dash"))])
     curve.update_layout(height=260, margin=dict(l=50, r=50, t=10, b=40), legend=dict(orientation="h", y=-0.25),
                         yaxis=dict(title="loss"), yaxis2=dict(title="sparsity", overlaying="y", side="right"))

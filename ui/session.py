@@ -8,14 +8,14 @@
     scores = session.scores()        # criterion -> engine.importance.Scores on the calibration set
 
 State lives in st.session_state under the names in ui/keys.py, so two browser tabs never
-see each other's masks or caches; only the loaded model and the scores (pure functions of
-model and calibration set) are shared between sessions.
+see each other's masks or prefix caches. Shared between sessions: the loaded model (never
+mutated) and results that are pure functions of their inputs (scores per calibration set;
+generations, attention maps and full evaluations keyed by a digest of the mask; curves).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from typing import Any
 
 import streamlit as st
@@ -50,6 +50,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MaskState:
+    """A session's mask and the model it was made for (a mask of another model is never applied)."""
+
     model_key: str
     mask: PruneMask
 
