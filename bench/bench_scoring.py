@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 MODES = ("forward", "forward+backward", "scoring")
@@ -91,7 +90,7 @@ def main() -> None:
           f"{args.max_length} tokens, batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch CPU")
     base = results["forward+backward"][0]
-    print(f"| mode | time (s) | vs fwd+bwd | peak RSS growth (MiB) | peak RSS (MiB) |")
+    print("| mode | time (s) | vs fwd+bwd | peak RSS growth (MiB) | peak RSS (MiB) |")
     print("|---|---|---|---|---|")
     for mode in MODES:
         t, d, peak = results[mode]

@@ -1,85 +1,13 @@
 """Clusters: calibration prompts grouped by meaning, one learned mask per cluster, and routing a prompt."""
 
-import threading
-
-import numpy as np
-import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
-from engine.calibration import cached_projection, cluster_prompts, project_2d, silhouette_scores
-from engine.embeddings import SentenceEncoder
-from engine.router import Router, pruned_blocks, routed_generate, train_router
+from engine.router import pruned_blocks, routed_generate, train_router
 from engine.softmask import MaskTarget, TrainConfig
 from ui import session
+from ui.clusters import (ROUTER, UMAP_POLLING, cluster_table, clusters, encoder, masks_figure, prompt_map,
+                         silhouettes, training_figures, umap_jobs)
 from ui.errors import user_errors
-
-ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
-UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP
-PRUNED, KEPT = "#e4572e", "#2f6f9f"
-
-
-@st.cache_resource(show_spinner="Opening the sentence encoder...")
-def encoder() -> SentenceEncoder:
-    return SentenceEncoder.load()
-
-
-@st.cache_resource(show_spinner="Embedding and clustering the calibration prompts...", max_entries=16)
-def clusters(k: int, per_source: int):
-    return cluster_prompts(encoder(), k, per_source=per_source)
-
-
-@st.cache_data(show_spinner="Silhouette for k = 2..10...")
-def silhouettes(per_source: int) -> dict[int, float]:
-    return silhouette_scores(clusters(4, per_source).embeddings)
-
-
-@st.cache_resource
-def umap_jobs() -> dict:
-    """Background UMAP computations, one per prompt set size, shared by every session."""
-    return {}
-
-
-def start_umap(key: int, embeddings) -> None:
-    """Compute (and cache on disk) the UMAP projection in a thread, unless one is running."""
-    jobs = umap_jobs()
-    if key not in jobs or not jobs[key].is_alive():
-        jobs[key] = threading.Thread(target=project_2d, args=(embeddings, "umap"), daemon=True)
-        jobs[key].start()
-
-
-def masks_figure(router: Router) -> go.Figure:
-    """Layers (rows) x {ATTN, FFN} of every cluster's mask and the static one, side by side."""
-    named = [(f"C{c}", m) for c, m in enumerate(router.masks)] + [("static", router.static_mask)]
-    cols = [[n for n, _ in named for _ in (0, 1)], ["A", "F"] * len(named)]  # a two-level axis: mask, then ATTN/FFN
-    z = np.stack([t.float().numpy() for _, m in named for t in (m.attn, m.ffn_block)], axis=1)  # (L, 2 * masks)
-    fig = go.Figure(go.Heatmap(z=z, x=cols, zmin=0, zmax=1, colorscale=[[0, PRUNED], [1, KEPT]], showscale=False,
-                               xgap=2, ygap=1, hovertemplate="%{x}, layer %{y}: %{z:.0f}<extra></extra>"))
-    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if z.shape[0] <= 12 else 2)
-    fig.update_layout(title="Masks: blue kept, red removed", height=560,
-                      margin=dict(l=50, r=10, t=40, b=10))
-    return fig
-
-
-def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
-    """Loss and expected sparsity per step; the keep probability of every sub-block per step."""
-    steps = [h.step for h in history]
-    curve = go.Figure([go.Scatter(x=steps, y=[h.objective for h in history], name="KL to dense"),
-                       go.Scatter(x=steps, y=[h.expected_sparsity["blocks"] for h in history], yaxis="y2",
-                                  name="expected sparsity"),
-                       go.Scatter(x=steps, y=[h.target_sparsity["blocks"] for h in history], yaxis="y2",
-                                  name="target", line=dict(dash="dash"))])
-    curve.update_layout(height=260, margin=dict(l=50, r=50, t=10, b=40), legend=dict(orientation="h", y=-0.25),
-                        yaxis=dict(title="loss"), yaxis2=dict(title="sparsity", overlaying="y", side="right"))
-    probs = np.array([np.asarray(h.keep_probability["blocks"]).ravel() for h in history]).T  # (2L, steps): A0 F0 A1..
-    names = [f"{kind} {l}" for l in range(probs.shape[0] // 2) for kind in ("ATTN", "FFN")]
-    gates = go.Figure(go.Heatmap(z=probs, x=steps, y=names, zmin=0, zmax=1, colorscale="Viridis",
-                                 colorbar=dict(title="P(kept)")))
-    gates.update_layout(height=420, margin=dict(l=70, r=10, t=10, b=40), xaxis_title="step")
-    gates.update_yaxes(autorange="reversed")
-    return curve, gates
-
 
 st.title("Clusters")
 st.caption("Input-dependent pruning: calibration prompts are embedded by a sentence encoder and clustered; "
@@ -99,42 +27,15 @@ with user_errors():
 model_key = session.model_choice().key
 
 left, right = st.columns([3, 2])
-def prompt_map() -> None:
-    """The prompt map: UMAP once it is cached, PCA meanwhile (this fragment polls a running UMAP job)."""
-    xy, method = cached_projection(run.embeddings, "umap"), "UMAP"
-    job = umap_jobs().get(per_source)
-    if xy is None:
-        xy, method = project_2d(run.embeddings, "pca"), "PCA"
-        if job is not None and job.is_alive():
-            st.caption("Computing the UMAP projection in the background (about 20 s the first time); "
-                       "the map switches to it when it is ready.")
-        elif st.button("Compute the UMAP projection (in the background, then cached)"):
-            start_umap(per_source, run.embeddings)
-            st.rerun()
-    elif st.session_state.get(UMAP_POLLING):
-        st.session_state[UMAP_POLLING] = False  # the job has finished: one full rerun stops the polling
-        st.rerun()
-    df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": run.clustering.labels.numpy().astype(str),
-                       "category": [p.category for p in run.prompts], "source": [p.source for p in run.prompts],
-                       "prompt": [p.text[:160].replace("\n", " ") for p in run.prompts]})
-    fig = px.scatter(df, x="x", y="y", color=colour, title=f"{method} of the prompt embeddings",
-                     hover_data={"prompt": True, "category": True, "cluster": True, "x": False, "y": False})
-    fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=10))
-    st.plotly_chart(fig, key="clusters.scatter")
-
 
 with left:
     running = umap_jobs().get(per_source) is not None and umap_jobs()[per_source].is_alive()
     st.session_state[UMAP_POLLING] = running
-    st.fragment(prompt_map, run_every=2.0 if running else None)()
+    st.fragment(prompt_map, run_every=2.0 if running else None)(run, per_source, colour)
 with right:
     pur = run.purity()
     st.metric("Purity against the categories", f"{pur.overall:.2f}")
-    st.dataframe(pd.DataFrame({
-        "size": run.clustering.sizes(), "majority category": pur.majority,
-        "share": [f"{f:.0%}" for f in pur.majority_fraction],
-        "categories": [", ".join(f"{c} {n}" for c, n in sorted(cnt.items(), key=lambda x: -x[1])) for cnt in pur.counts],
-    }), hide_index=False)
+    st.dataframe(cluster_table(run, pur), hide_index=False)
     sil = silhouettes(per_source)
     st.caption("Silhouette (cosine) by k: " + ", ".join(f"{kk}: {s:.3f}" for kk, s in sil.items())
                + f". Best k = {max(sil, key=sil.get)}.")

@@ -1,7 +1,8 @@
 """The app in a real browser: Debian's chromium, driven by Playwright, against `streamlit run app.py`.
 
 It opens every page, clicks a head on a heatmap and waits for the displayed perplexity to
-change, moves the prune budget with the keyboard, and saves a screenshot of each step under
+change, moves the prune budget with the keyboard, checks that no page shows an exception and
+that the mask summary stays in the sidebar, and saves a screenshot of each page under
 artifacts/screenshots/. Chromium must be installed (`make setup-browser`): a missing browser
 fails this test, it is never skipped.
 
@@ -223,4 +224,11 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 1800})  # the whole page, curves included
     wait_idle(page)
     page.screenshot(path=str(shots / "prune.png"))
+    page.set_viewport_size(VIEWPORT)
+
+    for title in ("Diagnostics", "Clusters", "Export", "Distill"):
+        open_page(page, title)
+        assert page.locator('[data-testid="stException"]').count() == 0, page.locator('[data-testid="stException"]').first.inner_text()
+        assert "heads pruned: " in page.locator('[data-testid="stSidebar"]').inner_text()  # the mask summary on every page
+        page.screenshot(path=str(shots / f"{title.lower()}.png"))
     assert not errors, errors

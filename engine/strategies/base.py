@@ -11,7 +11,7 @@ in the `Calibration` object, so several strategies and budgets share one capture
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar
 
 import torch
 

@@ -14,7 +14,7 @@ at most one extra hidden-size bias per projection that had none.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
