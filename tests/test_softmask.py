@@ -104,12 +104,27 @@ def test_kl_to_dense_is_zero_for_the_dense_model_itself(llama_handle):
 def test_lagrangian_drives_expected_sparsity_to_the_target_within_two_percent(llama_handle):
     # Start far from the target (95% kept vs 50%) so the multipliers have to do the work.
     target = MaskTarget(blocks=2, heads=4)
-    cfg = TrainConfig(steps=300, max_length=32, init_keep=0.95, lr_lambda=0.1)
+    cfg = TrainConfig(steps=300, max_length=32, init_keep=0.95, lr_lambda=0.1, constraint="lagrangian")
     result = train_mask(llama_handle, TEXTS, target, cfg)
     start = result.history[0].expected_sparsity
     assert start["heads"] < 0.2
     for kind, s in result.expected_sparsity.items():
         assert abs(s - 0.5) <= 0.02, f"{kind}: expected sparsity {s:.3f}, target 0.5"
+
+
+def test_projected_level_holds_the_ramped_target_on_every_step_of_a_short_run(llama_handle):
+    target = MaskTarget(blocks=2, heads=4)
+    cfg = TrainConfig(steps=12, max_length=16, warmup=0.5)
+    result = train_mask(llama_handle, TEXTS[:4], target, cfg)
+    for log in result.history:  # the expected sparsity each step's draws were made at
+        for kind, s in log.expected_sparsity.items():
+            assert s == pytest.approx(log.target_sparsity[kind], abs=1e-3), (log.step, kind)
+    assert result.history[0].target_sparsity["heads"] < result.history[-1].target_sparsity["heads"] == 0.5
+    for kind, s in result.expected_sparsity.items():
+        assert s == pytest.approx(0.5, abs=1e-3), kind
+    lagrangian_only = train_mask(llama_handle, TEXTS[:4], target, TrainConfig(steps=12, max_length=16,
+                                                                             constraint="lagrangian"))
+    assert abs(lagrangian_only.expected_sparsity["heads"] - 0.5) > 0.05  # what the projection is for
 
 
 def test_binary_mask_removes_exactly_the_budget(handle):
