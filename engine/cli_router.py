@@ -202,9 +202,9 @@ def _build_train_masks(sub) -> None:
     p.add_argument("--max-length", type=int, default=128, help="tokens per training text")
     p.add_argument("--objective", default="kl", choices=["kl", "lm"], help="KL to the dense model, or LM loss")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the gates' log_alpha")
-    p.add_argument("--constraint", default="project", choices=["project", "lagrangian"],
-                   help="project: a shared level holds the expected sparsity at the target every step (+ the "
-                        "Lagrangian); lagrangian: the multipliers alone (slow to bind in short runs)")
+    p.add_argument("--constraint", default="lagrangian", choices=["lagrangian", "project"],
+                   help="lagrangian: the multipliers (a soft pull in short runs; the final top-k is exact); "
+                        "project: hold the expected sparsity at the target every step (docs/router.md)")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES)
     p.add_argument("--no-static", action="store_true", help="skip the static (all-data) baseline mask")
     p.add_argument("--eval", action="store_true", help="held-out perplexity: dense, static and routed")

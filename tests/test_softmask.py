@@ -114,7 +114,7 @@ def test_lagrangian_drives_expected_sparsity_to_the_target_within_two_percent(ll
 
 def test_projected_level_holds_the_ramped_target_on_every_step_of_a_short_run(llama_handle):
     target = MaskTarget(blocks=2, heads=4)
-    cfg = TrainConfig(steps=12, max_length=16, warmup=0.5)
+    cfg = TrainConfig(steps=12, max_length=16, warmup=0.5, constraint="project")
     result = train_mask(llama_handle, TEXTS[:4], target, cfg)
     for log in result.history:  # the expected sparsity each step's draws were made at
         for kind, s in log.expected_sparsity.items():
