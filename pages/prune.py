@@ -6,6 +6,7 @@ from engine.select import select
 from ui import compute, curves, figures, keys, session, widgets
 from ui.errors import user_errors
 from ui.mask_edit import reset_unit
+from ui.suggest import K_SUGGESTION, suggest_panel
 
 UNITS = {"heads": "heads", "ffn": "FFN channels", "blocks": "sub-blocks"}
 UNIT_CRITERIA = {
@@ -60,6 +61,9 @@ c4.selectbox("Scope", ["global", "uniform"], key=keys.W_PRUNE_SCOPE, on_change=a
 c4.checkbox("Whole KV groups", key=keys.W_PRUNE_KV, on_change=apply_selection,
             disabled=unit != "heads" or g.group_size == 1,
             help="Prune a KV head with all the query heads reading it (removes its K/V weights too).")
+with st.expander("Suggest mask: the strongest method for a head budget (measured cost + compensation)",
+                 expanded=st.session_state.get(K_SUGGESTION) is not None):
+    suggest_panel(handle)
 mask = session.mask()
 
 left, right = st.columns([1, 2])

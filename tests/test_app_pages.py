@@ -140,6 +140,20 @@ def test_prune_budget_prunes_that_fraction_and_updates_perplexity_and_text(tiny_
     assert len(at.text) == 2
 
 
+def test_prune_page_suggest_mask_applies_the_strongest_methods_mask(tiny_llama):
+    at = new_app().run()
+    at.switch_page("pages/prune.py").run()
+    dense, _ = shown_perplexities(at)
+    at.slider(key="suggest.budget").set_value(0.25)
+    next(b for b in at.button if b.label == "Suggest mask").click()
+    at.run()
+    assert not at.exception
+    mask = session_mask(at)
+    assert int((mask.heads == 0).sum()) == 2 and mask.has_bias  # 25% of 8 heads, compensated (fast mode)
+    assert {"Dense", "Predicted", "Measured"} <= {m.label for m in at.metric}
+    assert shown_perplexities(at)[1] != dense  # the page's live perplexity follows the suggested mask
+
+
 def test_prune_blocks_unit_removes_sub_blocks(tiny_llama):
     at = new_app().run()
     at.switch_page("pages/prune.py").run()
