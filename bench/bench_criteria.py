@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 from engine.datasets import calibration_texts
 from engine.evaluate import perplexity
 from engine.importance import score

@@ -26,6 +26,10 @@ from pathlib import Path
 
 import torch
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 from engine.cost import cost
 from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
 from engine.export import export, load_pruned

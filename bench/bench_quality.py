@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 from engine import gates
 from engine.capture import CaptureStats
 from engine.cost import cost

@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 from engine.cost import cost
 from engine.datasets import calibration_texts
 from engine.distill import DistillConfig, distill_data, prompt_split

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
 from engine import gates
 from engine.calibration import cluster_prompts
 from engine.embeddings import SentenceEncoder

@@ -17,7 +17,11 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 MODES = ("forward", "forward+backward", "scoring")
 
