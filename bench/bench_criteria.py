@@ -10,7 +10,6 @@ overlap. Heads are ranked globally (one threshold over all layers), no recovery 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from engine.datasets import calibration_texts
+from engine.csvfile import write_rows
 from engine.evaluate import perplexity
 from engine.importance import score
 from engine.model import load_model
@@ -67,13 +67,7 @@ def main() -> None:
     for b in budgets:
         cells = [next(r for r in rows if r["criterion"] == c and r["heads_removed"] == b) for c in CRITERIA]
         print(f"| {b:.0%} | " + " | ".join(f"{r['perplexity']:,.1f} ({r['vs_dense']:.2f}x)" for r in cells) + " |")
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_rows(rows, args.csv)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ repeats; CPU timings use perf_counter.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ if __package__ in (None, ""):
     # run as `python bench/bench_kernels.py` from a checkout: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.csvfile import write_rows  # noqa: E402
 from kernels import (  # noqa: E402
     col_sparse_linear,
     grouped_row_sparse_linear,
@@ -216,15 +216,6 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    """Write rows to path as CSV, one column per key (empty where not measured)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small shapes (the default without CUDA)")
@@ -254,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(shape, device, dtype, warmup, repeats)
     print_table(rows)
     if args.csv:
-        write_csv(rows, args.csv)
+        write_rows(rows, args.csv)
         print(f"wrote {args.csv}")
 
 

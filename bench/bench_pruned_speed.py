@@ -15,7 +15,6 @@ FLOPs / pruned FLOPs per token at the same sequence length (engine.cost).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from engine.cost import cost
+from engine.csvfile import write_rows
 from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
 from engine.export import export, load_pruned
 from engine.model import load_model
@@ -168,13 +168,7 @@ def main() -> None:
         gen_cell = f"{row['gen_speedup']:.2f}x ({row['gen_speedup'] / ideal:.0%} of ideal)"
         print(f"| {e.label} | {e.params / 1e6:.1f} M (-{100 * row['params_removed']:.1f}%) | {ideal:.2f}x | "
               f"{row['forward_tok_s']:,.0f} | {fwd_cell} | {row['gen_tok_s']:,.1f} | {gen_cell} | {ppl} |")
-    out = Path(args.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_rows(rows, args.csv)}")
     tmp.cleanup()
 
 

@@ -22,7 +22,6 @@ measured in the same process.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from engine import gates
 from engine.capture import CaptureStats
 from engine.cost import cost
+from engine.csvfile import write_rows
 from engine.datasets import read_wikitext
 from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
 from engine.masks import PruneMask
@@ -275,14 +275,9 @@ def main() -> None:
 
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(r["config"], len(order)))
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "heads_removed",
             "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "select_s"]
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in cols})
+    write_rows([{k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in cols} for r in rows], csv_path)
     print(f"\nwrote {csv_path} (dense main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f})")
     print_tables(rows)
 

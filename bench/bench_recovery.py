@@ -20,7 +20,6 @@ held-out prompts (never trained on): Spearman of pairwise cosines, nearest-neigh
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from engine.cost import cost
+from engine.csvfile import write_rows
 from engine.datasets import calibration_texts
 from engine.distill import DistillConfig, distill_data, prompt_split
 from engine.encoder_agreement import encoder_agreement
@@ -59,12 +59,16 @@ def _progress(label: str) -> Callable[[Any], None]:
     return cb
 
 
-def _write(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def _bits_label(bits: int | None) -> str:
+    return "fp32" if bits is None else f"{bits}-bit"
+
+
+def _recovery_name(recipe: str, result: Any) -> str:
+    """The table's recovery column: "KD", "KD single-stage", or the multi-stage run's stages and steps."""
+    name = "KD" if recipe == "fp32" else f"KD {recipe}-stage"
+    if recipe == "multi":
+        name += " (" + " -> ".join(f"{s.name} {s.steps}" for s, _ in result.stages) + ")"
+    return name
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -114,11 +118,9 @@ def bench_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
             perplexity(_quantised_copy(teacher, mask, bits), protocol=protocol).perplexity)
     for recipe, bits in args.runs:
         student = prune(teacher, mask)
-        label = "fp32" if bits is None else f"{bits}-bit"
+        label = _bits_label(bits)
         r = run_recipe(teacher, student, data, recipe, bits, config=config, progress=_progress(f"{label} {recipe}"))
-        name = "KD" if recipe == "fp32" else f"KD {recipe}-stage"
-        if recipe == "multi":
-            name += " (" + " -> ".join(f"{s.name} {s.steps}" for s, _ in r.stages) + ")"
+        name = _recovery_name(recipe, r)
         ppl = perplexity(student, protocol=protocol).perplexity
         row(f"pruned {label}", name, ppl, r.steps_run, r.wall_s, r.stages[-1][1].final_heldout)
         del student
@@ -129,7 +131,7 @@ def bench_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(header)
     print(_table(rows, list(rows[0])))
     if not args.quick:
-        _write(rows, Path(args.csv_prefix + "_lm.csv"))
+        write_rows(rows, Path(args.csv_prefix + "_lm.csv"))
     return rows
 
 
@@ -159,11 +161,9 @@ def bench_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
         row(f"pruned {bits}-bit", "none (quantised, step 0)", _quantised_copy(teacher, mask, bits))
     for recipe, bits in args.runs:
         student = prune(teacher, mask)
-        label = "fp32" if bits is None else f"{bits}-bit"
+        label = _bits_label(bits)
         r = run_recipe(teacher, student, data, recipe, bits, config=config, progress=_progress(f"enc {label} {recipe}"))
-        name = "KD" if recipe == "fp32" else f"KD {recipe}-stage"
-        if recipe == "multi":
-            name += " (" + " -> ".join(f"{s.name} {s.steps}" for s, _ in r.stages) + ")"
+        name = _recovery_name(recipe, r)
         row(f"pruned {label}", name, student, r.steps_run, r.wall_s)
     print(f"# encoder: {teacher.name}, {c.params_kept:,}/{c.params_total:,} parameters kept "
           f"({100 * c.params_removed_fraction:.1f}% removed: {size.detail}); KD {args.encoder_steps} steps x "
@@ -171,7 +171,7 @@ def bench_encoder(args: argparse.Namespace) -> list[dict[str, Any]]:
           f"held-out prompts ({len(data.train)} training texts)")
     print(_table(rows, list(rows[0])))
     if not args.quick:
-        _write(rows, Path(args.csv_prefix + "_encoder.csv"))
+        write_rows(rows, Path(args.csv_prefix + "_encoder.csv"))
     return rows
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from engine.csvfile import write_rows
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -170,10 +171,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         out.write_text(json.dumps({"model": handle.name, "calibration": args.calibration,
                                    "n_texts": len(texts), "rows": rows}, indent=1))
     else:
-        with out.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(rows, out)
     g = handle.geometry
     print(f"wrote {len(rows)} heads ({g.n_layers} layers x {g.n_heads} heads) x {len(criteria)} criteria to {out} "
           f"({len(texts)} {args.calibration} texts, {stats.n_tokens if stats else 0} tokens, "

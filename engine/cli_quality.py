@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from engine.csvfile import write_rows
 
 __all__ = ["_build_suggest", "_build_diagnose", "cmd_suggest", "cmd_diagnose"]
 
@@ -117,12 +117,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             x = heads[0]
             print(f"  e.g. L{x.layer}H{x.head} ({k}): {x.reason}\n      {x.why_entropy}")
     rows = diagnosis_rows(d)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = write_rows(rows, args.out)
     print(f"wrote {len(rows)} rows to {out}")
     return 0
 

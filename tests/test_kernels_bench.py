@@ -4,7 +4,8 @@ import csv
 
 import torch
 
-from bench.bench_kernels import OPS, SPARSITIES, Shape, print_table, run, write_csv
+from bench.bench_kernels import OPS, SPARSITIES, Shape, print_table, run
+from engine.csvfile import write_rows
 
 TINY = Shape(batch=2, seq=16, heads=4, kv_heads=2, head_dim=16, hidden=32, ffn=64)
 
@@ -16,6 +17,6 @@ def test_benchmark_times_every_op_and_sparsity_and_writes_csv(tmp_path, capsys):
     assert [r["ideal_speedup"] for r in rows[:4]] == [1.0, 4 / 3, 2.0, 4.0]
     print_table(rows)
     assert "n/a" in capsys.readouterr().out  # no kernel figures without CUDA
-    write_csv(rows, tmp_path / "kernels.csv")
+    write_rows(rows, tmp_path / "kernels.csv")
     with (tmp_path / "kernels.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
