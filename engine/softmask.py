@@ -113,19 +113,19 @@ class HardConcrete:
 class HardConcreteGates(nn.Module):
     """`n` hard-concrete gates: `log_alpha` [n], plus an optional shared `level` (a scalar added to all).
 
-    The level separates *how many* units are kept from *which*: a constraint moves it (one scalar,
-    so an optimiser can move it quickly), while the per-unit log_alpha keep the ranking. It never
-    changes the order, so `top_k` reads log_alpha alone.
+    The level separates *how many* units are kept from *which*: `SoftMask.project_levels` sets it
+    (a buffer, not trained) so the expected sparsity meets a target, while the trained per-unit
+    log_alpha keep the ranking. It never changes the order, so `top_k` reads log_alpha alone.
     """
 
     def __init__(self, n: int, *, init_keep: float = 0.9, dist: HardConcrete = HardConcrete(),
-                 learn_level: bool = False):
+                 with_level: bool = False):
         super().__init__()
         if n < 1:
             raise ValueError(f"need at least one gate, got n={n}")
         self.dist = dist
         self.log_alpha = nn.Parameter(torch.full((n,), dist.log_alpha_for(init_keep)))
-        self.register_buffer("level", torch.zeros(()) if learn_level else None)  # set by a constraint, not trained
+        self.register_buffer("level", torch.zeros(()) if with_level else None)  # set by a constraint, not trained
 
     def effective_log_alpha(self) -> torch.Tensor:
         """log_alpha plus the shared level (when there is one) [n]."""
@@ -209,7 +209,7 @@ class SoftMask(nn.Module):
         *,
         init_keep: float | dict[str, float] = 0.9,
         dist: HardConcrete = HardConcrete(),
-        learn_level: bool = False,
+        with_level: bool = False,
     ):
         super().__init__()
         for kind in kinds:
@@ -220,10 +220,7 @@ class SoftMask(nn.Module):
         self.kinds = tuple(kinds)
         keep = init_keep if isinstance(init_keep, dict) else {k: init_keep for k in self.kinds}
         self.gates = nn.ModuleDict({k: HardConcreteGates(unit_count(g, k), init_keep=keep[k], dist=dist,
-                                                         learn_level=learn_level) for k in self.kinds})
-
-    def log_alphas(self) -> list[nn.Parameter]:
-        return [self.gates[k].log_alpha for k in self.kinds]
+                                                         with_level=with_level) for k in self.kinds})
 
     @torch.no_grad()
     def project_levels(self, sparsity: dict[str, float]) -> None:
@@ -231,7 +228,7 @@ class SoftMask(nn.Module):
         for k, target in sparsity.items():
             gate = self.gates[k]
             if gate.level is None:
-                raise ValueError("this soft mask has no shared level (learn_level=False)")
+                raise ValueError("this soft mask has no shared level (with_level=False)")
             lo, hi = -40.0, 40.0  # expected sparsity falls as the level rises
             for _ in range(60):
                 mid = (lo + hi) / 2
@@ -444,12 +441,12 @@ def train_mask(
     # measures a broken model and its gradients stop ranking the units.
     start_sparsity = {k: min(1.0 - config.init_keep, s) for k, s in final_sparsity.items()}
     soft = SoftMask(g, list(removed), init_keep={k: 1.0 - s for k, s in start_sparsity.items()},
-                    learn_level=config.constraint == "project")
+                    with_level=config.constraint == "project")
     ramp_steps = config.warmup * config.steps
     soft.to(handle.device)
     lagrangian = Lagrangian(list(removed)).to(handle.device)
     opt_class = SharedScaleAdam if config.optimizer == "shared-adam" else torch.optim.Adam
-    opt = opt_class(soft.log_alphas(), lr=config.lr)
+    opt = opt_class(soft.parameters(), lr=config.lr)  # the log_alpha (a level is a buffer, set by projection)
     opt_lambda = torch.optim.Adam(lagrangian.parameters(), lr=config.lr_lambda, maximize=True)
     batches = _fixed_batches(texts, config.batch_size, config.seed)
     generator = torch.Generator().manual_seed(config.seed)
