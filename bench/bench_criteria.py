@@ -12,21 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import sys
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.datasets import calibration_texts
-from engine.csvfile import write_rows
-from engine.evaluate import perplexity
-from engine.importance import score
-from engine.model import load_model
-from engine.select import select
+from engine.core.csvfile import write_rows
+from engine.data.datasets import calibration_texts
+from engine.importance.criteria import score
+from engine.models.load import load_model
+from engine.pruning.select import select
+from engine.runtime.evaluate import perplexity
 
 CRITERIA = ("random", "magnitude", "entropy", "activation", "gradient")
 

@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     # run as `python bench/bench_kernels.py` from a checkout: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.csvfile import write_rows  # noqa: E402
+from engine.core.csvfile import write_rows  # noqa: E402
 from kernels import (  # noqa: E402
     col_sparse_linear,
     grouped_row_sparse_linear,

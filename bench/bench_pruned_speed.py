@@ -9,7 +9,7 @@ exported to a temporary folder and reloaded from it, so the timed model is the a
 user gets. Timings: a forward over `--seq` tokens (prefill) and greedy generation of
 `--gen` new tokens with the KV cache, after a warm-up, median of `--repeats` runs taken in
 round-robin over the models so that CPU load drifts hit them alike. Ideal speedup = dense
-FLOPs / pruned FLOPs per token at the same sequence length (engine.cost).
+FLOPs / pruned FLOPs per token at the same sequence length (engine.runtime.cost).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,16 +26,14 @@ from pathlib import Path
 
 import torch
 
-import sys
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.cost import cost
-from engine.csvfile import write_rows
-from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
-from engine.export import export, load_pruned
-from engine.model import load_model
-from engine.size_target import reach_size, width_mask
+from engine.core.csvfile import write_rows
+from engine.export.write import export
+from engine.models.load import load_model, load_pruned
+from engine.pruning.size_target import reach_size, width_mask
+from engine.runtime.cost import cost
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
 
 
 @dataclass
@@ -174,8 +173,8 @@ def main() -> None:
 
 def _width_scores(source, criterion: str):
     """(head scores, FFN scores) of `criterion` on the default calibration set."""
-    from engine.datasets import calibration_texts
-    from engine.importance import score
+    from engine.data.datasets import calibration_texts
+    from engine.importance.criteria import score
 
     s = score(source, calibration_texts("wikitext", 32), [criterion])[0][criterion]
     return s.heads, s.ffn

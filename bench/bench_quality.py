@@ -6,10 +6,10 @@
 Configurations: 10, 20, 30 and 50% of the attention heads; ~20% of the parameters by width
 (the same fraction of heads and FFN channels) and by depth (whole layers, the count that
 brings the size closest to the same target).
-Calibration: 32 WikiText-2 test paragraphs from the END of the file (engine.datasets), up
+Calibration: 32 WikiText-2 test paragraphs from the END of the file (engine.data.datasets), up
 to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each).
 Evaluation, both printed with their token ranges:
-- main: the pinned protocol (engine.evaluate.DEFAULT_PROTOCOL): the START of the file;
+- main: the pinned protocol (engine.runtime.evaluate.DEFAULT_PROTOCOL): the START of the file;
 - held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
   never used for calibration, for choosing methods or for tuning; the run checks that the
   calibration paragraphs lie after it.
@@ -36,16 +36,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine import gates
-from engine.capture import CaptureStats
-from engine.cost import cost
-from engine.csvfile import write_rows
-from engine.datasets import read_wikitext
-from engine.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
-from engine.masks import PruneMask
-from engine.model import DEFAULT_MODEL, cache_dir as cache_dir_root, load_model
-from engine.strategies import Budget, Calibration, get_strategy
-from engine.strategies.depth import DEPTH_METHODS, depth_prune
+from engine.core import gates
+from engine.core.csvfile import write_rows
+from engine.core.mask import PruneMask
+from engine.data.datasets import read_wikitext
+from engine.importance.capture import CaptureStats
+from engine.models.load import DEFAULT_MODEL, load_model
+from engine.models.load import cache_dir as cache_dir_root
+from engine.pruning.strategies import Budget, Calibration, get_strategy
+from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from engine.runtime.cost import cost
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
 
 HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
                 "ablation", "ablation+comp", "ablation-iterative+comp", "hardconcrete+comp")

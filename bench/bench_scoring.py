@@ -29,11 +29,11 @@ MODES = ("forward", "forward+backward", "scoring")
 def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
     import torch
 
-    from engine.datasets import calibration_texts
-    from engine.importance import score
-    from engine.model import load_model
-    from engine.objective import lm_loss
-    from engine.tokens import batches, encode_batch
+    from engine.core.objective import lm_loss
+    from engine.core.tokens import batches, encode_batch
+    from engine.data.datasets import calibration_texts
+    from engine.importance.criteria import score
+    from engine.models.load import load_model
 
     torch.set_num_threads(args.threads)
     handle = load_model(args.model, progress=lambda m: None)
@@ -86,7 +86,7 @@ def main() -> None:
         p.join()
         results[mode_] = (t, rss_delta, rss_peak)
 
-    from engine.model import load_model
+    from engine.models.load import load_model
 
     g = load_model(args.model, progress=lambda m: None).geometry
     full_maps_mb = g.n_layers * args.batch_size * g.n_heads * args.max_length**2 * 4 / 2**20

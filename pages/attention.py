@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from engine.attention_maps import prompt_length
+from engine.runtime.attention_maps import prompt_length
 from ui import compute, figures, keys, session
 from ui.errors import user_errors
 

@@ -2,11 +2,21 @@
 
 import streamlit as st
 
-from engine.router import pruned_blocks, routed_generate, train_router
-from engine.softmask import MaskTarget, TrainConfig
+from engine.pruning.softmask import MaskTarget, TrainConfig
+from engine.routing.router import pruned_blocks, routed_generate, train_router
 from ui import session
-from ui.clusters import (ROUTER, UMAP_POLLING, cluster_table, clusters, encoder, masks_figure, prompt_map,
-                         silhouettes, training_figures, umap_jobs)
+from ui.clusters import (
+    ROUTER,
+    UMAP_POLLING,
+    cluster_table,
+    clusters,
+    encoder,
+    masks_figure,
+    prompt_map,
+    silhouettes,
+    training_figures,
+    umap_jobs,
+)
 from ui.errors import user_errors
 
 st.title("Clusters")

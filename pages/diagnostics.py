@@ -4,8 +4,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
-from engine.strategies.scores import ablation_scores, cached_ablation
+from engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
+from engine.pruning.strategies.scores import ablation_scores, cached_ablation
 from ui import session
 from ui.errors import user_errors
 from ui.suggest import shared_calibration

@@ -3,15 +3,15 @@
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.distill import MODES, DistillConfig
-from engine.prefix_cache import live_protocol
-from engine.quantize import export_student
-from engine.recipes import RECIPES, RecoveryJob
-from engine.size_target import target_params, width_mask
+from engine.pruning.size_target import target_params, width_mask
+from engine.recovery.distill import MODES, DistillConfig
+from engine.recovery.quantize import export_student
+from engine.recovery.recipes import RECIPES, RecoveryJob
+from engine.runtime.prefix_cache import live_protocol
 from ui import session
 from ui.errors import user_errors
 
-JOB = "distill.job"  # this session's engine.recipes.RecoveryJob
+JOB = "distill.job"  # this session's engine.recovery.recipes.RecoveryJob
 RECIPE_LABELS = {"fp32": "Full precision", "single": "Single-stage (quantise at step 0, one KD run)",
                  "multi": "Multi-stage (FP32 KD, then 2-bit, then 1-bit)"}
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine import depth  # noqa: F401  (registers the depth criteria)
-from engine.datasets import calibration_texts
-from engine.export import LAYOUTS, export, preview, zip_folder
-from engine.size_target import reach_size
+from engine.data.datasets import calibration_texts
+from engine.export.write import LAYOUTS, export, preview, zip_folder
+from engine.importance import depth  # noqa: F401  (registers the depth criteria)
+from engine.pruning.size_target import reach_size
 from ui import session
 from ui.errors import user_errors
 
@@ -48,7 +48,7 @@ m3.metric("Size on disk (about)", f"{pv.bytes_estimate / 2**20:.0f} MiB")
 m4.metric("Layout", pv.layout.replace("_", "-"))
 if pv.why_not_uniform:
     st.caption(f"Per-layer sizes are needed because {pv.why_not_uniform}. The folder loads with "
-               "`engine.export.load_pruned(folder)`; docs/export.md shows how to load it without HeadLab.")
+               "`engine.models.load.load_pruned(folder)`; docs/export.md shows how to load it without HeadLab.")
 if pv.plan.notes:
     with st.expander(f"What surgery keeps and why ({len(pv.plan.notes)} notes)"):
         st.text("\n".join(pv.plan.notes))

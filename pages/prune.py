@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from engine.select import select
+from engine.pruning.select import select
 from ui import compute, curves, figures, keys, session, widgets
 from ui.errors import user_errors
 from ui.mask_edit import reset_unit

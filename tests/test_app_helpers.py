@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.attention_maps import attention_map
-from engine.importance import Scores
-from engine.masks import PruneMask
-from engine.prefix_cache import live_protocol
-from engine.evaluate import perplexity
+from engine.core.mask import PruneMask
+from engine.importance.criteria import Scores
+from engine.runtime.attention_maps import attention_map
+from engine.runtime.evaluate import perplexity
+from engine.runtime.prefix_cache import live_protocol
 from ui import figures, tables
 from ui.curves import perplexity_curves
 from ui.mask_edit import mask_digest, reset_unit, toggle_heads

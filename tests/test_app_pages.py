@@ -14,10 +14,10 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from engine.evaluate import perplexity
-from engine.masks import PruneMask
-from engine.model import load_model
-from engine.prefix_cache import live_protocol
+from engine.core.mask import PruneMask
+from engine.models.load import load_model
+from engine.runtime.evaluate import perplexity
+from engine.runtime.prefix_cache import live_protocol
 from tests.tiny import tiny_handle
 from ui import curves, keys
 from ui.models import ModelChoice

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.attention_maps import attention_map, attention_map_pair, pool_attention, token_labels
-from engine.masks import PruneMask
-from engine.tokens import EmptyTextError
+from engine.core.mask import PruneMask
+from engine.core.tokens import EmptyTextError
+from engine.runtime.attention_maps import attention_map, attention_map_pair, pool_attention, token_labels
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -106,7 +106,7 @@ def test_no_hook_survives_an_attention_map_call(llama_handle):
 
 @pytest.mark.real_model
 def test_a_thousand_token_prompt_is_pooled_server_side_on_the_shipped_model(smollm):
-    from engine.datasets import read_wikitext
+    from engine.data.datasets import read_wikitext
 
     text = read_wikitext()[:6000]  # about 1,400 tokens: cut to MAX_TOKENS, pooled to 64 bins
     m = attention_map(smollm, text, layer=smollm.geometry.n_layers - 1, max_bins=64)

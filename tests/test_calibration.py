@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.calibration import (
+from engine.core.tokens import EmptyTextError
+from engine.routing.clusters import (
     cached_projection,
     calibration_prompts,
     kmeans,
@@ -18,8 +19,7 @@ from engine.calibration import (
     silhouette_scores,
     split_prompts,
 )
-from engine.embeddings import SentenceEncoder, embed_texts, embedding_key
-from engine.tokens import EmptyTextError
+from engine.routing.embeddings import SentenceEncoder, embed_texts, embedding_key
 from tests.tiny import tiny_handle
 
 

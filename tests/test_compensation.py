@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
-from engine import gates
-from engine.capture import capture
-from engine.compensation import (
+from engine.core import gates
+from engine.core.mask import MaskError, PruneMask
+from engine.core.objective import token_logits
+from engine.importance.capture import capture
+from engine.importance.criteria import get_criterion
+from engine.pruning.compensation import (
     attention_bias,
     compensate,
     ffn_bias,
     head_fluctuation,
     strip_compensation,
 )
-from engine.importance import get_criterion
-from engine.masks import MaskError, PruneMask
-from engine.objective import token_logits
 from tests.tiny import tiny_handle
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pruning heads with a bias", "a b c d e f g h i j k"]
@@ -224,7 +224,7 @@ def test_a_removed_attention_sub_block_is_replaced_by_its_mean_through_the_previ
 
 
 def test_compensated_masks_run_the_same_through_the_kernel_path(llama_handle):
-    from engine.sparse_forward import sparse_logits
+    from engine.runtime.sparse_forward import sparse_logits
 
     g = llama_handle.geometry
     stats = capture(llama_handle, TEXTS, gradients=False)
@@ -251,14 +251,14 @@ def test_a_removed_first_sub_block_has_nothing_to_fold_into(llama_handle):
 
 @pytest.mark.real_model
 def test_compensation_brings_the_pruned_default_model_closer_to_the_dense_one(smollm):
-    from engine.datasets import calibration_texts
-    from engine.tokens import encode_batch
+    from engine.core.tokens import encode_batch
+    from engine.data.datasets import calibration_texts
 
     g = smollm.geometry
     stats = capture(smollm, calibration_texts("wikitext", 4), gradients=False, max_length=64)
     mask = PruneMask.dense(g)
     mask.heads[g.n_layers // 2:, :3] = 0.0  # 45 heads of the upper half
-    from engine.datasets import read_wikitext
+    from engine.data.datasets import read_wikitext
 
     text = read_wikitext()[600_000:601_500]  # the middle of the file: never calibration text
     ids, am = encode_batch(smollm.tokenizer, [text], 256)

@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from engine import depth  # noqa: F401  (registers the depth criteria)
-from engine.cost import cost
-from engine.depth import layer_scores, protect_ends
-from engine.importance import criterion_names, get_criterion
-from engine.masks import PruneMask
-from engine.objective import lm_loss
-from engine.select import BudgetError
-from engine.size_target import depth_mask, reach_size, target_params
-from engine.surgery import prune
-from engine.tokens import encode_batch
+from engine.core.mask import PruneMask
+from engine.core.objective import lm_loss
+from engine.core.tokens import encode_batch
+from engine.export.surgery import prune
+from engine.importance import depth  # noqa: F401  (registers the depth criteria)
+from engine.importance.criteria import criterion_names, get_criterion
+from engine.importance.depth import layer_scores, protect_ends
+from engine.pruning.select import BudgetError
+from engine.pruning.size_target import depth_mask, reach_size, target_params
+from engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 TEXTS = [
@@ -31,7 +31,7 @@ def test_depth_criteria_are_registered():
 
 
 def _ppl(handle, mask=None) -> float:
-    from engine import gates
+    from engine.core import gates
 
     ids, am = encode_batch(handle.tokenizer, TEXTS, 128)
     with torch.no_grad(), gates.apply(handle, mask):
@@ -55,7 +55,7 @@ def test_taylor_plus_sums_weight_times_gradient_and_leaves_the_model_untouched(l
     s = get_criterion("taylor_plus", texts=TEXTS, batch_size=len(TEXTS))(h, None)
     assert all(not p.requires_grad and p.grad is None for p in h.model.parameters())
     # Reference: the same first-order saliency from plain autograd on a copy.
-    from engine.surgery import private_copy
+    from engine.export.surgery import private_copy
 
     model = private_copy(h.model)
     for p in model.parameters():

@@ -6,8 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.datasets import calibration_texts
-from engine.distill import (
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.data.datasets import calibration_texts
+from engine.export.surgery import prune
+from engine.recovery.distill import (
     DistillConfig,
     DistillData,
     DistillError,
@@ -20,10 +23,7 @@ from engine.distill import (
     prepare_student_,
     teacher_continuations,
 )
-from engine.masks import PruneMask
-from engine.objective import token_logits
-from engine.quantize import materialize
-from engine.surgery import prune
+from engine.recovery.quantize import materialize
 from tests.tiny import tiny_handle
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])

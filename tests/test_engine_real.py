@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from engine.cli import main
-from engine.evaluate import PerplexityProtocol, generate, perplexity
-from engine.masks import PruneMask
+from engine.cli.main import main
+from engine.core.mask import PruneMask
+from engine.runtime.evaluate import PerplexityProtocol, generate, perplexity
 
 pytestmark = pytest.mark.real_model
 

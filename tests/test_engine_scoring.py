@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from engine import gates
-from engine.capture import capture, row_entropy
-from engine.cost import cost
-from engine.importance import UnknownCriterionError, get_criterion, head_magnitude, score
-from engine.masks import PruneMask
-from engine.select import BudgetError, count_from_budget, select, select_heads
+from engine.core import gates
+from engine.core.mask import PruneMask
+from engine.importance.capture import capture, row_entropy
+from engine.importance.criteria import UnknownCriterionError, get_criterion, head_magnitude, score
+from engine.pruning.select import BudgetError, count_from_budget, select, select_heads
+from engine.runtime.cost import cost
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pruning heads", "a b c d e f g h i j k l m n o p"]
 
@@ -74,8 +74,8 @@ def test_capture_leaves_no_hooks_and_no_grad_on_weights(handle):
 
 def test_gradient_score_matches_finite_difference(llama_handle):
     """|dL/dgate| of one head agrees with a central finite difference of the loss."""
-    from engine.objective import lm_loss
-    from engine.tokens import encode_batch
+    from engine.core.objective import lm_loss
+    from engine.core.tokens import encode_batch
 
     h = llama_handle
     h.model.double()  # float32 rounding would swamp a finite difference

@@ -9,14 +9,15 @@ import pytest
 import torch
 import transformers
 
-from engine import gates
-from engine.cli import main
-from engine.cost import cost
-from engine.export import MANIFEST, ExportError, export, load_pruned, preview, zip_folder
-from engine.masks import PruneMask
-from engine.model import ModelLoadError, load_model
-from engine.objective import token_logits
-from engine.surgery import LAYERS_KEY
+from engine.cli.main import main
+from engine.core import gates
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.export.surgery import LAYERS_KEY
+from engine.export.write import ExportError, export, preview, zip_folder
+from engine.models.load import ModelLoadError, load_model, load_pruned
+from engine.models.pruned import MANIFEST
+from engine.runtime.cost import cost
 from tests.test_surgery import make_mask
 from tests.tiny import TINY_FAMILIES, tiny_handle
 
@@ -164,7 +165,7 @@ def test_perplexity_before_and_after_is_recorded_with_its_protocol(tmp_path, smo
 @pytest.fixture
 def smollm_like_protocol():
     """A tiny causal model and a short protocol: perplexity plumbing without the real model."""
-    from engine.evaluate import PerplexityProtocol
+    from engine.runtime.evaluate import PerplexityProtocol
 
     return tiny_handle("llama"), PerplexityProtocol(window=32, stride=32, n_windows=2)
 
@@ -207,9 +208,9 @@ def test_cli_export_writes_a_loadable_folder(tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm):
-    from engine.importance import ffn_magnitude
-    from engine.model import ModelHandle
-    from engine.surgery import private_copy
+    from engine.export.surgery import private_copy
+    from engine.importance.criteria import ffn_magnitude
+    from engine.models.load import ModelHandle
 
     g = smollm.geometry
     mask = PruneMask.dense(g).with_block(3, "attn", 0.0).with_block(3, "ffn", 0.0)

@@ -6,13 +6,12 @@ import threading
 
 import pytest
 import torch
-
-from engine.evaluate import PerplexityProtocol, perplexity
-from engine.masks import PruneMask
-from engine.model import ModelHandle
-from engine.prefix_cache import PrefixCache, first_changed_layer, live_protocol
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
+from engine.core.mask import PruneMask
+from engine.models.load import ModelHandle
+from engine.runtime.evaluate import PerplexityProtocol, perplexity
+from engine.runtime.prefix_cache import PrefixCache, first_changed_layer, live_protocol
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CAUSAL = ("gpt2", "llama", "qwen2")
@@ -195,7 +194,7 @@ def test_prefix_cache_refuses_an_encoder_with_a_clear_message(tokenizer):
 
 
 def test_prefix_cache_rejects_a_mask_of_another_model(causal):
-    from engine.masks import MaskError
+    from engine.core.mask import MaskError
 
     cache = PrefixCache(causal, PROTOCOL)
     other = PruneMask.dense(causal.geometry)

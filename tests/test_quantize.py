@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from engine.masks import PruneMask
-from engine.objective import token_logits
-from engine.quantize import (
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.export.surgery import prune
+from engine.recovery.quantize import (
     STE_CLIP,
     QuantizeError,
     export_student,
@@ -21,7 +22,6 @@ from engine.quantize import (
     quantize_rows,
     set_quantization_,
 )
-from engine.surgery import prune
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
 
@@ -194,7 +194,7 @@ def test_gpt2_conv1d_is_quantised_per_output_feature():
 
 
 def test_a_per_layer_student_export_reloads_through_the_engine(tmp_path):
-    from engine.export import load_pruned
+    from engine.models.load import load_pruned
     from tests.tiny import tiny_handle
 
     bert = tiny_handle("bert")

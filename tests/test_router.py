@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.calibration import calibration_prompts, kmeans, split_prompts
-from engine.embeddings import SentenceEncoder
-from engine.masks import PruneMask
-from engine.router import (
+from engine.core.mask import PruneMask
+from engine.core.tokens import EmptyTextError
+from engine.pruning.softmask import MaskTarget, TrainConfig
+from engine.routing.clusters import calibration_prompts, kmeans, split_prompts
+from engine.routing.embeddings import SentenceEncoder
+from engine.routing.router import (
     Router,
     RouterError,
     heldout_perplexity,
@@ -20,8 +22,6 @@ from engine.router import (
     texts_nll,
     train_router,
 )
-from engine.softmask import MaskTarget, TrainConfig
-from engine.tokens import EmptyTextError
 from tests.tiny import tiny_handle
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import gates
-from engine.datasets import calibration_texts
-from engine.objective import token_logits
-from engine.select import BudgetError
-from engine.softmask import (
+from engine.core import gates
+from engine.core.objective import token_logits
+from engine.core.tokens import EmptyTextError
+from engine.data.datasets import calibration_texts
+from engine.pruning.select import BudgetError
+from engine.pruning.softmask import (
     HardConcrete,
     HardConcreteGates,
     MaskTarget,
@@ -19,7 +20,6 @@ from engine.softmask import (
     kl_to_dense,
     train_mask,
 )
-from engine.tokens import EmptyTextError
 
 TEXTS = calibration_texts("mt_bench", 12)
 

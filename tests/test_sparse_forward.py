@@ -9,9 +9,9 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from engine import gates
-from engine.masks import MaskError, PruneMask
-from engine.sparse_forward import sparse_logits, supports_sparse
+from engine.core import gates
+from engine.core.mask import MaskError, PruneMask
+from engine.runtime.sparse_forward import sparse_logits, supports_sparse
 from tests.tiny import tiny_handle
 
 # fp32 throughout; the kernel path sums in a different order than the dense matmuls.
@@ -88,12 +88,12 @@ def test_soft_masks_and_other_families_are_refused_clearly():
         sparse_logits(h, IDS, soft)
     gpt2 = tiny_handle("gpt2")
     assert not supports_sparse(gpt2)
-    with pytest.raises(NotImplementedError, match="engine.gates.apply"):
+    with pytest.raises(NotImplementedError, match="engine.core.gates.apply"):
         sparse_logits(gpt2, IDS, PruneMask.dense(gpt2.geometry))
 
 
 def test_perplexity_through_kernels_equals_the_hook_path():
-    from engine.evaluate import PerplexityProtocol, perplexity
+    from engine.runtime.evaluate import PerplexityProtocol, perplexity
 
     h = tiny_handle("llama")
     m = random_mask(h.geometry, 7)

@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import gates
-from engine.masks import PruneMask
-from engine.objective import token_logits
-from engine.select import BudgetError
-from engine.strategies import (
+from engine.core import gates
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.core.tokens import encode_batch
+from engine.importance.taylor import gate_gradients
+from engine.pruning.select import BudgetError
+from engine.pruning.strategies import (
     Budget,
     Calibration,
     UnknownStrategyError,
@@ -18,13 +20,11 @@ from engine.strategies import (
     strategy_names,
     suggest_mask,
 )
-from engine.strategies.ablation import ablation_kl, head_removal_mask
-from engine.strategies.hardconcrete import prior_log_alpha
-from engine.strategies.iterative import schedule
-from engine.strategies.replay import LayerReplay
-from engine.strategies.suggest import predicted_perplexity
-from engine.strategies.taylor import gate_gradients
-from engine.tokens import encode_batch
+from engine.pruning.strategies.ablation import ablation_kl, head_removal_mask
+from engine.pruning.strategies.hardconcrete import prior_log_alpha
+from engine.pruning.strategies.iterative import schedule
+from engine.pruning.strategies.suggest import predicted_perplexity
+from engine.runtime.replay import LayerReplay
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog again and again.",
@@ -73,9 +73,9 @@ def test_ablation_kl_of_each_head_matches_removing_it_by_full_forward(llama_hand
 
 
 def test_mean_ablation_of_a_constant_output_head_costs_nothing():
+    from engine.importance.capture import capture
     from tests.test_compensation import constant_kv_group
     from tests.tiny import tiny_handle
-    from engine.capture import capture
 
     handle = tiny_handle("qwen2")
     heads = constant_kv_group(handle, layer=0, kv=0)
@@ -87,7 +87,7 @@ def test_mean_ablation_of_a_constant_output_head_costs_nothing():
 
 
 def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
-    from engine.compensation import attention_bias
+    from engine.pruning.compensation import attention_bias
 
     g = llama_handle.geometry
     means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
@@ -98,7 +98,7 @@ def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
 
 
 def test_ablating_a_layers_last_head_replays_from_where_its_mean_is_folded(llama_handle):
-    from engine.strategies.ablation import first_changed_layer
+    from engine.pruning.strategies.ablation import first_changed_layer
 
     g = llama_handle.geometry
     means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
@@ -224,7 +224,7 @@ def test_calibration_shares_one_capture_between_strategies(llama_handle):
 
 
 def test_suggest_mask_reports_prediction_and_measurement(llama_handle):
-    from engine.evaluate import PerplexityProtocol
+    from engine.runtime.evaluate import PerplexityProtocol
 
     c = calib()
     protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
@@ -290,8 +290,8 @@ def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(t
 
 @pytest.mark.parametrize("method", ["random", "gradient", "block_influence", "ablation+comp", "ablation-iterative+comp"])
 def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
-    from engine.cost import cost
-    from engine.strategies.depth import depth_prune
+    from engine.pruning.strategies.depth import depth_prune
+    from engine.runtime.cost import cost
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
@@ -305,7 +305,7 @@ def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
 
 
 def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
-    from engine.strategies.depth import layer_scores
+    from engine.pruning.strategies.depth import layer_scores
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
@@ -318,7 +318,7 @@ def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
 
 
 def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
-    from engine.cli import main
+    from engine.cli.main import main
     from tests.tiny import tiny_handle
 
     model = tmp_path / "tiny-llama"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import gates
-from engine.adapters.reshape import GatheredHeads, RemovedSubBlock
-from engine.cost import cost
-from engine.masks import PruneMask
-from engine.objective import token_logits
-from engine.surgery import LAYERS_KEY, SurgeryError, gqa_layout, plan, prune
+from engine.core import gates
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.core.reshape import GatheredHeads, RemovedSubBlock
+from engine.export.surgery import LAYERS_KEY, SurgeryError, gqa_layout, plan, prune
+from engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 MASK_KINDS = ("heads", "channels", "attn_block", "ffn_block", "layer", "mixed")

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from engine.model import ModelHandle
+from engine.models.load import ModelHandle
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "VOCAB"]
 

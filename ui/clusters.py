@@ -8,9 +8,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.calibration import cached_projection, cluster_prompts, project_2d, silhouette_scores
-from engine.embeddings import SentenceEncoder
-from engine.router import Router
+from engine.routing.clusters import cached_projection, cluster_prompts, project_2d, silhouette_scores
+from engine.routing.embeddings import SentenceEncoder
+from engine.routing.router import Router
 
 ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
 UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP

@@ -10,11 +10,11 @@ from typing import Callable
 
 import streamlit as st
 
-from engine.attention_maps import AttentionMap, attention_map
-from engine.cost import Cost, cost
-from engine.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
-from engine.masks import PruneMask
-from engine.model import ModelHandle
+from engine.core.mask import PruneMask
+from engine.models.load import ModelHandle
+from engine.runtime.attention_maps import AttentionMap, attention_map
+from engine.runtime.cost import Cost, cost
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
 from ui.mask_edit import mask_digest
 from ui.shared_cache import shared_cache
 

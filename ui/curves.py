@@ -14,11 +14,11 @@ from typing import Callable, Sequence
 
 import streamlit as st
 
-from engine.evaluate import PerplexityProtocol
-from engine.importance import Scores
-from engine.model import ModelHandle
-from engine.prefix_cache import PrefixCache, live_protocol
-from engine.select import select
+from engine.importance.criteria import Scores
+from engine.models.load import ModelHandle
+from engine.pruning.select import select
+from engine.runtime.evaluate import PerplexityProtocol
+from engine.runtime.prefix_cache import PrefixCache, live_protocol
 
 __all__ = ["CURVE_FRACTIONS", "perplexity_curves", "CurveJob", "curve_job", "start_curve_job"]
 

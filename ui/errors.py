@@ -7,7 +7,7 @@ from typing import Iterator
 
 import streamlit as st
 
-from engine.errors import USER_ERRORS
+from engine.core.errors import USER_ERRORS
 
 __all__ = ["user_errors"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from engine.attention_maps import AttentionMap
-from engine.masks import PruneMask
+from engine.core.mask import PruneMask
+from engine.runtime.attention_maps import AttentionMap
 
 __all__ = [
     "CLICK_TRACE_NAME",

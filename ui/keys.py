@@ -23,7 +23,7 @@ MODEL_CHOICE = "headlab.model_choice"  # ui.models.ModelChoice the session has o
 MODEL_FAILED = "headlab.model_failed"  # (ModelChoice, message) of the last choice that did not load
 MASK = "headlab.mask"  # ui.session.MaskState: (model key, PruneMask)
 MASK_VERSION = "headlab.mask_version"  # bumped on every mask change; clickable grids key on it
-PREFIX_CACHE = "headlab.prefix_cache"  # (model key, engine.prefix_cache.PrefixCache)
+PREFIX_CACHE = "headlab.prefix_cache"  # (model key, engine.runtime.prefix_cache.PrefixCache)
 MASK_UPLOAD_ERROR = "headlab.mask_upload_error"
 
 # --- sidebar widgets (drawn by app.py on every page) ----------------------------------------

@@ -7,7 +7,7 @@ from typing import Iterable
 
 import torch
 
-from engine.masks import PruneMask
+from engine.core.mask import PruneMask
 
 __all__ = ["toggle_heads", "reset_unit", "mask_digest", "head_grid_values", "UNITS"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import streamlit as st
 import torch
 
-from engine.model import DEFAULT_MODEL, ModelHandle, load_model
+from engine.models.load import DEFAULT_MODEL, ModelHandle, load_model
 
 __all__ = ["ModelChoice", "default_choice", "load_cached", "device_options", "DTYPES", "MODEL_ENV"]
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from engine.datasets import CALIBRATION_SETS, calibration_texts
-from engine.importance import Scores, score
-from engine.model import ModelHandle
+from engine.data.datasets import CALIBRATION_SETS, calibration_texts
+from engine.importance.criteria import Scores, score
+from engine.models.load import ModelHandle
 from ui import keys
 from ui.shared_cache import shared_cache
 

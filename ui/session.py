@@ -5,7 +5,7 @@
     mask = session.mask()            # this session's current PruneMask (dense at first)
     session.set_mask(new_mask)       # replace it; every page and the sidebar summary follow
     result = session.live_perplexity(mask)   # fast perplexity via this session's prefix cache
-    scores = session.scores()        # criterion -> engine.importance.Scores on the calibration set
+    scores = session.scores()        # criterion -> engine.importance.criteria.Scores on the calibration set
 
 State lives in st.session_state under the names in ui/keys.py, so two browser tabs never
 see each other's masks or prefix caches. Shared between sessions: the loaded model (never
@@ -20,11 +20,11 @@ from typing import Any
 
 import streamlit as st
 
-from engine.evaluate import PerplexityResult
-from engine.importance import Scores
-from engine.masks import PruneMask
-from engine.model import ModelHandle
-from engine.prefix_cache import PrefixCache, PrefixRun
+from engine.core.mask import PruneMask
+from engine.importance.criteria import Scores
+from engine.models.load import ModelHandle
+from engine.runtime.evaluate import PerplexityResult
+from engine.runtime.prefix_cache import PrefixCache, PrefixRun
 from ui import keys
 from ui.mask_edit import toggle_heads
 from ui.models import ModelChoice, default_choice, load_cached

@@ -10,10 +10,10 @@ import json
 
 import streamlit as st
 
-from engine.datasets import CALIBRATION_SETS
-from engine.errors import USER_ERRORS
-from engine.masks import PruneMask
-from engine.model import DEFAULT_MODEL, ENCODER_MODEL
+from engine.core.errors import USER_ERRORS
+from engine.core.mask import PruneMask
+from engine.data.datasets import CALIBRATION_SETS
+from engine.models.load import DEFAULT_MODEL, ENCODER_MODEL
 from ui import keys, session
 from ui.compute import mask_cost
 from ui.models import DTYPES, ModelChoice, default_choice, device_options, load_cached

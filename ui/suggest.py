@@ -1,9 +1,9 @@
 """The "suggest mask" panel (for the Prune page) and the shared calibration it and Diagnostics use.
 
     from ui.suggest import suggest_panel
-    suggest_panel()          # budget + mode -> engine.strategies.suggest_mask -> apply, then edit by hand
+    suggest_panel()          # budget + mode -> engine.pruning.strategies.suggest_mask -> apply, then edit by hand
 
-One `engine.strategies.Calibration` per (model, calibration set) lives in a process-wide
+One `engine.pruning.strategies.Calibration` per (model, calibration set) lives in a process-wide
 SharedCache: its capture pass and its per-head ablation KLs are pure functions of those two,
 so the first suggestion (a few CPU-minutes) makes every later budget, mode and session
 instant or close to it. The panel shows the method, the predicted and the measured perplexity
@@ -13,14 +13,13 @@ compensation biases for the edited gates.
 
 from __future__ import annotations
 
-from typing import Any
-
 import streamlit as st
 
-from engine.compensation import compensate
-from engine.masks import PruneMask
-from engine.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, strategy_names, suggest_mask
-from engine.strategies.scores import cached_ablation
+from engine.core.handle import ModelHandle
+from engine.core.mask import PruneMask
+from engine.pruning.compensation import compensate
+from engine.pruning.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, strategy_names, suggest_mask
+from engine.pruning.strategies.scores import cached_ablation
 from ui import session
 from ui.errors import user_errors
 from ui.shared_cache import shared_cache
@@ -69,7 +68,7 @@ def _show(info: Suggestion) -> None:
                f"{info.protocol or 'no perplexity (encoder)'}; {info.seconds:.0f} s")
 
 
-def suggest_panel(handle: Any | None = None) -> PruneMask | None:
+def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     """Draw the panel; returns the mask it applied in this run (None otherwise)."""
     handle = handle or session.handle()
     model_key = session.model_choice().key

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from engine.adapters.base import Geometry
-from engine.importance import Scores
-from engine.masks import PruneMask
+from engine.core.adapter import Geometry
+from engine.core.mask import PruneMask
+from engine.importance.criteria import Scores
 
 __all__ = ["STATISTIC_LABELS", "display_statistic", "heads_table", "criteria_correlation", "least_useful_rank",
            "head_hover"]

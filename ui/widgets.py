@@ -5,8 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.adapters.base import Geometry
-from engine.evaluate import PerplexityResult
+from engine.core.adapter import Geometry
+from engine.runtime.evaluate import PerplexityResult
 from ui import session
 from ui.figures import CLICK_TRACE_NAME
 

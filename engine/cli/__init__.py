@@ -1,0 +1,1 @@
+"""The `python -m engine` command line: one module per group of verbs."""

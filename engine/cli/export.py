@@ -1,0 +1,96 @@
+"""`python -m engine export`: a smaller checkpoint on disk, from a mask file or a size target.
+
+    python -m engine export --mask mask.json --out pruned/              # any mask (layout auto)
+    python -m engine export --keep 0.8 --route depth --out pruned-depth/ # drop whole layers
+    python -m engine export --keep 0.8 --route width --out pruned-width/ # same size, narrower layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from engine.core.handle import ModelHandle
+
+__all__ = ["_build_export", "cmd_export"]
+
+
+def _stage(msg: str) -> None:
+    print(f"... {msg}", file=sys.stderr, flush=True)
+
+
+def _size_target_mask(args: argparse.Namespace, handle: ModelHandle):
+    from engine.cli.main import progress_bar
+    from engine.data.datasets import calibration_texts
+    from engine.pruning.size_target import reach_size
+
+    keep: Any = int(args.keep) if args.keep >= 1 else float(args.keep)
+    texts = calibration_texts(args.calibration, args.n_texts)
+    with progress_bar(f"scoring ({args.route})") as cb:
+        r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=texts, progress=cb)
+    r.mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": len(texts)})
+    print(f"size target: {r.describe()}")
+    return r.mask
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.cli.main import _load, _load_mask, _protocol
+    from engine.export.write import export, zip_folder
+
+    if (args.mask is None) == (args.keep is None):
+        raise ValueError("give exactly one of --mask (a mask file) or --keep (a size target)")
+    handle = _load(args)
+    mask = _load_mask(args.mask, handle) if args.mask else _size_target_mask(args, handle)
+    if args.save_mask:
+        mask.save(args.save_mask)
+        print(f"wrote mask to {args.save_mask}")
+    t = time.perf_counter()
+    r = export(handle, mask, args.out, layout=args.layout, overwrite=args.overwrite, evaluate=not args.no_eval,
+               protocol=_protocol(args), stage=_stage)
+    m = r.manifest
+    print(f"exported to {r.folder} ({r.layout} layout, {r.bytes_on_disk / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - t:.1f} s)")
+    print(f"parameters: {r.params_before:,} -> {r.params_after:,} ({100 * m['params']['removed_fraction']:.1f}% "
+          f"removed); ideal speedup (FLOPs/token at 512) {m['flops_per_token_512']['ideal_speedup']:.2f}x")
+    print(f"pruned vs masked logits: max |diff| {m['parity']['max_abs_logit_diff']:.2e}")
+    if m["perplexity"]:
+        p = m["perplexity"]
+        print(f"perplexity: {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
+              f"({p['ratio']:.2f}x) on {p['protocol']}")
+    if r.layout != "uniform":
+        print(f"per-layer sizes recorded ({m['why_not_uniform']})")
+    for note in m["surgery"]["notes"][:8]:
+        print(f"  {note}")
+    print(f"load it with: {r.load_hint}")
+    if args.zip:
+        print(f"zipped to {zip_folder(r.folder)}")
+    return 0
+
+
+def _build_export(sub) -> None:
+    from engine.cli.main import _add_calibration_args, _add_model_args, _add_protocol_args
+    from engine.export.write import LAYOUTS
+    from engine.importance import depth  # noqa: F401  (registers block_ppl and taylor_plus for every command)
+    from engine.pruning.size_target import ROUTES
+
+    p = sub.add_parser("export", help="physically prune and write a smaller Hugging Face checkpoint")
+    _add_model_args(p)
+    _add_calibration_args(p)
+    _add_protocol_args(p)
+    p.add_argument("--out", required=True, help="new folder to write (refused if it exists and is not empty)")
+    p.add_argument("--mask", help="mask JSON written by `prune` or the app")
+    p.add_argument("--keep", type=float, help="instead of a mask: fraction (0-1) or count of parameters to keep")
+    p.add_argument("--route", default="depth", choices=ROUTES, help="with --keep: drop layers or narrow them")
+    p.add_argument("--criterion", default=None,
+                   help="with --keep: for depth block_influence (default), block_ppl or taylor_plus; "
+                        "for width gradient (default), magnitude or activation")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS,
+                   help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (the old folder goes only after the new one is complete)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
+    p.add_argument("--save-mask", help="also write the mask used to this JSON file")
+    p.add_argument("--zip", action="store_true", help="also write <out>.zip")
+    p.set_defaults(func=cmd_export)

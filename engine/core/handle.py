@@ -1,0 +1,54 @@
+"""ModelHandle: a loaded model with its tokenizer and the adapter that knows its family.
+
+Every engine function that runs a model takes one. The model inside is shared by every
+caller (all browser sessions): nothing may change its weights or leave hooks on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.core.adapter import Adapter, Geometry
+from engine.models.adapters import adapter_for
+
+__all__ = ["ModelHandle"]
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with its tokenizer and adapter. The model is shared: never mutate it."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.adapter.geometry
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.geometry.causal and self.adapter.has_lm_head
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any, name: str = "in-memory") -> "ModelHandle":
+        """Wrap a model already in memory (eval mode, gradients off for its weights)."""
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return cls(model=model, tokenizer=tokenizer, adapter=adapter_for(model), name=name, source=name)

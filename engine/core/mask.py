@@ -1,0 +1,234 @@
+"""PruneMask: which heads, FFN channels and sub-blocks of a model are kept.
+
+Values are gates in [0, 1]: 1 keeps a unit, 0 prunes it, values between are soft gates
+(used while training masks). Shapes, for a model of geometry g:
+  heads [L, H]   one gate per query head (applied to the O-projection's input)
+  ffn   [L, F]   one gate per FFN channel (applied to the down-projection's input)
+  attn  [L]      the whole ATTN sub-block of each layer
+  ffn_block [L]  the whole FFN sub-block of each layer
+Optional compensation biases (FLAP, An et al. AAAI 2024), None unless a strategy set them:
+  attn_bias [L, hidden]  added to the O-projection's output (the pruned heads' mean contribution)
+  ffn_bias  [L, hidden]  added to the down-projection's output (the pruned channels' mean contribution)
+They live inside their sub-block: a removed sub-block removes its bias too. Editing gates by
+hand keeps the biases as they are; engine.pruning.compensation recomputes them for the new gates.
+A mask is immutable in spirit: editing methods return a new mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.core.adapter import Geometry
+from engine.core.errors import MaskError
+
+__all__ = ["PruneMask", "MaskError", "MASK_FORMAT_VERSION"]
+
+MASK_FORMAT_VERSION = 1
+
+
+def _as_float(t: Any) -> torch.Tensor:
+    return torch.as_tensor(t, dtype=torch.float32).detach().clone()
+
+
+@dataclass
+class PruneMask:
+    heads: torch.Tensor
+    ffn: torch.Tensor
+    attn: torch.Tensor
+    ffn_block: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    attn_bias: torch.Tensor | None = None
+    ffn_bias: torch.Tensor | None = None
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def dense(cls, g: Geometry) -> "PruneMask":
+        """A mask that keeps everything."""
+        return cls(
+            heads=torch.ones(g.n_layers, g.n_heads),
+            ffn=torch.ones(g.n_layers, g.ffn_dim),
+            attn=torch.ones(g.n_layers),
+            ffn_block=torch.ones(g.n_layers),
+        )
+
+    @classmethod
+    def from_heads(cls, g: Geometry, heads: torch.Tensor, **meta: Any) -> "PruneMask":
+        """A mask that gates heads only."""
+        m = cls.dense(g)
+        m.heads = _as_float(heads)
+        m.meta.update(meta)
+        m.check(g)
+        return m
+
+    def clone(self) -> "PruneMask":
+        bias = lambda b: None if b is None else b.clone()  # noqa: E731
+        return PruneMask(
+            self.heads.clone(), self.ffn.clone(), self.attn.clone(), self.ffn_block.clone(), dict(self.meta),
+            attn_bias=bias(self.attn_bias), ffn_bias=bias(self.ffn_bias),
+        )
+
+    @property
+    def has_bias(self) -> bool:
+        """The mask carries compensation biases."""
+        return self.attn_bias is not None or self.ffn_bias is not None
+
+    # --- checks ------------------------------------------------------------------------
+    def check(self, g: Geometry) -> "PruneMask":
+        """Raise MaskError naming the first part whose shape or values do not fit `g`."""
+        expected = {
+            "heads": (g.n_layers, g.n_heads),
+            "ffn": (g.n_layers, g.ffn_dim),
+            "attn": (g.n_layers,),
+            "ffn_block": (g.n_layers,),
+        }
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape:
+                raise MaskError(
+                    f"mask.{name} has shape {tuple(t.shape)} but this model needs {shape} "
+                    f"({g.n_layers} layers, {g.n_heads} heads, {g.ffn_dim} FFN channels)"
+                )
+            if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+                raise MaskError(f"mask.{name} must hold gates in [0, 1] (found values outside, or NaN)")
+        for name in ("attn_bias", "ffn_bias"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if tuple(t.shape) != (g.n_layers, g.hidden):
+                raise MaskError(
+                    f"mask.{name} has shape {tuple(t.shape)} but this model needs {(g.n_layers, g.hidden)} "
+                    f"({g.n_layers} layers, hidden size {g.hidden})"
+                )
+            if not torch.isfinite(t).all():
+                raise MaskError(f"mask.{name} holds NaN or inf")
+        if self.attn.max() == 0 and self.ffn_block.max() == 0:
+            raise MaskError("this mask prunes every sub-block of every layer: nothing would be left to run")
+        if self.heads_effective().sum() == 0 and self.ffn_effective().sum() == 0:
+            raise MaskError("this mask prunes every head and every FFN channel: nothing would be left to run")
+        return self
+
+    # --- views -------------------------------------------------------------------------
+    @property
+    def is_hard(self) -> bool:
+        """Every gate is exactly 0 or 1."""
+        return all(bool(((t == 0) | (t == 1)).all()) for t in (self.heads, self.ffn, self.attn, self.ffn_block))
+
+    def heads_effective(self) -> torch.Tensor:
+        """Head gates with sub-block removal folded in: [L, H]."""
+        return self.heads * self.attn[:, None]
+
+    def ffn_effective(self) -> torch.Tensor:
+        """FFN channel gates with sub-block removal folded in: [L, F]."""
+        return self.ffn * self.ffn_block[:, None]
+
+    def normalized(self) -> "PruneMask":
+        """The documented rule for a layer with every head pruned: its ATTN sub-block is removed.
+
+        The same for a layer with every FFN channel pruned. This keeps the masked model and
+        the physically pruned model identical (an attention with zero heads has no shape).
+        """
+        m = self.clone()
+        dead_attn = (m.heads == 0).all(dim=1)
+        dead_ffn = (m.ffn == 0).all(dim=1)
+        m.attn[dead_attn] = 0.0
+        m.ffn_block[dead_ffn] = 0.0
+        return m
+
+    def summary(self) -> dict[str, int]:
+        """Counts of pruned units (a unit inside a removed sub-block counts as pruned)."""
+        h, f = self.heads_effective(), self.ffn_effective()
+        return {
+            "heads_pruned": int((h == 0).sum()),
+            "heads_total": h.numel(),
+            "ffn_channels_pruned": int((f == 0).sum()),
+            "ffn_channels_total": f.numel(),
+            "attn_blocks_pruned": int((self.attn == 0).sum()),
+            "ffn_blocks_pruned": int((self.ffn_block == 0).sum()),
+            "layers": int(self.attn.numel()),
+        }
+
+    # --- editing -----------------------------------------------------------------------
+    def with_head(self, layer: int, head: int, value: float) -> "PruneMask":
+        """A copy with one head's gate set to `value`."""
+        m = self.clone()
+        m.heads[layer, head] = float(value)
+        return m
+
+    def toggle_head(self, layer: int, head: int) -> "PruneMask":
+        """A copy with one head flipped between kept (1) and pruned (0)."""
+        return self.with_head(layer, head, 0.0 if self.heads[layer, head] > 0.5 else 1.0)
+
+    def with_block(self, layer: int, kind: str, value: float) -> "PruneMask":
+        """A copy with the `kind` ("attn" or "ffn") sub-block gate of `layer` set to `value`."""
+        if kind not in ("attn", "ffn"):
+            raise MaskError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+        m = self.clone()
+        (m.attn if kind == "attn" else m.ffn_block)[layer] = float(value)
+        return m
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PruneMask):
+            return NotImplemented
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            return a is b if a is None or b is None else torch.equal(a, b)
+
+        return all(same(getattr(self, n), getattr(other, n))
+                   for n in ("heads", "ffn", "attn", "ffn_block", "attn_bias", "ffn_bias"))
+
+    # --- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "format": "headlab.prune_mask",
+            "version": MASK_FORMAT_VERSION,
+            "heads": self.heads.tolist(),
+            "ffn": self.ffn.tolist(),
+            "attn": self.attn.tolist(),
+            "ffn_block": self.ffn_block.tolist(),
+            "meta": self.meta,
+        }
+        # Written only when present, so masks without compensation keep the original format.
+        for name in ("attn_bias", "ffn_bias"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name).tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruneMask":
+        if d.get("format") != "headlab.prune_mask":
+            raise MaskError("not a mask file: its 'format' field is not 'headlab.prune_mask'")
+        try:
+            return cls(
+                heads=_as_float(d["heads"]),
+                ffn=_as_float(d["ffn"]),
+                attn=_as_float(d["attn"]),
+                ffn_block=_as_float(d["ffn_block"]),
+                meta=dict(d.get("meta", {})),
+                attn_bias=_as_float(d["attn_bias"]) if d.get("attn_bias") is not None else None,
+                ffn_bias=_as_float(d["ffn_bias"]) if d.get("ffn_bias") is not None else None,
+            )
+        except KeyError as e:
+            raise MaskError(f"mask file is missing the field {e.args[0]!r}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the mask as JSON (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, g: Geometry | None = None) -> "PruneMask":
+        """Read a mask written by `save`; with `g`, also check it fits that model."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise MaskError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        m = cls.from_dict(d)
+        return m.check(g) if g is not None else m

@@ -1,0 +1,1 @@
+"""Opening models: the shipped defaults, local folders and hub ids (load), exported per-layer folders (pruned), and one adapter per family (adapters/), the only code that knows a family's module names."""

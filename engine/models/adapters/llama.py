@@ -1,0 +1,158 @@
+"""Llama-style decoders: q/k/v/o_proj with grouped-query attention, gated FFN.
+
+Covers Llama, Mistral, Qwen2 and SmolLM (all `LlamaDecoderLayer`-shaped: pre-RMSNorm,
+`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from engine.core.adapter import Adapter, Geometry, HeadWeights, SubBlock
+from engine.core.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
+
+__all__ = ["LlamaAdapter"]
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    config_decouples_heads = True
+
+    def _geometry(self, config: Any) -> Geometry:
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return Geometry(
+            n_layers=config.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            hidden=config.hidden_size,
+            ffn_dim=config.intermediate_size,
+            causal=True,
+            vocab_size=config.vocab_size,
+        )
+
+    @property
+    def _base(self) -> nn.Module:
+        return getattr(self.model, "model", self.model)
+
+    def layers(self) -> nn.ModuleList:
+        return self._base.layers
+
+    def attention(self, layer: int) -> nn.Module:
+        return self.layers()[layer].self_attn
+
+    def head_output_proj(self, layer: int) -> nn.Module:
+        return self.attention(layer).o_proj
+
+    def ffn_output_proj(self, layer: int) -> nn.Module:
+        return self.layers()[layer].mlp.down_proj
+
+    def subblock(self, layer: int, kind: str) -> SubBlock:
+        block = self.layers()[layer]
+        if kind == "attn":
+            return SubBlock(block.self_attn, residual_inclusive=False)
+        if kind == "ffn":
+            return SubBlock(block.mlp, residual_inclusive=False)
+        raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def subblock_modules(self, layer: int, kind: str) -> list[nn.Module]:
+        block = self.layers()[layer]
+        return [block.self_attn] if kind == "attn" else [block.mlp]
+
+    def head_weights(self, layer: int) -> HeadWeights:
+        g, attn = self.geometry, self.attention(layer)
+        hd, d = g.head_dim, g.hidden
+
+        def bias(lin: nn.Linear, n: int) -> torch.Tensor | None:
+            return None if lin.bias is None else lin.bias.view(n, hd)
+
+        return HeadWeights(
+            q=attn.q_proj.weight.view(g.n_heads, hd, d),
+            k=attn.k_proj.weight.view(g.n_kv_heads, hd, d),
+            v=attn.v_proj.weight.view(g.n_kv_heads, hd, d),
+            o=attn.o_proj.weight.view(d, g.n_heads, hd).permute(1, 0, 2),  # (H, d, hd)
+            q_bias=bias(attn.q_proj, g.n_heads),
+            k_bias=bias(attn.k_proj, g.n_kv_heads),
+            v_bias=bias(attn.v_proj, g.n_kv_heads),
+        )
+
+    def ffn_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        mlp = self.layers()[layer].mlp
+        return {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight}
+
+    def final_norm(self) -> nn.Module | None:
+        return self._base.norm
+
+    def lm_head(self) -> nn.Module | None:
+        return getattr(self.model, "lm_head", None)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self._base.embed_tokens
+
+    # --- physical reshaping ---------------------------------------------------------------
+    def resize_attention_(
+        self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None
+    ) -> None:
+        attn = self.attention(layer)
+        n_q, n_kv = len(q_heads), len(kv_heads)
+        if n_q == 0 or n_kv == 0 or (kv_index is None and n_q % n_kv):
+            raise ValueError(f"layer {layer}: {n_q} query heads cannot share {n_kv} KV heads evenly")
+        q, kv = self._head_rows(q_heads), self._head_rows(kv_heads)
+        slice_out_(attn.q_proj, q)
+        slice_in_(attn.o_proj, q)
+        if kv_index is not None and len(kv_index) != n_q:
+            raise ValueError(f"layer {layer}: kv_index needs one entry per query head ({n_q})")
+        for name in ("k_proj", "v_proj"):
+            proj = getattr(attn, name)
+            if isinstance(proj, GatheredHeads):
+                raise ValueError(f"layer {layer}: its K/V heads were already regrouped; prune the source model instead")
+            slice_out_(proj, kv)
+            if kv_index is not None:
+                setattr(attn, name, GatheredHeads(proj, kv_index, self.geometry.head_dim))
+        # repeat_kv expands each KV head to this many consecutive query heads.
+        attn.num_key_value_groups = 1 if kv_index is not None else n_q // n_kv
+
+    def resize_ffn_(self, layer: int, channels: Sequence[int]) -> None:
+        mlp = self.layers()[layer].mlp
+        slice_out_(mlp.gate_proj, channels)
+        slice_out_(mlp.up_proj, channels)
+        slice_in_(mlp.down_proj, channels)
+
+    def remove_subblock_(self, layer: int, kind: str) -> None:
+        block = self.layers()[layer]
+        if kind == "attn":
+            block.self_attn = RemovedSubBlock("attn", residual_inclusive=False, returns_tuple=True)
+        elif kind == "ffn":
+            block.mlp = RemovedSubBlock("ffn", residual_inclusive=False)
+        else:
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+
+    def set_sizes_(self, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
+        cfg = self.model.config
+        cfg.head_dim = self.geometry.head_dim  # explicit: hidden // heads no longer gives it
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = n_heads, n_kv_heads, ffn_dim
+        self.geometry = self._geometry(cfg)
+
+    def _set_layers(self, layers: nn.ModuleList) -> None:
+        self._base.layers = layers
+
+    def layer_sizes(self, layer: int) -> dict[str, Any]:
+        hd = self.geometry.head_dim
+        attn_gone, ffn_gone = self.is_subblock_removed(layer, "attn"), self.is_subblock_removed(layer, "ffn")
+        attn, mlp = self.attention(layer), self.layers()[layer].mlp
+        return {
+            "heads": 0 if attn_gone else attn.q_proj.out_features // hd,
+            "kv_heads": 0 if attn_gone else attn.k_proj.out_features // hd,
+            "kv_index": attn.k_proj.head_index.tolist() if not attn_gone and isinstance(attn.k_proj, GatheredHeads)
+            else None,
+            "ffn": 0 if ffn_gone else mlp.up_proj.out_features,
+            "attn": not attn_gone,
+            "ffn_block": not ffn_gone,
+            "attn_out_bias": not attn_gone and attn.o_proj.bias is not None,
+            "ffn_out_bias": not ffn_gone and mlp.down_proj.bias is not None,
+        }

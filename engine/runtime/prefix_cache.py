@@ -1,0 +1,283 @@
+"""Perplexity under a mask, recomputing only the layers a mask change can reach.
+
+The input of layer i depends only on layers 0..i-1, so two masks that agree on layers
+0..l-1 give identical inputs to layers 0..l. A PrefixCache runs the model once over a fixed
+set of evaluation windows, keeping the input hidden states of every layer and the
+arguments every layer was called with (attention mask, position embeddings, position ids:
+captured by a pre-hook, so no family-specific code is needed). A later mask whose first
+layer that differs from a cached mask is l re-runs only layers l..L-1 under that mask, then
+the final norm, the LM head and `window_nll`, exactly as a full forward would.
+
+Each evaluated mask keeps its layer inputs, so successive toggles reuse the longest common
+prefix of any cached mask. Entries share the tensors of their common prefix (no copies);
+memory is bounded by `max_bytes` with least-recently-used eviction, the first entry (the
+root every other one derives from) pinned. The model is never mutated: masks act through
+`gates.apply` for the duration of a call. A cache belongs to one caller (one browser
+session); a lock makes concurrent calls on the same cache safe, not parallel.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from engine.core import gates
+from engine.core.handle import ModelHandle
+from engine.core.hooks import temporary_hooks
+from engine.core.mask import PruneMask
+from engine.core.tokens import context_length
+from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, window_nll
+
+__all__ = [
+    "PrefixCache",
+    "PrefixRun",
+    "LIVE_WINDOW",
+    "LIVE_WINDOWS",
+    "live_protocol",
+    "first_changed_layer",
+]
+
+# Two windows of 256 tokens: about a second per toggle for SmolLM2-135M on a CPU core.
+LIVE_WINDOW = 256
+LIVE_WINDOWS = 2
+DEFAULT_MAX_BYTES = 384 * 2**20
+
+Progress = Callable[[int, int], None]
+LayerKey = tuple[bytes, ...]
+
+
+def live_protocol(handle: ModelHandle, n_windows: int = LIVE_WINDOWS, window: int = LIVE_WINDOW) -> PerplexityProtocol:
+    """The short protocol used for live feedback: `n_windows` windows of `window` tokens (capped by the context)."""
+    w = min(window, context_length(handle.model))
+    return PerplexityProtocol(window=w, stride=w, n_windows=n_windows)
+
+
+def _layer_keys(mask: PruneMask) -> LayerKey:
+    """One bytes key per layer: every gate and compensation bias that acts inside that layer."""
+    gates_ = torch.cat(
+        [mask.heads, mask.ffn, mask.attn[:, None], mask.ffn_block[:, None]], dim=1
+    ).detach().float().cpu()  # (L, H + F + 2)
+    keys = []
+    for layer, row in enumerate(gates_):
+        key = row.numpy().tobytes()
+        for tag, bias in ((b"a", getattr(mask, "attn_bias", None)), (b"f", getattr(mask, "ffn_bias", None))):
+            # No bias and a zero bias compute the same thing (gates skip a missing one): same key.
+            if bias is not None and bool(bias[layer].any()):
+                key += tag + bias[layer].detach().float().cpu().numpy().tobytes()
+        keys.append(key)
+    return tuple(keys)
+
+
+def _first_diff(a: LayerKey, b: LayerKey) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return len(a)
+
+
+def first_changed_layer(a: PruneMask, b: PruneMask) -> int:
+    """The first layer whose gates differ between two masks (the layer count when none does)."""
+    return _first_diff(_layer_keys(a), _layer_keys(b))
+
+
+@dataclass(frozen=True)
+class PrefixRun:
+    """What one `PrefixCache.perplexity` call did."""
+
+    start_layer: int  # first layer re-run (n_layers when the result was already cached)
+    layers_run: int
+    seconds: float
+    reused_result: bool
+
+
+@dataclass
+class _LayerCall:
+    """Everything a layer was called with besides its hidden-state input."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class _Entry:
+    key: LayerKey
+    inputs: list[list[torch.Tensor]]  # [L + 1][n_batches]: input of each layer; [L] = output of the last
+    result: PerplexityResult
+
+
+class PrefixCache:
+    """Perplexity of many masks over fixed windows, re-running only layers from the first changed one."""
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        protocol: PerplexityProtocol | None = None,
+        *,
+        batch_size: int = 4,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        if not handle.is_causal_lm:
+            raise ValueError(
+                f"perplexity needs a causal language model; {handle.name} is an encoder without an LM head"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.handle = handle
+        self.protocol = protocol or live_protocol(handle)
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes
+        windows, score_from = eval_windows(handle, self.protocol)
+        self._ids = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+        self._score_from = [score_from[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+        self._calls: list[list[_LayerCall]] | None = None  # [L][n_batches]
+        self._entries: OrderedDict[LayerKey, _Entry] = OrderedDict()
+        self._root: LayerKey | None = None
+        self._lock = threading.Lock()
+        self.last_run: PrefixRun | None = None
+
+    # --- public ------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.handle.geometry.n_layers
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by cached hidden states (shared prefixes counted once)."""
+        seen: dict[int, int] = {}
+        for e in self._entries.values():
+            for per_batch in e.inputs:
+                for t in per_batch:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    def clear(self) -> None:
+        """Drop every cached entry (the next call runs a full pass again)."""
+        with self._lock:
+            self._entries.clear()
+            self._calls, self._root, self.last_run = None, None, None
+
+    @torch.no_grad()
+    def perplexity(self, mask: PruneMask | None = None, *, progress: Progress | None = None) -> PerplexityResult:
+        """Perplexity under `mask` (None = dense) on this cache's windows, reusing cached layer inputs."""
+        g = self.handle.geometry
+        mask = (mask if mask is not None else PruneMask.dense(g)).check(g)
+        key = _layer_keys(mask)
+        t0 = time.perf_counter()
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.last_run = PrefixRun(self.n_layers, 0, time.perf_counter() - t0, reused_result=True)
+                return self._entries[key].result
+            if self._root is None:
+                entry = self._full_pass(mask, key, progress)
+                self._root = key
+                start = 0
+            else:
+                parent, start = self._best_parent(key)
+                entry = self._derive(parent, start, mask, key, progress)
+            self._entries[key] = entry
+            self._evict(keep=key)
+            self.last_run = PrefixRun(start, self.n_layers - start, time.perf_counter() - t0, reused_result=False)
+            return entry.result
+
+    # --- internals -----------------------------------------------------------------------
+    def _best_parent(self, key: LayerKey) -> tuple[_Entry, int]:
+        """The cached entry sharing the longest layer prefix with `key`, and that prefix length."""
+        best, best_l = None, -1
+        for e in self._entries.values():
+            l = _first_diff(e.key, key)
+            if l > best_l:
+                best, best_l = e, l
+        assert best is not None
+        self._entries.move_to_end(best.key)
+        return best, best_l
+
+    def _full_pass(self, mask: PruneMask, key: LayerKey, progress: Progress | None) -> _Entry:
+        """Run the whole model once, recording every layer's input and call arguments."""
+        adapter, L = self.handle.adapter, self.n_layers
+        n_b = len(self._ids)
+        inputs: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+        calls: list[list[_LayerCall]] = [[] for _ in range(L)]
+        total, count = 0.0, 0
+        with temporary_hooks() as hooks, gates.apply(self.handle, mask):
+            for layer, module in enumerate(adapter.layers()):
+                hooks.pre(module, self._recorder(layer, inputs, calls), with_kwargs=True)
+            last = adapter.layers()[L - 1]
+            hooks.post(last, lambda m, a, k, out: inputs[L].append(_hidden(out).detach()), with_kwargs=True)
+            for b, ids in enumerate(self._ids):
+                ids = ids.to(self.handle.device)
+                # use_cache=False: a KV cache captured in the kwargs would grow on every replay.
+                logits = self.handle.model(input_ids=ids, use_cache=False).logits
+                s, c = window_nll(logits, ids, self._score_from[b])
+                total, count = total + float(s), count + c
+                if progress:
+                    progress(b + 1, n_b)
+        self._calls = calls
+        return _Entry(key, inputs, self._result(total, count))
+
+    @staticmethod
+    def _recorder(layer: int, inputs: list[list[torch.Tensor]], calls: list[list[_LayerCall]]):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            inputs[layer].append(hidden.detach())
+            calls[layer].append(_LayerCall(tuple(args[1:]), kwargs))
+
+        return hook
+
+    def _derive(
+        self, parent: _Entry, start: int, mask: PruneMask, key: LayerKey, progress: Progress | None
+    ) -> _Entry:
+        """Layers start..L-1 under `mask` from the parent's input of layer `start`."""
+        assert self._calls is not None
+        adapter, L = self.handle.adapter, self.n_layers
+        layers = adapter.layers()
+        inputs = parent.inputs[: start + 1] + [[] for _ in range(L - start)]  # shared prefix, no copy
+        total, count = 0.0, 0
+        steps, done = (L - start) * len(self._ids), 0
+        with gates.apply(self.handle, mask):
+            for b, ids in enumerate(self._ids):
+                hidden = parent.inputs[start][b]
+                for layer in range(start, L):
+                    call = self._calls[layer][b]
+                    hidden = _hidden(layers[layer](hidden, *call.args, **call.kwargs))
+                    inputs[layer + 1].append(hidden)
+                    done += 1
+                    if progress:
+                        progress(done, steps)
+                s, c = window_nll(self._logits(hidden), ids.to(hidden.device), self._score_from[b])
+                total, count = total + float(s), count + c
+        return _Entry(key, inputs, self._result(total, count))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        adapter = self.handle.adapter
+        norm = adapter.final_norm()
+        if norm is not None:
+            hidden = norm(hidden)
+        return adapter.lm_head()(hidden)
+
+    def _result(self, total: float, count: int) -> PerplexityResult:
+        nll = total / count
+        return PerplexityResult(math.exp(nll), nll, count, self.protocol, self.handle.name)
+
+    def _evict(self, keep: LayerKey) -> None:
+        """Drop least-recently-used entries (never the root nor `keep`) until under max_bytes."""
+        while self.nbytes > self.max_bytes:
+            victim = next((k for k in self._entries if k not in (self._root, keep)), None)
+            if victim is None:
+                return
+            del self._entries[victim]
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """A decoder layer returns its hidden states alone or first in a tuple, depending on the family."""
+    return out[0] if isinstance(out, tuple) else out
