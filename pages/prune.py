@@ -5,7 +5,6 @@ import streamlit as st
 from engine.pruning.select import select
 from ui import compute, curves, figures, keys, session, widgets
 from ui.errors import user_errors
-from ui.mask_edit import reset_unit
 from ui.suggest import K_SUGGESTION, suggest_panel
 
 UNITS = {"heads": "heads", "ffn": "FFN channels", "blocks": "sub-blocks"}
@@ -37,7 +36,7 @@ def apply_selection() -> None:
     with user_errors(stop=False):
         session.set_mask(select(g, scores[criterion], float(st.session_state[keys.W_PRUNE_BUDGET]), unit=unit,
                                 scope=scope, kv_groups=bool(st.session_state[keys.W_PRUNE_KV]) and unit == "heads",
-                                base=reset_unit(session.mask(), unit)))
+                                base=session.mask().reset_unit(unit)))
 
 
 def change_unit() -> None:

@@ -15,23 +15,23 @@ from engine.runtime.attention_maps import attention_map
 from engine.runtime.evaluate import perplexity
 from engine.runtime.prefix_cache import live_protocol
 from ui import figures, tables
+from ui.compute import digest
 from ui.curves import perplexity_curves
-from ui.mask_edit import mask_digest, reset_unit, toggle_heads
 from ui.pages import KNOWN_PAGES, available_pages
 from ui.shared_cache import SharedCache
 
 
 def test_turning_off_the_last_head_of_a_layer_removes_its_attention_and_turning_one_on_restores_it(llama_handle):
     g = llama_handle.geometry
-    m = toggle_heads(PruneMask.dense(g), [(1, h) for h in range(g.n_heads)])
+    m = PruneMask.dense(g).toggle_heads([(1, h) for h in range(g.n_heads)])
     assert m.attn[1] == 0 and m.attn[0] == 1
-    back = toggle_heads(m, [(1, 2)])
+    back = m.toggle_heads([(1, 2)])
     assert back.attn[1] == 1 and back.heads[1].tolist() == [0, 0, 1, 0]
 
 
 def test_a_head_inside_a_removed_attention_block_counts_as_pruned_and_a_click_brings_it_back(llama_handle):
     m = PruneMask.dense(llama_handle.geometry).with_block(0, "attn", 0.0)
-    on = toggle_heads(m, [(0, 1)])
+    on = m.toggle_heads([(0, 1)])
     assert on.attn[0] == 1 and on.heads[0].tolist() == [1, 1, 1, 1]
 
 
@@ -40,21 +40,21 @@ def test_reset_unit_clears_only_that_unit(llama_handle):
     m = PruneMask.dense(g).toggle_head(0, 1)
     m.ffn[1, :10] = 0
     m = m.with_block(1, "attn", 0.0)
-    heads = reset_unit(m, "heads")
+    heads = m.reset_unit("heads")
     assert heads.heads.min() == 1 and heads.ffn[1, :10].max() == 0 and heads.attn[1] == 0  # block kept: heads remain
-    ffn = reset_unit(m, "ffn")
+    ffn = m.reset_unit("ffn")
     assert ffn.ffn.min() == 1 and ffn.heads[0, 1] == 0
-    blocks = reset_unit(m, "blocks")
+    blocks = m.reset_unit("blocks")
     assert blocks.attn.min() == 1 and blocks.heads[0, 1] == 0
     with pytest.raises(ValueError, match="unit"):
-        reset_unit(m, "layers")
+        m.reset_unit("layers")
 
 
 def test_mask_digest_is_equal_for_equal_masks_and_differs_otherwise(llama_handle):
     g = llama_handle.geometry
     a, b = PruneMask.dense(g), PruneMask.dense(g)
-    assert mask_digest(a) == mask_digest(b) != mask_digest(a.toggle_head(0, 0))
-    assert mask_digest(None) == "dense"
+    assert a.digest() == b.digest() != a.toggle_head(0, 0).digest()
+    assert digest(None) == "dense"
 
 
 def test_pages_appear_when_their_file_exists_known_ones_first(tmp_path):
@@ -178,4 +178,4 @@ def test_mask_digest_tells_apart_masks_that_differ_only_in_compensation_biases(l
     a = PruneMask.dense(g).toggle_head(0, 1)
     b = a.clone()
     b.ffn_bias = torch.full((g.n_layers, g.hidden), 0.01)
-    assert mask_digest(a) != mask_digest(b)
+    assert a.digest() != b.digest()

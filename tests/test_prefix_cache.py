@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 from engine.core.mask import PruneMask
 from engine.models.load import ModelHandle
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
-from engine.runtime.prefix_cache import PrefixCache, first_changed_layer, live_protocol
+from engine.runtime.prefix_cache import PrefixCache, live_protocol
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CAUSAL = ("gpt2", "llama", "qwen2")
@@ -175,9 +175,9 @@ def test_two_threads_with_their_own_caches_get_their_own_perplexities(causal):
 def test_first_changed_layer_names_the_earliest_differing_layer(llama_handle):
     g = llama_handle.geometry
     dense = PruneMask.dense(g)
-    assert first_changed_layer(dense, dense.clone()) == g.n_layers
-    assert first_changed_layer(dense, dense.toggle_head(1, 3)) == 1
-    assert first_changed_layer(dense, dense.with_block(0, "ffn", 0.0).toggle_head(1, 0)) == 0
+    assert dense.first_changed_layer(dense.clone()) == g.n_layers
+    assert dense.first_changed_layer(dense.toggle_head(1, 3)) == 1
+    assert dense.first_changed_layer(dense.with_block(0, "ffn", 0.0).toggle_head(1, 0)) == 0
 
 
 def test_live_protocol_fits_the_model_context(llama_handle):
@@ -222,10 +222,10 @@ def test_masks_differing_only_in_compensation_biases_are_told_apart(causal):
     biased.attn_bias = torch.zeros(g.n_layers, g.hidden)
     # Acts in layer 2 only; not a constant vector, which LayerNorm's mean-centring would cancel (GPT-2).
     biased.attn_bias[2] = torch.randn(g.hidden, generator=torch.Generator().manual_seed(0)) * 0.1
-    assert first_changed_layer(base, biased) == 2
+    assert base.first_changed_layer(biased) == 2
     zero_bias = base.clone()
     zero_bias.attn_bias = torch.zeros(g.n_layers, g.hidden)
-    assert first_changed_layer(base, zero_bias) == g.n_layers  # a zero bias changes nothing
+    assert base.first_changed_layer(zero_bias) == g.n_layers  # a zero bias changes nothing
     cache = PrefixCache(causal, PROTOCOL)
     cache.perplexity(base)
     fast = cache.perplexity(biased)

@@ -98,7 +98,6 @@ def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
 
 
 def test_ablating_a_layers_last_head_replays_from_where_its_mean_is_folded(llama_handle):
-    from engine.pruning.strategies.ablation import first_changed_layer
 
     g = llama_handle.geometry
     means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
@@ -106,7 +105,7 @@ def test_ablating_a_layers_last_head_replays_from_where_its_mean_is_folded(llama
     base.heads[1, 1:] = 0.0
     base = head_removal_mask(llama_handle, base, 1, [], means)
     m = head_removal_mask(llama_handle, base, 1, [0], means)
-    assert m.attn[1] == 0 and first_changed_layer(base, m) == 0, "layer 1's mean now sits on layer 0's FFN"
+    assert m.attn[1] == 0 and base.first_changed_layer(m) == 0, "layer 1's mean now sits on layer 0's FFN"
     replay = LayerReplay(llama_handle, TEXTS[:4], base=base, max_length=48, batch_size=2)
     assert replay.kl(m, 0) - replay.base_kl == pytest.approx(full_kl(llama_handle, m) - full_kl(llama_handle, base),
                                                             rel=1e-3, abs=1e-7)

@@ -15,10 +15,14 @@ from engine.models.load import ModelHandle
 from engine.runtime.attention_maps import AttentionMap, attention_map
 from engine.runtime.cost import Cost, cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
-from ui.mask_edit import mask_digest
 from ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "generation", "full_perplexity", "known_full_perplexity", "mask_cost"]
+
+
+def digest(mask: PruneMask | None) -> str:
+    """The cache key of a mask ("dense" for none)."""
+    return "dense" if mask is None else mask.digest()
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)
@@ -30,7 +34,7 @@ def _attention(_handle: ModelHandle, model_key: str, text: str, layer: int, _mas
 def attention_maps(handle: ModelHandle, model_key: str, text: str, layer: int, mask: PruneMask | None, *,
                    max_bins: int, window: tuple[int, int] | None, reduce: str) -> AttentionMap:
     """The (cached) attention map of `layer` for `text` under `mask` (None = dense)."""
-    return _attention(handle, model_key, text, layer, mask, mask_digest(mask), max_bins, window, reduce)
+    return _attention(handle, model_key, text, layer, mask, digest(mask), max_bins, window, reduce)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -41,19 +45,19 @@ def _generation(_handle: ModelHandle, model_key: str, prompt: str, _mask: PruneM
 
 def generation(handle: ModelHandle, model_key: str, prompt: str, mask: PruneMask | None, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` under `mask` (cached: equal inputs give equal text)."""
-    return _generation(handle, model_key, prompt, mask, mask_digest(mask), max_new_tokens)
+    return _generation(handle, model_key, prompt, mask, digest(mask), max_new_tokens)
 
 
 def full_perplexity(handle: ModelHandle, model_key: str, mask: PruneMask | None,
                     progress: Callable[[int, int], None]) -> PerplexityResult:
     """Perplexity on the pinned full protocol (12 windows x 512 tokens), computed once per mask."""
     return shared_cache("full_perplexity", 64).get_or_compute(
-        (model_key, mask_digest(mask)), lambda: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=progress))
+        (model_key, digest(mask)), lambda: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=progress))
 
 
 def known_full_perplexity(model_key: str, mask: PruneMask | None) -> PerplexityResult | None:
     """The full-protocol perplexity of `mask` if some session already computed it, else None."""
-    return shared_cache("full_perplexity", 64).get((model_key, mask_digest(mask)))
+    return shared_cache("full_perplexity", 64).get((model_key, digest(mask)))
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
@@ -63,4 +67,4 @@ def _cost(_handle: ModelHandle, model_key: str, _mask: PruneMask, digest: str) -
 
 def mask_cost(handle: ModelHandle, model_key: str, mask: PruneMask) -> Cost:
     """Parameters and FLOPs kept under `mask` (cached per mask)."""
-    return _cost(handle, model_key, mask, mask_digest(mask))
+    return _cost(handle, model_key, mask, digest(mask))

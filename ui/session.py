@@ -26,7 +26,6 @@ from engine.models.load import ModelHandle
 from engine.runtime.evaluate import PerplexityResult
 from engine.runtime.prefix_cache import PrefixCache, PrefixRun
 from ui import keys
-from ui.mask_edit import toggle_heads
 from ui.models import ModelChoice, default_choice, load_cached
 from ui.scoring import Calibration, cached_scores, calibration_choice
 
@@ -91,7 +90,7 @@ def set_mask(new: PruneMask) -> None:
 def toggle(cells: list[tuple[int, int]]) -> None:
     """Flip the given (layer, head) cells of the session's mask."""
     if cells:
-        set_mask(toggle_heads(mask(), cells))
+        set_mask(mask().toggle_heads(cells))
 
 
 def mask_version() -> int:

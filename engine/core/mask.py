@@ -16,20 +16,29 @@ A mask is immutable in spirit: editing methods return a new mask.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from engine.core.adapter import Geometry
 from engine.core.errors import MaskError
 
-__all__ = ["PruneMask", "MaskError", "MASK_FORMAT_VERSION"]
+__all__ = ["PruneMask", "MaskError", "first_difference", "MASK_FORMAT_VERSION", "UNIT_KINDS", "UNIT_WORDS"]
 
 MASK_FORMAT_VERSION = 1
+# The kinds of unit a mask gates, and how the app names them.
+UNIT_KINDS = ("heads", "ffn", "blocks")
+UNIT_WORDS = {"heads": "heads", "ffn": "FFN channels", "blocks": "sub-blocks"}
+
+
+def first_difference(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> int:
+    """The first index where two `PruneMask.layer_keys()` differ (their common length when none does)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _as_float(t: Any) -> torch.Tensor:
@@ -161,8 +170,45 @@ class PruneMask:
         return m
 
     def toggle_head(self, layer: int, head: int) -> "PruneMask":
-        """A copy with one head flipped between kept (1) and pruned (0)."""
-        return self.with_head(layer, head, 0.0 if self.heads[layer, head] > 0.5 else 1.0)
+        """A copy with one head flipped between kept (1) and pruned (0), the ATTN sub-block rule kept.
+
+        Turning a head on in a layer whose ATTN sub-block is removed brings the sub-block back
+        (otherwise the toggle would have no effect); turning off the last head of a layer removes
+        the sub-block (the rule of `normalized`), so no layer runs an empty attention.
+        """
+        return self.toggle_heads([(layer, head)])
+
+    def toggle_heads(self, cells: Iterable[tuple[int, int]]) -> "PruneMask":
+        """`toggle_head` for each (layer, head) in order, as one new mask."""
+        m = self.clone()
+        for layer, head in cells:
+            turning_on = bool(m.heads_effective()[layer, head] == 0)
+            m.heads[layer, head] = 1.0 if turning_on else 0.0
+            if turning_on:
+                m.attn[layer] = 1.0
+            elif bool((m.heads[layer] == 0).all()):
+                m.attn[layer] = 0.0
+        return m
+
+    def reset_unit(self, unit: str) -> "PruneMask":
+        """A copy with one unit kind back to dense, the others untouched (the base for re-selecting it).
+
+        "heads" clears head gates and the ATTN sub-blocks removed only because all their heads
+        were; "ffn" does the same for channels; "blocks" restores sub-blocks that still have units.
+        """
+        if unit not in UNIT_KINDS:
+            raise MaskError(f"unit must be one of {', '.join(UNIT_KINDS)}, got {unit!r}")
+        m = self.clone()
+        if unit == "heads":
+            m.attn[(m.heads == 0).all(dim=1)] = 1.0
+            m.heads.fill_(1.0)
+        elif unit == "ffn":
+            m.ffn_block[(m.ffn == 0).all(dim=1)] = 1.0
+            m.ffn.fill_(1.0)
+        else:
+            m.attn[(m.heads > 0).any(dim=1)] = 1.0
+            m.ffn_block[(m.ffn > 0).any(dim=1)] = 1.0
+        return m
 
     def with_block(self, layer: int, kind: str, value: float) -> "PruneMask":
         """A copy with the `kind` ("attn" or "ffn") sub-block gate of `layer` set to `value`."""
@@ -172,14 +218,42 @@ class PruneMask:
         (m.attn if kind == "attn" else m.ffn_block)[layer] = float(value)
         return m
 
+    # --- identity ------------------------------------------------------------------------
+    def layer_keys(self) -> tuple[bytes, ...]:
+        """One bytes key per layer: every gate and compensation bias that acts inside that layer.
+
+        The one definition of "what this mask computes": equality, digests, the first changed
+        layer and every cache key derive from it. A zero bias and no bias compute the same
+        thing (gates skip a missing one), so they give the same key.
+        """
+        gates_ = torch.cat([self.heads, self.ffn, self.attn[:, None], self.ffn_block[:, None]], dim=1)
+        gates_ = gates_.detach().float().cpu()  # (L, H + F + 2)
+        keys = []
+        for layer, row in enumerate(gates_):
+            key = row.numpy().tobytes()
+            for tag, bias in ((b"a", self.attn_bias), (b"f", self.ffn_bias)):
+                if bias is not None and bool(bias[layer].any()):
+                    key += tag + bias[layer].detach().float().cpu().numpy().tobytes()
+            keys.append(key)
+        return tuple(keys)
+
+    def digest(self) -> str:
+        """A short hex digest of every gate and bias: equal masks (`==`) give equal digests."""
+        h = hashlib.sha1()
+        for key in self.layer_keys():
+            h.update(len(key).to_bytes(8, "little") + key)
+        return h.hexdigest()[:16]
+
+    def first_changed_layer(self, other: "PruneMask") -> int:
+        """The first layer whose gates or biases differ from `other`'s (the layer count when none does)."""
+        return first_difference(self.layer_keys(), other.layer_keys())
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PruneMask):
             return NotImplemented
-        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-            return a is b if a is None or b is None else torch.equal(a, b)
+        return self.layer_keys() == other.layer_keys()
 
-        return all(same(getattr(self, n), getattr(other, n))
-                   for n in ("heads", "ffn", "attn", "ffn_block", "attn_bias", "ffn_bias"))
+    __hash__ = None  # mutable tensors inside: use digest() as a key
 
     # --- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

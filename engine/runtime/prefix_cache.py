@@ -30,7 +30,7 @@ import torch
 from engine.core import gates
 from engine.core.handle import ModelHandle
 from engine.core.hooks import temporary_hooks
-from engine.core.mask import PruneMask
+from engine.core.mask import PruneMask, first_difference
 from engine.core.tokens import context_length
 from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, window_nll
 
@@ -40,7 +40,6 @@ __all__ = [
     "LIVE_WINDOW",
     "LIVE_WINDOWS",
     "live_protocol",
-    "first_changed_layer",
 ]
 
 # Two windows of 256 tokens: about a second per toggle for SmolLM2-135M on a CPU core.
@@ -56,34 +55,6 @@ def live_protocol(handle: ModelHandle, n_windows: int = LIVE_WINDOWS, window: in
     """The short protocol used for live feedback: `n_windows` windows of `window` tokens (capped by the context)."""
     w = min(window, context_length(handle.model))
     return PerplexityProtocol(window=w, stride=w, n_windows=n_windows)
-
-
-def _layer_keys(mask: PruneMask) -> LayerKey:
-    """One bytes key per layer: every gate and compensation bias that acts inside that layer."""
-    gates_ = torch.cat(
-        [mask.heads, mask.ffn, mask.attn[:, None], mask.ffn_block[:, None]], dim=1
-    ).detach().float().cpu()  # (L, H + F + 2)
-    keys = []
-    for layer, row in enumerate(gates_):
-        key = row.numpy().tobytes()
-        for tag, bias in ((b"a", getattr(mask, "attn_bias", None)), (b"f", getattr(mask, "ffn_bias", None))):
-            # No bias and a zero bias compute the same thing (gates skip a missing one): same key.
-            if bias is not None and bool(bias[layer].any()):
-                key += tag + bias[layer].detach().float().cpu().numpy().tobytes()
-        keys.append(key)
-    return tuple(keys)
-
-
-def _first_diff(a: LayerKey, b: LayerKey) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return len(a)
-
-
-def first_changed_layer(a: PruneMask, b: PruneMask) -> int:
-    """The first layer whose gates differ between two masks (the layer count when none does)."""
-    return _first_diff(_layer_keys(a), _layer_keys(b))
 
 
 @dataclass(frozen=True)
@@ -170,7 +141,7 @@ class PrefixCache:
         """Perplexity under `mask` (None = dense) on this cache's windows, reusing cached layer inputs."""
         g = self.handle.geometry
         mask = (mask if mask is not None else PruneMask.dense(g)).check(g)
-        key = _layer_keys(mask)
+        key = mask.layer_keys()
         t0 = time.perf_counter()
         with self._lock:
             if key in self._entries:
@@ -194,7 +165,7 @@ class PrefixCache:
         """The cached entry sharing the longest layer prefix with `key`, and that prefix length."""
         best, best_l = None, -1
         for e in self._entries.values():
-            l = _first_diff(e.key, key)
+            l = first_difference(e.key, key)
             if l > best_l:
                 best, best_l = e, l
         assert best is not None

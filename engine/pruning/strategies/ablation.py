@@ -27,7 +27,7 @@ from engine.importance.criteria import Criterion, Scores, register
 from engine.pruning.compensation import mean_biases
 from engine.runtime.replay import LayerReplay
 
-__all__ = ["head_removal_mask", "first_changed_layer", "ablation_kl", "Ablation"]
+__all__ = ["head_removal_mask", "ablation_kl", "Ablation"]
 
 Progress = Callable[[int, int], None]
 
@@ -38,23 +38,6 @@ def head_removal_mask(handle: ModelHandle, base: PruneMask, layer: int, heads: S
     m = base.clone()
     m.heads[layer, list(heads)] = 0.0
     return mean_biases(handle, m, head_means=means) if means is not None else m.normalized()
-
-
-def first_changed_layer(a: PruneMask, b: PruneMask) -> int:
-    """The first layer whose gates or biases differ between two masks (n_layers when none does)."""
-    L = a.heads.shape[0]
-    for layer in range(L):
-        for name in ("heads", "ffn", "attn", "ffn_block", "attn_bias", "ffn_bias"):
-            x, y = getattr(a, name), getattr(b, name)
-            if x is None and y is None:
-                continue
-            if x is None or y is None:
-                if bool((x if x is not None else y)[layer].any()):
-                    return layer
-                continue
-            if not torch.equal(x[layer], y[layer]):
-                return layer
-    return L
 
 
 def ablation_kl(
@@ -78,7 +61,7 @@ def ablation_kl(
     for i, (layer, head) in enumerate(todo):
         m = head_removal_mask(handle, base, layer, [head], means)
         # Usually `layer`; earlier when the layer's last head goes and its mean folds into layer - 1.
-        start = min(layer, first_changed_layer(base, m))
+        start = min(layer, base.first_changed_layer(m))
         delta[layer, head] = replay.kl(m, start) - replay.base_kl
         if progress:
             progress(i + 1, len(todo))

@@ -23,7 +23,6 @@ from engine.core.mask import PruneMask
 from engine.importance.criteria import ffn_magnitude, head_magnitude
 from engine.pruning.compensation import mean_biases
 from engine.pruning.size_target import target_params
-from engine.pruning.strategies.ablation import first_changed_layer
 from engine.pruning.strategies.base import Calibration, Progress, parse_method
 from engine.pruning.strategies.scores import ABLATION_MAX_LENGTH, ABLATION_TEXTS, criterion_scores
 from engine.runtime.cost import cost
@@ -85,7 +84,7 @@ def layer_scores(handle: ModelHandle, method: str, calib: Calibration, *, base: 
     alive = [l for l in range(g.n_layers) if base.attn[l] > 0 or base.ffn_block[l] > 0]
     for i, layer in enumerate(alive):
         m = layer_removal_mask(handle, base, layer, stats)
-        out[layer] = replay.kl(m, min(layer, first_changed_layer(base, m))) - replay.base_kl
+        out[layer] = replay.kl(m, min(layer, base.first_changed_layer(m))) - replay.base_kl
         if progress:
             progress(i + 1, len(alive))
     return out

@@ -23,7 +23,7 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.importance.taylor import gate_gradients
 from engine.pruning.compensation import ffn_fluctuation, mean_biases
-from engine.pruning.strategies.ablation import first_changed_layer, head_removal_mask
+from engine.pruning.strategies.ablation import head_removal_mask
 from engine.pruning.strategies.base import Budget, Calibration, Strategy, lowest, register_strategy
 from engine.pruning.strategies.oneshot import finish
 from engine.pruning.strategies.scores import ablation_scores, gradient_scores
@@ -110,7 +110,7 @@ class IterativeAblation(Strategy):
                 replay = LayerReplay(handle, texts, base=mask, max_length=min(calib.max_length, 128))
                 for layer, head in pool.nonzero().tolist():
                     m = head_removal_mask(handle, mask, layer, [head], means)
-                    start = min(layer, first_changed_layer(mask, m))
+                    start = min(layer, mask.first_changed_layer(m))
                     scores[layer, head] = replay.kl(m, start) - replay.base_kl
             mask = _cut(mask, scores, k, "heads")
             if means is not None:  # the next replay runs the compensated model
