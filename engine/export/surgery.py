@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from torch import nn
 from engine.core.adapter import Adapter, Geometry
 from engine.core.handle import ModelHandle
 from engine.core.mask import MaskError, PruneMask
+from engine.core.progress import Progress
 from engine.models.adapters import adapter_for
 from engine.models.pruned import LAYERS_FORMAT, LAYERS_KEY
 
@@ -48,7 +49,6 @@ __all__ = [
     "LAYERS_FORMAT",
 ]
 
-Progress = Callable[[int, int], None]
 
 
 class SurgeryError(MaskError):

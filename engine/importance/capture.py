@@ -25,7 +25,7 @@ per-head sums inside a hook and dropped. What is averaged, exactly:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -34,12 +34,12 @@ from engine.core.handle import ModelHandle
 from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss, objective_name
+from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 
 __all__ = ["CaptureStats", "capture", "LOCAL_WINDOW", "row_entropy"]
 
 LOCAL_WINDOW = 4
-Progress = Callable[[int, int], None]
 
 
 def row_entropy(p: torch.Tensor) -> torch.Tensor:

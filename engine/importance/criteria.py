@@ -27,6 +27,7 @@ import torch
 from engine.core.adapter import Adapter
 from engine.core.errors import UnknownCriterionError
 from engine.core.handle import ModelHandle
+from engine.core.progress import Progress
 from engine.importance.capture import CaptureStats, capture
 
 __all__ = [
@@ -202,7 +203,7 @@ def score(
     criteria: Sequence[str] = ("entropy", "magnitude", "gradient", "activation"),
     *,
     stats: CaptureStats | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     **capture_kwargs: Any,
 ) -> tuple[dict[str, Scores], CaptureStats | None]:
     """Score with several criteria from one shared capture pass (made here unless given)."""

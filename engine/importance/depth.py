@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -28,6 +28,7 @@ from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss, objective_name
+from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 from engine.data.datasets import calibration_texts
 from engine.export.surgery import private_copy
@@ -38,7 +39,6 @@ from engine.models.adapters import adapter_for
 __all__ = ["BlockPPL", "TaylorPlus", "LayerScores", "layer_scores", "DEPTH_CRITERIA", "protect_ends"]
 
 DEPTH_CRITERIA = ("block_influence", "block_ppl", "taylor_plus")
-Progress = Callable[[int, int], None]
 
 
 def _calibration(texts: Sequence[str] | None, n_texts: int) -> list[str]:

@@ -13,7 +13,7 @@ performs. The bias that carries the (1 - g) mu term is built differentiably here
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -22,11 +22,11 @@ from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss
+from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 
 __all__ = ["gate_gradients", "soft_attention_bias", "soft_ffn_bias"]
 
-Progress = Callable[[int, int], None]
 
 
 def soft_attention_bias(adapter: Adapter, heads: torch.Tensor, means: torch.Tensor) -> torch.Tensor:

@@ -31,13 +31,14 @@ layer's means reflect the pruned layers before it (the shift FLAP's one-pass mea
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.importance.capture import CaptureStats, capture
 from engine.importance.criteria import Criterion, Scores, register
 
@@ -137,7 +138,7 @@ def compensate(
     texts: Sequence[str] | None = None,
     units: str = "both",
     sequential: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     **capture_kwargs: Any,
 ) -> PruneMask:
     """`mask` normalized, with FLAP biases for its pruned heads/channels (`units`: heads, ffn, both).

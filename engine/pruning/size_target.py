@@ -20,12 +20,13 @@ Sizes are engine.runtime.cost's params_kept, which is exactly what surgery produ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.data.datasets import calibration_texts
 from engine.importance import depth
 from engine.importance.criteria import score
@@ -35,7 +36,6 @@ from engine.runtime.cost import cost
 __all__ = ["SizeResult", "ROUTES", "target_params", "reach_size", "width_mask", "depth_mask"]
 
 ROUTES = ("width", "depth")
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

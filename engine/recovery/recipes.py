@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from engine.core.progress import Progress
 from engine.export.surgery import prune
 from engine.pruning.size_target import reach_size
 from engine.recovery.distill import (
@@ -85,7 +86,7 @@ def plan_stages(recipe: str, bits: int | None, steps: int, scheme: str | None = 
 
 def recovery_student(teacher: Any, keep: float = 0.7, *, criterion: str = "gradient",
                      texts: Sequence[str] | None = None, prune_heads: bool = True,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any]:
+                     progress: Progress | None = None) -> tuple[Any, Any]:
     """(student, size result): `teacher` pruned uniformly in width to `keep` of its parameters.
 
     engine.pruning.size_target's width route: the same number of query heads per KV group and FFN

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from engine.core.progress import Progress
 from engine.data.datasets import DATA_DIR, PROMPT_SETS, load_prompts
 from engine.models.load import cache_dir
 from engine.routing.embeddings import SentenceEncoder, embed_texts
@@ -335,7 +336,7 @@ def cluster_prompts(
     held_out: float = 0.25,
     split_seed: int = 0,
     kmeans_seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ClusterRun:
     """Shipped prompts -> split -> embeddings of the training part (cached) -> K-means with `k`."""
     split = split_prompts(calibration_prompts(sources, per_source), held_out, split_seed)

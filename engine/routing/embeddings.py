@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, encode_batch
 from engine.models.load import ENCODER_MODEL, ModelHandle, cache_dir, load_model
 
@@ -53,7 +54,7 @@ class SentenceEncoder:
 
     @torch.no_grad()
     def encode(
-        self, texts: Sequence[str], *, batch_size: int = 32, progress: Callable[[int, int], None] | None = None
+        self, texts: Sequence[str], *, batch_size: int = 32, progress: Progress | None = None
     ) -> torch.Tensor:
         """Unit-norm embeddings [N, d], one per text (no cache)."""
         if isinstance(texts, str):
@@ -104,7 +105,7 @@ def embed_texts(
     *,
     cache: bool = True,
     batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Embeddings [N, d] of `texts`, read from the disk cache when this exact list was embedded before."""
     from safetensors.torch import save_file

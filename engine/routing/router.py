@@ -33,6 +33,7 @@ from engine.core.adapter import Geometry
 from engine.core.handle import ModelHandle
 from engine.core.mask import MaskError, PruneMask
 from engine.core.objective import token_logits
+from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length, encode_batch
 from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig, train_mask
 from engine.routing.clusters import CalibrationPrompt, Clustering, purity
@@ -339,7 +340,7 @@ def heldout_perplexity(
     *,
     max_length: int = 256,
     batch_size: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[ClusterPerplexity]:
     """Per routed cluster (and overall): perplexity dense, under the static mask and under the routed mask."""
     router.check_encoder(encoder)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from engine.core import gates
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length
 from engine.data.datasets import read_wikitext, wikitext_sha256
 from engine.runtime.sparse_forward import sparse_logits, supports_sparse
@@ -113,7 +114,7 @@ def perplexity(
     protocol: PerplexityProtocol = DEFAULT_PROTOCOL,
     *,
     batch_size: int = 4,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     use_kernels: bool | None = None,
 ) -> PerplexityResult:
     """Perplexity of the model (under `mask` when given) with the pinned protocol.

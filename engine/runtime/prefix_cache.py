@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -31,6 +31,7 @@ from engine.core import gates
 from engine.core.handle import ModelHandle
 from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask, first_difference
+from engine.core.progress import Progress
 from engine.core.tokens import context_length
 from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, window_nll
 
@@ -47,7 +48,6 @@ LIVE_WINDOW = 256
 LIVE_WINDOWS = 2
 DEFAULT_MAX_BYTES = 384 * 2**20
 
-Progress = Callable[[int, int], None]
 LayerKey = tuple[bytes, ...]
 
 

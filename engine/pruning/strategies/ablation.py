@@ -16,12 +16,13 @@ pruning); heads the base already prunes score 0 and are marked False in the retu
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.data.datasets import calibration_texts
 from engine.importance.criteria import Criterion, Scores, register
 from engine.pruning.compensation import mean_biases
@@ -29,7 +30,6 @@ from engine.runtime.replay import LayerReplay
 
 __all__ = ["head_removal_mask", "ablation_kl", "Ablation"]
 
-Progress = Callable[[int, int], None]
 
 
 def head_removal_mask(handle: ModelHandle, base: PruneMask, layer: int, heads: Sequence[int],

@@ -18,6 +18,7 @@ import torch
 from engine.core.errors import UnknownStrategyError
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.data.datasets import calibration_texts
 from engine.importance.capture import CaptureStats, capture
 from engine.pruning.select import BudgetError, count_from_budget
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 COMP_SUFFIX = "+comp"
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
