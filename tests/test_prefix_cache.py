@@ -12,6 +12,7 @@ from engine.core.mask import PruneMask
 from engine.models.load import ModelHandle
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
 from engine.runtime.prefix_cache import PrefixCache, live_protocol
+from engine.runtime.replay import LayerReplay, record_layers
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CAUSAL = ("gpt2", "llama", "qwen2")
@@ -232,3 +233,27 @@ def test_masks_differing_only_in_compensation_biases_are_told_apart(causal):
     assert cache.last_run.start_layer == 2
     assert fast.perplexity == pytest.approx(full_forward(causal, biased).perplexity, abs=1e-5)
     assert fast.perplexity != pytest.approx(cache.perplexity(base).perplexity, abs=1e-6)
+
+
+def test_run_from_a_layer_equals_recording_under_the_new_mask_and_shares_the_prefix(causal):
+    g = causal.geometry
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    inputs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    dense = record_layers(causal, None, inputs)
+    mask = PruneMask.dense(g).toggle_head(2, 1).with_block(3, "ffn", 0.0)
+    replayed = dense.run_from(2, mask)
+    fresh = record_layers(causal, mask, inputs)
+    assert all(replayed.hidden[i] is dense.hidden[i] for i in range(3)), "the unchanged prefix is shared, not copied"
+    for got, want in zip(replayed.outputs, fresh.outputs):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(replayed.outputs[0], dense.outputs[0], atol=1e-4)
+
+
+def test_layer_replay_starts_at_the_first_changed_layer_and_refuses_a_later_start(llama_handle):
+    texts = ["The quick brown fox jumps over the lazy dog.", "a b c d e f g h i j"]
+    replay = LayerReplay(llama_handle, texts, max_length=32, batch_size=1)
+    mask = PruneMask.dense(llama_handle.geometry).toggle_head(1, 2)
+    assert replay.kl(mask) == pytest.approx(replay.kl(mask, 0), rel=1e-5)
+    assert replay.kl(mask) > replay.base_kl
+    with pytest.raises(ValueError, match="differs from the replay's base at layer 1"):
+        replay.kl(mask, 2)

@@ -2,18 +2,18 @@
 
 The input of layer i depends only on layers 0..i-1, so two masks that agree on layers
 0..l-1 give identical inputs to layers 0..l. A PrefixCache runs the model once over a fixed
-set of evaluation windows, keeping the input hidden states of every layer and the
-arguments every layer was called with (attention mask, position embeddings, position ids:
-captured by a pre-hook, so no family-specific code is needed). A later mask whose first
-layer that differs from a cached mask is l re-runs only layers l..L-1 under that mask, then
+set of evaluation windows, recording every layer's input and call arguments
+(engine.runtime.replay.record_layers). A later mask whose first layer that differs from a
+cached mask is l re-runs only layers l..L-1 under that mask (`LayerInputs.run_from`), then
 the final norm, the LM head and `window_nll`, exactly as a full forward would.
 
 Each evaluated mask keeps its layer inputs, so successive toggles reuse the longest common
-prefix of any cached mask. Entries share the tensors of their common prefix (no copies);
-memory is bounded by `max_bytes` with least-recently-used eviction, the first entry (the
-root every other one derives from) pinned. The model is never mutated: masks act through
-`gates.apply` for the duration of a call. A cache belongs to one caller (one browser
-session); a lock makes concurrent calls on the same cache safe, not parallel.
+prefix of any cached mask (entries are keyed by `PruneMask.layer_keys()`). Entries share the
+tensors of their common prefix (no copies); memory is bounded by `max_bytes` with
+least-recently-used eviction, the first entry (the root every other one derives from)
+pinned. The model is never mutated: masks act through `gates.apply` for the duration of a
+call. A cache belongs to one caller (one browser session); a lock makes concurrent calls on
+the same cache safe, not parallel.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
-from engine.core import gates
 from engine.core.handle import ModelHandle
-from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask, first_difference
 from engine.core.progress import Progress
 from engine.core.tokens import context_length
 from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, window_nll
+from engine.runtime.replay import LayerInputs, final_logits, record_layers
 
 __all__ = [
     "PrefixCache",
@@ -68,17 +67,9 @@ class PrefixRun:
 
 
 @dataclass
-class _LayerCall:
-    """Everything a layer was called with besides its hidden-state input."""
-
-    args: tuple
-    kwargs: dict[str, Any]
-
-
-@dataclass
 class _Entry:
     key: LayerKey
-    inputs: list[list[torch.Tensor]]  # [L + 1][n_batches]: input of each layer; [L] = output of the last
+    record: LayerInputs  # every layer's input under this entry's mask
     result: PerplexityResult
 
 
@@ -106,7 +97,6 @@ class PrefixCache:
         windows, score_from = eval_windows(handle, self.protocol)
         self._ids = [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
         self._score_from = [score_from[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
-        self._calls: list[list[_LayerCall]] | None = None  # [L][n_batches]
         self._entries: OrderedDict[LayerKey, _Entry] = OrderedDict()
         self._root: LayerKey | None = None
         self._lock = threading.Lock()
@@ -125,7 +115,7 @@ class PrefixCache:
         """Bytes held by cached hidden states (shared prefixes counted once)."""
         seen: dict[int, int] = {}
         for e in self._entries.values():
-            for per_batch in e.inputs:
+            for per_batch in e.record.hidden:
                 for t in per_batch:
                     seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(seen.values())
@@ -134,7 +124,7 @@ class PrefixCache:
         """Drop every cached entry (the next call runs a full pass again)."""
         with self._lock:
             self._entries.clear()
-            self._calls, self._root, self.last_run = None, None, None
+            self._root, self.last_run = None, None
 
     @torch.no_grad()
     def perplexity(self, mask: PruneMask | None = None, *, progress: Progress | None = None) -> PerplexityResult:
@@ -174,67 +164,29 @@ class PrefixCache:
 
     def _full_pass(self, mask: PruneMask, key: LayerKey, progress: Progress | None) -> _Entry:
         """Run the whole model once, recording every layer's input and call arguments."""
-        adapter, L = self.handle.adapter, self.n_layers
         n_b = len(self._ids)
-        inputs: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
-        calls: list[list[_LayerCall]] = [[] for _ in range(L)]
-        total, count = 0.0, 0
-        with temporary_hooks() as hooks, gates.apply(self.handle, mask):
-            for layer, module in enumerate(adapter.layers()):
-                hooks.pre(module, self._recorder(layer, inputs, calls), with_kwargs=True)
-            last = adapter.layers()[L - 1]
-            hooks.post(last, lambda m, a, k, out: inputs[L].append(_hidden(out).detach()), with_kwargs=True)
-            for b, ids in enumerate(self._ids):
-                ids = ids.to(self.handle.device)
-                # use_cache=False: a KV cache captured in the kwargs would grow on every replay.
-                logits = self.handle.model(input_ids=ids, use_cache=False).logits
-                s, c = window_nll(logits, ids, self._score_from[b])
-                total, count = total + float(s), count + c
-                if progress:
-                    progress(b + 1, n_b)
-        self._calls = calls
-        return _Entry(key, inputs, self._result(total, count))
+        inputs = [{"input_ids": ids.to(self.handle.device)} for ids in self._ids]
+        sums: list[tuple[float, int]] = []
 
-    @staticmethod
-    def _recorder(layer: int, inputs: list[list[torch.Tensor]], calls: list[list[_LayerCall]]):
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            inputs[layer].append(hidden.detach())
-            calls[layer].append(_LayerCall(tuple(args[1:]), kwargs))
+        def score(b: int, out: Any) -> None:
+            s, c = window_nll(out.logits, inputs[b]["input_ids"], self._score_from[b])
+            sums.append((float(s), c))
+            if progress:
+                progress(b + 1, n_b)
 
-        return hook
+        record = record_layers(self.handle, mask, inputs, each=score)
+        return _Entry(key, record, self._result(sum(s for s, _ in sums), sum(c for _, c in sums)))
 
     def _derive(
         self, parent: _Entry, start: int, mask: PruneMask, key: LayerKey, progress: Progress | None
     ) -> _Entry:
         """Layers start..L-1 under `mask` from the parent's input of layer `start`."""
-        assert self._calls is not None
-        adapter, L = self.handle.adapter, self.n_layers
-        layers = adapter.layers()
-        inputs = parent.inputs[: start + 1] + [[] for _ in range(L - start)]  # shared prefix, no copy
+        record = parent.record.run_from(start, mask, progress=progress)
         total, count = 0.0, 0
-        steps, done = (L - start) * len(self._ids), 0
-        with gates.apply(self.handle, mask):
-            for b, ids in enumerate(self._ids):
-                hidden = parent.inputs[start][b]
-                for layer in range(start, L):
-                    call = self._calls[layer][b]
-                    hidden = _hidden(layers[layer](hidden, *call.args, **call.kwargs))
-                    inputs[layer + 1].append(hidden)
-                    done += 1
-                    if progress:
-                        progress(done, steps)
-                s, c = window_nll(self._logits(hidden), ids.to(hidden.device), self._score_from[b])
-                total, count = total + float(s), count + c
-        return _Entry(key, inputs, self._result(total, count))
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        adapter = self.handle.adapter
-        norm = adapter.final_norm()
-        if norm is not None:
-            hidden = norm(hidden)
-        return adapter.lm_head()(hidden)
+        for b, hidden in enumerate(record.outputs):
+            s, c = window_nll(final_logits(self.handle, hidden), self._ids[b].to(hidden.device), self._score_from[b])
+            total, count = total + float(s), count + c
+        return _Entry(key, record, self._result(total, count))
 
     def _result(self, total: float, count: int) -> PerplexityResult:
         nll = total / count
@@ -248,7 +200,3 @@ class PrefixCache:
                 return
             del self._entries[victim]
 
-
-def _hidden(out: Any) -> torch.Tensor:
-    """A decoder layer returns its hidden states alone or first in a tuple, depending on the family."""
-    return out[0] if isinstance(out, tuple) else out

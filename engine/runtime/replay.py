@@ -1,20 +1,25 @@
-"""Re-run only layers l..L-1 of fixed calibration batches, scoring the change as KL to the dense model.
+"""Record every layer's input once, then re-run layers l..L-1 under another mask.
 
-Removing a unit of layer l cannot change the inputs of layers 0..l, so a `LayerReplay`
-runs the model once under a base mask, keeps every layer's input hidden states and the
-arguments each layer was called with (captured by a pre-hook: no family-specific code),
-plus the dense model's next-token log-probabilities. `kl(mask, start)` then replays
-layers start..L-1 under `mask` and returns the token-averaged KL(dense || masked).
+Changing a unit of layer l cannot change the inputs of layers 0..l. `record_layers` runs the
+model once over fixed batches under one mask and keeps, per layer and batch, the hidden
+states the layer was given and everything else it was called with (attention mask, position
+embeddings, ...: captured by a pre-hook, so no family-specific code). Those call arguments
+depend on the token ids only, never on the mask, so every replay reuses them.
+`LayerInputs.run_from(layer, mask)` re-runs layers layer..L-1 under `mask` and returns a new
+record sharing the first layer + 1 inputs (no copies).
 
-KL to the dense model rather than the LM loss: it is zero for the dense model, never
-negative, and has no label noise, so single-head effects of 1e-3 nats are still ranked
-reliably on a few hundred calibration tokens.
+Two users, one mechanism:
+- `PrefixCache` (engine.runtime.prefix_cache): perplexity of many masks in the app;
+- `LayerReplay` (below): the token-averaged KL(dense || masked) that the measured pruning
+  strategies rank units by. KL to the dense model rather than the LM loss: it is zero for
+  the dense model, never negative, and has no label noise, so single-head effects of 1e-3
+  nats are still ranked reliably on a few hundred calibration tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +29,111 @@ from engine.core.handle import ModelHandle
 from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask
 from engine.core.objective import token_logits
+from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 
-__all__ = ["LayerReplay"]
+__all__ = ["LayerCall", "LayerInputs", "LayerReplay", "final_logits", "layer_output", "record_layers"]
 
 
-@dataclass
-class _Batch:
-    ids: torch.Tensor  # (B, T)
-    valid: torch.Tensor  # (B, T) bool: tokens that count
-    dense_logp: torch.Tensor  # (n_valid, V) dense log-probs at the counted positions
-    inputs: list[torch.Tensor]  # [L + 1]: input of each layer under the base mask; [L] = last output
-    calls: list[tuple[tuple, dict]]  # [L]: each layer's other args and kwargs
-
-
-def _hidden(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """A layer returns its hidden states alone or first in a tuple, depending on the family."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def final_logits(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the last layer's output: final norm, then the LM head (tied read-out for a bare encoder)."""
+    adapter = handle.adapter
+    norm = adapter.final_norm()
+    if norm is not None:
+        hidden = norm(hidden)
+    head = adapter.lm_head()
+    if head is not None:
+        return head(hidden)
+    return hidden @ adapter.input_embeddings().weight.t()  # as engine.core.objective.token_logits
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """Everything a layer was called with besides its hidden-state input."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Every layer's input over fixed batches, as computed under one mask, and the layers' call arguments."""
+
+    handle: ModelHandle
+    hidden: list[list[torch.Tensor]]  # [L + 1][n_batches]: input of each layer; [L] = output of the last
+    calls: list[list[LayerCall]]  # [L][n_batches]: shared by every record derived from the first
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """The last layer's output per batch (before the final norm)."""
+        return self.hidden[-1]
+
+    @torch.no_grad()
+    def run_from(self, layer: int, mask: PruneMask | None, *, progress: Progress | None = None) -> "LayerInputs":
+        """Layers `layer`..L-1 under `mask` from this record's input of `layer` (the caller vouches that
+        `mask` agrees with the recorded one on layers 0..layer-1); the prefix is shared, not copied."""
+        L = len(self.calls)
+        if not 0 <= layer <= L:
+            raise ValueError(f"layer must lie in [0, {L}], got {layer}")
+        layers = self.handle.adapter.layers()
+        n_batches = len(self.hidden[layer])
+        hidden = self.hidden[: layer + 1] + [[] for _ in range(L - layer)]
+        steps, done = (L - layer) * n_batches, 0
+        with gates.apply(self.handle, mask):
+            for b in range(n_batches):
+                x = self.hidden[layer][b]
+                for i in range(layer, L):
+                    call = self.calls[i][b]
+                    x = layer_output(layers[i](x, *call.args, **call.kwargs))
+                    hidden[i + 1].append(x)
+                    done += 1
+                    if progress:
+                        progress(done, steps)
+        return LayerInputs(self.handle, hidden, self.calls)
+
+
+def _recorder(hidden: list[torch.Tensor], calls: list[LayerCall]) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(x.detach())
+        calls.append(LayerCall(tuple(args[1:]), kwargs))
+
+    return hook
+
+
+@torch.no_grad()
+def record_layers(
+    handle: ModelHandle,
+    mask: PruneMask | None,
+    inputs: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    each: Callable[[int, Any], None] | None = None,
+) -> LayerInputs:
+    """Run `handle.model(**inputs[b])` under `mask` for each batch, recording every layer's input and call.
+
+    `each(b, output)` sees batch b's model output (e.g. to score its logits) before the next batch runs.
+    """
+    adapter, L = handle.adapter, handle.geometry.n_layers
+    hidden: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
+    calls: list[list[LayerCall]] = [[] for _ in range(L)]
+    # use_cache=False: a KV cache captured in the kwargs would grow on every replay.
+    extra = {"use_cache": False} if handle.geometry.causal else {}
+    with temporary_hooks() as hooks, gates.apply(handle, mask):
+        for layer, module in enumerate(adapter.layers()):
+            hooks.pre(module, _recorder(hidden[layer], calls[layer]), with_kwargs=True)
+        hooks.post(adapter.layers()[L - 1], lambda m, a, k, out: hidden[L].append(layer_output(out).detach()),
+                   with_kwargs=True)
+        for b, batch in enumerate(inputs):
+            out = handle.model(**batch, **extra)
+            if each:
+                each(b, out)
+    return LayerInputs(handle, hidden, calls)
 
 
 class LayerReplay:
@@ -51,10 +145,16 @@ class LayerReplay:
         self.base = base if base is not None else PruneMask.dense(handle.geometry)
         self.base.check(handle.geometry)
         max_length = min(max_length, context_length(handle.model))
-        self.batches = [self._record(*encode_batch(handle.tokenizer, chunk, max_length, handle.device))
-                        for chunk in batches(list(texts), batch_size)]
-        self.n_tokens = sum(int(b.valid.sum()) for b in self.batches)
-        self.base_kl = self._kl_of_outputs([b.inputs[-1] for b in self.batches])
+        encoded = [encode_batch(handle.tokenizer, chunk, max_length, handle.device)
+                   for chunk in batches(list(texts), batch_size)]
+        self._valid = [self._positions(am.bool()) for _, am in encoded]  # (B, T) bool: tokens that count
+        with torch.no_grad():
+            # (n_valid, V) per batch: the dense model's log-probs at the counted positions
+            self._dense_logp = [F.log_softmax(token_logits(handle, ids, am)[valid].float(), dim=-1)
+                                for (ids, am), valid in zip(encoded, self._valid)]
+        self.record = record_layers(handle, self.base, [{"input_ids": ids, "attention_mask": am} for ids, am in encoded])
+        self.n_tokens = sum(int(v.sum()) for v in self._valid)
+        self.base_kl = self._kl_of_outputs(self.record.outputs)
 
     def _positions(self, valid: torch.Tensor) -> torch.Tensor:
         # Causal LMs predict token t+1 at t (the last position predicts nothing); encoders reconstruct t.
@@ -65,58 +165,23 @@ class LayerReplay:
         return valid
 
     @torch.no_grad()
-    def _record(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> _Batch:
-        h = self.handle
-        adapter, L = h.adapter, h.geometry.n_layers
-        inputs: list[torch.Tensor] = []
-        calls: list[tuple[tuple, dict]] = []
-
-        def record(module, args, kwargs):
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            inputs.append(hidden.detach())
-            calls.append((tuple(args[1:]), kwargs))
-
-        valid = self._positions(attention_mask.bool())
-        dense = token_logits(h, ids, attention_mask)
-        dense_logp = F.log_softmax(dense[valid].float(), dim=-1)
-        with temporary_hooks() as hooks, gates.apply(h, self.base):
-            for layer in adapter.layers():
-                hooks.pre(layer, record, with_kwargs=True)
-            hooks.post(adapter.layers()[L - 1], lambda m, a, k, out: inputs.append(_hidden(out).detach()),
-                       with_kwargs=True)
-            # use_cache=False: a KV cache captured in the kwargs would grow on every replay.
-            kwargs = {"use_cache": False} if h.geometry.causal else {}
-            h.model(input_ids=ids, attention_mask=attention_mask, **kwargs)
-        return _Batch(ids, valid, dense_logp, inputs, calls)
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        adapter = self.handle.adapter
-        norm = adapter.final_norm()
-        if norm is not None:
-            hidden = norm(hidden)
-        head = adapter.lm_head()
-        if head is not None:
-            return head(hidden)
-        return hidden @ adapter.input_embeddings().weight.t()  # bare encoder: tied read-out (engine.core.objective)
-
     def _kl_of_outputs(self, outputs: list[torch.Tensor]) -> float:
         total = 0.0
-        for b, out in zip(self.batches, outputs):
-            logp = F.log_softmax(self._logits(out)[b.valid].float(), dim=-1)  # (n_valid, V)
-            total += float(F.kl_div(logp, b.dense_logp, log_target=True, reduction="sum"))
+        for out, valid, dense_logp in zip(outputs, self._valid, self._dense_logp):
+            logp = F.log_softmax(final_logits(self.handle, out)[valid].float(), dim=-1)  # (n_valid, V)
+            total += float(F.kl_div(logp, dense_logp, log_target=True, reduction="sum"))
         return total / self.n_tokens
 
-    @torch.no_grad()
-    def kl(self, mask: PruneMask, start: int) -> float:
-        """Mean KL(dense || model under `mask`), replaying layers `start`..L-1 (mask must equal base below)."""
-        layers = self.handle.adapter.layers()
-        outs = []
-        with gates.apply(self.handle, mask):
-            for b in self.batches:
-                hidden = b.inputs[start]
-                for layer in range(start, len(layers)):
-                    args, kwargs = b.calls[layer]
-                    hidden = _hidden(layers[layer](hidden, *args, **kwargs))
-                outs.append(hidden)
-        return self._kl_of_outputs(outs)
+    def kl(self, mask: PruneMask, start: int | None = None) -> float:
+        """Mean KL(dense || model under `mask`), replaying layers `start`..L-1.
+
+        `start` defaults to the first layer where `mask` differs from the base; an explicit one
+        must not lie after it (those layers' recorded inputs would be wrong).
+        """
+        first = self.base.first_changed_layer(mask)
+        if start is None:
+            start = first
+        elif start > first:
+            raise ValueError(f"the mask differs from the replay's base at layer {first}; "
+                             f"replaying from layer {start} would miss that change")
+        return self._kl_of_outputs(self.record.run_from(start, mask).outputs)
