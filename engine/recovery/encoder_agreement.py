@@ -18,7 +18,7 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.tokens import encode_batch
-from engine.recovery.distill import mean_pool
+from engine.recovery.distill.losses import mean_pool
 
 __all__ = ["Agreement", "sentence_embeddings", "agreement", "encoder_agreement", "spearman"]
 
@@ -96,7 +96,7 @@ def agreement(teacher_emb: torch.Tensor, student_emb: torch.Tensor) -> Agreement
     return Agreement(rho, same, cos, n)
 
 
-def encoder_agreement(teacher: Any, student: Any, texts: Sequence[str], *, batch_size: int = 16,
+def encoder_agreement(teacher: ModelHandle, student: ModelHandle, texts: Sequence[str], *, batch_size: int = 16,
                       max_length: int = 128) -> Agreement:
     """Agreement of `student`'s sentence embeddings with `teacher`'s on `texts` (use held-out ones)."""
     kw = {"batch_size": batch_size, "max_length": max_length}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
@@ -329,8 +330,6 @@ def export_student(student: Any, folder: str | os.PathLike, *, manifest: dict[st
     - `headlab_student.json`: `manifest` (recipe, steps, metrics) as given.
     Written into a temporary sibling folder renamed into place; a non-empty target needs `overwrite`.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder).expanduser().resolve()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or overwrite it")
@@ -366,8 +365,6 @@ def export_student(student: Any, folder: str | os.PathLike, *, manifest: dict[st
 
 def load_quantized(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The plain state dict rebuilt from a folder's integer codes and scales (`export_student`)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / QUANTIZED_FILE).is_file():
         raise FileNotFoundError(f"{folder} holds no {QUANTIZED_FILE}: the student was not quantised")
