@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from engine.core.csvfile import write_rows
 from engine.data.datasets import calibration_texts
-from engine.importance.criteria import score
+from engine.importance.registry import score
 from engine.models.load import load_model
 from engine.pruning.select import select
 from engine.runtime.evaluate import perplexity

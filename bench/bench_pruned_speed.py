@@ -174,7 +174,7 @@ def main() -> None:
 def _width_scores(source, criterion: str):
     """(head scores, FFN scores) of `criterion` on the default calibration set."""
     from engine.data.datasets import calibration_texts
-    from engine.importance.criteria import score
+    from engine.importance.registry import score
 
     s = score(source, calibration_texts("wikitext", 32), [criterion])[0][criterion]
     return s.heads, s.ffn

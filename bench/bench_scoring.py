@@ -32,7 +32,7 @@ def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
     from engine.core.objective import lm_loss
     from engine.core.tokens import batches, encode_batch
     from engine.data.datasets import calibration_texts
-    from engine.importance.criteria import score
+    from engine.importance.registry import score
     from engine.models.load import load_model
 
     torch.set_num_threads(args.threads)

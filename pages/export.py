@@ -6,12 +6,12 @@ import streamlit as st
 
 from engine.data.datasets import calibration_texts
 from engine.export.write import LAYOUTS, export, preview, zip_folder
-from engine.importance import depth  # noqa: F401  (registers the depth criteria)
+from engine.importance.depth import DEPTH_CRITERIA
 from engine.pruning.size_target import reach_size
 from ui import session
 from ui.errors import user_errors
 
-ROUTE_CRITERIA = {"depth": ("block_influence", "block_ppl", "taylor_plus"),
+ROUTE_CRITERIA = {"depth": DEPTH_CRITERIA,
                   "width": ("gradient", "magnitude", "activation")}
 LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
                "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")

@@ -2,17 +2,13 @@
 
 import streamlit as st
 
+from engine.core.mask import UNIT_KINDS, UNIT_WORDS
+from engine.importance.registry import criteria_for
 from engine.pruning.select import select
 from ui import compute, curves, figures, keys, session, widgets
 from ui.errors import user_errors
 from ui.suggest import K_SUGGESTION, suggest_panel
 
-UNITS = {"heads": "heads", "ffn": "FFN channels", "blocks": "sub-blocks"}
-UNIT_CRITERIA = {
-    "heads": ("gradient", "entropy", "magnitude", "activation", "random"),
-    "ffn": ("gradient", "magnitude", "activation", "random"),
-    "blocks": ("block_influence", "gradient", "random"),
-}
 DEFAULT_GEN_PROMPT = "Explain in two sentences why the sky is blue."
 
 st.title("Prune")
@@ -20,6 +16,8 @@ with user_errors():
     handle = session.handle()
     scores = session.scores()
 g = handle.geometry
+# The criteria offered for each unit: those scoring it that the app's shared pass computed, the unit's default first.
+criteria_offered = {unit: tuple(c for c in criteria_for(unit) if c in scores) for unit in UNIT_KINDS}
 model_key = session.model_choice().key
 for key, value in ((keys.W_PRUNE_UNIT, "heads"), (keys.W_PRUNE_BUDGET, 0.0), (keys.W_PRUNE_SCOPE, "global"),
                    (keys.W_PRUNE_KV, False), (keys.W_GEN_PROMPT, DEFAULT_GEN_PROMPT), (keys.W_GEN_TOKENS, 32)):
@@ -29,9 +27,9 @@ for key, value in ((keys.W_PRUNE_UNIT, "heads"), (keys.W_PRUNE_BUDGET, 0.0), (ke
 def apply_selection() -> None:
     """Re-select the chosen unit from the controls, on top of the mask's other units."""
     unit = st.session_state[keys.W_PRUNE_UNIT]
-    criterion = st.session_state.get(keys.W_PRUNE_CRITERION, UNIT_CRITERIA[unit][0])
-    if criterion not in UNIT_CRITERIA[unit]:
-        criterion = st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[unit][0]
+    criterion = st.session_state.get(keys.W_PRUNE_CRITERION, criteria_offered[unit][0])
+    if criterion not in criteria_offered[unit]:
+        criterion = st.session_state[keys.W_PRUNE_CRITERION] = criteria_offered[unit][0]
     scope = st.session_state[keys.W_PRUNE_SCOPE] if unit != "blocks" else "global"
     with user_errors(stop=False):
         session.set_mask(select(g, scores[criterion], float(st.session_state[keys.W_PRUNE_BUDGET]), unit=unit,
@@ -41,19 +39,19 @@ def apply_selection() -> None:
 
 def change_unit() -> None:
     """A new unit starts from its own natural criterion (ShortGPT's block influence for sub-blocks)."""
-    st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[st.session_state[keys.W_PRUNE_UNIT]][0]
+    st.session_state[keys.W_PRUNE_CRITERION] = criteria_offered[st.session_state[keys.W_PRUNE_UNIT]][0]
     apply_selection()
 
 
 c1, c2, c3, c4 = st.columns([1.3, 1, 1.4, 1])
-unit = c1.radio("Prune", list(UNITS), format_func=UNITS.get, horizontal=True, key=keys.W_PRUNE_UNIT,
+unit = c1.radio("Prune", UNIT_KINDS, format_func=UNIT_WORDS.get, horizontal=True, key=keys.W_PRUNE_UNIT,
                 on_change=change_unit)
-session.widget_default(keys.W_PRUNE_CRITERION, UNIT_CRITERIA[unit][0])
-if st.session_state[keys.W_PRUNE_CRITERION] not in UNIT_CRITERIA[unit]:
-    st.session_state[keys.W_PRUNE_CRITERION] = UNIT_CRITERIA[unit][0]
-c2.selectbox("Criterion", UNIT_CRITERIA[unit], key=keys.W_PRUNE_CRITERION, on_change=apply_selection,
+session.widget_default(keys.W_PRUNE_CRITERION, criteria_offered[unit][0])
+if st.session_state[keys.W_PRUNE_CRITERION] not in criteria_offered[unit]:
+    st.session_state[keys.W_PRUNE_CRITERION] = criteria_offered[unit][0]
+c2.selectbox("Criterion", criteria_offered[unit], key=keys.W_PRUNE_CRITERION, on_change=apply_selection,
              help="Units with the lowest importance under this criterion are pruned first.")
-c3.slider(f"Fraction of {UNITS[unit]} to prune", 0.0, 0.9, step=0.05, key=keys.W_PRUNE_BUDGET,
+c3.slider(f"Fraction of {UNIT_WORDS[unit]} to prune", 0.0, 0.9, step=0.05, key=keys.W_PRUNE_BUDGET,
           on_change=apply_selection)
 c4.selectbox("Scope", ["global", "uniform"], key=keys.W_PRUNE_SCOPE, on_change=apply_selection,
              disabled=unit == "blocks", help="global: one ranking over the model; uniform: the same count per layer")
@@ -98,7 +96,7 @@ with right:
             column.markdown(f"*{label}*")
             column.text(compute.generation(handle, model_key, prompt, m, int(n_new)) or "(nothing generated)")
 
-st.subheader(f"Perplexity vs fraction of {UNITS[unit]} pruned")
+st.subheader(f"Perplexity vs fraction of {UNIT_WORDS[unit]} pruned")
 if unit == "blocks":
     st.caption("Curves are drawn for heads and FFN channels.")
     st.stop()
@@ -106,9 +104,9 @@ calibration_key = session.calibration().describe()
 job = curves.curve_job(model_key, calibration_key, unit)
 if job is None:
     st.caption(f"Each criterion prunes {', '.join(f'{f:.0%}' for f in curves.CURVE_FRACTIONS)} of the "
-               f"{UNITS[unit]} (global ranking); perplexity on the live evaluation text. Runs in the background.")
+               f"{UNIT_WORDS[unit]} (global ranking); perplexity on the live evaluation text. Runs in the background.")
     if st.button("Compute the curves"):
-        curves.start_curve_job(handle, model_key, calibration_key, unit, scores, UNIT_CRITERIA[unit])
+        curves.start_curve_job(handle, model_key, calibration_key, unit, scores, criteria_offered[unit])
         st.rerun()
 else:
     polling = not job.finished
@@ -122,7 +120,7 @@ else:
         elif polling:
             st.rerun()  # finished while polling: one full run redraws the page without the timer
         if any(job.points.values()):
-            st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNITS[unit]),
+            st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNIT_WORDS[unit]),
                             config={"displayModeBar": False}, key="prune.curve")
 
     curve_panel()

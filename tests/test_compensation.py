@@ -11,14 +11,10 @@ from engine.core import gates
 from engine.core.mask import MaskError, PruneMask
 from engine.core.objective import token_logits
 from engine.importance.capture import capture
-from engine.importance.criteria import get_criterion
-from engine.pruning.compensation import (
-    attention_bias,
-    compensate,
-    ffn_bias,
-    head_fluctuation,
-    strip_compensation,
-)
+from engine.importance.fluctuation import head_fluctuation
+from engine.importance.mean_ablation import attention_bias, ffn_bias
+from engine.importance.registry import get_criterion
+from engine.pruning.compensation import compensate, strip_compensation
 from tests.tiny import tiny_handle
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pruning heads with a bias", "a b c d e f g h i j k"]

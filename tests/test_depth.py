@@ -11,9 +11,9 @@ from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss
 from engine.core.tokens import encode_batch
 from engine.export.surgery import prune
-from engine.importance import depth  # noqa: F401  (registers the depth criteria)
-from engine.importance.criteria import criterion_names, get_criterion
-from engine.importance.depth import layer_scores, protect_ends
+from engine.importance.depth import protect_ends
+from engine.importance.layer_importance import layer_importance
+from engine.importance.registry import criterion_names, get_criterion
 from engine.pruning.select import BudgetError
 from engine.pruning.size_target import depth_mask, reach_size, target_params
 from engine.runtime.cost import cost
@@ -81,8 +81,8 @@ def test_protect_ends_keeps_the_first_and_last_layers_above_all_others():
     assert protect_ends(scores[:5], 4, 2)[1] == []  # would leave too few candidates
 
 
-def test_block_influence_layer_scores_come_from_the_capture(llama_handle):
-    ls = layer_scores(llama_handle, "block_influence", TEXTS)
+def test_block_influence_layer_importance_comes_from_the_capture(llama_handle):
+    ls = layer_importance(llama_handle, "block_influence", TEXTS)
     assert ls.layers.shape == (2,) and torch.isfinite(ls.layers).all() and (ls.layers >= 0).all()
 
 

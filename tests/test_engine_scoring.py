@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from engine.core import gates
-from engine.core.mask import PruneMask
+from engine.core.errors import UnknownCriterionError
+from engine.core.mask import UNIT_KINDS, PruneMask
 from engine.importance.capture import capture, row_entropy
-from engine.importance.criteria import UnknownCriterionError, get_criterion, head_magnitude, score
+from engine.importance.criteria import head_magnitude
+from engine.importance.registry import CRITERIA, criteria_for, get_criterion, score
 from engine.pruning.select import BudgetError, count_from_budget, select, select_heads
 from engine.runtime.cost import cost
 
@@ -106,6 +108,23 @@ def test_magnitude_splits_shared_kv_norms_under_gqa(llama_handle):
 def test_unknown_criterion_names_the_known_ones():
     with pytest.raises(UnknownCriterionError, match="choose one of: .*entropy.*gradient"):
         get_criterion("wisdom")
+
+
+def test_criteria_for_a_unit_score_it_and_start_with_its_default():
+    assert criteria_for("heads")[0] == "gradient" and criteria_for("blocks")[0] == "block_influence"
+    for unit in UNIT_KINDS:
+        assert all(unit in CRITERIA[name].units for name in criteria_for(unit))
+    assert "entropy" not in criteria_for("ffn") and "block_ppl" in criteria_for("blocks")
+    with pytest.raises(ValueError, match="unit must be one of"):
+        criteria_for("layers")
+
+
+def test_each_capture_criterion_fills_exactly_the_units_it_declares(llama_handle):
+    stats = capture(llama_handle, TEXTS, gradients=True, batch_size=2)
+    own_passes = {"block_ppl", "taylor_plus", "ablation"}  # run their own passes over text (test_depth, test_strategies)
+    for name in sorted(set(CRITERIA) - own_passes):
+        s = get_criterion(name)(llama_handle, stats)
+        assert {unit for unit in UNIT_KINDS if getattr(s, unit) is not None} == set(CRITERIA[name].units), name
 
 
 def test_score_runs_every_registered_head_criterion_in_one_pass(handle):

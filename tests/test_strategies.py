@@ -10,7 +10,8 @@ from engine.core import gates
 from engine.core.mask import PruneMask
 from engine.core.objective import token_logits
 from engine.core.tokens import encode_batch
-from engine.importance.taylor import gate_gradients
+from engine.importance.ablation import ablation_kl, head_removal_mask
+from engine.importance.gate_gradients import gate_gradients
 from engine.pruning.select import BudgetError
 from engine.pruning.strategies import (
     Budget,
@@ -20,7 +21,6 @@ from engine.pruning.strategies import (
     strategy_names,
     suggest_mask,
 )
-from engine.pruning.strategies.ablation import ablation_kl, head_removal_mask
 from engine.pruning.strategies.hardconcrete import prior_log_alpha
 from engine.pruning.strategies.iterative import schedule
 from engine.pruning.strategies.suggest import predicted_perplexity
@@ -87,7 +87,7 @@ def test_mean_ablation_of_a_constant_output_head_costs_nothing():
 
 
 def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
-    from engine.pruning.compensation import attention_bias
+    from engine.importance.mean_ablation import attention_bias
 
     g = llama_handle.geometry
     means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
@@ -304,12 +304,12 @@ def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
 
 
 def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
-    from engine.pruning.strategies.depth import layer_scores
+    from engine.pruning.strategies.depth import depth_method_scores
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
     c = Calibration(TEXTS[:4], max_length=48, batch_size=2)
-    scores = layer_scores(handle, "ablation", c)
+    scores = depth_method_scores(handle, "ablation", c)
     g = handle.geometry
     for layer in range(g.n_layers):
         m = PruneMask.dense(g).with_block(layer, "attn", 0.0).with_block(layer, "ffn", 0.0)

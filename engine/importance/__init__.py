@@ -1,1 +1,1 @@
-"""How much each head, FFN channel and block matters: the streaming capture pass, the criteria and their registry, depth criteria, gate gradients, and diagnostics that explain a head's score."""
+"""How much each head, FFN channel and block matters: the streaming capture pass, the criteria (criteria, depth, fluctuation, ablation) and their one registry, whole-layer importance, mean-ablation biases, gate gradients under a mask, and diagnostics that explain a head's score."""

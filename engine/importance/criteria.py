@@ -1,8 +1,9 @@
-"""Importance criteria: one small class each, one registry by name.
+"""Importance criteria: the `Scores` they return, the `Criterion` base, and the criteria read off one capture.
 
 Convention: every score is an *importance* — higher means "keep". A criterion returns a
-`Scores` with per-head scores [L, H] and, where it defines them, per-FFN-channel [L, F] and
-per-sub-block [L, 2] (ATTN, FFN) scores.
+`Scores` with per-head scores [L, H], per-FFN-channel [L, F] and/or per-sub-block [L, 2]
+(ATTN, FFN) scores: exactly the units it names in `units`. The registry of every criterion
+by name (these, the depth criteria, fluctuation, ablation) is engine.importance.registry.
 
 | name             | heads                                   | reference                         |
 |------------------|-----------------------------------------|-----------------------------------|
@@ -20,24 +21,23 @@ that the heads' magnitudes add up to the layer's total (nothing counted r times)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from engine.core.adapter import Adapter
-from engine.core.errors import UnknownCriterionError
 from engine.core.handle import ModelHandle
-from engine.core.progress import Progress
-from engine.importance.capture import CaptureStats, capture
+from engine.importance.capture import CaptureStats
 
 __all__ = [
     "Scores",
     "Criterion",
-    "CRITERIA",
-    "UnknownCriterionError",
-    "get_criterion",
-    "criterion_names",
-    "score",
+    "Entropy",
+    "Magnitude",
+    "Gradient",
+    "Activation",
+    "Random",
+    "BlockInfluence",
     "head_magnitude",
     "ffn_magnitude",
 ]
@@ -85,10 +85,11 @@ def ffn_magnitude(adapter: Adapter) -> torch.Tensor:
 
 
 class Criterion:
-    """Base: `criterion(handle, stats) -> Scores`. `needs` names the capture it requires."""
+    """Base: `criterion(handle, stats) -> Scores`. `needs` names the capture it requires, `units` what it scores."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "none"  # "none" | "forward" | "gradients"
+    units: ClassVar[tuple[str, ...]] = ()  # the engine.core.mask.UNIT_KINDS its Scores fill
     description: ClassVar[str] = ""
 
     def __call__(self, handle: ModelHandle, stats: CaptureStats | None) -> Scores:
@@ -105,6 +106,7 @@ class Criterion:
 class Entropy(Criterion):
     name = "entropy"
     needs = "forward"
+    units = ("heads",)
     description = "prune heads whose attention is broadest (highest mean entropy) first"
 
     def __call__(self, handle: ModelHandle, stats):
@@ -114,6 +116,7 @@ class Entropy(Criterion):
 
 class Magnitude(Criterion):
     name = "magnitude"
+    units = ("heads", "ffn")
     description = "prune heads / channels with the smallest weight norms first"
 
     def __call__(self, handle: ModelHandle, stats):
@@ -124,6 +127,7 @@ class Magnitude(Criterion):
 class Gradient(Criterion):
     name = "gradient"
     needs = "gradients"
+    units = ("heads", "ffn", "blocks")
     description = "Michel et al. 2019: |dL/dgate| of each head / channel / sub-block gate"
 
     def __call__(self, handle: ModelHandle, stats):
@@ -135,6 +139,7 @@ class Gradient(Criterion):
 class Activation(Criterion):
     name = "activation"
     needs = "forward"
+    units = ("heads", "ffn")
     description = "prune heads / channels with the smallest mean output norm first"
 
     def __call__(self, handle: ModelHandle, stats):
@@ -144,6 +149,7 @@ class Activation(Criterion):
 
 class Random(Criterion):
     name = "random"
+    units = ("heads", "ffn", "blocks")
     description = "uniform random scores (a baseline every criterion should beat)"
 
     def __init__(self, seed: int = 0):
@@ -164,51 +170,9 @@ class Random(Criterion):
 class BlockInfluence(Criterion):
     name = "block_influence"
     needs = "forward"
+    units = ("blocks",)
     description = "ShortGPT (Men et al. 2024): 1 - cos(h_in, h_out) of each sub-block; prune the smallest"
 
     def __call__(self, handle: ModelHandle, stats):
         s = self._require(stats)
         return Scores(self.name, blocks=s.block_influence, note="mean over tokens of 1 - cos(h_in, h_out)")
-
-
-CRITERIA: dict[str, Callable[..., Criterion]] = {
-    c.name: c for c in (Entropy, Magnitude, Gradient, Activation, Random, BlockInfluence)
-}
-
-
-def register(cls: Callable[..., Criterion]) -> Callable[..., Criterion]:
-    """Add a criterion class to the registry (usable as a decorator)."""
-    CRITERIA[cls.name] = cls
-    return cls
-
-
-def criterion_names() -> list[str]:
-    return sorted(CRITERIA)
-
-
-def get_criterion(name: str, **kwargs: Any) -> Criterion:
-    """The criterion registered as `name`, or UnknownCriterionError listing the known names."""
-    try:
-        cls = CRITERIA[name]
-    except KeyError:
-        raise UnknownCriterionError(
-            f"unknown criterion {name!r}; choose one of: {', '.join(criterion_names())}"
-        ) from None
-    return cls(**kwargs)
-
-
-def score(
-    handle: ModelHandle,
-    texts: Sequence[str],
-    criteria: Sequence[str] = ("entropy", "magnitude", "gradient", "activation"),
-    *,
-    stats: CaptureStats | None = None,
-    progress: Progress | None = None,
-    **capture_kwargs: Any,
-) -> tuple[dict[str, Scores], CaptureStats | None]:
-    """Score with several criteria from one shared capture pass (made here unless given)."""
-    chosen = [get_criterion(n) for n in criteria]
-    needs = {c.needs for c in chosen}
-    if stats is None and needs - {"none"}:
-        stats = capture(handle, texts, gradients="gradients" in needs, progress=progress, **capture_kwargs)
-    return {c.name: c(handle, stats) for c in chosen}, stats

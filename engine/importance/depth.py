@@ -12,13 +12,12 @@ scores `Scores.meta["layers"]` [L]; higher = keep, as everywhere in engine.impor
 
 block_ppl and taylor_plus read calibration text (wikitext calibration comes from the end of
 the file, disjoint from the evaluated windows at its start), never the evaluation windows.
-Importing this module registers them in engine.importance.criteria's registry.
+Whole-layer scores by any criterion: engine.importance.layer_importance.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -32,16 +31,16 @@ from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 from engine.data.datasets import calibration_texts
 from engine.export.surgery import private_copy
-from engine.importance.capture import capture
-from engine.importance.criteria import Criterion, Scores, get_criterion, register, score
+from engine.importance.criteria import Criterion, Scores
 from engine.models.adapters import adapter_for
 
-__all__ = ["BlockPPL", "TaylorPlus", "LayerScores", "layer_scores", "DEPTH_CRITERIA", "protect_ends"]
+__all__ = ["BlockPPL", "TaylorPlus", "DEPTH_CRITERIA", "protect_ends", "calibration_or_default"]
 
 DEPTH_CRITERIA = ("block_influence", "block_ppl", "taylor_plus")
 
 
-def _calibration(texts: Sequence[str] | None, n_texts: int) -> list[str]:
+def calibration_or_default(texts: Sequence[str] | None, n_texts: int) -> list[str]:
+    """`texts` as a list, or `n_texts` shipped wikitext calibration texts when None."""
     return list(texts) if texts is not None else calibration_texts("wikitext", n_texts)
 
 
@@ -78,10 +77,10 @@ def protect_ends(scores: torch.Tensor, first: int, last: int) -> tuple[torch.Ten
     return out, protected
 
 
-@register
 class BlockPPL(Criterion):
     name = "block_ppl"
     needs = "none"  # runs its own forward passes on calibration text
+    units = ("blocks",)
     description = ("Shortened LLaMA PPL: calibration perplexity rise when each sub-block / layer is removed alone; "
                    "prune the smallest rise")
 
@@ -94,7 +93,7 @@ class BlockPPL(Criterion):
         g = handle.geometry
         if g.n_layers < 2:
             raise ValueError("depth criteria need a model with at least two layers")
-        texts = _calibration(self.texts, self.n_texts)
+        texts = calibration_or_default(self.texts, self.n_texts)
         encoded = _encoded(handle, texts, self.batch_size, self.max_length)
         dense = math.exp(_mean_nll(handle, encoded, None))
         dense_mask = PruneMask.dense(g)
@@ -123,10 +122,10 @@ class BlockPPL(Criterion):
                       meta={"layers": layers, "dense_perplexity": dense, "n_tokens": n_tok})
 
 
-@register
 class TaylorPlus(Criterion):
     name = "taylor_plus"
     needs = "none"  # runs its own backward passes on calibration text
+    units = ("blocks",)
     description = ("Shortened LLaMA Taylor+: sum of |W * dL/dW| over each sub-block / layer, first 4 and last 2 "
                    "layers protected; prune the smallest")
 
@@ -138,7 +137,7 @@ class TaylorPlus(Criterion):
 
     def __call__(self, handle: ModelHandle, stats: Any) -> Scores:
         g = handle.geometry
-        texts = _calibration(self.texts, self.n_texts)
+        texts = calibration_or_default(self.texts, self.n_texts)
         encoded = _encoded(handle, texts, self.batch_size, self.max_length)
         # Weight gradients need weights that require grad; a private copy keeps the shared model untouched.
         model = private_copy(handle.model)
@@ -178,36 +177,3 @@ class _Shim:
     def __init__(self, model: Any, tokenizer: Any, adapter: Adapter):
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.geometry = adapter.geometry
-
-
-@dataclass(frozen=True)
-class LayerScores:
-    """Whole-layer importance [L] by one criterion (higher = keep)."""
-
-    criterion: str
-    layers: torch.Tensor
-    note: str
-
-
-def layer_scores(
-    handle: ModelHandle,
-    criterion: str = "block_influence",
-    texts: Sequence[str] | None = None,
-    *,
-    stats: Any = None,
-    progress: Progress | None = None,
-) -> LayerScores:
-    """Importance of each whole layer by `criterion` (a depth criterion, or any criterion with sub-block scores)."""
-    if criterion == "block_influence":
-        if stats is None:
-            stats = capture(handle, _calibration(texts, 32), gradients=False, progress=progress)
-        return LayerScores(criterion, stats.layer_influence.clone(),
-                           "ShortGPT block influence of the whole layer, 1 - cos(h_in, h_out)")
-    if criterion in ("block_ppl", "taylor_plus"):
-        s = get_criterion(criterion, texts=texts, progress=progress)(handle, None)
-        return LayerScores(criterion, s.meta["layers"], s.note)
-    scores, _ = score(handle, _calibration(texts, 32), [criterion], stats=stats, progress=progress)
-    s = scores[criterion]
-    if s.blocks is None:
-        raise ValueError(f"criterion {criterion!r} gives no block scores; choose one of {', '.join(DEPTH_CRITERIA)}")
-    return LayerScores(criterion, s.blocks.sum(dim=1), f"{s.note} (layer = sum of its two sub-blocks)")

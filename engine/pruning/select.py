@@ -25,7 +25,8 @@ from engine.core.errors import BudgetError
 from engine.core.mask import MaskError, PruneMask
 from engine.importance.criteria import Scores
 
-__all__ = ["BudgetError", "select", "select_heads", "select_channels", "select_blocks", "count_from_budget", "SCOPES"]
+__all__ = ["BudgetError", "select", "select_heads", "select_channels", "select_blocks", "count_from_budget", "lowest",
+           "SCOPES"]
 
 SCOPES = ("global", "uniform", "per_layer")
 
@@ -43,13 +44,15 @@ def count_from_budget(budget: float | int, total: int, what: str = "units") -> i
     return min(int(round(budget * total)), total - 1) if total > 1 else 0
 
 
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask, True at the k lowest entries of a 1-D score vector (stable ties)."""
-    pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+def lowest(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [same shape]: the k lowest entries of `scores` among `allowed` (stable ties: lower index first)."""
+    flat = scores.reshape(-1).float().clone()
+    if allowed is not None:
+        flat[~allowed.reshape(-1)] = float("inf")
+    out = torch.zeros(flat.numel(), dtype=torch.bool)
     if k > 0:
-        order = torch.sort(scores.float(), stable=True).indices
-        pruned[order[:k]] = True
-    return pruned
+        out[torch.sort(flat, stable=True).indices[:k]] = True
+    return out.view_as(scores)
 
 
 def _keep_matrix(scores: torch.Tensor, budget: Any, scope: str, what: str) -> torch.Tensor:
@@ -62,7 +65,7 @@ def _keep_matrix(scores: torch.Tensor, budget: Any, scope: str, what: str) -> to
     keep = torch.ones(L, N)
     if scope == "global":
         k = count_from_budget(budget, L * N, what)
-        keep.view(-1)[_lowest(scores.reshape(-1), k)] = 0.0
+        keep[lowest(scores, k)] = 0.0
         return keep
     if scope == "uniform":
         k_total = count_from_budget(budget, L * N, what)
@@ -73,7 +76,7 @@ def _keep_matrix(scores: torch.Tensor, budget: Any, scope: str, what: str) -> to
             raise BudgetError(f"scope 'per_layer' needs one budget per layer ({L} values)")
         per = [count_from_budget(b, N, f"{what} of layer {i}") if N > 1 else 0 for i, b in enumerate(budget)]
     for layer, k in enumerate(per):
-        keep[layer, _lowest(scores[layer], k)] = 0.0
+        keep[layer, lowest(scores[layer], k)] = 0.0
     return keep
 
 
@@ -107,9 +110,7 @@ def select_blocks(g: Geometry, block_scores: torch.Tensor, budget: Any, kinds: S
     sub = block_scores[:, cols]  # (L, len(cols))
     keep = torch.ones(g.n_layers, 2)
     k = count_from_budget(budget, sub.numel(), "sub-blocks")
-    flat = torch.ones(sub.numel())
-    flat[_lowest(sub.reshape(-1), k)] = 0.0
-    keep[:, cols] = flat.view_as(sub)
+    keep[:, cols] = (~lowest(sub, k)).float()
     return keep[:, 0].contiguous(), keep[:, 1].contiguous()
 
 

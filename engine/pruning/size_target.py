@@ -6,8 +6,8 @@
 `keep` is the fraction of the dense model's parameters to keep (0 < keep < 1) or a count.
 Sizes are engine.runtime.cost's params_kept, which is exactly what surgery produces.
 
-- depth: whole layers ranked by a depth criterion (engine.importance.depth: block_influence, block_ppl,
-  taylor_plus); the k least important go, k chosen so the size is closest to the target.
+- depth: whole layers ranked by a depth criterion (engine.importance.layer_importance: block_influence,
+  block_ppl, taylor_plus); the k least important go, k chosen so the size is closest to the target.
 - width: every layer loses the same units (so the export has a standard config): the same
   number of query heads from each KV group (or whole KV groups) and the same number of FFN
   channels, picked per layer by a criterion's head and channel scores (default: gradient,
@@ -27,9 +27,9 @@ import torch
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
-from engine.data.datasets import calibration_texts
-from engine.importance import depth
-from engine.importance.criteria import score
+from engine.importance.depth import calibration_or_default
+from engine.importance.layer_importance import layer_importance
+from engine.importance.registry import score
 from engine.pruning.select import BudgetError
 from engine.runtime.cost import cost
 
@@ -189,15 +189,12 @@ def reach_size(
     total = cost(handle).params_total
     if route == "depth":
         criterion = criterion or "block_influence"
-        ls = depth.layer_scores(handle, criterion, texts, stats=stats, progress=progress)
+        ls = layer_importance(handle, criterion, texts, stats=stats, progress=progress)
         mask, detail = depth_mask(handle, target, ls.layers)
         unit = "layers"
     else:
         criterion = criterion or "gradient"
-        calib = list(texts) if texts is not None else None
-        if calib is None:
-            calib = calibration_texts("wikitext", 32)
-        scores, _ = score(handle, calib, [criterion], stats=stats, progress=progress)
+        scores, _ = score(handle, calibration_or_default(texts, 32), [criterion], stats=stats, progress=progress)
         s = scores[criterion]
         if s.ffn is None:
             raise ValueError(f"criterion {criterion!r} gives no FFN channel scores; width pruning needs one "

@@ -69,7 +69,7 @@ from engine.core.tokens import EmptyTextError, encode_batch
 from engine.pruning.select import BudgetError, count_from_budget
 
 __all__ = [
-    "UNIT_KINDS",
+    "SOFT_UNIT_KINDS",
     "HardConcrete",
     "HardConcreteGates",
     "MaskTarget",
@@ -85,7 +85,8 @@ __all__ = [
     "unit_count",
 ]
 
-UNIT_KINDS = ("blocks", "heads")
+# The unit kinds a soft mask can gate (a subset of engine.core.mask.UNIT_KINDS: no FFN channels).
+SOFT_UNIT_KINDS = ("blocks", "heads")
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class MaskTarget:
     def removed(self, g: Geometry) -> dict[str, int]:
         """{kind: units removed} for every gated kind, checked against the model's sizes."""
         out: dict[str, int] = {}
-        for kind in UNIT_KINDS:
+        for kind in SOFT_UNIT_KINDS:
             budget = getattr(self, kind)
             if budget is not None:
                 out[kind] = count_from_budget(budget, unit_count(g, kind), _KIND_WORDS[kind])
@@ -197,7 +198,7 @@ def unit_count(g: Geometry, kind: str) -> int:
         return 2 * g.n_layers
     if kind == "heads":
         return g.n_layers * g.n_heads
-    raise ValueError(f"unit kind must be one of {UNIT_KINDS}, got {kind!r}")
+    raise ValueError(f"unit kind must be one of {SOFT_UNIT_KINDS}, got {kind!r}")
 
 
 class SoftMask(nn.Module):

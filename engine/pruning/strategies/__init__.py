@@ -4,23 +4,12 @@
     calib = Calibration.shipped("wikitext", 32)
     mask = get_strategy("ablation-iterative+comp")(handle, Budget(heads=0.2), calib)
 
-Importing this package registers the strategies (and the "fluctuation" and "ablation"
-criteria in engine.importance.criteria).
+The strategies are listed by name in engine.pruning.strategies.registry.
 """
 
-from engine.pruning.strategies import hardconcrete, iterative, oneshot  # noqa: F401  (registration)
-from engine.pruning.strategies.base import (
-    COMP_SUFFIX,
-    STRATEGIES,
-    Budget,
-    Calibration,
-    Strategy,
-    UnknownStrategyError,
-    get_strategy,
-    parse_method,
-    register_strategy,
-    strategy_names,
-)
+from engine.core.errors import UnknownStrategyError
+from engine.pruning.strategies.base import COMP_SUFFIX, Budget, Calibration, Strategy, parse_method
+from engine.pruning.strategies.registry import STRATEGIES, get_strategy, strategy_names
 from engine.pruning.strategies.suggest import MODE_METHODS, MODES, Suggestion, suggest_mask
 
 __all__ = [
@@ -36,6 +25,5 @@ __all__ = [
     "UnknownStrategyError",
     "get_strategy",
     "parse_method",
-    "register_strategy",
     "strategy_names",
 ]

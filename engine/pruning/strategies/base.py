@@ -1,4 +1,4 @@
-"""What every pruning strategy shares: the budget, the calibration data, the registry.
+"""What every pruning strategy shares: the budget, the calibration data, the base class, method names.
 
 A strategy turns (model, budget, calibration text) into a PruneMask. Unlike a criterion
 (engine.importance.criteria: one score table, then one cut), a strategy may re-score between steps,
@@ -6,16 +6,14 @@ measure, optimise, or add compensation biases. Names may carry the suffix "+comp
 same selection, then FLAP compensation biases for every pruned head and channel
 (engine.pruning.compensation). Everything expensive a strategy computes on calibration data is kept
 in the `Calibration` object, so several strategies and budgets share one capture pass.
+The strategies by name: engine.pruning.strategies.registry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-import torch
-
-from engine.core.errors import UnknownStrategyError
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
@@ -27,15 +25,8 @@ __all__ = [
     "Budget",
     "Calibration",
     "Strategy",
-    "STRATEGIES",
-    "UnknownStrategyError",
-    "register_strategy",
-    "strategy_names",
-    "get_strategy",
     "parse_method",
-    "lowest",
     "COMP_SUFFIX",
-    "Progress",
 ]
 
 COMP_SUFFIX = "+comp"
@@ -118,52 +109,8 @@ class Strategy:
         return h, f
 
 
-STRATEGIES: dict[str, Callable[..., Strategy]] = {}
-
-
-def register_strategy(cls: Callable[..., Strategy]) -> Callable[..., Strategy]:
-    """Add a strategy class to the registry (usable as a decorator)."""
-    STRATEGIES[cls.name] = cls
-    return cls
-
-
-def strategy_names(with_comp: bool = False) -> list[str]:
-    """Registered names (and their "+comp" variants when `with_comp`)."""
-    names = sorted(STRATEGIES)
-    if not with_comp:
-        return names
-    return names + [n + COMP_SUFFIX for n in names if not STRATEGIES[n].always_compensates]
-
-
 def parse_method(method: str) -> tuple[str, bool]:
     """("base name", compensate) from a method name like "gradient+comp"."""
     if method.endswith(COMP_SUFFIX):
         return method[: -len(COMP_SUFFIX)], True
     return method, False
-
-
-def get_strategy(method: str, **kwargs: Any) -> Strategy:
-    """The strategy registered as `method` (a "+comp" suffix adds compensation)."""
-    name, comp = parse_method(method)
-    try:
-        cls = STRATEGIES[name]
-    except KeyError:
-        raise UnknownStrategyError(
-            f"unknown pruning method {method!r}; choose one of: {', '.join(strategy_names(with_comp=True))}"
-        ) from None
-    if comp:
-        if cls.always_compensates:
-            raise UnknownStrategyError(f"{name!r} always compensates: drop the {COMP_SUFFIX!r} suffix")
-        kwargs["compensate"] = True
-    return cls(**kwargs)
-
-
-def lowest(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Bool [same shape]: the k lowest entries of `scores` among `allowed` (stable ties)."""
-    flat = scores.reshape(-1).float().clone()
-    if allowed is not None:
-        flat[~allowed.reshape(-1)] = float("inf")
-    out = torch.zeros(flat.numel(), dtype=torch.bool)
-    if k > 0:
-        out[torch.sort(flat, stable=True).indices[:k]] = True
-    return out.view_as(scores)

@@ -8,7 +8,7 @@ iterative one removes them one at a time, re-measuring the rest under the pruned
 
 With compensation a dropped layer is replaced by its mean contribution (FLAP's bias, An et
 al. 2024), folded into the output bias of the nearest kept sub-block before it
-(engine.pruning.compensation.mean_biases): exact for pre-LN models, and an exported model carries
+(engine.importance.mean_ablation.mean_biases): exact for pre-LN models, and an exported model carries
 at most one extra hidden-size bias per projection that had none.
 """
 
@@ -20,15 +20,16 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.importance.criteria import ffn_magnitude, head_magnitude
-from engine.pruning.compensation import mean_biases
+from engine.importance.mean_ablation import mean_biases
 from engine.pruning.size_target import target_params
-from engine.pruning.strategies.base import Calibration, Progress, parse_method
+from engine.pruning.strategies.base import Calibration, parse_method
 from engine.pruning.strategies.scores import ABLATION_MAX_LENGTH, ABLATION_TEXTS, criterion_scores
 from engine.runtime.cost import cost
 from engine.runtime.replay import LayerReplay
 
-__all__ = ["DEPTH_METHODS", "layer_removal_mask", "layer_scores", "depth_prune", "layers_for_target"]
+__all__ = ["DEPTH_METHODS", "layer_removal_mask", "depth_method_scores", "depth_prune", "layers_for_target"]
 
 DEPTH_METHODS = ("random", "magnitude", "entropy", "gradient", "block_influence", "ablation", "ablation+comp",
                  "ablation-iterative", "ablation-iterative+comp")
@@ -69,9 +70,9 @@ def layers_for_target(handle: ModelHandle, keep: float) -> int:
     return best[1]
 
 
-def layer_scores(handle: ModelHandle, method: str, calib: Calibration, *, base: PruneMask | None = None,
-                 progress: Progress | None = None) -> torch.Tensor:
-    """Importance [L] per layer: a baseline's, or the measured KL of dropping it from `base`."""
+def depth_method_scores(handle: ModelHandle, method: str, calib: Calibration, *, base: PruneMask | None = None,
+                        progress: Progress | None = None) -> torch.Tensor:
+    """Layer importance [L] by depth `method`: a criterion's, or the measured KL of dropping each from `base`."""
     name, comp = parse_method(method)
     if name not in ("ablation", "ablation-iterative"):
         return _baseline_layer_scores(handle, name, calib, progress)
@@ -103,7 +104,7 @@ def depth_prune(handle: ModelHandle, keep: float, method: str, calib: Calibratio
     steps = k if name == "ablation-iterative" else 1
     dropped: list[int] = []
     for step in range(steps):
-        scores = layer_scores(handle, method, calib, base=mask, progress=progress)
+        scores = depth_method_scores(handle, method, calib, base=mask, progress=progress)
         scores[dropped] = float("inf")
         take = 1 if steps > 1 else k
         for layer in torch.sort(scores, stable=True).indices[:take].tolist():

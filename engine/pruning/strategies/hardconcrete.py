@@ -30,10 +30,11 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.objective import token_logits
 from engine.core.tokens import batches, context_length, encode_batch
-from engine.importance.taylor import soft_attention_bias
-from engine.pruning.compensation import ffn_bias, ffn_fluctuation
+from engine.importance.fluctuation import ffn_fluctuation
+from engine.importance.mean_ablation import ffn_bias, soft_attention_bias
+from engine.pruning.select import lowest
 from engine.pruning.softmask import HardConcreteGates, Lagrangian, kl_to_dense
-from engine.pruning.strategies.base import Budget, Calibration, Strategy, lowest, register_strategy
+from engine.pruning.strategies.base import Budget, Calibration, Strategy
 from engine.pruning.strategies.oneshot import finish, method_scores, standardize
 
 __all__ = ["HardConcreteMask", "prior_log_alpha", "TrainLog"]
@@ -49,7 +50,6 @@ def prior_log_alpha(prior: torch.Tensor, base: float, spread: float) -> torch.Te
     return base + spread * z
 
 
-@register_strategy
 class HardConcreteMask(Strategy):
     name = "hardconcrete"
     description = ("static hard-concrete (L0) head mask trained on KL to the dense model, exact budget "

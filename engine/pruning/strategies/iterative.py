@@ -21,10 +21,12 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
-from engine.importance.taylor import gate_gradients
-from engine.pruning.compensation import ffn_fluctuation, mean_biases
-from engine.pruning.strategies.ablation import head_removal_mask
-from engine.pruning.strategies.base import Budget, Calibration, Strategy, lowest, register_strategy
+from engine.importance.ablation import head_removal_mask
+from engine.importance.fluctuation import ffn_fluctuation
+from engine.importance.gate_gradients import gate_gradients
+from engine.importance.mean_ablation import mean_biases
+from engine.pruning.select import lowest
+from engine.pruning.strategies.base import Budget, Calibration, Strategy
 from engine.pruning.strategies.oneshot import finish
 from engine.pruning.strategies.scores import ablation_scores, gradient_scores
 from engine.runtime.replay import LayerReplay
@@ -48,7 +50,6 @@ def _cut(mask: PruneMask, scores: torch.Tensor, k: int, unit: str) -> PruneMask:
     return m.normalized()
 
 
-@register_strategy
 class IterativeGradient(Strategy):
     name = "gradient-iterative"
     description = "Michel et al.: prune by |dL/dgate| in steps, re-scoring under the pruned mask after each"
@@ -80,7 +81,6 @@ class IterativeGradient(Strategy):
                        "reference": self.reference}, progress)
 
 
-@register_strategy
 class IterativeAblation(Strategy):
     name = "ablation-iterative"
     description = ("measured KL of removing each head, in steps: after each step the heads nearest the cut "

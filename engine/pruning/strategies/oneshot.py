@@ -5,7 +5,7 @@ The four baselines users know (random, magnitude, entropy, gradient), plus:
   paper's recipe: scores standardised within each layer (its "adaptive structure search":
   one global cut over per-layer z-scores) and mean compensation of everything pruned;
 - `ablation`: the measured KL to the dense model when each head alone is removed
-  (engine.pruning.strategies.ablation), computed once per calibration set and cached.
+  (engine.importance.ablation), computed once per calibration set and cached.
 
 "+comp" adds FLAP mean compensation, and where a criterion can, it then scores the removal
 compensation actually performs: `gradient+comp` takes |dL/dg| of gates that interpolate
@@ -27,13 +27,16 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.importance.criteria import Scores
 from engine.pruning.compensation import compensate as add_compensation
 from engine.pruning.select import select
-from engine.pruning.strategies.base import Budget, Calibration, Progress, Strategy, register_strategy
+from engine.pruning.strategies.base import Budget, Calibration, Strategy
 from engine.pruning.strategies.scores import ablation_scores, criterion_scores, gradient_scores
 
-__all__ = ["CriterionStrategy", "SCOPES", "standardize", "select_scores", "finish", "method_scores"]
+__all__ = ["CriterionStrategy", "SCOPES", "standardize", "select_scores", "finish", "method_scores",
+           "RandomStrategy", "MagnitudeStrategy", "EntropyStrategy", "GradientStrategy", "FluctuationStrategy",
+           "FlapStrategy", "AblationStrategy"]
 
 SCOPES = ("global", "uniform", "standardized")
 
@@ -114,23 +117,24 @@ class CriterionStrategy(Strategy):
 
 def _one_shot(name: str, criterion: str, description: str, reference: str, *, scope: str = "global",
               comp: bool = False, ffn_fallback: str = "fluctuation") -> type[CriterionStrategy]:
-    cls = type(f"{name.title().replace('-', '')}Strategy", (CriterionStrategy,), {
+    """A CriterionStrategy subclass named `name` (listed by engine.pruning.strategies.registry)."""
+    return type(f"{name.title().replace('-', '')}Strategy", (CriterionStrategy,), {
         "name": name, "criterion": criterion, "description": description, "reference": reference,
         "default_scope": scope, "always_compensates": comp, "ffn_fallback": ffn_fallback,
     })
-    return register_strategy(cls)
 
 
-_one_shot("random", "random", "uniformly random heads (the baseline every method must beat)", "baseline")
-_one_shot("magnitude", "magnitude", "smallest Q/K/V/O weight norms first", "weight magnitude")
-_one_shot("entropy", "entropy", "broadest attention (highest mean entropy) first", "common heuristic",
-          ffn_fallback="magnitude")
-_one_shot("gradient", "gradient", "smallest |dL/dgate| first, one shot",
-          "Michel, Levy & Neubig, 'Are Sixteen Heads Really Better than One?', NeurIPS 2019")
-_one_shot("fluctuation", "fluctuation", "steadiest output (Var(x) x ||W_O col||^2) first, one global cut",
-          "An et al., 'Fluctuation-based Adaptive Structured Pruning for LLMs' (FLAP), AAAI 2024")
-_one_shot("flap", "fluctuation", "FLAP: fluctuation standardised per layer, one cut, mean compensation",
-          "An et al., 'Fluctuation-based Adaptive Structured Pruning for LLMs' (FLAP), AAAI 2024",
-          scope="standardized", comp=True)
-_one_shot("ablation", "ablation", "smallest measured KL when the head alone is removed, one shot",
-          "loss-drop ablation (Michel et al. 2019, sec. 3; measured instead of first-order)")
+RandomStrategy = _one_shot("random", "random", "uniformly random heads (the baseline every method must beat)", "baseline")
+MagnitudeStrategy = _one_shot("magnitude", "magnitude", "smallest Q/K/V/O weight norms first", "weight magnitude")
+EntropyStrategy = _one_shot("entropy", "entropy", "broadest attention (highest mean entropy) first",
+                            "common heuristic", ffn_fallback="magnitude")
+GradientStrategy = _one_shot("gradient", "gradient", "smallest |dL/dgate| first, one shot",
+                             "Michel, Levy & Neubig, 'Are Sixteen Heads Really Better than One?', NeurIPS 2019")
+FluctuationStrategy = _one_shot("fluctuation", "fluctuation",
+                                "steadiest output (Var(x) x ||W_O col||^2) first, one global cut",
+                                "An et al., 'Fluctuation-based Adaptive Structured Pruning for LLMs' (FLAP), AAAI 2024")
+FlapStrategy = _one_shot("flap", "fluctuation", "FLAP: fluctuation standardised per layer, one cut, mean compensation",
+                         "An et al., 'Fluctuation-based Adaptive Structured Pruning for LLMs' (FLAP), AAAI 2024",
+                         scope="standardized", comp=True)
+AblationStrategy = _one_shot("ablation", "ablation", "smallest measured KL when the head alone is removed, one shot",
+                             "loss-drop ablation (Michel et al. 2019, sec. 3; measured instead of first-order)")

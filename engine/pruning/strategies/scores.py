@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from engine.core.handle import ModelHandle
-from engine.importance.criteria import Scores, get_criterion
-from engine.importance.taylor import gate_gradients
-from engine.pruning.strategies.ablation import ablation_kl
-from engine.pruning.strategies.base import Calibration, Progress
+from engine.core.progress import Progress
+from engine.importance.ablation import ablation_kl
+from engine.importance.criteria import Scores
+from engine.importance.gate_gradients import gate_gradients
+from engine.importance.registry import get_criterion
+from engine.pruning.strategies.base import Calibration
 from engine.runtime.replay import LayerReplay
 
 __all__ = ["ABLATION_TEXTS", "ABLATION_MAX_LENGTH", "criterion_scores", "gradient_scores", "ablation_scores",

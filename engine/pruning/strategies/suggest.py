@@ -27,7 +27,9 @@ from typing import Any
 
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
-from engine.pruning.strategies.base import Budget, Calibration, Progress, get_strategy
+from engine.core.progress import Progress
+from engine.pruning.strategies.base import Budget, Calibration
+from engine.pruning.strategies.registry import get_strategy
 from engine.pruning.strategies.scores import cached_ablation
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
 from engine.runtime.prefix_cache import live_protocol

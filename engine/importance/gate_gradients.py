@@ -8,7 +8,8 @@ current (partly pruned) mask, which is what "prune in steps, re-scoring after ea
 With compensation (`means`), a gate interpolates between the unit's output and its
 calibration mean, x' = mu + g (x - mu), so dL/dg = (x - mu) . dL/dx': the first-order
 estimate of the loss change of *mean*-ablation, the removal that FLAP compensation
-performs. The bias that carries the (1 - g) mu term is built differentiably here.
+performs. The bias that carries the (1 - g) mu term is built differentiably
+(engine.importance.mean_ablation.soft_attention_bias / soft_ffn_bias).
 """
 
 from __future__ import annotations
@@ -18,37 +19,14 @@ from typing import Sequence
 import torch
 
 from engine.core import gates
-from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss
 from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
+from engine.importance.mean_ablation import soft_attention_bias, soft_ffn_bias
 
-__all__ = ["gate_gradients", "soft_attention_bias", "soft_ffn_bias"]
-
-
-
-def soft_attention_bias(adapter: Adapter, heads: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """[L, hidden], differentiable in `heads`: sum_h (1 - g_h) W_O[h] mu_h."""
-    g = adapter.geometry
-    rows = []
-    for layer in range(g.n_layers):
-        o = adapter.head_weights(layer).o.detach().float()  # (H, d, hd)
-        mu = means[layer].view(g.n_heads, g.head_dim).to(o.device)  # (H, hd)
-        per_head = torch.einsum("hdk,hk->hd", o, mu)  # (H, d)
-        rows.append(((1.0 - heads[layer]).to(o.device)[:, None] * per_head).sum(dim=0))
-    return torch.stack(rows)
-
-
-def soft_ffn_bias(adapter: Adapter, ffn: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """[L, hidden], differentiable in `ffn`: W_down ((1 - g) * mu)."""
-    g = adapter.geometry
-    rows = []
-    for layer in range(g.n_layers):
-        down = adapter.ffn_weights(layer)["down"].detach().float()  # (d, F)
-        rows.append(down @ ((1.0 - ffn[layer]).to(down.device) * means[layer].to(down.device)))
-    return torch.stack(rows)
+__all__ = ["gate_gradients"]
 
 
 def gate_gradients(

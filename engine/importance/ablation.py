@@ -23,13 +23,12 @@ import torch
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
-from engine.data.datasets import calibration_texts
-from engine.importance.criteria import Criterion, Scores, register
-from engine.pruning.compensation import mean_biases
+from engine.importance.criteria import Criterion, Scores
+from engine.importance.depth import calibration_or_default
+from engine.importance.mean_ablation import mean_biases
 from engine.runtime.replay import LayerReplay
 
 __all__ = ["head_removal_mask", "ablation_kl", "Ablation"]
-
 
 
 def head_removal_mask(handle: ModelHandle, base: PruneMask, layer: int, heads: Sequence[int],
@@ -68,10 +67,10 @@ def ablation_kl(
     return delta, kept
 
 
-@register
 class Ablation(Criterion):
     name = "ablation"
     needs = "forward"  # the forward capture supplies the heads' mean outputs
+    units = ("heads",)
     description = ("loss drop: KL to the dense model when each head alone is replaced by its mean output "
                    "(measured, not approximated); prune the smallest")
 
@@ -82,7 +81,7 @@ class Ablation(Criterion):
 
     def __call__(self, handle: ModelHandle, stats: Any) -> Scores:
         s = self._require(stats) if self.mean_ablation else stats
-        texts = list(self.texts) if self.texts is not None else calibration_texts("wikitext", self.n_texts)
+        texts = calibration_or_default(self.texts, self.n_texts)
         replay = LayerReplay(handle, texts, max_length=self.max_length)
         delta, _ = ablation_kl(handle, texts, means=s.head_in_mean if self.mean_ablation else None,
                                replay=replay, progress=self.progress)
