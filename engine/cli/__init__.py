@@ -1,1 +1,1 @@
-"""The `python -m engine` command line: one module per group of verbs."""
+"""The `python -m engine` command line: shared pieces in common, one module per group of verbs, main ties them."""

@@ -15,38 +15,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from engine.cli.common import (
+    Subparsers,
+    add_model_args,
+    add_protocol_args,
+    load_handle,
+    progress_bar,
+    protocol_from_args,
+    say,
+)
 from engine.core.handle import ModelHandle
+from engine.core.mask import PruneMask
+from engine.data.datasets import calibration_texts
+from engine.export.surgery import prune
+from engine.recovery.distill import MODES, DistillConfig, StepRecord, distill_data, prompt_split
+from engine.recovery.encoder_agreement import encoder_agreement
+from engine.recovery.quantize import export_student
+from engine.recovery.recipes import RECIPES, plan_stages, recovery_student, run_recipe
+from engine.runtime.cost import cost
+from engine.runtime.evaluate import perplexity
 
-__all__ = ["_build_distill", "cmd_distill"]
+__all__ = ["register", "cmd_distill"]
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _step_printer(every: int):
-    def show(rec: Any) -> None:
+def _step_printer(every: int) -> Callable[[StepRecord], None]:
+    """A progress callback printing every `every`-th step and every held-out evaluation."""
+    def show(rec: StepRecord) -> None:
         if rec.heldout is None and rec.step % every:
             return
         held = f", held-out {rec.heldout:.4f}" if rec.heldout is not None else ""
         loss = "" if rec.loss is None else f" loss {rec.loss:.4f}"  # a stage's step 0 is an evaluation only
-        _say(f"  step {rec.step}/{rec.steps}{loss}{held} [{rec.stage}, {rec.elapsed_s:.0f} s]")
+        say(f"  step {rec.step}/{rec.steps}{loss}{held} [{rec.stage}, {rec.elapsed_s:.0f} s]")
     return show
 
 
-def _student(args: argparse.Namespace, handle: ModelHandle, out: Path):
+def _student(args: argparse.Namespace, handle: ModelHandle, out: Path) -> tuple[ModelHandle, PruneMask]:
     """(student, mask): from --mask, from a saved mask when resuming, or by width pruning to --keep."""
-    from engine.cli.main import progress_bar
-    from engine.core.mask import PruneMask
-    from engine.data.datasets import calibration_texts
-    from engine.export.surgery import prune
-    from engine.recovery.recipes import recovery_student
-
     saved = out / "mask.json"
     if args.mask or (args.resume and saved.exists()):
         mask = PruneMask.load(args.mask or saved, handle.geometry)
@@ -58,17 +66,16 @@ def _student(args: argparse.Namespace, handle: ModelHandle, out: Path):
     return student, size.mask
 
 
-def _measure(args: argparse.Namespace, teacher: Any, model: Any, heldout: list[str]) -> dict[str, Any]:
-    from engine.cli.main import _protocol
-    from engine.recovery.encoder_agreement import encoder_agreement
-    from engine.runtime.evaluate import perplexity
-
+def _measure(args: argparse.Namespace, teacher: ModelHandle, model: ModelHandle,
+             heldout: list[str]) -> dict[str, Any]:
+    """Perplexity of `model` for a causal LM teacher, else its embeddings' agreement with the teacher's."""
     if teacher.is_causal_lm:
-        return perplexity(model, protocol=_protocol(args)).to_dict()
+        return perplexity(model, protocol=protocol_from_args(args)).to_dict()
     return encoder_agreement(teacher, model, heldout).to_dict()
 
 
 def _describe(m: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """One phrase for a _measure result, relative to `base` (the teacher's) when given."""
     if "perplexity" in m:
         ratio = f" ({m['perplexity'] / base['perplexity']:.2f}x teacher)" if base else ""
         return f"perplexity {m['perplexity']:,.2f}{ratio}"
@@ -77,12 +84,7 @@ def _describe(m: dict[str, Any], base: dict[str, Any] | None) -> str:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from engine.cli.main import _load, progress_bar
-    from engine.recovery.distill import DistillConfig, distill_data, prompt_split
-    from engine.recovery.quantize import export_student
-    from engine.recovery.recipes import plan_stages, run_recipe
-    from engine.runtime.cost import cost
-
+    """Prune to the student, distil it by --recipe (resumable), measure it and write the run folder."""
     if (args.mask is None) == (args.keep is None) and not (args.resume and args.keep is None):
         raise ValueError("give exactly one of --mask (a mask file) or --keep (a size target, e.g. 0.7)")
     out = Path(args.out)
@@ -93,7 +95,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                            lora_rank=args.lora_rank, eval_every=args.eval_every, patience=args.patience,
                            checkpoint_every=args.checkpoint_every, warmup=args.warmup).check()
     stages = plan_stages(args.recipe, args.bits, args.steps, args.scheme)  # fail before any slow work
-    teacher = _load(args)
+    teacher = load_handle(args)
     student, mask = _student(args, teacher, out)
     out.mkdir(parents=True, exist_ok=True)
     mask.save(out / "mask.json")
@@ -117,7 +119,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                             out_dir=out / "stages", resume=args.resume,
                             progress=_step_printer(max(1, args.eval_every // 5)))
     except KeyboardInterrupt:
-        _say(f"\ninterrupted: the checkpoint is in {out / 'stages'}; add --resume to the same command to continue")
+        say(f"\ninterrupted: the checkpoint is in {out / 'stages'}; add --resume to the same command to continue")
         return 130
     print(f"{result.label}: {result.steps_run}/{result.steps_planned} steps in {time.perf_counter() - t:.0f} s "
           f"(training {result.wall_s:.0f} s)")
@@ -135,15 +137,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_distill(sub) -> None:
-    from engine.cli.main import _add_model_args, _add_protocol_args
-    from engine.recovery.distill import MODES
-    from engine.recovery.recipes import RECIPES
-
+def register(sub: Subparsers) -> None:
+    """Add the distill verb."""
     p = sub.add_parser("distill", help="prune, then recover by distillation (optionally 1-/2-bit)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(p)
-    _add_protocol_args(p)
+    add_model_args(p)
+    add_protocol_args(p)
     p.add_argument("--mask", help="mask JSON to prune by (written by `prune` or the app)")
     p.add_argument("--keep", type=float, help="or: keep this fraction of the parameters (uniform width pruning)")
     p.add_argument("--criterion", default="gradient", help="criterion for --keep (heads and FFN channels)")

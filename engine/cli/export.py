@@ -8,25 +8,33 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from typing import Any
 
+from engine.cli.common import (
+    Subparsers,
+    add_calibration_args,
+    add_model_args,
+    add_protocol_args,
+    count_or_fraction,
+    load_handle,
+    load_mask,
+    progress_bar,
+    protocol_from_args,
+    stage,
+)
 from engine.core.handle import ModelHandle
+from engine.core.mask import PruneMask
+from engine.data.datasets import calibration_texts
+from engine.export.write import LAYOUTS, export, zip_folder
+from engine.importance import depth  # noqa: F401  (registers block_ppl and taylor_plus for every command)
+from engine.pruning.size_target import ROUTES, reach_size
 
-__all__ = ["_build_export", "cmd_export"]
+__all__ = ["register", "cmd_export"]
 
 
-def _stage(msg: str) -> None:
-    print(f"... {msg}", file=sys.stderr, flush=True)
-
-
-def _size_target_mask(args: argparse.Namespace, handle: ModelHandle):
-    from engine.cli.main import progress_bar
-    from engine.data.datasets import calibration_texts
-    from engine.pruning.size_target import reach_size
-
-    keep: Any = int(args.keep) if args.keep >= 1 else float(args.keep)
+def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMask:
+    """The mask that brings the model to --keep of its parameters along --route."""
+    keep = count_or_fraction(args.keep)
     texts = calibration_texts(args.calibration, args.n_texts)
     with progress_bar(f"scoring ({args.route})") as cb:
         r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=texts, progress=cb)
@@ -36,19 +44,17 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engine.cli.main import _load, _load_mask, _protocol
-    from engine.export.write import export, zip_folder
-
+    """Physically prune by --mask or to --keep, write the checkpoint and report parity and perplexity."""
     if (args.mask is None) == (args.keep is None):
         raise ValueError("give exactly one of --mask (a mask file) or --keep (a size target)")
-    handle = _load(args)
-    mask = _load_mask(args.mask, handle) if args.mask else _size_target_mask(args, handle)
+    handle = load_handle(args)
+    mask = load_mask(args.mask, handle) if args.mask else _size_target_mask(args, handle)
     if args.save_mask:
         mask.save(args.save_mask)
         print(f"wrote mask to {args.save_mask}")
     t = time.perf_counter()
     r = export(handle, mask, args.out, layout=args.layout, overwrite=args.overwrite, evaluate=not args.no_eval,
-               protocol=_protocol(args), stage=_stage)
+               protocol=protocol_from_args(args), stage=stage)
     m = r.manifest
     print(f"exported to {r.folder} ({r.layout} layout, {r.bytes_on_disk / 2**20:.1f} MiB, "
           f"{time.perf_counter() - t:.1f} s)")
@@ -69,16 +75,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_export(sub) -> None:
-    from engine.cli.main import _add_calibration_args, _add_model_args, _add_protocol_args
-    from engine.export.write import LAYOUTS
-    from engine.importance import depth  # noqa: F401  (registers block_ppl and taylor_plus for every command)
-    from engine.pruning.size_target import ROUTES
-
+def register(sub: Subparsers) -> None:
+    """Add the export verb."""
     p = sub.add_parser("export", help="physically prune and write a smaller Hugging Face checkpoint")
-    _add_model_args(p)
-    _add_calibration_args(p)
-    _add_protocol_args(p)
+    add_model_args(p)
+    add_calibration_args(p)
+    add_protocol_args(p)
     p.add_argument("--out", required=True, help="new folder to write (refused if it exists and is not empty)")
     p.add_argument("--mask", help="mask JSON written by `prune` or the app")
     p.add_argument("--keep", type=float, help="instead of a mask: fraction (0-1) or count of parameters to keep")

@@ -11,41 +11,40 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
 import time
-from typing import Any, Callable, Iterator
 
+from engine.cli.common import (
+    Subparsers,
+    add_calibration_args,
+    add_model_args,
+    add_protocol_args,
+    count_or_fraction,
+    load_handle,
+    print_cost,
+    progress_bar,
+    protocol_from_args,
+)
 from engine.core.csvfile import write_rows
+from engine.data.datasets import calibration_texts
+from engine.importance.capture import capture
+from engine.importance.diagnostics import diagnose, diagnosis_rows, kind_counts
+from engine.pruning.strategies import (
+    MODE_METHODS,
+    MODES,
+    STRATEGIES,
+    Budget,
+    Calibration,
+    get_strategy,
+    strategy_names,
+    suggest_mask,
+)
+from engine.pruning.strategies.scores import ablation_scores
 
-__all__ = ["_build_suggest", "_build_diagnose", "cmd_suggest", "cmd_diagnose"]
-
-
-@contextlib.contextmanager
-def _phased_bar(desc: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress(done, total) callback for several phases in a row: a new total starts the bar over."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=desc, unit="step", file=sys.stderr, leave=False)
-    try:
-        def update(done: int, total: int) -> None:
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.n = done
-            bar.refresh()
-
-        yield update
-    finally:
-        bar.close()
-
-
-def _budget(x: float) -> Any:
-    return int(x) if x >= 1 else float(x)
+__all__ = ["register", "cmd_suggest", "cmd_diagnose"]
 
 
 def _print_methods() -> None:
-    from engine.pruning.strategies import MODE_METHODS, STRATEGIES
-
+    """Every strategy with its description, cost and reference."""
     modes = {m: k for k, m in MODE_METHODS.items()}
     for name in sorted(STRATEGIES):
         cls = STRATEGIES[name]
@@ -55,9 +54,7 @@ def _print_methods() -> None:
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    from engine.cli.main import _load, _print_cost, _protocol
-    from engine.pruning.strategies import Budget, Calibration, get_strategy, suggest_mask
-
+    """The best mask for --budget by --mode or --method, with cost and perplexity; or --list the strategies."""
     if args.list:
         _print_methods()
         return 0
@@ -65,17 +62,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         raise ValueError("give --budget (a fraction of the heads in [0, 1) or a count), or --list")
     if args.method:
         get_strategy(args.method)  # fail fast on a typo, before loading anything
-    handle = _load(args)
-    budget = Budget(heads=_budget(args.budget), ffn=_budget(args.ffn))
+    handle = load_handle(args)
+    budget = Budget(heads=count_or_fraction(args.budget), ffn=count_or_fraction(args.ffn))
     budget.counts(handle.geometry)
     calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length)
     t = time.perf_counter()
-    with _phased_bar(f"suggest ({args.method or args.mode})") as cb:
+    with progress_bar(f"suggest ({args.method or args.mode})") as cb:
         mask, info = suggest_mask(handle, budget, mode=args.mode, method=args.method, calib=calib,
-                                  protocol=_protocol(args), measure=not args.no_eval, progress=cb)
+                                  protocol=protocol_from_args(args), measure=not args.no_eval, progress=cb)
     mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": args.n_texts})
     print(f"method {info.method} ({info.budget}; {info.calibration}; {time.perf_counter() - t:.0f} s)")
-    _print_cost(handle, mask)
+    print_cost(handle, mask)
     if mask.has_bias:
         print("compensation: pruned units replaced by their calibration means (biases stored in the mask file)")
     if info.measured_perplexity is not None:
@@ -88,24 +85,17 @@ def cmd_suggest(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from engine.cli.main import _load, progress_bar
-    from engine.data.datasets import calibration_texts
-    from engine.importance.capture import capture
-    from engine.importance.diagnostics import diagnose, diagnosis_rows, kind_counts
-
-    handle = _load(args)
+    """Kind and reasons per head (with --ablation, its mean-ablation KL too), written as CSV."""
+    handle = load_handle(args)
     texts = calibration_texts(args.calibration, args.n_texts)
     with progress_bar("capture") as cb:
         stats = capture(handle, texts, gradients=False, batch_size=args.batch_size, max_length=args.max_length,
                         progress=cb)
     ablation = None
     if args.ablation:
-        from engine.pruning.strategies import Calibration
-        from engine.pruning.strategies.scores import ablation_scores
-
         calib = Calibration(texts, max_length=args.max_length, name=args.calibration)
         calib.set_stats(stats)
-        with _phased_bar("ablation") as cb:
+        with progress_bar("ablation") as cb:
             ablation, _ = ablation_scores(handle, calib, mean=True, progress=cb)
     d = diagnose(handle, stats, ablation)
     counts = kind_counts(d)
@@ -122,14 +112,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_suggest(sub) -> None:
-    from engine.cli.main import _add_calibration_args, _add_model_args, _add_protocol_args
-    from engine.pruning.strategies import MODES, strategy_names
-
+def register(sub: Subparsers) -> None:
+    """Add the suggest and diagnose verbs."""
     p = sub.add_parser("suggest", help="the best mask for a budget (measured methods, compensation) + perplexity")
-    _add_model_args(p)
-    _add_calibration_args(p)
-    _add_protocol_args(p)
+    add_model_args(p)
+    add_calibration_args(p)
+    add_protocol_args(p)
     p.add_argument("--budget", type=float, default=None, help="heads to remove: fraction in [0, 1) or a count")
     p.add_argument("--ffn", type=float, default=0.0, help="FFN channels to remove: fraction or count")
     p.add_argument("--mode", default="fast", choices=MODES, help="fast (one-shot), measured (iterative), optimise")
@@ -139,13 +127,9 @@ def _build_suggest(sub) -> None:
     p.add_argument("--out", default="mask.json")
     p.set_defaults(func=cmd_suggest)
 
-
-def _build_diagnose(sub) -> None:
-    from engine.cli.main import _add_calibration_args, _add_model_args
-
     p = sub.add_parser("diagnose", help="per head: sink / previous-token / local / broad, and why criteria rank it")
-    _add_model_args(p)
-    _add_calibration_args(p)
+    add_model_args(p)
+    add_calibration_args(p)
     p.add_argument("--ablation", action="store_true", help="also measure each head's mean-ablation KL (minutes)")
     p.add_argument("--out", default="heads_diagnosis.csv")
     p.set_defaults(func=cmd_diagnose)

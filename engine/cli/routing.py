@@ -11,27 +11,37 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-__all__ = ["_build_cluster", "_build_train_masks", "_build_route", "cmd_cluster", "cmd_train_masks", "cmd_route"]
+from tqdm import tqdm
+
+from engine.cli.common import Subparsers, add_model_args, count_or_fraction, load_handle, progress_bar, say
+from engine.core.handle import ModelHandle
+from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig
+from engine.routing.clusters import PROMPT_SOURCES, ClusterRun, cluster_prompts, silhouette_scores
+from engine.routing.embeddings import SentenceEncoder
+from engine.routing.router import (
+    DISTANCES,
+    ClusterPerplexity,
+    Router,
+    heldout_perplexity,
+    pruned_blocks,
+    routed_generate,
+    train_router,
+)
+
+__all__ = ["register", "cmd_cluster", "cmd_train_masks", "cmd_route"]
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _encoder(args: argparse.Namespace):
-    from engine.routing.embeddings import SentenceEncoder
-
+def _encoder(args: argparse.Namespace) -> SentenceEncoder:
+    """The --encoder sentence encoder, with one line about it on stderr."""
     t = time.perf_counter()
     enc = SentenceEncoder.load(args.encoder)
-    _err(f"encoder {enc.name}: {enc.dim}-d sentence embeddings ({time.perf_counter() - t:.1f} s to load)")
+    say(f"encoder {enc.name}: {enc.dim}-d sentence embeddings ({time.perf_counter() - t:.1f} s to load)")
     return enc
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    from engine.routing.clusters import PROMPT_SOURCES
-
     p.add_argument("--encoder", default="minilm", help="sentence encoder (alias or folder of a BERT-style model)")
     p.add_argument("--sources", default=",".join(PROMPT_SOURCES), help="comma-separated prompt sets")
     p.add_argument("--per-source", type=int, default=80, help="at most this many prompts per set (0: all)")
@@ -41,17 +51,15 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of K-means (and of mask training)")
 
 
-def _cluster(args: argparse.Namespace, enc) -> Any:
-    from engine.cli.main import progress_bar
-    from engine.routing.clusters import cluster_prompts
-
+def _cluster(args: argparse.Namespace, enc: SentenceEncoder) -> ClusterRun:
+    """Embed and K-means the calibration prompts as the cluster flags say."""
     with progress_bar("embedding prompts") as cb:
         return cluster_prompts(enc, args.k, sources=[s for s in args.sources.split(",") if s],
                                per_source=args.per_source or None, held_out=args.held_out,
                                split_seed=args.split_seed, kmeans_seed=args.seed, progress=cb)
 
 
-def _print_clusters(run) -> None:
+def _print_clusters(run: ClusterRun) -> None:
     pur = run.purity()
     print(f"{len(run.prompts)} training prompts ({len(run.split.held_out)} held out), k = {run.clustering.k}, "
           f"purity against the categories {pur.overall:.3f}")
@@ -63,8 +71,7 @@ def _print_clusters(run) -> None:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from engine.routing.clusters import silhouette_scores
-
+    """Cluster the prompts, print silhouette and purity, write the clusters file."""
     enc = _encoder(args)
     run = _cluster(args, enc)
     if not args.no_silhouette:
@@ -79,13 +86,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _training_bar() -> Iterator[Callable[[str, Any], None]]:
+def _training_bar() -> Iterator[Callable[[str, StepLog], None]]:
     """A tqdm bar per trained mask, showing loss, expected sparsity and the multipliers."""
-    from tqdm import tqdm
+    bars: dict[str, tqdm] = {}
 
-    bars: dict[str, Any] = {}
-
-    def update(name: str, log) -> None:
+    def update(name: str, log: StepLog) -> None:
         bar = bars.get(name)
         if bar is None:
             bar = bars[name] = tqdm(total=log.steps, desc=f"mask {name}", unit="step", file=sys.stderr, leave=True)
@@ -102,7 +107,7 @@ def _training_bar() -> Iterator[Callable[[str, Any], None]]:
             bar.close()
 
 
-def _print_heldout(rows) -> None:
+def _print_heldout(rows: list[ClusterPerplexity]) -> None:
     print(f"{'cluster':>7}  {'prompts':>7}  {'tokens':>6}  {'dense':>8}  {'static':>8}  {'routed':>8}  routed/static")
     for r in rows:
         name = "all" if r.cluster is None else str(r.cluster)
@@ -112,20 +117,14 @@ def _print_heldout(rows) -> None:
 
 
 def cmd_train_masks(args: argparse.Namespace) -> int:
-    from engine.cli.main import _load, progress_bar
-    from engine.pruning.softmask import MaskTarget, TrainConfig
-    from engine.routing.clusters import ClusterRun
-    from engine.routing.router import heldout_perplexity, pruned_blocks, train_router
-
-    def count(x: float | None) -> int | float | None:
-        return None if x is None else (int(x) if x >= 1 else float(x))
-
-    target = MaskTarget(blocks=count(args.remove), heads=count(args.remove_heads))
+    """Train one mask per cluster (+ a static one), write the router, optionally its held-out perplexity."""
+    heads = None if args.remove_heads is None else count_or_fraction(args.remove_heads)
+    target = MaskTarget(blocks=count_or_fraction(args.remove), heads=heads)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                          objective=args.objective, lr=args.lr, seed=args.seed, constraint=args.constraint)
     enc = _encoder(args)
     run = ClusterRun.load(args.clusters, enc) if args.clusters else _cluster(args, enc)
-    handle = _load(args)
+    handle = load_handle(args)
     target.removed(handle.geometry)  # fail fast on an impossible budget, before any training
     _print_clusters(run)
     t = time.perf_counter()
@@ -152,15 +151,12 @@ def cmd_train_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from engine.routing.router import Router, pruned_blocks, routed_generate
-
+    """Print the cluster, distances and mask each prompt routes to; with --generate, the text under it."""
     router = Router.load(args.router)  # a bad folder fails before the slow loads
     enc = _encoder(args)
-    handle = None
+    handle: ModelHandle | None = None
     if args.generate:
-        from engine.cli.main import _load
-
-        handle = _load(args)
+        handle = load_handle(args)
         router = Router.load(args.router, handle.geometry)
     for route in router.route(enc, args.prompts):
         dist = ", ".join(f"{d:.3f}" for d in route.distances)
@@ -179,20 +175,16 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_cluster(sub) -> None:
+def register(sub: Subparsers) -> None:
+    """Add the cluster, train-masks and route verbs."""
     p = sub.add_parser("cluster", help="embed the calibration prompts, K-means them, report silhouette and purity")
     _add_cluster_args(p)
     p.add_argument("--no-silhouette", action="store_true", help="skip the silhouette scan over k = 2..10")
     p.add_argument("--out", default="clusters.json", help="clusters file for train-masks ('' to skip)")
     p.set_defaults(func=cmd_cluster)
 
-
-def _build_train_masks(sub) -> None:
-    from engine.cli.main import _add_model_args
-    from engine.routing.router import DISTANCES
-
     p = sub.add_parser("train-masks", help="train one hard-concrete mask per cluster (+ a static one) -> router")
-    _add_model_args(p)
+    add_model_args(p)
     _add_cluster_args(p)
     p.add_argument("--clusters", help="clusters file from `cluster` (default: cluster now with --k etc.)")
     p.add_argument("--remove", type=float, default=8, help="ATTN/FFN sub-blocks to remove: count or fraction")
@@ -211,12 +203,8 @@ def _build_train_masks(sub) -> None:
     p.add_argument("--out", default="router", help="output folder")
     p.set_defaults(func=cmd_train_masks)
 
-
-def _build_route(sub) -> None:
-    from engine.cli.main import _add_model_args
-
     p = sub.add_parser("route", help="which cluster (and mask) a prompt routes to; optionally generate under it")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--router", required=True, help="folder written by train-masks")
     p.add_argument("--encoder", default="minilm")
