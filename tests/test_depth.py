@@ -55,7 +55,7 @@ def test_taylor_plus_sums_weight_times_gradient_and_leaves_the_model_untouched(l
     s = get_criterion("taylor_plus", texts=TEXTS, batch_size=len(TEXTS))(h, None)
     assert all(not p.requires_grad and p.grad is None for p in h.model.parameters())
     # Reference: the same first-order saliency from plain autograd on a copy.
-    from engine.export.surgery import private_copy
+    from engine.core.hooks import private_copy
 
     model = private_copy(h.model)
     for p in model.parameters():

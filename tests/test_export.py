@@ -208,7 +208,7 @@ def test_cli_export_writes_a_loadable_folder(tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm):
-    from engine.export.surgery import private_copy
+    from engine.core.hooks import private_copy
     from engine.importance.criteria import ffn_magnitude
     from engine.models.load import ModelHandle
 

@@ -8,13 +8,14 @@ other's hooks) and is removed in `finally`, also when the body raises.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from typing import Any, Callable, Iterator
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HookSet", "temporary_hooks"]
+__all__ = ["HookSet", "temporary_hooks", "private_copy"]
 
 
 class HookSet:
@@ -56,3 +57,13 @@ def temporary_hooks() -> Iterator[HookSet]:
         yield hs
     finally:
         hs.remove()
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of a shared model, without the temporary engine hooks a concurrent caller may have on it."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if "HookSet._guard" in getattr(fn, "__qualname__", "")]:
+                del hooks[key]
+    return copied

@@ -21,15 +21,14 @@ what was kept and why.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
 from engine.core.adapter import Adapter, Geometry
 from engine.core.handle import ModelHandle
+from engine.core.hooks import private_copy
 from engine.core.mask import MaskError, PruneMask
 from engine.core.progress import Progress
 from engine.models.adapters import adapter_for
@@ -43,7 +42,6 @@ __all__ = [
     "gqa_layout",
     "plan",
     "prune",
-    "private_copy",
     "layer_record",
     "LAYERS_KEY",
     "LAYERS_FORMAT",
@@ -183,16 +181,6 @@ def plan(g: Geometry, mask: PruneMask) -> SurgeryPlan:
                                 tuple(lnotes)))
         notes += lnotes
     return SurgeryPlan(g, tuple(layers), tuple(dropped), tuple(notes))
-
-
-def private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of a shared model, without the temporary engine hooks a concurrent caller may have on it."""
-    copied = copy.deepcopy(model)
-    for module in copied.modules():
-        for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            for key in [k for k, fn in hooks.items() if "HookSet._guard" in getattr(fn, "__qualname__", "")]:
-                del hooks[key]
-    return copied
 
 
 def _nonzero(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:

@@ -25,12 +25,12 @@ import torch
 from engine.core import gates
 from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
+from engine.core.hooks import private_copy
 from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss, objective_name
 from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
 from engine.data.datasets import calibration_texts
-from engine.export.surgery import private_copy
 from engine.importance.criteria import Criterion, Scores
 from engine.models.adapters import adapter_for
 
