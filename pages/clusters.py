@@ -4,10 +4,8 @@ import streamlit as st
 
 from engine.pruning.softmask import MaskTarget, TrainConfig
 from engine.routing.router import pruned_blocks, routed_generate, train_router
-from ui import session
+from ui import keys, session
 from ui.clusters import (
-    ROUTER,
-    UMAP_POLLING,
     cluster_table,
     clusters,
     encoder,
@@ -15,7 +13,7 @@ from ui.clusters import (
     prompt_map,
     silhouettes,
     training_figures,
-    umap_jobs,
+    umap_running,
 )
 from ui.errors import user_errors
 
@@ -23,14 +21,14 @@ st.title("Clusters")
 st.caption("Input-dependent pruning: calibration prompts are embedded by a sentence encoder and clustered; "
            "one hard-concrete mask over the ATTN/FFN sub-blocks is learned per cluster; a prompt runs with "
            "the mask of its nearest cluster.")
-for key, value in (("w.clusters.k", 4), ("w.clusters.per_source", 80), ("w.clusters.colour", "cluster"),
-                   ("w.clusters.removed", 8), ("w.clusters.steps", 30),
-                   ("w.clusters.prompt", "Write a Python function that returns the n-th Fibonacci number.")):
+for key, value in ((keys.W_CLUSTERS_K, 4), (keys.W_CLUSTERS_PER_SOURCE, 80), (keys.W_CLUSTERS_COLOUR, "cluster"),
+                   (keys.W_CLUSTERS_REMOVED, 8), (keys.W_CLUSTERS_STEPS, 30),
+                   (keys.W_CLUSTERS_PROMPT, "Write a Python function that returns the n-th Fibonacci number.")):
     session.widget_default(key, value)
 c1, c2, c3 = st.columns(3)
-k = c1.slider("Clusters (k)", 2, 10, key="w.clusters.k")
-per_source = c2.select_slider("Prompts per set (at most)", [20, 40, 80, 160], key="w.clusters.per_source")
-colour = c3.radio("Colour by", ["cluster", "category", "source"], horizontal=True, key="w.clusters.colour")
+k = c1.slider("Clusters (k)", 2, 10, key=keys.W_CLUSTERS_K)
+per_source = c2.select_slider("Prompts per set (at most)", [20, 40, 80, 160], key=keys.W_CLUSTERS_PER_SOURCE)
+colour = c3.radio("Colour by", ["cluster", "category", "source"], horizontal=True, key=keys.W_CLUSTERS_COLOUR)
 with user_errors():
     run = clusters(k, per_source)
     handle = session.handle()
@@ -39,8 +37,8 @@ model_key = session.model_choice().key
 left, right = st.columns([3, 2])
 
 with left:
-    running = umap_jobs().get(per_source) is not None and umap_jobs()[per_source].is_alive()
-    st.session_state[UMAP_POLLING] = running
+    running = umap_running(per_source)
+    st.session_state[keys.CLUSTERS_UMAP_POLLING] = running
     st.fragment(prompt_map, run_every=2.0 if running else None)(run, per_source, colour)
 with right:
     pur = run.purity()
@@ -52,11 +50,11 @@ with right:
 
 st.subheader("Train one mask per cluster")
 n_blocks = 2 * handle.geometry.n_layers
-with st.form("clusters.train"):
+with st.form(keys.FORM_CLUSTERS_TRAIN):
     f1, f2, f3 = st.columns(3)
-    st.session_state["w.clusters.removed"] = min(st.session_state["w.clusters.removed"], n_blocks - 1)
-    removed = f1.number_input("Sub-blocks to remove", 1, n_blocks - 1, key="w.clusters.removed")
-    steps = f2.number_input("Steps per mask", 1, 1000, key="w.clusters.steps",
+    st.session_state[keys.W_CLUSTERS_REMOVED] = min(st.session_state[keys.W_CLUSTERS_REMOVED], n_blocks - 1)
+    removed = f1.number_input("Sub-blocks to remove", 1, n_blocks - 1, key=keys.W_CLUSTERS_REMOVED)
+    steps = f2.number_input("Steps per mask", 1, 1000, key=keys.W_CLUSTERS_STEPS,
                             help="One step = one forward and backward over 4 texts of at most 128 tokens.")
     f3.caption(f"{k} cluster masks + 1 static mask on all {len(run.prompts)} prompts, KL to the dense model.")
     start = st.form_submit_button("Train masks", type="primary")
@@ -72,32 +70,32 @@ if start:
         if log.step % 5 == 0 or log.step == log.steps:
             curve, gates = training_figures(history[name])
             with plots.container():
-                st.plotly_chart(curve, key=f"clusters.live.curve.{name}.{log.step}")
-                st.plotly_chart(gates, key=f"clusters.live.gates.{name}.{log.step}")
+                st.plotly_chart(curve, key=f"{keys.CHART_CLUSTERS_LIVE}.curve.{name}.{log.step}")
+                st.plotly_chart(gates, key=f"{keys.CHART_CLUSTERS_LIVE}.gates.{name}.{log.step}")
 
     with user_errors():
         router = train_router(handle, encoder(), run.prompts, run.embeddings, run.clustering,
                               MaskTarget(blocks=int(removed)), TrainConfig(steps=int(steps)), progress=progress)
-    st.session_state[ROUTER] = (model_key, k, per_source, router, history)
+    st.session_state[keys.CLUSTERS_ROUTER] = (model_key, k, per_source, router, history)
     plots.empty()
     bar.empty()
 
-state = st.session_state.get(ROUTER)
+state = st.session_state.get(keys.CLUSTERS_ROUTER)
 if state is None or state[0] != model_key or state[1:3] != (k, per_source):
     st.info("Train masks to see them side by side and to route prompts.")
     st.stop()
 _, _, _, router, history = state
 m1, m2 = st.columns([2, 3])
 with m1:
-    st.plotly_chart(masks_figure(router), key="clusters.masks")
+    st.plotly_chart(masks_figure(router), key=keys.CHART_CLUSTERS_MASKS)
 with m2:
-    name = st.selectbox("Gate activity of", list(history), key="w.clusters.history")
+    name = st.selectbox("Gate activity of", list(history), key=keys.W_CLUSTERS_HISTORY)
     curve, gates = training_figures(history[name])
-    st.plotly_chart(curve, key="clusters.curve")
-    st.plotly_chart(gates, key="clusters.gates")
+    st.plotly_chart(curve, key=keys.CHART_CLUSTERS_CURVE)
+    st.plotly_chart(gates, key=keys.CHART_CLUSTERS_GATES)
 
 st.subheader("Route a prompt")
-prompt = st.text_area("Prompt", key="w.clusters.prompt")
+prompt = st.text_area("Prompt", key=keys.W_CLUSTERS_PROMPT)
 if st.button("Route and generate", type="primary"):
     with user_errors():
         out = routed_generate(handle, router, encoder(), prompt, max_new_tokens=48) if handle.is_causal_lm else None

@@ -8,10 +8,9 @@ from engine.recovery.distill import MODES, DistillConfig
 from engine.recovery.quantize import export_student
 from engine.recovery.recipes import RECIPES, RecoveryJob
 from engine.runtime.prefix_cache import live_protocol
-from ui import session
+from ui import keys, session
 from ui.errors import user_errors
 
-JOB = "distill.job"  # this session's engine.recovery.recipes.RecoveryJob
 RECIPE_LABELS = {"fp32": "Full precision", "single": "Single-stage (quantise at step 0, one KD run)",
                  "multi": "Multi-stage (FP32 KD, then 2-bit, then 1-bit)"}
 
@@ -23,19 +22,19 @@ with user_errors():
 mask = session.mask()
 
 c1, c2, c3 = st.columns([1.3, 1.3, 1])
-source = c1.radio("Student", ["the session's mask", "uniform width, by size"], key="distill.source")
-keep = c1.slider("Keep this fraction of the parameters", 0.3, 0.95, 0.7, 0.05, key="distill.keep",
+source = c1.radio("Student", ["the session's mask", "uniform width, by size"], key=keys.W_DISTILL_SOURCE)
+keep = c1.slider("Keep this fraction of the parameters", 0.3, 0.95, 0.7, 0.05, key=keys.W_DISTILL_KEEP,
                  disabled=source != "uniform width, by size",
                  help="The same heads per KV group and FFN channels removed in every layer, by the gradient criterion.")
-recipe = c2.selectbox("Recipe", RECIPES, format_func=RECIPE_LABELS.get, key="distill.recipe")
-bits = c2.radio("Target bits", [1, 2], horizontal=True, key="distill.bits", disabled=recipe == "fp32",
+recipe = c2.selectbox("Recipe", RECIPES, format_func=RECIPE_LABELS.get, key=keys.W_DISTILL_RECIPE)
+bits = c2.radio("Target bits", [1, 2], horizontal=True, key=keys.W_DISTILL_BITS, disabled=recipe == "fp32",
                 help="1 bit: sign x per-row scale; 2 bits: ternary. Q/K/V/O and FFN weights; embeddings stay.")
-mode = c2.radio("Train", MODES, horizontal=True, key="distill.mode",
+mode = c2.radio("Train", MODES, horizontal=True, key=keys.W_DISTILL_MODE,
                 format_func={"full": "all weights", "lora": "LoRA adapters"}.get)
-steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key="distill.steps"))
-lr = c3.select_slider("Learning rate", [3e-5, 1e-4, 2e-4, 5e-4, 1e-3], 2e-4, key="distill.lr")
+steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key=keys.W_DISTILL_STEPS))
+lr = c3.select_slider("Learning rate", [3e-5, 1e-4, 2e-4, 5e-4, 1e-3], 2e-4, key=keys.W_DISTILL_LR)
 
-job: RecoveryJob | None = st.session_state.get(JOB)
+job: RecoveryJob | None = st.session_state.get(keys.DISTILL_JOB)
 running = job is not None and job.running
 b1, b2, _ = st.columns([1, 1, 4])
 if b1.button("Start", type="primary", disabled=running):
@@ -49,7 +48,7 @@ if b1.button("Start", type="primary", disabled=running):
         config = DistillConfig(steps=steps, lr=lr, mode=mode, eval_every=max(1, steps // 10), patience=0,
                                warmup=max(1, steps // 10))
         job = RecoveryJob(handle, student_mask, recipe, bits, config, protocol=live_protocol(handle)).start()
-        st.session_state[JOB] = job
+        st.session_state[keys.DISTILL_JOB] = job
         running = True
 if b2.button("Stop", disabled=not running):
     job.stop()
@@ -86,7 +85,7 @@ def live_panel() -> None:
     if job.error:
         st.error(f"The distillation failed: {job.error}")
     if job.history:
-        st.plotly_chart(_history_figure(job.history), config={"displayModeBar": False}, key="distill.chart")
+        st.plotly_chart(_history_figure(job.history), config={"displayModeBar": False}, key=keys.CHART_DISTILL_HISTORY)
     if job.before:
         st.dataframe(_metric_rows(job), hide_index=True)
         if handle.is_causal_lm:
@@ -97,7 +96,7 @@ def live_panel() -> None:
 
 live_panel()
 if job.finished and job.student is not None and job.after is not None:
-    folder = st.text_input("Write the student to", "runs/distilled-student", key="distill.folder")
+    folder = st.text_input("Write the student to", "runs/distilled-student", key=keys.W_DISTILL_FOLDER)
     if st.button("Export"):
         with user_errors():
             path = export_student(job.student, folder, manifest={"recipe": job.recipe, "after": job.after})

@@ -8,14 +8,13 @@ from engine.data.datasets import calibration_texts
 from engine.export.write import LAYOUTS, export, preview, zip_folder
 from engine.importance.depth import DEPTH_CRITERIA
 from engine.pruning.size_target import reach_size
-from ui import session
+from ui import keys, session
 from ui.errors import user_errors
 
 ROUTE_CRITERIA = {"depth": DEPTH_CRITERIA,
                   "width": ("gradient", "magnitude", "activation")}
 LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
                "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")
-RESULT = "headlab.export.result"  # this session's last ExportResult
 ZIP_LIMIT = 2 * 2**30
 
 st.title("Export")
@@ -25,10 +24,10 @@ with user_errors():
 
 with st.expander("Reach a parameter count first (replaces the current mask)"):
     c1, c2, c3, c4 = st.columns([1.2, 1, 1.2, 1], vertical_alignment="bottom")
-    keep = c1.slider("Parameters to keep", 0.5, 0.95, 0.8, 0.05, key="w.export.keep")
-    route = c2.radio("Route", ("depth", "width"), horizontal=True, key="w.export.route",
+    keep = c1.slider("Parameters to keep", 0.5, 0.95, 0.8, 0.05, key=keys.W_EXPORT_KEEP)
+    route = c2.radio("Route", ("depth", "width"), horizontal=True, key=keys.W_EXPORT_ROUTE,
                      help="depth: drop whole layers; width: fewer heads and FFN channels in every layer")
-    criterion = c3.selectbox("Criterion", ROUTE_CRITERIA[route], key=f"w.export.criterion.{route}")
+    criterion = c3.selectbox("Criterion", ROUTE_CRITERIA[route], key=f"{keys.W_EXPORT_CRITERION}.{route}")
     if c4.button("Compute mask", width="stretch"):
         with user_errors(), st.spinner(f"Scoring {route} units with {criterion}..."):
             cal = session.calibration()
@@ -38,7 +37,7 @@ with st.expander("Reach a parameter count first (replaces the current mask)"):
             st.success(r.describe())
             mask = r.mask
 
-layout = st.radio("Config layout", LAYOUTS, horizontal=True, key="w.export.layout", help=LAYOUT_HELP)
+layout = st.radio("Config layout", LAYOUTS, horizontal=True, key=keys.W_EXPORT_LAYOUT, help=LAYOUT_HELP)
 with user_errors():
     pv = preview(handle, mask, layout)
 m1, m2, m3, m4 = st.columns(4)
@@ -54,18 +53,18 @@ if pv.plan.notes:
         st.text("\n".join(pv.plan.notes))
 
 default_dir = Path.home() / "headlab-exports" / f"{Path(handle.name).name}-{100 * (1 - pv.removed_fraction):.0f}pct"
-folder = st.text_input("Folder to write (a new or empty folder)", str(default_dir), key="w.export.folder")
+folder = st.text_input("Folder to write (a new or empty folder)", str(default_dir), key=keys.W_EXPORT_FOLDER)
 o1, o2 = st.columns(2)
-overwrite = o1.checkbox("Replace it if it is not empty", key="w.export.overwrite")
+overwrite = o1.checkbox("Replace it if it is not empty", key=keys.W_EXPORT_OVERWRITE)
 evaluate = o2.checkbox("Measure perplexity before / after (12 windows x 512 tokens)", value=handle.is_causal_lm,
-                       disabled=not handle.is_causal_lm, key="w.export.evaluate")
+                       disabled=not handle.is_causal_lm, key=keys.W_EXPORT_EVALUATE)
 if st.button("Export", type="primary"):
     with user_errors(), st.status("Exporting...", expanded=True) as status:
-        st.session_state[RESULT] = export(handle, mask, folder, layout=layout, overwrite=overwrite,
+        st.session_state[keys.EXPORT_RESULT] = export(handle, mask, folder, layout=layout, overwrite=overwrite,
                                           evaluate=evaluate, stage=lambda msg: status.write(msg))
         status.update(label="Exported", state="complete", expanded=False)
 
-result = st.session_state.get(RESULT)
+result = st.session_state.get(keys.EXPORT_RESULT)
 if result is not None:
     man = result.manifest
     st.success(f"Wrote {result.folder} ({result.bytes_on_disk / 2**20:.1f} MiB, {result.layout} layout): "

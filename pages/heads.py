@@ -36,15 +36,15 @@ for column, name in zip(st.columns(len(HEAD_CRITERIA)), HEAD_CRITERIA):
         fig = figures.head_heatmap(tables.display_statistic(s).numpy(), colorbar_title=tables.STATISTIC_LABELS[name],
                                    reverse=name == "entropy", **common)
     with column:
-        widgets.clickable_head_grid(fig, key=f"heads.grid.{name}")
+        widgets.clickable_head_grid(fig, key=f"{keys.W_HEADS_GRID}.{name}")
 with st.expander("Switch a head by number"):
-    widgets.toggle_form(g, "heads.toggle")
+    widgets.toggle_form(g, keys.FORM_HEADS_TOGGLE)
 
 st.subheader("Least useful heads")
 session.widget_default(keys.W_HEADS_RANK_BY, "gradient")
 rank_by = st.selectbox("Rank by", HEAD_CRITERIA, key=keys.W_HEADS_RANK_BY)
 table = tables.heads_table(scores, mask, g, rank_by)
-event = st.dataframe(table, key=f"heads.table.v{session.mask_version()}", on_select="rerun",
+event = st.dataframe(table, key=f"{keys.W_HEADS_TABLE}.v{session.mask_version()}", on_select="rerun",
                      selection_mode="multi-row", hide_index=True, height=320,
                      column_config={"gate": st.column_config.NumberColumn("gate", format="%.2g",
                                                                           help="1 kept, 0 pruned")})

@@ -7,7 +7,7 @@ from engine.importance.registry import criteria_for
 from engine.pruning.select import select
 from ui import compute, curves, figures, keys, session, widgets
 from ui.errors import user_errors
-from ui.suggest import K_SUGGESTION, suggest_panel
+from ui.suggest import suggest_panel
 
 DEFAULT_GEN_PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -59,14 +59,14 @@ c4.checkbox("Whole KV groups", key=keys.W_PRUNE_KV, on_change=apply_selection,
             disabled=unit != "heads" or g.group_size == 1,
             help="Prune a KV head with all the query heads reading it (removes its K/V weights too).")
 with st.expander("Suggest mask: the strongest method for a head budget (measured cost + compensation)",
-                 expanded=st.session_state.get(K_SUGGESTION) is not None):
+                 expanded=st.session_state.get(keys.SUGGESTION) is not None):
     suggest_panel(handle)
 mask = session.mask()
 
 left, right = st.columns([1, 2])
 with left:
     widgets.clickable_head_grid(figures.mask_grid(mask, g.group_size, title="Mask: heads (click to switch)"),
-                                key="prune.grid")
+                                key=keys.W_PRUNE_GRID)
 with right:
     st.plotly_chart(figures.block_gates_figure(mask), config={"displayModeBar": False})
     if not handle.is_causal_lm:
@@ -121,6 +121,6 @@ else:
             st.rerun()  # finished while polling: one full run redraws the page without the timer
         if any(job.points.values()):
             st.plotly_chart(figures.curve_figure(job.points, dense.perplexity, unit=UNIT_WORDS[unit]),
-                            config={"displayModeBar": False}, key="prune.curve")
+                            config={"displayModeBar": False}, key=keys.CHART_PRUNE_CURVE)
 
     curve_panel()

@@ -149,7 +149,7 @@ def test_shared_cache_computes_a_value_once_for_concurrent_callers_and_bounds_it
     cache = SharedCache(max_entries=2)
     calls = []
 
-    def slow() -> int:
+    def slow(progress) -> int:
         calls.append(1)
         time.sleep(0.05)
         return 42
@@ -160,8 +160,8 @@ def test_shared_cache_computes_a_value_once_for_concurrent_callers_and_bounds_it
     for t in threads:
         t.join()
     assert calls == [1] and cache.get("k") == 42
-    cache.get_or_compute("a", lambda: 1)
-    cache.get_or_compute("b", lambda: 2)
+    cache.get_or_compute("a", lambda progress: 1)
+    cache.get_or_compute("b", lambda progress: 2)
     assert cache.get("k") is None and cache.get("b") == 2
 
 

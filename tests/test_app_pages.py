@@ -7,13 +7,16 @@ state before the first run.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
+import engine.importance.capture as capture_module
 from engine.core.mask import PruneMask
 from engine.models.load import load_model
 from engine.runtime.evaluate import perplexity
@@ -152,6 +155,28 @@ def test_prune_page_suggest_mask_applies_the_strongest_methods_mask(tiny_llama):
     assert int((mask.heads == 0).sum()) == 2 and mask.has_bias  # 25% of 8 heads, compensated (fast mode)
     assert {"Dense", "Predicted", "Measured"} <= {m.label for m in at.metric}
     assert shown_perplexities(at)[1] != dense  # the page's live perplexity follows the suggested mask
+
+
+def test_the_heads_page_and_the_suggest_panel_share_one_capture_pass(tiny_llama, monkeypatch):
+    st.cache_resource.clear()  # no capture left over from another test
+    real, calls = capture_module.capture, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    for module in list(sys.modules.values()):  # every module that imported the function by name
+        if module is not None and vars(module).get("capture") is real:
+            monkeypatch.setattr(module, "capture", counting)
+    at = new_app().run()
+    assert not at.exception and at.title[0].value == "Heads"
+    assert len(calls) == 1
+    at.switch_page("pages/prune.py").run()
+    at.slider(key=keys.W_SUGGEST_BUDGET).set_value(0.25)
+    next(b for b in at.button if b.label == "Suggest mask").click()
+    at.run()
+    assert not at.exception and session_mask(at).has_bias
+    assert len(calls) == 1
 
 
 def test_prune_blocks_unit_removes_sub_blocks(tiny_llama):

@@ -13,7 +13,7 @@ from engine.export.surgery import prune
 from engine.recovery.distill import DistillConfig, DistillData, DistillError
 from engine.recovery.encoder_agreement import agreement, encoder_agreement, spearman
 from engine.recovery.quantize import quantization_of
-from engine.recovery.recipes import plan_stages, recovery_student, run_recipe
+from engine.recovery.recipes import RecoveryJob, plan_stages, recovery_student, run_recipe
 from engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
@@ -96,6 +96,23 @@ def test_recipe_resume_skips_finished_stages_and_continues_the_same_run(llama_ha
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     with pytest.raises(FileExistsError):
         run_recipe(llama_handle, _student(llama_handle), data, "multi", 1, config=config, out_dir=tmp_path)
+
+
+def test_a_recovery_job_stopped_before_it_runs_does_nothing_and_a_failing_one_reports_why(llama_handle, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))  # the teacher's answers are cached there
+    job = RecoveryJob(llama_handle, PruneMask.dense(llama_handle.geometry), config=_config())
+    assert job.status == "not started" and not job.running
+    job.stop()
+    job.run()
+    assert job.finished and job.status == "stopped" and job.student is None and job.error is None
+    with pytest.raises(DistillError, match="already started"):
+        job.start()
+    # the default perplexity protocol's 512-token window does not fit the tiny model's 128-token context
+    broken = RecoveryJob(llama_handle, PruneMask.dense(llama_handle.geometry), config=_config(), n_wikitext=2,
+                         n_prompts=2, max_new_tokens=4).start()
+    broken.job.wait(60)
+    assert broken.status == "failed" and "exceeds the model's context" in broken.error and broken.result is None
 
 
 def test_recovery_student_is_uniform_and_hits_the_parameter_target(llama_handle):

@@ -17,9 +17,12 @@ What a page needs, one call each:
     session.calibration()                 # the calibration set chosen in the sidebar
     session.live_perplexity(mask)         # fast perplexity through this session's prefix cache
 
-Modules: session (the API above), models (model choice + cached loader), scoring (cached
-scores), sidebar, pages (page registry), keys (session-state names), errors, figures
-(plotly builders), tables (pandas tables), widgets (clickable head grid, perplexity
-metrics), compute (cached attention maps, generations, full evaluations, costs), curves
-(background perplexity curves), mask_edit (click edits and mask digests).
+Modules: session (the API above), models (model choice + cached loader), scoring (the
+calibration choice, its one shared capture pass and the scores derived from it), sidebar,
+pages (page registry), keys (every session-state and widget key), errors, figures (plotly
+builders), tables (pandas tables), widgets (clickable head grid, perplexity metrics), compute
+(cached attention maps, generations, full evaluations, costs), shared_cache (values computed
+once for every session, by engine.core.jobs background jobs), curves (background perplexity
+curves), suggest (the suggest-mask panel), clusters (the Clusters page's pieces), mask_edit
+(click edits and mask digests).
 """

@@ -1,19 +1,17 @@
 """The Clusters page's pieces: cached encoder and clusterings, background UMAP, and its figures."""
 
-import threading
-
 import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
+from engine.core.jobs import Job, JobBoard
 from engine.routing.clusters import cached_projection, cluster_prompts, project_2d, silhouette_scores
 from engine.routing.embeddings import SentenceEncoder
 from engine.routing.router import Router
+from ui import keys
 
-ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
-UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP
 PRUNED, KEPT = "#e4572e", "#2f6f9f"
 
 
@@ -33,17 +31,24 @@ def silhouettes(per_source: int) -> dict[int, float]:
 
 
 @st.cache_resource
-def umap_jobs() -> dict:
+def umap_jobs() -> JobBoard:
     """Background UMAP computations, one per prompt set size, shared by every session."""
-    return {}
+    return JobBoard()
 
 
-def start_umap(key: int, embeddings) -> None:
-    """Compute (and cache on disk) the UMAP projection in a thread, unless one is running."""
-    jobs = umap_jobs()
-    if key not in jobs or not jobs[key].is_alive():
-        jobs[key] = threading.Thread(target=project_2d, args=(embeddings, "umap"), daemon=True)
-        jobs[key].start()
+def _umap_key(per_source: int) -> str:
+    return f"umap|{per_source}"
+
+
+def umap_running(per_source: int) -> bool:
+    """Whether a background UMAP projection of this prompt set is being computed."""
+    job = umap_jobs().get(_umap_key(per_source))
+    return job is not None and job.running
+
+
+def start_umap(per_source: int, embeddings) -> None:
+    """Compute (and cache on disk) the UMAP projection in a background job, unless one is running or done."""
+    umap_jobs().submit(_umap_key(per_source), Job(lambda job: project_2d(embeddings, "umap"), name="umap"))
 
 
 def masks_figure(router: Router) -> go.Figure:
@@ -81,17 +86,16 @@ def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
 def prompt_map(run, per_source: int, colour: str) -> None:
     """The prompt map: UMAP once it is cached, PCA meanwhile (this fragment polls a running UMAP job)."""
     xy, method = cached_projection(run.embeddings, "umap"), "UMAP"
-    job = umap_jobs().get(per_source)
     if xy is None:
         xy, method = project_2d(run.embeddings, "pca"), "PCA"
-        if job is not None and job.is_alive():
+        if umap_running(per_source):
             st.caption("Computing the UMAP projection in the background (about 20 s the first time); "
                        "the map switches to it when it is ready.")
         elif st.button("Compute the UMAP projection (in the background, then cached)"):
             start_umap(per_source, run.embeddings)
             st.rerun()
-    elif st.session_state.get(UMAP_POLLING):
-        st.session_state[UMAP_POLLING] = False  # the job has finished: one full rerun stops the polling
+    elif st.session_state.get(keys.CLUSTERS_UMAP_POLLING):
+        st.session_state[keys.CLUSTERS_UMAP_POLLING] = False  # the job has finished: one full rerun stops the polling
         st.rerun()
     df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": run.clustering.labels.numpy().astype(str),
                        "category": [p.category for p in run.prompts], "source": [p.source for p in run.prompts],
@@ -99,7 +103,7 @@ def prompt_map(run, per_source: int, colour: str) -> None:
     fig = px.scatter(df, x="x", y="y", color=colour, title=f"{method} of the prompt embeddings",
                      hover_data={"prompt": True, "category": True, "cluster": True, "x": False, "y": False})
     fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=10))
-    st.plotly_chart(fig, key="clusters.scatter")
+    st.plotly_chart(fig, key=keys.CHART_CLUSTERS_SCATTER)
 
 
 def cluster_table(run, pur) -> pd.DataFrame:

@@ -52,12 +52,13 @@ def full_perplexity(handle: ModelHandle, model_key: str, mask: PruneMask | None,
                     progress: Callable[[int, int], None]) -> PerplexityResult:
     """Perplexity on the pinned full protocol (12 windows x 512 tokens), computed once per mask."""
     return shared_cache("full_perplexity", 64).get_or_compute(
-        (model_key, digest(mask)), lambda: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=progress))
+        f"{model_key}|{digest(mask)}", lambda report: perplexity(handle, mask, DEFAULT_PROTOCOL, progress=report),
+        progress)
 
 
 def known_full_perplexity(model_key: str, mask: PruneMask | None) -> PerplexityResult | None:
     """The full-protocol perplexity of `mask` if some session already computed it, else None."""
-    return shared_cache("full_perplexity", 64).get((model_key, digest(mask)))
+    return shared_cache("full_perplexity", 64).get(f"{model_key}|{digest(mask)}")
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

@@ -1,19 +1,19 @@
-"""Perplexity against the fraction pruned, for each criterion, computed in a background thread.
+"""Perplexity against the fraction pruned, for each criterion, computed in a background job.
 
-`perplexity_curves` is the computation (no Streamlit); `CurveJob` runs it in a thread and
-exposes progress and partial results; `curve_job`/`start_curve_job` keep one job per
-(model, calibration set, unit) for the whole process, so a curve is computed once and every
-session sees it (it depends only on the model and the scores, not on anyone's mask).
+`perplexity_curves` is the computation (no Streamlit); `CurveJob` is an engine.core.jobs.Job
+running it, whose partial results are the points so far; `curve_job`/`start_curve_job` keep
+one job per (model, calibration set, unit) on a process-wide JobBoard, so a curve is computed
+once and every session sees it (it depends only on the model and the scores, not on anyone's
+mask), and a failed one is computed again on the next click.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import streamlit as st
 
+from engine.core.jobs import Job, JobBoard
 from engine.importance.criteria import Scores
 from engine.models.load import ModelHandle
 from engine.pruning.select import select
@@ -24,7 +24,6 @@ __all__ = ["CURVE_FRACTIONS", "perplexity_curves", "CurveJob", "curve_job", "sta
 
 CURVE_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 Points = dict[str, list[tuple[float, float]]]
-_START_LOCK = threading.Lock()
 
 
 def perplexity_curves(
@@ -52,61 +51,38 @@ def perplexity_curves(
     return points
 
 
-@dataclass
-class CurveJob:
-    """A background computation of perplexity curves; read `done`, `total`, `points`, `error`."""
+class CurveJob(Job):
+    """A Job computing perplexity curves; read `done`, `total`, `points` (so far), `error`."""
 
-    criteria: tuple[str, ...]
-    unit: str
-    fractions: tuple[float, ...] = CURVE_FRACTIONS
-    done: int = 0
-    total: int = 0
-    points: Points = field(default_factory=dict)
-    error: str | None = None
-    thread: threading.Thread | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.thread is not None and not self.thread.is_alive()
-
-    def start(self, handle: ModelHandle, scores: dict[str, Scores]) -> "CurveJob":
+    def __init__(self, handle: ModelHandle, scores: dict[str, Scores], criteria: Sequence[str], unit: str,
+                 fractions: Sequence[float] = CURVE_FRACTIONS) -> None:
+        self.criteria, self.unit, self.fractions = tuple(criteria), unit, tuple(fractions)
+        super().__init__(lambda job: perplexity_curves(handle, scores, self.criteria, self.fractions, unit=unit,
+                                                       progress=job.report), name=f"curves-{unit}")
         self.total = len(self.criteria) * len(self.fractions)
 
-        def report(done: int, total: int, points: Points) -> None:
-            self.done, self.total = done, total
-            self.points = {k: list(v) for k, v in points.items()}
-
-        def run() -> None:
-            try:
-                self.points = perplexity_curves(handle, scores, self.criteria, self.fractions, unit=self.unit,
-                                                progress=report)
-            except Exception as e:  # shown on the page; the thread must not die silently
-                self.error = f"{type(e).__name__}: {e}"
-
-        self.thread = threading.Thread(target=run, name=f"headlab-curves-{self.unit}", daemon=True)
-        self.thread.start()
-        return self
+    @property
+    def points(self) -> Points:
+        """The points computed so far (all of them once done)."""
+        latest = self.result if self.result is not None else self.partial or {}
+        return {k: list(v) for k, v in latest.items()}
 
 
 @st.cache_resource(show_spinner=False)
-def _jobs() -> dict[tuple, CurveJob]:
-    return {}
+def _jobs() -> JobBoard:
+    return JobBoard(max_entries=64)
+
+
+def _key(model_key: str, calibration_key: str, unit: str) -> str:
+    return f"{model_key}|{calibration_key}|{unit}"
 
 
 def curve_job(model_key: str, calibration_key: str, unit: str) -> CurveJob | None:
     """The process-wide job for these curves, if one was started."""
-    return _jobs().get((model_key, calibration_key, unit))
+    return _jobs().get(_key(model_key, calibration_key, unit))
 
 
 def start_curve_job(handle: ModelHandle, model_key: str, calibration_key: str, unit: str,
                     scores: dict[str, Scores], criteria: Sequence[str]) -> CurveJob:
-    """Start (or return the running / finished) job for these curves."""
-    jobs = _jobs()
-    key = (model_key, calibration_key, unit)
-    with _START_LOCK:  # two sessions clicking at once start one job
-        job = jobs.get(key)
-        if job is None or job.error is not None:
-            job = CurveJob(tuple(criteria), unit)
-            jobs[key] = job
-            job.start(handle, scores)
-    return job
+    """Start (or return the running / finished) job for these curves; two sessions clicking at once start one."""
+    return _jobs().submit(_key(model_key, calibration_key, unit), CurveJob(handle, scores, criteria, unit))

@@ -1,9 +1,12 @@
 """Every name this app keeps in `st.session_state`, in one place so pages never collide.
 
-Values under these keys belong to one browser session. Keys starting with `w.` are widget
-keys; their defaults are set with `ui.session.widget_default` (never through a widget's own
-default argument), because app.py re-assigns the WIDGETS_TO_KEEP on every run so that a
-page's settings survive a visit to another page.
+Values under these keys belong to one browser session. `W_*` names are widget keys, `FORM_*`
+form keys and `CHART_*` keys of charts; one commented "prefix" is completed by the page
+(`f"{W_HEADS_GRID}.{criterion}"`) to tell its instances apart. Widgets in
+WIDGETS_TO_KEEP get their defaults from `ui.session.widget_default` (never through the
+widget's own default argument), because app.py re-assigns them on every run so that a page's
+settings survive a visit to another page; other widgets may pass their own defaults. Tests
+address widgets by these string values.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ __all__ = [
     "W_ATTN_HEAD",
     "W_ATTN_VIEW", "W_ATTN_BINS", "W_ATTN_REDUCE", "W_ATTN_WINDOW", "W_ATTN_POWER", "W_PRUNE_UNIT",
     "W_PRUNE_CRITERION", "W_PRUNE_BUDGET", "W_PRUNE_SCOPE", "W_PRUNE_KV", "W_GEN_PROMPT", "W_GEN_TOKENS",
+    "W_HEADS_GRID", "W_HEADS_TABLE", "FORM_HEADS_TOGGLE", "W_PRUNE_GRID", "CHART_PRUNE_CURVE",
+    "SUGGESTION", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD",
+    "EXPORT_RESULT", "W_EXPORT_KEEP", "W_EXPORT_ROUTE", "W_EXPORT_CRITERION", "W_EXPORT_LAYOUT", "W_EXPORT_FOLDER",
+    "W_EXPORT_OVERWRITE", "W_EXPORT_EVALUATE",
+    "DISTILL_JOB", "W_DISTILL_SOURCE", "W_DISTILL_KEEP", "W_DISTILL_RECIPE", "W_DISTILL_BITS", "W_DISTILL_MODE",
+    "W_DISTILL_STEPS", "W_DISTILL_LR", "W_DISTILL_FOLDER", "CHART_DISTILL_HISTORY",
+    "CLUSTERS_ROUTER", "CLUSTERS_UMAP_POLLING", "W_CLUSTERS_K", "W_CLUSTERS_PER_SOURCE", "W_CLUSTERS_COLOUR",
+    "W_CLUSTERS_REMOVED", "W_CLUSTERS_STEPS", "W_CLUSTERS_PROMPT", "W_CLUSTERS_HISTORY", "FORM_CLUSTERS_TRAIN",
+    "CHART_CLUSTERS_SCATTER", "CHART_CLUSTERS_LIVE", "CHART_CLUSTERS_MASKS", "CHART_CLUSTERS_CURVE",
+    "CHART_CLUSTERS_GATES",
     "WIDGETS_TO_KEEP",
 ]
 
@@ -54,6 +67,56 @@ W_PRUNE_SCOPE = "w.prune.scope"
 W_PRUNE_KV = "w.prune.kv_groups"
 W_GEN_PROMPT = "w.prune.prompt"
 W_GEN_TOKENS = "w.prune.max_new_tokens"
+W_HEADS_GRID = "heads.grid"  # prefix: one clickable grid per criterion
+W_HEADS_TABLE = "heads.table"  # prefix: the table's selection starts afresh with each mask version
+FORM_HEADS_TOGGLE = "heads.toggle"  # ui.widgets.toggle_form adds ".layer" and ".head"
+W_PRUNE_GRID = "prune.grid"
+CHART_PRUNE_CURVE = "prune.curve"
+
+# --- the Prune page's suggest panel (ui/suggest.py) -------------------------------------------
+SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's last suggestion
+W_SUGGEST_BUDGET = "suggest.budget"
+W_SUGGEST_MODE = "suggest.mode"
+W_SUGGEST_METHOD = "suggest.method"
+
+# --- Export page ---------------------------------------------------------------------------------
+EXPORT_RESULT = "headlab.export.result"  # this session's last engine.export.write ExportResult
+W_EXPORT_KEEP = "w.export.keep"
+W_EXPORT_ROUTE = "w.export.route"
+W_EXPORT_CRITERION = "w.export.criterion"  # prefix: one selectbox per route
+W_EXPORT_LAYOUT = "w.export.layout"
+W_EXPORT_FOLDER = "w.export.folder"
+W_EXPORT_OVERWRITE = "w.export.overwrite"
+W_EXPORT_EVALUATE = "w.export.evaluate"
+
+# --- Distill page --------------------------------------------------------------------------------
+DISTILL_JOB = "distill.job"  # this session's engine.recovery.recipes.RecoveryJob
+W_DISTILL_SOURCE = "distill.source"
+W_DISTILL_KEEP = "distill.keep"
+W_DISTILL_RECIPE = "distill.recipe"
+W_DISTILL_BITS = "distill.bits"
+W_DISTILL_MODE = "distill.mode"
+W_DISTILL_STEPS = "distill.steps"
+W_DISTILL_LR = "distill.lr"
+W_DISTILL_FOLDER = "distill.folder"
+CHART_DISTILL_HISTORY = "distill.chart"
+
+# --- Clusters page (pages/clusters.py, ui/clusters.py) -------------------------------------------
+CLUSTERS_ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
+CLUSTERS_UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP
+W_CLUSTERS_K = "w.clusters.k"
+W_CLUSTERS_PER_SOURCE = "w.clusters.per_source"
+W_CLUSTERS_COLOUR = "w.clusters.colour"
+W_CLUSTERS_REMOVED = "w.clusters.removed"
+W_CLUSTERS_STEPS = "w.clusters.steps"
+W_CLUSTERS_PROMPT = "w.clusters.prompt"
+W_CLUSTERS_HISTORY = "w.clusters.history"
+FORM_CLUSTERS_TRAIN = "clusters.train"
+CHART_CLUSTERS_SCATTER = "clusters.scatter"
+CHART_CLUSTERS_LIVE = "clusters.live"  # prefix: a new chart per training step drawn
+CHART_CLUSTERS_MASKS = "clusters.masks"
+CHART_CLUSTERS_CURVE = "clusters.curve"
+CHART_CLUSTERS_GATES = "clusters.gates"
 
 # Page settings that must survive a visit to another page (Streamlit drops the state of
 # widgets a run does not draw; app.py re-assigns these on every run, the documented way).

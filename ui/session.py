@@ -6,6 +6,7 @@
     session.set_mask(new_mask)       # replace it; every page and the sidebar summary follow
     result = session.live_perplexity(mask)   # fast perplexity via this session's prefix cache
     scores = session.scores()        # criterion -> engine.importance.criteria.Scores on the calibration set
+    calib = session.calibration_data()   # engine Calibration: the texts and their one capture pass (shared)
 
 State lives in st.session_state under the names in ui/keys.py, so two browser tabs never
 see each other's masks or prefix caches. Shared between sessions: the loaded model (never
@@ -23,11 +24,12 @@ import streamlit as st
 from engine.core.mask import PruneMask
 from engine.importance.criteria import Scores
 from engine.models.load import ModelHandle
+from engine.pruning.strategies import Calibration
 from engine.runtime.evaluate import PerplexityResult
 from engine.runtime.prefix_cache import PrefixCache, PrefixRun
 from ui import keys
 from ui.models import ModelChoice, default_choice, load_cached
-from ui.scoring import Calibration, cached_scores, calibration_choice
+from ui.scoring import CalibrationChoice, cached_scores, calibration_choice, shared_calibration
 
 __all__ = [
     "MaskState",
@@ -43,6 +45,7 @@ __all__ = [
     "last_live_run",
     "scores",
     "calibration",
+    "calibration_data",
     "widget_default",
 ]
 
@@ -128,15 +131,19 @@ def last_live_run() -> PrefixRun | None:
     return cache.last_run if cache is not None else None
 
 
-def calibration() -> Calibration:
+def calibration() -> CalibrationChoice:
     """The calibration set chosen in the sidebar (or the default one)."""
     return calibration_choice()
 
 
-def scores() -> dict[str, Scores]:
-    """Scores of every criterion the app shows, for the open model and calibration set (cached)."""
-    return cached_scores(handle(), model_choice().key, calibration())
+def calibration_data() -> Calibration:
+    """The engine Calibration (texts + their one capture pass) of the open model and calibration set (shared)."""
+    return shared_calibration(handle(), model_choice().key, calibration())
 
+
+def scores() -> dict[str, Scores]:
+    """Scores of every criterion the app shows, from calibration_data()'s capture pass (cached)."""
+    return cached_scores(handle(), model_choice().key, calibration())
 
 
 def widget_default(key: str, value: Any) -> None:

@@ -1,53 +1,44 @@
 """A process-wide store for results that take long to compute and are the same for every session.
 
-Unlike st.cache_resource around the computation itself, the computation runs outside any
-cached function, so it may draw progress bars (Streamlit replays elements drawn inside a
-cached function, which fails for elements placed in outer containers). One lock per key:
-two sessions asking for the same missing result compute it once.
+Each value is computed once, by an engine.core.jobs.JobBoard job in a worker thread, whoever
+asks and however many ask at once. A session only waits for the job and draws its progress
+from its own script thread, so a rerun or page reload of that session ends its wait, not the
+computation: the next run finds the job running (or done) and waits again. A failure is
+raised to every session waiting for it and computed afresh on the next request.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import streamlit as st
+
+from engine.core.jobs import Job, JobBoard
+from engine.core.progress import Progress
 
 __all__ = ["SharedCache", "shared_cache"]
 
 
 class SharedCache:
-    """Key -> value, computed once under a per-key lock, least recently used dropped beyond `max_entries`."""
+    """String key -> value computed once in a background job; least recently used dropped beyond `max_entries`."""
 
     def __init__(self, max_entries: int = 16) -> None:
-        self.max_entries = max_entries
-        self._values: OrderedDict[Hashable, Any] = OrderedDict()
-        self._locks: dict[Hashable, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self.jobs = JobBoard(max_entries)
 
-    def get(self, key: Hashable) -> Any | None:
-        with self._guard:
-            return self._values.get(key)
+    def get(self, key: str) -> Any | None:
+        """The value if it has been computed, else None (never computes)."""
+        return self.jobs.result(key)
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        """The stored value for `key`, computing it first (once, whoever asks concurrently)."""
-        with self._guard:
-            if key in self._values:
-                self._values.move_to_end(key)
-                return self._values[key]
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._guard:
-                if key in self._values:
-                    return self._values[key]
-            value = compute()
-            with self._guard:
-                self._values[key] = value
-                while len(self._values) > self.max_entries:
-                    self._values.popitem(last=False)
-                self._locks.pop(key, None)
-            return value
+    def get_or_compute(self, key: str, compute: Callable[[Progress], Any], progress: Progress | None = None) -> Any:
+        """The value for `key`, computing it first as `compute(report)` in a worker thread.
+
+        `progress(done, total)` is called in the calling thread while it waits (never by the worker).
+        """
+        return self.job(key, compute).outcome(progress)
+
+    def job(self, key: str, compute: Callable[[Progress], Any]) -> Job:
+        """The (running or finished) job computing `key`, started if there is none or the last one failed."""
+        return self.jobs.submit(key, Job(lambda job: compute(job.report), name=key))
 
 
 @st.cache_resource(show_spinner=False)

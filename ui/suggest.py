@@ -1,14 +1,15 @@
-"""The "suggest mask" panel (for the Prune page) and the shared calibration it and Diagnostics use.
+"""The "suggest mask" panel (for the Prune page).
 
     from ui.suggest import suggest_panel
     suggest_panel()          # budget + mode -> engine.pruning.strategies.suggest_mask -> apply, then edit by hand
 
-One `engine.pruning.strategies.Calibration` per (model, calibration set) lives in a process-wide
-SharedCache: its capture pass and its per-head ablation KLs are pure functions of those two,
-so the first suggestion (a few CPU-minutes) makes every later budget, mode and session
-instant or close to it. The panel shows the method, the predicted and the measured perplexity
-(live protocol), applies the mask to the session, and after hand edits recomputes the
-compensation biases for the edited gates.
+It runs on the session's shared engine `Calibration` (ui.scoring.shared_calibration: one per
+model and calibration set, for every session and page): its capture pass is the one the
+Heads page's scores came from, and the per-head ablation KLs the first suggestion measures (a
+few CPU-minutes) stay in it, so every later budget, mode and session is instant or close to
+it. The panel shows the method, the predicted and the measured perplexity (live protocol),
+applies the mask to the session, and after hand edits recomputes the compensation biases for
+the edited gates.
 """
 
 from __future__ import annotations
@@ -18,34 +19,21 @@ import streamlit as st
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.pruning.compensation import compensate
-from engine.pruning.strategies import MODE_METHODS, MODES, Budget, Calibration, Suggestion, strategy_names, suggest_mask
+from engine.pruning.strategies import MODE_METHODS, MODES, Budget, Suggestion, strategy_names, suggest_mask
 from engine.pruning.strategies.scores import cached_ablation
-from ui import session
+from ui import keys, session
 from ui.errors import user_errors
-from ui.shared_cache import shared_cache
 
-__all__ = ["shared_calibration", "suggest_panel", "K_SUGGEST_BUDGET", "K_SUGGEST_MODE", "K_SUGGEST_METHOD",
-           "K_SUGGESTION"]
+__all__ = ["shared_calibration", "suggest_panel"]
 
-K_SUGGEST_BUDGET = "suggest.budget"
-K_SUGGEST_MODE = "suggest.mode"
-K_SUGGEST_METHOD = "suggest.method"
 AUTO = "best for the mode"
-K_SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's last suggestion
+shared_calibration = session.calibration_data  # the name pages/diagnostics.py imports
 
 MODE_HELP = {
     "fast": "one cut by each head's measured cost (mean-ablation KL), then compensation; instant once measured",
     "measured": "the same in 4 steps, re-measuring the heads near the cut under the pruned model (minutes)",
     "optimise": "a hard-concrete mask trained on KL to the dense model from that ranking (slowest)",
 }
-
-
-def shared_calibration() -> Calibration:
-    """The Calibration (capture + measured tables) of the open model and the sidebar's calibration set."""
-    cal = session.calibration()
-    key = (session.model_choice().key, cal.name, cal.n_texts, cal.max_length)
-    return shared_cache("quality.calibration", 4).get_or_compute(
-        key, lambda: Calibration.shipped(cal.name, cal.n_texts, max_length=cal.max_length))
 
 
 def _progress_bar(text: str):
@@ -72,31 +60,31 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     """Draw the panel; returns the mask it applied in this run (None otherwise)."""
     handle = handle or session.handle()
     model_key = session.model_choice().key
-    st.session_state.setdefault(K_SUGGEST_BUDGET, 0.2)
-    st.session_state.setdefault(K_SUGGEST_MODE, "fast")
-    st.session_state.setdefault(K_SUGGEST_METHOD, AUTO)
+    st.session_state.setdefault(keys.W_SUGGEST_BUDGET, 0.2)
+    st.session_state.setdefault(keys.W_SUGGEST_MODE, "fast")
+    st.session_state.setdefault(keys.W_SUGGEST_METHOD, AUTO)
     c1, c2, c3, c4 = st.columns([2, 2, 1.4, 1], vertical_alignment="bottom")
-    c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=K_SUGGEST_BUDGET, format="%.2f")
-    c2.radio("Mode", MODES, key=K_SUGGEST_MODE, horizontal=True,
+    c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=keys.W_SUGGEST_BUDGET, format="%.2f")
+    c2.radio("Mode", MODES, key=keys.W_SUGGEST_MODE, horizontal=True,
              format_func=lambda m: f"{m} ({MODE_METHODS[m]})", help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
-    c3.selectbox("Method", [AUTO, *strategy_names(with_comp=True)], key=K_SUGGEST_METHOD,
+    c3.selectbox("Method", [AUTO, *strategy_names(with_comp=True)], key=keys.W_SUGGEST_METHOD,
                  help="Any strategy by name (+comp: with FLAP compensation); the mode's best by default")
     clicked = c4.button("Suggest mask", type="primary", width="stretch")
     applied = None
     if clicked:
-        calib = shared_calibration()
+        calib = session.calibration_data()
         first = cached_ablation(calib, mean=True) is None
         bar, update = _progress_bar("Measuring each head's cost once for this model..." if first else "Selecting...")
         with user_errors(stop=False):
-            method = st.session_state[K_SUGGEST_METHOD]
-            mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[K_SUGGEST_BUDGET])),
-                                      mode=st.session_state[K_SUGGEST_MODE], method=None if method == AUTO else method,
-                                      calib=calib, progress=update)
-            st.session_state[K_SUGGESTION] = (model_key, mask, info)
+            method = st.session_state[keys.W_SUGGEST_METHOD]
+            mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[keys.W_SUGGEST_BUDGET])),
+                                      mode=st.session_state[keys.W_SUGGEST_MODE],
+                                      method=None if method == AUTO else method, calib=calib, progress=update)
+            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
             session.set_mask(mask)
             applied = mask
         bar.empty()
-    last = st.session_state.get(K_SUGGESTION)
+    last = st.session_state.get(keys.SUGGESTION)
     if last is not None and last[0] == model_key:
         _show(last[2])
         current = session.mask()
@@ -104,8 +92,8 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
             st.info("You edited the suggested mask: its compensation biases still describe the suggestion.")
             if st.button("Recompute compensation for my edits"):
                 with user_errors(stop=False), st.spinner("Recomputing the mean biases..."):
-                    edited = compensate(handle, current, shared_calibration().stats(handle))
+                    edited = compensate(handle, current, session.calibration_data().stats(handle))
                     session.set_mask(edited)
-                    st.session_state[K_SUGGESTION] = (model_key, edited, last[2])
+                    st.session_state[keys.SUGGESTION] = (model_key, edited, last[2])
                     st.rerun()
     return applied

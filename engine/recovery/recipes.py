@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from engine.core.jobs import FAILED, PENDING, Job
 from engine.core.progress import Progress
 from engine.export.surgery import prune
 from engine.pruning.size_target import reach_size
@@ -226,7 +226,7 @@ def run_recipe(
 
 @dataclass
 class RecoveryJob:
-    """Prune by `mask`, distil by `recipe` and measure before / after, in a background thread.
+    """Prune by `mask`, distil by `recipe` and measure before / after, as an engine.core.jobs.Job.
 
     For front ends that must stay responsive: read `status`, `history` (grows step by step),
     `before` / `after` (metrics of the teacher, the un-recovered and the recovered student:
@@ -248,64 +248,77 @@ class RecoveryJob:
     n_heldout: int = 100
     out_dir: str | os.PathLike | None = None
     resume: bool = False
-    status: str = "not started"
     history: list[StepRecord] = field(default_factory=list)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] | None = None
     result: RecipeResult | None = None
     student: Any = None
-    error: str | None = None
 
     def __post_init__(self) -> None:
         plan_stages(self.recipe, self.bits, self.config.check().steps, self.scheme)  # refuse bad settings now
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.job: Job[RecipeResult] = Job(self._work, name="distill")
+
+    @property
+    def status(self) -> str:
+        """What the job is doing ("not started", "pruning", ..., "done", "stopped" or "failed")."""
+        if self.job.state == PENDING:
+            return "not started"
+        if self.job.state == FAILED:
+            return "failed"
+        return self.job.stage or ("stopped" if self.job.finished else "starting")
+
+    @property
+    def error(self) -> str | None:
+        return self.job.error
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.job.running
 
     @property
     def finished(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
+        return self.job.finished
 
     def stop(self) -> None:
         """Ask the run to stop after the current step."""
-        self._stop.set()
+        self.job.cancel()
 
     def _measure(self, model: Any, heldout: list[str]) -> dict[str, Any]:
         if self.teacher.is_causal_lm:
             return perplexity(model, protocol=self.protocol or DEFAULT_PROTOCOL).to_dict()
         return encoder_agreement(self.teacher, model, heldout).to_dict()
 
+    def _work(self, job: Job) -> RecipeResult:
+        job.set_stage("pruning")
+        self.student = prune(self.teacher, self.mask)
+        job.set_stage("preparing data (the teacher answers the training prompts once, then it is cached)")
+        data = distill_data(self.teacher, n_wikitext=self.n_wikitext, n_prompts=self.n_prompts,
+                            max_new_tokens=self.max_new_tokens)
+        heldout = prompt_split()[1][: self.n_heldout]
+        job.set_stage("measuring the teacher and the un-recovered student")
+        self.before = {"teacher": self._measure(self.teacher, heldout),
+                       "student": self._measure(self.student, heldout)}
+        job.set_stage("distilling")
+        self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
+                                 config=self.config, scheme=self.scheme, out_dir=self.out_dir,
+                                 resume=self.resume, progress=self.history.append,
+                                 should_stop=job.cancel_requested)
+        job.set_stage("measuring the recovered student")
+        self.after = self._measure(self.student, heldout)
+        job.set_stage("stopped" if self.result.interrupted else "done")
+        return self.result
+
     def run(self) -> None:
-        """The whole job in the calling thread (start() runs it in a background one)."""
-        try:
-            self.status = "pruning"
-            self.student = prune(self.teacher, self.mask)
-            self.status = "preparing data (the teacher answers the training prompts once, then it is cached)"
-            data = distill_data(self.teacher, n_wikitext=self.n_wikitext, n_prompts=self.n_prompts,
-                                max_new_tokens=self.max_new_tokens)
-            heldout = prompt_split()[1][: self.n_heldout]
-            self.status = "measuring the teacher and the un-recovered student"
-            self.before = {"teacher": self._measure(self.teacher, heldout),
-                           "student": self._measure(self.student, heldout)}
-            self.status = "distilling"
-            self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
-                                     config=self.config, scheme=self.scheme, out_dir=self.out_dir,
-                                     resume=self.resume, progress=self.history.append,
-                                     should_stop=self._stop.is_set)
-            self.status = "measuring the recovered student"
-            self.after = self._measure(self.student, heldout)
-            self.status = "stopped" if self.result.interrupted else "done"
-        except Exception as e:  # shown by the front end; a background thread must not die silently
-            self.error = f"{type(e).__name__}: {e}"
-            self.status = "failed"
+        """The whole job in the calling thread (start() runs it in a background one); failures land in `error`."""
+        self._claim()
+        self.job.run()
 
     def start(self) -> "RecoveryJob":
         """Run the job in a daemon thread; returns self."""
-        if self._thread is not None:
-            raise DistillError("this job was already started")
-        self._thread = threading.Thread(target=self.run, name="headlab-distill", daemon=True)
-        self._thread.start()
+        self._claim()
+        self.job.start()
         return self
+
+    def _claim(self) -> None:
+        if self.job.state != PENDING:
+            raise DistillError("this job was already started")
