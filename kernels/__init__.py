@@ -6,6 +6,7 @@ signatures and shapes). Importing this package never imports triton.
 """
 
 from kernels.backend import Backend, interpreter_enabled, triton_available
+from kernels.compact import HeadKeep, KeepIndex
 from kernels.dispatch import (
     col_sparse_linear,
     grouped_col_sparse_linear,
@@ -13,14 +14,17 @@ from kernels.dispatch import (
     head_sparse_attention,
     row_sparse_linear,
 )
-from kernels.indices import PAD_INDEX, keep_indices, pad_keep_indices, scatter_columns
+from kernels.indices import PAD_INDEX, head_features, keep_indices, pad_keep_indices, scatter_columns
 
 __all__ = [
     "PAD_INDEX",
     "Backend",
+    "HeadKeep",
+    "KeepIndex",
     "col_sparse_linear",
     "grouped_col_sparse_linear",
     "grouped_row_sparse_linear",
+    "head_features",
     "head_sparse_attention",
     "interpreter_enabled",
     "keep_indices",

@@ -2,10 +2,13 @@
 
 The grid covers only the kept (b, h) pairs, listed in a compacted index built on device,
 so a pruned head launches no program and reads no memory; its output slice is zeroed,
-as a gated model would give. GQA: kept query head h reads KV head h // (H // Hkv).
+as a gated model would give. GQA: kept query head h reads KV head h // (H // Hkv), or
+kv_index[b, h] when given (compact heads whose groups kept different numbers of heads);
+the index lists each kept pair with the KV head it reads.
 
-    launch_head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads) -> out
-        q [B,H,T,D], k/v [B,Hkv,T,D] (last dim contiguous), head_keep [B,H] bool
+    launch_head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads, kv_index) -> out
+        q [B,H,T,D], k/v [B,Hkv,T,D] (last dim contiguous), head_keep [B,H] bool,
+        kv_index [B,H] int or None
         -> [B,H,T,D], or [B,T,H*D] when merge_heads (same kernel, other output strides)
 
 Inputs must already be checked (`checks.check_attention`); use `dispatch` for the API.
@@ -102,7 +105,7 @@ def _attend_kv_range(
 @triton.jit
 def _head_sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, pairs_ptr,
-    qk_scale, H, GROUP, T,
+    qk_scale, H, T,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -120,10 +123,10 @@ def _head_sparse_attention_kernel(
     if CAUSAL:
         # heaviest (last) query blocks first, so the tail of the launch is short work
         pid_m = num_m - 1 - pid_m
-    pair = tl.load(pairs_ptr + slot).to(tl.int64)  # b * H + h, int64: offsets can pass 2**31
+    pair = tl.load(pairs_ptr + 2 * slot).to(tl.int64)  # b * H + h, int64: offsets can pass 2**31
+    kv_h = tl.load(pairs_ptr + 2 * slot + 1).to(tl.int64)  # the KV head this query head reads
     b = pair // H
     h = pair % H
-    kv_h = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -171,10 +174,10 @@ def launch_head_sparse_attention(
     causal: bool,
     scale: float | None,
     merge_heads: bool = False,
+    kv_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the kernel over the kept pairs of head_keep [B,H]; zero the pruned heads' output."""
     B, H, T, D = q.shape
-    group = H // k.shape[1]
     if merge_heads:
         out = q.new_empty(B, T, H * D)
         out_bhtd = out.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D) view, strided
@@ -185,10 +188,12 @@ def launch_head_sparse_attention(
     # The one host sync, to size the grid: the price of launching no program for pruned heads.
     n_kept = int(flat_keep.sum())
     order = torch.argsort(~flat_keep, stable=True)  # (B*H,) kept pair ids first, then pruned
-    pairs, pruned = order[:n_kept].to(torch.int32), order[n_kept:]
+    kept, pruned = order[:n_kept], order[n_kept:]
     out_bhtd[pruned // H, pruned % H] = 0  # writes only the pruned heads' slices
     if n_kept == 0 or T == 0:
         return out
+    kv = kv_index.reshape(-1)[kept] if kv_index is not None else (kept % H) // (H // k.shape[1])
+    pairs = torch.stack([kept, kv], dim=1).to(torch.int32)  # (n_kept, 2): pair b * H + h, its KV head
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     def grid(meta):
@@ -197,7 +202,7 @@ def launch_head_sparse_attention(
     with interpretable_triton_library():
         _head_sparse_attention_kernel[grid](
             q, k, v, out_bhtd, pairs,
-            scale * _LOG2E, H, group, T,
+            scale * _LOG2E, H, T,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

@@ -27,9 +27,9 @@ def _check_float(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.d
 
 
 def check_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_keep: torch.Tensor
-) -> torch.Tensor:
-    """Validate attention inputs; return head_keep as a [B, H] bool tensor on q's device."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_keep: torch.Tensor, kv_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate attention inputs; return head_keep [B, H] bool and kv_index [B, H] int64 (or None) on q's device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, heads, T, head_dim], got shape {tuple(t.shape)}")
@@ -42,15 +42,31 @@ def check_attention(
         raise ValueError(
             f"k/v [B, Hkv, T, D] = {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D"
         )
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv} (GQA)")
+    if Hkv == 0 or (kv_index is None and H % Hkv):
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads Hkv={Hkv} (GQA), "
+                         f"or kv_index must say which KV head each query head reads")
     if head_keep.dtype != torch.bool:
         raise TypeError(f"head_keep must be a bool mask, got {head_keep.dtype}")
     if tuple(head_keep.shape) == (H,):
         head_keep = head_keep.expand(B, H)  # one mask for every sample
     elif tuple(head_keep.shape) != (B, H):
         raise ValueError(f"head_keep must have shape [H]=({H},) or [B, H]=({B}, {H}), got {tuple(head_keep.shape)}")
-    return head_keep.to(q.device)
+    return head_keep.to(q.device), None if kv_index is None else _check_kv_index(kv_index, B, H, Hkv, q.device)
+
+
+def _check_kv_index(kv_index: torch.Tensor, B: int, H: int, Hkv: int, device: torch.device) -> torch.Tensor:
+    """kv_index [H] or [B, H] of KV heads in [0, Hkv) as [B, H] int64 on device."""
+    if kv_index.is_floating_point() or kv_index.is_complex() or kv_index.dtype == torch.bool:
+        raise TypeError(f"kv_index must hold integer KV head indices, got {kv_index.dtype}")
+    if tuple(kv_index.shape) == (H,):
+        kv_index = kv_index.expand(B, H)
+    elif tuple(kv_index.shape) != (B, H):
+        raise ValueError(f"kv_index must have shape [H]=({H},) or [B, H]=({B}, {H}), got {tuple(kv_index.shape)}")
+    kv_index = kv_index.to(device=device, dtype=torch.int64)
+    if kv_index.numel() and bool(((kv_index < 0) | (kv_index >= Hkv)).any()):
+        raise ValueError(f"kv_index out of range: KV heads lie in [0, {Hkv}), "
+                         f"got min {int(kv_index.min())}, max {int(kv_index.max())}")
+    return kv_index
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -9,10 +9,11 @@ Attention (q [B,H,T,D], k/v [B,Hkv,T,D], H % Hkv == 0; query head h reads KV hea
 h // (H // Hkv)):
 
     head_sparse_attention(q, k, v, head_keep, causal=True, scale=None, *,
-                          merge_heads=False, backend="auto") -> Tensor
+                          merge_heads=False, kv_index=None, backend="auto") -> Tensor
         head_keep: bool [H] (all samples) or [B, H] (per sample). Returns [B,H,T,D]
         like torch SDPA, or [B,T,H*D] when merge_heads; pruned heads are exact zeros.
-        scale defaults to 1/sqrt(D).
+        scale defaults to 1/sqrt(D). kv_index: int [H] or [B, H], the KV head each query
+        head reads (then H need not be a multiple of Hkv): compact heads of uneven GQA groups.
 
 Projections (weight [N_out, K_in] as in nn.Linear; keep_idx: 1-D int64 indices or a bool
 mask over the features):
@@ -48,7 +49,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import reference
+import kernels.reference as reference
 from kernels.backend import Backend, resolve_backend
 from kernels.checks import check_attention, check_group_keep, check_keep_idx, check_linear
 from kernels.indices import scatter_columns
@@ -97,16 +98,17 @@ def head_sparse_attention(
     scale: float | None = None,
     *,
     merge_heads: bool = False,
+    kv_index: torch.Tensor | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention computed for kept heads only; pruned heads output zeros."""
-    head_keep = check_attention(q, k, v, head_keep)
+    head_keep, kv_index = check_attention(q, k, v, head_keep, kv_index)
     if resolve_backend(backend, q, k, v) == "torch":
-        return reference.head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads)
+        return reference.head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads, kv_index)
     from kernels.attention import launch_head_sparse_attention  # imports triton
 
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return launch_head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads)
+    return launch_head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads, kv_index)
 
 
 def row_sparse_linear(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PAD_INDEX", "aligned_run_length", "keep_indices", "pad_keep_indices", "scatter_columns"]
+__all__ = ["PAD_INDEX", "aligned_run_length", "head_features", "keep_indices", "pad_keep_indices", "scatter_columns"]
 
 PAD_INDEX = -1  # marks unused slots of a padded group keep index
 
@@ -21,6 +21,14 @@ def keep_indices(keep: torch.Tensor) -> torch.Tensor:
     if keep.dtype == torch.bool:
         return keep.nonzero().squeeze(1)
     return keep.to(torch.int64)
+
+
+def head_features(heads: torch.Tensor | Sequence[int], head_dim: int) -> torch.Tensor:
+    """Feature indices [n * head_dim] of `heads` (int indices, in order) in a concatenated-heads axis."""
+    h = torch.as_tensor(heads, dtype=torch.int64)
+    if h.dim() != 1:
+        h = h.reshape(-1)
+    return (h[:, None] * head_dim + torch.arange(head_dim, device=h.device)).reshape(-1)  # (n * head_dim,)
 
 
 def pad_keep_indices(keeps: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ Each function gathers only the kept work and runs one dense op on it, so it also
 time where Triton does not run. Inputs are assumed already checked (see `checks.py`);
 the public, checked entry points are in `dispatch.py`.
 
-    head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads=False)
-        q [B,H,T,D], k/v [B,Hkv,T,D], head_keep [B,H] bool -> [B,H,T,D] or [B,T,H*D]
+    head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads=False, kv_index=None)
+        q [B,H,T,D], k/v [B,Hkv,T,D], head_keep [B,H] bool, kv_index [B,H] int or None
+        -> [B,H,T,D] or [B,T,H*D]
     row_sparse_linear(x, weight, bias, keep_idx)            x [...,in] -> [...,len(keep)]
     col_sparse_linear(x, weight, bias, keep_idx, compact_input=False)   -> [...,out]
     grouped_row_sparse_linear(x, weight, bias, group_keep_idx, group_ids, full_width=False)
@@ -36,17 +37,21 @@ def head_sparse_attention(
     causal: bool,
     scale: float | None,
     merge_heads: bool = False,
+    kv_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SDPA over the kept (batch, head) pairs only; pruned heads output exact zeros."""
+    """SDPA over the kept (batch, head) pairs only; pruned heads output exact zeros.
+
+    Query head h of sample b reads KV head kv_index[b, h], or h // (H // Hkv) without kv_index.
+    """
     B, H, T, D = q.shape
-    if bool(head_keep.all()):  # nothing pruned: skip the gathers, which copy K/V per query head
+    if kv_index is None and bool(head_keep.all()):  # nothing pruned: skip the gathers (they copy K/V per head)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, H * D) if merge_heads else out
-    group = H // k.shape[1]  # query heads per KV head (GQA)
     out = q.new_zeros(B, H, T, D)
     b_idx, h_idx = head_keep.nonzero(as_tuple=True)  # (N,), (N,) kept pairs
     if b_idx.numel():
-        kv_idx = h_idx // group  # each kept query head reads its own KV head
+        # each kept query head reads its own KV head
+        kv_idx = kv_index[b_idx, h_idx] if kv_index is not None else h_idx // (H // k.shape[1])
         # (1, N, T, D): SDPA's fused CPU kernels need 4-D inputs; 3-D ones take the slow math path
         q_kept = q[b_idx, h_idx][None]
         k_kept = k[b_idx, kv_idx][None]

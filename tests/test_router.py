@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.core import gates
 from engine.core.mask import PruneMask
 from engine.core.tokens import EmptyTextError
 from engine.pruning.softmask import MaskTarget, TrainConfig
@@ -19,6 +20,8 @@ from engine.routing.router import (
     heldout_perplexity,
     pruned_blocks,
     routed_generate,
+    routed_logits,
+    routed_nll,
     texts_nll,
     train_router,
 )
@@ -89,6 +92,56 @@ def test_groups_partition_the_batch_with_one_mask_each():
     groups = router.groups([2, 0, 2, 1, 0])
     assert [(gr.cluster, gr.indices) for gr in groups] == [(0, (1, 4)), (1, (3,)), (2, (0, 2))]
     assert all(gr.mask is router.masks[gr.cluster] for gr in groups)
+
+
+def mixed_masks(g):
+    """Three hard masks that differ in heads (uneven GQA groups), channels, sub-blocks and biases."""
+    a = PruneMask.dense(g).with_block(0, "attn", 0.0)
+    a.heads[1, 1] = 0.0
+    b = PruneMask.dense(g)
+    b.heads[0, 0] = 0.0
+    b.ffn[1, ::2] = 0.0
+    b.attn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(0)) * 0.1
+    c = PruneMask.dense(g).with_block(1, "ffn", 0.0)
+    return a, b, c
+
+
+def row_alone(handle, ids, mask):
+    """Logits [T, V] of one unpadded row under its mask, through the gates."""
+    with torch.no_grad(), gates.apply(handle, mask):
+        return handle.model(input_ids=ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["kernels", "gates"])
+def test_a_mixed_mask_batch_equals_running_each_row_alone(soft):
+    from engine.core.tokens import encode_batch
+    from engine.runtime.sparse_forward import sparse_refusal
+
+    h = tiny_handle("llama")
+    a, b, c = mixed_masks(h.geometry)
+    if soft:  # a soft gate sends the batch through the gates with one mask per row
+        c.ffn[0, 3] = 0.5
+    masks = [a, b, a, c]
+    texts = ["The quick brown fox.", "abc def", "Numbers 1 2 3 4 5 6 7 8", "xyz"]
+    ids, attn = encode_batch(h.tokenizer, texts, 32)
+    assert (sparse_refusal(h, masks, attn) is None) != soft
+    with torch.no_grad():
+        out = routed_logits(h, masks, ids, attn)
+    for row, mask in enumerate(masks):
+        n = int(attn[row].sum())
+        assert torch.allclose(out[row, :n], row_alone(h, ids[row, :n], mask), atol=1e-4, rtol=1e-4), row
+
+
+def test_routed_nll_scores_each_text_under_its_own_mask():
+    h = tiny_handle("llama")
+    a, b, c = mixed_masks(h.geometry)
+    texts = ["The quick brown fox.", "abc def", "xyz uvw"]
+    per_text = routed_nll(h, texts, [a, b, c], batch_size=3)
+    for text, mask, (nll, n) in zip(texts, (a, b, c), per_text):
+        alone = texts_nll(h, [text], mask)
+        assert n == alone[1] and nll == pytest.approx(alone[0], rel=1e-5)
+    with pytest.raises(ValueError, match="one mask per text"):
+        routed_nll(h, texts, [a, b])
 
 
 def test_each_cluster_mask_and_the_static_mask_remove_exactly_the_budget(trained):

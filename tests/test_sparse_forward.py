@@ -8,8 +8,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets backend="triton" run on the CPU
 
 import pytest
+import torch.nn.functional as F
 
 from engine.core import gates
+from engine.core.errors import UnsupportedModelError
 from engine.core.mask import MaskError, PruneMask
 from engine.runtime.sparse_forward import sparse_logits, supports_sparse
 from tests.tiny import tiny_handle
@@ -88,7 +90,7 @@ def test_soft_masks_and_other_families_are_refused_clearly():
         sparse_logits(h, IDS, soft)
     gpt2 = tiny_handle("gpt2")
     assert not supports_sparse(gpt2)
-    with pytest.raises(NotImplementedError, match="engine.core.gates.apply"):
+    with pytest.raises(UnsupportedModelError, match="engine.core.gates.apply"):
         sparse_logits(gpt2, IDS, PruneMask.dense(gpt2.geometry))
 
 
@@ -102,3 +104,145 @@ def test_perplexity_through_kernels_equals_the_hook_path():
     kernel = perplexity(h, m, protocol, use_kernels=True)
     assert kernel.n_tokens == hooks.n_tokens
     assert kernel.perplexity == pytest.approx(hooks.perplexity, rel=1e-5)
+
+
+def uneven_gqa_mask(g):
+    """Heads pruned so that KV groups keep different numbers of query heads, plus channels and a sub-block."""
+    m = PruneMask.dense(g)
+    m.heads[0, 1 : g.group_size] = 0  # group 0 keeps one head, the others all of theirs
+    m.heads[1, : g.group_size] = 0  # group 0 gone entirely (its K/V are skipped too)
+    m.heads[1, g.group_size + 1] = 0  # and group 1 keeps one head fewer than group 2 (if any)
+    m.ffn[0, ::3] = 0
+    m.ffn_block[1] = 0
+    return m
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_sparse_path_matches_gated_model_with_uneven_gqa_groups(family):
+    h = tiny_handle(family)
+    m = uneven_gqa_mask(h.geometry)
+    assert torch.allclose(sparse_logits(h, IDS, m), gated(h, m), **TOL)
+
+
+def test_attention_runs_on_the_kept_heads_only(monkeypatch):
+    import kernels.compact
+
+    h = tiny_handle("qwen2")  # 6 heads in 2 KV groups of 3
+    g = h.geometry
+    m = uneven_gqa_mask(g)
+    seen = []
+    real = kernels.compact.head_sparse_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.compact, "head_sparse_attention", spy)
+    sparse_logits(h, IDS, m)
+    kept = (m.heads > 0).sum(1).tolist()
+    kv_kept = (m.heads > 0).view(g.n_layers, g.n_kv_heads, g.group_size).any(2).sum(1).tolist()
+    assert seen == list(zip(kept, kv_kept)), "q/k/v must hold the kept (KV) heads only, not the full width"
+
+
+def test_triton_attention_reads_the_kv_head_each_compact_query_head_names():
+    from kernels import head_sparse_attention, reference
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 2, 3, 2, 9, 16  # 3 query heads over 2 KV heads: no repeat_kv pairing exists
+    q, k, v = (torch.randn(B, n, T, D, generator=gen) for n in (H, Hkv, Hkv))
+    kv_index = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    keep = torch.tensor([[True, True, True], [True, False, True]])
+    expected = F.scaled_dot_product_attention(q, k[torch.arange(B)[:, None], kv_index],
+                                              v[torch.arange(B)[:, None], kv_index], is_causal=True)
+    expected = expected * keep[:, :, None, None]
+    got_ref = reference.head_sparse_attention(q, k, v, keep, True, None, kv_index=kv_index)
+    torch.testing.assert_close(got_ref, expected, atol=1e-5, rtol=1e-5)
+    got = head_sparse_attention(q, k, v, keep, kv_index=kv_index, backend="triton")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="kv_index out of range"):
+        head_sparse_attention(q, k, v, keep, kv_index=kv_index + 1)
+
+
+def test_triton_kernels_run_uneven_gqa_groups_and_mixed_masks_like_the_gated_model():
+    h = tiny_handle("qwen2")
+    g = h.geometry
+    short = IDS[:, :6]  # the interpreter is slow: short rows
+    m0, m1 = uneven_gqa_mask(g), random_mask(g, 8)
+    for masks in (m0, [m0, m1]):
+        with torch.no_grad(), gates.apply(h, masks):
+            expected = h.model(input_ids=short).logits
+        assert torch.allclose(sparse_logits(h, short, masks, backend="triton"), expected, **TOL)
+
+
+def sliding_qwen2(window: int = 4):
+    """A tiny Qwen2 whose second layer attends to the last `window` tokens only."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from engine.models.load import ModelHandle
+    from tests.tiny import VOCAB, tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                      intermediate_size=96, max_position_embeddings=128, vocab_size=VOCAB,
+                      use_sliding_window=True, sliding_window=window, max_window_layers=1)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    return ModelHandle.from_model(model, tiny_tokenizer(), name="tiny-qwen2-sliding")
+
+
+def test_a_sliding_window_config_is_refused_and_evaluated_through_the_gates():
+    from engine.runtime.evaluate import PerplexityProtocol, perplexity
+    from engine.runtime.sparse_forward import sparse_refusal
+
+    h = sliding_qwen2()
+    assert not supports_sparse(h)
+    assert "layers [1] use sliding-window attention (window 4)" in sparse_refusal(h)
+    m = PruneMask.dense(h.geometry).with_head(0, 1, 0.0)
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention"):
+        sparse_logits(h, IDS, m)
+    # Perplexity picks the hook path by itself, which honours the window (the kernels would not).
+    protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
+    assert perplexity(h, m, protocol).perplexity == perplexity(h, m, protocol, use_kernels=False).perplexity
+
+
+def test_mistral_style_window_on_every_layer_is_refused_unless_it_spans_the_context():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from engine.models.load import ModelHandle
+    from engine.runtime.sparse_forward import sparse_refusal
+    from tests.tiny import VOCAB, tiny_tokenizer
+
+    def mistral(window):
+        cfg = MistralConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                            intermediate_size=96, max_position_embeddings=128, vocab_size=VOCAB, sliding_window=window)
+        return ModelHandle.from_model(MistralForCausalLM(cfg), tiny_tokenizer(), name="tiny-mistral")
+
+    assert "every layer uses sliding-window attention (window 16 tokens" in sparse_refusal(mistral(16))
+    assert sparse_refusal(mistral(128)) is None  # the window covers the whole context: never active
+    assert sparse_refusal(mistral(None)) is None
+
+
+def test_physically_pruned_layers_are_refused_with_the_layer_named():
+    import copy
+
+    from engine.runtime.sparse_forward import sparse_refusal
+
+    h = tiny_handle("llama")
+    pruned = copy.deepcopy(h.model)
+    h.__class__.from_model(pruned, h.tokenizer).adapter.resize_ffn_(1, list(range(10)))
+    reason = sparse_refusal(h.__class__.from_model(pruned, h.tokenizer))
+    assert reason.startswith("layer 1 was physically pruned ({'ffn': 10}")
+
+
+def test_refusals_name_soft_masks_and_left_padding():
+    from engine.runtime.sparse_forward import sparse_refusal
+
+    h = tiny_handle("llama")
+    soft = PruneMask.dense(h.geometry)
+    soft.ffn[0, 0] = 0.5
+    assert "soft gates" in sparse_refusal(h, [PruneMask.dense(h.geometry), soft])
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert "right-padded" in sparse_refusal(h, PruneMask.dense(h.geometry), left)
+    with pytest.raises(ValueError, match="right-padded"):
+        sparse_logits(h, IDS[:, :3], PruneMask.dense(h.geometry), attention_mask=left)
+    assert "not a causal language model" in sparse_refusal(tiny_handle("bert"))

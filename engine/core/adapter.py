@@ -6,6 +6,9 @@ and FFN channels it has; which module's *input* carries the concatenated head ou
 there; and which modules are the ATTN and FFN sub-blocks of each layer and whether their
 output already includes the residual stream (post-LN BERT) or is a delta added to it
 (pre-LN GPT-2 / Llama). Nothing outside `engine/models/adapters/` knows module names.
+
+A family may also run a layer through the masked kernels (`sparse_layer_forward`, driven by
+engine.runtime.sparse_forward), computing only what a `SparseLayer` keeps.
 """
 
 from __future__ import annotations
@@ -19,8 +22,18 @@ from torch import nn
 
 from engine.core.errors import UnsupportedModelError
 from engine.core.reshape import add_bias_, is_removed
+from kernels import Backend, HeadKeep, KeepIndex, head_features
 
-__all__ = ["Geometry", "SubBlock", "HeadWeights", "Adapter", "UnsupportedModelError"]
+__all__ = [
+    "Geometry",
+    "SubBlock",
+    "HeadWeights",
+    "SparseAttention",
+    "SparseFFN",
+    "SparseLayer",
+    "Adapter",
+    "UnsupportedModelError",
+]
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,51 @@ class HeadWeights:
     v_bias: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class _SparseSubBlock:
+    """What every sparse sub-block shares: which batch rows run it, and its compensation bias."""
+
+    rows: torch.Tensor | None  # [B] bool: rows whose mask keeps the sub-block; None: every row
+    bias: torch.Tensor | None  # [d] or [B, 1, d], added to the output projection's output
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """The sub-block's output [B, T, d] with its bias added and rows that removed it zeroed."""
+        if self.bias is not None:
+            out = out + self.bias
+        if self.rows is not None:  # where, not a product: a removed row's output may be anything
+            out = torch.where(self.rows[:, None, None], out, out.new_zeros(()))
+        return out
+
+
+@dataclass(frozen=True)
+class SparseAttention(_SparseSubBlock):
+    """The kept part of one attention sub-block, as compact indices.
+
+    q: features of the kept query heads (head-major, head_dim each) in the Q projection's output
+    and the O projection's input; kv: features of the kept KV heads in K/V; heads: the compact
+    query slots (which hold a head, which compact KV head each reads).
+    """
+
+    q: KeepIndex | None = None
+    kv: KeepIndex | None = None
+    heads: HeadKeep | None = None
+
+
+@dataclass(frozen=True)
+class SparseFFN(_SparseSubBlock):
+    """The kept FFN channels of one FFN sub-block (the up/gate outputs, the down projection's input)."""
+
+    channels: KeepIndex | None = None
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    """What one layer keeps for a batch (built by engine.runtime.sparse_forward); None: removed for every row."""
+
+    attn: SparseAttention | None
+    ffn: SparseFFN | None
+
+
 class Adapter(ABC):
     """Maps one family's HF modules onto the common view."""
 
@@ -138,6 +196,25 @@ class Adapter(ABC):
     @abstractmethod
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding table."""
+
+    # --- the kernel path (engine.runtime.sparse_forward) ----------------------------------
+    def sparse_refusal(self) -> str | None:
+        """Why this model cannot run through the masked kernels (None when it can)."""
+        return f"the kernel path has no layer forward for the {self.family} family yet"
+
+    def sparse_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(first layer's input [B, T, d], what every layer needs to know about positions 0..T-1)."""
+        raise UnsupportedModelError(self._no_sparse_path())
+
+    def sparse_layer_forward(
+        self, layer: int, x: torch.Tensor, keep: SparseLayer, pos: Any, backend: Backend
+    ) -> torch.Tensor:
+        """Layer `layer` on x [B, T, d] computing only what `keep` keeps, through the masked kernels."""
+        raise UnsupportedModelError(self._no_sparse_path())
+
+    def _no_sparse_path(self) -> str:
+        reason = self.sparse_refusal() or "no sparse layer forward"
+        return f"{reason}; run it through engine.core.gates.apply instead"
 
     # --- derived helpers ---------------------------------------------------------------
     @property
@@ -215,9 +292,7 @@ class Adapter(ABC):
 
     def _head_rows(self, heads: Sequence[int]) -> torch.Tensor:
         """Feature indices [len(heads) * head_dim] of `heads` in a concatenated-heads axis."""
-        hd = self.geometry.head_dim
-        h = torch.as_tensor(list(heads), dtype=torch.long)
-        return (h[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)  # (n * hd,)
+        return head_features(list(heads), self.geometry.head_dim)
 
     def drop_unsaved_optional_(self, saved_keys: set[str]) -> None:  # noqa: B027  (most families have none)
         """Remove optional modules (e.g. BERT's pooler) that a saved state dict has no weights for."""

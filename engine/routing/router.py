@@ -9,7 +9,10 @@ hard-concrete mask trained per cluster on that cluster's texts (engine.pruning.s
 static mask trained on all of them (the baseline at the same budget).
 Stage 2 (`Router.route`): a prompt is embedded, the nearest pool entry (initialised from the
 centroids; euclidean by default, which agrees with K-means' own assignment) picks the mask.
-Batches are grouped by cluster (`Router.groups`) so each group runs with one mask.
+A batch of routed prompts runs at once with one mask per row (`routed_logits`): through the
+grouped masked kernels where the kernel path runs the model (engine.runtime.sparse_forward,
+rows grouped by mask digest), else through the gates with per-row masks. `Router.groups`
+lists which inputs went to which cluster.
 
 Files: `router.safetensors` holds the pool [k, d] (float32); `router.json` holds k, the
 distance, the encoder's name, the per-cluster masks (PruneMask.to_dict), the static mask,
@@ -39,6 +42,7 @@ from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig, train_mask
 from engine.routing.clusters import CalibrationPrompt, Clustering, purity
 from engine.routing.embeddings import SentenceEncoder, embed_texts
 from engine.runtime.evaluate import generate
+from engine.runtime.sparse_forward import sparse_logits, sparse_refusal
 
 __all__ = [
     "DISTANCES",
@@ -49,6 +53,8 @@ __all__ = [
     "Router",
     "train_router",
     "texts_nll",
+    "routed_logits",
+    "routed_nll",
     "ClusterPerplexity",
     "heldout_perplexity",
     "RoutedGeneration",
@@ -155,9 +161,10 @@ class Router:
 
     def groups(self, clusters: torch.Tensor | Sequence[int]) -> list[RouteGroup]:
         """Inputs grouped by their cluster, in cluster order, each with its one mask."""
-        clusters = [int(c) for c in clusters]
-        return [RouteGroup(c, tuple(i for i, x in enumerate(clusters) if x == c), self.masks[c])
-                for c in sorted(set(clusters))]
+        rows: dict[int, list[int]] = {}
+        for i, c in enumerate(clusters):
+            rows.setdefault(int(c), []).append(i)
+        return [RouteGroup(c, tuple(rows[c]), self.masks[c]) for c in sorted(rows)]
 
     # --- files -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -317,6 +324,44 @@ def texts_nll(
     return total, count
 
 
+def routed_logits(
+    handle: ModelHandle, masks: Sequence[PruneMask], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits [B, T, V] of a batch whose row b runs under masks[b].
+
+    One pass through the grouped masked kernels when the kernel path runs this model, these
+    masks and this padding (`sparse_refusal`); otherwise the gates with one mask per row.
+    """
+    if sparse_refusal(handle, masks, attention_mask) is None:
+        return sparse_logits(handle, input_ids, masks, attention_mask=attention_mask)
+    with gates.apply(handle, masks):
+        return token_logits(handle, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def routed_nll(
+    handle: ModelHandle,
+    texts: Sequence[str],
+    masks: Sequence[PruneMask],
+    *,
+    max_length: int = 256,
+    batch_size: int = 4,
+) -> list[tuple[float, int]]:
+    """(summed next-token NLL, scored tokens) of each text under its own mask, batched whatever the masks."""
+    if not handle.is_causal_lm:
+        raise ValueError(f"perplexity needs a causal language model; {handle.name} is an encoder")
+    if len(texts) != len(masks):
+        raise ValueError(f"{len(texts)} texts but {len(masks)} masks: pass one mask per text")
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(texts), batch_size):
+        ids, attn = encode_batch(handle.tokenizer, texts[i : i + batch_size], max_length, handle.device)
+        logits = routed_logits(handle, masks[i : i + batch_size], ids, attn)[:, :-1].float()  # (B, T-1, V)
+        valid = attn[:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * valid  # (B, T-1)
+        out += [(float(s), int(n)) for s, n in zip(nll.sum(1), valid.sum(1))]
+    return out
+
+
 @dataclass(frozen=True)
 class ClusterPerplexity:
     """Token-weighted perplexity of the held-out prompts routed to one cluster."""
@@ -342,16 +387,21 @@ def heldout_perplexity(
     batch_size: int = 4,
     progress: Progress | None = None,
 ) -> list[ClusterPerplexity]:
-    """Per routed cluster (and overall): perplexity dense, under the static mask and under the routed mask."""
+    """Per routed cluster (and overall): perplexity dense, under the static mask and under the routed mask.
+
+    The routed pass runs the prompts in mixed batches, each row under its own cluster's mask (`routed_nll`).
+    """
     router.check_encoder(encoder)
     clusters = router.route_embeddings(embed_texts(encoder, [p.text for p in prompts]))
     groups = router.groups(clusters)
+    per_prompt = routed_nll(handle, [p.score_text for p in prompts], [router.masks[int(c)] for c in clusters],
+                            max_length=max_length, batch_size=batch_size)
     sums: dict[str, list[float]] = {"dense": [0.0, 0], "static": [0.0, 0], "routed": [0.0, 0]}
     rows = []
     for done, group in enumerate(groups, 1):
         texts = [prompts[i].score_text for i in group.indices]
         dense = texts_nll(handle, texts, None, max_length=max_length, batch_size=batch_size)
-        routed = texts_nll(handle, texts, group.mask, max_length=max_length, batch_size=batch_size)
+        routed = (sum(per_prompt[i][0] for i in group.indices), sum(per_prompt[i][1] for i in group.indices))
         static = (texts_nll(handle, texts, router.static_mask, max_length=max_length, batch_size=batch_size)
                   if router.static_mask is not None else None)
         for name, r in (("dense", dense), ("routed", routed), ("static", static)):

@@ -26,7 +26,7 @@ from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length
 from engine.data.datasets import read_wikitext, wikitext_sha256
-from engine.runtime.sparse_forward import sparse_logits, supports_sparse
+from engine.runtime.sparse_forward import sparse_logits, sparse_refusal
 
 __all__ = [
     "PerplexityProtocol",
@@ -121,7 +121,7 @@ def perplexity(
 
     `use_kernels`: run a hard mask through the masked kernels (engine.runtime.sparse_forward: Triton on
     CUDA, the exact torch twins elsewhere), skipping pruned work. None picks it whenever the
-    mask is hard and the family has that path; otherwise the gates' hook path runs.
+    mask is hard and the model has that path (`sparse_refusal`); otherwise the gates' hook path runs.
     """
     if not handle.is_causal_lm:
         raise ValueError(
@@ -129,7 +129,7 @@ def perplexity(
         )
     windows, score_from = eval_windows(handle, protocol)
     if use_kernels is None:
-        use_kernels = mask is not None and mask.is_hard and supports_sparse(handle)
+        use_kernels = mask is not None and sparse_refusal(handle, mask) is None
     total, count = 0.0, 0
     n = windows.shape[0]
     with gates.apply(handle, None if use_kernels else mask):

@@ -152,7 +152,8 @@ class LayerReplay:
             # (n_valid, V) per batch: the dense model's log-probs at the counted positions
             self._dense_logp = [F.log_softmax(token_logits(handle, ids, am)[valid].float(), dim=-1)
                                 for (ids, am), valid in zip(encoded, self._valid)]
-        self.record = record_layers(handle, self.base, [{"input_ids": ids, "attention_mask": am} for ids, am in encoded])
+        inputs = [{"input_ids": ids, "attention_mask": am} for ids, am in encoded]
+        self.record = record_layers(handle, self.base, inputs)
         self.n_tokens = sum(int(v.sum()) for v in self._valid)
         self.base_kl = self._kl_of_outputs(self.record.outputs)
 

@@ -1,7 +1,8 @@
 """Llama-style decoders: q/k/v/o_proj with grouped-query attention, gated FFN.
 
 Covers Llama, Mistral, Qwen2 and SmolLM (all `LlamaDecoderLayer`-shaped: pre-RMSNorm,
-`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`).
+`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`). Their layers also run through the
+masked kernels (`sparse_layer_forward`), compact from each projection to the next.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.core.adapter import Adapter, Geometry, HeadWeights, SubBlock
+from engine.core.adapter import Adapter, Geometry, HeadWeights, SparseAttention, SparseFFN, SparseLayer, SubBlock
 from engine.core.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["LlamaAdapter"]
@@ -93,6 +95,72 @@ class LlamaAdapter(Adapter):
 
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embed_tokens
+
+    # --- the kernel path (engine.runtime.sparse_forward) ----------------------------------
+    def sparse_refusal(self) -> str | None:
+        cfg, g = self.model.config, self.geometry
+        window = getattr(cfg, "sliding_window", None)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if sliding:
+            return (f"layers {sliding} use sliding-window attention (window {window}), "
+                    f"and the kernels attend to every earlier token")
+        other = sorted({t for t in types if t != "full_attention"})
+        if other:
+            return f"layer types {other} are not the full causal attention the kernels compute"
+        context = getattr(cfg, "max_position_embeddings", None)
+        if not types and window is not None and (context is None or window < context):  # Mistral: every layer
+            return (f"every layer uses sliding-window attention (window {window} tokens, context {context}), "
+                    f"and the kernels attend to every earlier token")
+        if getattr(self._base, "rotary_emb", None) is None:
+            return "the model has no rotary embedding module (model.rotary_emb) to place positions"
+        expected = {"heads": g.n_heads, "kv_heads": g.n_kv_heads, "ffn": g.ffn_dim, "kv_index": None,
+                    "attn": True, "ffn_block": True}
+        for layer in range(g.n_layers):
+            sizes = self.layer_sizes(layer)
+            changed = {k: sizes[k] for k, v in expected.items() if sizes[k] != v}
+            if changed:
+                return (f"layer {layer} was physically pruned ({changed}), and the kernel path needs every layer "
+                        f"at the sizes masks are shaped by ({g.n_heads} heads, {g.n_kv_heads} KV heads, "
+                        f"{g.ffn_dim} FFN channels, both sub-blocks)")
+        return None
+
+    def sparse_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        x = self.input_embeddings()(input_ids)  # (B, T, d)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (1, T)
+        return x, self._base.rotary_emb(x, position_ids)  # (cos, sin), each (1, T, head_dim)
+
+    def sparse_layer_forward(
+        self, layer: int, x: torch.Tensor, keep: SparseLayer, pos: Any, backend: str
+    ) -> torch.Tensor:
+        block = self.layers()[layer]
+        if keep.attn is not None:
+            x = x + self._sparse_attention(block.self_attn, block.input_layernorm(x), keep.attn, pos, backend)
+        if keep.ffn is not None:
+            x = x + self._sparse_ffn(block.mlp, block.post_attention_layernorm(x), keep.ffn, backend)
+        return x
+
+    def _sparse_attention(self, attn: nn.Module, x: torch.Tensor, keep: SparseAttention, pos: Any,
+                          backend: str) -> torch.Tensor:
+        """Kept heads only, compact from the Q/K/V projections through rotary and attention to the O projection."""
+        B, T, _ = x.shape
+        hd = self.geometry.head_dim
+        q = keep.q.rows(x, attn.q_proj.weight, attn.q_proj.bias, backend=backend)  # (B, T, nq * hd)
+        k = keep.kv.rows(x, attn.k_proj.weight, attn.k_proj.bias, backend=backend)  # (B, T, nkv * hd)
+        v = keep.kv.rows(x, attn.v_proj.weight, attn.v_proj.bias, backend=backend)
+        q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, nq, T, hd)
+        k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *pos)  # per head: the same on the kept heads as on all
+        o = keep.heads.attend(q, k, v, scale=attn.scaling, backend=backend)  # (B, T, nq * hd)
+        return keep.finish(keep.q.cols(o, attn.o_proj.weight, attn.o_proj.bias, backend=backend))  # (B, T, d)
+
+    def _sparse_ffn(self, mlp: nn.Module, x: torch.Tensor, keep: SparseFFN, backend: str) -> torch.Tensor:
+        """Kept channels only: gate and up compute them, down reads them."""
+        ch = keep.channels
+        gate = ch.rows(x, mlp.gate_proj.weight, mlp.gate_proj.bias, backend=backend)  # (B, T, kept channels)
+        up = ch.rows(x, mlp.up_proj.weight, mlp.up_proj.bias, backend=backend)
+        return keep.finish(ch.cols(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias, backend=backend))
 
     # --- physical reshaping ---------------------------------------------------------------
     def resize_attention_(
