@@ -85,7 +85,7 @@ def depth_method_scores(handle: ModelHandle, method: str, calib: Calibration, *,
     alive = [l for l in range(g.n_layers) if base.attn[l] > 0 or base.ffn_block[l] > 0]
     for i, layer in enumerate(alive):
         m = layer_removal_mask(handle, base, layer, stats)
-        out[layer] = replay.kl(m, min(layer, base.first_changed_layer(m))) - replay.base_kl
+        out[layer] = replay.kl(m) - replay.base_kl  # replayed from m's first change (layer, or where its mean folds)
         if progress:
             progress(i + 1, len(alive))
     return out

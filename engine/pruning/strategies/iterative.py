@@ -110,8 +110,7 @@ class IterativeAblation(Strategy):
                 replay = LayerReplay(handle, texts, base=mask, max_length=min(calib.max_length, 128))
                 for layer, head in pool.nonzero().tolist():
                     m = head_removal_mask(handle, mask, layer, [head], means)
-                    start = min(layer, mask.first_changed_layer(m))
-                    scores[layer, head] = replay.kl(m, start) - replay.base_kl
+                    scores[layer, head] = replay.kl(m) - replay.base_kl  # replayed from m's first changed layer
             mask = _cut(mask, scores, k, "heads")
             if means is not None:  # the next replay runs the compensated model
                 mask = mean_biases(handle, mask, head_means=means)
