@@ -26,7 +26,6 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.data.datasets import calibration_texts
 from engine.export.write import LAYOUTS, export, zip_folder
-from engine.importance import depth  # noqa: F401  (registers block_ppl and taylor_plus for every command)
 from engine.pruning.size_target import ROUTES, reach_size
 
 __all__ = ["register", "cmd_export"]

@@ -28,7 +28,8 @@ from engine.core.csvfile import write_rows
 from engine.core.handle import ModelHandle
 from engine.data.datasets import calibration_texts
 from engine.importance.capture import CaptureStats
-from engine.importance.criteria import Scores, criterion_names, get_criterion, score
+from engine.importance.criteria import Scores
+from engine.importance.registry import criterion_names, get_criterion, score
 from engine.pruning.select import SCOPES, select
 
 __all__ = ["register", "cmd_score", "cmd_prune", "score_table", "SCORE_COLUMNS"]
