@@ -17,6 +17,7 @@ from engine.export.surgery import LAYERS_KEY
 from engine.export.write import ExportError, export, preview, zip_folder
 from engine.models.load import ModelLoadError, load_model, load_pruned
 from engine.models.pruned import MANIFEST
+from engine.models.wrap import wrap_model
 from engine.runtime.cost import cost
 from tests.test_surgery import make_mask
 from tests.tiny import TINY_FAMILIES, tiny_handle
@@ -210,7 +211,6 @@ def test_cli_export_writes_a_loadable_folder(tmp_path, capsys):
 def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm):
     from engine.core.hooks import private_copy
     from engine.importance.criteria import ffn_magnitude
-    from engine.models.load import ModelHandle
 
     g = smollm.geometry
     mask = PruneMask.dense(g).with_block(3, "attn", 0.0).with_block(3, "ffn", 0.0)
@@ -224,7 +224,7 @@ def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm
                                                               dtype=torch.float64)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert sum(p.numel() for p in model.parameters()) == r.params_after
-    ref_handle = ModelHandle.from_model(private_copy(smollm.model).double(), smollm.tokenizer, "fp64 copy")
+    ref_handle = wrap_model(private_copy(smollm.model).double(), smollm.tokenizer, "fp64 copy")
     ids = smollm.tokenizer("Pruned models must match their masked originals.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         with gates.apply(ref_handle, mask):

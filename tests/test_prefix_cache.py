@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from engine.core.mask import PruneMask
-from engine.models.load import ModelHandle
+from engine.models.wrap import wrap_model
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
 from engine.runtime.prefix_cache import PrefixCache, live_protocol
 from engine.runtime.replay import LayerReplay, record_layers
@@ -41,7 +41,7 @@ def causal(request, tokenizer):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
-    return ModelHandle.from_model(model, tokenizer, name=f"tiny-{request.param}")
+    return wrap_model(model, tokenizer, name=f"tiny-{request.param}")
 
 
 def full_forward(handle, mask, protocol=PROTOCOL):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from engine.core import gates
 from engine.core.errors import UnsupportedModelError
 from engine.core.mask import MaskError, PruneMask
+from engine.models.wrap import wrap_model
 from engine.runtime.sparse_forward import sparse_logits, supports_sparse
 from tests.tiny import tiny_handle
 
@@ -178,7 +179,6 @@ def sliding_qwen2(window: int = 4):
     """A tiny Qwen2 whose second layer attends to the last `window` tokens only."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from engine.models.load import ModelHandle
     from tests.tiny import VOCAB, tiny_tokenizer
 
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def sliding_qwen2(window: int = 4):
                       use_sliding_window=True, sliding_window=window, max_window_layers=1)
     model = Qwen2ForCausalLM(cfg).eval()
     model.config._attn_implementation = "eager"
-    return ModelHandle.from_model(model, tiny_tokenizer(), name="tiny-qwen2-sliding")
+    return wrap_model(model, tiny_tokenizer(), name="tiny-qwen2-sliding")
 
 
 def test_a_sliding_window_config_is_refused_and_evaluated_through_the_gates():
@@ -208,14 +208,13 @@ def test_a_sliding_window_config_is_refused_and_evaluated_through_the_gates():
 def test_mistral_style_window_on_every_layer_is_refused_unless_it_spans_the_context():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from engine.models.load import ModelHandle
     from engine.runtime.sparse_forward import sparse_refusal
     from tests.tiny import VOCAB, tiny_tokenizer
 
     def mistral(window):
         cfg = MistralConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                             intermediate_size=96, max_position_embeddings=128, vocab_size=VOCAB, sliding_window=window)
-        return ModelHandle.from_model(MistralForCausalLM(cfg), tiny_tokenizer(), name="tiny-mistral")
+        return wrap_model(MistralForCausalLM(cfg), tiny_tokenizer(), name="tiny-mistral")
 
     assert "every layer uses sliding-window attention (window 16 tokens" in sparse_refusal(mistral(16))
     assert sparse_refusal(mistral(128)) is None  # the window covers the whole context: never active
@@ -229,8 +228,8 @@ def test_physically_pruned_layers_are_refused_with_the_layer_named():
 
     h = tiny_handle("llama")
     pruned = copy.deepcopy(h.model)
-    h.__class__.from_model(pruned, h.tokenizer).adapter.resize_ffn_(1, list(range(10)))
-    reason = sparse_refusal(h.__class__.from_model(pruned, h.tokenizer))
+    wrap_model(pruned, h.tokenizer).adapter.resize_ffn_(1, list(range(10)))
+    reason = sparse_refusal(wrap_model(pruned, h.tokenizer))
     assert reason.startswith("layer 1 was physically pruned ({'ffn': 10}")
 
 

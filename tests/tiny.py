@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from engine.models.load import ModelHandle
+from engine.models.wrap import wrap_model
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "VOCAB"]
 
@@ -69,4 +70,4 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_handle(family: str, seed: int = 0) -> ModelHandle:
-    return ModelHandle.from_model(tiny_model(family, seed), tiny_tokenizer(), name=f"tiny-{family}")
+    return wrap_model(tiny_model(family, seed), tiny_tokenizer(), name=f"tiny-{family}")

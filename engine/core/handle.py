@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from engine.core.adapter import Adapter, Geometry
-from engine.models.adapters import adapter_for
 
 __all__ = ["ModelHandle"]
 
@@ -44,11 +43,3 @@ class ModelHandle:
     @property
     def is_causal_lm(self) -> bool:
         return self.geometry.causal and self.adapter.has_lm_head
-
-    @classmethod
-    def from_model(cls, model: nn.Module, tokenizer: Any, name: str = "in-memory") -> "ModelHandle":
-        """Wrap a model already in memory (eval mode, gradients off for its weights)."""
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return cls(model=model, tokenizer=tokenizer, adapter=adapter_for(model), name=name, source=name)

@@ -33,6 +33,7 @@ from engine.core.mask import MaskError, PruneMask
 from engine.core.progress import Progress
 from engine.models.adapters import adapter_for
 from engine.models.pruned import LAYERS_FORMAT, LAYERS_KEY
+from engine.models.wrap import wrap_model
 
 __all__ = [
     "SurgeryError",
@@ -225,7 +226,7 @@ def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = N
         _assert_sizes(adapter, i, lp)
     if progress:
         progress(g.n_layers + 1, g.n_layers + 1)
-    pruned = ModelHandle.from_model(model, handle.tokenizer, name=f"{handle.name} (pruned)")
+    pruned = wrap_model(model, handle.tokenizer, name=f"{handle.name} (pruned)")
     pruned.source = handle.source
     pruned.meta = {"surgery": sp, "source_name": handle.name, "mask": mask.clone(), "standard_config": standard}
     return pruned

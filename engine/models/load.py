@@ -25,12 +25,14 @@ from engine.core.errors import ModelLoadError
 from engine.core.handle import ModelHandle
 from engine.models.adapters import adapter_class
 from engine.models.pruned import LAYERS_KEY, open_layered, verify_files
+from engine.models.wrap import wrap_model
 
 __all__ = [
     "ModelHandle",
     "ModelLoadError",
     "load_model",
     "load_pruned",
+    "wrap_model",
     "DEFAULT_MODEL",
     "ENCODER_MODEL",
     "cache_dir",
@@ -183,7 +185,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.to(device)
-    handle = ModelHandle.from_model(model, tokenizer, name=name)
+    handle = wrap_model(model, tokenizer, name=name)
     handle.source = source
     return handle
 

@@ -27,6 +27,7 @@ from engine.core.errors import ModelLoadError
 from engine.core.handle import ModelHandle
 from engine.core.reshape import add_bias_
 from engine.models.adapters import adapter_class, adapter_for
+from engine.models.wrap import wrap_model
 
 __all__ = ["LAYERS_KEY", "LAYERS_FORMAT", "MANIFEST", "file_sha256", "verify_files", "open_layered"]
 
@@ -154,7 +155,7 @@ def open_layered(folder: Path, config: Any, record: dict[str, Any], *, device: s
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    handle = ModelHandle.from_model(model, tokenizer, name=name)
+    handle = wrap_model(model, tokenizer, name=name)
     handle.source = str(folder)
     handle.meta[LAYERS_KEY] = record
     return handle
