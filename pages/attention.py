@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from engine.runtime.attention_maps import prompt_length
+from engine.runtime.attention_maps import prompt_length, token_limit
 from ui import compute, figures, keys, session
 from ui.errors import user_errors
 
@@ -43,8 +43,15 @@ with st.expander("Long inputs and colours", expanded=n_tokens > 64):
     power = st.radio("Colours", [0.5, 1.0], horizontal=True, key=keys.W_ATTN_POWER,
                      format_func={0.5: "square root (weak links visible)", 1.0: "linear"}.get)
 
+bar = st.empty()  # progress of a prompt's first forward (later maps reuse every layer's input)
+
+
+def forward_progress(done: int, total: int) -> None:
+    bar.progress(done / max(1, total), text=f"Running the layers before layer {layer} ({done}/{total})")
+
+
 opts = dict(max_bins=bins, window=None if (start, stop) == (0, n_tokens) else (start, max(1, stop - start)),
-            reduce=reduce)
+            reduce=reduce, progress=forward_progress)
 shown = {}
 with user_errors():
     key = session.model_choice().key
@@ -52,9 +59,10 @@ with user_errors():
         shown["Dense"] = compute.attention_maps(handle, key, prompt, layer, None, **opts)
     if view in ("masked", "both"):
         shown["With the current mask"] = compute.attention_maps(handle, key, prompt, layer, mask, **opts)
+bar.empty()
 
 first = next(iter(shown.values()))
-notes = [f"{first.n_tokens} tokens" + (" (the prompt was cut to fit)" if truncated else "")]
+notes = [f"{first.n_tokens} tokens" + (f" (the prompt was cut to the first {token_limit(handle):,})" if truncated else "")]
 if first.span != (0, first.n_tokens):
     notes.append(f"window: tokens {first.span[0]}-{first.span[1] - 1}")
 if first.pooled:

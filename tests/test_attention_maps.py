@@ -1,4 +1,7 @@
-"""Attention maps: the layer's true probabilities, reduced server-side, dense and under a mask."""
+"""Attention maps: the layer's true probabilities, reduced server-side, dense and under a mask.
+
+The blockwise path against the eager map, memory and the layer-input cache: tests/test_attention_blocks.py.
+"""
 
 from __future__ import annotations
 
@@ -83,15 +86,6 @@ def test_layer_out_of_range_names_the_valid_layers(llama_handle):
         attention_map(llama_handle, TEXT, layer=2)
 
 
-def test_sdpa_models_get_a_message_naming_eager_attention(llama_handle):
-    llama_handle.model.config._attn_implementation = "sdpa"
-    try:
-        with pytest.raises(ValueError, match="eager"):
-            attention_map(llama_handle, TEXT, layer=0)
-    finally:
-        llama_handle.model.config._attn_implementation = "eager"
-
-
 def test_token_labels_are_unique_and_readable(llama_handle):
     ids = llama_handle.tokenizer("a a\n", add_special_tokens=False)["input_ids"]
     labels = token_labels(llama_handle.tokenizer, ids)
@@ -105,11 +99,15 @@ def test_no_hook_survives_an_attention_map_call(llama_handle):
 
 
 @pytest.mark.real_model
-def test_a_thousand_token_prompt_is_pooled_server_side_on_the_shipped_model(smollm):
+def test_a_4096_token_prompt_is_mapped_blockwise_on_the_shipped_model(smollm):
     from engine.data.datasets import read_wikitext
+    from engine.runtime.attention_maps import prompt_length, token_limit
 
-    text = read_wikitext()[:6000]  # about 1,400 tokens: cut to MAX_TOKENS, pooled to 64 bins
+    ids = smollm.tokenizer(read_wikitext()[:30000])["input_ids"][:4096]
+    text = smollm.tokenizer.decode(ids)
+    n, truncated = prompt_length(smollm, text)
+    assert n >= 4090 and not truncated and token_limit(smollm) >= 4096  # was cut at 1,024 before
     m = attention_map(smollm, text, layer=smollm.geometry.n_layers - 1, max_bins=64)
-    assert m.truncated and m.n_tokens == 1024
-    assert m.probs.shape == (smollm.geometry.n_heads, 64, 64) and m.bin_size == 16
+    assert m.n_tokens == n and not m.truncated
+    assert m.probs.shape == (smollm.geometry.n_heads, 64, 64)
     assert torch.allclose(m.probs.sum(-1), torch.ones(m.probs.shape[:2]), atol=1e-4)

@@ -14,6 +14,7 @@ The same test refreshes the README screenshots on the shipped model:
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,6 +33,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--no-first-run", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 1250}
 SLOW = float(os.environ.get("HEADLAB_BROWSER_TIMEOUT", "240"))  # seconds; the real model scores for a minute
+LONG_PROMPT_TOKENS = 4096
+LONG_PROMPT = "word " * 4200  # at least 4,096 tokens with a byte-level or a BPE tokenizer
 
 pytestmark = pytest.mark.browser
 
@@ -49,6 +52,7 @@ def app_url(tmp_path_factory):
     if not model:
         path = tmp_path_factory.mktemp("models") / "tiny-llama"
         h = tiny_handle("llama")
+        h.model.config.max_position_embeddings = LONG_PROMPT_TOKENS  # rotary positions: the long-prompt check
         h.model.save_pretrained(path, safe_serialization=True)
         h.tokenizer.save_pretrained(path)
         model = str(path)
@@ -232,3 +236,26 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
         assert "heads pruned: " in page.locator('[data-testid="stSidebar"]').inner_text()  # the mask summary on every page
         page.screenshot(path=str(shots / f"{title.lower()}.png"))
     assert not errors, errors
+
+
+def test_the_attention_page_draws_the_map_of_a_4096_token_prompt(app_url, browser, shots):
+    page = browser.new_page(viewport=VIEWPORT)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Perplexity, with mask").first.wait_for(timeout=SLOW * 1000)
+    wait_idle(page)
+    open_page(page, "Attention")
+    box = page.locator(".st-key-w-attention-prompt textarea")
+    box.fill(LONG_PROMPT)
+    box.press("Control+Enter")  # a text area applies its value on Ctrl+Enter (or on blur)
+    caption = page.get_by_text(re.compile(r"^\d{4,} tokens")).first
+    caption.wait_for(timeout=SLOW * 1000)
+    wait_idle(page)
+    n_tokens = int(re.match(r"(\d+) tokens", caption.inner_text()).group(1))
+    assert n_tokens >= LONG_PROMPT_TOKENS, caption.inner_text()
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert page.locator(".js-plotly-plot").count() == 2  # dense and masked maps of the whole prompt
+    page.screenshot(path=str(shots / "attention-4096-tokens.png"))
+    assert not errors, errors
+    page.close()

@@ -2,22 +2,33 @@
 
 Masks are passed unhashed (`_mask`) next to their digest, so equal masks hit the same entry
 whichever session asks; the model is passed unhashed next to its key.
+
+Attention maps are kept in a process-wide store (not st.cache_resource: computing one may draw
+a progress bar, and Streamlit replays elements drawn inside a cached function). What makes a
+new map cheap is this session's LayerInputCache (every layer's input for its recent prompts),
+which lives in st.session_state and goes with the session.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable
 
 import streamlit as st
 
 from engine.core.mask import PruneMask
+from engine.core.progress import Progress
+from engine.importance.diagnostics import PromptDiagnosis, prompt_diagnosis
 from engine.models.load import ModelHandle
 from engine.runtime.attention_maps import AttentionMap, attention_map
 from engine.runtime.cost import Cost, cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
+from engine.runtime.layer_inputs import LayerInputCache
 from ui.shared_cache import shared_cache
 
-__all__ = ["attention_maps", "generation", "full_perplexity", "known_full_perplexity", "mask_cost"]
+__all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
+           "known_full_perplexity", "mask_cost"]
 
 
 def digest(mask: PruneMask | None) -> str:
@@ -25,16 +36,61 @@ def digest(mask: PruneMask | None) -> str:
     return "dense" if mask is None else mask.digest()
 
 
-@st.cache_resource(max_entries=64, show_spinner=False)
-def _attention(_handle: ModelHandle, model_key: str, text: str, layer: int, _mask: PruneMask | None, digest: str,
-               max_bins: int, window: tuple[int, int] | None, reduce: str) -> AttentionMap:
-    return attention_map(_handle, text, layer, mask=_mask, max_bins=max_bins, window=window, reduce=reduce)
+LAYER_INPUTS = "attention.layer_inputs"  # session-state key: this session's LayerInputCache
+
+
+class _MapStore:
+    """A small thread-safe LRU of finished attention maps (a few KB each), shared by every session."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[Hashable, AttentionMap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> AttentionMap | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+            return self._items.get(key)
+
+    def put(self, key: Hashable, value: AttentionMap) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def _attention_store() -> _MapStore:
+    return _MapStore(max_entries=64)
+
+
+def layer_inputs() -> LayerInputCache:
+    """This session's cache of every layer's input for its recent prompts (engine.runtime.layer_inputs)."""
+    if LAYER_INPUTS not in st.session_state:
+        st.session_state[LAYER_INPUTS] = LayerInputCache()
+    return st.session_state[LAYER_INPUTS]
 
 
 def attention_maps(handle: ModelHandle, model_key: str, text: str, layer: int, mask: PruneMask | None, *,
-                   max_bins: int, window: tuple[int, int] | None, reduce: str) -> AttentionMap:
-    """The (cached) attention map of `layer` for `text` under `mask` (None = dense)."""
-    return _attention(handle, model_key, text, layer, mask, digest(mask), max_bins, window, reduce)
+                   max_bins: int, window: tuple[int, int] | None, reduce: str,
+                   progress: Progress | None = None) -> AttentionMap:
+    """The (cached) attention map of `layer` for `text` under `mask` (None = dense); `progress` follows a first forward."""
+    key = (model_key, text, layer, digest(mask), max_bins, window, reduce)
+    store = _attention_store()
+    found = store.get(key)
+    if found is None:
+        found = attention_map(handle, text, layer, mask=mask, max_bins=max_bins, window=window, reduce=reduce,
+                              cache=layer_inputs(), progress=progress)
+        store.put(key, found)
+    return found
+
+
+def long_prompt_diagnosis(handle: ModelHandle, text: str, mask: PruneMask | None,
+                          progress: Progress | None = None) -> PromptDiagnosis:
+    """Each head's kind and statistics on `text` (up to the model's context), through this session's layer inputs."""
+    return prompt_diagnosis(handle, text, mask=mask, cache=layer_inputs(), progress=progress)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)

@@ -197,6 +197,18 @@ class Adapter(ABC):
     def input_embeddings(self) -> nn.Embedding:
         """The token embedding table."""
 
+    def attention_qk(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, H, T, hd] and keys [B, H_kv, T, hd] of `layer` from its input `hidden` [B, T, d].
+
+        `hidden` is the layer's input (the residual stream, before any norm the layer applies);
+        `position_ids` [B, T] place rotary embeddings where the family has them. The queries
+        carry the attention scale, so `q @ k^T` are the attention logits. Nothing is masked
+        here: causality, padding and sliding windows are the caller's.
+        """
+        raise NotImplementedError(f"{self.family}: attention queries and keys are not implemented")
+
     # --- the kernel path (engine.runtime.sparse_forward) ----------------------------------
     def sparse_refusal(self) -> str | None:
         """Why this model cannot run through the masked kernels (None when it can)."""

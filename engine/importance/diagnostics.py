@@ -25,6 +25,10 @@ first 15 picks include all nine heads of layer 0). Weight magnitude ignores what
 weights and that the residual stream a head writes into grows with depth, so it prunes
 small-norm heads that matter, such as previous-token heads. `ablation_kl`, when given, is
 the measured cost that settles it.
+
+`prompt_diagnosis(handle, text)` labels heads the same way on one prompt of any length up to
+the model's context: the statistics come from blockwise passes over each layer's Q and K
+(engine.runtime.attention_maps.prompt_head_statistics), never from a T x T map per layer.
 """
 
 from __future__ import annotations
@@ -36,11 +40,15 @@ import torch
 
 from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
+from engine.core.mask import PruneMask
+from engine.core.progress import Progress
 from engine.importance.capture import LOCAL_WINDOW, CaptureStats
 from engine.importance.criteria import head_magnitude
+from engine.runtime.attention_maps import prompt_head_statistics
+from engine.runtime.layer_inputs import LayerInputCache
 
-__all__ = ["HEAD_KINDS", "THRESHOLDS", "HeadDiagnosis", "classify_head", "diagnose", "diagnosis_rows",
-           "kind_counts"]
+__all__ = ["HEAD_KINDS", "THRESHOLDS", "HeadDiagnosis", "PromptDiagnosis", "classify_head", "diagnose",
+           "diagnosis_rows", "kind_counts", "prompt_diagnosis"]
 
 HEAD_KINDS = ("sink", "previous-token", "local", "broad", "mixed")
 THRESHOLDS = {"sink": 0.5, "prev": 0.4, "local": 0.5, "broad_entropy": 0.6, "broad_max_position": 0.3}
@@ -173,3 +181,36 @@ def kind_counts(diagnoses: list[HeadDiagnosis]) -> dict[str, int]:
     for d in diagnoses:
         counts[d.kind] += 1
     return counts
+
+
+PROMPT_STATISTICS = ("sink", "prev_mass", "self_mass", "local_mass", "mean_distance", "entropy", "entropy_normalized")
+
+
+@dataclass(frozen=True)
+class PromptDiagnosis:
+    """Each head's kind and attention statistics on one prompt."""
+
+    rows: list[dict[str, Any]]  # one per head, layer-major: layer, head, kind, reason and PROMPT_STATISTICS
+    n_tokens: int
+    truncated: bool  # the prompt was cut to the model's context / the layer-input budget
+
+    def kind_counts(self) -> dict[str, int]:
+        """How many heads of each kind (every kind listed, zeros included)."""
+        counts = {k: 0 for k in HEAD_KINDS}
+        for row in self.rows:
+            counts[row["kind"]] += 1
+        return counts
+
+
+def prompt_diagnosis(handle: ModelHandle, text: str, *, mask: PruneMask | None = None,
+                     cache: LayerInputCache | None = None, progress: Progress | None = None) -> PromptDiagnosis:
+    """Each head's kind and the statistics behind it on `text` (any length up to the model's context)."""
+    stats = prompt_head_statistics(handle, text, local_window=LOCAL_WINDOW, mask=mask, cache=cache, progress=progress)
+    g = handle.geometry
+    rows = []
+    for layer in range(g.n_layers):
+        for head in range(g.n_heads):
+            v = {name: float(getattr(stats, name)[layer, head]) for name in PROMPT_STATISTICS}
+            kind, reason = classify_head(v["sink"], v["prev_mass"], v["local_mass"], v["entropy_normalized"])
+            rows.append({"layer": layer, "head": head, "kind": kind, "reason": reason, **v})
+    return PromptDiagnosis(rows, stats.n_tokens, stats.truncated)

@@ -98,6 +98,17 @@ class BertAdapter(Adapter):
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embeddings.word_embeddings
 
+    def attention_qk(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Post-LN: the self-attention reads the layer input as is; positions are in the embeddings.
+        attn = self.attention(layer)
+        B, T, _ = hidden.shape
+        hd = attn.attention_head_size
+        q = attn.query(hidden).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.key(hidden).view(B, T, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        return q * attn.scaling, k
+
     # --- physical reshaping ---------------------------------------------------------------
     def resize_attention_(
         self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None

@@ -87,6 +87,18 @@ class GPT2Adapter(Adapter):
     def input_embeddings(self) -> nn.Embedding:
         return self._base.wte
 
+    def attention_qk(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Positions are already in `hidden` (learned position embeddings): position_ids is unused.
+        attn = self.attention(layer)
+        x = self.layers()[layer].ln_1(hidden)
+        B, T, _ = x.shape
+        q, k, _ = attn.c_attn(x).split(attn.split_size, dim=2)  # each (B, T, H * hd)
+        q = q.view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        return q * attn.scaling, k
+
     # --- physical reshaping ---------------------------------------------------------------
     def resize_attention_(
         self, layer: int, q_heads: Sequence[int], kv_heads: Sequence[int], kv_index: Sequence[int] | None = None

@@ -96,6 +96,18 @@ class LlamaAdapter(Adapter):
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embed_tokens
 
+    def attention_qk(
+        self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        block, attn = self.layers()[layer], self.attention(layer)
+        x = block.input_layernorm(hidden)
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        cos, sin = self._base.rotary_emb(x, position_ids)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q * attn.scaling, k
+
     # --- the kernel path (engine.runtime.sparse_forward) ----------------------------------
     def sparse_refusal(self) -> str | None:
         cfg, g = self.model.config, self.geometry
