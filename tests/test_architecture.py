@@ -11,13 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "kernels")
 # Lower layers never import higher ones (docs/architecture.md); kernels import no engine module.
-LAYERS = ["core", "models", "data", "importance", "runtime", "pruning", "export", "recovery", "routing", "cli"]
+LAYERS = ["core", "models", "data", "importance", "runtime", "dynamic", "pruning", "export", "recovery", "routing",
+          "cli"]
 ALLOWED = {
     "core": {"core"},
     "models": {"core", "models"},
     "data": {"data"},
     "importance": {"core", "models", "data", "importance", "runtime"},
     "runtime": {"core", "models", "data", "runtime"},
+    "dynamic": {"core", "models", "data", "runtime", "importance", "dynamic"},
     "pruning": {"core", "models", "data", "importance", "runtime", "pruning", "export"},
     "export": {"core", "models", "data", "runtime", "export"},
     "recovery": {"core", "models", "data", "importance", "runtime", "pruning", "export", "recovery"},

@@ -185,6 +185,19 @@ class Adapter(ABC):
     def ffn_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """FFN weights in [out, in] orientation: "in" projections [F, hidden] (up, gate) and "down" [hidden, F]."""
 
+    def projections(self, layer: int) -> dict[str, nn.Linear]:
+        """The layer's linear maps by role: "q", "k", "v", "o" (attention) and "gate", "up", "down" (gated FFN).
+
+        For per-token dynamic sparsity (engine.dynamic), which zeroes entries of their inputs;
+        a gated FFN computes down(ffn_activation(gate(x)) * up(x)).
+        """
+        raise UnsupportedModelError(f"{self.family}: dynamic sparsity needs separate q/k/v/o projections and a "
+                                    f"gated FFN (gate/up/down); only the llama family has them mapped")
+
+    def ffn_activation(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The activation of the gated FFN's gate projection (FFN channel j = act(gate(x))_j * up(x)_j)."""
+        raise UnsupportedModelError(f"{self.family}: no gated FFN activation is mapped for dynamic sparsity")
+
     @abstractmethod
     def final_norm(self) -> nn.Module | None:
         """The norm applied after the last layer (None when there is none)."""

@@ -7,7 +7,7 @@ masked kernels (`sparse_layer_forward`), compact from each projection to the nex
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,14 @@ class LlamaAdapter(Adapter):
     def ffn_weights(self, layer: int) -> dict[str, torch.Tensor]:
         mlp = self.layers()[layer].mlp
         return {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight}
+
+    def projections(self, layer: int) -> dict[str, nn.Linear]:
+        attn, mlp = self.attention(layer), self.layers()[layer].mlp
+        return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+                "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+
+    def ffn_activation(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.layers()[layer].mlp.act_fn
 
     def final_norm(self) -> nn.Module | None:
         return self._base.norm

@@ -1,0 +1,75 @@
+"""What a calibrated rule costs and saves: measured sparsity, and perplexity under the pinned protocol."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.core.handle import ModelHandle
+from engine.core.progress import Progress
+from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
+from engine.dynamic.rules import Rule, Thresholds, ThresholdsError, get_rule
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, PerplexityResult, eval_windows, window_nll
+
+__all__ = ["DynamicPerplexity", "measure_sparsity", "dynamic_perplexity"]
+
+
+@dataclass(frozen=True)
+class DynamicPerplexity:
+    """Perplexity under a rule (with its protocol) and the sparsity the rule reached on those tokens."""
+
+    result: PerplexityResult
+    sparsity: SparsityReport
+
+    def describe(self) -> str:
+        return f"{self.result.describe()}; {self.sparsity.describe()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.result.to_dict(), "sparsity": self.sparsity.to_dict()}
+
+
+def _matching(rule: str | Rule, thresholds: Thresholds) -> None:
+    if get_rule(rule).name != thresholds.rule:
+        raise ThresholdsError(f"these thresholds were calibrated for {thresholds.rule!r}, not {get_rule(rule).name!r}")
+
+
+@torch.no_grad()
+def measure_sparsity(handle: ModelHandle, thresholds: Thresholds, ids: torch.Tensor, *,
+                     batch_size: int = 4) -> SparsityReport:
+    """The fraction of each site's inputs the rule zeroes on `ids` [B, T], per layer and overall."""
+    meter = SparsityMeter(thresholds.rule, handle.geometry.n_layers)
+    with apply_rule(handle, thresholds, meter):
+        for i in range(0, ids.shape[0], batch_size):
+            handle.model(input_ids=ids[i : i + batch_size].to(handle.device))
+    return meter.report()
+
+
+@torch.no_grad()
+def dynamic_perplexity(
+    handle: ModelHandle,
+    rule: str | Rule,
+    thresholds: Thresholds,
+    protocol: PerplexityProtocol = DEFAULT_PROTOCOL,
+    *,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> DynamicPerplexity:
+    """Perplexity with `rule` applied per token (engine.runtime.evaluate's windows and NLL), and its sparsity."""
+    if not handle.is_causal_lm:
+        raise ValueError(f"perplexity needs a causal language model; {handle.name} is an encoder without an LM head")
+    _matching(rule, thresholds)
+    windows, score_from = eval_windows(handle, protocol)
+    meter = SparsityMeter(thresholds.rule, handle.geometry.n_layers)
+    total, count, n = 0.0, 0, windows.shape[0]
+    with apply_rule(handle, thresholds, meter):
+        for i in range(0, n, batch_size):
+            ids = windows[i : i + batch_size].to(handle.device)
+            s, c = window_nll(handle.model(input_ids=ids).logits, ids, score_from[i : i + batch_size])
+            total, count = total + float(s), count + c
+            if progress:
+                progress(min(i + batch_size, n), n)
+    nll = total / count
+    return DynamicPerplexity(PerplexityResult(math.exp(nll), nll, count, protocol, handle.name), meter.report())

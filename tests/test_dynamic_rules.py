@@ -1,0 +1,212 @@
+"""Dynamic sparsity rules (oracle, CATS, TEAL, WINA) on a tiny Llama: calibration, exactness, isolation, storage."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.core.errors import UnsupportedModelError
+from engine.core.hooks import temporary_hooks
+from engine.dynamic import (
+    Thresholds,
+    ThresholdsError,
+    apply_rule,
+    calibrate,
+    calibration_ids,
+    dynamic_perplexity,
+    load_thresholds,
+    measure_sparsity,
+    save_thresholds,
+)
+from engine.dynamic.store import META_FILE, TENSORS_FILE
+from engine.runtime.evaluate import PerplexityProtocol, perplexity
+from tests.tiny import tiny_handle
+
+THRESHOLD_RULES = ("cats", "teal", "wina")
+ALL_RULES = ("oracle",) + THRESHOLD_RULES
+PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=2)
+
+
+@pytest.fixture
+def llama():
+    return tiny_handle("llama")
+
+
+@pytest.fixture
+def ids(llama):
+    return calibration_ids(llama, window=64, n_windows=6)
+
+
+def _logits(handle, ids, thresholds=None):
+    with torch.no_grad():
+        if thresholds is None:
+            return handle.model(input_ids=ids).logits
+        with apply_rule(handle, thresholds):
+            return handle.model(input_ids=ids).logits
+
+
+def _dense(handle, rule):
+    g = handle.geometry
+    return Thresholds.dense(rule, g.n_layers, g.ffn_dim)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.6])
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_calibrated_thresholds_hit_the_target_sparsity_on_the_calibration_data(llama, ids, rule, target):
+    th = calibrate(llama, rule, target, ids)
+    report = measure_sparsity(llama, th, ids, batch_size=ids.shape[0])
+    assert set(report.per_layer) == set(th.values)
+    for site, fractions in report.per_layer.items():
+        for layer, f in enumerate(fractions):
+            assert abs(f - target) < 0.01, (rule, site, layer, f)
+    assert abs(report.overall - target) < 0.01
+    assert abs(report.ffn - target) < 0.01
+    assert report.n_tokens == ids.numel()
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_minus_infinity_thresholds_equal_the_dense_model_exactly(llama, ids, rule):
+    dense = _logits(llama, ids)
+    assert torch.equal(_logits(llama, ids, _dense(llama, rule)), dense)
+    sparse = _logits(llama, ids, calibrate(llama, rule, 0.5, ids))  # the hooks do act when thresholds bite
+    assert not torch.allclose(sparse, dense, atol=1e-4)
+
+
+def test_the_oracle_keeps_exactly_k_channels_per_token_the_largest_ones(llama, ids):
+    g = llama.geometry
+    th = calibrate(llama, "oracle", 0.7, ids)
+    k = round(0.3 * g.ffn_dim)
+    seen: dict[str, list] = {"dense": [], "oracle": []}
+    down = llama.adapter.projections(0)["down"]
+    with torch.no_grad():
+        with temporary_hooks() as hooks:
+            hooks.pre(down, lambda m, a: seen["dense"].append(a[0].clone()))
+            llama.model(input_ids=ids)
+        with apply_rule(llama, th) as meter, temporary_hooks() as hooks:
+            hooks.pre(down, lambda m, a: seen["oracle"].append(a[0].clone()))  # runs after the rule's hook
+            llama.model(input_ids=ids)
+    h, kept = seen["dense"][0], seen["oracle"][0]
+    assert ((kept != 0).sum(-1) == k).all()
+    assert torch.equal(kept[kept != 0], h[kept != 0])  # kept channels pass through unchanged
+    smallest_kept = h.abs().masked_fill(kept == 0, float("inf")).amin(-1)
+    largest_dropped = h.abs().masked_fill(kept != 0, -1.0).amax(-1)
+    assert (smallest_kept >= largest_dropped).all()
+    assert meter.report().ffn == pytest.approx(1 - k / g.ffn_dim)
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_the_shared_model_is_unchanged_after_a_call(llama, ids, rule):
+    before = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    th = calibrate(llama, rule, 0.5, ids)
+    dynamic_perplexity(llama, rule, th, PROTOCOL)
+    with pytest.raises(RuntimeError, match="boom"):
+        with apply_rule(llama, th):
+            raise RuntimeError("boom")
+    after = llama.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert _hook_count(llama.model) == 0
+
+
+def test_a_rule_is_invisible_to_other_threads(llama, ids):
+    dense = _logits(llama, ids[:1])
+    other = {}
+    with apply_rule(llama, calibrate(llama, "teal", 0.5, ids)):
+        t = threading.Thread(target=lambda: other.setdefault("logits", _logits(llama, ids[:1])))
+        t.start()
+        t.join()
+        mine = llama.model(input_ids=ids[:1]).logits.detach()
+    assert torch.equal(other["logits"], dense)
+    assert not torch.allclose(mine, dense, atol=1e-4)
+
+
+def test_dynamic_perplexity_reuses_the_pinned_protocol(llama, ids):
+    dense = perplexity(llama, protocol=PROTOCOL, use_kernels=False)
+    same = dynamic_perplexity(llama, "cats", _dense(llama, "cats"), PROTOCOL)
+    assert same.result.perplexity == pytest.approx(dense.perplexity, rel=1e-6)
+    assert same.result.n_tokens == dense.n_tokens and same.result.protocol == PROTOCOL
+    assert same.sparsity.ffn == 0.0
+    sparse = dynamic_perplexity(llama, "cats", calibrate(llama, "cats", 0.6, ids), PROTOCOL)
+    assert sparse.result.perplexity != pytest.approx(dense.perplexity, rel=1e-6)
+    assert 0.4 < sparse.sparsity.ffn < 0.8  # other text than the calibration's: near, not at, the target
+    with pytest.raises(ThresholdsError, match="calibrated for 'cats'"):
+        dynamic_perplexity(llama, "teal", _dense(llama, "cats"), PROTOCOL)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_save_load_round_trip_gives_identical_masks(llama, ids, rule, tmp_path):
+    th = calibrate(llama, rule, 0.5, ids)
+    save_thresholds(llama, th, tmp_path / "th")
+    back = load_thresholds(llama, tmp_path / "th")
+    assert back.rule == th.rule and back.target == th.target
+    assert all(torch.equal(back.values[s], th.values[s].float()) for s in th.values)
+    assert torch.equal(_logits(llama, ids, back), _logits(llama, ids, th))
+    first = measure_sparsity(llama, th, ids)
+    assert measure_sparsity(llama, back, ids).per_layer == first.per_layer
+    assert not list((tmp_path / "th").glob(".*.tmp"))  # written atomically: no temporaries left
+
+
+def test_thresholds_of_another_model_are_refused(llama, ids, tmp_path):
+    save_thresholds(llama, calibrate(llama, "teal", 0.5, ids), tmp_path)
+    with pytest.raises(ThresholdsError, match="other weights"):
+        load_thresholds(tiny_handle("llama", seed=1), tmp_path)
+    with pytest.raises(ThresholdsError, match="calibrated for model 'tiny-llama', not 'other'"):
+        load_thresholds(dataclasses.replace(llama, name="other"), tmp_path)
+
+
+def test_misshaped_thresholds_are_refused(llama, ids, tmp_path):
+    th = calibrate(llama, "wina", 0.5, ids)
+    bad = Thresholds("wina", {s: torch.zeros(3) for s in th.values})
+    with pytest.raises(ThresholdsError, match=r"shape \(3,\).*\(2,\)"):
+        save_thresholds(llama, bad, tmp_path)
+    save_thresholds(llama, th, tmp_path)
+    # A file written for a 3-layer model with a consistent checksum: refused for its shapes.
+    save_file({s: torch.zeros(3) for s in th.values}, str(tmp_path / TENSORS_FILE))
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["tensors_sha256"] = hashlib.sha256((tmp_path / TENSORS_FILE).read_bytes()).hexdigest()
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ThresholdsError, match=r"shape \(3,\)"):
+        load_thresholds(llama, tmp_path)
+    with pytest.raises(ThresholdsError, match="need sites"):
+        save_thresholds(llama, Thresholds("cats", dict(th.values)), tmp_path)
+
+
+def test_corrupt_threshold_files_are_refused(llama, ids, tmp_path):
+    save_thresholds(llama, calibrate(llama, "cats", 0.5, ids), tmp_path)
+    tensors = tmp_path / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[:-5])
+    with pytest.raises(ThresholdsError, match="corrupt or altered"):
+        load_thresholds(llama, tmp_path)
+    (tmp_path / META_FILE).write_text("{not json")
+    with pytest.raises(ThresholdsError, match="corrupt: not valid JSON"):
+        load_thresholds(llama, tmp_path)
+    (tmp_path / META_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=META_FILE):
+        load_thresholds(llama, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_families_without_a_gated_ffn_are_refused_clearly(family):
+    handle = tiny_handle(family)
+    g = handle.geometry
+    with pytest.raises(UnsupportedModelError, match=f"{family}: dynamic sparsity needs .* gated FFN"):
+        with apply_rule(handle, Thresholds.dense("teal", g.n_layers, g.ffn_dim)):
+            pass
+    assert _hook_count(handle.model) == 0
+
+
+def test_bad_rule_and_target_are_refused(llama, ids):
+    with pytest.raises(ThresholdsError, match="unknown dynamic sparsity rule 'nope'"):
+        calibrate(llama, "nope", 0.5, ids)
+    with pytest.raises(ThresholdsError, match=r"fraction in \[0, 1\]"):
+        calibrate(llama, "teal", 1.5, ids)
