@@ -7,6 +7,11 @@ Scoring = one pass computing entropy + attention-position statistics + activatio
 plus magnitude from the weights. Baselines over the same texts and batches: a plain forward,
 and a plain forward+backward with weight gradients (a training step without the update).
 Each mode runs in its own process so peak RSS is its own. Goal: scoring <= 1.5x fwd+bwd.
+
+`--app` times what the app does when the Heads page and the Prune page's suggest panel open on a
+model, on the sidebar's default calibration set (16 wikitext texts x 128 tokens): before, the Heads
+page scored (one capture pass) and the suggest panel ran its own capture pass again; now one
+engine Calibration is captured once and both read it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 MODES = ("forward", "forward+backward", "scoring")
+APP_MODES = ("app: two capture passes (before)", "app: one shared capture pass (now)")
+APP_CRITERIA = ("entropy", "magnitude", "gradient", "activation")
 
 
 def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
@@ -34,6 +41,8 @@ def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
     from engine.data.datasets import calibration_texts
     from engine.importance.registry import score
     from engine.models.load import load_model
+    from engine.pruning.strategies.base import Calibration
+    from engine.pruning.strategies.scores import criterion_scores
 
     torch.set_num_threads(args.threads)
     handle = load_model(args.model, progress=lambda m: None)
@@ -45,6 +54,15 @@ def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def once() -> None:
+        if mode in APP_MODES:
+            calib = Calibration.shipped("wikitext", args.n_texts, max_length=args.max_length)
+            if mode == APP_MODES[0]:
+                score(handle, calib.texts, APP_CRITERIA, batch_size=calib.batch_size, max_length=args.max_length)
+            calib.stats(handle)
+            if mode == APP_MODES[1]:
+                for name in APP_CRITERIA:
+                    criterion_scores(handle, name, calib)
+            return
         if mode == "scoring":
             score(handle, texts, ("entropy", "magnitude", "gradient", "activation"),
                   batch_size=args.batch_size, max_length=args.max_length)
@@ -74,11 +92,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--app", action="store_true", help="time the app's capture passes instead (see above)")
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
     results = {}
-    for mode in MODES:
+    modes = APP_MODES if args.app else MODES
+    for mode in modes:
         q = ctx.Queue()
         p = ctx.Process(target=_run, args=(mode, args, q))
         p.start()
@@ -88,6 +108,17 @@ def main() -> None:
 
     from engine.models.load import load_model
 
+    if args.app:
+        before, now = results[APP_MODES[0]][0], results[APP_MODES[1]][0]
+        print(f"# bench_scoring --app: {args.model or 'smollm2-135m-instruct'}, {args.n_texts} wikitext texts x "
+              f"{args.max_length} tokens, {args.threads} threads, median of {args.repeats}")
+        print("| opening Heads + suggest panel | time (s) | peak RSS growth (MiB) |")
+        print("|---|---|---|")
+        for mode in APP_MODES:
+            t, d, _ = results[mode]
+            print(f"| {mode} | {t:.2f} | {d:.0f} |")
+        print(f"\nsaved: {before - now:.2f} s ({1 - now / before:.0%}) per model and calibration set")
+        return
     g = load_model(args.model, progress=lambda m: None).geometry
     full_maps_mb = g.n_layers * args.batch_size * g.n_heads * args.max_length**2 * 4 / 2**20
     print(f"# bench_scoring: {args.model or 'smollm2-135m-instruct'}, {args.n_texts} wikitext texts x "
