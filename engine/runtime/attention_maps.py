@@ -25,7 +25,7 @@ inputs of two prompts (the dense and the masked view) would not fit in the cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length
-from engine.runtime.attention_blocks import DEFAULT_BLOCK_BYTES, head_statistics, pooled_map
+from engine.runtime.attention_blocks import DEFAULT_BLOCK_BYTES, HeadStatistics, head_statistics, pooled_map
 from engine.runtime.layer_inputs import DEFAULT_MAX_BYTES, LayerInputCache, PromptLayers, record_prompt_layers
 
 __all__ = [
@@ -269,18 +269,11 @@ def attention_map_pair(
 
 
 @dataclass(frozen=True)
-class PromptHeadStatistics:
-    """Per-head attention statistics of every layer over one prompt, each [L, H] (see engine.importance.capture)."""
+class PromptHeadStatistics(HeadStatistics):
+    """HeadStatistics of every layer over one prompt: each field [L, H], plus the prompt's length."""
 
-    entropy: torch.Tensor
-    entropy_normalized: torch.Tensor
-    sink: torch.Tensor
-    self_mass: torch.Tensor
-    prev_mass: torch.Tensor
-    local_mass: torch.Tensor
-    mean_distance: torch.Tensor
-    n_tokens: int
-    truncated: bool
+    n_tokens: int = 0
+    truncated: bool = False
 
 
 def prompt_head_statistics(
@@ -314,8 +307,7 @@ def prompt_head_statistics(
                                          block_bytes=block_bytes))
         if progress:
             progress(L + layer + 1, 2 * L)
-    stack = {name: torch.stack([getattr(s, name) for s in per_layer]) for name in
-             ("entropy", "entropy_normalized", "sink", "self_mass", "prev_mass", "local_mass", "mean_distance")}
+    stack = {f.name: torch.stack([getattr(s, f.name) for s in per_layer]) for f in fields(HeadStatistics)}
     return PromptHeadStatistics(**stack, n_tokens=ids.shape[1], truncated=truncated)
 
 
