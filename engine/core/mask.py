@@ -27,6 +27,7 @@ import torch
 
 from engine.core.adapter import Geometry
 from engine.core.errors import MaskError
+from engine.core.files import write_atomic_text
 
 __all__ = ["PruneMask", "MaskError", "first_difference", "MASK_FORMAT_VERSION", "UNIT_KINDS", "UNIT_WORDS"]
 
@@ -291,11 +292,7 @@ class PruneMask:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the mask as JSON (atomically: a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
-        return path
+        return write_atomic_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike, g: Geometry | None = None) -> "PruneMask":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.core.files import read_format_json
 from engine.core.handle import ModelHandle
 from engine.dynamic.rules import Thresholds, ThresholdsError, get_rule
 
@@ -76,14 +77,7 @@ def load_thresholds(handle: ModelHandle, folder: str | os.PathLike) -> Threshold
     for p in (tensors_path, meta_path):
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: a thresholds folder holds {TENSORS_FILE} and {META_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ThresholdsError(f"{meta_path} is corrupt: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ThresholdsError(f"{meta_path} is not a thresholds file (its 'format' is not {FORMAT!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ThresholdsError(f"{meta_path} has format version {meta.get('version')}; this build reads {FORMAT_VERSION}")
+    meta = read_format_json(meta_path, FORMAT, version=FORMAT_VERSION, what="thresholds file", error=ThresholdsError)
     if meta.get("model") != handle.name:
         raise ThresholdsError(f"these thresholds were calibrated for model {meta.get('model')!r}, not {handle.name!r}")
     if meta.get("weights_sha256") != weights_sha256(handle):

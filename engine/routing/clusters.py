@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from engine.core.files import read_format_json, write_atomic_text
 from engine.core.progress import Progress
 from engine.data.datasets import DATA_DIR, PROMPT_SETS, load_prompts
 from engine.models.load import cache_dir
@@ -285,12 +286,7 @@ class ClusterRun:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the clusters as JSON (labels by prompt key, centroids, purity, the settings)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_atomic_text(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder: SentenceEncoder) -> "ClusterRun":
@@ -298,12 +294,7 @@ class ClusterRun:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: write it with `python -m engine cluster --out {path}`")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(d, dict) or d.get("format") != "headlab.clusters":
-            raise ValueError(f"{path} is not a clusters file (its 'format' is not 'headlab.clusters')")
+        d = read_format_json(path, "headlab.clusters", what="clusters file")
         try:
             st = d["settings"]
             if d["encoder"] != encoder.name:

@@ -30,9 +30,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from engine.core import gates
 from engine.core.adapter import Geometry
+from engine.core.files import read_format_json
 from engine.core.handle import ModelHandle
 from engine.core.mask import MaskError, PruneMask
 from engine.core.objective import token_logits
@@ -182,8 +184,6 @@ class Router:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write router.safetensors (the pool) and router.json (everything else) into `folder`."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp_pool = folder / f".{POOL_FILE}.tmp"
@@ -208,22 +208,13 @@ class Router:
     @classmethod
     def load(cls, folder: str | os.PathLike, g: Geometry | None = None) -> "Router":
         """Read a router written by `save`; with `g`, also check every mask fits that model."""
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         pool_path, meta_path = folder / POOL_FILE, folder / META_FILE
         for p in (pool_path, meta_path):
             if not p.exists():
                 raise FileNotFoundError(f"{p} is missing: a router folder holds {POOL_FILE} and {META_FILE}")
-        try:
-            d = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RouterError(f"{meta_path} is not valid JSON ({e})") from None
-        if not isinstance(d, dict) or d.get("format") != "headlab.router":
-            raise RouterError(f"{meta_path} is not a router file (its 'format' is not 'headlab.router')")
-        if d.get("version") != ROUTER_FORMAT_VERSION:
-            raise RouterError(f"{meta_path} has format version {d.get('version')}; this build reads "
-                              f"{ROUTER_FORMAT_VERSION}")
+        d = read_format_json(meta_path, "headlab.router", version=ROUTER_FORMAT_VERSION, what="router file",
+                             error=RouterError)
         try:
             pool = load_file(str(pool_path))["pool"]
         except Exception as e:  # torn/foreign safetensors surface as assorted errors
