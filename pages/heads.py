@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import figures, keys, session, tables, widgets
+from ui import figures, head_grid, keys, session, tables, widgets
 from ui.errors import user_errors
 from ui.scoring import HEAD_CRITERIA
 
@@ -31,12 +31,12 @@ for column, name in zip(st.columns(len(HEAD_CRITERIA)), HEAD_CRITERIA):
     s = scores[name]
     common = dict(title=name, group_size=g.group_size, pruned=pruned, hover=tables.head_hover(s, g, mask))
     if colour == "rank":
-        fig = figures.rank_heatmap(s.heads.numpy(), **common)
+        view = head_grid.rank_view(s.heads.numpy(), **common)
     else:
-        fig = figures.head_heatmap(tables.display_statistic(s).numpy(), colorbar_title=tables.STATISTIC_LABELS[name],
-                                   reverse=name == "entropy", **common)
+        view = head_grid.score_view(tables.display_statistic(s).numpy(), bar_title=tables.STATISTIC_LABELS[name],
+                                    reverse=name == "entropy", **common)
     with column:
-        widgets.clickable_head_grid(fig, key=f"{keys.W_HEADS_GRID}.{name}")
+        widgets.clickable_head_grid(view, key=f"{keys.W_HEADS_GRID}.{name}")
 with st.expander("Switch a head by number"):
     widgets.toggle_form(g, keys.FORM_HEADS_TOGGLE)
 

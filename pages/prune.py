@@ -5,7 +5,7 @@ import streamlit as st
 from engine.core.mask import UNIT_KINDS, UNIT_WORDS
 from engine.importance.registry import criteria_for
 from engine.pruning.select import select
-from ui import compute, curves, figures, keys, session, widgets
+from ui import compute, curves, figures, head_grid, keys, session, widgets
 from ui.errors import user_errors
 from ui.suggest import suggest_panel
 
@@ -65,7 +65,7 @@ mask = session.mask()
 
 left, right = st.columns([1, 2])
 with left:
-    widgets.clickable_head_grid(figures.mask_grid(mask, g.group_size, title="Mask: heads (click to switch)"),
+    widgets.clickable_head_grid(head_grid.gate_view(mask, g.group_size, title="Mask: heads (click to switch)"),
                                 key=keys.W_PRUNE_GRID)
 with right:
     st.plotly_chart(figures.block_gates_figure(mask), config={"displayModeBar": False})

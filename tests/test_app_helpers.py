@@ -14,7 +14,7 @@ from engine.importance.criteria import Scores
 from engine.runtime.attention_maps import attention_map
 from engine.runtime.evaluate import perplexity
 from engine.runtime.prefix_cache import live_protocol
-from ui import figures, tables
+from ui import figures, head_grid, tables
 from ui.compute import digest
 from ui.curves import perplexity_curves
 from ui.pages import KNOWN_PAGES, available_pages
@@ -101,25 +101,47 @@ def test_criteria_correlation_is_one_on_the_diagonal_and_minus_one_for_reversed_
     assert corr.loc["a", "a"] == pytest.approx(1.0) and corr.loc["a", "b"] == pytest.approx(-1.0)
 
 
-def test_head_heatmap_separates_kv_groups_crosses_pruned_heads_and_has_a_clickable_cell_each():
+def test_head_grid_views_colour_every_cell_mark_pruned_heads_and_keep_the_kv_group_size():
     values = np.random.default_rng(0).random((30, 9))
     pruned = np.zeros((30, 9), dtype=bool)
     pruned[3, 4] = pruned[7, 0] = True
-    fig = figures.head_heatmap(values, title="gradient", colorbar_title="|dL/dgate|", group_size=3, pruned=pruned)
-    lines = [s for s in fig.layout.shapes if s.type == "line"]
-    assert sorted(s.x0 for s in lines) == [2.5, 5.5]  # 3 KV groups of 3 heads
-    click = next(t for t in fig.data if t.name == figures.CLICK_TRACE_NAME)
-    assert len(click.x) == 270 and (click.y[13], click.x[13]) == (1, 4)  # x = head, y = layer
-    crosses = next(t for t in fig.data if t.name == "pruned")
-    assert sorted(zip(crosses.y, crosses.x)) == [(3, 4), (7, 0)]
-    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    hover = [[f"{l},{h}" for h in range(9)] for l in range(30)]
+    view = head_grid.score_view(values, title="gradient", bar_title="|dL/dgate|", hover=hover, pruned=pruned,
+                                group_size=3)
+    assert (view["layers"], view["heads"], view["group"]) == (30, 9, 3)
+    assert len(view["colors"]) == 270 and view["hover"][13] == "1,4"  # row-major: layer 1, head 4
+    assert [i for i, p in enumerate(view["pruned"]) if p] == [3 * 9 + 4, 7 * 9 + 0]
+    lo, hi = np.unravel_index(values.argmin(), values.shape), np.unravel_index(values.argmax(), values.shape)
+    assert view["colors"][lo[0] * 9 + lo[1]] == view["bar"]["stops"][0]  # the scale's ends on the extreme cells
+    assert view["colors"][hi[0] * 9 + hi[1]] == view["bar"]["stops"][-1]
+    flipped = head_grid.score_view(values, title="entropy", bar_title="nats", hover=hover, pruned=pruned, reverse=True)
+    assert flipped["colors"][lo[0] * 9 + lo[1]] == view["bar"]["stops"][-1]
+    ranked = head_grid.rank_view(values, title="gradient", hover=hover, pruned=pruned)
+    assert ranked["bar"]["ticks"] == [[0.0, "least useful"], [1.0, "most useful"]]
 
 
-def test_mask_grid_shows_soft_gate_values(llama_handle):
+def test_gate_view_shows_soft_gate_values_without_marks(llama_handle):
     m = PruneMask.dense(llama_handle.geometry)
     m.heads[0, 1] = 0.25
-    z = np.asarray(figures.mask_grid(m).data[0].z)
-    assert z[0, 1] == pytest.approx(0.25) and z.shape == (2, 4)
+    view = head_grid.gate_view(m)
+    assert view["pruned"] is None and (view["layers"], view["heads"]) == (2, 4)
+    assert "gate 0.25" in view["hover"][1] and view["colors"][1] != view["colors"][0]
+
+
+def test_each_grid_click_is_applied_once_in_order_whatever_states_arrive():
+    applied: dict[str, int] = {}
+    first = {"grid": "a", "events": [[1, 0, 2], [2, 1, 3]]}
+    cells, applied = head_grid.new_clicks(first, applied)
+    assert cells == [(0, 2), (1, 3)] and applied == {"a": 2}
+    assert head_grid.new_clicks(first, applied) == ([], applied)  # the same state again: a replay, nothing
+    # Clicks made while the app was busy: the newest state still holds the unacknowledged ones.
+    later = {"grid": "a", "events": [[4, 0, 0], [2, 1, 3], [3, 0, 2]]}
+    cells, applied = head_grid.new_clicks(later, applied)
+    assert cells == [(0, 2), (0, 0)] and applied == {"a": 4}  # seq order, 2 not again
+    cells, applied = head_grid.new_clicks({"grid": "b", "events": [[1, 1, 1]]}, applied)  # a new mount
+    assert cells == [(1, 1)] and applied == {"a": 4, "b": 1}
+    for junk in (None, {}, {"grid": 3}, {"grid": "c", "events": [[1, "x", 0], [2, -1, 0], [3, 0]]}):
+        assert head_grid.new_clicks(junk, applied) == ([], applied)
 
 
 def test_attention_small_multiples_titles_pruned_heads(llama_handle):

@@ -89,14 +89,14 @@ def test_each_page_renders_without_exception_on_a_tiny_model(tiny_llama, page):
     at.switch_page(page).run()
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
-    charts = at.get("plotly_chart")
+    charts, grids = at.get("plotly_chart"), at.get("bidi_component")
     if page.endswith("heads.py"):
-        assert len(charts) == 5  # four criteria and their correlation
+        assert len(grids) == 4 and len(charts) == 1  # a clickable head grid per criterion; their correlation
         assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 8
     elif page.endswith("attention.py"):
         assert len(charts) == 2  # dense and masked, side by side
     else:
-        assert len(charts) == 2 and len(at.text) == 2  # mask grid, sub-blocks; dense and pruned generations
+        assert len(grids) == 1 and len(charts) == 1 and len(at.text) == 2  # mask grid, sub-blocks; two generations
 
 
 def test_toggling_a_head_changes_the_mask_and_the_displayed_perplexity(tiny_llama):

@@ -71,6 +71,32 @@ def test_a_progress_callback_that_raises_ends_the_wait_but_never_the_work():
     assert job.outcome() == 7 and job.state == DONE
 
 
+def test_a_waiter_redraws_unchanged_progress_so_it_can_be_stopped_before_the_next_report():
+    class Stop(Exception):
+        pass
+
+    release, draws = threading.Event(), []
+
+    def work(job: Job) -> int:
+        job.report(1, 2)
+        release.wait(10)  # a long step: no report for a while
+        return 1
+
+    def drawing(done: int, total: int) -> None:
+        draws.append((done, total))
+        if len(draws) == 3:  # the front end stops the waiting thread at a drawing call
+            raise Stop
+
+    job = Job(work).start()
+    t0 = time.monotonic()
+    with pytest.raises(Stop):
+        job.outcome(drawing, poll_s=0.01, redraw_s=0.05)
+    assert draws == [(1, 2)] * 3 and time.monotonic() - t0 < 5
+    assert job.running
+    release.set()
+    assert job.outcome() == 1
+
+
 def test_a_failure_is_logged_kept_and_raised_to_whoever_waits(caplog):
     def work(job: Job) -> None:
         raise RuntimeError("a bug")

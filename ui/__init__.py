@@ -20,7 +20,8 @@ What a page needs, one call each:
 Modules: session (the API above), models (model choice + cached loader), scoring (the
 calibration choice, its one shared capture pass and the scores derived from it), sidebar,
 pages (page registry), keys (every session-state and widget key), errors, figures (plotly
-builders), tables (pandas tables), widgets (clickable head grid, perplexity metrics), compute
+builders), head_grid (the clickable layers x heads grid: its views and how clicks reach the mask),
+tables (pandas tables), widgets (clickable head grid, perplexity metrics), compute
 (cached attention maps, generations, full evaluations, costs), shared_cache (values computed
 once for every session, by engine.core.jobs background jobs), curves (background perplexity
 curves), suggest (the suggest-mask panel), clusters (the Clusters page's pieces), mask_edit

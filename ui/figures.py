@@ -1,9 +1,7 @@
 """Plotly figures of the app (pure: data in, figure out; no Streamlit).
 
-Conventions: heads on the x axis, layers on the y axis with layer 0 at the top; KV groups
-(GQA) separated by vertical lines; every cell has hover text; axes and colour bars are
-labelled. Head grids carry an invisible marker per cell (trace CLICK_TRACE_NAME) so a
-click or a box selection in the browser reports (layer, head) as customdata.
+Conventions: every cell has hover text; axes and colour bars are labelled. The clickable
+layers x heads grids are not plotly figures: see ui/head_grid.py.
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ from engine.core.mask import PruneMask
 from engine.runtime.attention_maps import AttentionMap
 
 __all__ = [
-    "CLICK_TRACE_NAME",
-    "head_heatmap",
-    "rank_heatmap",
-    "mask_grid",
+    "PRUNED_COLOR",
+    "GATE_COLORSCALE",
     "block_gates_figure",
     "attention_heatmap",
     "attention_small_multiples",
@@ -30,119 +26,9 @@ __all__ = [
     "curve_figure",
 ]
 
-CLICK_TRACE_NAME = "cells"
 PRUNED_COLOR = "#e4572e"
+GATE_COLORSCALE = [[0.0, PRUNED_COLOR], [0.5, "#f6d8a8"], [1.0, "#2f6f9f"]]  # gate 0 (pruned) .. 1 (kept)
 _FONT = dict(size=12)
-
-
-def _cell_px(n_layers: int) -> int:
-    return 18 if n_layers <= 32 else max(8, 576 // n_layers)
-
-
-def _grid_layout(fig: go.Figure, n_layers: int, n_heads: int, group_size: int, title: str, height: int | None) -> None:
-    """Heads labelled along the top, layers down the side (0 at the top), fixed ranges, KV group lines."""
-    for k in range(1, n_heads // group_size):
-        if group_size > 1:
-            fig.add_vline(x=k * group_size - 0.5, line_width=2, line_color="white")
-    fig.update_layout(
-        title=dict(text=title, x=0, y=1, yanchor="top", font=dict(size=14)),
-        height=height or (n_layers * _cell_px(n_layers) + 150),
-        margin=dict(l=45, r=10, t=70, b=50),
-        font=_FONT,
-        dragmode=False,
-        showlegend=False,
-        clickmode="event+select",
-        plot_bgcolor="white",
-    )
-    # Fixed ranges: the invisible click markers must not widen the axes.
-    fig.update_xaxes(title_text="head", side="top", tickmode="linear", dtick=1, range=[-0.5, n_heads - 0.5],
-                     showgrid=False, zeroline=False, fixedrange=True, title_standoff=4)
-    fig.update_yaxes(title_text="layer", range=[n_layers - 0.5, -0.5], tickmode="linear",
-                     dtick=1 if n_layers <= 32 else 4, showgrid=False, zeroline=False, fixedrange=True)
-
-
-def _bottom_colorbar(title: str, **extra) -> dict:
-    """A horizontal colour bar under the grid, so narrow grids keep their width."""
-    # len < 1 leaves room for the end tick labels ("least useful", "most useful") inside the figure.
-    return dict(title=dict(text=title, side="bottom"), orientation="h", thickness=8, len=0.7, x=0.5, xanchor="center",
-                y=-0.02, yanchor="top", **extra)
-
-
-def _click_layer(values: np.ndarray, hover: list[list[str]]) -> go.Scatter:
-    """One invisible, selectable marker per cell; customdata = [layer, head]."""
-    L, H = values.shape
-    ll, hh = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
-    return go.Scatter(
-        x=hh.ravel(), y=ll.ravel(), mode="markers", name=CLICK_TRACE_NAME,
-        marker=dict(size=14, symbol="square", color="rgba(0,0,0,0)"),
-        customdata=np.stack([ll.ravel(), hh.ravel()], axis=1),
-        hovertext=[hover[l][h] for l, h in zip(ll.ravel(), hh.ravel())], hoverinfo="text",
-        selected=dict(marker=dict(color="rgba(0,0,0,0)")), unselected=dict(marker=dict(opacity=0)),
-    )
-
-
-def _pruned_markers(pruned: np.ndarray) -> go.Scatter:
-    ls, hs = np.nonzero(pruned)
-    return go.Scatter(x=hs, y=ls, mode="markers", hoverinfo="skip", name="pruned",
-                      marker=dict(symbol="x-thin", size=11, line=dict(width=2.5, color=PRUNED_COLOR)))
-
-
-def head_heatmap(
-    values: np.ndarray,
-    *,
-    title: str,
-    colorbar_title: str,
-    group_size: int = 1,
-    pruned: np.ndarray | None = None,
-    hover: list[list[str]] | None = None,
-    reverse: bool = False,
-    height: int | None = None,
-) -> go.Figure:
-    """A layers x heads heatmap of one statistic, pruned heads crossed out, clickable cells.
-
-    `reverse` flips the colour scale (so that dark always means "less useful").
-    """
-    values = np.asarray(values, dtype=float)
-    L, H = values.shape
-    if hover is None:
-        hover = [[f"layer {l}, head {h}: {values[l, h]:.4g}" for h in range(H)] for l in range(L)]
-    fig = go.Figure(go.Heatmap(
-        z=values, x=list(range(H)), y=list(range(L)), colorscale="Viridis", reversescale=reverse,
-        colorbar=_bottom_colorbar(colorbar_title, nticks=4), hoverinfo="skip",
-    ))
-    if pruned is not None and pruned.any():
-        fig.add_trace(_pruned_markers(pruned))
-    fig.add_trace(_click_layer(values, hover))
-    _grid_layout(fig, L, H, group_size, title, height)
-    return fig
-
-
-def rank_heatmap(importance: np.ndarray, **kwargs) -> go.Figure:
-    """head_heatmap coloured by rank: darkest = least useful (pruned first), brightest = most useful."""
-    imp = np.asarray(importance, dtype=float)
-    order = np.argsort(imp.ravel(), kind="stable")
-    pct = np.empty(imp.size)
-    pct[order] = np.arange(imp.size) / max(imp.size - 1, 1)
-    fig = head_heatmap(pct.reshape(imp.shape), colorbar_title="rank", **kwargs)
-    fig.data[0].colorbar.update(tickvals=[0, 1], ticktext=["least useful", "most useful"], nticks=None)
-    return fig
-
-
-def mask_grid(mask: PruneMask, group_size: int = 1, *, title: str = "Heads kept (gate values)") -> go.Figure:
-    """The mask's head gates [L, H] (sub-block removal folded in): 1 kept, 0 pruned, soft values between."""
-    gates = mask.heads_effective().detach().float().numpy()
-    L, H = gates.shape
-    hover = [[f"layer {l}, head {h} (KV group {h // group_size}): gate {gates[l, h]:.3g}"
-              + (" - pruned" if gates[l, h] == 0 else "") for h in range(H)] for l in range(L)]
-    fig = go.Figure(go.Heatmap(
-        z=gates, x=list(range(H)), y=list(range(L)), zmin=0, zmax=1,
-        colorscale=[[0.0, PRUNED_COLOR], [0.5, "#f6d8a8"], [1.0, "#2f6f9f"]],
-        colorbar=_bottom_colorbar("gate", tickvals=[0, 0.5, 1], ticktext=["0 pruned", "0.5", "1 kept"]),
-        hoverinfo="skip", xgap=1, ygap=1,
-    ))
-    fig.add_trace(_click_layer(gates, hover))
-    _grid_layout(fig, L, H, group_size, title, None)
-    return fig
 
 
 def block_gates_figure(mask: PruneMask) -> go.Figure:
@@ -156,7 +42,7 @@ def block_gates_figure(mask: PruneMask) -> go.Figure:
     text = [[f"{rows[r]}, layer {l}: {z[r, l]:.3g}" for l in range(L)] for r in range(3)]
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(L)), y=rows, zmin=0, zmax=1, text=text, hoverinfo="text", xgap=1, ygap=2,
-        colorscale=[[0.0, PRUNED_COLOR], [0.5, "#f6d8a8"], [1.0, "#2f6f9f"]],
+        colorscale=GATE_COLORSCALE,
         colorbar=dict(title=dict(text="gate / kept", side="right"), thickness=10),
     ))
     fig.update_layout(title=dict(text="Sub-blocks and FFN channels per layer", x=0, font=dict(size=14)),

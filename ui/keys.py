@@ -12,7 +12,7 @@ address widgets by these string values.
 from __future__ import annotations
 
 __all__ = [
-    "MODEL_CHOICE", "MODEL_FAILED", "MASK", "MASK_VERSION", "PREFIX_CACHE", "MASK_UPLOAD_ERROR",
+    "MODEL_CHOICE", "MODEL_FAILED", "MASK", "MASK_VERSION", "HEAD_CLICKS", "PREFIX_CACHE", "MASK_UPLOAD_ERROR",
     "W_MODEL_OPTION", "W_MODEL_PATH", "W_DEVICE", "W_DTYPE", "W_TRUST_REMOTE_CODE", "W_CALIBRATION",
     "W_CALIBRATION_TEXTS", "W_MASK_UPLOAD", "W_HEADS_RANK_BY", "W_HEADS_COLOUR", "W_ATTN_PROMPT", "W_ATTN_LAYER",
     "W_ATTN_HEAD",
@@ -35,7 +35,8 @@ __all__ = [
 MODEL_CHOICE = "headlab.model_choice"  # ui.models.ModelChoice the session has open
 MODEL_FAILED = "headlab.model_failed"  # (ModelChoice, message) of the last choice that did not load
 MASK = "headlab.mask"  # ui.session.MaskState: (model key, PruneMask)
-MASK_VERSION = "headlab.mask_version"  # bumped on every mask change; clickable grids key on it
+MASK_VERSION = "headlab.mask_version"  # bumped on every mask change; widgets that show the mask key on it
+HEAD_CLICKS = "headlab.head_clicks"  # {grid key: {grid id: last click applied}} (ui/head_grid.py)
 PREFIX_CACHE = "headlab.prefix_cache"  # (model key, engine.runtime.prefix_cache.PrefixCache)
 MASK_UPLOAD_ERROR = "headlab.mask_upload_error"
 
@@ -67,7 +68,7 @@ W_PRUNE_SCOPE = "w.prune.scope"
 W_PRUNE_KV = "w.prune.kv_groups"
 W_GEN_PROMPT = "w.prune.prompt"
 W_GEN_TOKENS = "w.prune.max_new_tokens"
-W_HEADS_GRID = "heads.grid"  # prefix: one clickable grid per criterion
+W_HEADS_GRID = "heads.grid"  # prefix: one clickable grid per criterion (ui/head_grid.py)
 W_HEADS_TABLE = "heads.table"  # prefix: the table's selection starts afresh with each mask version
 FORM_HEADS_TOGGLE = "heads.toggle"  # ui.widgets.toggle_form adds ".layer" and ".head"
 W_PRUNE_GRID = "prune.grid"

@@ -64,6 +64,8 @@ def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationC
     def compute(report: Progress) -> Calibration:
         calib = Calibration.shipped(choice.name, choice.n_texts, max_length=choice.max_length)
         calib.stats(handle, report)
+        for name in APP_CRITERIA:  # in the job, so concurrent sessions only ever read them (calib.cache)
+            criterion_scores(handle, name, calib)
         return calib
 
     cache, key = shared_cache("calibration", 4), f"{model_key}|{choice.describe()}"
@@ -83,6 +85,6 @@ def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationC
 
 
 def cached_scores(handle: ModelHandle, model_key: str, choice: CalibrationChoice) -> dict[str, Scores]:
-    """Scores of APP_CRITERIA, all from the shared calibration's one capture pass."""
+    """Scores of APP_CRITERIA, all from the shared calibration's one capture pass (computed in its job)."""
     calib = shared_calibration(handle, model_key, choice)
     return {name: criterion_scores(handle, name, calib) for name in APP_CRITERIA}

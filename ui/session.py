@@ -4,6 +4,7 @@
     handle = session.handle()        # the session's model (cached, shared by sessions: never mutate)
     mask = session.mask()            # this session's current PruneMask (dense at first)
     session.set_mask(new_mask)       # replace it; every page and the sidebar summary follow
+    session.apply_clicks(key, state) # a head grid's clicks: each toggles its head once, in order
     result = session.live_perplexity(mask)   # fast perplexity via this session's prefix cache
     scores = session.scores()        # criterion -> engine.importance.criteria.Scores on the calibration set
     calib = session.calibration_data()   # engine Calibration: the texts and their one capture pass (shared)
@@ -28,6 +29,7 @@ from engine.pruning.strategies import Calibration
 from engine.runtime.evaluate import PerplexityResult
 from engine.runtime.prefix_cache import PrefixCache, PrefixRun
 from ui import keys
+from ui.head_grid import new_clicks
 from ui.models import ModelChoice, default_choice, load_cached
 from ui.scoring import CalibrationChoice, cached_scores, calibration_choice, shared_calibration
 
@@ -39,6 +41,7 @@ __all__ = [
     "mask",
     "set_mask",
     "toggle",
+    "apply_clicks",
     "mask_version",
     "prefix_cache",
     "live_perplexity",
@@ -94,6 +97,24 @@ def toggle(cells: list[tuple[int, int]]) -> None:
     """Flip the given (layer, head) cells of the session's mask."""
     if cells:
         set_mask(mask().toggle_heads(cells))
+
+
+def apply_clicks(grid_key: str, state: Any) -> bool:
+    """Toggle the heads of the clicks in a head grid's `clicks` state not applied yet; whether there were any.
+
+    Each click is applied once, in click order (ui.head_grid.new_clicks); a click outside the
+    model's grid is dropped. The acknowledgement is stored right after the mask, with no
+    Streamlit call in between, so a rerun that interrupts this applies every click exactly once.
+    """
+    ledger = st.session_state.setdefault(keys.HEAD_CLICKS, {})
+    cells, applied = new_clicks(state, ledger.get(grid_key, {}))
+    if not cells:
+        return False
+    g = handle().geometry
+    new = mask().toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads])
+    set_mask(new)
+    ledger[grid_key] = applied
+    return True
 
 
 def mask_version() -> int:

@@ -71,7 +71,7 @@ def head_hover(scores: Scores, g: Geometry, mask: PruneMask) -> list[list[str]]:
     gate = mask.heads_effective()
     label = STATISTIC_LABELS.get(scores.criterion, scores.criterion)
     n = g.n_layers * g.n_heads
-    return [[f"layer {l}, head {h} (KV group {g.kv_head_of(h)})<br>{label}: {float(values[l, h]):.4g}"
-             f"<br>rank {int(rank[l, h])} of {n} (1 = least useful)"
-             f"<br>{'PRUNED - click to restore' if gate[l, h] == 0 else 'kept - click to prune'}"
+    return [[f"layer {l}, head {h} (KV group {g.kv_head_of(h)})\n{label}: {float(values[l, h]):.4g}"
+             f"\nrank {int(rank[l, h])} of {n} (1 = least useful)"
+             f"\n{'PRUNED - click to restore' if gate[l, h] == 0 else 'kept - click to prune'}"
              for h in range(g.n_heads)] for l in range(g.n_layers)]

@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 
 from engine.core.adapter import Geometry
 from engine.runtime.evaluate import PerplexityResult
-from ui import session
-from ui.figures import CLICK_TRACE_NAME
+from ui import keys, session
+from ui.head_grid import GridView, head_grid
 
 __all__ = ["clickable_head_grid", "perplexity_metrics", "toggle_form"]
 
 
-def _selected_cells(fig: go.Figure, event) -> list[tuple[int, int]]:
-    click_curve = next(i for i, t in enumerate(fig.data) if t.name == CLICK_TRACE_NAME)
-    cells = set()
-    for p in event.selection.get("points", []):
-        # The click trace puts head h at x = h and layer l at y = l.
-        if p.get("curve_number") == click_curve and p.get("x") is not None and p.get("y") is not None:
-            cells.add((int(round(float(p["y"]))), int(round(float(p["x"])))))
-    return sorted(cells)
+def clickable_head_grid(view: GridView, key: str) -> None:
+    """Draw a head grid (ui.head_grid views); each click on a cell toggles that head in the session's mask.
 
-
-def clickable_head_grid(fig: go.Figure, key: str) -> None:
-    """Draw a layers x heads figure; a click on a cell toggles that head in the session's mask.
-
-    The chart's key includes the mask version, so after a toggle the chart is a new widget
-    with no selection, and clicking the same cell again toggles it back.
+    Clicks are applied before the script runs (the grid's callback), each once and in order. A
+    click this run's script has not seen applied yet (its callback did not run) is applied now
+    and the script reruns, so the page never shows a mask without it.
     """
-    widget_key = f"{key}.v{session.mask_version()}"
-
-    def on_select() -> None:
-        event = st.session_state.get(widget_key)
-        if event is not None:
-            session.toggle(_selected_cells(fig, event))
-
-    st.plotly_chart(fig, key=widget_key, on_select=on_select, selection_mode="points",
-                    config={"displayModeBar": False})
+    applied = st.session_state.get(keys.HEAD_CLICKS, {}).get(key, {})
+    clicks = head_grid(view, key=key, applied=applied,
+                       on_clicks=lambda: session.apply_clicks(key, (st.session_state.get(key) or {}).get("clicks")))
+    if session.apply_clicks(key, clicks):
+        st.rerun()
 
 
 def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, label: str = "Perplexity") -> None:
@@ -45,8 +31,9 @@ def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, la
     c1, c2, c3 = st.columns([1, 1, 2])
     c1.metric(f"{label}, dense", f"{dense.perplexity:.3f}")
     delta = current.perplexity - dense.perplexity
-    c2.metric(f"{label}, with mask", f"{current.perplexity:.3f}", delta=f"{delta:+.3f}" if delta else None,
-              delta_color="inverse")
+    # Always a delta line ("no change" for the dense mask), so what is drawn below never moves when one appears.
+    c2.metric(f"{label}, with mask", f"{current.perplexity:.3f}", delta=f"{delta:+.3f}" if delta else "no change",
+              delta_color="inverse" if delta else "off", delta_arrow="auto" if delta else "off")
     run = session.last_live_run()
     timing = ""
     if run is not None and not run.reused_result:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Generic, TypeVar
 
@@ -97,16 +98,20 @@ class Job(Generic[T]):
         """Block until the job has finished (or `timeout` seconds passed); whether it finished."""
         return self._finished.wait(timeout)
 
-    def outcome(self, progress: Progress | None = None, poll_s: float = 0.1) -> T:
+    def outcome(self, progress: Progress | None = None, poll_s: float = 0.1, redraw_s: float = 1.0) -> T:
         """Wait for the result, calling `progress(done, total)` in this thread as it changes.
 
+        Once the work has reported, `progress` is also called again at least every `redraw_s`
+        seconds: a front end that stops a waiting thread at its next drawing call (Streamlit on a
+        rerun or a closed tab) then stops it promptly, not at the work's next report.
         Re-raises the work's exception if it failed, JobCancelled if it was cancelled without a
         result. An exception raised by `progress` ends this wait only: the work goes on.
         """
-        seen = None
+        seen, drawn_at = None, 0.0
         while not self._finished.wait(poll_s if progress else None):
-            if self.total and (self.done, self.total) != seen:
-                seen = (self.done, self.total)
+            now = time.monotonic()
+            if self.total and ((self.done, self.total) != seen or now - drawn_at >= redraw_s):
+                seen, drawn_at = (self.done, self.total), now
                 progress(*seen)
         if self.state == FAILED:
             raise self.exception  # type: ignore[misc]

@@ -12,7 +12,6 @@ The default (window 512, stride 512, 12 windows: 6,132 scored tokens) is fast on
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from engine.core import gates
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.core.once import computed_once
 from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length
 from engine.data.datasets import read_wikitext, wikitext_sha256
@@ -75,8 +75,9 @@ class PerplexityResult:
                 "protocol_text": self.protocol.describe(self.tokenizer, self.n_tokens)}
 
 
-@functools.lru_cache(maxsize=8)
+@computed_once(maxsize=8)
 def _wikitext_ids(tokenizer: Any) -> torch.Tensor:
+    """The whole evaluation text as token ids, tokenised once per tokenizer, however many sessions ask at once."""
     return torch.tensor(tokenizer(read_wikitext(), add_special_tokens=False)["input_ids"])
 
 

@@ -1,0 +1,155 @@
+"""Fast clicks in a real browser: every click on a head grid toggles exactly its head, once.
+
+Chromium (Playwright) against `streamlit run app.py` on 127.0.0.1, a tiny random Llama of 6
+layers x 4 heads. Clicks go to precomputed cell centres with no pause between them, so they
+land while the app is still re-running for the earlier ones. Also checked: the grids do not
+move when the first toggle brings in the perplexity delta, and every request the page makes
+goes to 127.0.0.1.
+
+A reload is a new browser session (the mask lives in the session, as every other setting):
+the mask starts dense again, and the clicks made after the reload are exact too. To keep a
+mask across a reload, save it (sidebar "Save mask") and load it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from engine.core.mask import PruneMask
+from tests.browser import (
+    VIEWPORT,
+    grid_cell,
+    grid_shape,
+    is_local_url,
+    launch_chromium,
+    masked_perplexity,
+    save_tiny_llama,
+    sidebar_heads_pruned,
+    streamlit_app,
+    wait_idle,
+)
+
+SLOW = float(os.environ.get("HEADLAB_BROWSER_TIMEOUT", "240"))
+LAYERS = 6
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    model = save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-6", layers=LAYERS)
+    with streamlit_app(model, tmp_path_factory.mktemp("logs") / "streamlit.log") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = launch_chromium(p)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_heads_page(page, url: str | None = None) -> None:
+    if url is not None:
+        page.goto(url, wait_until="domcontentloaded")
+    page.get_by_text("Perplexity, with mask").first.wait_for(timeout=SLOW * 1000)
+    grid_cell(page, 0, 0, 0).wait_for(timeout=SLOW * 1000)
+    wait_idle(page, SLOW)
+
+
+def click_fast(page, clicks: list[tuple[int, int, int]]) -> None:
+    """Click (grid, layer, head) cells at their centres as measured now, with no pause in between."""
+    points = []
+    for grid, layer, head in clicks:
+        box = grid_cell(page, grid, layer, head).bounding_box()
+        points.append((box["x"] + box["width"] / 2, box["y"] + box["height"] / 2))
+    for x, y in points:
+        page.mouse.click(x, y)
+
+
+def expected_pruned(clicks: list[tuple[int, int, int]], start: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    out = set(start)
+    for _, layer, head in clicks:
+        out ^= {(layer, head)}
+    return out
+
+
+def settle(page, expected: int) -> None:
+    """Wait until the sidebar counts `expected` pruned heads and the app is idle."""
+    deadline = time.monotonic() + SLOW
+    while time.monotonic() < deadline:
+        try:
+            if sidebar_heads_pruned(page) == expected:
+                break
+        except Exception:  # the sidebar is being re-drawn
+            pass
+        time.sleep(0.25)
+    wait_idle(page, SLOW)
+
+
+def saved_mask_pruned(page, tmp_path) -> set[tuple[int, int]]:
+    """The pruned heads of the mask file the sidebar's "Save mask" button downloads."""
+    with page.expect_download() as download:
+        page.locator('[data-testid="stSidebar"]').get_by_text("Save mask").click()
+    path = tmp_path / f"mask-{time.monotonic_ns()}.json"
+    download.value.save_as(path)
+    mask = PruneMask.from_dict(json.loads(path.read_text()))
+    return {(int(l), int(h)) for l, h in (mask.heads_effective() == 0).nonzero().tolist()}
+
+
+def crossed_cells(page, grid: int) -> set[tuple[int, int]]:
+    """Cells a head grid shows as pruned."""
+    cells = page.locator('[data-testid="stBidiComponentIsolated"]').nth(grid).locator(".cell.pruned")
+    return {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-head"))) for c in cells.all()}
+
+
+def test_clicks_with_no_pause_prune_exactly_the_clicked_heads_before_and_after_a_reload(app_url, browser, tmp_path):
+    page = browser.new_page(viewport=VIEWPORT, accept_downloads=True)
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    open_heads_page(page, app_url)
+    assert grid_shape(page) == (LAYERS, 4)
+    dense = masked_perplexity(page)
+    top = grid_cell(page, 0, 0, 0).bounding_box()["y"]
+
+    # Ten different heads, most on the first criterion's grid, two on the third one.
+    first = [(0, 0, 1), (0, 1, 2), (0, 2, 0), (0, 3, 3), (0, 4, 1), (2, 5, 2), (0, 0, 3), (0, 2, 2), (2, 1, 0),
+             (0, 5, 3)]
+    click_fast(page, first)
+    want = expected_pruned(first, set())
+    assert len(want) == 10
+    settle(page, len(want))
+    assert sidebar_heads_pruned(page) == len(want)
+    assert saved_mask_pruned(page, tmp_path) == want
+    assert crossed_cells(page, 0) == want and crossed_cells(page, 3) == want  # every grid shows the same mask
+    assert masked_perplexity(page) != dense
+    assert grid_cell(page, 0, 0, 0).bounding_box()["y"] == top  # the delta line did not push the grids down
+
+    page.reload(wait_until="domcontentloaded")  # a new session: the mask starts dense
+    open_heads_page(page)
+    assert sidebar_heads_pruned(page) == 0 and masked_perplexity(page) == dense
+    # Eight clicks, one head twice (on and off again) and one on two grids: parity decides.
+    second = [(1, 0, 0), (1, 1, 1), (1, 0, 0), (0, 3, 2), (1, 4, 0), (3, 4, 0), (1, 5, 1), (1, 2, 3)]
+    click_fast(page, second)
+    want = expected_pruned(second, set())
+    assert want == {(1, 1), (3, 2), (5, 1), (2, 3)}
+    settle(page, len(want))
+    assert sidebar_heads_pruned(page) == len(want)
+    assert saved_mask_pruned(page, tmp_path) == want
+    assert crossed_cells(page, 1) == want
+
+    assert not errors, errors
+    outside = sorted({u for u in requests if not is_local_url(u)})
+    assert requests and not outside, outside  # no CDN fonts, icons or anything else from outside
+    page.close()
