@@ -7,13 +7,11 @@ import streamlit as st
 from engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
 from engine.pruning.strategies.scores import ablation_scores, cached_ablation
 from engine.runtime.attention_maps import token_limit
-from ui import compute, session
+from ui import compute, keys, session
 from ui.errors import user_errors
 from ui.suggest import shared_calibration
 
 KIND_COLORS = dict(zip(HEAD_KINDS, px.colors.qualitative.Set2))
-FORM_LONG_PROMPT, W_LONG_PROMPT = "diagnostics.prompt", "w.diagnostics.prompt"
-LONG_PROMPT_RESULT = "diagnostics.prompt.result"  # (model key, PromptDiagnosis) of this session's last long prompt
 
 st.title("Diagnostics")
 st.caption("Each head is labelled by where its attention goes on the calibration text, with the numbers behind "
@@ -87,19 +85,19 @@ st.dataframe(table[table.kind.isin(kinds)][cols], hide_index=True, width="stretc
 st.subheader("On a long prompt")
 st.caption("The same labels and statistics for one prompt of any length up to the model's context, under the "
            "current mask: one forward, then each layer's attention is formed a block of rows at a time.")
-with st.form(FORM_LONG_PROMPT):
-    long_text = st.text_area("Prompt", key=W_LONG_PROMPT, height=90,
+with st.form(keys.FORM_DIAG_LONG_PROMPT):
+    long_text = st.text_area("Prompt", key=keys.W_DIAG_LONG_PROMPT, height=90,
                              placeholder=f"Paste a text of up to {token_limit(handle):,} tokens")
     go = st.form_submit_button("Label the heads on this prompt")
 model_key = session.model_choice().key
 if go:
     bar = st.progress(0.0, text="One forward, then every layer")
     with user_errors():
-        st.session_state[LONG_PROMPT_RESULT] = (model_key, compute.long_prompt_diagnosis(
+        st.session_state[keys.DIAG_LONG_PROMPT_RESULT] = (model_key, compute.long_prompt_diagnosis(
             handle, long_text, session.mask(),
             progress=lambda d, t: bar.progress(d / t, text=f"Forward and layers {d}/{t}")))
     bar.empty()
-key_and_result = st.session_state.get(LONG_PROMPT_RESULT)
+key_and_result = st.session_state.get(keys.DIAG_LONG_PROMPT_RESULT)
 if key_and_result is not None and key_and_result[0] == model_key:
     found = key_and_result[1]
     st.markdown(f"{found.n_tokens:,} tokens{' (cut to fit)' if found.truncated else ''}: "

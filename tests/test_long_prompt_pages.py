@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from engine.importance.diagnostics import HEAD_KINDS
 from tests.tiny import tiny_handle
-from ui import compute, keys
+from ui import keys
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 CONTEXT = 1024
@@ -37,7 +37,7 @@ def test_the_attention_page_maps_a_prompt_of_the_whole_context_and_switches_laye
     assert not at.exception, [e.message for e in at.exception]
     assert len(at.get("plotly_chart")) == 2
     assert f"{CONTEXT} tokens (the prompt was cut to the first {CONTEXT:,})" in at.caption[0].value
-    cache = at.session_state[compute.LAYER_INPUTS]
+    cache = at.session_state[keys.ATTN_LAYER_INPUTS]
     # the default prompt and this one; dense and "masked" (a mask that keeps everything) share one forward
     assert len(cache) == 2
     at.number_input(key=keys.W_ATTN_LAYER).set_value(0).run()

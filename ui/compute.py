@@ -25,6 +25,7 @@ from engine.runtime.attention_maps import AttentionMap, attention_map
 from engine.runtime.cost import Cost, cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
 from engine.runtime.layer_inputs import LayerInputCache
+from ui import keys
 from ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
@@ -36,7 +37,6 @@ def digest(mask: PruneMask | None) -> str:
     return "dense" if mask is None else mask.digest()
 
 
-LAYER_INPUTS = "attention.layer_inputs"  # session-state key: this session's LayerInputCache
 
 
 class _MapStore:
@@ -68,9 +68,9 @@ def _attention_store() -> _MapStore:
 
 def layer_inputs() -> LayerInputCache:
     """This session's cache of every layer's input for its recent prompts (engine.runtime.layer_inputs)."""
-    if LAYER_INPUTS not in st.session_state:
-        st.session_state[LAYER_INPUTS] = LayerInputCache()
-    return st.session_state[LAYER_INPUTS]
+    if keys.ATTN_LAYER_INPUTS not in st.session_state:
+        st.session_state[keys.ATTN_LAYER_INPUTS] = LayerInputCache()
+    return st.session_state[keys.ATTN_LAYER_INPUTS]
 
 
 def attention_maps(handle: ModelHandle, model_key: str, text: str, layer: int, mask: PruneMask | None, *,

@@ -119,6 +119,12 @@ CHART_CLUSTERS_MASKS = "clusters.masks"
 CHART_CLUSTERS_CURVE = "clusters.curve"
 CHART_CLUSTERS_GATES = "clusters.gates"
 
+# Attention and Diagnostics on long prompts
+ATTN_LAYER_INPUTS = "attention.layer_inputs"  # this session's LayerInputCache (layer inputs of recent prompts)
+FORM_DIAG_LONG_PROMPT = "diagnostics.prompt"
+W_DIAG_LONG_PROMPT = "w.diagnostics.prompt"
+DIAG_LONG_PROMPT_RESULT = "diagnostics.prompt.result"  # (model key, PromptDiagnosis) of the last long prompt
+
 # Page settings that must survive a visit to another page (Streamlit drops the state of
 # widgets a run does not draw; app.py re-assigns these on every run, the documented way).
 WIDGETS_TO_KEEP = (
