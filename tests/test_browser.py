@@ -25,7 +25,6 @@ from tests.browser import (
     VIEWPORT,
     click_head,
     grid_shape,
-    launch_chromium,
     masked_perplexity,
     save_tiny_llama,
     streamlit_app,
@@ -56,18 +55,6 @@ def shots() -> Path:
     out = Path(os.environ.get("HEADLAB_SCREENSHOT_DIR", ROOT / "artifacts" / "screenshots"))
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = launch_chromium(p)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def wait_idle(page, timeout: float = SLOW) -> None:

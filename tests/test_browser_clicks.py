@@ -25,7 +25,6 @@ from tests.browser import (
     grid_cell,
     grid_shape,
     is_local_url,
-    launch_chromium,
     masked_perplexity,
     save_tiny_llama,
     sidebar_heads_pruned,
@@ -44,18 +43,6 @@ def app_url(tmp_path_factory):
     model = save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-6", layers=LAYERS)
     with streamlit_app(model, tmp_path_factory.mktemp("logs") / "streamlit.log") as (url, _):
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = launch_chromium(p)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def open_heads_page(page, url: str | None = None) -> None:
