@@ -190,7 +190,7 @@ def _nonzero(bias: torch.Tensor | None, layer: int) -> torch.Tensor | None:
     return bias[layer]
 
 
-def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = None) -> Any:
+def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = None) -> ModelHandle:
     """A new ModelHandle holding a physically pruned deep copy of `handle.model`.
 
     When every kept layer has the same sizes and the family's config can state them, the

@@ -177,7 +177,7 @@ def _publish(tmp: Path, folder: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _perplexities(handle: ModelHandle, pruned: Any, protocol: Any, stage: Stage) -> dict[str, Any] | None:
+def _perplexities(handle: ModelHandle, pruned: ModelHandle, protocol: Any, stage: Stage) -> dict[str, Any] | None:
     if not handle.is_causal_lm:
         return None
     stage("measuring perplexity of the source model")
@@ -190,7 +190,7 @@ def _perplexities(handle: ModelHandle, pruned: Any, protocol: Any, stage: Stage)
 
 
 @torch.no_grad()
-def _parity(handle: ModelHandle, pruned: Any, mask: PruneMask, n_tokens: int = 64) -> dict[str, Any]:
+def _parity(handle: ModelHandle, pruned: ModelHandle, mask: PruneMask, n_tokens: int = 64) -> dict[str, Any]:
     """Max |logit difference| between the masked source and the pruned copy on one short sequence."""
     gen = torch.Generator().manual_seed(0)
     vocab = min(handle.geometry.vocab_size, len(handle.tokenizer))

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
+from engine.core.handle import ModelHandle
 from engine.models.adapters import adapter_for
 
 __all__ = [
@@ -318,7 +319,7 @@ QUANTIZATION_JSON = "quantization.json"
 STUDENT_MANIFEST = "headlab_student.json"
 
 
-def export_student(student: Any, folder: str | os.PathLike, *, manifest: dict[str, Any] | None = None,
+def export_student(student: ModelHandle, folder: str | os.PathLike, *, manifest: dict[str, Any] | None = None,
                    overwrite: bool = False) -> Path:
     """Write a trained student: a dequantised Hugging Face folder, plus integer codes + scales when quantised.
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from engine.core.handle import ModelHandle
 from engine.core.jobs import FAILED, PENDING, Job
 from engine.core.progress import Progress
 from engine.export.surgery import prune
@@ -84,7 +85,7 @@ def plan_stages(recipe: str, bits: int | None, steps: int, scheme: str | None = 
             for b, n in zip(ladder, counts)]
 
 
-def recovery_student(teacher: Any, keep: float = 0.7, *, criterion: str = "gradient",
+def recovery_student(teacher: ModelHandle, keep: float = 0.7, *, criterion: str = "gradient",
                      texts: Sequence[str] | None = None, prune_heads: bool = True,
                      progress: Progress | None = None) -> tuple[Any, Any]:
     """(student, size result): `teacher` pruned uniformly in width to `keep` of its parameters.
@@ -138,7 +139,7 @@ class RecipeResult:
                            for s, r in self.stages]}
 
 
-def _finish_stage(folder: Path, student: Any, stage: Stage, result: DistillResult) -> None:
+def _finish_stage(folder: Path, student: ModelHandle, stage: Stage, result: DistillResult) -> None:
     from safetensors.torch import save_file
 
     trainable = {n: p.detach().cpu().contiguous() for n, p in _stage_params(student).items()}
@@ -149,12 +150,12 @@ def _finish_stage(folder: Path, student: Any, stage: Stage, result: DistillResul
     os.replace(tmp, folder / _DONE)
 
 
-def _stage_params(student: Any) -> dict[str, torch.Tensor]:
+def _stage_params(student: ModelHandle) -> dict[str, torch.Tensor]:
     """Every parameter of the student (a stage may have changed any trainable one; tied ones once)."""
     return dict(student.model.named_parameters())
 
 
-def _reload_stage(folder: Path, student: Any, config: DistillConfig) -> tuple[Stage, DistillResult]:
+def _reload_stage(folder: Path, student: ModelHandle, config: DistillConfig) -> tuple[Stage, DistillResult]:
     from safetensors.torch import load_file
 
     done = json.loads((folder / _DONE).read_text())
@@ -175,8 +176,8 @@ def _reload_stage(folder: Path, student: Any, config: DistillConfig) -> tuple[St
 
 
 def run_recipe(
-    teacher: Any,
-    student: Any,
+    teacher: ModelHandle,
+    student: ModelHandle,
     data: DistillData,
     recipe: str,
     bits: int | None = 1,
@@ -235,7 +236,7 @@ class RecoveryJob:
     at a checkpoint that `resume=True` continues). `student` is the private trained copy.
     """
 
-    teacher: Any
+    teacher: ModelHandle
     mask: Any
     recipe: str = "fp32"
     bits: int | None = 1
@@ -252,7 +253,7 @@ class RecoveryJob:
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] | None = None
     result: RecipeResult | None = None
-    student: Any = None
+    student: ModelHandle | None = None
 
     def __post_init__(self) -> None:
         plan_stages(self.recipe, self.bits, self.config.check().steps, self.scheme)  # refuse bad settings now
