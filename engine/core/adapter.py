@@ -31,6 +31,7 @@ __all__ = [
     "SparseAttention",
     "SparseFFN",
     "SparseLayer",
+    "FFNOverride",
     "Adapter",
     "UnsupportedModelError",
 ]
@@ -139,6 +140,10 @@ class SparseLayer:
     ffn: SparseFFN | None
 
 
+#: A replacement FFN sub-block for batch-1 decoding: (layer, its normed input [1, 1, d]) -> its output [1, 1, d].
+FFNOverride = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 class Adapter(ABC):
     """Maps one family's HF modules onto the common view."""
 
@@ -236,6 +241,20 @@ class Adapter(ABC):
     ) -> torch.Tensor:
         """Layer `layer` on x [B, T, d] computing only what `keep` keeps, through the masked kernels."""
         raise UnsupportedModelError(self._no_sparse_path())
+
+    # --- batch-1 decoding with the KV cache (engine.dynamic.decode) -------------------------
+    def decode_refusal(self) -> str | None:
+        """Why this model cannot decode token by token through `decode_token` (None when it can)."""
+        return f"batch-1 decoding with a per-token FFN is implemented for the llama family only, not {self.family}"
+
+    def decode_cache(self) -> Any:
+        """A fresh, empty KV cache that the HF model's forward (prefill) and `decode_token` both fill."""
+        raise UnsupportedModelError(self.decode_refusal() or "no decode path")
+
+    def decode_token(self, token: torch.Tensor, position: int, cache: Any, ffn: FFNOverride | None) -> torch.Tensor:
+        """Logits [1, V] after one token [1, 1] at `position`: dense attention over `cache` (which it extends),
+        each layer's FFN sub-block given by `ffn` (None: the model's own)."""
+        raise UnsupportedModelError(self.decode_refusal() or "no decode path")
 
     def _no_sparse_path(self) -> str:
         reason = self.sparse_refusal() or "no sparse layer forward"

@@ -1,7 +1,8 @@
-"""Dynamic (per-token) sparsity: training-free rules (oracle, CATS, TEAL, WINA), their calibrated per-layer thresholds, applying them per call through hooks, and what they save and cost."""
+"""Dynamic (per-token) sparsity: training-free rules (oracle, CATS, TEAL, WINA), their calibrated per-layer thresholds, applying them per call through hooks, what they save and cost, and batch-1 decoding that reads only the kept FFN weights."""
 
 from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
 from engine.dynamic.calibrate import calibrate, calibration_ids
+from engine.dynamic.decode import Generation, decode_weight_bytes, dense_generate, sparse_generate
 from engine.dynamic.measure import DynamicPerplexity, dynamic_perplexity, measure_sparsity
 from engine.dynamic.rules import RULES, Rule, Thresholds, ThresholdsError, get_rule
 from engine.dynamic.store import load_thresholds, save_thresholds, weights_sha256
@@ -23,4 +24,8 @@ __all__ = [
     "save_thresholds",
     "load_thresholds",
     "weights_sha256",
+    "Generation",
+    "sparse_generate",
+    "dense_generate",
+    "decode_weight_bytes",
 ]

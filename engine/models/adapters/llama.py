@@ -11,9 +11,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from engine.core.adapter import Adapter, Geometry, HeadWeights, SparseAttention, SparseFFN, SparseLayer, SubBlock
+from engine.core.adapter import (
+    Adapter,
+    FFNOverride,
+    Geometry,
+    HeadWeights,
+    SparseAttention,
+    SparseFFN,
+    SparseLayer,
+    SubBlock,
+)
 from engine.core.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["LlamaAdapter"]
@@ -181,6 +191,29 @@ class LlamaAdapter(Adapter):
         gate = ch.rows(x, mlp.gate_proj.weight, mlp.gate_proj.bias, backend=backend)  # (B, T, kept channels)
         up = ch.rows(x, mlp.up_proj.weight, mlp.up_proj.bias, backend=backend)
         return keep.finish(ch.cols(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias, backend=backend))
+
+    # --- batch-1 decoding with the KV cache (engine.dynamic.decode) -------------------------
+    def decode_refusal(self) -> str | None:
+        if self.lm_head() is None:
+            return "the model has no LM head to pick the next token"
+        # The same limits as the kernel path: one query token attends to the whole cache, unmasked.
+        return self.sparse_refusal()
+
+    def decode_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config)
+
+    def decode_token(self, token: torch.Tensor, position: int, cache: DynamicCache,
+                     ffn: FFNOverride | None) -> torch.Tensor:
+        x = self.input_embeddings()(token)  # (1, 1, d)
+        pos = self._base.rotary_emb(x, torch.tensor([[position]], device=token.device))  # (cos, sin)
+        for layer, block in enumerate(self.layers()):
+            # A single query sees every cached key: no mask; the module appends this token's K/V to the cache.
+            a, _ = block.self_attn(hidden_states=block.input_layernorm(x), position_embeddings=pos,
+                                   attention_mask=None, cache=cache)
+            x = x + a
+            h = block.post_attention_layernorm(x)
+            x = x + (block.mlp(h) if ffn is None else ffn(layer, h))
+        return self.lm_head()(self._base.norm(x))[:, -1]  # (1, V)
 
     # --- physical reshaping ---------------------------------------------------------------
     def resize_attention_(
