@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.core.errors import UnsupportedModelError
 from engine.dynamic import (
@@ -17,7 +18,8 @@ from engine.dynamic import (
     dense_generate,
     sparse_generate,
 )
-from tests.tiny import tiny_handle
+from engine.models.wrap import wrap_model
+from tests.tiny import VOCAB, tiny_handle, tiny_tokenizer
 
 N_NEW = 12
 
@@ -113,3 +115,23 @@ def test_other_rules_and_families_are_refused(llama, prompt):
         sparse_generate(gpt2, prompt, Thresholds.dense("cats", g.n_layers, g.ffn_dim), 2)
     with pytest.raises(UnsupportedModelError, match="llama"):
         dense_generate(gpt2, prompt, 2)
+
+
+def test_sparse_decode_keeps_ffn_biases(prompt):
+    torch.manual_seed(1)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                      intermediate_size=128, max_position_embeddings=128, vocab_size=VOCAB, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    handle = wrap_model(model, tiny_tokenizer(), name="tiny-llama-mlp-bias")
+    cats = calibrate(handle, "cats", 0.5, calibration_ids(handle, window=64, n_windows=2))
+    out = sparse_generate(handle, prompt, cats, 6)
+    T = prompt.shape[1]
+    with torch.no_grad(), apply_rule(handle, cats):
+        for step in range(6):
+            ref = handle.model(input_ids=out.ids[:, : T + step]).logits[0, -1]
+            torch.testing.assert_close(out.logits[step], ref, atol=1e-4, rtol=0)
