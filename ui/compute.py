@@ -3,17 +3,17 @@
 Masks are passed unhashed (`_mask`) next to their digest, so equal masks hit the same entry
 whichever session asks; the model is passed unhashed next to its key.
 
-Attention maps are kept in a process-wide store (not st.cache_resource: computing one may draw
-a progress bar, and Streamlit replays elements drawn inside a cached function). What makes a
-new map cheap is this session's LayerInputCache (every layer's input for its recent prompts),
-which lives in st.session_state and goes with the session.
+Attention maps live in a SharedCache (not st.cache_resource: computing one may draw a progress
+bar, and Streamlit replays elements drawn inside a cached function): each is computed once in a
+worker while the asking session draws the progress. What makes a new map cheap is the asking
+session's LayerInputCache (every layer's input for its recent prompts), which lives in
+st.session_state and goes with the session.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from typing import Callable, Hashable
+import hashlib
+from typing import Callable
 
 import streamlit as st
 
@@ -37,35 +37,6 @@ def digest(mask: PruneMask | None) -> str:
     return "dense" if mask is None else mask.digest()
 
 
-
-
-class _MapStore:
-    """A small thread-safe LRU of finished attention maps (a few KB each), shared by every session."""
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._items: OrderedDict[Hashable, AttentionMap] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> AttentionMap | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-            return self._items.get(key)
-
-    def put(self, key: Hashable, value: AttentionMap) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-
-@st.cache_resource(show_spinner=False)
-def _attention_store() -> _MapStore:
-    return _MapStore(max_entries=64)
-
-
 def layer_inputs() -> LayerInputCache:
     """This session's cache of every layer's input for its recent prompts (engine.runtime.layer_inputs)."""
     if keys.ATTN_LAYER_INPUTS not in st.session_state:
@@ -77,14 +48,12 @@ def attention_maps(handle: ModelHandle, model_key: str, text: str, layer: int, m
                    max_bins: int, window: tuple[int, int] | None, reduce: str,
                    progress: Progress | None = None) -> AttentionMap:
     """The (cached) attention map of `layer` for `text` under `mask` (None = dense); `progress` follows a first forward."""
-    key = (model_key, text, layer, digest(mask), max_bins, window, reduce)
-    store = _attention_store()
-    found = store.get(key)
-    if found is None:
-        found = attention_map(handle, text, layer, mask=mask, max_bins=max_bins, window=window, reduce=reduce,
-                              cache=layer_inputs(), progress=progress)
-        store.put(key, found)
-    return found
+    text_id = hashlib.sha1(text.encode()).hexdigest()
+    key = f"{model_key}|{text_id}|{layer}|{digest(mask)}|{max_bins}|{window}|{reduce}"
+    cache = layer_inputs()
+    return shared_cache("attention_maps", 64).get_or_compute(
+        key, lambda report: attention_map(handle, text, layer, mask=mask, max_bins=max_bins, window=window,
+                                          reduce=reduce, cache=cache, progress=report), progress)
 
 
 def long_prompt_diagnosis(handle: ModelHandle, text: str, mask: PruneMask | None,
