@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import torch
 from transformers import LlamaForCausalLM
 
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import save_tiny, tiny_model
 
 __all__ = ["ROOT", "CHROMIUM", "CHROMIUM_ARGS", "VIEWPORT", "save_tiny_llama", "streamlit_app", "launch_chromium",
            "wait_idle", "masked_perplexity", "wait_for_change", "grid_shape", "grid_cell", "click_head",
@@ -47,11 +47,7 @@ def save_tiny_llama(folder: Path, context: int | None = None, layers: int | None
         config.num_hidden_layers = layers
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).eval()
-    if context is not None:
-        model.config.max_position_embeddings = context  # rotary positions: any length the config allows
-    model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return str(save_tiny(folder, model=model, context=context))
 
 
 @contextmanager

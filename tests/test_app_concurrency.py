@@ -23,7 +23,7 @@ import engine.importance.capture as capture_module
 import engine.pruning.strategies.scores as scores_module
 import engine.runtime.evaluate as evaluate_module
 from engine.core.jobs import DONE, RUNNING
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny
 from ui.scoring import APP_CRITERIA, DEFAULT_CALIBRATION
 from ui.shared_cache import shared_cache
 
@@ -34,9 +34,7 @@ SESSIONS = 4
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    h = tiny_handle("llama")
-    h.model.save_pretrained(path, safe_serialization=True)
-    h.tokenizer.save_pretrained(path)
+    save_tiny(path, "llama")
     return path
 
 

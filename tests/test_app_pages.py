@@ -21,7 +21,7 @@ from engine.core.mask import PruneMask
 from engine.models.load import load_model
 from engine.runtime.evaluate import perplexity
 from engine.runtime.prefix_cache import live_protocol
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny
 from ui import curves, keys
 from ui.models import ModelChoice
 from ui.session import MaskState
@@ -31,17 +31,10 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = ("pages/heads.py", "pages/attention.py", "pages/prune.py")
 
 
-def _save_tiny(path: Path, family: str) -> Path:
-    h = tiny_handle(family)
-    h.model.save_pretrained(path, safe_serialization=True)
-    h.tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"llama": _save_tiny(root / "tiny-llama", "llama"), "bert": _save_tiny(root / "tiny-bert", "bert")}
+    return {"llama": save_tiny(root / "tiny-llama", "llama"), "bert": save_tiny(root / "tiny-bert", "bert")}
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from engine.importance.capture import capture
 from engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, classify_head, diagnose, diagnosis_rows, kind_counts
 from tests.test_compensation import constant_kv_group
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny, tiny_handle
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Diagnostics explain scores", "a b c d e f g h i j k l"]
 
@@ -82,11 +82,7 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    h = tiny_handle("llama")
-    h.model.save_pretrained(path, safe_serialization=True)
-    h.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
 
 
 def test_diagnostics_page_shows_a_kind_per_head_and_measures_costs_on_request(tiny_llama_dir, monkeypatch):

@@ -24,7 +24,7 @@ from engine.recovery.distill import (
     teacher_continuations,
 )
 from engine.recovery.quantize import materialize
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny, tiny_handle
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
 
@@ -238,10 +238,7 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
     from ui.models import ModelChoice
     from ui.session import MaskState
 
-    model_dir = tmp_path / "tiny-llama"
-    h = tiny_handle("llama")
-    h.model.save_pretrained(model_dir)
-    h.tokenizer.save_pretrained(model_dir)
+    model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)

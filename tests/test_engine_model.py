@@ -11,15 +11,12 @@ from transformers import AutoModelForCausalLM
 from engine.core.tokens import EmptyTextError, encode_batch
 from engine.models.adapters import UnsupportedModelError, adapter_for, supported_model_types
 from engine.models.load import ModelLoadError, load_model
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny, tiny_handle
 
 
 @pytest.fixture
 def tiny_llama_folder(tmp_path):
-    h = tiny_handle("llama")
-    h.model.save_pretrained(tmp_path / "m", safe_serialization=True)
-    h.tokenizer.save_pretrained(tmp_path / "m")
-    return tmp_path / "m", h
+    return save_tiny(tmp_path / "m", "llama"), tiny_handle("llama")
 
 
 def test_local_folder_loads_with_the_same_weights(tiny_llama_folder):

@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.importance.diagnostics import HEAD_KINDS
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny
 from ui import keys
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -18,10 +18,7 @@ CONTEXT = 1024
 @pytest.fixture(scope="module")
 def long_context_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-llama-1k"
-    h = tiny_handle("llama")
-    h.model.config.max_position_embeddings = CONTEXT  # rotary positions: any length the config allows
-    h.model.save_pretrained(path, safe_serialization=True)
-    h.tokenizer.save_pretrained(path)
+    save_tiny(path, "llama", context=CONTEXT)
     return path
 
 

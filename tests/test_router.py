@@ -25,7 +25,7 @@ from engine.routing.router import (
     texts_nll,
     train_router,
 )
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny, tiny_handle
 
 
 @pytest.fixture(autouse=True)
@@ -277,9 +277,7 @@ def test_clusters_page_trains_masks_and_routes_a_prompt_on_a_tiny_model(tmp_path
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.delenv("HEADLAB_CACHE")  # reuse the real embedding cache: the page embeds real prompts
-    lm = tiny_handle("llama")
-    lm.model.save_pretrained(tmp_path / "tiny-llama", safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    save_tiny(tmp_path / "tiny-llama", "llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(tmp_path / "tiny-llama"))
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
     at.session_state["w.clusters.per_source"] = 20

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.tiny import save_tiny
 from ui.server_options import ALLOW_REMOTE_CODE_ENV, remote_code_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,11 +74,7 @@ def test_remote_code_is_allowed_only_by_the_server_flag():
 
 @pytest.mark.parametrize("allowed", [False, True])
 def test_sidebar_offers_the_remote_code_switch_only_when_the_server_allows_it(allowed, monkeypatch, tmp_path):
-    from tests.tiny import tiny_handle
-
-    h = tiny_handle("llama")
-    h.model.save_pretrained(tmp_path, safe_serialization=True)
-    h.tokenizer.save_pretrained(tmp_path)
+    save_tiny(tmp_path, "llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(tmp_path))
     if allowed:
         monkeypatch.setenv(ALLOW_REMOTE_CODE_ENV, "1")

@@ -254,13 +254,10 @@ def test_predicted_perplexity_adds_the_removed_heads_kl(llama_handle):
 def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from tests.tiny import tiny_handle
+    from tests.tiny import save_tiny
     from ui import keys
 
-    path = tmp_path / "tiny-llama"
-    h = tiny_handle("llama")
-    h.model.save_pretrained(path, safe_serialization=True)
-    h.tokenizer.save_pretrained(path)
+    path = save_tiny(tmp_path / "tiny-llama", "llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(path))
 
     def page():
@@ -318,12 +315,9 @@ def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
 
 def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
     from engine.cli.main import main
-    from tests.tiny import tiny_handle
+    from tests.tiny import save_tiny, tiny_handle
 
-    model = tmp_path / "tiny-llama"
-    h = tiny_handle("llama")
-    h.model.save_pretrained(model, safe_serialization=True)
-    h.tokenizer.save_pretrained(model)
+    model, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
     small = ["--model", str(model), "--n-texts", "4", "--max-length", "32"]
     protocol = ["--window", "32", "--stride", "32", "--windows", "2"]
     out = tmp_path / "mask.json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -19,7 +21,7 @@ from transformers import (
 from engine.models.load import ModelHandle
 from engine.models.wrap import wrap_model
 
-__all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "VOCAB"]
+__all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "save_tiny", "VOCAB"]
 
 TINY_FAMILIES = ("gpt2", "bert", "llama", "qwen2")
 VOCAB = 260  # 256 bytes + specials
@@ -71,3 +73,14 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 def tiny_handle(family: str, seed: int = 0) -> ModelHandle:
     return wrap_model(tiny_model(family, seed), tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def save_tiny(folder: str | Path, family: str = "llama", *, model: torch.nn.Module | None = None,
+              context: int | None = None) -> Path:
+    """A tiny random model of `family` (or `model`) saved as a Hugging Face folder: safetensors + tokenizer."""
+    model = tiny_model(family) if model is None else model
+    if context is not None:
+        model.config.max_position_embeddings = context  # rotary positions: any length the config allows
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return Path(folder)
