@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,20 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from bench.machine import cpu_name
 from engine.core.csvfile import write_rows
 from engine.data.datasets import read_wikitext
 from engine.dynamic import calibrate, decode_weight_bytes, dense_generate, sparse_generate
 from engine.models.load import load_model
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _prompt(handle, n: int) -> torch.Tensor:
@@ -116,7 +106,7 @@ def main() -> None:
             "model": handle.name,
         })
 
-    print(f"\n# bench_dynamic_decode: {handle.name}, fp32, batch 1, {args.threads} torch thread(s) on {_cpu_name()}")
+    print(f"\n# bench_dynamic_decode: {handle.name}, fp32, batch 1, {args.threads} torch thread(s) on {cpu_name()}")
     print(f"# {args.prompt}-token prompt + {args.new} greedy tokens with the KV cache; median of {args.repeats} runs "
           f"(decode steps only); setup (load + CATS calibration) {t_setup:.0f} s")
     print("# ideal = weight bytes read per token, dense / sparse; fraction of ideal = (speedup - 1) / (ideal - 1)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from bench.machine import cpu_name
 from engine.core.csvfile import write_rows
 from engine.export.write import export
 from engine.models.load import load_model, load_pruned
@@ -49,16 +49,6 @@ class Entry:
     fwd_s: list[float] = field(default_factory=list)
     gen_s: list[float] = field(default_factory=list)
     ppl: float | None = None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.no_grad()
@@ -142,7 +132,7 @@ def main() -> None:
 
     dense = entries[0]
     fwd0, gen0 = statistics.median(dense.fwd_s), statistics.median(dense.gen_s)
-    print(f"\n# bench_pruned_speed: {source.name}, {torch.get_num_threads()} torch threads on {_cpu_name()} "
+    print(f"\n# bench_pruned_speed: {source.name}, {torch.get_num_threads()} torch threads on {cpu_name()} "
           f"({os.cpu_count()} logical cores), torch {torch.__version__}, {source.dtype}")
     print(f"# forward: {args.seq} tokens (use_cache=False); generation: {args.prompt_tokens}-token prompt + "
           f"{args.gen} greedy tokens with KV cache; warm-up 1, median of {args.repeats}, round-robin")

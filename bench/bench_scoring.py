@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from bench.machine import cpu_name  # noqa: E402
 
 MODES = ("forward", "forward+backward", "scoring")
 APP_MODES = ("app: two capture passes (before)", "app: one shared capture pass (now)")
@@ -123,7 +124,7 @@ def main() -> None:
     full_maps_mb = g.n_layers * args.batch_size * g.n_heads * args.max_length**2 * 4 / 2**20
     print(f"# bench_scoring: {args.model or 'smollm2-135m-instruct'}, {args.n_texts} wikitext texts x "
           f"{args.max_length} tokens, batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch CPU")
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, torch CPU")
     base = results["forward+backward"][0]
     print("| mode | time (s) | vs fwd+bwd | peak RSS growth (MiB) | peak RSS (MiB) |")
     print("|---|---|---|---|---|")
