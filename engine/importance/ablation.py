@@ -59,9 +59,9 @@ def ablation_kl(
     todo = [(l, h) for l in range(g.n_layers) for h in range(g.n_heads) if kept[l, h]]
     for i, (layer, head) in enumerate(todo):
         m = head_removal_mask(handle, base, layer, [head], means)
-        # Usually `layer`; earlier when the layer's last head goes and its mean folds into layer - 1.
-        start = min(layer, base.first_changed_layer(m))
-        delta[layer, head] = replay.kl(m, start) - replay.base_kl
+        # Replays from the first layer `m` changes: usually `layer`, earlier when the layer's last
+        # head goes and its mean folds into layer - 1.
+        delta[layer, head] = replay.kl(m) - replay.base_kl
         if progress:
             progress(i + 1, len(todo))
     return delta, kept
