@@ -36,6 +36,7 @@ __all__ = [
     "perplexity",
     "window_nll",
     "generate",
+    "prompt_ids",
 ]
 
 
@@ -148,7 +149,8 @@ def perplexity(
     return PerplexityResult(math.exp(nll), nll, count, protocol, handle.name)
 
 
-def _prompt_ids(handle: ModelHandle, prompt: str, chat: bool) -> torch.Tensor:
+def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = True) -> torch.Tensor:
+    """[1, T] ids of `prompt`, through the chat template when `chat` and the tokenizer has one."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise EmptyTextError("the prompt is empty: type something for the model to continue")
     tok = handle.tokenizer
@@ -173,7 +175,7 @@ def generate(
     """Greedy continuation of `prompt` (through the chat template when the model has one)."""
     if not handle.is_causal_lm:
         raise ValueError(f"generation needs a causal language model; {handle.name} is an encoder")
-    ids = _prompt_ids(handle, prompt, chat)
+    ids = prompt_ids(handle, prompt, chat)
     limit = context_length(handle.model)
     if ids.shape[1] + max_new_tokens > limit:
         ids = ids[:, -(limit - max_new_tokens):]
