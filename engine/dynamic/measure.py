@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -14,7 +15,7 @@ from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
 from engine.dynamic.rules import Rule, Thresholds, ThresholdsError, get_rule
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, PerplexityResult, eval_windows, window_nll
 
-__all__ = ["DynamicPerplexity", "measure_sparsity", "dynamic_perplexity"]
+__all__ = ["DynamicPerplexity", "dynamic_perplexity", "measure_sparsity", "perplexity_under"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,32 @@ def dynamic_perplexity(
     progress: Progress | None = None,
 ) -> DynamicPerplexity:
     """Perplexity with `rule` applied per token (engine.runtime.evaluate's windows and NLL), and its sparsity."""
+    _matching(rule, thresholds)
+    return perplexity_under(handle, thresholds.rule, lambda meter: apply_rule(handle, thresholds, meter), protocol,
+                            batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def perplexity_under(
+    handle: ModelHandle,
+    name: str,
+    apply: Callable[[SparsityMeter], AbstractContextManager],
+    protocol: PerplexityProtocol = DEFAULT_PROTOCOL,
+    *,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> DynamicPerplexity:
+    """Perplexity with the per-token masks that `apply(meter)` installs (a context manager), and their sparsity.
+
+    The one evaluation loop of every dynamic method (rules, the importance network): engine.runtime.evaluate's
+    windows and NLL, batches of `batch_size` windows.
+    """
     if not handle.is_causal_lm:
         raise ValueError(f"perplexity needs a causal language model; {handle.name} is an encoder without an LM head")
-    _matching(rule, thresholds)
     windows, score_from = eval_windows(handle, protocol)
-    meter = SparsityMeter(thresholds.rule, handle.geometry.n_layers)
+    meter = SparsityMeter(name, handle.geometry.n_layers)
     total, count, n = 0.0, 0, windows.shape[0]
-    with apply_rule(handle, thresholds, meter):
+    with apply(meter):
         for i in range(0, n, batch_size):
             ids = windows[i : i + batch_size].to(handle.device)
             s, c = window_nll(handle.model(input_ids=ids).logits, ids, score_from[i : i + batch_size])

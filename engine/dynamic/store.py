@@ -20,8 +20,16 @@ from engine.core.files import read_format_json
 from engine.core.handle import ModelHandle
 from engine.dynamic.rules import Thresholds, ThresholdsError, get_rule
 
-__all__ = ["TENSORS_FILE", "META_FILE", "FORMAT", "FORMAT_VERSION", "weights_sha256", "save_thresholds",
-           "load_thresholds"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "TENSORS_FILE",
+    "file_sha256",
+    "load_thresholds",
+    "save_thresholds",
+    "weights_sha256",
+]
 
 TENSORS_FILE = "thresholds.safetensors"
 META_FILE = "thresholds.json"
@@ -39,7 +47,8 @@ def weights_sha256(handle: ModelHandle) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (recorded beside a tensors file so a torn or altered pair is refused)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -61,7 +70,7 @@ def save_thresholds(handle: ModelHandle, thresholds: Thresholds, folder: str | o
         "n_layers": g.n_layers,
         "model": handle.name,
         "weights_sha256": weights_sha256(handle),
-        "tensors_sha256": _file_sha256(tmp_tensors),
+        "tensors_sha256": file_sha256(tmp_tensors),
         "meta": thresholds.meta,
     }
     tmp_meta.write_text(json.dumps(meta, indent=1))
@@ -83,7 +92,7 @@ def load_thresholds(handle: ModelHandle, folder: str | os.PathLike) -> Threshold
     if meta.get("weights_sha256") != weights_sha256(handle):
         raise ThresholdsError(f"these thresholds were calibrated on other weights of {handle.name!r} "
                               f"(weights sha256 {str(meta.get('weights_sha256'))[:12]}...): recalibrate for this model")
-    if _file_sha256(tensors_path) != meta.get("tensors_sha256"):
+    if file_sha256(tensors_path) != meta.get("tensors_sha256"):
         raise ThresholdsError(f"{tensors_path} does not match the sha256 in {META_FILE}: the file is corrupt or altered")
     try:
         values = load_file(str(tensors_path))
