@@ -32,6 +32,7 @@ __all__ = [
     "SparseFFN",
     "SparseLayer",
     "FFNOverride",
+    "HeadChooser",
     "Adapter",
     "UnsupportedModelError",
 ]
@@ -142,6 +143,8 @@ class SparseLayer:
 
 #: A replacement FFN sub-block for batch-1 decoding: (layer, its normed input [1, 1, d]) -> its output [1, 1, d].
 FFNOverride = Callable[[int, torch.Tensor], torch.Tensor]
+#: A token's kept query heads in batch-1 decoding: (layer, attention input [1, 1, d]) -> sorted int64 [k], None: all.
+HeadChooser = Callable[[int, torch.Tensor], torch.Tensor | None]
 
 
 class Adapter(ABC):
@@ -251,9 +254,12 @@ class Adapter(ABC):
         """A fresh, empty KV cache that the HF model's forward (prefill) and `decode_token` both fill."""
         raise UnsupportedModelError(self.decode_refusal() or "no decode path")
 
-    def decode_token(self, token: torch.Tensor, position: int, cache: Any, ffn: FFNOverride | None) -> torch.Tensor:
-        """Logits [1, V] after one token [1, 1] at `position`: dense attention over `cache` (which it extends),
-        each layer's FFN sub-block given by `ffn` (None: the model's own)."""
+    def decode_token(self, token: torch.Tensor, position: int, cache: Any, ffn: FFNOverride | None,
+                     heads: HeadChooser | None = None) -> torch.Tensor:
+        """Logits [1, V] after one token [1, 1] at `position`: attention over `cache` (which it extends with this
+        token's keys and values for every KV head), each layer's FFN sub-block given by `ffn` (None: the model's
+        own); `heads` (None: every head) picks per layer the query heads whose Q rows and O columns are read,
+        and a layer keeping none adds no attention output."""
         raise UnsupportedModelError(self.decode_refusal() or "no decode path")
 
     def _no_sparse_path(self) -> str:

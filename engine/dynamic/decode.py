@@ -1,43 +1,44 @@
-"""Batch-1 greedy decoding with the KV cache where each token's CATS mask means pruned FFN weights are not read.
+"""Batch-1 greedy decoding with the KV cache where each token's mask means pruned channels' and heads' weights are not read.
 
-    out = sparse_generate(handle, ids, calibrate(handle, "cats", 0.5), max_new_tokens=128)
-    ref = dense_generate(handle, ids, max_new_tokens=128)  # the same loop, every FFN dense
+    out = sparse_generate(handle, ids, calibrate(handle, "cats", 0.5), max_new_tokens=128)   # CATS thresholds
+    out = sparse_generate(handle, ids, IPNChooser(ipn), max_new_tokens=128)                  # any Chooser
+    ref = dense_generate(handle, ids, max_new_tokens=128)  # the same loop, every weight read
+    ideal = decode_weight_bytes(handle) / decode_weight_bytes(handle, out.kept, out.heads, chooser=chooser)
 
-The prompt is prefilled by the HF model itself (under `apply_rule` for the sparse path, so its
-KV cache is the sparse model's); every later token runs through `adapter.decode_token`: dense
-attention over the cache (keys and values of every token are computed, so the cache stays exact)
-and, per layer, a gated FFN that reads only the channels CATS keeps for that token:
+The prompt is prefilled by the HF model itself under the chooser's gated model (`chooser.gates`:
+thread-scoped hooks, so its KV cache is the sparse model's); every later token runs through
+`adapter.decode_token`, and per layer a chooser (engine.dynamic.choosers) decides from the token's
+own hidden state what it keeps:
 
-- gate in full: CATS decides channel j by |act(gate(x))_j| >= threshold, which needs every channel;
-- up: only the kept rows of the [F, d] weight (rows are channels already), gathered a few hundred
-  at a time into a cache-sized scratch block and multiplied there: one index_select of all kept
-  rows writes a copy as large as what it read to memory and costs as much as the dense matvec;
-- down: only the kept columns, as rows of a channel-major copy [F, d] of its [d, F] weight,
-  summed with F.embedding_bag(per_sample_weights=h): one pass over the kept rows, no copy.
+- heads: the Q rows and O columns of the kept query heads only (keys and values of every KV head
+  are computed and cached, so the cache stays exact for later tokens; a token keeping no head of a
+  layer adds no attention output, the sub-block rule);
+- FFN channels: only the kept channels' weights, from an interleaved copy [F, 3d] of each layer
+  (gate row | up row | down column per channel, engine.dynamic.gathered), through the compiled CPU
+  kernel (`make setup`), Triton on CUDA, or the torch twin; CATS already computed act(gate(x)) for
+  every channel to decide, so it reads only the kept up rows and down columns.
 
-The channel-major copies are made once per model (on first use) and kept beside it; the shared
-model is never changed and no hook outlives a call. Only the gated-FFN rules' CATS runs here:
-the oracle needs up(x) for every channel, TEAL/WINA sparsify inputs, not channels.
+`decode_weight_bytes` counts what a token reads (the chooser's own reads included: CATS the whole
+gate, an importance network its sketches), which gives the ideal speed-up over dense. Token for
+token the result is the gated model's (`chooser.gates`), to float tolerance; the shared model is
+never changed and no hook outlives a call.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from engine.core.errors import UnsupportedModelError
 from engine.core.handle import ModelHandle
-from engine.dynamic.apply import apply_rule
-from engine.dynamic.rules import CATS, Thresholds, ThresholdsError, get_rule, magnitude_score
+from engine.dynamic.choosers import CatsChooser, Chooser, tensor_bytes
+from engine.dynamic.gathered import GatheredFFN
+from engine.dynamic.rules import Thresholds
+from kernels.decode import FFNBackend
 
-__all__ = ["Generation", "sparse_generate", "dense_generate", "decode_weight_bytes"]
+__all__ = ["Generation", "decode_weight_bytes", "dense_generate", "sparse_generate"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,11 @@ class Generation:
     """A greedy continuation and what it cost.
 
     ids: [1, T + n] prompt and new tokens; logits: [n, V], the logits each new token was picked
-    from (the first from the prefill); kept: [n - 1, n_layers] FFN channels read per decoded
-    token and layer (None for dense decoding); prefill_s / decode_s: wall time of the prefill
-    and of the n - 1 cached decode steps.
+    from (the first from the prefill); kept: [n - 1, n_layers] FFN channels read per decoded token
+    and layer (None for dense decoding); heads: [n - 1, n_layers] query heads read (None: every
+    head); prefill_s / decode_s: wall time of the prefill and of the n - 1 cached decode steps;
+    chooser_s: the part of decode_s spent in the chooser; chooser / ffn_path: which chooser ran
+    and which FFN backend ("compiled", "triton" or "torch"; None for dense decoding).
     """
 
     ids: torch.Tensor
@@ -55,102 +58,24 @@ class Generation:
     kept: torch.Tensor | None
     prefill_s: float
     decode_s: float
+    heads: torch.Tensor | None = None
+    chooser_s: float = 0.0
+    chooser: str | None = None
+    ffn_path: str | None = None
 
     @property
     def new_tokens(self) -> torch.Tensor:
         return self.ids[0, self.ids.shape[1] - self.logits.shape[0]:]
 
     @property
+    def decoded(self) -> int:
+        """Tokens that went through the cached decode steps (all but the prefill's)."""
+        return self.logits.shape[0] - 1
+
+    @property
     def decode_tokens_per_s(self) -> float:
         """Decoded tokens per second over the cached steps (the prefill excluded)."""
-        return (self.logits.shape[0] - 1) / self.decode_s if self.decode_s > 0 else float("nan")
-
-
-@dataclass(frozen=True)
-class _ChannelMajorFFN:
-    """One layer's gated FFN, laid out so a token's kept channels are contiguous rows of every matrix read."""
-
-    gate: nn.Linear
-    act: Callable[[torch.Tensor], torch.Tensor]
-    up_weight: torch.Tensor  # [F, d]: the model's own (an nn.Linear weight is [out, in])
-    up_bias: torch.Tensor | None  # [F]
-    down_t: torch.Tensor  # [F, d]: a contiguous copy of down.weight.T
-    down_bias: torch.Tensor | None  # [d]
-    source: torch.Tensor  # the down weight it was copied from (a replaced weight invalidates the copy)
-
-
-_PREPARED: "weakref.WeakKeyDictionary[nn.Module, list[_ChannelMajorFFN]]" = weakref.WeakKeyDictionary()
-_PREPARED_LOCK = threading.Lock()
-
-
-def _channel_major(handle: ModelHandle) -> list[_ChannelMajorFFN]:
-    """The per-layer channel-major FFN weights of `handle`'s model: made once per model, then reused."""
-    adapter, model = handle.adapter, handle.model
-    with _PREPARED_LOCK:
-        prepared = _PREPARED.get(model)
-        if prepared is not None and all(p.source is adapter.projections(i)["down"].weight
-                                        for i, p in enumerate(prepared)):
-            return prepared
-        prepared = []
-        with torch.no_grad():
-            for layer in range(handle.geometry.n_layers):
-                proj = adapter.projections(layer)
-                down = proj["down"]
-                prepared.append(_ChannelMajorFFN(
-                    gate=proj["gate"], act=adapter.ffn_activation(layer),
-                    up_weight=proj["up"].weight.detach(), up_bias=_detached(proj["up"].bias),
-                    down_t=down.weight.detach().t().contiguous(), down_bias=_detached(down.bias),
-                    source=down.weight))
-        _PREPARED[model] = prepared
-        return prepared
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach()
-
-
-#: Bytes of up rows gathered at once: small enough for the scratch block to stay in a core's L2 cache.
-_GATHER_BYTES = 512 * 1024
-
-
-def _gathered_rows_mv(weight: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, scratch: torch.Tensor,
-                      out: torch.Tensor) -> torch.Tensor:
-    """weight[idx] @ x for weight [F, d], idx [k], x [d], into out[:k], gathering len(scratch) rows at a time."""
-    k, step = idx.numel(), scratch.shape[0]
-    for s in range(0, k, step):
-        j = idx[s : s + step]
-        block = scratch[: j.numel()]
-        torch.index_select(weight, 0, j, out=block)  # (rows, d), cache-resident
-        torch.mv(block, x, out=out[s : s + j.numel()])
-    return out[:k]
-
-
-def _cats_ffn(prepared: list[_ChannelMajorFFN], thresholds: list[float], kept: list[list[int]]):
-    """The FFN override for one decode: CATS channels per token, reading only their up rows and down columns."""
-    up = prepared[0].up_weight
-    ffn_dim, d = up.shape
-    scratch = up.new_empty(max(1, _GATHER_BYTES // (d * up.element_size())), d)  # this call's own buffers
-    u_out = up.new_empty(ffn_dim)
-
-    def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
-        w = prepared[layer]
-        x = h.reshape(1, -1)  # (1, d)
-        a = w.act(w.gate(x))  # (1, F): every channel, CATS scores them all
-        idx = (magnitude_score(a)[0] >= thresholds[layer]).nonzero()[:, 0]  # (k,) kept channels
-        kept[-1].append(idx.numel())
-        if idx.numel() == 0:
-            out = x.new_zeros(1, w.down_t.shape[1])
-        else:
-            u = _gathered_rows_mv(w.up_weight, idx, x[0], scratch, u_out)  # (k,)
-            if w.up_bias is not None:
-                u = u + w.up_bias.index_select(0, idx)
-            hk = a.index_select(1, idx) * u  # (1, k): the kept down inputs
-            out = F.embedding_bag(idx[None], w.down_t, per_sample_weights=hk, mode="sum")  # (1, d)
-        if w.down_bias is not None:
-            out = out + w.down_bias
-        return out.view_as(h)
-
-    return ffn
+        return self.decoded / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def _check_prompt(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> None:
@@ -163,78 +88,127 @@ def _check_prompt(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -
         raise UnsupportedModelError(f"cannot decode {handle.name} token by token: {reason}")
 
 
+class _Steps:
+    """The per-layer callbacks of one sparse decode: the chooser's decisions, timed and counted, then the FFN."""
+
+    def __init__(self, handle: ModelHandle, chooser: Chooser, backend: FFNBackend):
+        self.chooser = chooser
+        self.ffn_runner = GatheredFFN(handle, chooser.computes_gate, backend)
+        self.n_heads = handle.geometry.n_heads
+        self.kept: list[list[int]] = []
+        self.heads_kept: list[list[int]] = []
+        self.chooser_s = 0.0
+
+    def next_token(self) -> None:
+        self.kept.append([])
+        if self.chooser.chooses_heads:
+            self.heads_kept.append([])
+
+    def heads(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        t = time.perf_counter()
+        idx = self.chooser.heads(layer, x)
+        self.chooser_s += time.perf_counter() - t
+        self.heads_kept[-1].append(self.n_heads if idx is None else idx.numel())
+        return idx
+
+    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        choice = self.chooser.channels(layer, h)
+        self.chooser_s += time.perf_counter() - t
+        self.kept[-1].append(choice.idx.numel())
+        return self.ffn_runner(layer, h.reshape(-1), choice).view_as(h)
+
+
 @torch.no_grad()
-def _generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int, thresholds: Thresholds | None,
-              ffn_for: Callable[[list[list[int]]], Callable] | None) -> Generation:
-    adapter = handle.adapter
+def _generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int, chooser: Chooser | None,
+              backend: FFNBackend) -> Generation:
+    adapter, n_layers = handle.adapter, handle.geometry.n_layers
     ids = ids.to(handle.device)
+    steps = _Steps(handle, chooser, backend) if chooser is not None else None  # the FFN copies are made here
     cache = adapter.decode_cache()
     t0 = time.perf_counter()
-    if thresholds is None:
+    if chooser is None:
         logits = handle.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
     else:
-        with apply_rule(handle, thresholds):
+        with chooser.gates(handle):
             logits = handle.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
     t1 = time.perf_counter()
-    kept: list[list[int]] = []
-    ffn = ffn_for(kept) if ffn_for is not None else None
-    steps, tokens = [logits], [logits.argmax(-1)]
+    ffn = steps.ffn if steps is not None else None
+    heads = steps.heads if steps is not None and chooser.chooses_heads else None
+    all_logits, tokens = [logits], [logits.argmax(-1)]
     for position in range(ids.shape[1], ids.shape[1] + max_new_tokens - 1):
-        kept.append([])
-        logits = adapter.decode_token(tokens[-1][:, None], position, cache, ffn)  # (1, V)
-        steps.append(logits)
+        if steps is not None:
+            steps.next_token()
+        logits = adapter.decode_token(tokens[-1][:, None], position, cache, ffn, heads)  # (1, V)
+        all_logits.append(logits)
         tokens.append(logits.argmax(-1))
     t2 = time.perf_counter()
     out = torch.cat([ids, torch.stack(tokens, dim=1)], dim=1)
-    counts = torch.tensor(kept, dtype=torch.long).view(len(kept), handle.geometry.n_layers) if ffn else None
-    return Generation(out, torch.cat(steps).float().cpu(), counts, t1 - t0, t2 - t1)
+    logits_cpu = torch.cat(all_logits).float().cpu()
+    if steps is None:
+        return Generation(out, logits_cpu, None, t1 - t0, t2 - t1)
+    kept = torch.tensor(steps.kept, dtype=torch.long).view(len(steps.kept), n_layers)
+    head_counts = (torch.tensor(steps.heads_kept, dtype=torch.long).view(len(steps.heads_kept), n_layers)
+                   if heads is not None else None)
+    return Generation(out, logits_cpu, kept, t1 - t0, t2 - t1, heads=head_counts, chooser_s=steps.chooser_s,
+                      chooser=chooser.name, ffn_path=steps.ffn_runner.path)
 
 
-def sparse_generate(handle: ModelHandle, ids: torch.Tensor, thresholds: Thresholds,
-                    max_new_tokens: int) -> Generation:
-    """Greedy continuation of ids [1, T] by exactly `max_new_tokens` tokens with CATS `thresholds` per token.
+def sparse_generate(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser | Thresholds, max_new_tokens: int,
+                    *, backend: FFNBackend = "auto") -> Generation:
+    """Greedy continuation of ids [1, T] by exactly `max_new_tokens` tokens, each reading only what `chooser` keeps.
 
-    Token for token the same model as `apply_rule(handle, thresholds)`, but each decoded token reads
-    only the up rows and down columns of the FFN channels it keeps (gate and attention in full).
+    `chooser`: a Chooser (engine.dynamic.choosers), or CATS thresholds (a CatsChooser is made from them).
+    Token for token the same model as `chooser.gates(handle)` (CATS: `apply_rule(handle, thresholds)`).
+    `backend`: the FFN kernel ("auto": Triton on CUDA, the compiled CPU kernel when built, else torch).
     """
-    rule = get_rule(thresholds.rule)
-    if rule is not CATS:
-        raise ThresholdsError(f"sparse decoding runs the CATS rule (channels chosen from act(gate(x)) before up and "
-                              f"down are read); got {rule.name!r} thresholds")
-    g = handle.geometry
     _check_prompt(handle, ids, max_new_tokens)
-    thresholds.check(g.n_layers, g.ffn_dim)
-    prepared = _channel_major(handle)
-    values = [float(v) for v in thresholds.values["down"]]
-    return _generate(handle, ids, max_new_tokens, thresholds, lambda kept: _cats_ffn(prepared, values, kept))
+    if isinstance(chooser, Thresholds):
+        chooser = CatsChooser(handle, chooser)
+    chooser.check(handle)
+    return _generate(handle, ids, max_new_tokens, chooser, backend)
 
 
 def dense_generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> Generation:
-    """The dense twin of `sparse_generate`: the same prefill and decode loop, every FFN the model's own."""
+    """The dense twin of `sparse_generate`: the same prefill and decode loop, every weight the model's own."""
     _check_prompt(handle, ids, max_new_tokens)
-    return _generate(handle, ids, max_new_tokens, None, None)
+    return _generate(handle, ids, max_new_tokens, None, "auto")
 
 
-def _numel_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
+def _module_bytes(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(tensor_bytes(p) for p in module.parameters())
 
 
-def decode_weight_bytes(handle: ModelHandle, kept: torch.Tensor | None = None) -> float:
-    """Weight bytes read per decoded token: one embedding row, every layer (attention and gate in full),
-    the final norm and the LM head; with `kept` [n, n_layers], up rows and down columns only for the
-    mean number of channels kept per layer (None: dense)."""
+def decode_weight_bytes(handle: ModelHandle, kept: torch.Tensor | None = None, heads: torch.Tensor | None = None, *,
+                        chooser: Chooser | None = None) -> float:
+    """Weight bytes read per decoded token.
+
+    Dense (no arguments): one embedding row, every layer's weights, the final norm and the LM head.
+    kept [n, n_layers]: FFN channels read per token and layer; each layer then reads, at its mean
+    kept count, the kept channels' up rows, down columns (and gate rows unless the chooser computed
+    the gate) instead of the whole FFN, plus the chooser's own bytes (`chooser.predictor_bytes`;
+    chooser None: CATS's accounting, the whole gate). heads [n, n_layers]: query heads read; the Q
+    rows and O columns of the others are not. K and V are always read in full.
+    """
     adapter, g = handle.adapter, handle.geometry
-    emb = adapter.input_embeddings().weight
-    total = float(g.hidden * emb.element_size())
+    total = float(g.hidden * adapter.input_embeddings().weight.element_size())
+    computes_gate = True if chooser is None else chooser.computes_gate
     for layer in range(g.n_layers):
-        total += sum(_numel_bytes(p) for p in adapter.layers()[layer].parameters())
+        total += _module_bytes(adapter.layers()[layer])
+        proj = adapter.projections(layer)
+        if heads is not None:
+            q_and_o = tensor_bytes(proj["q"].weight) + tensor_bytes(proj["q"].bias) + tensor_bytes(proj["o"].weight)
+            total -= (1.0 - float(heads[:, layer].float().mean()) / g.n_heads) * q_and_o
         if kept is not None:
-            proj = adapter.projections(layer)
-            per_channel = (_numel_bytes(proj["up"].weight) + _numel_bytes(proj["up"].bias)
-                           + _numel_bytes(proj["down"].weight)) / g.ffn_dim
-            total -= (g.ffn_dim - float(kept[:, layer].float().mean())) * per_channel
-    norm = adapter.final_norm()
-    total += 0 if norm is None else sum(_numel_bytes(p) for p in norm.parameters())
-    head = adapter.lm_head()
-    total += 0 if head is None else sum(_numel_bytes(p) for p in head.parameters())
+            gate = tensor_bytes(proj["gate"].weight) + tensor_bytes(proj["gate"].bias)
+            up_down = tensor_bytes(proj["up"].weight) + tensor_bytes(proj["up"].bias) + tensor_bytes(proj["down"].weight)
+            per_channel = (up_down + (0 if computes_gate else gate)) / g.ffn_dim
+            total += float(kept[:, layer].float().mean()) * per_channel - (gate + up_down)
+    if kept is not None:
+        if chooser is not None:
+            total += chooser.predictor_bytes(handle)
+        else:  # CATS: the whole gate
+            total += sum(tensor_bytes(adapter.projections(i)["gate"].weight)
+                         + tensor_bytes(adapter.projections(i)["gate"].bias) for i in range(g.n_layers))
+    total += _module_bytes(adapter.final_norm()) + _module_bytes(adapter.lm_head())
     return total

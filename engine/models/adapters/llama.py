@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -18,6 +19,7 @@ from engine.core.adapter import (
     Adapter,
     FFNOverride,
     Geometry,
+    HeadChooser,
     HeadWeights,
     SparseAttention,
     SparseFFN,
@@ -27,6 +29,17 @@ from engine.core.adapter import (
 from engine.core.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
 
 __all__ = ["LlamaAdapter"]
+
+
+def _runs(sorted_heads: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive heads: [0, 1, 2, 5, 7, 8] -> [(0, 3), (5, 6), (7, 9)]."""
+    runs: list[tuple[int, int]] = []
+    for h in sorted_heads:
+        if runs and runs[-1][1] == h:
+            runs[-1] = (runs[-1][0], h + 1)
+        else:
+            runs.append((h, h + 1))
+    return runs
 
 
 class LlamaAdapter(Adapter):
@@ -203,17 +216,55 @@ class LlamaAdapter(Adapter):
         return DynamicCache(config=self.model.config)
 
     def decode_token(self, token: torch.Tensor, position: int, cache: DynamicCache,
-                     ffn: FFNOverride | None) -> torch.Tensor:
+                     ffn: FFNOverride | None, heads: HeadChooser | None = None) -> torch.Tensor:
         x = self.input_embeddings()(token)  # (1, 1, d)
         pos = self._base.rotary_emb(x, torch.tensor([[position]], device=token.device))  # (cos, sin)
         for layer, block in enumerate(self.layers()):
-            # A single query sees every cached key: no mask; the module appends this token's K/V to the cache.
-            a, _ = block.self_attn(hidden_states=block.input_layernorm(x), position_embeddings=pos,
-                                   attention_mask=None, cache=cache)
+            a_in = block.input_layernorm(x)
+            kept = None if heads is None else heads(layer, a_in)
+            if kept is None:
+                # A single query sees every cached key: no mask; the module appends this token's K/V to the cache.
+                a, _ = block.self_attn(hidden_states=a_in, position_embeddings=pos, attention_mask=None, cache=cache)
+            else:
+                a = self._decode_attention(layer, block.self_attn, a_in, kept, pos, cache)
             x = x + a
             h = block.post_attention_layernorm(x)
             x = x + (block.mlp(h) if ffn is None else ffn(layer, h))
         return self.lm_head()(self._base.norm(x))[:, -1]  # (1, V)
+
+    def _decode_attention(self, layer: int, attn: nn.Module, x: torch.Tensor, kept: torch.Tensor, pos: Any,
+                          cache: DynamicCache) -> torch.Tensor:
+        """One token's attention [1, 1, d] reading the Q rows and O columns of the `kept` query heads only.
+
+        Keys and values are computed for every KV head and appended to the cache, so later tokens see the
+        exact cache whatever this one kept; no kept head means no attention output (the sub-block rule).
+        """
+        g = self.geometry
+        hd = g.head_dim
+        k = attn.k_proj(x).view(1, 1, -1, hd).transpose(1, 2)  # (1, H_kv, 1, hd)
+        v = attn.v_proj(x).view(1, 1, -1, hd).transpose(1, 2)
+        runs = _runs(kept.tolist())  # consecutive kept heads: one contiguous block of rows each
+        if not runs:
+            _, k = apply_rotary_pos_emb(k, k, *pos)
+            cache.update(k, v, layer)
+            return x.new_zeros(x.shape)
+        wq, bq, wo = attn.q_proj.weight, attn.q_proj.bias, attn.o_proj.weight
+        q = torch.cat([F.linear(x, wq[a * hd : b * hd], None if bq is None else bq[a * hd : b * hd])
+                       for a, b in runs], dim=-1)  # (1, 1, n_kept * hd)
+        q = q.view(1, 1, -1, hd).transpose(1, 2)  # (1, n_kept, 1, hd)
+        q, k = apply_rotary_pos_emb(q, k, *pos)
+        keys, values = cache.update(k, v, layer)  # (1, H_kv, T, hd)
+        kv_head = kept.to(keys.device) // g.group_size  # the KV head each kept query head reads
+        o = F.scaled_dot_product_attention(q, keys.index_select(1, kv_head), values.index_select(1, kv_head),
+                                           scale=attn.scaling)  # (1, n_kept, 1, hd)
+        o = o.transpose(1, 2).reshape(1, 1, -1)  # (1, 1, n_kept * hd), kept heads in order
+        out, start = None, 0
+        for a, b in runs:  # O columns of each run of kept heads
+            n = (b - a) * hd
+            part = F.linear(o[..., start : start + n], wo[:, a * hd : b * hd])
+            out = part if out is None else out + part
+            start += n
+        return out if attn.o_proj.bias is None else out + attn.o_proj.bias
 
     # --- physical reshaping ---------------------------------------------------------------
     def resize_attention_(
