@@ -221,3 +221,24 @@ def test_perplexity_under_the_network(llama, ids):
     assert math.isfinite(r.result.perplexity) and r.sparsity.rule == "ipn"
     assert 0.3 < r.sparsity.ffn < 0.7
     json.dumps(r.to_dict())
+
+
+def test_joint_lora_trains_adapters_without_touching_the_model(llama, ids, tmp_path):
+    before = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    run = train_ipn(llama, IPNConfig(target=0.5, steps=3, batch=2, window=64, n_windows=4, lora_rank=4), ids)
+    assert run.ipn.lora_b.abs().sum() > 0  # B left zero would mean the adapters never trained
+    assert all(torch.equal(v, before[k]) for k, v in llama.model.state_dict().items())
+    with apply_ipn(llama, run.ipn):
+        with_lora = _logits(llama, ids)
+    zeroed = load_ipn(llama, save_ipn(llama, run.ipn, tmp_path / "lora"))
+    with apply_ipn(llama, zeroed):
+        torch.testing.assert_close(_logits(llama, ids), with_lora, rtol=0, atol=0)
+    with torch.no_grad():
+        zeroed.lora_b.zero_()
+    plain = IPN.for_model(llama, adaptive=zeroed.adaptive)
+    plain.load_state_dict({k: v for k, v in zeroed.state_dict().items() if not k.startswith("lora_")})
+    with apply_ipn(llama, zeroed):
+        a = _logits(llama, ids)
+    with apply_ipn(llama, plain):
+        b = _logits(llama, ids)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,9 @@ channels of every token from x and the layer's weight sketch, and a pre-hook on 
 zeroes the others (act(gate) * up is then zero exactly where a channel is dropped, the same model a
 decode path gets by never reading those channels' weights). With head prediction, a pre-hook on the
 Q projection reads the attention input and one on the O projection zeroes the dropped heads' slices.
-Hooks are thread-scoped and removed when the body ends (engine.core.hooks); nothing is stored on the model.
+A network with LoRA adapters adds B A h to each down projection's output (h: the masked input), a forward
+hook too. Hooks are thread-scoped and removed when the body ends (engine.core.hooks); nothing is stored
+on the model.
 
 With a `trace` (training), masks are straight-through: hard in the forward pass, with the gradient of
 sigmoid(margin / temperature) in the backward pass, and the trace keeps them for the losses.
@@ -90,6 +92,11 @@ def _ffn_hooks(hooks: HookSet, ipn: IPN, layer: int, projs: dict[str, nn.Linear]
 
     hooks.pre(projs["gate"], on_gate)
     hooks.pre(projs["down"], on_down)
+    if ipn.lora_rank:
+        def lora(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + ipn.lora_delta(layer, args[0]).to(output.dtype)  # args[0]: the masked down input
+
+        hooks.post(projs["down"], lora)
 
 
 def _head_hooks(hooks: HookSet, ipn: IPN, layer: int, projs: dict[str, nn.Linear], head_dim: int,

@@ -98,12 +98,14 @@ class IPN(nn.Module):
     """Per-layer channel (and optionally head) importance with learned thresholds; see the module docstring.
 
     Parameters (all float32): alpha, beta, gamma, tau [L]; channel_bias [L, F]; adapt [L, d] (zeros unless
-    `adaptive`); head_weight [L, H, d], head_bias [L, H] (only with `heads`). Buffers hold nothing of
+    `adaptive`); head_weight [L, H, d], head_bias [L, H] (only with `heads`); lora_a [L, r, F], lora_b [L, d, r]
+    (only with `lora_rank` r > 0: LoRA on the down projections, the model's only change, applied per call). Buffers hold nothing of
     the model: the sketches are attached per model with `attach(handle)` and never saved.
     """
 
     def __init__(self, n_layers: int, ffn_dim: int, hidden: int, n_heads: int, *, heads: bool = False,
-                 adaptive: bool = True, target: float = 0.5, head_target: float = 0.0, temperature: float = 0.5):
+                 adaptive: bool = True, target: float = 0.5, head_target: float = 0.0, temperature: float = 0.5,
+                 lora_rank: int = 0):
         super().__init__()
         if not 0.0 <= target < 1.0:
             raise IPNError(f"target FFN sparsity must be in [0, 1), got {target}")
@@ -121,6 +123,14 @@ class IPN(nn.Module):
         if heads:
             self.head_weight = nn.Parameter(torch.zeros(n_layers, n_heads, hidden))
             self.head_bias = nn.Parameter(torch.full((n_layers, n_heads), 3.0))
+        if lora_rank < 0:
+            raise IPNError(f"LoRA rank must be >= 0, got {lora_rank}")
+        self.lora_rank = lora_rank
+        if lora_rank:
+            # LoRA (Hu et al. 2022) on each FFN's down projection, trained with the network: B A h is added to
+            # down(h) for the masked h, so the model learns to live with the channels it drops. B starts at 0.
+            self.lora_a = nn.Parameter(torch.randn(n_layers, lora_rank, ffn_dim) / ffn_dim ** 0.5)
+            self.lora_b = nn.Parameter(torch.zeros(n_layers, hidden, lora_rank))
         self._sketches: list[LayerSketch] | None = None
 
     # --- construction -----------------------------------------------------------------------
@@ -192,8 +202,14 @@ class IPN(nn.Module):
         m = self.head_margin(layer, x)
         return None if m is None else m > 0
 
+    def lora_delta(self, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        """B A h [..., d] for the (masked) down input h [..., F], or None without LoRA."""
+        if not self.lora_rank:
+            return None
+        return (h.float() @ self.lora_a[layer].T) @ self.lora_b[layer].T
+
     def config(self) -> dict:
         """What rebuilds this network's shape (saved beside its weights)."""
         return {"n_layers": self.n_layers, "ffn_dim": self.ffn_dim, "hidden": self.hidden, "n_heads": self.n_heads,
                 "heads": self.heads, "adaptive": self.adaptive, "target": self.target,
-                "head_target": self.head_target, "temperature": self.temperature}
+                "head_target": self.head_target, "temperature": self.temperature, "lora_rank": self.lora_rank}

@@ -12,7 +12,11 @@ parameters per layer move. The loss on a batch of calibration windows is
   + head_sparsity * |mean kept heads - (1 - head_target)|   (with head prediction)
   + consistency * mean |m_t - m_{t-1}|              neighbouring tokens get similar masks
 
-with straight-through masks (engine.dynamic.ipn.apply). The network starts from the untrained one
+with straight-through masks (engine.dynamic.ipn.apply). With `lora_rank`, LoRA adapters on the FFN
+down projections (held by the network, applied per call) are trained jointly: the model adapts to
+the channels it drops without its weights changing.
+
+The network starts from the untrained one
 (the oracle's score on the weight sketch, thresholds calibrated per layer) so the first step is
 already a good sparse model; training then learns how each layer weighs gate, up and the down
 column's norm, a bias per channel, input-adaptive thresholds, and how much each layer keeps. At the
@@ -57,6 +61,8 @@ class IPNConfig:
     sparsity: float = 4.0  # weight of the sparsity term
     consistency: float = 0.0  # weight of the neighbouring-token mask consistency term
     temperature: float = 0.5  # of the straight-through sigmoid, in log units of the score
+    lora_rank: int = 0  # > 0: train LoRA adapters on the FFN down projections jointly (the model stays frozen)
+    lora_lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,7 +75,9 @@ class IPNConfig:
                 raise IPNError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch > self.n_windows:
             raise IPNError(f"a batch of {self.batch} windows needs at least that many windows, got {self.n_windows}")
-        for name in ("lr", "temperature"):
+        if self.lora_rank < 0:
+            raise IPNError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        for name in ("lr", "temperature", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise IPNError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("sparsity", "consistency"):
@@ -133,10 +141,13 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
     teacher = _teacher(handle, ids, (lambda d, n: progress(d, total)) if progress else None)
 
     ipn = IPN.for_model(handle, heads=config.heads, adaptive=config.adaptive, target=config.target,
-                        head_target=config.head_target, temperature=config.temperature).to(handle.device)
+                        head_target=config.head_target, temperature=config.temperature,
+                        lora_rank=config.lora_rank).to(handle.device)
     calibrate_thresholds(handle, ipn, ids[: max(config.batch, 2)])
     params = [p for p in ipn.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr)
+    lora = [p for name, p in ipn.named_parameters() if name.startswith("lora_")]
+    opt = torch.optim.Adam([{"params": [p for p in params if all(p is not q for q in lora)], "lr": config.lr},
+                            {"params": lora, "lr": config.lora_lr}])
     keep_target, head_keep_target = 1.0 - config.target, 1.0 - config.head_target
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(ids.shape[0], generator=generator)

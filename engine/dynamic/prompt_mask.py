@@ -1,0 +1,159 @@
+"""Per-prompt masks: one set of FFN channels (and heads) per prompt, predicted once and kept for the whole generation.
+
+Between a static mask (one for every input) and per-token masks (one per token) lie masks chosen per
+input: the router's k masks (one per cluster of prompts) and one mask per prompt. Here the
+importance network (engine.dynamic.ipn) reads the prompt once: for every layer and channel, the
+fraction of the prompt's tokens that would keep it; each layer keeps its most-kept channels, as many
+as the network keeps per token on average in that layer (so the learned per-layer budget carries
+over and the average sparsity matches the per-token network's). The result is an ordinary
+`PruneMask`: it runs through the gates, the sparse kernels and surgery like any static mask, so
+decoding under it reads only its channels with no per-token work at all.
+
+- `predict_prompt_mask(handle, ipn, ids)`: the mask of one prompt, and the prompt's embedding (the
+  mean of its tokens' input embeddings, unit length: no forward pass, so a cache lookup is cheap).
+- `MaskCache` (engine.dynamic.mask_cache) keeps masks of frequently seen prompts.
+- `RoutedMasks`: the k-mask router on the same footing: prompts clustered by that embedding
+  (k-means), one mask per cluster from its prompts' pooled keep fractions, each input routed to the
+  nearest centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.core.handle import ModelHandle
+from engine.core.hooks import temporary_hooks
+from engine.core.mask import PruneMask
+from engine.dynamic.ipn.network import IPN
+
+__all__ = ["PromptMask", "prompt_embedding", "keep_fractions", "predict_prompt_mask", "mask_from_fractions",
+           "RoutedMasks"]
+
+
+@dataclass(frozen=True)
+class PromptMask:
+    """A prompt's mask: channels [L, F] (and heads [L, H] or None) kept for its whole generation."""
+
+    channels: torch.Tensor
+    heads: torch.Tensor | None
+    embedding: torch.Tensor  # [d], unit length
+
+    @property
+    def ffn_sparsity(self) -> float:
+        return 1.0 - float(self.channels.float().mean())
+
+    def to_prune_mask(self, handle: ModelHandle) -> PruneMask:
+        """The same mask as a PruneMask (what the gates, the sparse kernels and surgery run)."""
+        m = PruneMask.dense(handle.geometry)
+        m.ffn = self.channels.float().clone()
+        if self.heads is not None:
+            m.heads = self.heads.float().clone()
+        m.meta = {"source": "per-prompt importance network"}
+        return m
+
+
+@torch.no_grad()
+def prompt_embedding(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
+    """[d]: the mean input embedding of the prompt ids [1, T] (or [T]), unit length."""
+    ids = ids.reshape(-1).to(handle.device)
+    if ids.numel() == 0:
+        raise ValueError("an empty prompt has no embedding")
+    e = handle.adapter.input_embeddings()(ids).float().mean(0)
+    return F.normalize(e, dim=0).cpu()
+
+
+@torch.no_grad()
+def keep_fractions(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per layer and unit, the fraction of the prompt's tokens whose per-token mask keeps it ([L, F], [L, H] or None).
+
+    The prompt runs once through the dense model; the network reads each layer's inputs there.
+    """
+    ipn.attach(handle)
+    g = handle.geometry
+    ids = ids.reshape(1, -1).to(handle.device)
+    channels = torch.zeros(g.n_layers, g.ffn_dim)
+    heads = torch.zeros(g.n_layers, g.n_heads) if ipn.heads else None
+    with temporary_hooks() as hooks:
+        for layer in range(g.n_layers):
+            p = handle.adapter.projections(layer)
+
+            def on_gate(module: nn.Module, args: tuple, layer: int = layer) -> None:
+                channels[layer] = ipn.channel_keep(layer, args[0]).float().reshape(-1, g.ffn_dim).mean(0).cpu()
+
+            hooks.pre(p["gate"], on_gate)
+            if heads is not None:
+                def on_q(module: nn.Module, args: tuple, layer: int = layer) -> None:
+                    heads[layer] = ipn.head_keep(layer, args[0]).float().reshape(-1, g.n_heads).mean(0).cpu()
+
+                hooks.pre(p["q"], on_q)
+        handle.model(input_ids=ids)
+    return channels, heads
+
+
+def mask_from_fractions(channels: torch.Tensor, heads: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bool masks keeping, per layer, the round(sum of fractions) most-kept units (at least one head per layer)."""
+    def top(frac: torch.Tensor, at_least: int) -> torch.Tensor:
+        keep = torch.zeros_like(frac, dtype=torch.bool)
+        for layer, row in enumerate(frac):
+            k = max(at_least, min(row.numel(), round(float(row.sum()))))
+            keep[layer, row.topk(k).indices] = True  # ties go to the lower index (topk's order)
+        return keep
+
+    return top(channels, 0), None if heads is None else top(heads, 1)
+
+
+def predict_prompt_mask(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> PromptMask:
+    """The mask `ipn` predicts for the prompt ids [1, T] for its whole generation; see the module docstring."""
+    channels, heads = mask_from_fractions(*keep_fractions(handle, ipn, ids))
+    return PromptMask(channels, heads, prompt_embedding(handle, ids))
+
+
+def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine k-means of unit rows x [n, d]: (centroids [k, d], assignment [n]); k-means++ seeding."""
+    gen = torch.Generator().manual_seed(seed)
+    centroids = [x[int(torch.randint(len(x), (1,), generator=gen))]]
+    for _ in range(1, k):
+        d = 1 - (x @ torch.stack(centroids).T).amax(1)
+        centroids.append(x[int(torch.multinomial(d.clamp(min=1e-12), 1, generator=gen))])
+    c = torch.stack(centroids)
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)
+        new = torch.stack([F.normalize(x[assign == j].mean(0), dim=0) if (assign == j).any() else c[j]
+                           for j in range(k)])
+        if torch.allclose(new, c):
+            break
+        c = new
+    return c, (x @ c.T).argmax(1)
+
+
+@dataclass(frozen=True)
+class RoutedMasks:
+    """k masks, one per cluster of calibration prompts, and their centroids; `route` picks one per input."""
+
+    centroids: torch.Tensor  # [k, d]
+    masks: list[PromptMask]
+
+    @classmethod
+    def fit(cls, handle: ModelHandle, ipn: IPN, prompts: list[torch.Tensor], k: int, seed: int = 0) -> "RoutedMasks":
+        """Cluster `prompts` (ids each) by embedding into k groups; each group's mask pools its prompts' fractions."""
+        if not 1 <= k <= len(prompts):
+            raise ValueError(f"k must be between 1 and the number of prompts ({len(prompts)}), got {k}")
+        emb = torch.stack([prompt_embedding(handle, p) for p in prompts])
+        fracs = [keep_fractions(handle, ipn, p) for p in prompts]
+        centroids, assign = _kmeans(emb, k, seed)
+        masks = []
+        for j in range(k):
+            members = [f for f, a in zip(fracs, assign.tolist()) if a == j] or fracs
+            ch = torch.stack([f[0] for f in members]).mean(0)
+            hd = torch.stack([f[1] for f in members]).mean(0) if members[0][1] is not None else None
+            channels, heads = mask_from_fractions(ch, hd)
+            masks.append(PromptMask(channels, heads, centroids[j]))
+        return cls(centroids, masks)
+
+    def route(self, handle: ModelHandle, ids: torch.Tensor) -> PromptMask:
+        """The mask of the cluster whose centroid is nearest the prompt's embedding."""
+        return self.masks[int((self.centroids @ prompt_embedding(handle, ids)).argmax())]
