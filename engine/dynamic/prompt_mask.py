@@ -30,8 +30,14 @@ from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask
 from engine.dynamic.ipn.network import IPN
 
-__all__ = ["PromptMask", "prompt_embedding", "keep_fractions", "predict_prompt_mask", "mask_from_fractions",
-           "RoutedMasks"]
+__all__ = [
+    "PromptMask",
+    "RoutedMasks",
+    "keep_fractions",
+    "mask_from_fractions",
+    "predict_prompt_mask",
+    "prompt_embedding",
+]
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,7 @@ class RoutedMasks:
     masks: list[PromptMask]
 
     @classmethod
-    def fit(cls, handle: ModelHandle, ipn: IPN, prompts: list[torch.Tensor], k: int, seed: int = 0) -> "RoutedMasks":
+    def fit(cls, handle: ModelHandle, ipn: IPN, prompts: list[torch.Tensor], k: int, seed: int = 0) -> RoutedMasks:
         """Cluster `prompts` (ids each) by embedding into k groups; each group's mask pools its prompts' fractions."""
         if not 1 <= k <= len(prompts):
             raise ValueError(f"k must be between 1 and the number of prompts ({len(prompts)}), got {k}")
