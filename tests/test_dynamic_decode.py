@@ -15,6 +15,7 @@ from engine.dynamic import (
     CatsChooser,
     Chooser,
     FixedChooser,
+    IPNChooser,
     Thresholds,
     ThresholdsError,
     apply_rule,
@@ -26,6 +27,7 @@ from engine.dynamic import (
 )
 from engine.dynamic import gathered as gathered_module
 from engine.dynamic.gathered import interleaved_ffn, is_silu
+from engine.dynamic.ipn import IPN, IPNError, apply_ipn, calibrate_thresholds, untrained_ipn
 from engine.models.wrap import wrap_model
 from kernels import compiled
 from kernels.compiled import CompiledKernelError
@@ -230,6 +232,43 @@ def test_weight_bytes_count_kept_heads_q_rows_and_o_columns_and_the_predictor(ll
         (g.ffn_dim - float(kept_mean[i])) * per_channel + (1 - float(heads_mean[i]) / g.n_heads) * q_and_o
         for i in range(g.n_layers))
     assert with_probe == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------- importance network
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ipn_decode_matches_apply_ipn_token_by_token(llama, prompt, backend):
+    ipn = untrained_ipn(llama, 0.5, calibration_ids(llama, window=64, n_windows=4))
+    chooser = IPNChooser(llama, ipn)
+    out = sparse_generate(llama, prompt, chooser, N_NEW, backend=_backend(backend))
+    assert out.chooser == "ipn" and out.heads is None and not chooser.computes_gate
+    F = llama.geometry.ffn_dim
+    assert 0.2 < float(out.kept.float().mean()) / F < 0.8
+    _assert_matches_gated_model(llama, out, prompt, apply_ipn(llama, ipn))
+    # the ideal counts the network's sketches and gate rows of the kept channels only
+    with_ipn = decode_weight_bytes(llama, out.kept, chooser=chooser)
+    assert with_ipn == pytest.approx(decode_weight_bytes(llama, out.kept, chooser=FixedChooser(
+        llama, [torch.arange(F)] * llama.geometry.n_layers)) + ipn.predictor_bytes)
+
+
+def test_ipn_decode_with_predicted_heads_matches_apply_ipn(llama, prompt):
+    ipn = IPN.for_model(llama, heads=True, adaptive=False, target=0.5)
+    with torch.no_grad():  # heads that differ per token: random head scores around zero
+        ipn.head_weight.copy_(torch.randn(ipn.head_weight.shape, generator=torch.Generator().manual_seed(0)))
+        ipn.head_bias.zero_()
+    calibrate_thresholds(llama, ipn, calibration_ids(llama, window=64, n_windows=4))
+    chooser = IPNChooser(llama, ipn)
+    out = sparse_generate(llama, prompt, chooser, N_NEW)
+    assert chooser.chooses_heads and bool((out.heads < llama.geometry.n_heads).any())
+    assert bool((out.heads == 0).any())  # a token with no head in a layer: the sub-block rule
+    _assert_matches_gated_model(llama, out, prompt, apply_ipn(llama, ipn))
+
+
+def test_an_ipn_for_another_model_is_refused(llama):
+    other = IPN(llama.geometry.n_layers, llama.geometry.ffn_dim * 2, llama.geometry.hidden, llama.geometry.n_heads)
+    with pytest.raises(IPNError, match="shaped for"):
+        IPNChooser(llama, other)
 
 
 # ------------------------------------------------------------------------ activations, biases, refusals

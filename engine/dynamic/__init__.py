@@ -2,7 +2,7 @@
 
 from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
 from engine.dynamic.calibrate import calibrate, calibration_ids
-from engine.dynamic.choosers import CatsChooser, ChannelChoice, Chooser, FixedChooser
+from engine.dynamic.choosers import CatsChooser, ChannelChoice, Chooser, FixedChooser, IPNChooser
 from engine.dynamic.decode import Generation, decode_weight_bytes, dense_generate, sparse_generate
 from engine.dynamic.gating import chooser_gates
 from engine.dynamic.measure import DynamicPerplexity, dynamic_perplexity, measure_sparsity
@@ -34,5 +34,6 @@ __all__ = [
     "ChannelChoice",
     "CatsChooser",
     "FixedChooser",
+    "IPNChooser",
     "chooser_gates",
 ]

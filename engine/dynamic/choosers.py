@@ -15,7 +15,7 @@ decisions for a batch of positions (`channel_keep`, `head_keep`: bool masks) dri
 model (`gates`), which runs the prompt's prefill and is what decoding must equal token by token.
 
     CatsChooser(handle, thresholds)   CATS (Lee et al. 2024): channel j when |act(gate(x))_j| >= t_l
-    IPNChooser(ipn)                   an importance network (engine.dynamic.ipn): sketches, not weights
+    IPNChooser(handle, ipn)           an importance network (engine.dynamic.ipn): reads 4-bit sketches, not the gate
     FixedChooser(channels, heads)     the same kept sets for every token (tests, exact-sparsity timing)
 """
 
@@ -32,9 +32,10 @@ from torch import nn
 from engine.core.handle import ModelHandle
 from engine.dynamic.apply import apply_rule
 from engine.dynamic.gating import chooser_gates
+from engine.dynamic.ipn import IPN, IPNError, apply_ipn
 from engine.dynamic.rules import CATS, Thresholds, ThresholdsError, get_rule, magnitude_score
 
-__all__ = ["CatsChooser", "ChannelChoice", "Chooser", "FixedChooser", "tensor_bytes"]
+__all__ = ["CatsChooser", "ChannelChoice", "Chooser", "FixedChooser", "IPNChooser", "tensor_bytes"]
 
 
 def tensor_bytes(t: torch.Tensor | None) -> int:
@@ -127,6 +128,35 @@ class CatsChooser(Chooser):
 
     def gates(self, handle: ModelHandle) -> AbstractContextManager:
         return apply_rule(handle, self.thresholds)
+
+
+class IPNChooser(Chooser):
+    """An importance network's channels (and heads, when it predicts them), decided from its weight sketches."""
+
+    name = "ipn"
+
+    def __init__(self, handle: ModelHandle, ipn: IPN):
+        self.ipn = ipn
+        self.chooses_heads = bool(ipn.heads)
+        self.check(handle)
+
+    def check(self, handle: ModelHandle) -> None:
+        if getattr(self.ipn, "lora_rank", 0):
+            raise IPNError("this importance network adds LoRA terms to the down projections, which the decode path "
+                           "does not compute; decode with a network trained without LoRA")
+        self.ipn.attach(handle)  # checks the shapes; the sketches are made once per model
+
+    def channel_keep(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.ipn.channel_keep(layer, x)
+
+    def head_keep(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        return self.ipn.head_keep(layer, x)
+
+    def predictor_bytes(self, handle: ModelHandle) -> int:
+        return int(self.ipn.predictor_bytes)
+
+    def gates(self, handle: ModelHandle) -> AbstractContextManager:
+        return apply_ipn(handle, self.ipn)
 
 
 class FixedChooser(Chooser):
