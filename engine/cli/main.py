@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from engine.cli import distill, evaluate, export, quality, routing, scoring
+from engine.cli import distill, dynamic, evaluate, export, quality, routing, scoring
 from engine.cli.common import run_command
 
 __all__ = ["main", "build_parser", "GROUPS"]
 
-GROUPS = (evaluate, scoring, export, routing, distill, quality)  # each adds its verbs with register(subparsers)
+GROUPS = (evaluate, scoring, export, routing, distill, quality, dynamic)  # each adds its verbs: register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
