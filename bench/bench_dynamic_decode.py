@@ -1,16 +1,25 @@
-"""Batch-1 decode speed with per-token CATS FFN sparsity vs dense, and how much of the ideal it reaches.
+"""Batch-1 decode speed with per-token sparsity (CATS, importance networks) vs dense, and how much of the ideal it reaches.
 
-    python bench/bench_dynamic_decode.py [--threads 1] [--sparsities 0.25,0.5,0.7] [--new 128]
+    python bench/bench_dynamic_decode.py [--threads 1] [--sparsities 0.25,0.5,0.7] [--ipn-targets 0.5]
+                                         [--ipn FOLDER ...] [--new 128] [--prompt 32] [--backend auto]
 
-One process, one model: CATS thresholds are calibrated per target sparsity on the default
-calibration set (engine.dynamic.calibrate, all cores), then timing runs on `--threads` torch
-threads: greedy decoding of `--new` tokens after a `--prompt`-token WikiText prompt with the
-KV cache, dense (engine.dynamic.dense_generate) and sparse (sparse_generate, which reads only
-each token's kept up rows and down columns), round-robin over `--repeats` so CPU drifts hit all
-alike. tokens/s count the cached decode steps only (the prefill is excluded). Ideal speedup =
-weight bytes read per token, dense / sparse (engine.dynamic.decode_weight_bytes: embedding row,
-attention and gate in full, kept up rows and down columns at the mean kept count per layer
-measured in the same decode, final norm, LM head).
+One process, one model. Setup on all cores: CATS thresholds calibrated per target sparsity
+(engine.dynamic.calibrate), an untrained importance network per --ipn-targets entry
+(engine.dynamic.ipn.untrained_ipn: the oracle's score on 4-bit weight sketches, calibrated
+thresholds) and any trained network saved with save_ipn (--ipn FOLDER). Then timing on
+`--threads` torch threads: greedy decoding of `--new` tokens after a `--prompt`-token WikiText
+prompt with the KV cache, dense (engine.dynamic.dense_generate) and sparse (sparse_generate: each
+token reads only its kept channels' weights, and its kept heads' Q rows and O columns when the
+chooser picks heads), round-robin over `--repeats` so CPU drifts hit all alike; tokens/s count the
+cached decode steps only (the prefill is excluded).
+
+Columns: ideal = weight bytes read per token, dense / sparse (engine.dynamic.decode_weight_bytes:
+embedding row, attention (kept heads' Q and O), K/V in full, kept channels' FFN weights at the
+mean kept count per layer measured in the same decode, what the chooser reads itself: CATS the
+whole gate, a network its sketches; final norm, LM head); fraction of ideal = speedup / ideal;
+predictor overhead = time spent in the chooser per decoded token / time of a dense token (CATS's
+includes its full gate mat-vec); FFN path = the kernel that ran (compiled CPU kernel, Triton, or
+the torch fallback); same greedy prefix = leading new tokens equal to dense decoding.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from bench.machine import cpu_name
 from engine.core.csvfile import write_rows
 from engine.data.datasets import read_wikitext
-from engine.dynamic import calibrate, decode_weight_bytes, dense_generate, sparse_generate
+from engine.dynamic import CatsChooser, IPNChooser, calibrate, decode_weight_bytes, dense_generate, sparse_generate
+from engine.dynamic.ipn import load_ipn, untrained_ipn
 from engine.models.load import load_model
 
 
@@ -46,14 +56,31 @@ def _same_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(diff[0]) if diff.numel() else a.numel()
 
 
+def _choosers(handle, args) -> dict[str, tuple[object, float]]:
+    """label -> (chooser, target FFN sparsity), made on all cores before timing."""
+    out: dict[str, tuple[object, float]] = {}
+    for s in (float(v) for v in args.sparsities.split(",") if v):
+        out[f"cats {s:.0%}"] = (CatsChooser(handle, calibrate(handle, "cats", s)), s)
+    for s in (float(v) for v in args.ipn_targets.split(",") if v):
+        out[f"ipn untrained {s:.0%}"] = (IPNChooser(handle, untrained_ipn(handle, s)), s)
+    for folder in args.ipn:
+        ipn = load_ipn(handle, folder)
+        out[f"ipn {Path(folder).name}"] = (IPNChooser(handle, ipn), ipn.target)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the shipped SmolLM2-135M-Instruct")
     ap.add_argument("--threads", type=int, default=1, help="torch threads while timing")
-    ap.add_argument("--sparsities", default="0.25,0.5,0.7", help="CATS target FFN sparsities")
+    ap.add_argument("--sparsities", default="0.25,0.5,0.7", help="CATS target FFN sparsities ('' for none)")
+    ap.add_argument("--ipn-targets", default="0.5", help="untrained importance networks' target sparsities")
+    ap.add_argument("--ipn", action="append", default=[], help="a trained network's folder (save_ipn); repeatable")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="new tokens per run")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--backend", default="auto", choices=["auto", "compiled", "torch", "triton"],
+                    help="the sparse FFN kernel")
     ap.add_argument("--csv", default="bench/results/dynamic_decode.csv")
     args = ap.parse_args()
 
@@ -61,16 +88,14 @@ def main() -> None:
     t = time.perf_counter()
     handle = load_model(args.model, dtype="float32")
     prompt = _prompt(handle, args.prompt)
-    targets = [float(s) for s in args.sparsities.split(",")]
-    thresholds = {s: calibrate(handle, "cats", s) for s in targets}
+    choosers = _choosers(handle, args)
     t_setup = time.perf_counter() - t
 
     torch.set_num_threads(args.threads)
     runs = {"dense": lambda n: dense_generate(handle, prompt, n)}
-    runs.update({f"cats {s:.0%}": (lambda n, th=th: sparse_generate(handle, prompt, th, n))
-                 for s, th in thresholds.items()})
-    target = {"dense": 0.0, **{f"cats {s:.0%}": s for s in thresholds}}
-    for run in runs.values():  # warm-up; also makes the channel-major down copies
+    runs.update({label: (lambda n, c=c: sparse_generate(handle, prompt, c, n, backend=args.backend))
+                 for label, (c, _) in choosers.items()})
+    for run in runs.values():  # warm-up; also makes the interleaved FFN copies
         run(4)
     results: dict[str, list] = {label: [] for label in runs}
     for _ in range(args.repeats):
@@ -84,20 +109,26 @@ def main() -> None:
     rows = []
     for label, gens in results.items():
         first = gens[0]
+        chooser, target = choosers.get(label, (None, 0.0))
         tps = statistics.median(r.decode_tokens_per_s for r in gens)
-        kept = first.kept
-        sparse_bytes = decode_weight_bytes(handle, kept) if kept is not None else dense_bytes
+        sparse_bytes = (dense_bytes if chooser is None
+                        else decode_weight_bytes(handle, first.kept, first.heads, chooser=chooser))
         ideal = dense_bytes / sparse_bytes
         speedup = tps / dense_tps
+        chooser_per_token = statistics.median(r.chooser_s / r.decoded for r in gens)
         rows.append({
             "config": label,
-            "target_sparsity": target[label],
-            "decode_ffn_sparsity": 0.0 if kept is None else 1.0 - float(kept.float().mean()) / g.ffn_dim,
+            "chooser": first.chooser or "-",
+            "ffn_path": first.ffn_path or "dense",
+            "target_sparsity": target,
+            "decode_ffn_sparsity": 0.0 if first.kept is None else 1.0 - float(first.kept.float().mean()) / g.ffn_dim,
+            "decode_head_sparsity": 0.0 if first.heads is None else 1.0 - float(first.heads.float().mean()) / g.n_heads,
             "tokens_per_s": tps,
             "speedup": speedup,
             "weight_mb_per_token": sparse_bytes / 2**20,
             "ideal_speedup": ideal,
-            "fraction_of_ideal": (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan"),
+            "fraction_of_ideal": speedup / ideal,
+            "predictor_overhead": chooser_per_token * dense_tps,  # chooser time per token / dense token time
             "same_tokens_as_dense": _same_prefix(first.new_tokens, dense_new),
             "new_tokens": args.new,
             "prompt_tokens": args.prompt,
@@ -108,17 +139,19 @@ def main() -> None:
 
     print(f"\n# bench_dynamic_decode: {handle.name}, fp32, batch 1, {args.threads} torch thread(s) on {cpu_name()}")
     print(f"# {args.prompt}-token prompt + {args.new} greedy tokens with the KV cache; median of {args.repeats} runs "
-          f"(decode steps only); setup (load + CATS calibration) {t_setup:.0f} s")
-    print("# ideal = weight bytes read per token, dense / sparse; fraction of ideal = (speedup - 1) / (ideal - 1)")
-    print("# timings on a shared machine are noisy: compare ratios within this run only\n")
-    print("| config | FFN sparsity in decode | tok/s | speedup | MB read/token | ideal | fraction of ideal | "
-          "new tokens equal to dense |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"(decode steps only); setup (load + calibration) {t_setup:.0f} s")
+    print("# ideal = weight bytes read per token, dense / sparse (chooser's own reads included); "
+          "fraction of ideal = speedup / ideal;")
+    print("# predictor overhead = chooser time per token / dense token time; timings on a shared machine are noisy\n")
+    print("| config | FFN path | FFN sparsity | head sparsity | tok/s | speedup | MB read/token | ideal | "
+          "fraction of ideal | predictor overhead | same greedy prefix |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        frac = "-" if r["config"] == "dense" else f"{r['fraction_of_ideal']:.0%}"
-        print(f"| {r['config']} | {r['decode_ffn_sparsity']:.1%} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['weight_mb_per_token']:.0f} | {r['ideal_speedup']:.2f}x | {frac} | "
-              f"{r['same_tokens_as_dense']}/{args.new} |")
+        dense = r["config"] == "dense"
+        print(f"| {r['config']} | {r['ffn_path']} | {r['decode_ffn_sparsity']:.1%} | {r['decode_head_sparsity']:.1%} | "
+              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['weight_mb_per_token']:.0f} | "
+              f"{r['ideal_speedup']:.2f}x | {'-' if dense else format(r['fraction_of_ideal'], '.0%')} | "
+              f"{'-' if dense else format(r['predictor_overhead'], '.1%')} | {r['same_tokens_as_dense']}/{args.new} |")
     print(f"\nwrote {write_rows(rows, args.csv)}")
 
 
