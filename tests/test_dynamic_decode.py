@@ -6,8 +6,15 @@ what the chooser drops at every position) re-reading the whole prefix: no cache 
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # the Triton decode kernel runs interpreted here; set before the first import of a Triton kernel
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.core.errors import UnsupportedModelError
@@ -29,7 +36,7 @@ from engine.dynamic import gathered as gathered_module
 from engine.dynamic.gathered import interleaved_ffn, is_silu
 from engine.dynamic.ipn import IPN, IPNError, apply_ipn, calibrate_thresholds, untrained_ipn
 from engine.models.wrap import wrap_model
-from kernels import compiled
+from kernels import compiled, interpreter_enabled, triton_available
 from kernels.compiled import CompiledKernelError
 from tests.compiled_kernel import compiled_kernel
 from tests.tiny import VOCAB, tiny_handle, tiny_tokenizer
@@ -58,6 +65,8 @@ def cats(llama):
 def _backend(name: str) -> str:
     if name == "compiled":
         compiled_kernel()  # built by the same builder as `make setup`; a skip only without a compiler
+    if name == "triton" and not (triton_available() and interpreter_enabled()):
+        pytest.skip("the Triton decode kernel runs on CPU tensors only under TRITON_INTERPRET=1")
     return name
 
 
@@ -136,7 +145,7 @@ def _biased_llama(seed=1, hidden_act="silu"):
 # ------------------------------------------------------------------------------------------- CATS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
 def test_cats_decode_matches_the_hook_model_token_by_token(llama, prompt, cats, backend):
     out = sparse_generate(llama, prompt, cats, N_NEW, backend=_backend(backend))
     T = prompt.shape[1]
@@ -183,7 +192,7 @@ def test_minus_inf_thresholds_decode_exactly_like_dense_generation(llama, prompt
 # ------------------------------------------------------------------------------- heads and channels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
 def test_decode_with_per_token_heads_matches_the_gated_model(llama, prompt, backend):
     chooser = ProbeChooser(llama)
     out = sparse_generate(llama, prompt, chooser, N_NEW, backend=_backend(backend))
