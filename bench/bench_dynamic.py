@@ -1,0 +1,277 @@
+"""Static, routed, per-prompt and per-token masks at equal average FFN sparsity: perplexity without and with training.
+
+    python bench/bench_dynamic.py                     # full run (about an hour on 2 idle cores; resumable)
+    python bench/bench_dynamic.py --quick             # smoke run: short protocols, few steps
+    python bench/bench_dynamic.py --report            # the markdown table from what is cached
+
+Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels of every layer):
+- oracle: per token, the true top-k channels by |act(gate(x)) * up(x)| (an upper bound; engine.dynamic.rules);
+- cats / teal / wina: the training-free rules, thresholds calibrated per layer to the target
+  (TEAL and WINA sparsify the inputs of every matrix, so their target is input sparsity);
+- ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer
+  calibrated thresholds, no training (engine.dynamic.ipn.untrained_ipn);
+- ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
+- ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
+- ipn+heads: the network also choosing query heads per token (target head sparsity 25%, 50% rows only);
+- per-prompt: one mask per window, predicted by the trained network from the window's first 64 tokens,
+  then kept for the whole window (engine.dynamic.prompt_mask);
+- router: k = 4 masks, one per cluster of 16 calibration prompts, each window routed by its first 64 tokens;
+- static: one FFN-channel mask for every input, by FLAP (fluctuation + bias compensation, the best static
+  width method of bench_quality), at the same channel budget.
+Calibration and training: 8 windows of 256 tokens from the shipped calibration text (the END of the
+WikiText-2 test file). Evaluation: the pinned protocol (the START of the file) and a held-out slice
+(12 windows of 512 tokens from token 150,000, as bench_quality); ratios against the dense model in the
+same process. Measured sparsity is reported on the main protocol's tokens. Each row is cached in
+~/.cache/headlab/bench/dynamic.json ($HEADLAB_CACHE), trained networks beside it, so a rerun resumes;
+--fresh starts over. Writes bench/results/dynamic.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from bench.bench_quality import HELDOUT_OFFSET, heldout_windows
+from bench.machine import cpu_name
+from engine.core import gates
+from engine.core.csvfile import write_rows
+from engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
+from engine.dynamic.ipn import (
+    IPNConfig,
+    apply_ipn,
+    load_ipn,
+    oracle_agreement,
+    save_ipn,
+    train_ipn,
+    untrained_ipn,
+)
+from engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
+from engine.models.load import load_model
+from engine.pruning.strategies import Budget, Calibration, get_strategy
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, window_nll
+
+PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
+RULES = ("oracle", "cats", "teal", "wina")
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("HEADLAB_CACHE", Path.home() / ".cache" / "headlab")) / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class Rows:
+    """Results by key, written to a JSON file after every row so an interrupted run resumes."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.rows: dict[str, dict] = {} if fresh or not path.exists() else json.loads(path.read_text())
+
+    def get(self, key: str, make: Callable[[], dict]) -> dict:
+        if key not in self.rows:
+            t = time.perf_counter()
+            row = make()
+            row.setdefault("eval_s", round(time.perf_counter() - t, 1))
+            self.rows[key] = row
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1))
+            os.replace(tmp, self.path)
+            print(f"  {key}: {json.dumps(row)}", flush=True)
+        return self.rows[key]
+
+
+@torch.no_grad()
+def _nll(handle, windows: torch.Tensor, score_from: torch.Tensor, context: Callable[[int], Any],
+         batch_size: int = 4) -> float:
+    """Perplexity over `windows`, window i run inside context(i) (batches share a context when it is per call)."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i : i + batch_size].to(handle.device)
+        with context(i):
+            logits = handle.model(input_ids=ids).logits
+        s, c = window_nll(logits, ids, score_from[i : i + batch_size])
+        total, count = total + float(s), count + c
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def _nll_per_window(handle, windows: torch.Tensor, score_from: torch.Tensor, mask_of: Callable) -> tuple[float, float]:
+    """Perplexity with a static mask chosen per window (mask_of(window ids [1, T])), and the mean FFN sparsity."""
+    total, count, sparsity = 0.0, 0, []
+    for i in range(windows.shape[0]):
+        ids = windows[i : i + 1].to(handle.device)
+        pm = mask_of(ids[:, :PROMPT])
+        sparsity.append(pm.ffn_sparsity)
+        with gates.apply(handle, pm.to_prune_mask(handle)):
+            logits = handle.model(input_ids=ids).logits
+        s, c = window_nll(logits, ids, score_from[i : i + 1])
+        total, count = total + float(s), count + c
+    return math.exp(total / count), sum(sparsity) / len(sparsity)
+
+
+def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main, heldout) -> dict:
+    """Main and held-out perplexity under a per-call context, and the sparsity it reached on the main tokens."""
+    meter = SparsityMeter(name, handle.geometry.n_layers)
+    ppl_main = _nll(handle, *main, lambda i: apply(meter))
+    ppl_ho = _nll(handle, *heldout, lambda i: apply(SparsityMeter(name, handle.geometry.n_layers)))
+    rep = meter.report()
+    heads = rep.per_layer.get("o")
+    return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn,
+            "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="default: the shipped SmolLM2-135M-Instruct")
+    ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.7")
+    ap.add_argument("--steps", type=int, default=100, help="IPN training steps")
+    ap.add_argument("--lora-sparsities", default="0.5,0.7", help="targets that also get an ipn+lora row")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 4 steps")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
+    ap.add_argument("--csv", default="bench/results/dynamic.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    suffix = "-quick" if args.quick else ""
+    rows = Rows(_cache_dir() / f"dynamic{suffix}.json", args.fresh)
+    if args.report:
+        print(report(rows.rows))
+        return
+    handle = load_model(args.model, dtype="float32")
+    protocol = PerplexityProtocol(window=128, stride=128, n_windows=2) if args.quick else DEFAULT_PROTOCOL
+    main_w = eval_windows(handle, protocol)
+    ho = heldout_windows(handle, HELDOUT_OFFSET, protocol.window, protocol.n_windows)
+    heldout = (ho, torch.ones(ho.shape[0], dtype=torch.long))
+    steps = 4 if args.quick else args.steps
+    n_windows = 4 if args.quick else 8
+    calib = calibration_ids(handle, window=256, n_windows=n_windows)
+    prompts = list(calibration_ids(handle, window=PROMPT, n_windows=16).split(1))
+    targets = [float(s) for s in args.sparsities.split(",")]
+    lora_targets = {float(s) for s in args.lora_sparsities.split(",") if s}
+    nets = _cache_dir() / f"dynamic-ipn{suffix}"
+
+    dense = rows.get("dense", lambda: {"ppl_main": _nll(handle, *main_w, lambda i: contextlib.nullcontext()),
+                                       "ppl_heldout": _nll(handle, *heldout, lambda i: contextlib.nullcontext()),
+                                       "ffn_sparsity": 0.0})
+    print(f"# {handle.name} on {cpu_name()}, {torch.get_num_threads()} threads; dense main {dense['ppl_main']:.3f}, "
+          f"held-out {dense['ppl_heldout']:.3f}", flush=True)
+
+    def trained(target: float, **kw) -> tuple[Any, dict]:
+        tag = "-".join([f"{target:.2f}"] + [f"{k}{v}" for k, v in sorted(kw.items())])
+        folder = nets / tag
+        if (folder / "ipn.json").exists():
+            meta = json.loads((folder / "ipn.json").read_text())["meta"]
+            return load_ipn(handle, folder), meta
+        cfg = IPNConfig(target=target, steps=steps, n_windows=n_windows, **kw)
+        t = time.perf_counter()
+        run = train_ipn(handle, cfg, calib, on_step=lambda e: print(
+            f"    step {e['step']}: kl {e['kl']:.4f} sparsity {e['ffn_sparsity']:.3f}", flush=True)
+            if e["step"] % 20 == 0 else None)
+        meta = {"train_s": round(time.perf_counter() - t, 1), "config": cfg.to_dict(),
+                "final_kl": run.history[-1]["kl"] if run.history else None}
+        save_ipn(handle, run.ipn, folder, meta=meta)
+        return run.ipn, meta
+
+    def agreement(ipn) -> dict:
+        a = oracle_agreement(handle, ipn, calib[:2])
+        return {"recall": sum(r.recall for r in a) / len(a), "precision": sum(r.precision for r in a) / len(a)}
+
+    for s in targets:
+        print(f"\n## target {s:.0%}", flush=True)
+        for rule in RULES:
+            def run_rule(rule=rule):
+                th = Thresholds.oracle(handle.geometry.n_layers, handle.geometry.ffn_dim, s) if rule == "oracle" \
+                    else calibrate(handle, rule, s, calib)
+                return _dynamic_row(handle, lambda m: apply_rule(handle, th, m), rule, main_w, heldout)
+            rows.get(f"{rule}@{s}", run_rule)
+
+        def run_untrained():
+            t = time.perf_counter()
+            ipn = untrained_ipn(handle, s, calib)
+            row = {"train_s": round(time.perf_counter() - t, 1), **agreement(ipn)}
+            return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout), **row}
+        rows.get(f"ipn-untrained@{s}", run_untrained)
+
+        def run_ipn(**kw):
+            ipn, meta = trained(s, **kw)
+            return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
+                    "train_s": meta["train_s"], **agreement(ipn)}
+        rows.get(f"ipn@{s}", run_ipn)
+        if s in lora_targets:
+            rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8))
+        if s == 0.5:
+            rows.get(f"ipn+heads@{s}", lambda: run_ipn(heads=True, head_target=0.25))
+
+        def run_prompt():
+            ipn, meta = trained(s)
+            ppl, sp = _nll_per_window(handle, *main_w, lambda p: predict_prompt_mask(handle, ipn, p))
+            ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: predict_prompt_mask(handle, ipn, p))
+            return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
+        rows.get(f"per-prompt@{s}", run_prompt)
+
+        def run_router():
+            ipn, meta = trained(s)
+            routed = RoutedMasks.fit(handle, ipn, prompts, k=4)
+            ppl, sp = _nll_per_window(handle, *main_w, lambda p: routed.route(handle, p))
+            ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: routed.route(handle, p))
+            return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
+        rows.get(f"router@{s}", run_router)
+
+        def run_static():
+            t = time.perf_counter()
+            cal = Calibration.shipped("wikitext", n=8 if args.quick else 32)
+            mask = get_strategy("flap")(handle, Budget(ffn=s), cal)
+            sel = round(time.perf_counter() - t, 1)
+            with_mask = lambda i: gates.apply(handle, mask)  # noqa: E731
+            return {"ppl_main": _nll(handle, *main_w, with_mask), "ppl_heldout": _nll(handle, *heldout, with_mask),
+                    "ffn_sparsity": 1.0 - float(mask.ffn.mean()), "train_s": sel}
+        rows.get(f"static@{s}", run_static)
+
+    table = []
+    for key, r in rows.rows.items():
+        if key == "dense":
+            continue
+        method, target = key.split("@")
+        table.append({"method": method, "target": float(target), **r,
+                      "ratio_main": r["ppl_main"] / dense["ppl_main"],
+                      "ratio_heldout": r["ppl_heldout"] / dense["ppl_heldout"]})
+    cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
+            "input_sparsity", "head_sparsity", "recall", "precision", "train_s", "eval_s"]
+    if not args.quick:
+        write_rows(args.csv, table, cols)
+        print(f"\nwrote {args.csv}")
+    print(report(rows.rows))
+
+
+def report(rows: dict[str, dict]) -> str:
+    """Markdown: perplexity ratio to dense (main / held-out) per method x target sparsity."""
+    if "dense" not in rows:
+        return "(nothing cached yet)"
+    dense = rows["dense"]
+    targets = sorted({float(k.split("@")[1]) for k in rows if "@" in k})
+    methods = list(dict.fromkeys(k.split("@")[0] for k in rows if "@" in k))
+    lines = ["| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            r = rows.get(f"{m}@{t}")
+            cells.append("-" if r is None else f"{r['ppl_main'] / dense['ppl_main']:.3f}x / "
+                         f"{r['ppl_heldout'] / dense['ppl_heldout']:.3f}x ({r['ffn_sparsity']:.1%})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
