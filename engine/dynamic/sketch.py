@@ -79,12 +79,12 @@ class Int4Sketch:
         return n * k // 2 + 2 * 2 * n * (k // GROUP)
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> "Int4Sketch":
+    def of(cls, weight: torch.Tensor) -> Int4Sketch:
         """The sketch of a Linear weight [out, in] (in a multiple of GROUP), packed for the CPU kernel when it runs."""
         return cls._build(weight, pack=weight.device.type == "cpu" and int4_kernel_available())
 
     @classmethod
-    def _build(cls, weight: torch.Tensor, pack: bool) -> "Int4Sketch":
+    def _build(cls, weight: torch.Tensor, pack: bool) -> Int4Sketch:
         w = weight.detach().float()
         if w.dim() != 2:
             raise ValueError(f"a sketch needs a 2-D weight [out, in], got shape {tuple(w.shape)}")
