@@ -187,8 +187,24 @@ class IPN(nn.Module):
 
     @torch.no_grad()
     def channel_keep(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Bool [..., F]: the channels a token with FFN input x keeps."""
-        return self.channel_margin(layer, x) > 0
+        """Bool [..., F]: the channels a token with FFN input x keeps.
+
+        The same arithmetic as `channel_margin(layer, x) > 0`, element for element and in the same order
+        (so a decode step and a batched forward decide alike), done in place on one buffer: a decoded
+        token pays for the sketch's product and a handful of vector operations, not a chain of temporaries.
+        """
+        sk = self.sketches[layer]
+        gu = sk.gate_up.matmul(x)  # [..., 2F], a fresh float32 buffer
+        n = self.ffn_dim
+        g, u = gu[..., :n], gu[..., n:]
+        g.copy_(sk.act(g))
+        gu.abs_().add_(EPS).log_()
+        g.mul_(self.alpha[layer])
+        u.mul_(self.beta[layer])
+        g.add_(u)
+        g.add_(self.gamma[layer] * sk.log_down_norm.to(x.device))
+        g.add_(self.channel_bias[layer])
+        return g > self.channel_threshold(layer, x)
 
     def head_margin(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """r [..., H] for the attention input x [..., d] (positive: kept), or None without head prediction."""
