@@ -345,3 +345,19 @@ def test_other_rules_and_families_are_refused(llama, prompt):
         FixedChooser(llama, [torch.arange(4)])
     with pytest.raises(ValueError, match=r"\[0, 128\)"):
         FixedChooser(llama, [torch.tensor([128])] * g.n_layers)
+
+
+def test_teacher_forced_decode_nll_equals_the_gated_forward(llama, prompt):
+    """sparse_nll (decode loop, KV cache, gathered kernels) scores a text like the hook-gated batched forward."""
+    from engine.dynamic.choosers import IPNChooser
+    from engine.dynamic.decode import sparse_nll
+    from engine.dynamic.ipn import untrained_ipn
+    from engine.runtime.evaluate import window_nll
+
+    ipn = untrained_ipn(llama, 0.5, calibration_ids(llama, window=64, n_windows=4))
+    chooser = IPNChooser(llama, ipn)
+    total, count = sparse_nll(llama, prompt, chooser)
+    with torch.no_grad(), chooser.gates(llama):
+        ref, ref_count = window_nll(llama.model(input_ids=prompt).logits, prompt, torch.ones(1, dtype=torch.long))
+    assert count == ref_count == prompt.shape[1] - 1
+    assert abs(total - float(ref)) < 1e-3

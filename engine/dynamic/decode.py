@@ -38,7 +38,8 @@ from engine.dynamic.gathered import GatheredFFN
 from engine.dynamic.rules import Thresholds
 from kernels.decode import FFNBackend
 
-__all__ = ["Generation", "decode_weight_bytes", "dense_generate", "sparse_generate"]
+__all__ = [
+    "Generation", "decode_weight_bytes", "dense_generate", "sparse_generate", "sparse_nll"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,32 @@ def sparse_generate(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser | T
         chooser = CatsChooser(handle, chooser)
     chooser.check(handle)
     return _generate(handle, ids, max_new_tokens, chooser, backend)
+
+
+@torch.no_grad()
+def sparse_nll(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser, *, backend: FFNBackend = "auto"
+               ) -> tuple[float, int]:
+    """(summed NLL, count) of ids [1, T] teacher-forced through the sparse decode loop, one token at a time.
+
+    Every token after the first is predicted by the decode step (the KV cache, `chooser`'s kept channels and
+    heads only, the gathered FFN kernels): an implementation independent of the hooks that
+    `chooser.gates(handle)` installs over a batched forward, for checking a perplexity measured there.
+    """
+    _check_prompt(handle, ids, 1)
+    chooser.check(handle)
+    adapter = handle.adapter
+    ids = ids.to(handle.device)
+    steps = _Steps(handle, chooser, backend)
+    cache = adapter.decode_cache()
+    with chooser.gates(handle):
+        logits = handle.model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits[:, -1]
+    heads = steps.heads if chooser.chooses_heads else None
+    total = 0.0
+    for position in range(1, ids.shape[1]):
+        total -= float(torch.log_softmax(logits.float(), dim=-1)[0, ids[0, position]])
+        steps.next_token()
+        logits = adapter.decode_token(ids[:, position : position + 1], position, cache, steps.ffn, heads)
+    return total, ids.shape[1] - 1
 
 
 def dense_generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> Generation:
