@@ -1,0 +1,68 @@
+"""An independent check of bench_dynamic's importance-network perplexity: the same windows scored two ways.
+
+    python bench/check_dynamic.py [--target 0.5] [--windows 2]
+
+(a) the way bench_dynamic measures it: a batched forward of the Hugging Face model with the network's masks
+    applied by hooks (engine.dynamic.ipn.apply_ipn);
+(b) token by token through the sparse decode loop (engine.dynamic.decode.sparse_nll): the KV cache, the
+    Llama adapter's own decode step, and the gathered FFN kernel reading only each token's kept channels.
+The two share the network and the model, nothing else. The network is the one bench_dynamic trained and
+cached (~/.cache/headlab/bench/dynamic-ipn/), or the untrained one when none is cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from engine.dynamic.choosers import IPNChooser
+from engine.dynamic.decode import sparse_nll
+from engine.dynamic.ipn import apply_ipn, load_ipn, untrained_ipn
+from engine.models.load import load_model
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, eval_windows, window_nll
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--windows", type=int, default=2, help="protocol windows to score (512 tokens each)")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    handle = load_model(None, dtype="float32")
+    folder = Path(os.environ.get("HEADLAB_CACHE", Path.home() / ".cache" / "headlab")) / "bench" / "dynamic-ipn" \
+        / f"{args.target:.2f}"
+    ipn = load_ipn(handle, folder) if (folder / "ipn.json").exists() else untrained_ipn(handle, args.target)
+    which = f"trained ({folder})" if (folder / "ipn.json").exists() else "untrained"
+    windows, _ = eval_windows(handle, DEFAULT_PROTOCOL)
+    windows = windows[: args.windows]
+    t = time.perf_counter()
+    total = count = 0.0
+    with torch.no_grad(), apply_ipn(handle, ipn):
+        for w in windows:
+            s, c = window_nll(handle.model(input_ids=w[None]).logits, w[None], torch.ones(1, dtype=torch.long))
+            total, count = total + float(s), count + c
+    hooks_ppl, hooks_s = math.exp(total / count), time.perf_counter() - t
+    t = time.perf_counter()
+    total = count = 0.0
+    chooser = IPNChooser(handle, ipn)
+    for w in windows:
+        s, c = sparse_nll(handle, w[None], chooser)
+        total, count = total + s, count + c
+    decode_ppl, decode_s = math.exp(total / count), time.perf_counter() - t
+    print(f"importance network at {args.target:.0%}, {which}; {len(windows)} windows of the pinned protocol, "
+          f"{int(count)} scored tokens")
+    print(f"  (a) hooks over a batched forward : perplexity {hooks_ppl:.4f}  ({hooks_s:.1f} s)")
+    print(f"  (b) sparse decode, token by token: perplexity {decode_ppl:.4f}  ({decode_s:.1f} s)")
+    print(f"  relative difference {abs(decode_ppl - hooks_ppl) / hooks_ppl:.2e}")
+
+
+if __name__ == "__main__":
+    main()
