@@ -2,7 +2,8 @@
 
 It opens every page, clicks a head on a head grid and waits for the displayed perplexity to
 change, moves the prune budget with the keyboard, checks that no page shows an exception and
-that the mask summary stays in the sidebar, and saves a screenshot of each page under
+that the mask summary stays in the sidebar, clicks a cell of the Dynamic page's token map
+(`-k dynamic` runs that test alone), and saves a screenshot of each page under
 artifacts/screenshots/. Chromium must be installed (`make setup-browser`): a missing browser
 fails this test, it is never skipped.
 
@@ -139,6 +140,43 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
         assert "heads pruned: " in page.locator('[data-testid="stSidebar"]').inner_text()  # the mask summary on every page
         page.screenshot(path=str(shots / f"{title.lower()}.png"))
     assert not errors, errors
+
+
+def dynamic_cell(page) -> tuple[str, str]:
+    """The (token, layer) the Dynamic page inspects, as its two inputs show them."""
+    return (page.locator(".st-key-w-dynamic-token input").input_value(),
+            page.locator(".st-key-w-dynamic-layer input").input_value())
+
+
+def test_the_dynamic_page_maps_tokens_and_a_clicked_cell_is_inspected(app_url, browser, shots):
+    page = browser.new_page(viewport={"width": VIEWPORT["width"], "height": 2000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_text("Perplexity, with mask").first.wait_for(timeout=SLOW * 1000)
+    wait_idle(page)
+    open_page(page, "Dynamic")
+    page.get_by_text("Oracle recall", exact=True).first.wait_for(timeout=SLOW * 1000)
+    wait_idle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    token_map = page.locator(".js-plotly-plot").first
+    assert "kept per token" in token_map.inner_text()
+    before = dynamic_cell(page)
+    area = token_map.locator(".nsewdrag").first.bounding_box()
+    page.mouse.click(area["x"] + area["width"] * 0.75, area["y"] + area["height"] * 0.4)  # a cell away from (0, 0)
+    wait_for_change(page, dynamic_cell, before)
+    wait_idle(page)
+    after = dynamic_cell(page)  # read once the rerun is over: the two inputs may be redrawn one after the other
+    assert after != ("0", "0")
+    page.get_by_text(re.compile(rf"^Token {after[0]} .*, layer {after[1]}:")).first.wait_for(timeout=SLOW * 1000)
+    page.get_by_role("button", name="Generate, dense and dynamic").click()
+    page.get_by_text("new tokens agree").first.wait_for(timeout=SLOW * 1000)
+    wait_idle(page)
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.get_by_role("heading", name="Dynamic").first.scroll_into_view_if_needed()  # the page from its top
+    page.screenshot(path=str(shots / "dynamic.png"))
+    assert not errors, errors
+    page.close()
 
 
 def test_the_attention_page_draws_the_map_of_a_4096_token_prompt(app_url, browser, shots):

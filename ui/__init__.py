@@ -24,6 +24,7 @@ builders), head_grid (the clickable layers x heads grid: its views and how click
 tables (pandas tables), widgets (clickable head grid, perplexity metrics), compute
 (cached attention maps, generations, full evaluations, costs), shared_cache (values computed
 once for every session, by engine.core.jobs background jobs), curves (background perplexity
-curves), suggest (the suggest-mask panel), clusters (the Clusters page's pieces), mask_edit
-(click edits and mask digests).
+curves), suggest (the suggest-mask panel), clusters (the Clusters page's pieces), dynamic,
+dynamic_panels and dynamic_figures (the Dynamic page's shared results and training job, its
+panels, its figures), mask_edit (click edits and mask digests).
 """

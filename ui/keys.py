@@ -28,6 +28,10 @@ __all__ = [
     "W_CLUSTERS_REMOVED", "W_CLUSTERS_STEPS", "W_CLUSTERS_PROMPT", "W_CLUSTERS_HISTORY", "FORM_CLUSTERS_TRAIN",
     "CHART_CLUSTERS_SCATTER", "CHART_CLUSTERS_LIVE", "CHART_CLUSTERS_MASKS", "CHART_CLUSTERS_CURVE",
     "CHART_CLUSTERS_GATES",
+    "DYN_TRAINING", "DYN_LOADED", "DYN_GENERATE", "W_DYN_METHOD", "W_DYN_TARGET", "W_DYN_FOLDER", "W_DYN_PROMPT",
+    "W_DYN_TOKEN", "W_DYN_LAYER", "W_DYN_NEW_TOKENS", "W_DYN_STEPS", "W_DYN_HEADS", "W_DYN_SAVE_FOLDER",
+    "FORM_DYN_TRAIN", "CHART_DYN_MAP", "CHART_DYN_HEADS_MAP", "CHART_DYN_CELL", "CHART_DYN_UNITS", "CHART_DYN_TRAINING",
+    "CHART_DYN_LAYERS", "CHART_DYN_QUALITY",
     "WIDGETS_TO_KEEP",
 ]
 
@@ -119,6 +123,29 @@ CHART_CLUSTERS_MASKS = "clusters.masks"
 CHART_CLUSTERS_CURVE = "clusters.curve"
 CHART_CLUSTERS_GATES = "clusters.gates"
 
+# --- Dynamic page (pages/dynamic.py, ui/dynamic.py) -----------------------------------------------
+DYN_TRAINING = "headlab.dynamic.training"  # ui.dynamic.TrainingRun: this session's IPN training job
+DYN_LOADED = "headlab.dynamic.loaded"  # (model key, folder, method, cache name) loaded from a folder
+DYN_GENERATE = "headlab.dynamic.generate"  # (model key, method key, prompt, new tokens) last asked to generate
+W_DYN_METHOD = "w.dynamic.method"
+W_DYN_TARGET = "w.dynamic.target"
+W_DYN_FOLDER = "w.dynamic.folder"
+W_DYN_PROMPT = "w.dynamic.prompt"
+W_DYN_TOKEN = "w.dynamic.token"  # the inspected cell: token ...
+W_DYN_LAYER = "w.dynamic.layer"  # ... and layer (set by a click on the map too)
+W_DYN_NEW_TOKENS = "w.dynamic.new_tokens"
+W_DYN_STEPS = "w.dynamic.steps"
+W_DYN_HEADS = "w.dynamic.heads"
+W_DYN_SAVE_FOLDER = "w.dynamic.save_folder"
+FORM_DYN_TRAIN = "dynamic.train"
+CHART_DYN_MAP = "dynamic.map"  # its selection (a clicked cell) is read by the page
+CHART_DYN_HEADS_MAP = "dynamic.heads_map"
+CHART_DYN_CELL = "dynamic.cell"
+CHART_DYN_UNITS = "dynamic.units"
+CHART_DYN_TRAINING = "dynamic.training"
+CHART_DYN_LAYERS = "dynamic.layers"
+CHART_DYN_QUALITY = "dynamic.quality"
+
 # Attention and Diagnostics on long prompts
 ATTN_LAYER_INPUTS = "attention.layer_inputs"  # this session's LayerInputCache (layer inputs of recent prompts)
 FORM_DIAG_LONG_PROMPT = "diagnostics.prompt"
@@ -130,5 +157,5 @@ DIAG_LONG_PROMPT_RESULT = "diagnostics.prompt.result"  # (model key, PromptDiagn
 WIDGETS_TO_KEEP = (
     W_HEADS_RANK_BY, W_HEADS_COLOUR, W_ATTN_PROMPT, W_ATTN_LAYER, W_ATTN_HEAD, W_ATTN_VIEW, W_ATTN_BINS, W_ATTN_REDUCE,
     W_ATTN_WINDOW, W_ATTN_POWER, W_PRUNE_UNIT, W_PRUNE_CRITERION, W_PRUNE_BUDGET, W_PRUNE_SCOPE, W_PRUNE_KV,
-    W_GEN_PROMPT, W_GEN_TOKENS,
+    W_GEN_PROMPT, W_GEN_TOKENS, W_DYN_METHOD, W_DYN_TARGET, W_DYN_PROMPT, W_DYN_NEW_TOKENS,
 )

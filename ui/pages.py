@@ -29,6 +29,7 @@ KNOWN_PAGES: tuple[PageSpec, ...] = (
     PageSpec("pages/attention.py", "Attention", ":material/visibility:"),
     PageSpec("pages/prune.py", "Prune", ":material/content_cut:"),
     PageSpec("pages/clusters.py", "Clusters", ":material/scatter_plot:"),
+    PageSpec("pages/dynamic.py", "Dynamic", ":material/bolt:"),
     PageSpec("pages/distill.py", "Distill", ":material/school:"),
     PageSpec("pages/export.py", "Export", ":material/download:"),
     PageSpec("pages/diagnostics.py", "Diagnostics", ":material/monitor_heart:"),
