@@ -12,6 +12,8 @@ Where the gates act (the same places for every family, found by the adapter):
 
 Compensation biases (PruneMask.attn_bias / ffn_bias, FLAP) are added to the O-projection's /
 down-projection's output, inside the sub-block, so a removed sub-block removes its bias too.
+Refitted projections (PruneMask.attn_refit / ffn_refit, engine.core.refit) replace that output by
+x[..., kept columns] @ W_refit.T + the projection's own bias, before the compensation bias is added.
 
 Gates may be soft and require grad (training masks), and may be per sample: pass a list of
 masks, one per row of the batch. Hooks fire only in the thread that opened the context, so
@@ -26,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.core.adapter import Adapter
 from engine.core.hooks import temporary_hooks
 from engine.core.mask import PruneMask
+from engine.core.refit import LayerRefit
 
 __all__ = ["apply", "StackedGates", "stack_masks", "adapter_of"]
 
@@ -132,6 +136,34 @@ def _bias_post_hook(bias: torch.Tensor, per_sample: bool):
     return hook
 
 
+def _refit_post_hook(refits: Sequence[LayerRefit | None], per_sample: bool):
+    """Replace the projection's output by its refit (per batch row when `per_sample`; None keeps a row's own)."""
+    feats = [None if r is None else r.features() for r in refits]
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def weight(i: int, like: torch.Tensor) -> torch.Tensor:
+        key = (i, like.device, like.dtype)
+        if key not in cache:
+            cache[key] = refits[i].weight.to(device=like.device, dtype=like.dtype)
+        return cache[key]
+
+    def refit(i: int, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        cols = x.index_select(-1, feats[i].to(x.device))  # (..., kept inputs)
+        bias = module.bias.to(x.dtype) if getattr(module, "bias", None) is not None else None
+        return F.linear(cols, weight(i, x), bias)  # (..., d)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (B, T, in), gates already applied
+        if not per_sample:
+            return refit(0, module, x)
+        if x.shape[0] != len(refits):
+            raise ValueError(f"{len(refits)} per-sample masks for a batch of {x.shape[0]} rows")
+        rows = [refit(i, module, x[i]) if refits[i] is not None else output[i] for i in range(len(refits))]
+        return torch.stack(rows)
+
+    return hook
+
+
 def _is_zero(t: torch.Tensor) -> bool:
     return not t.requires_grad and not bool(t.any())
 
@@ -161,6 +193,7 @@ def apply(target: Any, mask: PruneMask | Sequence[PruneMask] | None) -> Iterator
     g = adapter.geometry
     gates = stack_masks(mask, adapter)
     per = gates.per_sample
+    masks = [mask] if isinstance(mask, PruneMask) else list(mask)
     with temporary_hooks() as hooks:
         for layer in range(g.n_layers):
             heads = _layer_slice(gates.heads, layer, per)
@@ -169,6 +202,10 @@ def apply(target: Any, mask: PruneMask | Sequence[PruneMask] | None) -> Iterator
             ffn = _layer_slice(gates.ffn, layer, per)
             if not _is_ones(ffn):
                 hooks.pre(adapter.ffn_output_proj(layer), _channel_pre_hook(ffn, per))
+            for kind, proj in (("attn", adapter.head_output_proj), ("ffn", adapter.ffn_output_proj)):
+                refits = [m.refits(kind).get(layer) for m in masks]
+                if any(r is not None for r in refits):  # before the bias hooks: they add onto the refit output
+                    hooks.post(proj(layer), _refit_post_hook(refits, per))
             for bias, proj in ((gates.attn_bias, adapter.head_output_proj), (gates.ffn_bias, adapter.ffn_output_proj)):
                 if bias is None:
                     continue

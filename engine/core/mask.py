@@ -11,6 +11,12 @@ Optional compensation biases (FLAP, An et al. AAAI 2024), None unless a strategy
   ffn_bias  [L, hidden]  added to the down-projection's output (the pruned channels' mean contribution)
 They live inside their sub-block: a removed sub-block removes its bias too. Editing gates by
 hand keeps the biases as they are; engine.pruning.compensation recomputes them for the new gates.
+Optional refitted output projections (engine.core.refit; empty unless reconstruction made them):
+  attn_refit {layer: LayerRefit}  new weights for the O projection's kept columns
+  ffn_refit  {layer: LayerRefit}  new weights for the down projection's kept columns
+A refit belongs to the units it was fitted for: editing a layer's gates drops that layer's
+refit, and `check` refuses one that no longer matches. `save` writes them next to the JSON
+file as safetensors (`<name>.refit.safetensors`), which `load` reads back and verifies.
 A mask is immutable in spirit: editing methods return a new mask.
 """
 
@@ -24,10 +30,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors.torch import load_file
 
 from engine.core.adapter import Geometry
 from engine.core.errors import MaskError
 from engine.core.files import write_atomic_text
+from engine.core.refit import (
+    REFIT_KINDS,
+    LayerRefit,
+    refit_path,
+    refit_tensors,
+    refits_from_tensors,
+    write_atomic_safetensors,
+)
 
 __all__ = ["PruneMask", "MaskError", "first_difference", "MASK_FORMAT_VERSION", "UNIT_KINDS", "UNIT_WORDS"]
 
@@ -55,6 +70,8 @@ class PruneMask:
     meta: dict[str, Any] = field(default_factory=dict)
     attn_bias: torch.Tensor | None = None
     ffn_bias: torch.Tensor | None = None
+    attn_refit: dict[int, LayerRefit] = field(default_factory=dict)
+    ffn_refit: dict[int, LayerRefit] = field(default_factory=dict)
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -81,12 +98,44 @@ class PruneMask:
         return PruneMask(
             self.heads.clone(), self.ffn.clone(), self.attn.clone(), self.ffn_block.clone(), dict(self.meta),
             attn_bias=bias(self.attn_bias), ffn_bias=bias(self.ffn_bias),
+            attn_refit=dict(self.attn_refit), ffn_refit=dict(self.ffn_refit),  # refits are shared, never written
         )
 
     @property
     def has_bias(self) -> bool:
         """The mask carries compensation biases."""
         return self.attn_bias is not None or self.ffn_bias is not None
+
+    @property
+    def has_refit(self) -> bool:
+        """The mask carries refitted output-projection weights for some layer."""
+        return bool(self.attn_refit) or bool(self.ffn_refit)
+
+    def refits(self, kind: str) -> dict[int, LayerRefit]:
+        """The refits of the "attn" (O projection) or "ffn" (down projection) sub-blocks, by layer."""
+        if kind not in REFIT_KINDS:
+            raise MaskError(f"refit kind must be one of {', '.join(REFIT_KINDS)}, got {kind!r}")
+        return self.attn_refit if kind == "attn" else self.ffn_refit
+
+    def kept_units(self, layer: int, kind: str) -> tuple[int, ...]:
+        """The heads ("attn") or FFN channels ("ffn") of `layer` that run (sub-block removal folded in)."""
+        gates_ = self.heads_effective() if kind == "attn" else self.ffn_effective()
+        return tuple(torch.nonzero(gates_[layer] > 0).flatten().tolist())
+
+    def without_refit(self) -> "PruneMask":
+        """A copy without refitted weights (the gates and biases as they are)."""
+        m = self.clone()
+        m.attn_refit, m.ffn_refit = {}, {}
+        return m
+
+    def _drop_stale_refits(self) -> "PruneMask":
+        """Drop, in place, every refit whose layer no longer keeps exactly the units it was fitted for."""
+        for kind in REFIT_KINDS:
+            refits = self.refits(kind)
+            for layer in [l for l, r in refits.items() if not 0 <= l < self.attn.numel()
+                          or r.units != self.kept_units(l, kind)]:
+                del refits[layer]
+        return self
 
     # --- checks ------------------------------------------------------------------------
     def check(self, g: Geometry) -> "PruneMask":
@@ -117,11 +166,29 @@ class PruneMask:
                 )
             if not torch.isfinite(t).all():
                 raise MaskError(f"mask.{name} holds NaN or inf")
+        self._check_refits(g)
         if self.attn.max() == 0 and self.ffn_block.max() == 0:
             raise MaskError("this mask prunes every sub-block of every layer: nothing would be left to run")
         if self.heads_effective().sum() == 0 and self.ffn_effective().sum() == 0:
             raise MaskError("this mask prunes every head and every FFN channel: nothing would be left to run")
         return self
+
+    def _check_refits(self, g: Geometry) -> None:
+        for kind in REFIT_KINDS:
+            width = g.head_dim if kind == "attn" else 1
+            for layer, r in self.refits(kind).items():
+                where = f"mask.{kind}_refit[{layer}]"
+                if not 0 <= layer < g.n_layers:
+                    raise MaskError(f"{where}: this model has layers 0..{g.n_layers - 1}")
+                kept = self.kept_units(layer, kind)
+                if r.units != kept:
+                    raise MaskError(f"{where} was fitted for units {list(r.units)[:8]}... but the mask keeps "
+                                    f"{list(kept)[:8]}...: refit the mask or drop it (mask.without_refit())")
+                shape = (g.hidden, len(kept) * width)
+                if tuple(r.weight.shape) != shape:
+                    raise MaskError(f"{where} has shape {tuple(r.weight.shape)}, this model needs {shape}")
+                if not torch.isfinite(r.weight).all():
+                    raise MaskError(f"{where} holds NaN or inf")
 
     # --- views -------------------------------------------------------------------------
     @property
@@ -148,7 +215,7 @@ class PruneMask:
         dead_ffn = (m.ffn == 0).all(dim=1)
         m.attn[dead_attn] = 0.0
         m.ffn_block[dead_ffn] = 0.0
-        return m
+        return m._drop_stale_refits()
 
     def summary(self) -> dict[str, int]:
         """Counts of pruned units (a unit inside a removed sub-block counts as pruned)."""
@@ -168,7 +235,7 @@ class PruneMask:
         """A copy with one head's gate set to `value`."""
         m = self.clone()
         m.heads[layer, head] = float(value)
-        return m
+        return m._drop_stale_refits()
 
     def toggle_head(self, layer: int, head: int) -> "PruneMask":
         """A copy with one head flipped between kept (1) and pruned (0), the ATTN sub-block rule kept.
@@ -189,7 +256,7 @@ class PruneMask:
                 m.attn[layer] = 1.0
             elif bool((m.heads[layer] == 0).all()):
                 m.attn[layer] = 0.0
-        return m
+        return m._drop_stale_refits()
 
     def reset_unit(self, unit: str) -> "PruneMask":
         """A copy with one unit kind back to dense, the others untouched (the base for re-selecting it).
@@ -209,7 +276,7 @@ class PruneMask:
         else:
             m.attn[(m.heads > 0).any(dim=1)] = 1.0
             m.ffn_block[(m.ffn > 0).any(dim=1)] = 1.0
-        return m
+        return m._drop_stale_refits()
 
     def with_block(self, layer: int, kind: str, value: float) -> "PruneMask":
         """A copy with the `kind` ("attn" or "ffn") sub-block gate of `layer` set to `value`."""
@@ -217,11 +284,11 @@ class PruneMask:
             raise MaskError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
         m = self.clone()
         (m.attn if kind == "attn" else m.ffn_block)[layer] = float(value)
-        return m
+        return m._drop_stale_refits()
 
     # --- identity ------------------------------------------------------------------------
     def layer_keys(self) -> tuple[bytes, ...]:
-        """One bytes key per layer: every gate and compensation bias that acts inside that layer.
+        """One bytes key per layer: every gate, compensation bias and refit that acts inside that layer.
 
         The one definition of "what this mask computes": equality, digests, the first changed
         layer and every cache key derive from it. A zero bias and no bias compute the same
@@ -235,18 +302,21 @@ class PruneMask:
             for tag, bias in ((b"a", self.attn_bias), (b"f", self.ffn_bias)):
                 if bias is not None and bool(bias[layer].any()):
                     key += tag + bias[layer].detach().float().cpu().numpy().tobytes()
+            for tag, refits in ((b"A", self.attn_refit), (b"F", self.ffn_refit)):
+                if layer in refits:
+                    key += tag + refits[layer].digest()
             keys.append(key)
         return tuple(keys)
 
     def digest(self) -> str:
-        """A short hex digest of every gate and bias: equal masks (`==`) give equal digests."""
+        """A short hex digest of every gate, bias and refit: equal masks (`==`) give equal digests."""
         h = hashlib.sha1()
         for key in self.layer_keys():
             h.update(len(key).to_bytes(8, "little") + key)
         return h.hexdigest()[:16]
 
     def first_changed_layer(self, other: "PruneMask") -> int:
-        """The first layer whose gates or biases differ from `other`'s (the layer count when none does)."""
+        """The first layer whose gates, biases or refits differ from `other`'s (the layer count when none does)."""
         return first_difference(self.layer_keys(), other.layer_keys())
 
     def __eq__(self, other: object) -> bool:
@@ -271,14 +341,21 @@ class PruneMask:
         for name in ("attn_bias", "ffn_bias"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name).tolist()
+        if self.has_refit:  # the weights themselves are too large for JSON: `save` writes them beside it
+            d["refit"] = {"attn_layers": sorted(self.attn_refit), "ffn_layers": sorted(self.ffn_refit),
+                          "digest": self.digest()}
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PruneMask":
+    def from_dict(cls, d: dict[str, Any], refit: dict[str, torch.Tensor] | None = None) -> "PruneMask":
+        """The mask of `to_dict`; one that carries refits needs their tensors (`refit`, as `save` wrote them)."""
         if d.get("format") != "headlab.prune_mask":
             raise MaskError("not a mask file: its 'format' field is not 'headlab.prune_mask'")
+        if d.get("refit") and refit is None:
+            raise MaskError("this mask carries refitted weights, which live in a .refit.safetensors file next to "
+                            "its JSON: load it with PruneMask.load(path) (or the CLI's --mask) from that folder")
         try:
-            return cls(
+            m = cls(
                 heads=_as_float(d["heads"]),
                 ffn=_as_float(d["ffn"]),
                 attn=_as_float(d["attn"]),
@@ -289,17 +366,36 @@ class PruneMask:
             )
         except KeyError as e:
             raise MaskError(f"mask file is missing the field {e.args[0]!r}") from None
+        if d.get("refit"):
+            m.attn_refit, m.ffn_refit = refits_from_tensors(refit)
+            if m.digest() != d["refit"].get("digest"):
+                raise MaskError("the refitted weights do not belong to this mask file (digest mismatch): "
+                                "the .refit.safetensors file beside it was replaced or is stale")
+        return m
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the mask as JSON (atomically: a temporary file renamed into place)."""
-        return write_atomic_text(path, json.dumps(self.to_dict()))
+        """Write the mask as JSON (atomically: a temporary file renamed into place); refits go beside it."""
+        path = Path(path)
+        d = self.to_dict()
+        if self.has_refit:
+            side = refit_path(path)
+            write_atomic_safetensors(side, refit_tensors(self.attn_refit, self.ffn_refit))
+            d["refit"]["file"] = side.name
+        return write_atomic_text(path, json.dumps(d))
 
     @classmethod
     def load(cls, path: str | os.PathLike, g: Geometry | None = None) -> "PruneMask":
-        """Read a mask written by `save`; with `g`, also check it fits that model."""
+        """Read a mask written by `save` (and its refits); with `g`, also check it fits that model."""
+        path = Path(path)
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise MaskError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        m = cls.from_dict(d)
+        refit = None
+        if isinstance(d, dict) and d.get("refit"):
+            side = path.with_name(d["refit"].get("file") or refit_path(path).name)
+            if not side.is_file():
+                raise MaskError(f"{path} carries refitted weights, but {side.name} is not beside it")
+            refit = load_file(str(side))
+        m = cls.from_dict(d, refit)
         return m.check(g) if g is not None else m

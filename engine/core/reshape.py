@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["slice_out_", "slice_in_", "add_bias_", "GatheredHeads", "RemovedSubBlock", "is_removed"]
+__all__ = ["slice_out_", "slice_in_", "set_weight_", "add_bias_", "GatheredHeads", "RemovedSubBlock", "is_removed"]
 
 
 def _index(keep: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -50,6 +50,17 @@ def slice_in_(module: nn.Module, keep: Sequence[int] | torch.Tensor) -> None:
     _set_weight(module, module.weight.detach().index_select(0 if conv else 1, idx))
     if not conv:
         module.in_features = len(idx)
+
+
+def set_weight_(module: nn.Module, weight: torch.Tensor) -> None:
+    """Replace the module's weight by `weight` given in [out, in] orientation, of the same shape it has."""
+    conv = _is_conv1d(module)
+    w = weight.detach().to(device=module.weight.device, dtype=module.weight.dtype)
+    w = w.t() if conv else w
+    if tuple(w.shape) != tuple(module.weight.shape):
+        raise ValueError(f"a weight of shape {tuple(weight.shape)} ([out, in]) does not fit this module's "
+                         f"{tuple(module.weight.shape)}{' (stored [in, out])' if conv else ''}")
+    _set_weight(module, w)
 
 
 def add_bias_(module: nn.Module, bias: torch.Tensor) -> bool:

@@ -9,7 +9,9 @@ rounding), because it mirrors the gates' semantics:
 - a pruned FFN channel loses its up/gate rows and down-projection column;
 - a removed pre-LN sub-block becomes a zero delta, a removed post-LN (BERT) one passes its
   residual input through; a layer with both sub-blocks removed is dropped whole;
-- compensation biases (mask.attn_bias / ffn_bias) are folded into the output projections.
+- compensation biases (mask.attn_bias / ffn_bias) are folded into the output projections;
+- refitted output projections (mask.attn_refit / ffn_refit, engine.core.refit) become the sliced
+  O / down projection's weight, columns in the order the slice keeps the units.
 
 Uneven GQA groups. `repeat_kv` gives every KV head the same number of query heads; a layer
 whose groups keep different numbers (say 2 and 1) stores each kept KV head once and gathers
@@ -31,6 +33,8 @@ from engine.core.handle import ModelHandle
 from engine.core.hooks import private_copy
 from engine.core.mask import MaskError, PruneMask
 from engine.core.progress import Progress
+from engine.core.refit import LayerRefit, unit_features
+from engine.core.reshape import set_weight_
 from engine.models.adapters import adapter_for
 from engine.models.pruned import LAYERS_FORMAT, LAYERS_KEY
 from engine.models.wrap import wrap_model
@@ -240,6 +244,9 @@ def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> bool:
         if bias is not None:
             created |= adapter.add_output_bias_(layer, "attn", bias)
         adapter.resize_attention_(layer, lp.q_heads, lp.kv_heads, lp.kv_index)
+        refit = mask.attn_refit.get(layer)
+        if refit is not None:
+            _write_refit(adapter.head_output_proj(layer), refit, lp.q_heads)
     else:
         adapter.remove_subblock_(layer, "attn")
     if lp.ffn:
@@ -247,9 +254,20 @@ def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> bool:
         if bias is not None:
             created |= adapter.add_output_bias_(layer, "ffn", bias)
         adapter.resize_ffn_(layer, lp.channels)
+        refit = mask.ffn_refit.get(layer)
+        if refit is not None:
+            _write_refit(adapter.ffn_output_proj(layer), refit, lp.channels)
     else:
         adapter.remove_subblock_(layer, "ffn")
     return created
+
+
+def _write_refit(proj: torch.nn.Module, refit: LayerRefit, kept: Sequence[int]) -> None:
+    """Write a refit's columns into a projection sliced to the units `kept`, in that (storage) order."""
+    position = {u: i for i, u in enumerate(refit.units)}
+    assert sorted(kept) == list(refit.units), "the refit was fitted for other units than surgery keeps"
+    cols = unit_features([position[u] for u in kept], refit.width)
+    set_weight_(proj, refit.weight.index_select(1, cols))
 
 
 def _assert_sizes(adapter: Adapter, layer: int, lp: LayerPlan) -> None:

@@ -52,6 +52,8 @@ def sparse_refusal(
     masks = [masks] if isinstance(masks, PruneMask) else masks
     if not all(m.is_hard for m in {id(m): m for m in masks}.values()):
         return "a mask has soft gates (between 0 and 1), and the kernels keep or skip whole units"
+    if any(m.has_refit for m in masks):
+        return "a mask carries refitted output projections (reconstruction), which the hooks apply"
     if attention_mask is not None and not _right_padded(attention_mask):
         return "the batch is not right-padded (each row's real tokens must come first)"
     return None
@@ -86,6 +88,9 @@ def _group_rows(masks: Sequence[PruneMask], g: Geometry) -> tuple[list[PruneMask
             if not n.is_hard:
                 raise MaskError("the kernel path needs a hard (0/1) mask; "
                                 "soft gates run through engine.core.gates.apply")
+            if n.has_refit:
+                raise MaskError("the kernel path reads the shared weights; a mask with refitted output "
+                                "projections runs through engine.core.gates.apply")
             key = digests[id(m)] = n.digest()
             if key not in groups:
                 groups[key] = len(distinct)
