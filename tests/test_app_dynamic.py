@@ -71,7 +71,7 @@ def test_the_page_shows_cats_perplexity_sparsity_token_map_and_cell_detail(tiny_
     specs = charts(at)
     assert len(specs) == 3  # the token map, the cell's scores vs the oracle, its channels
     assert "FFN channels kept per token" in specs[0] and "cats score vs the oracle" in specs[1]
-    assert "Which FFN channels fired" in specs[2]
+    assert "Units fired" in specs[2]
     assert any("dynamic.csv" in i.value and "bench_dynamic.py" in i.value for i in at.info)  # no misleading chart
 
 
@@ -111,6 +111,7 @@ def test_dense_and_dynamic_generation_side_by_side(tiny_llama, no_bench):
 def test_training_runs_in_the_background_and_its_network_can_be_inspected(tiny_llama, no_bench, tmp_path):
     at = dynamic_page()
     at.number_input(key=keys.W_DYN_STEPS).set_value(2)
+    at.checkbox(key=keys.W_DYN_HEADS).check()
     next(b for b in at.button if b.label == "Train the IPN").click().run()
     assert not at.exception
     run = at.session_state[keys.DYN_TRAINING]
@@ -126,6 +127,8 @@ def test_training_runs_in_the_background_and_its_network_can_be_inspected(tiny_l
     at.selectbox(key=keys.W_DYN_METHOD).set_value(dynamic.TRAINED).run()
     assert not at.exception and not at.error
     assert "Perplexity, IPN trained here, 50%" in metrics(at)
+    assert run.result.ipn.heads and "Query heads kept" in metrics(at)
+    assert any("Query heads kept per token" in spec for spec in charts(at))  # a second map, for the heads
     at.text_input(key=keys.W_DYN_SAVE_FOLDER).input(str(tmp_path / "ipn")).run()
     next(b for b in at.button if b.label == "Save").click().run()
     assert (tmp_path / "ipn" / "ipn.safetensors").exists()

@@ -213,11 +213,13 @@ def _train(handle: ModelHandle, config: IPNConfig, job: Job) -> TrainedIPN:
     def on_step(entry: dict) -> None:
         history.append(entry)
         job.report(entry["step"], config.steps, list(history))
+        last = entry["step"] == config.steps or job.cancel_requested()
+        job.set_stage("Shifting the thresholds to the exact target sparsity" if last else "Training")
 
-    job.set_stage("the dense model's outputs on the calibration windows")
+    job.set_stage("The dense model's outputs on the calibration windows")
     ids = calibration_ids(handle, window=config.window, n_windows=config.n_windows)
     run = train_ipn(handle, config, ids, on_step=on_step, should_stop=job.cancel_requested)
-    job.set_stage("recall and precision against the oracle on held-out text")
+    job.set_stage("Recall and precision against the oracle on held-out text")
     windows, _ = eval_windows(handle, live_protocol(handle))
     return TrainedIPN(run, oracle_agreement(handle, run.ipn, windows))
 

@@ -71,7 +71,7 @@ def token_map_figure(tm: TokenMap, *, heads: bool = False, selected: tuple[int, 
         fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip",
                                  showlegend=False, marker={"size": row_px, "symbol": "square-open",
                                                            "color": PRUNED_COLOR, "line": {"width": 2.5}}))
-    fig.update_layout(title=_title(f"{'Query heads' if heads else 'FFN channels'} kept per token (click a cell)"),
+    fig.update_layout(title=_title(f"{'Query heads' if heads else 'FFN channels'} kept per token"),
                       height=max(260, row_px * T + 110), margin={"l": 10, "r": 10, "t": 40, "b": 40}, font=_FONT,
                       clickmode="event+select", dragmode=False)
     fig.update_xaxes(title_text="layer", range=[-0.5, L - 0.5], dtick=1 if L <= 16 else 2 if L <= 40 else 4,
@@ -108,23 +108,26 @@ def cell_figure(cell: TokenCell, method: str) -> go.Figure:
 
 
 def units_figure(cell: TokenCell, columns: int = 64) -> go.Figure:
-    """The token's FFN channels as a grid, coloured by AGREEMENT; its query heads in a row below, when predicted."""
+    """The token's FFN channels as a grid coloured by AGREEMENT; with predicted heads, a last row of its query heads."""
     cases = _cases(cell).astype(float)
     F = cases.size
-    rows = math.ceil(F / columns)
-    grid = np.full(rows * columns, np.nan)
-    grid[:F] = cases
-    grid = grid.reshape(rows, columns)
+    cells = [(float(c), f"FFN channel {j}: {AGREEMENT[int(c)][0]}") for j, c in enumerate(cases)]
+    cells += [(math.nan, "")] * (-F % columns)  # the last channel row, padded
+    if cell.heads is not None:  # a blank row, then the heads: kept in the "kept" colour, dropped in grey
+        cells += [(math.nan, "")] * columns
+        cells += [(0.0 if k else 3.0, f"query head {h}: {'kept' if k else 'dropped'}")
+                  for h, k in enumerate(cell.heads.tolist())]
+        cells += [(math.nan, "")] * (-len(cells) % columns)
+    rows = len(cells) // columns
+    z = np.array([v for v, _ in cells]).reshape(rows, columns)
+    text = np.array([t for _, t in cells], dtype=object).reshape(rows, columns)
     n = len(AGREEMENT)
     scale = [[v, c] for i, (_, c) in enumerate(AGREEMENT) for v in (i / n, (i + 1) / n)]
-    text = np.full(rows * columns, "", dtype=object)
-    text[:F] = [f"channel {j}: {AGREEMENT[int(c)][0]}" for j, c in enumerate(cases)]
-    fig = go.Figure(go.Heatmap(z=grid, zmin=-0.5, zmax=n - 0.5, colorscale=scale, showscale=False, xgap=1, ygap=1,
-                               hovertext=text.reshape(rows, columns), hoverinfo="text"))
-    title = f"Which FFN channels fired ({int(cell.keep.sum())} of {F} kept; {columns} per row)"
+    fig = go.Figure(go.Heatmap(z=z, zmin=-0.5, zmax=n - 0.5, colorscale=scale, showscale=False, xgap=1, ygap=1,
+                               hovertext=text, hoverinfo="text"))
+    title = f"Units fired: {int(cell.keep.sum())} of {F} FFN channels ({columns} per row)"
     if cell.heads is not None:
-        kept = cell.heads.numpy()
-        title += f"; heads kept: {', '.join(str(h) for h in np.nonzero(kept)[0]) or 'none'} of {kept.size}"
+        title += f"; last row: {int(cell.heads.sum())} of {cell.heads.numel()} heads"
     fig.update_layout(title=_title(title, 13), height=60 + 9 * rows + 40,
                       margin={"l": 10, "r": 10, "t": 40, "b": 10}, font=_FONT)
     fig.update_xaxes(visible=False, fixedrange=True)
@@ -148,7 +151,7 @@ def training_figures(history: Sequence[dict], target: float, agreement: Sequence
                         title=_title("Training"), legend=_LEGEND_BELOW, xaxis={"title": "step"},
                         yaxis={"title": "loss"},
                         yaxis2={"title": "sparsity", "overlaying": "y", "side": "right", "range": [0, 1],
-                                "tickformat": ".0%"})
+                                "tickformat": ".0%", "dtick": 0.25, "showgrid": False})
     if not agreement:
         return curve, None
     layers = [a.layer for a in agreement]

@@ -59,8 +59,8 @@ def token_panel(handle: ModelHandle, model_key: str, chosen: dynamic.Chosen, pro
     """The tokens x layers map of kept channels (and heads); the clicked cell's channels against the oracle."""
     with progress("Running the prompt, dense and under the method") as p, user_errors():
         tm = dynamic.token_map(handle, model_key, chosen, prompt, p)
-    if tm.n_tokens >= dynamic.MAP_TOKENS:
-        st.caption(f"The first {dynamic.MAP_TOKENS} tokens of the prompt.")
+    rows = f"the first {dynamic.MAP_TOKENS} tokens of the prompt" if tm.n_tokens >= dynamic.MAP_TOKENS else "its tokens"
+    st.caption(f"Rows: {rows}; columns: layers. Click a cell to see that token's units in that layer.")
     selected = (_clamp(keys.W_DYN_TOKEN, tm.n_tokens - 1), _clamp(keys.W_DYN_LAYER, tm.n_layers - 1))
     left, right = st.columns([1, 1])
     with left:
@@ -147,7 +147,7 @@ def training_panel(handle: ModelHandle, model_key: str, target: float) -> None:
         done = history[-1]["step"] if history else 0
         last = f": loss {history[-1]['loss']:.4f}, FFN sparsity {history[-1]['ffn_sparsity']:.1%}" if history else ""
         if not job.finished:
-            st.progress(done / total, text=f"{job.stage if not history else 'training'}, step {done}/{total}{last}")
+            st.progress(done / total, text=f"{job.stage or 'Starting'}: step {done}/{total}{last}")
         if job.error:
             st.error(f"The training failed: {job.error}")
         result = run.result
