@@ -6,7 +6,8 @@ states the layer was given and everything else it was called with (attention mas
 embeddings, ...: captured by a pre-hook, so no family-specific code). Those call arguments
 depend on the token ids only, never on the mask, so every replay reuses them.
 `LayerInputs.run_from(layer, mask)` re-runs layers layer..L-1 under `mask` and returns a new
-record sharing the first layer + 1 inputs (no copies).
+record sharing the first layer + 1 inputs (no copies); `stop` ends the run early, and
+`starting_at(layer)` keeps only one layer's inputs (a layer-by-layer walk holds one layer at a time).
 
 Two users, one mechanism:
 - `PrefixCache` (engine.runtime.prefix_cache): perplexity of many masks in the app;
@@ -74,20 +75,22 @@ class LayerInputs:
         return self.hidden[-1]
 
     @torch.no_grad()
-    def run_from(self, layer: int, mask: PruneMask | None, *, progress: Progress | None = None) -> "LayerInputs":
-        """Layers `layer`..L-1 under `mask` from this record's input of `layer` (the caller vouches that
-        `mask` agrees with the recorded one on layers 0..layer-1); the prefix is shared, not copied."""
+    def run_from(self, layer: int, mask: PruneMask | None, *, stop: int | None = None,
+                 progress: Progress | None = None) -> "LayerInputs":
+        """Layers `layer`..stop-1 (default: to the last) under `mask` from this record's input of `layer` (the
+        caller vouches that `mask` agrees with the recorded one on layers 0..layer-1); the prefix is shared."""
         L = len(self.calls)
-        if not 0 <= layer <= L:
-            raise ValueError(f"layer must lie in [0, {L}], got {layer}")
+        stop = L if stop is None else stop
+        if not 0 <= layer <= stop <= L:
+            raise ValueError(f"need 0 <= layer <= stop <= {L}, got layer {layer}, stop {stop}")
         layers = self.handle.adapter.layers()
         n_batches = len(self.hidden[layer])
         hidden = self.hidden[: layer + 1] + [[] for _ in range(L - layer)]
-        steps, done = (L - layer) * n_batches, 0
+        steps, done = (stop - layer) * n_batches, 0
         with gates.apply(self.handle, mask):
             for b in range(n_batches):
                 x = self.hidden[layer][b]
-                for i in range(layer, L):
+                for i in range(layer, stop):
                     call = self.calls[i][b]
                     x = layer_output(layers[i](x, *call.args, **call.kwargs))
                     hidden[i + 1].append(x)
@@ -95,6 +98,11 @@ class LayerInputs:
                     if progress:
                         progress(done, steps)
         return LayerInputs(self.handle, hidden, self.calls)
+
+    def starting_at(self, layer: int) -> "LayerInputs":
+        """A record holding only the inputs of `layer` (earlier ones released): enough to `run_from(layer, ...)`."""
+        L = len(self.calls)
+        return LayerInputs(self.handle, [[] if i != layer else self.hidden[i] for i in range(L + 1)], self.calls)
 
 
 def _recorder(hidden: list[torch.Tensor], calls: list[LayerCall]) -> Callable[..., None]:

@@ -1,0 +1,97 @@
+"""Layer-wise reconstruction on tiny models: what it changes, what it keeps, and that it exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from engine.core import gates
+from engine.core.mask import PruneMask
+from engine.core.objective import token_logits
+from engine.export.write import export
+from engine.models.load import load_pruned
+from engine.pruning.compensation import compensate
+from engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
+from engine.runtime.replay import LayerReplay
+from tests.tiny import tiny_handle
+
+TEXTS = [f"{i} The quick brown fox jumps over the lazy dog, then {i * 7} more foxes follow it home." for i in range(12)]
+
+
+def _pruned(g) -> PruneMask:
+    m = PruneMask.dense(g)
+    m.heads[0, 1] = 0.0
+    m.heads[1, [0, g.n_heads - 1]] = 0.0
+    m.ffn[:, ::3] = 0.0
+    return m
+
+
+def test_nothing_removed_means_nothing_refitted():
+    h = tiny_handle("llama")
+    dense = PruneMask.dense(h.geometry)
+    assert refit(h, dense, TEXTS) == dense
+    assert obs_prune(h, [0, 0], [0, 0], TEXTS) == dense
+
+
+def test_refit_keeps_the_units_and_beats_mean_compensation():
+    h = tiny_handle("llama")
+    m = _pruned(h.geometry)
+    r = refit(h, m, TEXTS)
+    assert torch.equal(r.heads, m.heads) and torch.equal(r.ffn, m.ffn)
+    assert set(r.attn_refit) == {0, 1} and set(r.ffn_refit) == {0, 1}
+    replay = LayerReplay(h, TEXTS)
+    flap = compensate(h, m, texts=TEXTS)
+    assert replay.kl(r) < 0.5 * replay.kl(flap) < 0.5 * replay.kl(m)
+    errors = r.meta["reconstruction"]["relative_error"]
+    assert all(0.0 <= e < 1.0 for kind in ("attn", "ffn") for e in errors[kind])
+
+
+def test_refit_of_one_sub_block_only_leaves_the_other_alone():
+    h = tiny_handle("llama")
+    r = refit(h, _pruned(h.geometry), TEXTS, config=RefitConfig(units="ffn"))
+    assert not r.attn_refit and set(r.ffn_refit) == {0, 1}
+    assert r.attn_bias is None or not r.attn_bias.any()
+
+
+def test_obs_removes_exactly_the_asked_counts_and_keeps_gqa_groups_even():
+    h = tiny_handle("llama")
+    g = h.geometry
+    m = obs_prune(h, [2, 2], [40, 10], TEXTS, even_groups=True)
+    assert (m.heads == 0).sum(1).tolist() == [2, 2] and (m.ffn == 0).sum(1).tolist() == [40, 10]
+    per_group = (m.heads == 0).view(g.n_layers, g.n_kv_heads, g.group_size).sum(-1)
+    assert (per_group == 1).all()
+    with pytest.raises(ValueError, match="multiples"):
+        obs_prune(h, [1, 2], [0, 0], TEXTS, even_groups=True)
+
+
+def test_obs_choice_beats_removing_the_same_counts_by_index_then_refitting():
+    h = tiny_handle("llama")
+    g = h.geometry
+    obs = obs_prune(h, [1, 1], [50, 50], TEXTS)
+    fixed = PruneMask.dense(g)
+    fixed.heads[:, 0] = 0.0
+    fixed.ffn[:, :50] = 0.0
+    replay = LayerReplay(h, TEXTS)
+    assert replay.kl(obs) < replay.kl(refit(h, fixed, TEXTS))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reconstructed_export_equals_the_masked_model_and_reloads(tmp_path, family):
+    h = tiny_handle(family)
+    g = h.geometry
+    heads = [2, 2] if h.adapter.config_decouples_heads else [0, 0]
+    m = obs_prune(h, heads, [32, 32], TEXTS, even_groups=True)
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    with torch.no_grad(), gates.apply(h, m):
+        ref = token_logits(h, ids, am)
+    r = export(h, m, tmp_path / "out", evaluate=False)
+    back = load_pruned(tmp_path / "out")
+    torch.testing.assert_close(token_logits(back, ids, am), ref, atol=1e-4, rtol=0)
+    if r.layout == "uniform":
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids, attention_mask=am).logits, ref, atol=1e-4, rtol=0)
+    assert r.params_after < r.params_before
+    assert g.n_layers == back.geometry.n_layers
