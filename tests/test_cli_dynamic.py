@@ -119,6 +119,7 @@ def test_loading_thresholds_or_a_network_for_another_model_fails_clearly(folders
 @pytest.mark.parametrize("argv, message", [
     (["dynamic-eval", "--method", "cats", "--target", "1.5"], "--target is the fraction"),
     (["dynamic-eval"], "say which method"),
+    (["dynamic-eval", "--load", ".", "--method", "cats"], "not both"),
     (["dynamic-generate", "hi", "--load", "no/such/folder"], "is not a folder"),
     (["dynamic-train", "--target", "0.5", "--batch", "9", "--out", "x"], "a batch of 9 windows"),
     (["dynamic-generate", "   ", "--method", "cats", *CALIB], "the prompt is empty"),

@@ -81,6 +81,8 @@ def _method(handle: ModelHandle, args: argparse.Namespace) -> DynamicMethod:
 
 def _early_checks(args: argparse.Namespace) -> None:
     """What can be refused before the model is loaded."""
+    if args.load and args.method:
+        raise ThresholdsError("give --load FOLDER or --method NAME, not both")
     if args.load:
         if not Path(args.load).is_dir():
             raise FileNotFoundError(f"{args.load} is not a folder: give one written by dynamic-calibrate, "
@@ -124,6 +126,9 @@ def _training_bar(steps: int) -> Iterator[Callable[[dict], None]]:
         heads = "" if entry.get("head_sparsity") is None else f" heads {entry['head_sparsity']:.3f}"
         bar.set_postfix_str(f"loss {entry['loss']:.4f} KL {entry['kl']:.4f} "
                             f"FFN sparsity {entry['ffn_sparsity']:.3f}{heads}", refresh=True)
+        if entry["step"] == steps:
+            bar.close()
+            stage("one threshold shift for the exact average sparsity on the calibration windows")
 
     try:
         yield update
