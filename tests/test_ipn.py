@@ -125,6 +125,7 @@ def test_training_moves_only_the_network_and_reaches_the_target(llama, ids):
                     on_step=steps.append)
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and run.history == steps
     assert all(math.isfinite(s["kl"]) and s["kl"] >= -1e-6 for s in steps)
+    assert all(len(s["layer_sparsity"]) == llama.geometry.n_layers for s in steps)
     assert abs(run.measured_sparsity - 0.5) <= 0.01
     assert all(torch.equal(v, before[k]) for k, v in llama.model.state_dict().items())
     assert all(p.grad is None for p in llama.model.parameters())

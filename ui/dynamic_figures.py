@@ -153,7 +153,7 @@ def training_figures(history: Sequence[dict], target: float, agreement: Sequence
                         yaxis2={"title": "sparsity", "overlaying": "y", "side": "right", "range": [0, 1],
                                 "tickformat": ".0%", "dtick": 0.25, "showgrid": False})
     if not agreement:
-        return curve, None
+        return curve, gate_activity_figure(history)
     layers = [a.layer for a in agreement]
     per_layer = go.Figure([
         go.Bar(x=layers, y=[a.kept for a in agreement], name="channels kept", marker_color=KEPT_COLOR),
@@ -164,6 +164,21 @@ def training_figures(history: Sequence[dict], target: float, agreement: Sequence
                             title=_title("Per layer, on held-out text"), legend=_LEGEND_BELOW, xaxis={"title": "layer"},
                             yaxis={"range": [0, 1.02], "tickformat": ".0%"})
     return curve, per_layer
+
+
+def gate_activity_figure(history: Sequence[dict]) -> go.Figure | None:
+    """Live gate activity while training: the fraction of FFN channels each layer dropped, per step (layers x steps)."""
+    rows = [h for h in history if h.get("layer_sparsity")]
+    if not rows:
+        return None
+    z = [[h["layer_sparsity"][layer] for h in rows] for layer in range(len(rows[0]["layer_sparsity"]))]
+    fig = go.Figure(go.Heatmap(z=z, x=[h["step"] for h in rows], colorscale="Blues", zmin=0, zmax=1,
+                               colorbar={"title": "dropped", "tickformat": ".0%"},
+                               hovertemplate="step %{x}, layer %{y}: %{z:.1%} of channels dropped<extra></extra>"))
+    fig.update_layout(height=300, margin={"l": 60, "r": 10, "t": 30, "b": 40}, font=_FONT,
+                      title=_title("Gate activity: channels dropped per layer, per step"),
+                      xaxis={"title": "step"}, yaxis={"title": "layer", "autorange": "reversed"})
+    return fig
 
 
 def quality_speed_figure(points: pd.DataFrame, dense_perplexity: float | None) -> go.Figure:

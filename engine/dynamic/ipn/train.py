@@ -130,7 +130,8 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
 
     ids: [B, T] calibration windows (default: config.n_windows windows of config.window tokens of the shipped
     calibration text). progress(done, total) covers the dense pass and the steps; on_step(entry) gets each
-    step's history entry; should_stop() ends training early (the network so far is returned, stopped=True).
+    step's history entry (loss, kl, ffn_sparsity, head_sparsity, consistency, seconds, and layer_sparsity: the
+    fraction of channels each layer dropped in that step, the network's gate activity); should_stop() ends training early (the network so far is returned, stopped=True).
     """
     if not handle.is_causal_lm:
         raise IPNError(f"{handle.name} has no LM head: the importance network is trained against next-token outputs")
@@ -181,7 +182,8 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
         entry = {"step": step + 1, "loss": float(loss.detach()), "kl": float(kl.detach()),
                  "ffn_sparsity": 1.0 - float(kept.detach()),
                  "head_sparsity": None if head_kept is None else 1.0 - float(head_kept.detach()),
-                 "consistency": float(cons.detach()), "seconds": time.perf_counter() - t0}
+                 "consistency": float(cons.detach()), "seconds": time.perf_counter() - t0,
+                 "layer_sparsity": [1.0 - float(m.detach().mean()) for m in trace.ffn]}
         run.history.append(entry)
         if on_step:
             on_step(entry)
