@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the shipped SmolLM2-135M-Instruct")
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.7")
     ap.add_argument("--steps", type=int, default=100, help="IPN training steps")
-    ap.add_argument("--lora-sparsities", default="0.5,0.7", help="targets that also get an ipn+lora row")
+    ap.add_argument("--lora-sparsities", default="0.5", help="targets that also get an ipn+lora row")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 4 steps")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
@@ -207,7 +207,7 @@ def main() -> None:
         def run_ipn(**kw):
             ipn, meta = trained(s, **kw)
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
-                    "train_s": meta["train_s"], **agreement(ipn)}
+                    "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn)}
         rows.get(f"ipn@{s}", run_ipn)
         if s in lora_targets:
             rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8))
@@ -248,7 +248,7 @@ def main() -> None:
                       "ratio_main": r["ppl_main"] / dense["ppl_main"],
                       "ratio_heldout": r["ppl_heldout"] / dense["ppl_heldout"]})
     cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
-            "input_sparsity", "head_sparsity", "recall", "precision", "train_s", "eval_s"]
+            "input_sparsity", "head_sparsity", "recall", "precision", "steps", "train_s", "eval_s"]
     if not args.quick:
         write_rows(args.csv, table, cols)
         print(f"\nwrote {args.csv}")
