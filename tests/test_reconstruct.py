@@ -95,3 +95,21 @@ def test_reconstructed_export_equals_the_masked_model_and_reloads(tmp_path, fami
             torch.testing.assert_close(plain(input_ids=ids, attention_mask=am).logits, ref, atol=1e-4, rtol=0)
     assert r.params_after < r.params_before
     assert g.n_layers == back.geometry.n_layers
+
+
+def test_residual_targets_let_the_sub_block_before_a_dropped_layer_stand_in_for_it():
+    h = tiny_handle("llama")
+    dropped = PruneMask.dense(h.geometry).with_block(1, "attn", 0.0).with_block(1, "ffn", 0.0)
+    r = refit(h, dropped, TEXTS, config=RefitConfig(target="residual"))
+    assert set(r.ffn_refit) == {0} and not r.attn_refit  # the FFN before the gap stands in for the dropped layer
+    assert r.ffn_refit[0].units == tuple(range(h.geometry.ffn_dim))  # nothing of layer 0 was removed
+    replay = LayerReplay(h, TEXTS)
+    flap = compensate(h, dropped, texts=TEXTS)
+    assert replay.kl(r) < replay.kl(flap)
+    assert refit(h, dropped, TEXTS) == dropped  # output targets: nothing lost units, nothing to refit
+
+
+def test_residual_targets_are_refused_for_post_ln_models():
+    h = tiny_handle("bert")
+    with pytest.raises(ValueError, match="pre-LN"):
+        refit(h, _pruned(h.geometry), TEXTS, config=RefitConfig(target="residual"))

@@ -15,6 +15,16 @@ one record under the mask being built, advanced one layer at a time), for each l
    attention compensation bias (FLAP's bias is the special case of keeping nothing);
 3. the same for the FFN down projection, on inputs that already see the refitted attention.
 
+Targets (RefitConfig.target):
+- "output": each projection reproduces its own dense output, Y = X_dense W^T;
+- "residual" (pre-LN models): each kept sub-block brings the pruned residual stream to the dense
+  one at the next kept sub-block, Y = h_dense(next) - h_pruned(before) - bias. A sub-block also
+  corrects the error its input carries, and one in front of removed sub-blocks or whole layers
+  stands in for them (depth pruning): a least-squares linear map from that projection's inputs to
+  the removed run's contribution, folded into weights the model already has (no new parameter
+  beyond an output bias, so the checkpoint stays plain). FLAP's mean of a dropped layer folded
+  into the preceding sub-block's bias (engine.importance.mean_ablation) is its zeroth-order case.
+
 This is the closed-form, training-free reconstruction of SlimGPT (Ling et al., NeurIPS 2024) and
 ZipLM (Kurtic et al., NeurIPS 2023) restricted to the output projections, so the result is still an
 ordinary checkpoint after surgery (engine.core.refit: compact refits carried by the mask). The
@@ -34,12 +44,14 @@ from engine.core.handle import ModelHandle
 from engine.core.hooks import temporary_hooks
 from engine.core.mask import MaskError, PruneMask
 from engine.core.progress import Progress
-from engine.core.refit import LayerRefit, unit_features
+from engine.core.refit import REFIT_KINDS, LayerRefit, unit_features
 from engine.core.tokens import batches, context_length, encode_batch
 from engine.pruning.reconstruct.least_squares import DEFAULT_DAMP, Moments, obs_select, ridge_fit
-from engine.runtime.replay import LayerInputs, record_layers
+from engine.runtime.replay import LayerInputs, layer_output, record_layers
 
-__all__ = ["RefitConfig", "obs_prune", "output_weight", "refit", "relative_error"]
+__all__ = ["TARGETS", "RefitConfig", "obs_prune", "output_weight", "refit", "relative_error"]
+
+TARGETS = ("output", "residual")
 
 @dataclass(frozen=True)
 class RefitConfig:
@@ -49,12 +61,15 @@ class RefitConfig:
     intercept: bool = True
     units: str = "both"  # "heads", "ffn" or "both": which output projections are refitted
     refit_unpruned: bool = False  # also re-solve layers that lost nothing (they still see shifted inputs)
+    target: str = "output"  # "output": each projection's dense output; "residual": the dense residual stream
     max_length: int = 256
     batch_size: int = 4
 
     def __post_init__(self) -> None:
         if self.units not in ("heads", "ffn", "both"):
             raise ValueError(f"units must be 'heads', 'ffn' or 'both', got {self.units!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.damp < 0:
             raise ValueError(f"damp must be >= 0, got {self.damp}")
 
@@ -81,22 +96,19 @@ def relative_error(m: Moments, keep: torch.Tensor, w: torch.Tensor, intercept: b
     return max(err, 0.0) / max(yc, 1e-30)
 
 
-def _capture(module: torch.nn.Module, into: list[torch.Tensor]):
-    def hook(mod, args):
-        into.append(args[0].detach())
-
-    return module, hook
-
-
-def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None,
-               watch: Sequence[torch.nn.Module]) -> tuple[LayerInputs, list[list[torch.Tensor]]]:
-    """Run `layer` alone under `mask`; (the record at layer + 1, the inputs each watched module saw per batch)."""
-    seen: list[list[torch.Tensor]] = [[] for _ in watch]
+def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_of: Sequence[torch.nn.Module],
+               post: Sequence[torch.nn.Module] = ()) -> tuple[LayerInputs, list[list[torch.Tensor]], ...]:
+    """Run `layer` alone under `mask`: (the record at layer + 1, per batch the input of each `inputs_of` module,
+    per batch the output of each `post` module). Captured before any gate acts (hooks registered first)."""
+    seen_in: list[list[torch.Tensor]] = [[] for _ in inputs_of]
+    seen_out: list[list[torch.Tensor]] = [[] for _ in post]
     with temporary_hooks() as hooks:
-        for module, into in zip(watch, seen):
-            hooks.pre(*_capture(module, into))
+        for module, into in zip(inputs_of, seen_in):
+            hooks.pre(module, lambda mod, args, into=into: into.append(args[0].detach()))
+        for module, into in zip(post, seen_out):
+            hooks.post(module, lambda mod, args, out, into=into: into.append(layer_output(out).detach()))
         out = record.run_from(layer, mask, stop=layer + 1)
-    return out.starting_at(layer + 1), seen
+    return out.starting_at(layer + 1), seen_in, seen_out
 
 
 def _with_refit(mask: PruneMask, g, layer: int, kind: str, keep_units: tuple[int, ...], w: torch.Tensor,
@@ -134,6 +146,42 @@ def _obs_keep(g, kind: str, m: Moments, kept: tuple[int, ...], count: int, confi
     return tuple(u for u in kept if u not in gone)
 
 
+class _Stream:
+    """The dense model's residual stream at every sub-block boundary, for residual targets.
+
+    Position p = 2 l is the input of layer l's attention, p = 2 l + 1 the input of its FFN (pre-LN
+    models: the layer input plus the attention's output), p = 2 L the last layer's output.
+    """
+
+    def __init__(self, handle: ModelHandle, record: LayerInputs) -> None:
+        self.handle, self.record = handle, record
+        self._mid: dict[int, list[torch.Tensor]] = {}
+
+    def set_mid(self, layer: int, attn_out: list[torch.Tensor]) -> None:
+        self._mid = {layer: [h + a for h, a in zip(self.record.hidden[layer], attn_out)]}
+
+    def at(self, position: int) -> list[torch.Tensor]:
+        layer, odd = divmod(position, 2)
+        if not odd:
+            return self.record.hidden[layer]
+        if layer not in self._mid:
+            attn = self.handle.adapter.subblock(layer, "attn").module
+            _, (out,) = _run_layer(self.record, layer, None, [], post=[attn])
+            self._mid[layer] = [h + a for h, a in zip(self.record.hidden[layer], out)]
+        return self._mid[layer]
+
+
+def _kept_positions(mask: PruneMask) -> list[bool]:
+    """Per sub-block position (2 l: attention, 2 l + 1: FFN), whether it runs under `mask`."""
+    heads, ffn = mask.heads_effective().sum(1) > 0, mask.ffn_effective().sum(1) > 0
+    return [bool(x) for pair in zip(heads, ffn) for x in pair]
+
+
+def _bias(module: torch.nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach()
+
+
 @torch.no_grad()
 def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: RefitConfig,
           counts: dict[str, list[int]] | None, even_groups: bool, progress: Progress | None) -> PruneMask:
@@ -141,6 +189,10 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     mask.check(g)
     if not mask.is_hard:
         raise MaskError("reconstruction needs a hard mask (every gate 0 or 1)")
+    residual = config.target == "residual"
+    if residual and any(adapter.subblock(l, k).residual_inclusive for l in range(g.n_layers) for k in REFIT_KINDS):
+        raise ValueError(f"residual targets need a pre-LN model (sub-blocks that add a delta); {adapter.family} "
+                         "sub-blocks return the new residual stream: use target='output'")
     max_length = min(config.max_length, context_length(handle.model))
     encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
                for chunk in batches(list(texts), config.batch_size)]
@@ -149,29 +201,50 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     # Refits and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
     mask = mask.without_refit()
     mask.attn_bias = mask.ffn_bias = None
-    dense = record_layers(handle, None, inputs).starting_at(0)
-    pruned = dense
+    full = record_layers(handle, None, inputs)
+    stream = _Stream(handle, full) if residual else None
+    dense = full if residual else full.starting_at(0)
+    pruned = full.starting_at(0)
+    runs = _kept_positions(mask)
+    runs.append(True)  # the model's output
     errors: dict[str, list[float | None]] = {"attn": [None] * g.n_layers, "ffn": [None] * g.n_layers}
     for layer in range(g.n_layers):
         projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
-        dense_next, (x_o, x_d) = _run_layer(dense, layer, None, [projs["attn"], projs["ffn"]])
-        targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
-                   for kind, xs in (("attn", x_o), ("ffn", x_d))}
-        del x_o, x_d
+        attn_module = adapter.subblock(layer, "attn").module
+        dense_next, (x_o, x_d), (a_d,) = _run_layer(dense, layer, None, [projs["attn"], projs["ffn"]],
+                                                    post=[attn_module])
+        if residual:
+            stream.set_mid(layer, a_d)
+        else:
+            targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
+                       for kind, xs in (("attn", x_o), ("ffn", x_d))}
+        del x_o, x_d, a_d
         current: LayerInputs | None = None  # the pruned record at layer + 1 under the current mask, if run
-        for kind in ("attn", "ffn"):
-            alive = mask.attn[layer] > 0 if kind == "attn" else mask.ffn_block[layer] > 0
+        for kind in REFIT_KINDS:
+            pos = 2 * layer + (kind == "ffn")
             kept = mask.kept_units(layer, kind)
             n_units = g.n_heads if kind == "attn" else g.ffn_dim
             count = counts[kind][layer] if counts is not None else 0
-            changed = len(kept) < n_units or count > 0 or config.refit_unpruned
-            if not alive or not kept or not changed or not (config.refits(kind) or count):
+            nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
+            # Residual targets: a sub-block next to removed ones stands in for them.
+            beside_removed = residual and (nxt != pos + 1 or (pos > 0 and not runs[pos - 1]))
+            changed = len(kept) < n_units or count > 0 or config.refit_unpruned or beside_removed
+            if not runs[pos] or not changed or not (config.refits(kind) or count):
                 continue
-            current, (x_p,) = _run_layer(pruned, layer, mask, [projs[kind]])
+            current, (x_p,), (a_p,) = _run_layer(pruned, layer, mask, [projs[kind]], post=[attn_module])
+            if residual:
+                before = pruned.hidden[layer]
+                if kind == "ffn" and runs[2 * layer]:
+                    before = [h + a for h, a in zip(before, a_p)]
+                b = _bias(projs[kind])
+                ys = [d - h - (0 if b is None else b.to(h.dtype)) for d, h in zip(stream.at(nxt), before)]
+            else:
+                ys = targets[kind]
+            del a_p
             m = Moments(x_p[0].shape[-1], g.hidden)
-            for x, y, v in zip(x_p, targets[kind], valid):
+            for x, y, v in zip(x_p, ys, valid):
                 m.add(x[v], y[v])
-            del x_p
+            del x_p, ys
             keep_units = _obs_keep(g, kind, m, kept, count, config, even_groups, layer) if count else kept
             width = g.head_dim if kind == "attn" else 1
             feats = unit_features(keep_units, width)
@@ -180,14 +253,17 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             mask = _with_refit(mask, g, layer, kind, keep_units, w, c)
             current = None  # the record ran before this refit
         if current is None:
-            current, _ = _run_layer(pruned, layer, mask, [])
-        pruned, dense = current, dense_next
+            current, _, _ = _run_layer(pruned, layer, mask, [])
+        pruned = current
+        dense = dense if residual else dense_next
         if progress:
             progress(layer + 1, g.n_layers)
     n_tokens = sum(int(v.sum()) for v in valid)
     mask.meta["reconstruction"] = {
-        "method": "layer-wise ridge least squares on the dense outputs (SlimGPT / ZipLM style)",
-        "damp": config.damp, "intercept": config.intercept, "units": config.units,
+        "method": "layer-wise ridge least squares (SlimGPT / ZipLM style), "
+                  + ("matching the dense residual stream after each sub-block" if residual
+                     else "matching each projection's dense output"),
+        "target": config.target, "damp": config.damp, "intercept": config.intercept, "units": config.units,
         "calibration_texts": len(texts), "calibration_tokens": n_tokens,
         "relative_error": {k: [None if e is None else round(e, 5) for e in v] for k, v in errors.items()},
     }
