@@ -258,6 +258,9 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
         dense = dense if residual else dense_next
         if progress:
             progress(layer + 1, g.n_layers)
+    for name in ("attn_bias", "ffn_bias"):  # without an intercept no bias is made (an export stays bias-free)
+        if getattr(mask, name) is not None and not getattr(mask, name).any():
+            setattr(mask, name, None)
     n_tokens = sum(int(v.sum()) for v in valid)
     mask.meta["reconstruction"] = {
         "method": "layer-wise ridge least squares (SlimGPT / ZipLM style), "

@@ -21,13 +21,15 @@ from engine.pruning.strategies.oneshot import (
     MagnitudeStrategy,
     RandomStrategy,
 )
+from engine.pruning.strategies.reconstruct import AblationRefitStrategy, FlapRefitStrategy, ObsStrategy
 
 __all__ = ["STRATEGIES", "strategy_names", "get_strategy"]
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s
     for s in (RandomStrategy, MagnitudeStrategy, EntropyStrategy, GradientStrategy, FluctuationStrategy, FlapStrategy,
-              AblationStrategy, IterativeGradient, IterativeAblation, HardConcreteMask)
+              AblationStrategy, IterativeGradient, IterativeAblation, HardConcreteMask, ObsStrategy, FlapRefitStrategy,
+              AblationRefitStrategy)
 }
 
 

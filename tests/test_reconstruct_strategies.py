@@ -1,0 +1,74 @@
+"""The reconstruction strategies by name, the per-layer counts they use, and the width size target."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from engine.core import gates
+from engine.core.objective import token_logits
+from engine.export.write import export
+from engine.pruning.strategies import Budget, Calibration, get_strategy
+from engine.pruning.strategies.reconstruct import depth_refit_prune, layer_counts, width_by_reconstruction
+from engine.runtime.replay import LayerReplay
+from tests.test_reconstruct import TEXTS
+from tests.tiny import tiny_handle
+
+
+def _calib() -> Calibration:
+    return Calibration(list(TEXTS), max_length=64, name="tiny")
+
+
+def test_layer_counts_sum_to_the_budget_for_every_allocation():
+    h, calib = tiny_handle("llama"), _calib()
+    for allocation in ("owl", "uniform"):
+        heads, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation)
+        assert sum(heads) == 3 and sum(channels) == 77
+
+
+def test_obs_strategy_removes_the_budget_and_refits():
+    h, calib = tiny_handle("llama"), _calib()
+    m = get_strategy("obs")(h, Budget(heads=3, ffn=77), calib)
+    s = m.summary()
+    assert (s["heads_pruned"], s["ffn_channels_pruned"]) == (3, 77)
+    assert m.has_refit and m.meta["method"] == "obs"
+
+
+def test_flap_refit_keeps_flaps_units_and_gets_closer_to_dense():
+    h, calib = tiny_handle("llama"), _calib()
+    budget = Budget(heads=2, ffn=60)
+    flap = get_strategy("flap")(h, budget, calib)
+    ours = get_strategy("flap-refit")(h, budget, calib)
+    assert torch.equal(ours.heads_effective(), flap.heads_effective())
+    assert torch.equal(ours.ffn_effective(), flap.ffn_effective())
+    replay = LayerReplay(h, TEXTS)
+    assert replay.kl(ours) < replay.kl(flap)
+
+
+def test_depth_refit_drops_the_same_layers_as_its_base_method():
+    h, calib = tiny_handle("llama"), _calib()
+    m = depth_refit_prune(h, 0.7, "magnitude-refit", calib)
+    assert m.meta["layers_dropped"] and m.has_refit
+    assert int((m.attn == 0).sum()) == len(m.meta["layers_dropped"])
+
+
+def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):
+    h = tiny_handle("llama")
+    r = width_by_reconstruction(h, 0.8, _calib(), uniform=True)
+    assert not r.mask.has_bias and r.mask.has_refit
+    assert abs(r.kept_fraction - 0.8) < 0.05
+    out = export(h, r.mask, tmp_path / "out", evaluate=False)
+    assert out.layout == "uniform"
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    am = torch.ones_like(ids)
+    with torch.no_grad(), gates.apply(h, r.mask):
+        ref = token_logits(h, ids, am)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids, attention_mask=am).logits, ref, atol=1e-4, rtol=0)
+
+
+def test_default_width_target_lands_near_the_asked_size():
+    h = tiny_handle("llama")
+    r = width_by_reconstruction(h, 0.8, _calib())
+    assert abs(r.kept_fraction - 0.8) < 0.03 and r.mask.has_refit
