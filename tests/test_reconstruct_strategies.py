@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+from engine.cli.main import main
 from engine.core import gates
 from engine.core.objective import token_logits
 from engine.export.write import export
@@ -12,7 +13,7 @@ from engine.pruning.strategies import Budget, Calibration, get_strategy
 from engine.pruning.strategies.reconstruct import depth_refit_prune, layer_counts, width_by_reconstruction
 from engine.runtime.replay import LayerReplay
 from tests.test_reconstruct import TEXTS
-from tests.tiny import tiny_handle
+from tests.tiny import save_tiny, tiny_handle
 
 
 def _calib() -> Calibration:
@@ -72,3 +73,14 @@ def test_default_width_target_lands_near_the_asked_size():
     h = tiny_handle("llama")
     r = width_by_reconstruction(h, 0.8, _calib())
     assert abs(r.kept_fraction - 0.8) < 0.03 and r.mask.has_refit
+
+
+def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_path, capsys):
+    src = save_tiny(tmp_path / "src")
+    common = ["--model", str(src), "--keep", "0.8", "--no-eval", "--n-texts", "8", "--max-length", "64"]
+    assert main(["export", *common, "--route", "width", "--layout", "uniform", "--out", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "obs (uniform, no bias)" in out and "uniform layout" in out
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--out", str(tmp_path / "d")]) == 0
+    assert "magnitude-refit" in capsys.readouterr().out

@@ -3,6 +3,11 @@
     python -m engine export --mask mask.json --out pruned/              # any mask (layout auto)
     python -m engine export --keep 0.8 --route depth --out pruned-depth/ # drop whole layers
     python -m engine export --keep 0.8 --route width --out pruned-width/ # same size, narrower layers
+
+A width target is reached by reconstruction (engine.pruning.strategies.reconstruct: structured OBS
+per layer, OWL budgets, the kept weights re-solved); with --layout uniform every layer loses the same
+units and no bias is added, so plain transformers loads the folder. --criterion picks units by a
+criterion instead, without reconstruction. --method names a depth method (e.g. ablation-iterative-refit).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from engine.core.mask import PruneMask
 from engine.data.datasets import calibration_texts
 from engine.export.write import LAYOUTS, export, zip_folder
 from engine.pruning.size_target import ROUTES, reach_size
+from engine.pruning.strategies import Calibration
+from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_by_reconstruction
+from engine.runtime.cost import cost
 
 __all__ = ["register", "cmd_export"]
 
@@ -35,11 +44,28 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
     """The mask that brings the model to --keep of its parameters along --route."""
     keep = count_or_fraction(args.keep)
     texts = calibration_texts(args.calibration, args.n_texts)
-    with progress_bar(f"scoring ({args.route})") as cb:
-        r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=texts, progress=cb)
-    r.mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": len(texts)})
-    print(f"size target: {r.describe()}")
-    return r.mask
+    calib = Calibration(texts, max_length=args.max_length, batch_size=args.batch_size, name=args.calibration)
+    if args.method and args.route == "depth":
+        if not isinstance(keep, float):
+            raise ValueError("--method takes --keep as a fraction of the parameters (0-1)")
+        with progress_bar(f"depth ({args.method})") as cb:
+            run = depth_refit_prune if args.method in DEPTH_REFIT_METHODS else depth_prune
+            mask = run(handle, keep, args.method, calib, progress=cb)
+        c = cost(handle, mask)
+        print(f"size target: depth ({args.method}): {c.params_kept:,} of {c.params_total:,} parameters "
+              f"({100 * c.params_kept / c.params_total:.1f}%); layers dropped {mask.meta.get('layers_dropped')}")
+    elif args.route == "width" and not args.criterion:
+        with progress_bar("reconstructing (width)") as cb:
+            r = width_by_reconstruction(handle, keep, calib, uniform=args.layout == "uniform", progress=cb)
+        mask = r.mask
+        print(f"size target: {r.describe()}")
+    else:
+        with progress_bar(f"scoring ({args.route})") as cb:
+            r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=texts, progress=cb)
+        mask = r.mask
+        print(f"size target: {r.describe()}")
+    mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": len(texts)})
+    return mask
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -85,8 +111,10 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--keep", type=float, help="instead of a mask: fraction (0-1) or count of parameters to keep")
     p.add_argument("--route", default="depth", choices=ROUTES, help="with --keep: drop layers or narrow them")
     p.add_argument("--criterion", default=None,
-                   help="with --keep: for depth block_influence (default), block_ppl or taylor_plus; "
-                        "for width gradient (default), magnitude or activation")
+                   help="with --keep: for depth block_influence (default), block_ppl or taylor_plus; for width "
+                        "gradient, magnitude or activation instead of reconstruction (the default)")
+    p.add_argument("--method", default=None, choices=[*DEPTH_METHODS, *DEPTH_REFIT_METHODS],
+                   help="with --keep and --route depth: a depth method (-refit: the layers around each gap re-fitted)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
     p.add_argument("--overwrite", action="store_true",

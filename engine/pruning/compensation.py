@@ -27,10 +27,11 @@ __all__ = ["compensate", "strip_compensation"]
 
 
 def strip_compensation(mask: PruneMask) -> PruneMask:
-    """A copy of `mask` without compensation biases."""
-    m = mask.clone()
+    """A copy of `mask` without compensation biases, nor refits (their intercepts live in those biases)."""
+    m = mask.without_refit()
     m.attn_bias = m.ffn_bias = None
     m.meta.pop("compensation", None)
+    m.meta.pop("reconstruction", None)
     return m
 
 
