@@ -134,3 +134,14 @@ def test_an_empty_folder_is_neither_thresholds_nor_a_network(folders, tmp_path, 
     assert main(["dynamic-eval", "--model", str(folders["model"]), "--load", str(tmp_path), *PROTOCOL]) \
         == USER_ERROR_STATUS
     assert "holds neither calibrated thresholds" in capsys.readouterr().err
+
+
+def test_dynamic_train_with_lora_saves_the_adapters(folders, tmp_path):
+    from engine.dynamic.ipn import load_ipn
+    from engine.models.load import load_model
+
+    out = tmp_path / "lora"
+    assert main(["dynamic-train", "--model", str(folders["model"]), "--target", "0.5", "--steps", "2",
+                 "--lora-rank", "2", *CALIB, "--out", str(out)]) == 0
+    ipn = load_ipn(load_model(str(folders["model"])), out)
+    assert ipn.lora_rank == 2 and float(ipn.lora_b.abs().sum()) > 0

@@ -140,7 +140,7 @@ def _ipn_config(args: argparse.Namespace) -> IPNConfig:
     return IPNConfig(target=args.target, heads=args.heads, head_target=args.head_target,
                      adaptive=not args.no_adaptive, steps=args.steps, batch=args.batch, window=args.calib_window,
                      n_windows=args.calib_windows, lr=args.lr, sparsity=args.sparsity_weight,
-                     consistency=args.consistency, seed=args.seed)
+                     consistency=args.consistency, lora_rank=args.lora_rank, seed=args.seed)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -268,6 +268,9 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--sparsity-weight", type=float, default=4.0, help="weight of the sparsity term")
     p.add_argument("--consistency", type=float, default=0.0, help="weight of the neighbouring-token term")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on the FFN down projections jointly (0: none; the model "
+                        "stays frozen, the adapters are applied per call; such a network has no sparse decode path)")
     p.add_argument("--seed", type=int, default=0)
     _add_calibration_window_args(p)
     p.add_argument("--out", required=True, help="output folder (ipn.safetensors + ipn.json)")
