@@ -1,4 +1,4 @@
-"""Dynamic (per-token) sparsity: training-free rules (oracle, CATS, TEAL, WINA), their calibrated per-layer thresholds, applying them per call through hooks, what they save and cost, and batch-1 decoding that reads only each token's kept FFN channels and heads."""
+"""Dynamic (per-token) sparsity: training-free rules (oracle, CATS, TEAL, WINA) and their calibrated per-layer thresholds; the importance network (`engine.dynamic.ipn`) that predicts each token's FFN channels and heads from its hidden state and a 4-bit sketch of the layer's weights; per-prompt masks, their cache and the k-mask router (`prompt_mask`, `mask_cache`); applying any of them per call through hooks, what they save and cost; and batch-1 decoding that reads only each token's kept FFN channels and heads (`choosers`, `gathered`, `decode`). `methods` is the one dispatch the app and the CLI use; `inspect` captures per-token choices for display."""
 
 from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
 from engine.dynamic.calibrate import calibrate, calibration_ids
