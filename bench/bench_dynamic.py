@@ -141,8 +141,10 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
     ap.add_argument("--csv", default="bench/results/dynamic.csv")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads (1 on a machine shared with other jobs: oversubscribed threads spin)")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     suffix = "-quick" if args.quick else ""
     rows = Rows(_cache_dir() / f"dynamic{suffix}.json", args.fresh)
