@@ -6,6 +6,12 @@
 Configurations: 10, 20, 30 and 50% of the attention heads; ~20% of the parameters by width
 (the same fraction of heads and FFN channels) and by depth (whole layers, the count that
 brings the size closest to the same target).
+Reconstruction rows (engine.pruning.strategies.reconstruct: obs, flap-refit, ablation-refit; depth
+methods with -refit) run on heads30, heads50, width20 and depth20 by default:
+    python bench/bench_quality.py --configs heads30,heads50,width20,depth20 --methods obs,flap-refit,ablation-refit \
+        --depth-methods ablation-iterative-refit,block_influence-refit
+`select_s` is the wall time a method took to choose its mask, `select_cpu_min` the CPU minutes of this
+process in that time (every thread counted).
 Calibration: 32 WikiText-2 test paragraphs from the END of the file (engine.data.datasets), up
 to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each).
 Evaluation, both printed with their token ranges:
@@ -45,13 +51,16 @@ from engine.models.load import DEFAULT_MODEL, load_model
 from engine.models.load import cache_dir as cache_dir_root
 from engine.pruning.strategies import Budget, Calibration, get_strategy
 from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
 from engine.runtime.cost import cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
 
 HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
                 "ablation", "ablation+comp", "ablation-iterative+comp", "hardconcrete+comp")
+RECONSTRUCT_METHODS = ("obs", "flap-refit", "ablation-refit")
+RECONSTRUCT_CONFIGS = ("heads30", "heads50", "width20")
 BENCH_DEPTH_METHODS = ("random", "magnitude", "entropy", "gradient", "block_influence", "ablation-iterative",
-                       "ablation-iterative+comp")
+                       "ablation-iterative+comp", "block_influence-refit", "ablation-iterative-refit")
 CONFIGS = ("heads10", "heads20", "heads30", "heads50", "width20", "depth20")
 HELDOUT_OFFSET = 150_000
 RESULTS = Path("bench/results")
@@ -138,21 +147,10 @@ def load_tensors(path: Path) -> dict[str, Any]:
 
 
 # --- configurations -------------------------------------------------------------------------
-def width_fraction(handle: Any, target: float) -> float:
-    """The fraction r of heads and of FFN channels whose removal is `target` of all parameters."""
-    g = handle.geometry
-    total = cost(handle).params_total
-    one_head = PruneMask.dense(g).with_head(0, 0, 0.0)
-    per_head = total - cost(handle, one_head).params_kept
-    one_ch = PruneMask.dense(g)
-    one_ch.ffn[0, 0] = 0.0
-    per_ch = total - cost(handle, one_ch).params_kept
-    return target * total / (g.n_layers * (g.n_heads * per_head + g.ffn_dim * per_ch))
-
-
 def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
     if config.startswith("depth"):
-        return depth_prune(handle, 1.0 - int(config[5:]) / 100, method, calib)
+        run = depth_refit_prune if method in DEPTH_REFIT_METHODS else depth_prune
+        return run(handle, 1.0 - int(config[5:]) / 100, method, calib)
     if config.startswith("width"):
         r = round(width_fraction(handle, int(config[5:]) / 100), 4)
         budget = Budget(heads=r, ffn=r)
@@ -167,10 +165,11 @@ def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: a
 
 
 def methods_for(config: str, args: argparse.Namespace) -> list[str]:
-    chosen = args.methods.split(",") if args.methods else list(HEAD_METHODS)
+    default = list(HEAD_METHODS) + (list(RECONSTRUCT_METHODS) if config in RECONSTRUCT_CONFIGS else [])
+    chosen = args.methods.split(",") if args.methods else default
     if config.startswith("depth"):
         depth = args.depth_methods.split(",") if args.depth_methods else list(BENCH_DEPTH_METHODS)
-        return [m for m in depth if m in DEPTH_METHODS]
+        return [m for m in depth if m in DEPTH_METHODS or m in DEPTH_REFIT_METHODS]
     return chosen
 
 
@@ -182,7 +181,8 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--methods", default=None, help=f"comma-separated (default: {','.join(HEAD_METHODS)})")
     ap.add_argument("--depth-methods", default=None,
-                    help=f"default: {','.join(BENCH_DEPTH_METHODS)}; any of {','.join(DEPTH_METHODS)}")
+                    help=f"default: {','.join(BENCH_DEPTH_METHODS)}; any of "
+                         f"{','.join(DEPTH_METHODS + DEPTH_REFIT_METHODS)}")
     ap.add_argument("--report", action="store_true", help="compute nothing new: tabulate every cached result")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thrashing on shared cores)")
     ap.add_argument("--iter-steps", type=int, default=4)
@@ -211,7 +211,8 @@ def main() -> None:
 
     stats_path, tables_path, results_path = cache_dir / "stats.safetensors", cache_dir / "tables.safetensors", cache_dir / "results.json"
     if args.fresh:
-        for p in [stats_path, stats_path.with_suffix(".json"), tables_path, results_path, *(cache_dir / "masks").glob("*.json")]:
+        masks = [*(cache_dir / "masks").glob("*.json"), *(cache_dir / "masks").glob("*.refit.safetensors")]
+        for p in [stats_path, stats_path.with_suffix(".json"), tables_path, results_path, *masks]:
             p.unlink(missing_ok=True)
     t0 = time.perf_counter()
     stats = load_stats(stats_path)
@@ -245,14 +246,16 @@ def main() -> None:
         key = f"{method}@{config}"
         mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
         if key not in results:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             if mask_path.exists():
                 mask = PruneMask.load(mask_path, handle.geometry)
                 select_s = mask.meta.get("bench_select_seconds", float("nan"))
+                select_cpu = mask.meta.get("bench_select_cpu_seconds", float("nan"))
             else:
                 mask = make_mask(handle, method, config, calib, args)
-                select_s = time.perf_counter() - t
+                select_s, select_cpu = time.perf_counter() - t, time.process_time() - cpu
                 mask.meta["bench_select_seconds"] = select_s
+                mask.meta["bench_select_cpu_seconds"] = select_cpu
                 mask.save(mask_path)
                 save_tensors(calib.cache, tables_path)
             c, s = cost(handle, mask), mask.summary()
@@ -263,7 +266,8 @@ def main() -> None:
                 "heads_removed": s["heads_pruned"], "ffn_removed": s["ffn_channels_pruned"],
                 "blocks_removed": s["attn_blocks_pruned"] + s["ffn_blocks_pruned"],
                 "params_removed_pct": round(100 * c.params_removed_fraction, 2),
-                "compensated": mask.has_bias, "select_s": round(select_s, 1),
+                "compensated": mask.has_bias, "reconstructed": mask.has_refit, "select_s": round(select_s, 1),
+                "select_cpu_min": round(select_cpu / 60, 2),
             }
             results_path.write_text(json.dumps(results, indent=1))
         r = dict(results[key])
@@ -277,8 +281,11 @@ def main() -> None:
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(r["config"], len(order)))
     cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "heads_removed",
-            "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "select_s"]
-    write_rows([{k: (round(r[k], 3) if isinstance(r[k], float) else r[k]) for k in cols} for r in rows], csv_path)
+            "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "reconstructed", "select_s",
+            "select_cpu_min"]
+    # Rows cached before these columns existed leave them empty.
+    write_rows([{k: (round(r[k], 3) if isinstance(r.get(k), float) else r.get(k, "")) for k in cols} for r in rows],
+               csv_path)
     print(f"\nwrote {csv_path} (dense main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f})")
     print_tables(rows)
 

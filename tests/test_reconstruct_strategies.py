@@ -51,6 +51,7 @@ def test_depth_refit_drops_the_same_layers_as_its_base_method():
     m = depth_refit_prune(h, 0.7, "magnitude-refit", calib)
     assert m.meta["layers_dropped"] and m.has_refit
     assert int((m.attn == 0).sum()) == len(m.meta["layers_dropped"])
+    assert 0 <= m.meta["stand_in"]["added_parameters"] <= 2 * h.geometry.hidden  # at most one bias per refit
 
 
 def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):
@@ -77,7 +78,8 @@ def test_default_width_target_lands_near_the_asked_size():
 
 def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_path, capsys):
     src = save_tiny(tmp_path / "src")
-    common = ["--model", str(src), "--keep", "0.8", "--no-eval", "--n-texts", "8", "--max-length", "64"]
+    common = ["--model", str(src), "--keep", "0.8", "--no-eval", "--n-texts", "8", "--refit-texts", "8",
+              "--max-length", "64"]
     assert main(["export", *common, "--route", "width", "--layout", "uniform", "--out", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
     assert "obs (uniform, no bias)" in out and "uniform layout" in out

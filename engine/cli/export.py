@@ -34,7 +34,12 @@ from engine.export.write import LAYOUTS, export, zip_folder
 from engine.pruning.size_target import ROUTES, reach_size
 from engine.pruning.strategies import Calibration
 from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
-from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_by_reconstruction
+from engine.pruning.strategies.reconstruct import (
+    DEPTH_REFIT_METHODS,
+    REFIT_TEXTS,
+    depth_refit_prune,
+    width_by_reconstruction,
+)
 from engine.runtime.cost import cost
 
 __all__ = ["register", "cmd_export"]
@@ -49,14 +54,17 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
         if not isinstance(keep, float):
             raise ValueError("--method takes --keep as a fraction of the parameters (0-1)")
         with progress_bar(f"depth ({args.method})") as cb:
-            run = depth_refit_prune if args.method in DEPTH_REFIT_METHODS else depth_prune
-            mask = run(handle, keep, args.method, calib, progress=cb)
+            if args.method in DEPTH_REFIT_METHODS:
+                mask = depth_refit_prune(handle, keep, args.method, calib, n_texts=args.refit_texts, progress=cb)
+            else:
+                mask = depth_prune(handle, keep, args.method, calib, progress=cb)
         c = cost(handle, mask)
         print(f"size target: depth ({args.method}): {c.params_kept:,} of {c.params_total:,} parameters "
               f"({100 * c.params_kept / c.params_total:.1f}%); layers dropped {mask.meta.get('layers_dropped')}")
     elif args.route == "width" and not args.criterion:
         with progress_bar("reconstructing (width)") as cb:
-            r = width_by_reconstruction(handle, keep, calib, uniform=args.layout == "uniform", progress=cb)
+            r = width_by_reconstruction(handle, keep, calib, uniform=args.layout == "uniform",
+                                        n_texts=args.refit_texts, progress=cb)
         mask = r.mask
         print(f"size target: {r.describe()}")
     else:
@@ -115,6 +123,8 @@ def register(sub: Subparsers) -> None:
                         "gradient, magnitude or activation instead of reconstruction (the default)")
     p.add_argument("--method", default=None, choices=[*DEPTH_METHODS, *DEPTH_REFIT_METHODS],
                    help="with --keep and --route depth: a depth method (-refit: the layers around each gap re-fitted)")
+    p.add_argument("--refit-texts", type=int, default=REFIT_TEXTS,
+                   help="calibration texts the reconstruction fits on (at least --n-texts)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
     p.add_argument("--overwrite", action="store_true",

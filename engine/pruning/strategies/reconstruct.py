@@ -12,6 +12,11 @@
 
 `width_by_reconstruction` reaches a parameter target by width with `obs` (the default of
 `python -m engine export --route width`).
+
+A least-squares re-solve of an [F, F] system wants many more calibration tokens than a score
+does (it over-fits a few thousand), so on a shipped calibration set these strategies read
+`REFIT_TEXTS` paragraphs (about 20,000 WikiText-2 tokens, from the end of the file like the
+others) when the calibration holds fewer; the mask's meta says how many tokens each fit saw.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, ClassVar
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
+from engine.data.datasets import CALIBRATION_SETS, calibration_texts
 from engine.pruning.reconstruct.budgets import allocate, counts_of, outlier_ratios, owl_ratios
 from engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
 from engine.pruning.size_target import SizeResult, target_params, width_mask
@@ -32,16 +38,19 @@ from engine.runtime.cost import cost
 __all__ = [
     "ALLOCATIONS",
     "DEPTH_REFIT_METHODS",
+    "REFIT_TEXTS",
     "AblationRefitStrategy",
     "FlapRefitStrategy",
     "ObsStrategy",
     "depth_refit_prune",
     "layer_counts",
+    "refit_texts",
     "width_by_reconstruction",
     "width_fraction",
 ]
 
 ALLOCATIONS = ("owl", "uniform")
+REFIT_TEXTS = 128
 REFIT_SUFFIX = "-refit"
 DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
 SLIMGPT = "Ling et al., 'SlimGPT: Layer-wise Structured Pruning for Large Language Models', NeurIPS 2024"
@@ -51,6 +60,13 @@ OWL = "Yin et al., 'Outlier Weighed Layerwise Sparsity (OWL)', ICML 2024"
 
 def _config(calib: Calibration, **kw: Any) -> RefitConfig:
     return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, **kw)
+
+
+def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
+    """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer."""
+    if len(calib.texts) >= n or calib.name not in CALIBRATION_SETS:
+        return list(calib.texts)
+    return calibration_texts(calib.name, n)
 
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
@@ -79,16 +95,17 @@ class ObsStrategy(Strategy):
     always_compensates = True
 
     def __init__(self, allocation: str = "owl", target: str = "output", even_groups: bool = False,
-                 intercept: bool = True):
+                 intercept: bool = True, n_texts: int = REFIT_TEXTS):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
+        self.n_texts = n_texts
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress)
-        mask = obs_prune(handle, heads, channels, calib.texts, even_groups=self.even_groups,
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
                          config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
         mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
                           "calibration": calib.describe()})
@@ -102,14 +119,15 @@ class _RefitAfter(Strategy):
     cost_hint = "measured"
     always_compensates = True
 
-    def __init__(self, target: str = "output"):
-        self.target = target
+    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS):
+        self.target, self.n_texts = target, n_texts
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         chosen = self.base(compensate=True)(handle, budget, calib, progress=progress)
-        mask = refit(handle, chosen, calib.texts, config=_config(calib, target=self.target), progress=progress)
+        mask = refit(handle, chosen, refit_texts(calib, self.n_texts), config=_config(calib, target=self.target),
+                     progress=progress)
         mask.meta.update({"method": self.name, "selection": chosen.meta.get("method"),
                           "reference": self.reference, "calibration": calib.describe()})
         return mask
@@ -130,16 +148,28 @@ class AblationRefitStrategy(_RefitAfter):
 
 
 def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,
-                      progress: Progress | None = None) -> PruneMask:
+                      n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> PruneMask:
     """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in."""
     if method not in DEPTH_REFIT_METHODS:
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
     base = method[: -len(REFIT_SUFFIX)]
     dropped = depth_prune(handle, keep, base, calib, progress=progress)
-    mask = refit(handle, dropped, calib.texts, config=_config(calib, target="residual"), progress=progress)
+    mask = refit(handle, dropped, refit_texts(calib, n_texts), config=_config(calib, target="residual"),
+                 progress=progress)
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
+    # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
+    mask.meta["stand_in"] = {
+        "refitted_attn": sorted(mask.attn_refit), "refitted_ffn": sorted(mask.ffn_refit),
+        "added_parameters": cost(handle, mask).params_kept - cost(handle, _no_bias(dropped)).params_kept,
+    }
     mask.meta["method"] = method
     return mask
+
+
+def _no_bias(mask: PruneMask) -> PruneMask:
+    m = mask.clone()
+    m.attn_bias = m.ffn_bias = None
+    return m
 
 
 def width_fraction(handle: ModelHandle, removed: float) -> float:
@@ -154,7 +184,7 @@ def width_fraction(handle: ModelHandle, removed: float) -> float:
 
 
 def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
-                            progress: Progress | None = None) -> SizeResult:
+                            n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> SizeResult:
     """About `keep` of the parameters by width, chosen and re-solved by `obs`.
 
     Default: the same fraction of heads and channels overall, split across layers by OWL, with an
@@ -169,13 +199,13 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
                                     prune_heads=prune_heads)
         heads, channels = counts_of(layout, "attn"), counts_of(layout, "ffn")
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
-        mask = obs_prune(handle, heads, channels, calib.texts, even_groups=even,
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
                          config=_config(calib, intercept=False), progress=progress)
         method = "obs (uniform, no bias)"
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
-        mask = ObsStrategy()(handle, budget, calib, progress=progress)
+        mask = ObsStrategy(n_texts=n_texts)(handle, budget, calib, progress=progress)
         s = mask.summary()
         detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
                   f"{s['ffn_channels_total']} FFN channels, split across layers by OWL")
