@@ -113,3 +113,23 @@ def test_router_of_k_masks(llama, ipn, prompts):
         RoutedMasks.fit(llama, ipn, prompts, k=7)
     with pytest.raises(ValueError, match="empty"):
         prompt_embedding(llama, torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_compensation_puts_back_the_dropped_channels_mean_on_the_prompt(llama, ipn, prompts):
+    """With the bias, a mask's FFN output on the prompt matches the dense one on average over its tokens."""
+    from engine.core.hooks import temporary_hooks
+
+    mask = predict_prompt_mask(llama, ipn, prompts[0])
+    bare = predict_prompt_mask(llama, ipn, prompts[0], compensate=False)
+    assert bare.ffn_bias is None and torch.equal(mask.channels, bare.channels)
+    outs = {}
+    for name, m in (("dense", None), ("comp", mask), ("bare", bare)):
+        seen = []
+        with torch.no_grad(), gates.apply(llama, None if m is None else m.to_prune_mask(llama)):
+            with temporary_hooks() as hooks:  # after the gates' own hooks: sees the output with their bias
+                hooks.post(llama.adapter.projections(0)["down"], lambda mod, a, out, seen=seen: seen.append(out))
+                llama.model(input_ids=prompts[0])
+        outs[name] = seen[0][0].mean(0)  # layer 0's mean FFN output over the prompt (same input in all three)
+    err_comp = (outs["comp"] - outs["dense"]).abs().max()
+    err_bare = (outs["bare"] - outs["dense"]).abs().max()
+    assert err_comp < 1e-4 < err_bare

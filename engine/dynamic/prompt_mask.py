@@ -5,7 +5,9 @@ input: the router's k masks (one per cluster of prompts) and one mask per prompt
 importance network (engine.dynamic.ipn) reads the prompt once: for every layer and channel, the
 fraction of the prompt's tokens that would keep it; each layer keeps its most-kept channels, as many
 as the network keeps per token on average in that layer (so the learned per-layer budget carries
-over and the average sparsity matches the per-token network's). The result is an ordinary
+over and the average sparsity matches the per-token network's). What a dropped channel would have
+added on this prompt is put back as a bias (its mean down input over the prompt times its down
+column: FLAP's compensation, An et al. 2024, measured on the prompt itself). The result is an ordinary
 `PruneMask`: it runs through the gates, the sparse kernels and surgery like any static mask, so
 decoding under it reads only its channels with no per-token work at all.
 
@@ -13,8 +15,8 @@ decoding under it reads only its channels with no per-token work at all.
   mean of its tokens' input embeddings, unit length: no forward pass, so a cache lookup is cheap).
 - `MaskCache` (engine.dynamic.mask_cache) keeps masks of frequently seen prompts.
 - `RoutedMasks`: the k-mask router on the same footing: prompts clustered by that embedding
-  (k-means), one mask per cluster from its prompts' pooled keep fractions, each input routed to the
-  nearest centroid.
+  (k-means), one mask per cluster from its prompts' pooled keep fractions and means, each input routed
+  to the nearest centroid.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class PromptMask:
     channels: torch.Tensor
     heads: torch.Tensor | None
     embedding: torch.Tensor  # [d], unit length
+    ffn_bias: torch.Tensor | None = None  # [L, d]: the dropped channels' mean contribution, added back
 
     @property
     def ffn_sparsity(self) -> float:
@@ -58,6 +61,8 @@ class PromptMask:
         m.ffn = self.channels.float().clone()
         if self.heads is not None:
             m.heads = self.heads.float().clone()
+        if self.ffn_bias is not None:
+            m.ffn_bias = self.ffn_bias.float().clone()
         m.meta = {"source": "per-prompt importance network"}
         return m
 
@@ -73,10 +78,12 @@ def prompt_embedding(handle: ModelHandle, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def keep_fractions(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def keep_fractions(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, means: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per layer and unit, the fraction of the prompt's tokens whose per-token mask keeps it ([L, F], [L, H] or None).
 
-    The prompt runs once through the dense model; the network reads each layer's inputs there.
+    The prompt runs once through the dense model; the network reads each layer's inputs there. `means`
+    ([L, F], optional) receives each channel's mean down-projection input over the prompt.
     """
     ipn.attach(handle)
     g = handle.geometry
@@ -91,6 +98,11 @@ def keep_fractions(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> tuple[to
                 channels[layer] = ipn.channel_keep(layer, args[0]).float().reshape(-1, g.ffn_dim).mean(0).cpu()
 
             hooks.pre(p["gate"], on_gate)
+            if means is not None:
+                def on_down(module: nn.Module, args: tuple, layer: int = layer) -> None:
+                    means[layer] = args[0].float().reshape(-1, g.ffn_dim).mean(0).cpu()
+
+                hooks.pre(p["down"], on_down)
             if heads is not None:
                 def on_q(module: nn.Module, args: tuple, layer: int = layer) -> None:
                     heads[layer] = ipn.head_keep(layer, args[0]).float().reshape(-1, g.n_heads).mean(0).cpu()
@@ -112,10 +124,23 @@ def mask_from_fractions(channels: torch.Tensor, heads: torch.Tensor | None) -> t
     return top(channels, 0), None if heads is None else top(heads, 1)
 
 
-def predict_prompt_mask(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> PromptMask:
+@torch.no_grad()
+def compensation(handle: ModelHandle, channels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """[L, d]: per layer, down[:, dropped] @ means[dropped] (what the dropped channels add on average)."""
+    out = torch.zeros(handle.geometry.n_layers, handle.geometry.hidden)
+    for layer in range(handle.geometry.n_layers):
+        w = handle.adapter.projections(layer)["down"].weight.detach().float().cpu()
+        out[layer] = w @ (means[layer] * (~channels[layer]).float())
+    return out
+
+
+def predict_prompt_mask(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, *, compensate: bool = True) -> PromptMask:
     """The mask `ipn` predicts for the prompt ids [1, T] for its whole generation; see the module docstring."""
-    channels, heads = mask_from_fractions(*keep_fractions(handle, ipn, ids))
-    return PromptMask(channels, heads, prompt_embedding(handle, ids))
+    g = handle.geometry
+    means = torch.zeros(g.n_layers, g.ffn_dim)
+    channels, heads = mask_from_fractions(*keep_fractions(handle, ipn, ids, means))
+    bias = compensation(handle, channels, means) if compensate else None
+    return PromptMask(channels, heads, prompt_embedding(handle, ids), bias)
 
 
 def _kmeans(x: torch.Tensor, k: int, seed: int, iters: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,16 +173,19 @@ class RoutedMasks:
         """Cluster `prompts` (ids each) by embedding into k groups; each group's mask pools its prompts' fractions."""
         if not 1 <= k <= len(prompts):
             raise ValueError(f"k must be between 1 and the number of prompts ({len(prompts)}), got {k}")
+        g = handle.geometry
         emb = torch.stack([prompt_embedding(handle, p) for p in prompts])
-        fracs = [keep_fractions(handle, ipn, p) for p in prompts]
+        means = [torch.zeros(g.n_layers, g.ffn_dim) for _ in prompts]
+        fracs = [keep_fractions(handle, ipn, p, m) for p, m in zip(prompts, means)]
         centroids, assign = _kmeans(emb, k, seed)
         masks = []
         for j in range(k):
-            members = [f for f, a in zip(fracs, assign.tolist()) if a == j] or fracs
-            ch = torch.stack([f[0] for f in members]).mean(0)
-            hd = torch.stack([f[1] for f in members]).mean(0) if members[0][1] is not None else None
+            idx = [i for i, a in enumerate(assign.tolist()) if a == j] or list(range(len(prompts)))
+            ch = torch.stack([fracs[i][0] for i in idx]).mean(0)
+            hd = torch.stack([fracs[i][1] for i in idx]).mean(0) if fracs[0][1] is not None else None
             channels, heads = mask_from_fractions(ch, hd)
-            masks.append(PromptMask(channels, heads, centroids[j]))
+            bias = compensation(handle, channels, torch.stack([means[i] for i in idx]).mean(0))
+            masks.append(PromptMask(channels, heads, centroids[j], bias))
         return cls(centroids, masks)
 
     def route(self, handle: ModelHandle, ids: torch.Tensor) -> PromptMask:
