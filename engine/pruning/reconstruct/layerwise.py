@@ -231,7 +231,9 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             changed = len(kept) < n_units or count > 0 or config.refit_unpruned or beside_removed
             if not runs[pos] or not changed or not (config.refits(kind) or count):
                 continue
-            current, (x_p,), (a_p,) = _run_layer(pruned, layer, mask, [projs[kind]], post=[attn_module])
+            ffn_module = adapter.subblock(layer, "ffn").module
+            current, (x_p,), (a_p, f_p, raw) = _run_layer(pruned, layer, mask, [projs[kind]],
+                                                          post=[attn_module, ffn_module, projs[kind]])
             if residual:
                 before = pruned.hidden[layer]
                 if kind == "ffn" and runs[2 * layer]:
@@ -244,14 +246,29 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             m = Moments(x_p[0].shape[-1], g.hidden)
             for x, y, v in zip(x_p, ys, valid):
                 m.add(x[v], y[v])
-            del x_p, ys
+            del ys
             keep_units = _obs_keep(g, kind, m, kept, count, config, even_groups, layer) if count else kept
             width = g.head_dim if kind == "attn" else 1
             feats = unit_features(keep_units, width)
             w, c = ridge_fit(m, feats, damp=config.damp, intercept=config.intercept)
             errors[kind][layer] = relative_error(m, feats, w, config.intercept)
             mask = _with_refit(mask, g, layer, kind, keep_units, w, c)
-            current = None  # the record ran before this refit
+            # The record ran before this refit. When the FFN sub-block just adds its projection's output to the
+            # stream (pre-LN, nothing after the projection: checked on this very run), swap that output for the
+            # refit one instead of running the layer again.
+            shortcut = (kind == "ffn" and not adapter.subblock(layer, "ffn").residual_inclusive
+                        and all(torch.equal(a, b) for a, b in zip(f_p, raw)))
+            if shortcut:
+                b = _bias(projs[kind])
+                new = [torch.nn.functional.linear(x.index_select(-1, feats.to(x.device)), w.to(x.dtype),
+                                                  None if b is None else b.to(x.dtype)) + c.to(x.dtype)
+                       for x in x_p]
+                hidden = [h - r + n for h, r, n in zip(current.hidden[layer + 1], raw, new)]
+                current = LayerInputs(handle, [hidden if i == layer + 1 else [] for i in range(g.n_layers + 1)],
+                                      current.calls)
+            else:
+                current = None
+            del x_p, f_p, raw
         if current is None:
             current, _, _ = _run_layer(pruned, layer, mask, [])
         pruned = current

@@ -60,16 +60,19 @@ class Moments:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add tokens: x [N, n_in], y [N, n_out] (any leading shape is flattened)."""
-        x = x.reshape(-1, self.n_in).detach().to("cpu", torch.float64)
-        y = y.reshape(-1, self.n_out).detach().to("cpu", torch.float64)
+        # One batch's products in the activations' own precision, at least float32 (a float64 [F, F] Gram costs
+        # several times more on a CPU), summed across batches in float64.
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.reshape(-1, self.n_in).detach().to("cpu", dtype)
+        y = y.reshape(-1, self.n_out).detach().to("cpu", dtype)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{x.shape[0]} input rows for {y.shape[0]} target rows")
         self.count += x.shape[0]
-        self.sum_x += x.sum(0)
-        self.sum_y += y.sum(0)
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.yy += (y * y).sum()
+        self.sum_x += x.double().sum(0)
+        self.sum_y += y.double().sum(0)
+        self.xx += (x.T @ x).double()
+        self.xy += (x.T @ y).double()
+        self.yy += (y.double() ** 2).sum()
 
     def centered(self, intercept: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(H [n, n], C [n, d], mean x [n], mean y [d]): centred Gram and cross moments (raw without intercept)."""
