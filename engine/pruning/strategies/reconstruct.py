@@ -49,7 +49,7 @@ __all__ = [
     "width_fraction",
 ]
 
-ALLOCATIONS = ("owl", "uniform")
+ALLOCATIONS = ("owl", "uniform", "flap", "ablation")
 REFIT_TEXTS = 128
 REFIT_SUFFIX = "-refit"
 DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
@@ -71,11 +71,20 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
                  progress: Progress | None = None) -> tuple[list[int], list[int]]:
-    """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly."""
+    """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
+
+    "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
+    fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap").
+    """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     g = handle.geometry
     h, f = budget.counts(g)
+    if allocation in ("flap", "ablation"):
+        flap = FlapStrategy()(handle, budget, calib, progress=progress)
+        heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
+                 if allocation == "ablation" and h else flap)
+        return counts_of(heads, "attn"), counts_of(flap, "ffn")
     out = []
     for kind, total, size in (("attn", h, g.n_heads), ("ffn", f, g.ffn_dim)):
         ratios = [1.0] * g.n_layers
