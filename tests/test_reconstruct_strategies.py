@@ -57,7 +57,7 @@ def test_depth_refit_drops_the_same_layers_as_its_base_method():
 def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):
     h = tiny_handle("llama")
     r = width_by_reconstruction(h, 0.8, _calib(), uniform=True)
-    assert not r.mask.has_bias and r.mask.has_refit
+    assert r.mask.has_bias and r.mask.has_refit  # Llama's config switches the biases on
     assert abs(r.kept_fraction - 0.8) < 0.05
     out = export(h, r.mask, tmp_path / "out", evaluate=False)
     assert out.layout == "uniform"
@@ -68,6 +68,12 @@ def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids, attention_mask=am).logits, ref, atol=1e-4, rtol=0)
+
+
+def test_uniform_width_without_a_bias_switch_fits_without_an_intercept():
+    h = tiny_handle("qwen2")
+    r = width_by_reconstruction(h, 0.8, _calib(), uniform=True)
+    assert not r.mask.has_bias and r.mask.has_refit and "no bias" in r.criterion
 
 
 def test_default_width_target_lands_near_the_asked_size():
@@ -82,7 +88,7 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
               "--max-length", "64"]
     assert main(["export", *common, "--route", "width", "--layout", "uniform", "--out", str(tmp_path / "w")]) == 0
     out = capsys.readouterr().out
-    assert "obs (uniform, no bias)" in out and "uniform layout" in out
+    assert "obs (uniform)" in out and "uniform layout" in out
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--out", str(tmp_path / "d")]) == 0
     assert "magnitude-refit" in capsys.readouterr().out

@@ -6,7 +6,8 @@
 
 A width target is reached by reconstruction (engine.pruning.strategies.reconstruct: structured OBS
 per layer, OWL budgets, the kept weights re-solved); with --layout uniform every layer loses the same
-units and no bias is added, so plain transformers loads the folder. --criterion picks units by a
+units, so plain transformers loads the folder (Llama: its config's bias switches carry the re-fitted
+biases; families without such a switch are fitted without a bias). --criterion picks units by a
 criterion instead, without reconstruction. --method names a depth method (e.g. ablation-iterative-refit).
 """
 

@@ -312,6 +312,14 @@ class Adapter(ABC):
         proj = self.head_output_proj(layer) if kind == "attn" else self.ffn_output_proj(layer)
         return add_bias_(proj, bias)
 
+    def can_switch_output_bias(self, kind: str) -> bool:
+        """The family's config has a switch that gives the `kind` sub-block's output projection a bias."""
+        return False
+
+    def switch_on_output_bias_(self, kind: str) -> int:
+        """Turn that switch on: zero biases for every projection it governs that has none; the values added."""
+        raise NotImplementedError(f"{self.family}: no config switch adds an output bias")
+
     def keep_layers_(self, keep: Sequence[int]) -> None:
         """Keep only the layers `keep` (in order); updates num_hidden_layers and layer_types."""
         layers = self.layers()

@@ -9,7 +9,11 @@ rounding), because it mirrors the gates' semantics:
 - a pruned FFN channel loses its up/gate rows and down-projection column;
 - a removed pre-LN sub-block becomes a zero delta, a removed post-LN (BERT) one passes its
   residual input through; a layer with both sub-blocks removed is dropped whole;
-- compensation biases (mask.attn_bias / ffn_bias) are folded into the output projections;
+- compensation biases (mask.attn_bias / ffn_bias) are folded into the output projections; where a
+  projection had no bias and the family's config can only switch biases on for a whole group of
+  projections (Llama's attention_bias / mlp_bias), a uniform result switches them on, the other
+  projections of the group getting zero biases (`meta["bias_switch_params"]` counts them), so the
+  standard config still describes it;
 - refitted output projections (mask.attn_refit / ffn_refit, engine.core.refit) become the sliced
   O / down projection's weight, columns in the order the slice keeps the units.
 
@@ -207,22 +211,26 @@ def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = N
     model = private_copy(handle.model)
     adapter = adapter_for(model)
     kept = {lp.source: lp for lp in sp.layers}
-    created_bias = False
+    created: set[str] = set()  # sub-block kinds whose output projection got a bias it did not have
     with torch.no_grad():
         for layer in range(g.n_layers):
             lp = kept.get(layer)
             if lp is not None:
-                created_bias |= _prune_layer(adapter, lp, norm)
+                created |= _prune_layer(adapter, lp, norm)
             if progress:
                 progress(layer + 1, g.n_layers + 1)
     if sp.dropped:
         adapter.keep_layers_([lp.source for lp in sp.layers])
     adapter.renumber_cache_layers_()
     uniform = sp.uniform_sizes()
-    standard = uniform is not None and not created_bias and (
+    switchable = all(adapter.can_switch_output_bias(kind) for kind in created)
+    standard = uniform is not None and switchable and (
         uniform[:2] == (g.n_heads, g.n_kv_heads) or adapter.config_decouples_heads)
+    switched = 0
     if standard:
         adapter.set_sizes_(*uniform)
+        with torch.no_grad():
+            switched = sum(adapter.switch_on_output_bias_(kind) for kind in sorted(created))
     else:
         adapter.set_sizes_(g.n_heads, g.n_kv_heads, g.ffn_dim)
         setattr(model.config, LAYERS_KEY, layer_record(adapter, sp))
@@ -232,17 +240,18 @@ def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = N
         progress(g.n_layers + 1, g.n_layers + 1)
     pruned = wrap_model(model, handle.tokenizer, name=f"{handle.name} (pruned)")
     pruned.source = handle.source
-    pruned.meta = {"surgery": sp, "source_name": handle.name, "mask": mask.clone(), "standard_config": standard}
+    pruned.meta = {"surgery": sp, "source_name": handle.name, "mask": mask.clone(), "standard_config": standard,
+                   "bias_switch_params": switched}
     return pruned
 
 
-def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> bool:
-    """Prune one source layer in place (before any layer is dropped); True if a bias was created."""
-    layer, created = lp.source, False
+def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> set[str]:
+    """Prune one source layer in place (before any layer is dropped); the kinds whose output bias it created."""
+    layer, created = lp.source, set()
     if lp.attn:
         bias = _nonzero(getattr(mask, "attn_bias", None), layer)
-        if bias is not None:
-            created |= adapter.add_output_bias_(layer, "attn", bias)
+        if bias is not None and adapter.add_output_bias_(layer, "attn", bias):
+            created.add("attn")
         adapter.resize_attention_(layer, lp.q_heads, lp.kv_heads, lp.kv_index)
         refit = mask.attn_refit.get(layer)
         if refit is not None:
@@ -251,8 +260,8 @@ def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> bool:
         adapter.remove_subblock_(layer, "attn")
     if lp.ffn:
         bias = _nonzero(getattr(mask, "ffn_bias", None), layer)
-        if bias is not None:
-            created |= adapter.add_output_bias_(layer, "ffn", bias)
+        if bias is not None and adapter.add_output_bias_(layer, "ffn", bias):
+            created.add("ffn")
         adapter.resize_ffn_(layer, lp.channels)
         refit = mask.ffn_refit.get(layer)
         if refit is not None:

@@ -100,9 +100,11 @@ def _why_not_uniform(handle: ModelHandle, sp: SurgeryPlan, mask: PruneMask) -> s
         return "layers keep different numbers of (heads, KV heads, FFN channels): " + ", ".join(map(str, sizes[:4]))
     if sizes[0][:2] != (g.n_heads, g.n_kv_heads) and not adapter.config_decouples_heads:
         return f"a {adapter.family} config cannot state fewer heads than hidden / head_dim"
-    for name, proj in (("attn_bias", adapter.head_output_proj), ("ffn_bias", adapter.ffn_output_proj)):
+    for kind, name, proj in (("attn", "attn_bias", adapter.head_output_proj),
+                             ("ffn", "ffn_bias", adapter.ffn_output_proj)):
         bias = getattr(mask, name, None)
-        if bias is not None and any(bias[lp.source].any() and proj(lp.source).bias is None for lp in sp.layers):
+        if (bias is not None and not adapter.can_switch_output_bias(kind)
+                and any(bias[lp.source].any() and proj(lp.source).bias is None for lp in sp.layers)):
             return f"the mask's compensation {name} adds a bias the {adapter.family} config has no switch for"
     return ""
 
@@ -233,7 +235,9 @@ def export(
     assert pv.layout == "per_layer" or pruned.meta["standard_config"], "preview and surgery disagree on the layout"
     params_after = sum(p.numel() for p in pruned.model.parameters())
     c = cost(handle, mask)
-    assert params_after == c.params_kept, f"surgery kept {params_after:,} parameters, cost says {c.params_kept:,}"
+    zeros = pruned.meta.get("bias_switch_params", 0)  # zero biases a config switch needed (surgery's module doc)
+    assert params_after == c.params_kept + zeros, \
+        f"surgery kept {params_after:,} parameters, cost says {c.params_kept:,} (+{zeros:,} zero biases)"
     stage("checking the pruned model against the masked one")
     parity = _parity(handle, pruned, mask)
     ppl = _perplexities(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
@@ -279,7 +283,8 @@ def _manifest(handle: ModelHandle, pruned, mask, pv: ExportPreview, c, parity, p
         "mask_summary": mask.normalized().summary(),
         "layout": pv.layout,
         "why_not_uniform": pv.why_not_uniform,
-        "params": {"before": c.params_total, "after": c.params_kept, "removed_fraction": c.params_removed_fraction},
+        "params": {"before": c.params_total, "after": c.params_kept, "removed_fraction": c.params_removed_fraction,
+                   "zero_biases_for_the_config": pruned.meta.get("bias_switch_params", 0)},
         "flops_per_token_512": {"before": c.flops_dense, "after": c.flops_kept,
                                 "ideal_speedup": c.flops_dense / c.flops_kept},
         "dtype": str(handle.dtype).replace("torch.", ""),

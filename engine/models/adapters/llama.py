@@ -26,7 +26,7 @@ from engine.core.adapter import (
     SparseLayer,
     SubBlock,
 )
-from engine.core.reshape import GatheredHeads, RemovedSubBlock, slice_in_, slice_out_
+from engine.core.reshape import GatheredHeads, RemovedSubBlock, add_bias_, is_removed, slice_in_, slice_out_
 
 __all__ = ["LlamaAdapter"]
 
@@ -309,6 +309,31 @@ class LlamaAdapter(Adapter):
         cfg.head_dim = self.geometry.head_dim  # explicit: hidden // heads no longer gives it
         cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size = n_heads, n_kv_heads, ffn_dim
         self.geometry = self._geometry(cfg)
+
+    # Llama's config switches biases on per group: attention_bias (q, k, v, o), mlp_bias (gate, up, down).
+    # Mistral and Qwen2 give o_proj no switch, so only the llama model type has one.
+    _BIAS_SWITCHES = {"attn": ("attention_bias", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                      "ffn": ("mlp_bias", "mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+    def can_switch_output_bias(self, kind: str) -> bool:
+        return self.model.config.model_type == "llama" and hasattr(self.model.config, self._BIAS_SWITCHES[kind][0])
+
+    def switch_on_output_bias_(self, kind: str) -> int:
+        if not self.can_switch_output_bias(kind):
+            return super().switch_on_output_bias_(kind)
+        flag, owner, names = self._BIAS_SWITCHES[kind]
+        added = 0
+        for layer in self.layers():
+            module = getattr(layer, owner)
+            if is_removed(module):
+                continue
+            for name in names:
+                proj = getattr(module, name)
+                if proj.bias is None:
+                    added += proj.out_features
+                    add_bias_(proj, torch.zeros(proj.out_features))
+        setattr(self.model.config, flag, True)
+        return added
 
     def _set_layers(self, layers: nn.ModuleList) -> None:
         self._base.layers = layers

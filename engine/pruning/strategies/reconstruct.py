@@ -198,7 +198,8 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
 
     Default: the same fraction of heads and channels overall, split across layers by OWL, with an
     intercept (a per-layer export, `engine.models.load.load_pruned`). `uniform`: every layer loses the
-    same units and no bias is added, so the export has the family's standard config (plain transformers).
+    same units, so the export has the family's standard config (plain transformers); the intercept is
+    kept where the config can switch output biases on (Llama), else the fit has none.
     """
     g = handle.geometry
     target, total = target_params(handle, keep), cost(handle).params_total
@@ -208,9 +209,10 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
                                     prune_heads=prune_heads)
         heads, channels = counts_of(layout, "attn"), counts_of(layout, "ffn")
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
+        intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
         mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
-                         config=_config(calib, intercept=False), progress=progress)
-        method = "obs (uniform, no bias)"
+                         config=_config(calib, intercept=intercept), progress=progress)
+        method = "obs (uniform" + (")" if intercept else ", no bias)")
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
