@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 4 steps")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
+    ap.add_argument("--no-training", action="store_true",
+                    help="skip the rows that need a trained network not cached yet (rules and ipn-untrained only)")
     ap.add_argument("--csv", default="bench/results/dynamic.csv")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (1 on a machine shared with other jobs: oversubscribed threads spin)")
@@ -205,6 +207,9 @@ def main() -> None:
             row = {"train_s": round(time.perf_counter() - t, 1), **agreement(ipn)}
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout), **row}
         rows.get(f"ipn-untrained@{s}", run_untrained)
+
+        if args.no_training and not (nets / f"{s:.2f}" / "ipn.json").exists():
+            continue
 
         def run_ipn(**kw):
             ipn, meta = trained(s, **kw)
