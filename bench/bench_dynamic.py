@@ -35,8 +35,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -195,13 +196,13 @@ def main() -> None:
     for s in targets:
         print(f"\n## target {s:.0%}", flush=True)
         for rule in RULES:
-            def run_rule(rule=rule):
+            def run_rule(rule=rule, s=s):
                 th = Thresholds.oracle(handle.geometry.n_layers, handle.geometry.ffn_dim, s) if rule == "oracle" \
                     else calibrate(handle, rule, s, calib)
                 return _dynamic_row(handle, lambda m: apply_rule(handle, th, m), rule, main_w, heldout)
             rows.get(f"{rule}@{s}", run_rule)
 
-        def run_untrained():
+        def run_untrained(s=s):
             t = time.perf_counter()
             ipn = untrained_ipn(handle, s, calib)
             row = {"train_s": round(time.perf_counter() - t, 1), **agreement(ipn)}
@@ -211,7 +212,7 @@ def main() -> None:
         if args.no_training and not (nets / f"{s:.2f}" / "ipn.json").exists():
             continue
 
-        def run_ipn(**kw):
+        def run_ipn(s=s, **kw):
             ipn, meta = trained(s, **kw)
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
                     "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn)}
@@ -221,14 +222,14 @@ def main() -> None:
         if s == 0.5:
             rows.get(f"ipn+heads@{s}", lambda: run_ipn(heads=True, head_target=0.25))
 
-        def run_prompt():
+        def run_prompt(s=s):
             ipn, meta = trained(s)
             ppl, sp = _nll_per_window(handle, *main_w, lambda p: predict_prompt_mask(handle, ipn, p))
             ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: predict_prompt_mask(handle, ipn, p))
             return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
         rows.get(f"per-prompt@{s}", run_prompt)
 
-        def run_router():
+        def run_router(s=s):
             ipn, meta = trained(s)
             routed = RoutedMasks.fit(handle, ipn, prompts, k=4)
             ppl, sp = _nll_per_window(handle, *main_w, lambda p: routed.route(handle, p))
@@ -236,12 +237,12 @@ def main() -> None:
             return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
         rows.get(f"router@{s}", run_router)
 
-        def run_static():
+        def run_static(s=s):
             t = time.perf_counter()
             cal = Calibration.shipped("wikitext", n=8 if args.quick else 32)
             mask = get_strategy("flap")(handle, Budget(ffn=s), cal)
             sel = round(time.perf_counter() - t, 1)
-            with_mask = lambda i: gates.apply(handle, mask)  # noqa: E731
+            with_mask = lambda i: gates.apply(handle, mask)
             return {"ppl_main": _nll(handle, *main_w, with_mask), "ppl_heldout": _nll(handle, *heldout, with_mask),
                     "ffn_sparsity": 1.0 - float(mask.ffn.mean()), "train_s": sel}
         rows.get(f"static@{s}", run_static)
