@@ -119,8 +119,8 @@ def test_compensation_puts_back_the_dropped_channels_mean_on_the_prompt(llama, i
     """With the bias, a mask's FFN output on the prompt matches the dense one on average over its tokens."""
     from engine.core.hooks import temporary_hooks
 
-    mask = predict_prompt_mask(llama, ipn, prompts[0])
-    bare = predict_prompt_mask(llama, ipn, prompts[0], compensate=False)
+    mask = predict_prompt_mask(llama, ipn, prompts[0], compensate=True)
+    bare = predict_prompt_mask(llama, ipn, prompts[0])
     assert bare.ffn_bias is None and torch.equal(mask.channels, bare.channels)
     outs = {}
     for name, m in (("dense", None), ("comp", mask), ("bare", bare)):
