@@ -152,6 +152,8 @@ def main() -> None:
     suffix = "-quick" if args.quick else ""
     rows = Rows(_cache_dir() / f"dynamic{suffix}.json", args.fresh)
     if args.report:
+        if rows.rows and not args.quick:
+            write_csv(rows.rows, args.csv)
         print(report(rows.rows))
         return
     handle = load_model(args.model, dtype="float32")
@@ -247,20 +249,27 @@ def main() -> None:
                     "ffn_sparsity": 1.0 - float(mask.ffn.mean()), "train_s": sel}
         rows.get(f"static@{s}", run_static)
 
+    if not args.quick:
+        write_csv(rows.rows, args.csv)
+    print(report(rows.rows))
+
+
+def write_csv(rows: dict[str, dict], path: str) -> None:
+    """One CSV row per (method, target) with its ratios to the dense rows."""
+    dense = rows["dense"]
     table = []
-    for key, r in rows.rows.items():
+    for key, r in rows.items():
         if key == "dense":
             continue
         method, target = key.split("@")
         table.append({"method": method, "target": float(target), **r,
                       "ratio_main": r["ppl_main"] / dense["ppl_main"],
                       "ratio_heldout": r["ppl_heldout"] / dense["ppl_heldout"]})
+    table.sort(key=lambda r: (r["target"], r["method"]))
     cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
             "input_sparsity", "head_sparsity", "recall", "precision", "steps", "train_s", "eval_s"]
-    if not args.quick:
-        write_rows(args.csv, table, cols)
-        print(f"\nwrote {args.csv}")
-    print(report(rows.rows))
+    write_rows([{c: r.get(c) for c in cols} for r in table], path)
+    print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")
 
 
 def report(rows: dict[str, dict]) -> str:
