@@ -267,10 +267,13 @@ def bench_source(path: Path) -> str:
 
 
 def _decode_method(config: object) -> str:
-    """A decode-benchmark row's method: "cats 50%" -> cats, "ipn untrained 50%" -> ipn-untrained, "ipn x" -> ipn."""
+    """A decode-benchmark row's method: "cats 50%" -> cats, "ipn untrained 50%" -> ipn-untrained, a saved network
+    folder with heads ("ipn 0.50-head_target0.25-headsTrue") -> ipn+heads, "ipn x" -> ipn."""
     words = [w for w in str(config).lower().split() if not w.endswith("%")]
     if words[:2] == ["ipn", "untrained"]:
         return "ipn-untrained"
+    if words[:1] == ["ipn"] and "headstrue" in str(config).lower():  # a saved network with heads: ipn+heads
+        return "ipn+heads"
     return words[0] if words else ""
 
 
