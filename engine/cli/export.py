@@ -5,7 +5,7 @@
     python -m engine export --keep 0.8 --route width --out pruned-width/ # same size, narrower layers
 
 A width target is reached by reconstruction (engine.pruning.strategies.reconstruct: structured OBS
-per layer, OWL budgets, the kept weights re-solved); with --layout uniform every layer loses the same
+per layer, per-layer counts where FLAP cuts, the kept weights re-solved); with --layout uniform every layer loses the same
 units, so plain transformers loads the folder (Llama: its config's bias switches carry the re-fitted
 biases; families without such a switch are fitted without a bias). --criterion picks units by a
 criterion instead, without reconstruction. --method names a depth method (e.g. ablation-iterative-refit).
