@@ -5,8 +5,8 @@
   by least squares (SlimGPT, Ling et al. 2024; ZipLM, Kurtic et al. 2023). How many units each
   layer loses: where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; measured best
   on SmolLM2 at 20% of the parameters: 1.78x dense against 2.30x for OWL's outlier-weighted
-  allocation, Yin et al. 2024, and 2.87x for the same count in every layer; docs/quality.md), or
-  "owl", "uniform", "ablation" (heads where the measured mean-ablation KL cuts).
+  allocation, Yin et al. 2024, on the same calibration; docs/quality.md), or "owl", "uniform",
+  "ablation" (heads where the measured mean-ablation KL cuts).
 - `flap-refit`, `ablation-refit`: another method's choice of units (FLAP's standardised
   fluctuation, An et al. 2024; the measured mean-ablation KL), then the same re-solve in place of
   the mean bias (which is the re-solve that keeps no column).
