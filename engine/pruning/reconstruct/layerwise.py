@@ -29,8 +29,9 @@ This is the closed-form, training-free reconstruction of SlimGPT (Ling et al., N
 ZipLM (Kurtic et al., NeurIPS 2023) restricted to the output projections, so the result is still an
 ordinary checkpoint after surgery (engine.core.refit: compact refits carried by the mask). The
 targets are the dense model's outputs, so a layer also absorbs part of the error that earlier
-layers left in its input. Cost: about four forwards of one layer per layer over the calibration
-tokens, plus the solves (an [F, F] system per FFN).
+layers left in its input. Cost: about three forwards of one layer per layer over the calibration
+tokens (the dense layer, the pruned layer before each refit; the FFN's refit corrects the layer's
+output in place), plus one dense forward to start and the solves (an [F, F] system per FFN).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from engine.runtime.replay import LayerInputs, layer_output, record_layers
 __all__ = ["TARGETS", "RefitConfig", "obs_prune", "output_weight", "refit", "relative_error"]
 
 TARGETS = ("output", "residual")
+
 
 @dataclass(frozen=True)
 class RefitConfig:
