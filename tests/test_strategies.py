@@ -187,7 +187,8 @@ def test_every_strategy_returns_a_valid_mask_with_the_requested_counts(handle):
         m.check(g)
         s = m.summary()
         assert s["heads_pruned"] == 2 and s["ffn_channels_pruned"] == 5, name
-        assert (m.attn_bias is not None) == (name.endswith("+comp") or name == "flap"), name
+        if not (name.endswith("-refit") or name == "obs"):  # re-solved methods keep their fits' intercepts as biases
+            assert (m.attn_bias is not None) == (name.endswith("+comp") or name == "flap"), name
         assert m.meta["method"] == name, name
 
 
