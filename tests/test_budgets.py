@@ -24,6 +24,7 @@ def test_apportion_follows_the_shares_and_hands_on_what_a_capped_layer_cannot_ta
     assert apportion(10, [1, 1, 3], [10, 10, 10]) == [2, 2, 6]
     assert apportion(10, [1, 1, 8], [10, 10, 4]) == [3, 3, 4]
     assert apportion(5, [0, 0, 0], [2, 2, 2]) in ([2, 2, 1], [2, 1, 2], [1, 2, 2])
+    assert apportion(18, [1, 9, 8], [8, 8, 8]) == [2, 8, 8]  # a full layer's extra goes by share, not by index
     with pytest.raises(ValueError, match="at most"):
         apportion(7, [1, 1, 1], [2, 2, 2])
 

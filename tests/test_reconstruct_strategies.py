@@ -27,6 +27,12 @@ def test_layer_counts_sum_to_the_budget_for_every_allocation():
         assert sum(heads) == 3 and sum(channels) == 77
 
 
+def test_allocations_that_would_empty_a_layer_leave_it_one_unit():
+    h, calib = tiny_handle("llama"), _calib()
+    heads, _ = layer_counts(h, Budget(heads=0.6), calib, "flap")
+    assert sum(heads) == round(0.6 * 8) and max(heads) <= h.geometry.n_heads - 1
+
+
 def test_obs_strategy_removes_the_budget_and_refits():
     h, calib = tiny_handle("llama"), _calib()
     m = get_strategy("obs")(h, Budget(heads=3, ffn=77), calib)

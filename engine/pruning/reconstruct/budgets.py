@@ -51,7 +51,7 @@ def apportion(total: int, shares: Sequence[float], caps: Sequence[int]) -> list[
         left -= int(base.sum())
         frac = torch.where(open_ & (counts < caps_t), want - want.floor(), torch.full_like(want, -1.0))
         for i in torch.argsort(frac, descending=True, stable=True).tolist():
-            if left == 0 or frac[i] < 0:
+            if left == 0 or frac[i] <= 0:  # whole shares left over are spread again, by share
                 break
             counts[i] += 1
             left -= 1

@@ -30,7 +30,7 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.data.datasets import CALIBRATION_SETS, calibration_texts
-from engine.pruning.reconstruct.budgets import allocate, counts_of, outlier_ratios, owl_ratios
+from engine.pruning.reconstruct.budgets import allocate, apportion, counts_of, outlier_ratios, owl_ratios
 from engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
 from engine.pruning.size_target import SizeResult, target_params, width_mask
 from engine.pruning.strategies.base import Budget, Calibration, Strategy
@@ -87,7 +87,9 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         flap = FlapStrategy()(handle, budget, calib, progress=progress)
         heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
                  if allocation == "ablation" and h else flap)
-        return counts_of(heads, "attn"), counts_of(flap, "ffn")
+        # Every layer keeps a unit (OBS re-solves what stays): a layer the cut would empty hands its last on.
+        return (apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers),
+                apportion(f, counts_of(flap, "ffn"), [g.ffn_dim - 1] * g.n_layers))
     out = []
     for kind, total, size in (("attn", h, g.n_heads), ("ffn", f, g.ffn_dim)):
         ratios = [1.0] * g.n_layers
