@@ -22,7 +22,7 @@ def _calib() -> Calibration:
 
 def test_layer_counts_sum_to_the_budget_for_every_allocation():
     h, calib = tiny_handle("llama"), _calib()
-    for allocation in ("owl", "uniform", "flap", "ablation"):
+    for allocation in ("auto", "owl", "uniform", "flap", "ablation"):
         heads, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation)
         assert sum(heads) == 3 and sum(channels) == 77
 

@@ -3,10 +3,11 @@
 - `obs`: structured OBS chooses the heads and FFN channels of each layer on the inputs the
   already-pruned layers produce, and the kept columns of the O / down projections are re-solved
   by least squares (SlimGPT, Ling et al. 2024; ZipLM, Kurtic et al. 2023). How many units each
-  layer loses: where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; measured best
-  on SmolLM2 at 20% of the parameters: 1.78x dense against 2.30x for OWL's outlier-weighted
-  allocation, Yin et al. 2024, on the same calibration; docs/quality.md), or "owl", "uniform",
-  "ablation" (heads where the measured mean-ablation KL cuts).
+  layer loses ("auto", chosen by measurement on SmolLM2, docs/quality.md): for heads alone, where
+  the measured mean-ablation KL cuts (50% of heads: 1.86x dense against 2.28x with FLAP's counts);
+  with FFN channels, where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; 20% of
+  the parameters: 1.78x, against 1.86x with the ablation counts for heads and 2.30x with OWL's
+  outlier-weighted allocation, Yin et al. 2024). Or name one: "flap", "ablation", "owl", "uniform".
 - `flap-refit`, `ablation-refit`: another method's choice of units (FLAP's standardised
   fluctuation, An et al. 2024; the measured mean-ablation KL), then the same re-solve in place of
   the mean bias (which is the re-solve that keeps no column).
@@ -52,7 +53,7 @@ __all__ = [
     "width_fraction",
 ]
 
-ALLOCATIONS = ("owl", "uniform", "flap", "ablation")
+ALLOCATIONS = ("auto", "flap", "ablation", "owl", "uniform")
 REFIT_TEXTS = 128
 REFIT_SUFFIX = "-refit"
 DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
@@ -77,12 +78,15 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
-    fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap").
+    fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
+    "auto": "ablation" for a heads-only budget, else "flap" (what measured best, see the module doc).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     g = handle.geometry
     h, f = budget.counts(g)
+    if allocation == "auto":
+        allocation = "flap" if f else "ablation"
     if allocation in ("flap", "ablation"):
         flap = FlapStrategy()(handle, budget, calib, progress=progress)
         heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
@@ -103,12 +107,13 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
 class ObsStrategy(Strategy):
     name = "obs"
     description = ("structured OBS chooses heads and FFN channels layer by layer on the pruned model's own "
-                   "inputs (per-layer counts where FLAP cuts), kept O/down columns re-solved by least squares")
-    reference = f"{SLIMGPT}; {ZIPLM}; per-layer counts: An et al., FLAP, AAAI 2024 (or {OWL})"
+                   "inputs (per-layer counts where measured ablation or FLAP cuts), kept O/down columns "
+                   "re-solved by least squares")
+    reference = f"{SLIMGPT}; {ZIPLM}; per-layer counts: measured ablation / An et al., FLAP, AAAI 2024 (or {OWL})"
     cost_hint = "measured"
     always_compensates = True
 
-    def __init__(self, allocation: str = "flap", target: str = "output", even_groups: bool = False,
+    def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
                  intercept: bool = True, n_texts: int = REFIT_TEXTS):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
