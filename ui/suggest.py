@@ -33,6 +33,7 @@ MODE_HELP = {
     "fast": "one cut by each head's measured cost (mean-ablation KL), then compensation; instant once measured",
     "measured": "the same in 4 steps, re-measuring the heads near the cut under the pruned model (minutes)",
     "optimise": "a hard-concrete mask trained on KL to the dense model from that ranking (slowest)",
+    "reconstruct": "per-layer counts from that ranking, heads chosen and kept weights re-solved layer by layer",
 }
 
 

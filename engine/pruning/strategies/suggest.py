@@ -8,6 +8,9 @@ Modes (which strategy runs; chosen from bench/bench_quality.py's measurements, d
               cut re-measured under the pruned model (better at large budgets, minutes per budget).
 - "optimise": hardconcrete+comp — a static hard-concrete mask trained on KL to the dense model,
               started from the ablation ranking, exact budget (slowest).
+- "reconstruct": obs — per-layer counts from the same measured ablation, structured OBS choosing
+              the heads (and channels) of each layer, the kept weights re-solved by least squares
+              (engine.pruning.strategies.reconstruct; minutes, on 128 calibration paragraphs).
 
 The prediction needs no forward pass: removals are assumed to add up, so
     predicted perplexity = dense perplexity x exp(sum of the removed heads' single-head KL)
@@ -36,7 +39,8 @@ from engine.runtime.prefix_cache import live_protocol
 
 __all__ = ["MODES", "MODE_METHODS", "Suggestion", "suggest_mask", "predicted_perplexity"]
 
-MODE_METHODS = {"fast": "ablation+comp", "measured": "ablation-iterative+comp", "optimise": "hardconcrete+comp"}
+MODE_METHODS = {"fast": "ablation+comp", "measured": "ablation-iterative+comp", "optimise": "hardconcrete+comp",
+                "reconstruct": "obs"}
 MODES = tuple(MODE_METHODS)
 
 
