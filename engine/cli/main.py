@@ -19,12 +19,13 @@ __all__ = ["main", "build_parser", "GROUPS"]
 GROUPS = (evaluate, scoring, export, routing, distill, quality, dynamic)  # each adds its verbs: register(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with every group's verbs, in GROUPS order."""
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__,
+def build_parser(prog: str = "python -m engine", groups: tuple = GROUPS,
+                 description: str | None = __doc__) -> argparse.ArgumentParser:
+    """The parser with every group's verbs, in `groups` order (the `headlab` command adds its own)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in GROUPS:
+    for group in groups:
         group.register(sub)
     return parser
 
