@@ -19,6 +19,10 @@ Evaluation, both printed with their token ranges:
 - held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
   never used for calibration, for choosing methods or for tuning; the run checks that the
   calibration paragraphs lie after it.
+Beyond perplexity, on the held-out windows (engine.runtime.agreement): `top1_heldout`, the fraction
+of positions where the pruned model's most likely next token is the dense model's, and
+`greedy_heldout`, the common prefix of the two models' greedy continuations (32 new tokens after the
+first 32 tokens of each window) as a fraction of 32. Rows cached without them get them on the next run.
 Every (method, configuration) mask and every perplexity is cached under
 ~/.cache/headlab/bench/ ($HEADLAB_CACHE; JSON + safetensors), so an interrupted run resumes;
 --fresh starts over, --report tabulates what is cached. Ratios are against the dense model
@@ -52,6 +56,7 @@ from engine.models.load import cache_dir as cache_dir_root
 from engine.pruning.strategies import Budget, Calibration, get_strategy
 from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
+from engine.runtime.agreement import DenseReference, agreement, dense_reference
 from engine.runtime.cost import cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
 
@@ -63,6 +68,7 @@ BENCH_DEPTH_METHODS = ("random", "magnitude", "entropy", "gradient", "block_infl
                        "ablation-iterative+comp", "block_influence-refit", "ablation-iterative-refit")
 CONFIGS = ("heads10", "heads20", "heads30", "heads50", "width20", "depth20")
 HELDOUT_OFFSET = 150_000
+AGREE_PROMPTS, AGREE_NEW = 12, 32  # greedy agreement: the first 32 tokens of each held-out window, 32 new tokens
 RESULTS = Path("bench/results")
 Row = dict[str, Any]
 
@@ -242,9 +248,20 @@ def main() -> None:
     todo = [(c, m) for c in args.configs.split(",") for m in methods_for(c, args)]
     if args.report:
         todo = [(r["config"], r["method"]) for r in results.values()]
+    reference: list[DenseReference] = []  # the dense side of the agreement columns, computed on first need
+
+    def agreement_columns(mask: PruneMask) -> Row:
+        if not reference:
+            reference.append(dense_reference(handle, ho, n_prompts=AGREE_PROMPTS, n_new=AGREE_NEW))
+        a = agreement(handle, mask, ho, reference=reference[0])
+        return {"top1_heldout": round(a.top1, 4), "greedy_heldout": round(a.greedy_prefix, 4)}
+
     for config, method in todo:
         key = f"{method}@{config}"
         mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+        if key in results and "top1_heldout" not in results[key] and not args.report and mask_path.exists():
+            results[key].update(agreement_columns(PruneMask.load(mask_path, handle.geometry)))
+            results_path.write_text(json.dumps(results, indent=1))
         if key not in results:
             t, cpu = time.perf_counter(), time.process_time()
             if mask_path.exists():
@@ -268,6 +285,7 @@ def main() -> None:
                 "params_removed_pct": round(100 * c.params_removed_fraction, 2),
                 "compensated": mask.has_bias, "reconstructed": mask.has_refit, "select_s": round(select_s, 1),
                 "select_cpu_min": round(select_cpu / 60, 2),
+                **agreement_columns(mask),
             }
             results_path.write_text(json.dumps(results, indent=1))
         r = dict(results[key])
@@ -275,12 +293,14 @@ def main() -> None:
         r["ratio_heldout"] = r["ppl_heldout"] / dense_ho
         rows.append(r)
         print(f"  {config:>8} {method:>26}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
-              f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  params -{r['params_removed_pct']:.1f}%  "
+              f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  top-1 {r.get('top1_heldout', float('nan')):.1%}  "
+              f"greedy {r.get('greedy_heldout', float('nan')):.1%}  params -{r['params_removed_pct']:.1f}%  "
               f"select {r['select_s']:.0f} s", flush=True)
 
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(r["config"], len(order)))
-    cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "heads_removed",
+    cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "top1_heldout",
+            "greedy_heldout", "heads_removed",
             "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "reconstructed", "select_s",
             "select_cpu_min"]
     # Rows cached before these columns existed leave them empty.
