@@ -76,16 +76,22 @@ with right:
         dense, current = session.live_perplexity(None), session.live_perplexity(mask)
     widgets.perplexity_metrics(dense, current)
     full = {label: compute.known_full_perplexity(model_key, m) for label, m in (("dense", None), ("with mask", mask))}
-    if None in full.values() and st.button("Full evaluation (12 windows x 512 tokens)"):
+    agree = compute.known_full_agreement(model_key, mask)
+    if (None in full.values() or agree is None) and st.button(
+            "Full evaluation (12 windows x 512 tokens: perplexity, top-1 and greedy agreement with the dense model)"):
         bar = st.progress(0.0, text="Full evaluation")
         with user_errors():
             for label, m in (("dense", None), ("with mask", mask)):
                 full[label] = compute.full_perplexity(handle, model_key, m, lambda d, t, lb=label: bar.progress(
                     d / t, text=f"Full evaluation, {lb}: {d}/{t} windows"))
+            agree = compute.full_agreement(handle, model_key, mask, lambda d, t: bar.progress(
+                d / t, text=f"Agreement with the dense model: {d}/{t} windows"))
         bar.empty()
     for label, r in full.items():
         if r is not None:
             st.caption(f"Full evaluation, {label}: {r.describe()}")
+    if agree is not None:
+        st.caption(f"Against the dense model on the same windows: {agree.describe()}")
 
     st.markdown("**Generation** (greedy)")
     p1, p2 = st.columns([4, 1])

@@ -264,3 +264,16 @@ def test_full_evaluation_that_does_not_fit_the_model_shows_a_clear_error(tiny_ll
     next(b for b in at.button if b.label.startswith("Full evaluation")).click().run()
     assert not at.exception
     assert "exceeds the model's context of 128 tokens" in at.error[0].value
+
+
+def test_full_evaluation_shows_agreement_with_the_dense_model(tmp_path, monkeypatch):
+    from tests.tiny import save_tiny
+
+    monkeypatch.setenv("HEADLAB_MODEL", str(save_tiny(tmp_path / "long", "llama", context=1024)))
+    at = new_app().run()
+    at.switch_page("pages/prune.py").run()
+    next(b for b in at.button if b.label.startswith("Full evaluation")).click().run()
+    assert not at.exception and not at.error
+    shown = [c.value for c in at.caption if "top-1 agreement" in c.value]
+    # The session starts dense: the model agrees with itself at every position and every greedy token.
+    assert shown and "top-1 agreement 100.0% (6,132 positions" in shown[0] and "greedy agreement 100.0%" in shown[0]

@@ -21,15 +21,16 @@ from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.importance.diagnostics import PromptDiagnosis, prompt_diagnosis
 from engine.models.load import ModelHandle
+from engine.runtime.agreement import Agreement, agreement, dense_reference
 from engine.runtime.attention_maps import AttentionMap, attention_map
 from engine.runtime.cost import Cost, cost
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, generate, perplexity
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult, eval_windows, generate, perplexity
 from engine.runtime.layer_inputs import LayerInputCache
 from ui import keys
 from ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
-           "known_full_perplexity", "mask_cost"]
+           "known_full_perplexity", "full_agreement", "known_full_agreement", "mask_cost"]
 
 
 def digest(mask: PruneMask | None) -> str:
@@ -84,6 +85,26 @@ def full_perplexity(handle: ModelHandle, model_key: str, mask: PruneMask | None,
 def known_full_perplexity(model_key: str, mask: PruneMask | None) -> PerplexityResult | None:
     """The full-protocol perplexity of `mask` if some session already computed it, else None."""
     return shared_cache("full_perplexity", 64).get(f"{model_key}|{digest(mask)}")
+
+
+def full_agreement(handle: ModelHandle, model_key: str, mask: PruneMask | None,
+                   progress: Callable[[int, int], None]) -> Agreement:
+    """Top-1 and greedy agreement with the dense model on the full protocol's windows, computed once per mask.
+
+    The dense side (its top-1 tokens and greedy continuations) is computed once per model.
+    """
+    def run(report: Progress) -> Agreement:
+        windows, _ = eval_windows(handle, DEFAULT_PROTOCOL)
+        reference = shared_cache("dense_reference", 4).get_or_compute(
+            model_key, lambda _report: dense_reference(handle, windows))
+        return agreement(handle, mask, windows, reference=reference, progress=report)
+
+    return shared_cache("full_agreement", 64).get_or_compute(f"{model_key}|{digest(mask)}", run, progress)
+
+
+def known_full_agreement(model_key: str, mask: PruneMask | None) -> Agreement | None:
+    """The agreement of `mask` with the dense model if some session already computed it, else None."""
+    return shared_cache("full_agreement", 64).get(f"{model_key}|{digest(mask)}")
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
