@@ -11,19 +11,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "kernels")
 # Lower layers never import higher ones (docs/architecture.md); kernels import no engine module.
-LAYERS = ["core", "models", "data", "importance", "runtime", "dynamic", "pruning", "export", "recovery", "routing",
-          "cli"]
+LAYERS = ["core", "distributed", "models", "data", "importance", "runtime", "dynamic", "pruning", "export", "recovery",
+          "routing", "cli"]
 ALLOWED = {
     "core": {"core"},
+    "distributed": {"core", "distributed"},
     "models": {"core", "models"},
     "data": {"data"},
-    "importance": {"core", "models", "data", "importance", "runtime"},
+    "importance": {"core", "distributed", "models", "data", "importance", "runtime"},
     "runtime": {"core", "models", "data", "runtime"},
-    "dynamic": {"core", "models", "data", "runtime", "importance", "dynamic"},
-    "pruning": {"core", "models", "data", "importance", "runtime", "pruning", "export"},
+    "dynamic": {"core", "distributed", "models", "data", "runtime", "importance", "dynamic"},
+    "pruning": {"core", "distributed", "models", "data", "importance", "runtime", "pruning", "export"},
     "export": {"core", "models", "data", "runtime", "export"},
-    "recovery": {"core", "models", "data", "importance", "runtime", "pruning", "export", "recovery"},
-    "routing": {"core", "models", "data", "runtime", "pruning", "routing"},
+    "recovery": {"core", "distributed", "models", "data", "importance", "runtime", "pruning", "export", "recovery"},
+    "routing": {"core", "distributed", "models", "data", "runtime", "pruning", "routing"},
     "cli": set(LAYERS),
 }
 

@@ -27,6 +27,9 @@ class ModelHandle:
     name: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # Set for a model split by a device map (engine.models.placement): where inputs go. Its first
+    # parameter may sit on another device, or on the meta device when offloaded.
+    input_device: torch.device | None = None
 
     @property
     def geometry(self) -> Geometry:
@@ -34,7 +37,8 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input ids go: the model's device (for a split model, the device its embedding computes on)."""
+        return self.input_device if self.input_device is not None else next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
