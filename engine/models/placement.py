@@ -23,9 +23,12 @@ What that means for the engine (docs/scale.md):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -145,8 +148,12 @@ def _gpu_indices(device_map: DeviceMap | None, max_memory: Mapping[Any, Any] | N
 
 
 def from_pretrained_kwargs(device_map: DeviceMap | None, max_memory: str | Mapping[Any, Any] | None,
-                           offload_folder: str | Path) -> dict[str, Any]:
-    """The device_map / max_memory / offload_folder arguments of `from_pretrained`, checked against this machine."""
+                           offload_folder: str | Path | None, offload_root: Path) -> dict[str, Any]:
+    """The device_map / max_memory / offload_folder arguments of `from_pretrained`, checked against this machine.
+
+    Without `offload_folder`, disk-offloaded weights go to a fresh folder under `offload_root`,
+    removed when the process exits.
+    """
     device_map = parse_device_map(device_map)
     memory = parse_max_memory(max_memory)
     if device_map is None:
@@ -160,6 +167,10 @@ def from_pretrained_kwargs(device_map: DeviceMap | None, max_memory: str | Mappi
                          f"has {n_gpus} CUDA device(s)")
     if isinstance(device_map, str) and memory is not None and n_gpus == 0 and "cpu" not in memory:
         raise ValueError("this machine has no GPU: give max memory for 'cpu' (what does not fit goes to disk)")
+    if offload_folder is None:
+        offload_root.mkdir(parents=True, exist_ok=True)
+        offload_folder = tempfile.mkdtemp(prefix="offload-", dir=offload_root)
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
     kwargs: dict[str, Any] = {"device_map": device_map, "offload_folder": str(offload_folder)}
     if memory is not None:
         kwargs["max_memory"] = memory
