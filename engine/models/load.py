@@ -37,6 +37,7 @@ __all__ = [
     "ENCODER_MODEL",
     "cache_dir",
     "resolve_dtype",
+    "resolve_source",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -121,6 +122,11 @@ def _resolve_source(name_or_path: str, progress: Progress) -> str:
     if key in (ENCODER_MODEL, "all-minilm-l6-v2"):
         return str(_minilm_folder())
     return name_or_path
+
+
+def resolve_source(name_or_path: str, progress: Progress | None = None) -> str:
+    """The folder an alias of a shipped model names (prepared on first use); any other name unchanged."""
+    return _resolve_source(name_or_path, progress or _stderr)
 
 
 def _auto_class(config: Any):
