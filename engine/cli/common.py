@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from typing import Iterator
@@ -16,7 +17,9 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.data.datasets import CALIBRATION_SETS
+from engine.distributed.world import RankFailedError, World, launched, open_world
 from engine.models.load import load_model
+from engine.models.placement import describe_layout
 from engine.runtime.cost import cost
 from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, perplexity
 
@@ -24,6 +27,7 @@ __all__ = [
     "USER_ERROR_STATUS",
     "Subparsers",
     "say",
+    "is_main_process",
     "stage",
     "progress_bar",
     "count_or_fraction",
@@ -43,9 +47,15 @@ USER_ERROR_STATUS = 2  # exit status of a command stopped by bad input (argparse
 Subparsers = argparse._SubParsersAction  # what add_subparsers() returns; argparse gives it no public name
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain single process: the one that prints status and writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def say(msg: str) -> None:
-    """A status line on stderr, so stdout stays the command's result."""
-    print(msg, file=sys.stderr, flush=True)
+    """A status line on stderr, so stdout stays the command's result (rank 0 only under torchrun)."""
+    if is_main_process():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def stage(msg: str) -> None:
@@ -56,7 +66,7 @@ def stage(msg: str) -> None:
 @contextlib.contextmanager
 def progress_bar(desc: str) -> Iterator[Progress]:
     """A `progress(done, total)` callback drawing a tqdm bar on stderr; a new total starts the next phase."""
-    bar = tqdm(desc=desc, unit="step", file=sys.stderr, leave=False)
+    bar = tqdm(desc=desc, unit="step", file=sys.stderr, leave=False, disable=not is_main_process())
     try:
         def update(done: int, total: int) -> None:
             if bar.total != total:
@@ -75,12 +85,18 @@ def count_or_fraction(x: float) -> int | float:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --trust-remote-code, --threads."""
+    """--model, --device, --dtype, --trust-remote-code, --threads, --device-map, --max-memory, --offload-folder."""
     p.add_argument("--model", default=None, help="alias (smollm2-135m-instruct, minilm), local HF folder or hub id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device-map", default=None,
+                   help="split a model that does not fit one device (accelerate): auto, balanced, balanced_low_0, "
+                        "sequential, or a JSON {module: GPU index | cpu | disk} (inline or a file); replaces --device")
+    p.add_argument("--max-memory", default=None, help="per-device limit for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, help="where disk-offloaded weights go (default: a temporary "
+                                                          "folder in the cache, removed at exit)")
 
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
@@ -103,10 +119,13 @@ def load_handle(args: argparse.Namespace) -> ModelHandle:
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    handle = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    handle = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
     g = handle.geometry
     say(f"model {handle.name}: {handle.adapter.family}, {g.n_layers} layers x {g.n_heads} heads "
         f"({g.n_kv_heads} KV heads), FFN {g.ffn_dim} ({time.perf_counter() - t:.1f} s to load)")
+    if "device_layout" in handle.meta:
+        say(f"device map: {describe_layout(handle.meta['device_layout'])}")
     return handle
 
 
@@ -139,10 +158,37 @@ def measure_perplexity(handle: ModelHandle, mask: PruneMask | None, protocol: Pe
         return perplexity(handle, mask, protocol, progress=cb)
 
 
+def _join_world(args: argparse.Namespace) -> contextlib.AbstractContextManager[World]:
+    """The ranks torchrun started, for a verb that splits its work (set_defaults(data_parallel=True)); SINGLE otherwise."""
+    if not launched():
+        return open_world()
+    if not getattr(args, "data_parallel", False):
+        raise ValueError(f"`{args.command}` does not split its work across processes; run it as one process "
+                         f"(without torchrun); docs/scale.md lists the verbs that do")
+    if getattr(args, "device_map", None):
+        raise ValueError("--device-map splits one model across devices, torchrun runs one model per process: "
+                         "use one or the other (docs/scale.md)")
+    device = getattr(args, "device", "cpu")
+    if torch.device(device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per rank
+    return open_world(device)
+
+
 def run_command(args: argparse.Namespace) -> int:
-    """Run the verb argparse chose; a user error prints one line on stderr and returns USER_ERROR_STATUS."""
+    """Run the verb argparse chose; a user error prints one line on stderr and returns USER_ERROR_STATUS.
+
+    Under torchrun the ranks join one World first (`args.world`); a rank that fails makes every
+    rank stop with RankFailedError (printed once, by rank 0; exit status 1) before anything is written.
+    """
+    rank = f"[rank {os.environ.get('RANK')}] " if launched() else ""
     try:
-        return args.func(args)
+        with _join_world(args) as world:
+            args.world = world
+            return args.func(args)
+    except RankFailedError as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank}error: {e}", file=sys.stderr)
         return USER_ERROR_STATUS

@@ -18,7 +18,8 @@ x[..., kept columns] @ W_refit.T + the projection's own bias, before the compens
 Gates may be soft and require grad (training masks), and may be per sample: pass a list of
 masks, one per row of the batch. Hooks fire only in the thread that opened the context, so
 concurrent callers (browser sessions) sharing one model never see each other's masks, and
-they are removed in `finally`, also when the body raises. Weights are never touched.
+they are removed in `finally`, also when the body raises. Weights are never touched. Each hook
+moves its gate to the tensor it acts on, so a model split across devices (a device map) runs too.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _head_pre_hook(gate: torch.Tensor, n_heads: int, per_sample: bool):
         x = args[0]  # (B, T, H * hd)
         _check_batch(x, gate, per_sample)
         B, T, D = x.shape
-        g = gate.to(x.dtype).view(B if per_sample else 1, 1, n_heads, 1)
+        g = gate.to(device=x.device, dtype=x.dtype).view(B if per_sample else 1, 1, n_heads, 1)
         x = (x.view(B, T, n_heads, D // n_heads) * g).view(B, T, D)
         return (x, *args[1:])
 
@@ -121,7 +122,7 @@ def _channel_pre_hook(gate: torch.Tensor, per_sample: bool):
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]  # (B, T, F)
         _check_batch(x, gate, per_sample)
-        g = gate.to(x.dtype).view(x.shape[0] if per_sample else 1, 1, -1)
+        g = gate.to(device=x.device, dtype=x.dtype).view(x.shape[0] if per_sample else 1, 1, -1)
         return (x * g, *args[1:])
 
     return hook
@@ -172,7 +173,7 @@ def _subblock_hook(gate: torch.Tensor, per_sample: bool, residual_inclusive: boo
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output  # (B, T, d)
         _check_batch(out, gate, per_sample)
-        g = gate.to(out.dtype).view(out.shape[0] if per_sample else 1, 1, 1)
+        g = gate.to(device=out.device, dtype=out.dtype).view(out.shape[0] if per_sample else 1, 1, 1)
         if residual_inclusive:
             r = residual_input(args, kwargs)
             new = r + g * (out - r)

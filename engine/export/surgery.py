@@ -40,6 +40,7 @@ from engine.core.progress import Progress
 from engine.core.refit import LayerRefit, unit_features
 from engine.core.reshape import set_weight_
 from engine.models.adapters import adapter_for
+from engine.models.placement import require_whole
 from engine.models.pruned import LAYERS_FORMAT, LAYERS_KEY
 from engine.models.wrap import wrap_model
 
@@ -205,6 +206,7 @@ def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = N
     copy's config is the standard one with those sizes; otherwise the config keeps the
     source sizes and records each layer's under `config.headlab_layers` (engine.models.pruned reads it back).
     """
+    require_whole(handle.model, "surgery (a physically pruned copy)")
     g = handle.geometry
     sp = plan(g, mask)
     norm = mask.normalized()

@@ -23,6 +23,7 @@ import torch
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
+from engine.distributed.world import SINGLE, World
 from engine.importance.criteria import Criterion, Scores
 from engine.importance.depth import calibration_or_default
 from engine.importance.mean_ablation import mean_biases
@@ -49,22 +50,33 @@ def ablation_kl(
     batch_size: int = 4,
     replay: LayerReplay | None = None,
     progress: Progress | None = None,
+    world: World = SINGLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta [L, H], kept [L, H] bool): KL increase over `base` when each kept head is removed alone."""
+    """(delta [L, H], kept [L, H] bool): KL increase over `base` when each kept head is removed alone.
+
+    Under a data-parallel `world` the heads are dealt round-robin to the ranks (each rank records the
+    same replay) and the deltas gathered: every rank gets the whole table, exactly one process's.
+    `progress` counts this rank's heads.
+    """
     g = handle.geometry
     replay = replay or LayerReplay(handle, texts, base=base, max_length=max_length, batch_size=batch_size)
     base = replay.base
     kept = base.heads_effective() > 0
     delta = torch.zeros(g.n_layers, g.n_heads)
-    todo = [(l, h) for l in range(g.n_layers) for h in range(g.n_heads) if kept[l, h]]
-    for i, (layer, head) in enumerate(todo):
-        m = head_removal_mask(handle, base, layer, [head], means)
-        # Replays from the first layer `m` changes: usually `layer`, earlier when the layer's last
-        # head goes and its mean folds into layer - 1.
-        delta[layer, head] = replay.kl(m) - replay.base_kl
-        if progress:
-            progress(i + 1, len(todo))
-    return delta, kept
+    mine = world.shard([(l, h) for l in range(g.n_layers) for h in range(g.n_heads) if kept[l, h]])
+
+    def run_share() -> None:
+        for done, (_, (layer, head)) in enumerate(mine):
+            m = head_removal_mask(handle, base, layer, [head], means)
+            # Replays from the first layer `m` changes: usually `layer`, earlier when the layer's last
+            # head goes and its mean folds into layer - 1.
+            delta[layer, head] = replay.kl(m) - replay.base_kl
+            if progress:
+                progress(done + 1, len(mine))
+
+    world.run("ablation scoring", run_share)
+    # Each head was measured on one rank and is 0 on the others: the sum is that rank's value, exactly.
+    return world.all_sum({"delta": delta})["delta"], kept
 
 
 class Ablation(Criterion):
@@ -74,17 +86,19 @@ class Ablation(Criterion):
     description = ("loss drop: KL to the dense model when each head alone is replaced by its mean output "
                    "(measured, not approximated); prune the smallest")
 
+    splits_work = True  # takes world=: the heads are dealt to the ranks of a data-parallel job
+
     def __init__(self, texts: Sequence[str] | None = None, n_texts: int = 4, max_length: int = 128,
-                 mean_ablation: bool = True, progress: Progress | None = None):
+                 mean_ablation: bool = True, progress: Progress | None = None, world: World = SINGLE):
         self.texts, self.n_texts, self.max_length = texts, n_texts, max_length
-        self.mean_ablation, self.progress = mean_ablation, progress
+        self.mean_ablation, self.progress, self.world = mean_ablation, progress, world
 
     def __call__(self, handle: ModelHandle, stats: Any) -> Scores:
         s = self._require(stats) if self.mean_ablation else stats
         texts = calibration_or_default(self.texts, self.n_texts)
         replay = LayerReplay(handle, texts, max_length=self.max_length)
         delta, _ = ablation_kl(handle, texts, means=s.head_in_mean if self.mean_ablation else None,
-                               replay=replay, progress=self.progress)
+                               replay=replay, progress=self.progress, world=self.world)
         kind = "mean" if self.mean_ablation else "zero"
         return Scores(self.name, heads=delta,
                       note=f"KL(dense || {kind}-ablated) in nats/token over {replay.n_tokens} calibration tokens",

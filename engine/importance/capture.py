@@ -36,6 +36,7 @@ from engine.core.mask import PruneMask
 from engine.core.objective import lm_loss, objective_name
 from engine.core.progress import Progress
 from engine.core.tokens import batches, context_length, encode_batch
+from engine.distributed.world import SINGLE, World
 
 __all__ = ["CaptureStats", "capture", "LOCAL_WINDOW", "row_entropy"]
 
@@ -109,8 +110,8 @@ class _Accumulator:
 
 def _attention_stats(acc: _Accumulator, layer: int, p: torch.Tensor, causal: bool) -> None:
     """Reduce probabilities p [B, H, Tq, Tk] of one layer into the accumulator."""
-    valid = acc.valid  # (B, T)
     p = p.detach().float()
+    valid = acc.valid.to(p.device)  # (B, T)
     B, H, T, _ = p.shape
     vq = valid[:, None, :].to(p.dtype)  # (B, 1, Tq) query rows that count
     ent = row_entropy(p)  # (B, H, Tq)
@@ -140,8 +141,9 @@ def _attention_stats(acc: _Accumulator, layer: int, p: torch.Tensor, causal: boo
 
 def _cos_distance(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
     """Sum over valid tokens of 1 - cos(a_t, b_t)."""
+    a = a.to(b.device)  # a layer's input may still be on the previous layer's device (a device map)
     cos = torch.nn.functional.cosine_similarity(a.detach().float(), b.detach().float(), dim=-1)  # (B, T)
-    return float(((1 - cos) * valid).sum())
+    return float(((1 - cos) * valid.to(b.device)).sum())
 
 
 def _install(hooks, handle: ModelHandle, acc: _Accumulator) -> None:
@@ -157,7 +159,7 @@ def _install(hooks, handle: ModelHandle, acc: _Accumulator) -> None:
 
         def on_head_in(module, args, layer=layer):
             x = args[0].detach().float()  # (B, T, H * hd)
-            v = acc.valid[..., None].float()
+            v = acc.valid[..., None].to(device=x.device, dtype=x.dtype)
             B, T, D = x.shape
             acc.sums["head_act_norm"][layer] += (
                 (x.view(B, T, g.n_heads, D // g.n_heads).norm(dim=-1) * v).sum(dim=(0, 1)).double().cpu()
@@ -167,7 +169,7 @@ def _install(hooks, handle: ModelHandle, acc: _Accumulator) -> None:
 
         def on_ffn_in(module, args, layer=layer):
             x = args[0].detach().float()  # (B, T, F)
-            v = acc.valid[..., None].float()
+            v = acc.valid[..., None].to(device=x.device, dtype=x.dtype)
             acc.ffn_abs[layer] += (x.abs() * v).sum(dim=(0, 1)).double().cpu()
             acc.ffn[layer] += (x * v).sum(dim=(0, 1)).double().cpu()
             acc.ffn_sq[layer] += (x.square() * v).sum(dim=(0, 1)).double().cpu()
@@ -180,7 +182,7 @@ def _install(hooks, handle: ModelHandle, acc: _Accumulator) -> None:
 
         def on_attn_out(module, args, kwargs, output, layer=layer, sb=attn_sb):
             out = output[0] if isinstance(output, tuple) else output
-            h_in = acc.layer_in[layer]
+            h_in = acc.layer_in[layer].to(out.device)
             acc.attn_mid[layer] = out if sb.residual_inclusive else h_in + out
             acc.block_influence[layer, 0] += _cos_distance(h_in, acc.attn_mid[layer], acc.valid)
 
@@ -206,6 +208,17 @@ def _grad_mask(g) -> PruneMask:
     return m
 
 
+def _sums(acc: _Accumulator, grads: dict[str, torch.Tensor], totals: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every running sum of one rank's share, by name: what `World.all_sum` adds up across ranks."""
+    out = {f"sum.{k}": v for k, v in acc.sums.items()}
+    out.update({f"grad.{k}": v for k, v in grads.items()})
+    for name in ("rows", "rows_norm", "rows_prev", "head_in", "head_in_sq", "ffn_abs", "ffn", "ffn_sq", "tokens",
+                 "block_influence", "layer_influence"):
+        out[name] = getattr(acc, name)
+    out["totals"] = totals
+    return out
+
+
 def capture(
     handle: ModelHandle,
     texts: Sequence[str],
@@ -215,8 +228,15 @@ def capture(
     max_length: int = 256,
     mask: PruneMask | None = None,
     progress: Progress | None = None,
+    world: World = SINGLE,
 ) -> CaptureStats:
-    """One pass (forward, plus backward when `gradients`) over `texts`; see the module doc."""
+    """One pass (forward, plus backward when `gradients`) over `texts`; see the module doc.
+
+    Under a data-parallel `world` each rank runs every world.size-th batch (the batches are cut as
+    in one process) and the running sums are added across ranks: every rank gets the statistics of
+    the whole pass, equal to one process's up to the order of the float sums. `progress` counts
+    this rank's batches.
+    """
     g = handle.geometry
     if g.n_layers == 0:
         raise ValueError("the model has no layers")
@@ -225,54 +245,59 @@ def capture(
     acc = _Accumulator(g.n_layers, g.n_heads, g.head_dim, g.ffn_dim)
     grads = {"heads": torch.zeros(g.n_layers, g.n_heads), "ffn": torch.zeros(g.n_layers, g.ffn_dim),
              "attn": torch.zeros(g.n_layers), "ffn_block": torch.zeros(g.n_layers)}
-    n_batches, total_loss, total_tok = 0, 0.0, 0
-    chunks = list(batches(texts, batch_size))
-    with temporary_hooks() as hooks:
-        _install(hooks, handle, acc)
-        for i, chunk in enumerate(chunks):
-            ids, valid = encode_batch(handle.tokenizer, chunk, max_length, handle.device)
-            acc.valid = valid.bool()
-            gm = _grad_mask(g) if gradients else None
-            active = gm if gradients else mask
-            if gradients and mask is not None:
-                active = PruneMask(gm.heads * mask.heads, gm.ffn * mask.ffn, gm.attn * mask.attn,
-                                   gm.ffn_block * mask.ffn_block)
-            with torch.set_grad_enabled(gradients), gates.apply(handle, active):
-                loss, n_tok = lm_loss(handle, ids, valid)
+    totals = torch.zeros(3, dtype=torch.float64)  # batches, loss * scored tokens, scored tokens
+    mine = world.shard(list(batches(texts, batch_size)))
+
+    def run_share() -> None:
+        with temporary_hooks() as hooks:
+            _install(hooks, handle, acc)
+            for done, (_, chunk) in enumerate(mine):
+                ids, valid = encode_batch(handle.tokenizer, chunk, max_length, handle.device)
+                acc.valid = valid.bool()
+                gm = _grad_mask(g) if gradients else None
+                active = gm if gradients else mask
+                if gradients and mask is not None:
+                    active = PruneMask(gm.heads * mask.heads, gm.ffn * mask.ffn, gm.attn * mask.attn,
+                                       gm.ffn_block * mask.ffn_block)
+                with torch.set_grad_enabled(gradients), gates.apply(handle, active):
+                    loss, n_tok = lm_loss(handle, ids, valid)
+                    if gradients:
+                        loss.backward()
                 if gradients:
-                    loss.backward()
-            if gradients:
-                for name in grads:
-                    grads[name] += getattr(gm, name).grad.detach().abs().cpu()
-            total_loss += float(loss.detach()) * n_tok
-            total_tok += n_tok
-            n_batches += 1
-            if progress:
-                progress(i + 1, len(chunks))
-    if (acc.rows == 0).any():
+                    for name in grads:
+                        grads[name] += getattr(gm, name).grad.detach().abs().cpu()
+                totals.add_(torch.tensor([1.0, float(loss.detach()) * n_tok, n_tok], dtype=torch.float64))
+                if progress:
+                    progress(done + 1, len(mine))
+
+    world.run("capture", run_share)
+    t = world.all_sum(_sums(acc, grads, totals))
+    n_batches, total_loss, total_tok = t["totals"].tolist()
+    if (t["rows"] == 0).any():
         raise RuntimeError(
             "the attention modules returned no probabilities: load the model with "
             "attn_implementation='eager' (SDPA/flash kernels do not expose them)"
         )
-    rows = acc.rows.clamp(min=1)[:, None]
-    tokens = acc.tokens.clamp(min=1)[:, None]
-    s = {k: (v / rows).float() for k, v in acc.sums.items()}
-    s["entropy_normalized"] = (acc.sums["entropy_normalized"] / acc.rows_norm.clamp(min=1)[:, None]).float()
-    s["prev_mass"] = (acc.sums["prev_mass"] / acc.rows_prev.clamp(min=1)[:, None]).float()
+    rows = t["rows"].clamp(min=1)[:, None]
+    tokens = t["tokens"].clamp(min=1)[:, None]
+    s = {k: (t[f"sum.{k}"] / rows).float() for k in acc.sums}
+    s["entropy_normalized"] = (t["sum.entropy_normalized"] / t["rows_norm"].clamp(min=1)[:, None]).float()
+    s["prev_mass"] = (t["sum.prev_mass"] / t["rows_prev"].clamp(min=1)[:, None]).float()
+    grad = {k: t[f"grad.{k}"] / n_batches for k in grads} if gradients else {}
     return CaptureStats(
         **s,
-        head_in_mean=(acc.head_in / tokens).float(),
-        head_in_sq=(acc.head_in_sq / tokens).float(),
-        ffn_act=(acc.ffn_abs / tokens).float(),
-        ffn_mean=(acc.ffn / tokens).float(),
-        ffn_sq=(acc.ffn_sq / tokens).float(),
-        block_influence=(acc.block_influence / tokens).float(),
-        layer_influence=(acc.layer_influence / tokens[:, 0]).float(),
-        head_grad=grads["heads"] / n_batches if gradients else None,
-        ffn_grad=grads["ffn"] / n_batches if gradients else None,
-        block_grad=torch.stack([grads["attn"], grads["ffn_block"]], dim=1) / n_batches if gradients else None,
+        head_in_mean=(t["head_in"] / tokens).float(),
+        head_in_sq=(t["head_in_sq"] / tokens).float(),
+        ffn_act=(t["ffn_abs"] / tokens).float(),
+        ffn_mean=(t["ffn"] / tokens).float(),
+        ffn_sq=(t["ffn_sq"] / tokens).float(),
+        block_influence=(t["block_influence"] / tokens).float(),
+        layer_influence=(t["layer_influence"] / tokens[:, 0]).float(),
+        head_grad=grad.get("heads"),
+        ffn_grad=grad.get("ffn"),
+        block_grad=torch.stack([grad["attn"], grad["ffn_block"]], dim=1) if gradients else None,
         n_texts=len(texts),
-        n_tokens=int(acc.tokens[0]),
+        n_tokens=int(t["tokens"][0]),
         loss=total_loss / max(total_tok, 1),
         meta={"objective": objective_name(handle), "batch_size": batch_size, "max_length": max_length},
     )

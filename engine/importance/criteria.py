@@ -28,6 +28,7 @@ import torch
 from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.importance.capture import CaptureStats
+from engine.models.placement import resident
 
 __all__ = [
     "Scores",
@@ -61,12 +62,13 @@ def head_magnitude(adapter: Adapter) -> torch.Tensor:
     out = torch.zeros(g.n_layers, g.n_heads)
     kv_of = torch.arange(g.n_heads) // g.group_size
     for layer in range(g.n_layers):
-        w = adapter.head_weights(layer)
-        q = w.q.detach().float().flatten(1).norm(dim=1)  # (H,)
-        k = w.k.detach().float().flatten(1).norm(dim=1)  # (H_kv,)
-        v = w.v.detach().float().flatten(1).norm(dim=1)
-        o = w.o.detach().float().flatten(1).norm(dim=1)  # (H,)
-        out[layer] = (q + o + (k[kv_of] + v[kv_of]) / g.group_size).cpu()
+        with resident(adapter.layers()[layer]):  # a layer offloaded by a device map is loaded for the read
+            w = adapter.head_weights(layer)
+            q = w.q.detach().float().flatten(1).norm(dim=1).cpu()  # (H,)
+            k = w.k.detach().float().flatten(1).norm(dim=1).cpu()  # (H_kv,)
+            v = w.v.detach().float().flatten(1).norm(dim=1).cpu()
+            o = w.o.detach().float().flatten(1).norm(dim=1).cpu()  # (H,)
+        out[layer] = q + o + (k[kv_of] + v[kv_of]) / g.group_size
     return out
 
 
@@ -75,11 +77,12 @@ def ffn_magnitude(adapter: Adapter) -> torch.Tensor:
     g = adapter.geometry
     out = torch.zeros(g.n_layers, g.ffn_dim)
     for layer in range(g.n_layers):
-        w = adapter.ffn_weights(layer)
-        total = w["down"].detach().float().norm(dim=0)  # (F,) column norms
-        for name in ("up", "gate"):
-            if name in w:
-                total = total + w[name].detach().float().norm(dim=1)
+        with resident(adapter.layers()[layer]):
+            w = adapter.ffn_weights(layer)
+            total = w["down"].detach().float().norm(dim=0)  # (F,) column norms
+            for name in ("up", "gate"):
+                if name in w:
+                    total = total + w[name].detach().float().norm(dim=1)
         out[layer] = total.cpu()
     return out
 
@@ -91,6 +94,7 @@ class Criterion:
     needs: ClassVar[str] = "none"  # "none" | "forward" | "gradients"
     units: ClassVar[tuple[str, ...]] = ()  # the engine.core.mask.UNIT_KINDS its Scores fill
     description: ClassVar[str] = ""
+    splits_work: ClassVar[bool] = False  # its constructor takes world= and deals its work to the ranks
 
     def __call__(self, handle: ModelHandle, stats: CaptureStats | None) -> Scores:
         raise NotImplementedError

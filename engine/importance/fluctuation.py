@@ -15,6 +15,7 @@ from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.importance.capture import CaptureStats
 from engine.importance.criteria import Criterion, Scores
+from engine.models.placement import resident
 
 __all__ = ["head_fluctuation", "ffn_fluctuation", "Fluctuation"]
 
@@ -25,7 +26,8 @@ def head_fluctuation(adapter: Adapter, stats: CaptureStats) -> torch.Tensor:
     var = (stats.head_in_sq - stats.head_in_mean.square()).clamp(min=0)  # (L, H * hd)
     out = torch.zeros(g.n_layers, g.n_heads)
     for layer in range(g.n_layers):
-        o = adapter.head_weights(layer).o.detach().float().cpu()  # (H, d, hd)
+        with resident(adapter.layers()[layer]):  # a layer offloaded by a device map is loaded for the read
+            o = adapter.head_weights(layer).o.detach().float().cpu()  # (H, d, hd)
         col_sq = o.square().sum(dim=1)  # (H, hd): squared norm of each input column
         out[layer] = (var[layer].view(g.n_heads, g.head_dim) * col_sq).sum(dim=1)
     return out
@@ -37,7 +39,8 @@ def ffn_fluctuation(adapter: Adapter, stats: CaptureStats) -> torch.Tensor:
     var = (stats.ffn_sq - stats.ffn_mean.square()).clamp(min=0)  # (L, F)
     out = torch.zeros(g.n_layers, g.ffn_dim)
     for layer in range(g.n_layers):
-        down = adapter.ffn_weights(layer)["down"].detach().float().cpu()  # (d, F)
+        with resident(adapter.layers()[layer]):
+            down = adapter.ffn_weights(layer)["down"].detach().float().cpu()  # (d, F)
         out[layer] = var[layer] * down.square().sum(dim=0)
     return out
 

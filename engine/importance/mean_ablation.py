@@ -36,6 +36,7 @@ import torch
 from engine.core.adapter import Adapter
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
+from engine.models.placement import resident
 
 __all__ = ["attention_bias", "ffn_bias", "soft_attention_bias", "soft_ffn_bias", "mean_biases"]
 
@@ -48,7 +49,8 @@ def attention_bias(adapter: Adapter, heads: torch.Tensor, head_in_mean: torch.Te
         drop = (1.0 - heads[layer].detach().float())  # (H,)
         if not drop.any():
             continue
-        o = adapter.head_weights(layer).o.detach().float().cpu()  # (H, d, hd)
+        with resident(adapter.layers()[layer]):  # a layer offloaded by a device map is loaded for the read
+            o = adapter.head_weights(layer).o.detach().float().cpu()  # (H, d, hd)
         mean = head_in_mean[layer].view(g.n_heads, g.head_dim)  # (H, hd)
         out[layer] = torch.einsum("h,hdk,hk->d", drop, o, mean)
     return out
@@ -62,7 +64,8 @@ def ffn_bias(adapter: Adapter, ffn: torch.Tensor, ffn_mean: torch.Tensor) -> tor
         drop = 1.0 - ffn[layer].detach().float()  # (F,)
         if not drop.any():
             continue
-        down = adapter.ffn_weights(layer)["down"].detach().float().cpu()  # (d, F)
+        with resident(adapter.layers()[layer]):
+            down = adapter.ffn_weights(layer)["down"].detach().float().cpu()  # (d, F)
         out[layer] = down @ (drop * ffn_mean[layer])
     return out
 
@@ -72,10 +75,11 @@ def soft_attention_bias(adapter: Adapter, heads: torch.Tensor, means: torch.Tens
     g = adapter.geometry
     rows = []
     for layer in range(g.n_layers):
-        o = adapter.head_weights(layer).o.detach().float()  # (H, d, hd)
-        mu = means[layer].view(g.n_heads, g.head_dim).to(o.device)  # (H, hd)
-        per_head = torch.einsum("hdk,hk->hd", o, mu)  # (H, d)
-        rows.append(((1.0 - heads[layer]).to(o.device)[:, None] * per_head).sum(dim=0))
+        with resident(adapter.layers()[layer]):
+            o = adapter.head_weights(layer).o.detach().float()  # (H, d, hd)
+            mu = means[layer].view(g.n_heads, g.head_dim).to(o.device)  # (H, hd)
+            per_head = torch.einsum("hdk,hk->hd", o, mu).to(heads.device)  # (H, d), beside the gates
+        rows.append(((1.0 - heads[layer])[:, None] * per_head).sum(dim=0))
     return torch.stack(rows)
 
 
@@ -84,14 +88,17 @@ def soft_ffn_bias(adapter: Adapter, ffn: torch.Tensor, means: torch.Tensor) -> t
     g = adapter.geometry
     rows = []
     for layer in range(g.n_layers):
-        down = adapter.ffn_weights(layer)["down"].detach().float()  # (d, F)
-        rows.append(down @ ((1.0 - ffn[layer]).to(down.device) * means[layer].to(down.device)))
+        with resident(adapter.layers()[layer]):
+            down = adapter.ffn_weights(layer)["down"].detach().float()  # (d, F)
+        keep = (1.0 - ffn[layer]).to(down.device) * means[layer].to(down.device)
+        rows.append((down @ keep).to(ffn.device))  # beside the gates: layers may sit on several devices
     return torch.stack(rows)
 
 
 def _proj_bias(proj: Any, hidden: int) -> torch.Tensor:
-    b = getattr(proj, "bias", None)
-    return torch.zeros(hidden) if b is None else b.detach().float().cpu().reshape(hidden)
+    with resident(proj):
+        b = getattr(proj, "bias", None)
+        return torch.zeros(hidden) if b is None else b.detach().float().cpu().reshape(hidden)
 
 
 def mean_biases(handle: ModelHandle, mask: PruneMask, head_means: torch.Tensor | None = None,

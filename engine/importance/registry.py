@@ -15,6 +15,7 @@ from engine.core.errors import UnknownCriterionError
 from engine.core.handle import ModelHandle
 from engine.core.mask import UNIT_KINDS
 from engine.core.progress import Progress
+from engine.distributed.world import SINGLE, World
 from engine.importance.ablation import Ablation
 from engine.importance.capture import CaptureStats, capture
 from engine.importance.criteria import (
@@ -80,11 +81,18 @@ def score(
     *,
     stats: CaptureStats | None = None,
     progress: Progress | None = None,
+    world: World = SINGLE,
     **capture_kwargs: Any,
 ) -> tuple[dict[str, Scores], CaptureStats | None]:
-    """Score with several criteria from one shared capture pass (made here unless given)."""
-    chosen = [get_criterion(n) for n in criteria]
+    """Score with several criteria from one shared capture pass (made here unless given).
+
+    Under a data-parallel `world` the capture splits the texts and criteria that can (`splits_work`)
+    split their own work; the others run on every rank alike.
+    """
+    chosen = [get_criterion(n, world=world) if n in CRITERIA and CRITERIA[n].splits_work else get_criterion(n)
+              for n in criteria]
     needs = {c.needs for c in chosen}
     if stats is None and needs - {"none"}:
-        stats = capture(handle, texts, gradients="gradients" in needs, progress=progress, **capture_kwargs)
+        stats = capture(handle, texts, gradients="gradients" in needs, progress=progress, world=world,
+                        **capture_kwargs)
     return {c.name: c(handle, stats) for c in chosen}, stats

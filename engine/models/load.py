@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from engine.core.errors import ModelLoadError
 from engine.core.handle import ModelHandle
+from engine.models import placement
 from engine.models.adapters import adapter_class
 from engine.models.pruned import LAYERS_KEY, open_layered, verify_files
 from engine.models.shipped.gemma3 import GEMMA3_ALIASES, GEMMA3_MODEL, gemma3_folder
@@ -153,12 +154,19 @@ def load_model(
     attn_implementation: str = "eager",
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    device_map: placement.DeviceMap | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> ModelHandle:
     """Open a model by alias ("smollm2-135m-instruct", "minilm", "gemma3-270m"), local folder or hub id.
 
     Eager attention is the default because attention maps and entropy need the
     probabilities (SDPA returns none). Weights are read from safetensors only.
+    `device_map` ("auto", "balanced", "sequential" or {module: device}) and `max_memory` split a model
+    that does not fit one device through accelerate, offloading to CPU or disk (engine.models.placement);
+    `device` is then unused.
     """
+    placed = placement.from_pretrained_kwargs(device_map, max_memory, offload_folder, cache_dir() / "offload")
     progress = progress or _stderr
     name = name_or_path or DEFAULT_MODEL
     source = _resolve_source(name, progress)
@@ -175,6 +183,8 @@ def load_model(
     # Check the family before loading weights, so an unsupported model fails fast.
     adapter_class(config.model_type, name)
     if getattr(config, LAYERS_KEY, None) is not None:
+        if placed:
+            raise ModelLoadError(f"{name!r} is a per-layer pruned export, which loads whole: drop the device map")
         # A per-layer pruned export: the standard class cannot hold it; engine.models.pruned reshapes it.
         return load_pruned(source, device=device, dtype=dtype, attn_implementation=attn_implementation, name=name)
     cls = _auto_class(config)
@@ -185,6 +195,7 @@ def load_model(
             attn_implementation=attn_implementation,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            **placed,
         )
     except OSError as e:
         raise ModelLoadError(f"cannot load the weights of {name!r} (safetensors only): {e}") from None
@@ -195,9 +206,13 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.to(device)
+    if not placed:
+        model.to(device)
     handle = wrap_model(model, tokenizer, name=name)
     handle.source = source
+    if placed:
+        handle.input_device = placement.input_device(model)
+        handle.meta["device_layout"] = placement.device_layout(model)
     return handle
 
 

@@ -211,24 +211,24 @@ def device_layout(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _compress(names: list[str]) -> str:
-    """'model.layers.0', ..., 'model.layers.7', 'lm_head' -> 'layers 0-7, lm_head'."""
-    layers, other = [], []
+    """'model.embed_tokens', 'model.layers.0', ..., 'model.layers.7', 'lm_head' -> 'embed_tokens, layers 0-7, lm_head'."""
+    layers, parts = [], []
     for n in names:
         m = re.search(r"(?:^|\.)(?:layers|h|layer)\.(\d+)$", n)
-        if m:
-            layers.append(int(m.group(1)))
-        else:
-            other.append(n.rsplit(".", 1)[-1] or "whole model")
-    parts, run = [], []
+        if not m:
+            parts.append(n.rsplit(".", 1)[-1] or "whole model")
+            continue
+        if not layers:
+            parts.append(None)  # where the layer ranges go
+        layers.append(int(m.group(1)))
+    runs: list[list[int]] = []
     for i in sorted(layers):
-        if run and i != run[-1] + 1:
-            parts.append(run)
-            run = []
-        run.append(i)
-    if run:
-        parts.append(run)
-    text = [f"layer {r[0]}" if len(r) == 1 else f"layers {r[0]}-{r[-1]}" for r in parts]
-    return ", ".join(text + other)
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    ranges = ", ".join(f"layer {r[0]}" if len(r) == 1 else f"layers {r[0]}-{r[-1]}" for r in runs)
+    return ", ".join(ranges if p is None else p for p in parts)
 
 
 def describe_layout(layout: Mapping[str, list[str]]) -> str:

@@ -102,6 +102,7 @@ def eval_windows(handle: ModelHandle, protocol: PerplexityProtocol = DEFAULT_PRO
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed NLL over each window's scored tokens and their count, from logits [B, T, V]."""
+    ids = ids.to(logits.device)  # a split model's LM head may compute on another device than the inputs
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): token t+1 predicted at t
     pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]

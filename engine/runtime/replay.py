@@ -177,8 +177,9 @@ class LayerReplay:
     def _kl_of_outputs(self, outputs: list[torch.Tensor]) -> float:
         total = 0.0
         for out, valid, dense_logp in zip(outputs, self._valid, self._dense_logp):
-            logp = F.log_softmax(final_logits(self.handle, out)[valid].float(), dim=-1)  # (n_valid, V)
-            total += float(F.kl_div(logp, dense_logp, log_target=True, reduction="sum"))
+            logits = final_logits(self.handle, out)  # on the LM head's device (a device map may put it apart)
+            logp = F.log_softmax(logits[valid.to(logits.device)].float(), dim=-1)  # (n_valid, V)
+            total += float(F.kl_div(logp, dense_logp.to(logp.device), log_target=True, reduction="sum"))
         return total / self.n_tokens
 
     def kl(self, mask: PruneMask, start: int | None = None) -> float:

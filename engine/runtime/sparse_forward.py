@@ -29,6 +29,7 @@ from engine.core.adapter import Geometry, SparseAttention, SparseFFN, SparseLaye
 from engine.core.errors import UnsupportedModelError
 from engine.core.handle import ModelHandle
 from engine.core.mask import MaskError, PruneMask
+from engine.models.placement import is_dispatched
 from kernels import HeadKeep, KeepIndex, head_features
 
 __all__ = ["supports_sparse", "sparse_refusal", "sparse_logits", "default_backend"]
@@ -49,6 +50,8 @@ def sparse_refusal(
     reason = handle.adapter.sparse_refusal()
     if reason:
         return reason
+    if is_dispatched(handle.model):
+        return "the model is split by a device map (the kernels read every layer's weights in one place)"
     masks = [masks] if isinstance(masks, PruneMask) else masks
     if not all(m.is_hard for m in {id(m): m for m in masks}.values()):
         return "a mask has soft gates (between 0 and 1), and the kernels keep or skip whole units"
