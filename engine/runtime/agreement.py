@@ -97,7 +97,7 @@ def greedy_tokens(handle: ModelHandle, mask: PruneMask | None, prompts: torch.Te
             nxt = out.logits[:, -1].argmax(-1)
             new.append(nxt.cpu())
             if step + 1 < n_new:
-                out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+                out = model(input_ids=nxt[:, None], cache=out.cache, use_cache=True)
     return torch.stack(new, dim=1)
 
 

@@ -1,0 +1,197 @@
+"""Recovery within a wall-clock budget: a reconstructed 20%-smaller model, then distillation for N minutes.
+
+    python bench/bench_recovery_budget.py                       # 30 minutes of training (resumable)
+    python bench/bench_recovery_budget.py --minutes 2 --quick   # smoke run
+
+Student: the shipped SmolLM2 with ~20% of its parameters removed by width (the same fraction of
+heads and FFN channels), chosen and re-fitted by structured OBS (engine.pruning.strategies
+.reconstruct, the `obs` row of bench_quality's width20: its cached mask is reused when present),
+then physically pruned (engine.export.surgery; the re-solved weights are in the copy). Then
+full-parameter distillation (engine.recovery.distill: KL to the dense teacher's logits, AdamW,
+cosine schedule sized to the budget from a timed probe) until `--minutes` of training have passed.
+Data: WikiText-2 paragraphs from the END of the file (checked to lie after the held-out windows)
+and the teacher's greedy answers to the shipped training prompts.
+
+The curve: perplexity on the pinned protocol (the START of the file) and on the held-out windows
+(tokens 150,000-156,144, as in bench_quality), at 0 minutes and every `--every` minutes of
+training; evaluation time is not counted as training time. At the end, top-1 and greedy
+agreement with the dense model on the held-out windows (engine.runtime.agreement). The curve
+and the distillation checkpoint are cached under ~/.cache/headlab/bench/recovery_budget/, so an
+interrupted run resumes where it stopped; --fresh starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from bench.bench_quality import HELDOUT_OFFSET, check_disjoint, heldout_perplexity, heldout_windows, make_mask
+from engine.core.csvfile import write_rows
+from engine.core.mask import PruneMask
+from engine.data.datasets import calibration_texts
+from engine.export.surgery import prune
+from engine.models.load import DEFAULT_MODEL, load_model
+from engine.models.load import cache_dir as cache_dir_root
+from engine.pruning.strategies import Calibration
+from engine.recovery.distill import DistillConfig, distill, distill_data
+from engine.recovery.distill.checkpoint import has_checkpoint
+from engine.runtime.agreement import agreement, dense_reference
+from engine.runtime.cost import cost
+from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def student_mask(teacher: Any, method: str, config: str, quick: bool) -> PruneMask:
+    """bench_quality's cached mask for (method, config) when it exists, else the same strategy run now."""
+    tag = "quality_quick" if quick else "quality"
+    cached = (cache_dir_root() / "bench" / f"{tag}_{teacher.name.replace('/', '_')}" / "masks"
+              / f"{method.replace('+', '_plus_')}__{config}.json")
+    if cached.exists():
+        _say(f"mask: bench_quality's cached {method}@{config} ({cached})")
+        return PruneMask.load(cached, teacher.geometry)
+    calib = Calibration.shipped("wikitext", 8 if quick else 32, max_length=128 if quick else 256)
+    _say(f"mask: running {method} for {config} (minutes)...")
+    args = argparse.Namespace(iter_steps=4, hc_steps=80)
+    return make_mask(teacher, method, config, calib, args)
+
+
+def timed_probe(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig) -> float:
+    """Seconds per training step, from 4 steps on a throwaway copy (the first is warm-up)."""
+    walls: list[float] = []
+    probe = prune(teacher, mask)
+    distill(teacher, probe, data, replace(config, steps=4, eval_every=1000, checkpoint_every=1000),
+            progress=lambda rec: walls.append(rec.elapsed_s))
+    del probe
+    # records: step 0 (the initial held-out metric), steps 1-4 (step 4 also evaluates): use steps 1 -> 3
+    return (walls[3] - walls[1]) / 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--method", default="obs", help="bench_quality method that makes the student")
+    ap.add_argument("--config", default="width20", help="bench_quality configuration (width20: ~20%% of parameters)")
+    ap.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget")
+    ap.add_argument("--every", type=float, default=5.0, help="minutes of training between curve points")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--n-wikitext", type=int, default=512, help="WikiText-2 paragraphs (end of the file)")
+    ap.add_argument("--n-prompts", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="short protocols, the quick quality cache")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--csv", default="bench/results/recovery_budget.csv")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    teacher = load_model(args.model)
+    protocol = PerplexityProtocol(window=256, stride=256, n_windows=2) if args.quick else DEFAULT_PROTOCOL
+    ho = heldout_windows(teacher, HELDOUT_OFFSET, 256 if args.quick else 512, 2 if args.quick else 12)
+    work = cache_dir_root() / "bench" / ("recovery_budget_quick" if args.quick else "recovery_budget") / (
+        f"{(args.model or DEFAULT_MODEL).replace('/', '_')}_{args.method}_{args.config}_{args.minutes:g}min")
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    curve_path = work / "curve.json"
+    state: dict[str, Any] = json.loads(curve_path.read_text()) if curve_path.exists() else {}
+
+    dense = perplexity(teacher, None, protocol).perplexity
+    dense_ho = heldout_perplexity(teacher, None, ho)
+    mask = student_mask(teacher, args.method, args.config, args.quick)
+    c = cost(teacher, mask)
+    data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts)
+    where = check_disjoint(teacher, argparse.Namespace(texts=calibration_texts("wikitext", args.n_wikitext)),
+                           HELDOUT_OFFSET + ho.numel())
+    config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                           temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
+                           eval_every=10_000)
+    if "s_per_step" not in state:
+        state["s_per_step"] = timed_probe(teacher, mask, data, config)
+        curve_path.write_text(json.dumps(state, indent=1))
+    steps = max(10, int(args.minutes * 60 / state["s_per_step"]))
+    config = replace(config, steps=steps, warmup=max(1, steps // 20))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
+         f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
+         f"({where}); probe {state['s_per_step']:.2f} s/step -> {steps} steps for {args.minutes:g} minutes")
+
+    student = prune(teacher, mask)
+    points: list[dict[str, Any]] = state.setdefault("points", [])
+    state.setdefault("eval_in_training_s", 0.0)  # curve evaluations run inside the distillation's wall time
+    inside = [False]
+
+    def point(step: int, train_s: float) -> None:
+        t = time.perf_counter()
+        ppl = perplexity(student, None, protocol).perplexity
+        ppl_ho = heldout_perplexity(student, None, ho)
+        if inside[0]:
+            state["eval_in_training_s"] += time.perf_counter() - t
+        points.append({"minutes": round(train_s / 60, 2), "step": step, "ppl_main": round(ppl, 3),
+                       "ratio_main": round(ppl / dense, 3), "ppl_heldout": round(ppl_ho, 3),
+                       "ratio_heldout": round(ppl_ho / dense_ho, 3)})
+        curve_path.write_text(json.dumps(state, indent=1))
+        _say(f"  {train_s / 60:5.1f} min, step {step:4d}: main {ppl:.2f} ({ppl / dense:.3f}x), "
+             f"held-out {ppl_ho:.2f} ({ppl_ho / dense_ho:.3f}x)")
+
+    if not points:
+        point(0, 0.0)
+    records: list[Any] = []
+
+    def train_s(rec: Any) -> float:
+        """Training time: the run's wall time (kept across resumes by the checkpoint) less the curve's evaluations."""
+        return rec.elapsed_s - state["eval_in_training_s"]
+
+    def on_step(rec: Any) -> None:
+        if not records and rec.step:  # resumed from a checkpoint: points past it are measured again
+            points[:] = [p for p in points if p["step"] < rec.step]
+        records.append(rec)
+        if rec.step and train_s(rec) >= len(points) * args.every * 60:
+            point(rec.step, train_s(rec))
+        if rec.step % 25 == 0 and rec.loss is not None:
+            _say(f"  step {rec.step}/{rec.steps} loss {rec.loss:.4f} ({train_s(rec) / 60:.1f} min of training)")
+
+    if not state.get("done"):
+        inside[0] = True
+        result = distill(teacher, student, data, config, out_dir=work / "distill",
+                         resume=has_checkpoint(work / "distill"), progress=on_step,
+                         should_stop=lambda: bool(records) and train_s(records[-1]) >= args.minutes * 60)
+        inside[0] = False
+        if points[-1]["step"] != result.steps_run:
+            point(result.steps_run, train_s(records[-1]))
+        a = agreement(student, None, ho, reference=dense_reference(teacher, ho, n_prompts=12))
+        state.update(done=True, steps=result.steps_run, top1_heldout=round(a.top1, 4),
+                     greedy_heldout=round(a.greedy_prefix, 4))
+        curve_path.write_text(json.dumps(state, indent=1))
+    print(f"# recovery within {args.minutes:g} minutes: {teacher.name}, {args.method}@{args.config} "
+          f"({100 * c.params_removed_fraction:.1f}% of parameters removed), {args.threads} thread(s) on "
+          f"{platform.machine()} ({os.cpu_count()} cores); dense main {dense:.3f}, held-out {dense_ho:.3f}; "
+          f"after training: top-1 agreement {state['top1_heldout']:.1%}, greedy {state['greedy_heldout']:.1%}")
+    print("| minutes | step | main | x dense | held-out | x dense |\n|---|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['minutes']:.1f} | {p['step']} | {p['ppl_main']:.2f} | {p['ratio_main']:.3f} | "
+              f"{p['ppl_heldout']:.2f} | {p['ratio_heldout']:.3f} |")
+    if not args.quick:
+        write_rows(points, Path(args.csv))
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
