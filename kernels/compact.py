@@ -79,7 +79,9 @@ class HeadKeep:
     kv_index: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None,
-               causal: bool = True, backend: Backend = "auto") -> torch.Tensor:
-        """Attention of compact q [B, H, T, D] over compact k/v [B, Hkv, T, D]: merged heads [B, T, H * D]."""
+               causal: bool = True, window: int | None = None, backend: Backend = "auto") -> torch.Tensor:
+        """Attention of compact q [B, H, T, D] over compact k/v [B, Hkv, T, D]: merged heads [B, T, H * D].
+
+        `window`: a causal sliding window in tokens (None: every earlier token)."""
         return head_sparse_attention(q, k, v, self.valid, causal=causal, scale=scale, merge_heads=True,
-                                     kv_index=self.kv_index, backend=backend)
+                                     kv_index=self.kv_index, window=window, backend=backend)

@@ -9,11 +9,14 @@ Attention (q [B,H,T,D], k/v [B,Hkv,T,D], H % Hkv == 0; query head h reads KV hea
 h // (H // Hkv)):
 
     head_sparse_attention(q, k, v, head_keep, causal=True, scale=None, *,
-                          merge_heads=False, kv_index=None, backend="auto") -> Tensor
+                          merge_heads=False, kv_index=None, window=None, backend="auto") -> Tensor
         head_keep: bool [H] (all samples) or [B, H] (per sample). Returns [B,H,T,D]
         like torch SDPA, or [B,T,H*D] when merge_heads; pruned heads are exact zeros.
         scale defaults to 1/sqrt(D). kv_index: int [H] or [B, H], the KV head each query
         head reads (then H need not be a multiple of Hkv): compact heads of uneven GQA groups.
+        window: a causal sliding window (query i reads keys i-window+1..i, as Gemma 3's, Mistral's
+        and Qwen2's sliding layers do); the Triton kernel has none, so a window shorter than T
+        runs the torch twin on any device.
 
 Projections (weight [N_out, K_in] as in nn.Linear; keep_idx: 1-D int64 indices or a bool
 mask over the features):
@@ -99,12 +102,14 @@ def head_sparse_attention(
     *,
     merge_heads: bool = False,
     kv_index: torch.Tensor | None = None,
+    window: int | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention computed for kept heads only; pruned heads output zeros."""
     head_keep, kv_index = check_attention(q, k, v, head_keep, kv_index)
-    if resolve_backend(backend, q, k, v) == "torch":
-        return reference.head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads, kv_index)
+    windowed = causal and window is not None and window < q.shape[2]
+    if windowed or resolve_backend(backend, q, k, v) == "torch":
+        return reference.head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads, kv_index, window)
     from kernels.attention import launch_head_sparse_attention  # imports triton
 
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))

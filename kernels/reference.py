@@ -4,8 +4,9 @@ Each function gathers only the kept work and runs one dense op on it, so it also
 time where Triton does not run. Inputs are assumed already checked (see `checks.py`);
 the public, checked entry points are in `dispatch.py`.
 
-    head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads=False, kv_index=None)
-        q [B,H,T,D], k/v [B,Hkv,T,D], head_keep [B,H] bool, kv_index [B,H] int or None
+    head_sparse_attention(q, k, v, head_keep, causal, scale, merge_heads=False, kv_index=None, window=None)
+        q [B,H,T,D], k/v [B,Hkv,T,D], head_keep [B,H] bool, kv_index [B,H] int or None,
+        window: causal sliding window (query i sees keys i-window+1..i) or None
         -> [B,H,T,D] or [B,T,H*D]
     row_sparse_linear(x, weight, bias, keep_idx)            x [...,in] -> [...,len(keep)]
     col_sparse_linear(x, weight, bias, keep_idx, compact_input=False)   -> [...,out]
@@ -44,14 +45,21 @@ def head_sparse_attention(
     scale: float | None,
     merge_heads: bool = False,
     kv_index: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """SDPA over the kept (batch, head) pairs only; pruned heads output exact zeros.
 
     Query head h of sample b reads KV head kv_index[b, h], or h // (H // Hkv) without kv_index.
+    `window` (causal only): query i attends to keys i - window + 1 .. i, as a sliding-window layer does.
     """
     B, H, T, D = q.shape
+    windowed = causal and window is not None and window < T
+    # A window at least T long is plain causal attention: is_causal keeps SDPA's fused kernels.
+    attn_mask = _window_mask(T, window, q.device) if windowed else None
+    causal = causal and not windowed
     if kv_index is None and bool(head_keep.all()):  # nothing pruned: skip the gathers (they copy K/V per head)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=scale,
+                                             enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, H * D) if merge_heads else out
     out = q.new_zeros(B, H, T, D)
     b_idx, h_idx = head_keep.nonzero(as_tuple=True)  # (N,), (N,) kept pairs
@@ -63,11 +71,20 @@ def head_sparse_attention(
         k_kept = k[b_idx, kv_idx][None]
         v_kept = v[b_idx, kv_idx][None]
         out[b_idx, h_idx] = F.scaled_dot_product_attention(
-            q_kept, k_kept, v_kept, is_causal=causal, scale=scale
+            q_kept, k_kept, v_kept, attn_mask=attn_mask, is_causal=causal, scale=scale
         )[0]
     if merge_heads:
         return out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
     return out
+
+
+def _window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool: query i may read key j when j <= i and i - j < window."""
+    if window < 1:
+        raise ValueError(f"a sliding window holds at least 1 token, got {window}")
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]  # (T, T): query minus key position
+    return (distance >= 0) & (distance < window)
 
 
 def row_sparse_linear(

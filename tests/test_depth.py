@@ -96,12 +96,12 @@ def test_depth_target_drops_the_least_important_layers_closest_to_the_target():
     assert cost(h, mask).params_kept < total
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2", "bert"])
 def test_width_target_is_uniform_close_and_exports_with_a_standard_config(family):
     h = tiny_handle(family)
     r = reach_size(h, 0.8, route="width", texts=TEXTS)
     g = h.geometry
-    per_channel = 3 * g.hidden if family in ("llama", "qwen2") else 2 * g.hidden + 1
+    per_channel = 3 * g.hidden if family in ("llama", "qwen2", "gemma3") else 2 * g.hidden + 1
     assert abs(r.params_kept - r.target) <= g.n_layers * per_channel  # within one channel per layer
     assert r.params_kept == cost(h, r.mask).params_kept
     kept_heads = r.mask.heads.sum(dim=1)

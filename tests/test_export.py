@@ -257,7 +257,7 @@ def test_export_page_previews_the_size_and_exports(tmp_path, monkeypatch):
     assert not at.exception and any("depth (block_influence)" in s.value for s in at.success)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_the_documented_recipe_loads_a_per_layer_export_without_headlab(tmp_path, family):
     from pathlib import Path
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
+from transformers import Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from engine.core.mask import PruneMask
 from engine.models.wrap import wrap_model
@@ -15,8 +15,9 @@ from engine.runtime.prefix_cache import PrefixCache, live_protocol
 from engine.runtime.replay import LayerReplay, record_layers
 from tests.tiny import tiny_model, tiny_tokenizer
 
-CAUSAL = ("gpt2", "llama", "qwen2")
-MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}
+CAUSAL = ("gpt2", "llama", "qwen2", "gemma3")
+MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
+                 "gemma3": Gemma3ForCausalLM}
 PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=5)  # 2 batches of 4: batching is exercised
 
 
@@ -33,7 +34,7 @@ def causal(request, tokenizer):
     # tiny.py builds 2 layers; 4 give prefix lengths 0..3 to test.
     cfg.num_hidden_layers = 4
     if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[0]] * 4
+        cfg.layer_types = (cfg.layer_types * 4)[:4]  # Gemma 3: sliding, full, sliding, full
     torch.manual_seed(1)
     model = MODEL_CLASSES[request.param](cfg).eval()
     model.config._attn_implementation = "eager"

@@ -26,7 +26,7 @@ from engine.recovery.quantize import (
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
 
 # Q/K/V/O + FFN projections per layer, by family (GPT-2 fuses Q/K/V into one c_attn).
-PROJECTIONS_PER_LAYER = {"llama": 7, "qwen2": 7, "gpt2": 4, "bert": 6}
+PROJECTIONS_PER_LAYER = {"llama": 7, "qwen2": 7, "gemma3": 7, "gpt2": 4, "bert": 6}
 
 
 def _w(seed: int = 0, shape=(8, 32)) -> torch.Tensor:

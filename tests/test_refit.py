@@ -36,7 +36,7 @@ def _ids() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "bert"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma3", "bert"])
 def test_masked_refit_model_equals_the_physically_pruned_model(family):
     handle = tiny_handle(family)
     mask = refit_mask(handle.geometry)

@@ -1,4 +1,4 @@
-"""The kernel inference path equals the gated model, for hard masks on Llama-family models."""
+"""The kernel inference path equals the gated model, for hard masks on Llama-family and Gemma 3 models."""
 
 import os
 
@@ -36,7 +36,7 @@ def random_mask(g, seed):
     return m
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sparse_path_matches_gated_model_for_random_masks(family, seed):
     h = tiny_handle(family)
@@ -44,7 +44,7 @@ def test_sparse_path_matches_gated_model_for_random_masks(family, seed):
     assert torch.allclose(sparse_logits(h, IDS, m), gated(h, m), **TOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_sparse_path_handles_whole_kv_groups_and_removed_sub_blocks(family):
     h = tiny_handle(family)
     g = h.geometry
@@ -118,7 +118,7 @@ def uneven_gqa_mask(g):
     return m
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_sparse_path_matches_gated_model_with_uneven_gqa_groups(family):
     h = tiny_handle(family)
     m = uneven_gqa_mask(h.geometry)
@@ -190,35 +190,58 @@ def sliding_qwen2(window: int = 4):
     return wrap_model(model, tiny_tokenizer(), name="tiny-qwen2-sliding")
 
 
-def test_a_sliding_window_config_is_refused_and_evaluated_through_the_gates():
+def test_a_sliding_window_layer_runs_through_the_kernels_like_the_gated_model():
     from engine.runtime.evaluate import PerplexityProtocol, perplexity
-    from engine.runtime.sparse_forward import sparse_refusal
 
-    h = sliding_qwen2()
-    assert not supports_sparse(h)
-    assert "layers [1] use sliding-window attention (window 4)" in sparse_refusal(h)
+    h = sliding_qwen2()  # layer 1 sees the last 4 tokens; IDS rows are 11 long
+    assert supports_sparse(h)
+    assert h.adapter.attention_window(0) is None and h.adapter.attention_window(1) == 4
+    for seed in (0, 1):
+        m = random_mask(h.geometry, seed)
+        assert torch.allclose(sparse_logits(h, IDS, m), gated(h, m), **TOL)
     m = PruneMask.dense(h.geometry).with_head(0, 1, 0.0)
-    with pytest.raises(UnsupportedModelError, match="sliding-window attention"):
-        sparse_logits(h, IDS, m)
-    # Perplexity picks the hook path by itself, which honours the window (the kernels would not).
     protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
-    assert perplexity(h, m, protocol).perplexity == perplexity(h, m, protocol, use_kernels=False).perplexity
+    assert perplexity(h, m, protocol, use_kernels=True).perplexity == pytest.approx(
+        perplexity(h, m, protocol, use_kernels=False).perplexity, rel=1e-5)
 
 
-def test_mistral_style_window_on_every_layer_is_refused_unless_it_spans_the_context():
+def test_a_mistral_style_window_on_every_layer_runs_through_the_kernels():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from engine.runtime.sparse_forward import sparse_refusal
     from tests.tiny import VOCAB, tiny_tokenizer
 
     def mistral(window):
-        cfg = MistralConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+        torch.manual_seed(0)
+        cfg = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
                             intermediate_size=96, max_position_embeddings=128, vocab_size=VOCAB, sliding_window=window)
-        return wrap_model(MistralForCausalLM(cfg), tiny_tokenizer(), name="tiny-mistral")
+        model = MistralForCausalLM(cfg).eval()
+        model.config._attn_implementation = "eager"
+        return wrap_model(model, tiny_tokenizer(), name="tiny-mistral")
 
-    assert "every layer uses sliding-window attention (window 16 tokens" in sparse_refusal(mistral(16))
-    assert sparse_refusal(mistral(128)) is None  # the window covers the whole context: never active
-    assert sparse_refusal(mistral(None)) is None
+    for window in (3, None):
+        h = mistral(window)
+        assert supports_sparse(h) and h.adapter.attention_window(1) == window
+        m = random_mask(h.geometry, 2)
+        assert torch.allclose(sparse_logits(h, IDS, m), gated(h, m), **TOL)
+    assert not torch.allclose(gated(mistral(3), None), gated(mistral(None), None), **TOL)  # the window matters
+
+
+def test_windowed_attention_reads_only_the_last_window_keys_on_every_backend():
+    from kernels import head_sparse_attention
+
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D, W = 2, 4, 2, 9, 16, 3
+    q, k, v = (torch.randn(B, n, T, D, generator=gen) for n in (H, Hkv, Hkv))
+    keep = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    i = torch.arange(T)
+    visible = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < W)  # (T, T)
+    kk, vv = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+    expected = F.scaled_dot_product_attention(q, kk, vv, attn_mask=visible) * keep[:, :, None, None]
+    for backend in ("torch", "triton"):  # Triton has no window: a window shorter than T runs the torch twin
+        got = head_sparse_attention(q, k, v, keep, window=W, backend=backend)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    causal = head_sparse_attention(q, k, v, keep, backend="torch")
+    torch.testing.assert_close(head_sparse_attention(q, k, v, keep, window=T, backend="torch"), causal)
 
 
 def test_physically_pruned_layers_are_refused_with_the_layer_named():

@@ -9,6 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -23,7 +25,7 @@ from engine.models.wrap import wrap_model
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "save_tiny", "VOCAB"]
 
-TINY_FAMILIES = ("gpt2", "bert", "llama", "qwen2")
+TINY_FAMILIES = ("gpt2", "bert", "llama", "qwen2", "gemma3")
 VOCAB = 260  # 256 bytes + specials
 
 
@@ -60,6 +62,18 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
         cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, hidden_size=96,
                           intermediate_size=128, max_position_embeddings=128, **common)
         model = Qwen2ForCausalLM(cfg)
+    elif family == "gemma3":
+        # Gemma 3's shape in small: a sliding-window layer (window 8, shorter than most test inputs) then a
+        # global one, GQA, head_dim decoupled from hidden / heads, q/k norms, the sqrt(hidden) embedding scale.
+        cfg = Gemma3TextConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                               hidden_size=64, intermediate_size=128, max_position_embeddings=128, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
+                               pad_token_id=256, eos_token_id=257, bos_token_id=258, **common)
+        model = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma's RMSNorms scale by 1 + weight, initialised at 0: make every norm matter
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
     else:
         raise ValueError(family)
     model.config._attn_implementation = "eager"

@@ -6,6 +6,7 @@ from torch import nn
 
 from engine.core.adapter import Adapter, Geometry, HeadWeights, SubBlock, UnsupportedModelError
 from engine.models.adapters.bert import BertAdapter
+from engine.models.adapters.gemma3 import Gemma3Adapter
 from engine.models.adapters.gpt2 import GPT2Adapter
 from engine.models.adapters.llama import LlamaAdapter
 
@@ -21,7 +22,7 @@ __all__ = [
     "supported_model_types",
 ]
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, BertAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, Gemma3Adapter, GPT2Adapter, BertAdapter)
 
 
 def supported_model_types() -> list[str]:

@@ -2,7 +2,10 @@
 
 Covers Llama, Mistral, Qwen2 and SmolLM (all `LlamaDecoderLayer`-shaped: pre-RMSNorm,
 `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`). Their layers also run through the
-masked kernels (`sparse_layer_forward`), compact from each projection to the next.
+masked kernels (`sparse_layer_forward`), compact from each projection to the next, sliding-window
+layers (Mistral's, Qwen2's) included. A family with the same module names and a few more steps per
+layer (Gemma 3: q/k norms, norms after each sub-block, rotary per layer type) subclasses this one and
+overrides the small step methods (`_ffn_norm`, `_sub_out`, `_qk_norm`, `_layer_pos`, `_rotary`).
 """
 
 from __future__ import annotations
@@ -127,6 +130,36 @@ class LlamaAdapter(Adapter):
     def input_embeddings(self) -> nn.Embedding:
         return self._base.embed_tokens
 
+    # --- the steps of a layer that differ between the families this class covers -----------
+    def _ffn_norm(self, block: nn.Module) -> nn.Module:
+        """The norm in front of the FFN sub-block."""
+        return block.post_attention_layernorm
+
+    def _sub_out(self, block: nn.Module, kind: str, out: torch.Tensor) -> torch.Tensor:
+        """What the layer adds to the residual stream from its `kind` sub-block's output (Llama: the output)."""
+        return out
+
+    def _qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys [B, heads, T, hd] after any per-head norm the family applies before rotary."""
+        return q, k
+
+    def _rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """What every layer needs to place positions 0..T-1 (Llama: one (cos, sin) pair)."""
+        return self._base.rotary_emb(x, position_ids)
+
+    def _layer_pos(self, layer: int, pos: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) of `layer` from what `_rotary` returned."""
+        return pos
+
+    def attention_window(self, layer: int) -> int | None:
+        """The tokens a query of `layer` attends to, itself included (a sliding window); None: every earlier one."""
+        cfg = self.model.config
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        if types:
+            return window if types[layer] == "sliding_attention" else None
+        return window  # Mistral: one window for every layer (None without one)
+
     def attention_qk(
         self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,26 +168,17 @@ class LlamaAdapter(Adapter):
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        cos, sin = self._base.rotary_emb(x, position_ids)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self._qk_norm(attn, q, k)
+        q, k = apply_rotary_pos_emb(q, k, *self._layer_pos(layer, self._rotary(x, position_ids)))
         return q * attn.scaling, k
 
     # --- the kernel path (engine.runtime.sparse_forward) ----------------------------------
     def sparse_refusal(self) -> str | None:
         cfg, g = self.model.config, self.geometry
-        window = getattr(cfg, "sliding_window", None)
         types = list(getattr(cfg, "layer_types", None) or [])
-        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-        if sliding:
-            return (f"layers {sliding} use sliding-window attention (window {window}), "
-                    f"and the kernels attend to every earlier token")
-        other = sorted({t for t in types if t != "full_attention"})
+        other = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
         if other:
-            return f"layer types {other} are not the full causal attention the kernels compute"
-        context = getattr(cfg, "max_position_embeddings", None)
-        if not types and window is not None and (context is None or window < context):  # Mistral: every layer
-            return (f"every layer uses sliding-window attention (window {window} tokens, context {context}), "
-                    f"and the kernels attend to every earlier token")
+            return f"layer types {other} are not the causal (full or sliding-window) attention the kernels compute"
         if getattr(self._base, "rotary_emb", None) is None:
             return "the model has no rotary embedding module (model.rotary_emb) to place positions"
         expected = {"heads": g.n_heads, "kv_heads": g.n_kv_heads, "ffn": g.ffn_dim, "kv_index": None,
@@ -171,19 +195,21 @@ class LlamaAdapter(Adapter):
     def sparse_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
         x = self.input_embeddings()(input_ids)  # (B, T, d)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # (1, T)
-        return x, self._base.rotary_emb(x, position_ids)  # (cos, sin), each (1, T, head_dim)
+        return x, self._rotary(x, position_ids)  # Llama: (cos, sin), each (1, T, head_dim)
 
     def sparse_layer_forward(
         self, layer: int, x: torch.Tensor, keep: SparseLayer, pos: Any, backend: str
     ) -> torch.Tensor:
         block = self.layers()[layer]
         if keep.attn is not None:
-            x = x + self._sparse_attention(block.self_attn, block.input_layernorm(x), keep.attn, pos, backend)
+            a = self._sparse_attention(layer, block.self_attn, block.input_layernorm(x), keep.attn, pos, backend)
+            x = x + self._sub_out(block, "attn", a)
         if keep.ffn is not None:
-            x = x + self._sparse_ffn(block.mlp, block.post_attention_layernorm(x), keep.ffn, backend)
+            f = self._sparse_ffn(block.mlp, self._ffn_norm(block)(x), keep.ffn, backend)
+            x = x + self._sub_out(block, "ffn", f)
         return x
 
-    def _sparse_attention(self, attn: nn.Module, x: torch.Tensor, keep: SparseAttention, pos: Any,
+    def _sparse_attention(self, layer: int, attn: nn.Module, x: torch.Tensor, keep: SparseAttention, pos: Any,
                           backend: str) -> torch.Tensor:
         """Kept heads only, compact from the Q/K/V projections through rotary and attention to the O projection."""
         B, T, _ = x.shape
@@ -194,8 +220,10 @@ class LlamaAdapter(Adapter):
         q = q.view(B, T, -1, hd).transpose(1, 2)  # (B, nq, T, hd)
         k = k.view(B, T, -1, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, -1, hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *pos)  # per head: the same on the kept heads as on all
-        o = keep.heads.attend(q, k, v, scale=attn.scaling, backend=backend)  # (B, T, nq * hd)
+        q, k = self._qk_norm(attn, q, k)  # per head: the same on the kept heads as on all
+        q, k = apply_rotary_pos_emb(q, k, *self._layer_pos(layer, pos))
+        o = keep.heads.attend(q, k, v, scale=attn.scaling, window=self.attention_window(layer),
+                              backend=backend)  # (B, T, nq * hd)
         return keep.finish(keep.q.cols(o, attn.o_proj.weight, attn.o_proj.bias, backend=backend))  # (B, T, d)
 
     def _sparse_ffn(self, mlp: nn.Module, x: torch.Tensor, keep: SparseFFN, backend: str) -> torch.Tensor:
@@ -218,18 +246,20 @@ class LlamaAdapter(Adapter):
     def decode_token(self, token: torch.Tensor, position: int, cache: DynamicCache,
                      ffn: FFNOverride | None, heads: HeadChooser | None = None) -> torch.Tensor:
         x = self.input_embeddings()(token)  # (1, 1, d)
-        pos = self._base.rotary_emb(x, torch.tensor([[position]], device=token.device))  # (cos, sin)
+        rotary = self._rotary(x, torch.tensor([[position]], device=token.device))
         for layer, block in enumerate(self.layers()):
+            pos = self._layer_pos(layer, rotary)  # (cos, sin)
             a_in = block.input_layernorm(x)
             kept = None if heads is None else heads(layer, a_in)
             if kept is None:
-                # A single query sees every cached key: no mask; the module appends this token's K/V to the cache.
+                # A single query sees every cached key: no mask (a sliding-window layer's cache holds only the
+                # window); the module appends this token's K/V to the cache.
                 a, _ = block.self_attn(hidden_states=a_in, position_embeddings=pos, attention_mask=None, cache=cache)
             else:
                 a = self._decode_attention(layer, block.self_attn, a_in, kept, pos, cache)
-            x = x + a
-            h = block.post_attention_layernorm(x)
-            x = x + (block.mlp(h) if ffn is None else ffn(layer, h))
+            x = x + self._sub_out(block, "attn", a)
+            h = self._ffn_norm(block)(x)
+            x = x + self._sub_out(block, "ffn", block.mlp(h) if ffn is None else ffn(layer, h))
         return self.lm_head()(self._base.norm(x))[:, -1]  # (1, V)
 
     def _decode_attention(self, layer: int, attn: nn.Module, x: torch.Tensor, kept: torch.Tensor, pos: Any,
@@ -243,6 +273,7 @@ class LlamaAdapter(Adapter):
         hd = g.head_dim
         k = attn.k_proj(x).view(1, 1, -1, hd).transpose(1, 2)  # (1, H_kv, 1, hd)
         v = attn.v_proj(x).view(1, 1, -1, hd).transpose(1, 2)
+        _, k = self._qk_norm(attn, k, k)
         runs = _runs(kept.tolist())  # consecutive kept heads: one contiguous block of rows each
         if not runs:
             _, k = apply_rotary_pos_emb(k, k, *pos)
@@ -252,6 +283,7 @@ class LlamaAdapter(Adapter):
         q = torch.cat([F.linear(x, wq[a * hd : b * hd], None if bq is None else bq[a * hd : b * hd])
                        for a, b in runs], dim=-1)  # (1, 1, n_kept * hd)
         q = q.view(1, 1, -1, hd).transpose(1, 2)  # (1, n_kept, 1, hd)
+        q, _ = self._qk_norm(attn, q, q)
         q, k = apply_rotary_pos_emb(q, k, *pos)
         keys, values = cache.update(k, v, layer)  # (1, H_kv, T, hd)
         kv_head = kept.to(keys.device) // g.group_size  # the KV head each kept query head reads
