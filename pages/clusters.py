@@ -6,6 +6,8 @@ from engine.pruning.softmask import MaskTarget, TrainConfig
 from engine.routing.router import pruned_blocks, routed_generate, train_router
 from ui import keys, session
 from ui.clusters import (
+    ENCODER_OPTIONS,
+    OTHER_ENCODER,
     cluster_table,
     clusters,
     encoder,
@@ -13,6 +15,7 @@ from ui.clusters import (
     prompt_map,
     silhouettes,
     training_figures,
+    umap_key,
     umap_running,
 )
 from ui.errors import user_errors
@@ -23,28 +26,41 @@ st.caption("Input-dependent pruning: calibration prompts are embedded by a sente
            "the mask of its nearest cluster.")
 for key, value in ((keys.W_CLUSTERS_K, 4), (keys.W_CLUSTERS_PER_SOURCE, 80), (keys.W_CLUSTERS_COLOUR, "cluster"),
                    (keys.W_CLUSTERS_REMOVED, 8), (keys.W_CLUSTERS_STEPS, 30),
-                   (keys.W_CLUSTERS_PROMPT, "Write a Python function that returns the n-th Fibonacci number.")):
+                   (keys.W_CLUSTERS_PROMPT, "Write a Python function that returns the n-th Fibonacci number."),
+                   (keys.W_CLUSTERS_ENCODER, ENCODER_OPTIONS[0])):
     session.widget_default(key, value)
+e1, e2 = st.columns([1, 2])
+enc_name = e1.selectbox("Sentence encoder", ENCODER_OPTIONS, key=keys.W_CLUSTERS_ENCODER,
+                        help="The shipped all-MiniLM-L6-v2, or any sentence-transformers model: a folder with "
+                             "modules.json (a HeadLab export of the MiniLM is one) or a hub id.")
+if enc_name == OTHER_ENCODER:
+    enc_name = e2.text_input("Encoder folder or hub id", key=keys.W_CLUSTERS_ENCODER_PATH,
+                             placeholder="/path/to/sentence-transformers-folder or org/name").strip()
+    if not enc_name:
+        st.info("Type a sentence-transformers folder or hub id, then press Enter.")
+        st.stop()
 c1, c2, c3 = st.columns(3)
 k = c1.slider("Clusters (k)", 2, 10, key=keys.W_CLUSTERS_K)
 per_source = c2.select_slider("Prompts per set (at most)", [20, 40, 80, 160], key=keys.W_CLUSTERS_PER_SOURCE)
 colour = c3.radio("Colour by", ["cluster", "category", "source"], horizontal=True, key=keys.W_CLUSTERS_COLOUR)
 with user_errors():
-    run = clusters(k, per_source)
+    enc = encoder(enc_name)
+    run = clusters(enc, enc.identity, k, per_source)
     handle = session.handle()
 model_key = session.model_choice().key
 
 left, right = st.columns([3, 2])
 
 with left:
-    running = umap_running(per_source)
+    job_key = umap_key(enc.identity, per_source)
+    running = umap_running(job_key)
     st.session_state[keys.CLUSTERS_UMAP_POLLING] = running
-    st.fragment(prompt_map, run_every=2.0 if running else None)(run, per_source, colour)
+    st.fragment(prompt_map, run_every=2.0 if running else None)(run, job_key, colour)
 with right:
     pur = run.purity()
     st.metric("Purity against the categories", f"{pur.overall:.2f}")
     st.dataframe(cluster_table(run, pur), hide_index=False)
-    sil = silhouettes(per_source)
+    sil = silhouettes(enc, enc.identity, per_source)
     st.caption("Silhouette (cosine) by k: " + ", ".join(f"{kk}: {s:.3f}" for kk, s in sil.items())
                + f". Best k = {max(sil, key=sil.get)}.")
 
@@ -74,17 +90,17 @@ if start:
                 st.plotly_chart(gates, key=f"{keys.CHART_CLUSTERS_LIVE}.gates.{name}.{log.step}")
 
     with user_errors():
-        router = train_router(handle, encoder(), run.prompts, run.embeddings, run.clustering,
+        router = train_router(handle, enc, run.prompts, run.embeddings, run.clustering,
                               MaskTarget(blocks=int(removed)), TrainConfig(steps=int(steps)), progress=progress)
-    st.session_state[keys.CLUSTERS_ROUTER] = (model_key, k, per_source, router, history)
+    st.session_state[keys.CLUSTERS_ROUTER] = (model_key, enc.identity, k, per_source, router, history)
     plots.empty()
     bar.empty()
 
 state = st.session_state.get(keys.CLUSTERS_ROUTER)
-if state is None or state[0] != model_key or state[1:3] != (k, per_source):
+if state is None or state[0] != model_key or state[1:4] != (enc.identity, k, per_source):
     st.info("Train masks to see them side by side and to route prompts.")
     st.stop()
-_, _, _, router, history = state
+router, history = state[4:]
 m1, m2 = st.columns([2, 3])
 with m1:
     st.plotly_chart(masks_figure(router), key=keys.CHART_CLUSTERS_MASKS)
@@ -98,8 +114,8 @@ st.subheader("Route a prompt")
 prompt = st.text_area("Prompt", key=keys.W_CLUSTERS_PROMPT)
 if st.button("Route and generate", type="primary"):
     with user_errors():
-        out = routed_generate(handle, router, encoder(), prompt, max_new_tokens=48) if handle.is_causal_lm else None
-        route = out.route if out else router.route(encoder(), prompt)[0]
+        out = routed_generate(handle, router, enc, prompt, max_new_tokens=48) if handle.is_causal_lm else None
+        route = out.route if out else router.route(enc, prompt)[0]
     st.markdown(f"**Cluster {route.cluster}** (mostly {pur.majority[route.cluster]}); removes "
                 f"{', '.join(pruned_blocks(route.mask)) or 'nothing'}.")
     for note in (out.notices if out else [route.notice] if route.notice else []):

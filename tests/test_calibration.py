@@ -20,7 +20,7 @@ from engine.routing.clusters import (
     split_prompts,
 )
 from engine.routing.embeddings import SentenceEncoder, embed_texts, embedding_key
-from tests.tiny import tiny_handle
+from tests.tiny_sentence import save_tiny_sentence
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +29,14 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))
 
 
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    return save_tiny_sentence(tmp_path_factory.mktemp("encoder") / "tiny-st")
+
+
 @pytest.fixture
-def tiny_encoder():
-    return SentenceEncoder(tiny_handle("bert"), max_length=64)
+def tiny_encoder(encoder_folder):
+    return SentenceEncoder.load(str(encoder_folder))
 
 
 def blobs(k=3, per=20, d=8, seed=0):
@@ -103,9 +108,10 @@ def test_embedding_cache_is_hit_for_the_same_texts_and_missed_for_others(tiny_en
         embed_texts(tiny_encoder, texts + ["a third"])
 
 
-def test_embedding_key_separates_text_boundaries_and_encoders():
-    assert embedding_key("minilm", ["ab", "c"]) != embedding_key("minilm", ["a", "bc"])
-    assert embedding_key("minilm", ["ab"]) != embedding_key("other", ["ab"])
+def test_embedding_key_separates_text_boundaries_encoders_and_lengths():
+    assert embedding_key("minilm", ["ab", "c"], 256) != embedding_key("minilm", ["a", "bc"], 256)
+    assert embedding_key("minilm", ["ab"], 256) != embedding_key("other", ["ab"], 256)
+    assert embedding_key("minilm", ["ab"], 256) != embedding_key("minilm", ["ab"], 128)
 
 
 def test_a_torn_cache_file_is_recomputed(tiny_encoder, tmp_path):
@@ -174,8 +180,8 @@ def test_umap_projection_is_computed_once_then_read_from_the_cache(monkeypatch):
 
 
 @pytest.mark.real_model
-def test_minilm_embeds_paraphrases_closer_than_unrelated_prompts(minilm):
-    enc = SentenceEncoder(minilm)
+def test_minilm_embeds_paraphrases_closer_than_unrelated_prompts():
+    enc = SentenceEncoder.load()
     e = enc.encode(["How do I sort a list in Python?", "What is the way to order a Python list?",
                     "Write a poem about the sea at night."])
     assert e.shape == (3, 384)

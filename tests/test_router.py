@@ -26,6 +26,7 @@ from engine.routing.router import (
     train_router,
 )
 from tests.tiny import save_tiny, tiny_handle
+from tests.tiny_sentence import save_tiny_sentence
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +39,9 @@ def private_cache_one_thread(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    return SentenceEncoder(tiny_handle("bert"), max_length=64)
+def encoder_folder(tmp_path_factory):
+    """A tiny random BERT as a sentence-transformers folder (64-token limit)."""
+    return save_tiny_sentence(tmp_path_factory.mktemp("encoder") / "tiny-st")
 
 
 def block_masks(g, k):
@@ -52,10 +54,10 @@ def hand_router(g, pool, distance="euclidean"):
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """A router trained end to end on tiny models (llama LM, bert encoder), 2 clusters."""
+def trained(encoder_folder):
+    """A router trained end to end on tiny models (llama LM, bert sentence encoder), 2 clusters."""
     torch.set_num_threads(1)
-    lm, enc = tiny_handle("llama"), SentenceEncoder(tiny_handle("bert"), max_length=64)
+    lm, enc = tiny_handle("llama"), SentenceEncoder.load(str(encoder_folder))
     split = split_prompts(calibration_prompts(["gsm8k", "humaneval"], per_source=8), 0.25)
     emb = enc.encode([p.text for p in split.train])
     clustering = kmeans(emb, 2)
@@ -217,9 +219,8 @@ def test_router_for_another_model_is_refused_on_load(tmp_path, trained):
 
 
 def test_router_refuses_a_different_encoder(trained):
-    *_, router = trained
-    other = SentenceEncoder(tiny_handle("bert"), max_length=64)
-    other.handle.name = "another-encoder"
+    enc, router = trained[1], trained[5]
+    other = SentenceEncoder(enc.model, "another-encoder")
     with pytest.raises(RouterError, match="another-encoder"):
         router.route(other, "hello")
 
@@ -292,7 +293,7 @@ def test_clusters_page_trains_masks_and_routes_a_prompt_on_a_tiny_model(tmp_path
     next(b for b in at.button if b.label == "Train masks").click()
     at.run()
     assert not at.exception, [e.message for e in at.exception]
-    router = at.session_state["headlab.clusters.router"][3]
+    router = at.session_state["headlab.clusters.router"][4]
     assert router.k == 2 and router.static_mask is not None
     next(b for b in at.button if b.label == "Route and generate").click()
     at.run()

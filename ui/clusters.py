@@ -7,27 +7,36 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine.core.jobs import Job, JobBoard
+from engine.models.load import ENCODER_MODEL, resolve_source
+from engine.models.sentence import encoder_identity
 from engine.routing.clusters import cached_projection, cluster_prompts, project_2d, silhouette_scores
 from engine.routing.embeddings import SentenceEncoder
 from engine.routing.router import Router
 from ui import keys
 
 PRUNED, KEPT = "#e4572e", "#2f6f9f"
+OTHER_ENCODER = "Sentence-transformers folder or hub id..."
+ENCODER_OPTIONS = (ENCODER_MODEL, OTHER_ENCODER)
 
 
-@st.cache_resource(show_spinner="Opening the sentence encoder...")
-def encoder() -> SentenceEncoder:
-    return SentenceEncoder.load()
+@st.cache_resource(show_spinner="Opening the sentence encoder...", max_entries=4)
+def _open_encoder(name: str, identity: str) -> SentenceEncoder:
+    return SentenceEncoder.load(name)
+
+
+def encoder(name: str = ENCODER_MODEL) -> SentenceEncoder:
+    """The encoder `name` names, shared by every session; a folder rewritten since is opened afresh."""
+    return _open_encoder(name, encoder_identity(resolve_source(name)))
 
 
 @st.cache_resource(show_spinner="Embedding and clustering the calibration prompts...", max_entries=16)
-def clusters(k: int, per_source: int):
-    return cluster_prompts(encoder(), k, per_source=per_source)
+def clusters(_encoder: SentenceEncoder, identity: str, k: int, per_source: int):
+    return cluster_prompts(_encoder, k, per_source=per_source)
 
 
 @st.cache_data(show_spinner="Silhouette for k = 2..10...")
-def silhouettes(per_source: int) -> dict[int, float]:
-    return silhouette_scores(clusters(4, per_source).embeddings)
+def silhouettes(_encoder: SentenceEncoder, identity: str, per_source: int) -> dict[int, float]:
+    return silhouette_scores(clusters(_encoder, identity, 4, per_source).embeddings)
 
 
 @st.cache_resource
@@ -36,19 +45,20 @@ def umap_jobs() -> JobBoard:
     return JobBoard()
 
 
-def _umap_key(per_source: int) -> str:
-    return f"umap|{per_source}"
+def umap_key(identity: str, per_source: int) -> str:
+    """The background job of one encoder's embeddings of one prompt set."""
+    return f"umap|{identity}|{per_source}"
 
 
-def umap_running(per_source: int) -> bool:
+def umap_running(key: str) -> bool:
     """Whether a background UMAP projection of this prompt set is being computed."""
-    job = umap_jobs().get(_umap_key(per_source))
+    job = umap_jobs().get(key)
     return job is not None and job.running
 
 
-def start_umap(per_source: int, embeddings) -> None:
+def start_umap(key: str, embeddings) -> None:
     """Compute (and cache on disk) the UMAP projection in a background job, unless one is running or done."""
-    umap_jobs().submit(_umap_key(per_source), Job(lambda job: project_2d(embeddings, "umap"), name="umap"))
+    umap_jobs().submit(key, Job(lambda job: project_2d(embeddings, "umap"), name="umap"))
 
 
 def masks_figure(router: Router) -> go.Figure:
@@ -83,16 +93,16 @@ def training_figures(history: list) -> tuple[go.Figure, go.Figure]:
     return curve, gates
 
 
-def prompt_map(run, per_source: int, colour: str) -> None:
+def prompt_map(run, job_key: str, colour: str) -> None:
     """The prompt map: UMAP once it is cached, PCA meanwhile (this fragment polls a running UMAP job)."""
     xy, method = cached_projection(run.embeddings, "umap"), "UMAP"
     if xy is None:
         xy, method = project_2d(run.embeddings, "pca"), "PCA"
-        if umap_running(per_source):
+        if umap_running(job_key):
             st.caption("Computing the UMAP projection in the background (about 20 s the first time); "
                        "the map switches to it when it is ready.")
         elif st.button("Compute the UMAP projection (in the background, then cached)"):
-            start_umap(per_source, run.embeddings)
+            start_umap(job_key, run.embeddings)
             st.rerun()
     elif st.session_state.get(keys.CLUSTERS_UMAP_POLLING):
         st.session_state[keys.CLUSTERS_UMAP_POLLING] = False  # the job has finished: one full rerun stops the polling

@@ -26,6 +26,7 @@ __all__ = [
     "W_DISTILL_STEPS", "W_DISTILL_LR", "W_DISTILL_FOLDER", "CHART_DISTILL_HISTORY",
     "CLUSTERS_ROUTER", "CLUSTERS_UMAP_POLLING", "W_CLUSTERS_K", "W_CLUSTERS_PER_SOURCE", "W_CLUSTERS_COLOUR",
     "W_CLUSTERS_REMOVED", "W_CLUSTERS_STEPS", "W_CLUSTERS_PROMPT", "W_CLUSTERS_HISTORY", "FORM_CLUSTERS_TRAIN",
+    "W_CLUSTERS_ENCODER", "W_CLUSTERS_ENCODER_PATH",
     "CHART_CLUSTERS_SCATTER", "CHART_CLUSTERS_LIVE", "CHART_CLUSTERS_MASKS", "CHART_CLUSTERS_CURVE",
     "CHART_CLUSTERS_GATES",
     "DYN_TRAINING", "DYN_LOADED", "DYN_GENERATE", "W_DYN_METHOD", "W_DYN_TARGET", "W_DYN_FOLDER", "W_DYN_PROMPT",
@@ -107,7 +108,7 @@ W_DISTILL_FOLDER = "distill.folder"
 CHART_DISTILL_HISTORY = "distill.chart"
 
 # --- Clusters page (pages/clusters.py, ui/clusters.py) -------------------------------------------
-CLUSTERS_ROUTER = "headlab.clusters.router"  # (model key, k, per_source, Router, {mask name: [StepLog]})
+CLUSTERS_ROUTER = "headlab.clusters.router"  # (model key, encoder identity, k, per_source, Router, {mask: [StepLog]})
 CLUSTERS_UMAP_POLLING = "headlab.clusters.umap_polling"  # this session's map is waiting for a background UMAP
 W_CLUSTERS_K = "w.clusters.k"
 W_CLUSTERS_PER_SOURCE = "w.clusters.per_source"
@@ -116,6 +117,8 @@ W_CLUSTERS_REMOVED = "w.clusters.removed"
 W_CLUSTERS_STEPS = "w.clusters.steps"
 W_CLUSTERS_PROMPT = "w.clusters.prompt"
 W_CLUSTERS_HISTORY = "w.clusters.history"
+W_CLUSTERS_ENCODER = "w.clusters.encoder"  # the shipped MiniLM or OTHER_ENCODER (ui/clusters.py)
+W_CLUSTERS_ENCODER_PATH = "w.clusters.encoder_path"
 FORM_CLUSTERS_TRAIN = "clusters.train"
 CHART_CLUSTERS_SCATTER = "clusters.scatter"
 CHART_CLUSTERS_LIVE = "clusters.live"  # prefix: a new chart per training step drawn

@@ -3,6 +3,7 @@
     python -m engine cluster --k 4 --out clusters.json                  # silhouette for k=2..10, purity
     python -m engine train-masks --clusters clusters.json --remove 8 --out router/ --eval
     python -m engine route "Write a Python function that reverses a list" --router router/ --generate
+    python -m engine cluster --encoder out/minilm-pruned          # any sentence-transformers folder or hub id
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from engine.cli.common import Subparsers, add_model_args, count_or_fraction, load_handle, progress_bar, say
 from engine.core.handle import ModelHandle
+from engine.models.load import ENCODER_MODEL
 from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig
 from engine.routing.clusters import PROMPT_SOURCES, ClusterRun, cluster_prompts, silhouette_scores
 from engine.routing.embeddings import SentenceEncoder
@@ -32,6 +34,9 @@ from engine.routing.router import (
 
 __all__ = ["register", "cmd_cluster", "cmd_train_masks", "cmd_route"]
 
+ENCODER_HELP = ("sentence encoder: a sentence-transformers folder (with modules.json; a HeadLab export of one "
+                "counts), a hub id, or the alias minilm (the shipped all-MiniLM-L6-v2, the default)")
+
 
 def _encoder(args: argparse.Namespace) -> SentenceEncoder:
     """The --encoder sentence encoder, with one line about it on stderr."""
@@ -42,7 +47,7 @@ def _encoder(args: argparse.Namespace) -> SentenceEncoder:
 
 
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", default="minilm", help="sentence encoder (alias or folder of a BERT-style model)")
+    p.add_argument("--encoder", default=ENCODER_MODEL, help=ENCODER_HELP)
     p.add_argument("--sources", default=",".join(PROMPT_SOURCES), help="comma-separated prompt sets")
     p.add_argument("--per-source", type=int, default=80, help="at most this many prompts per set (0: all)")
     p.add_argument("--held-out", type=float, default=0.25, help="fraction held out per source and category")
@@ -207,7 +212,7 @@ def register(sub: Subparsers) -> None:
     add_model_args(p)
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--router", required=True, help="folder written by train-masks")
-    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--encoder", default=ENCODER_MODEL, help=ENCODER_HELP + "; the one the router was built with")
     p.add_argument("--generate", action="store_true", help="load the model and generate under the routed mask")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=cmd_route)

@@ -5,7 +5,10 @@
 
 The folder holds `model.safetensors`, the tokenizer, `config.json`, `generation_config.json`
 and `headlab_manifest.json` (source, mask, criterion, budget, parameter counts, perplexity
-before/after with its protocol, sha256 of every file).
+before/after with its protocol, sha256 of every file). A source that is a sentence-transformers
+folder (the shipped MiniLM) makes the export one too: its modules.json, module folders
+(`1_Pooling/`, ...) and ST configs are copied next to the model, which stays at the folder root
+as the Transformer module (engine.models.sentence).
 
 Layouts:
 - uniform: every layer keeps the same heads / KV heads / FFN channels and the family's
@@ -44,6 +47,7 @@ from engine.core.mask import PruneMask
 from engine.core.objective import token_logits
 from engine.export.surgery import SurgeryPlan, layer_record, plan, prune
 from engine.models.pruned import LAYERS_KEY, MANIFEST, file_sha256
+from engine.models.sentence import write_sentence_files
 from engine.runtime.cost import cost
 from engine.runtime.evaluate import DEFAULT_PROTOCOL, perplexity
 
@@ -252,9 +256,10 @@ def export(
             setattr(config, LAYERS_KEY, layer_record(pruned.adapter, pv.plan))
         pruned.model.save_pretrained(tmp)
         pruned.tokenizer.save_pretrained(tmp)
-        manifest = _manifest(handle, pruned, mask, pv, c, parity, ppl)
-        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        sentence = write_sentence_files(handle.source, tmp)
+        manifest = _manifest(handle, pruned, mask, pv, c, parity, ppl, sentence)
+        manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         stage("moving the folder into place")
         _publish(tmp, folder, overwrite)
@@ -264,10 +269,22 @@ def export(
     return ExportResult(folder, pv.layout, c.params_total, params_after, folder_size(folder), manifest)
 
 
-def _manifest(handle: ModelHandle, pruned, mask, pv: ExportPreview, c, parity, ppl) -> dict[str, Any]:
+def _manifest(handle: ModelHandle, pruned, mask, pv: ExportPreview, c, parity, ppl,
+              sentence: list[str]) -> dict[str, Any]:
     meta = mask.meta or {}
     causal = handle.is_causal_lm
     loader = "AutoModelForCausalLM" if causal else "AutoModel"
+    load: dict[str, Any] = {
+        "python": (f"transformers.{loader}.from_pretrained(folder)" if pv.layout == "uniform"
+                   else "engine.models.load.load_pruned(folder)  # or engine.models.load.load_model(folder)"),
+        "note": ("standard config: plain transformers loads it" if pv.layout == "uniform" else
+                 "per-layer sizes in config.json['headlab_layers']; see docs/export.md to load without HeadLab"),
+    }
+    if sentence:
+        load["sentence_transformers"] = (
+            "sentence_transformers.SentenceTransformer(folder)" if pv.layout == "uniform" else
+            "engine.models.sentence.open_sentence_transformer(folder)  # per-layer sizes: no standard config")
+        load["sentence_files"] = sentence
     return {
         "format": MANIFEST_FORMAT,
         "version": 1,
@@ -291,12 +308,7 @@ def _manifest(handle: ModelHandle, pruned, mask, pv: ExportPreview, c, parity, p
         "perplexity": ppl,
         "parity": parity,
         "surgery": pv.plan.to_dict(),
-        "load": {
-            "python": (f"transformers.{loader}.from_pretrained(folder)" if pv.layout == "uniform"
-                       else "engine.models.load.load_pruned(folder)  # or engine.models.load.load_model(folder)"),
-            "note": ("standard config: plain transformers loads it" if pv.layout == "uniform" else
-                     "per-layer sizes in config.json['headlab_layers']; see docs/export.md to load without HeadLab"),
-        },
+        "load": load,
     }
 
 

@@ -1,6 +1,8 @@
 """How closely a pruned / quantised sentence encoder agrees with its teacher, on held-out texts.
 
-Embeddings are the mean-pooled, L2-normalised last hidden states (the all-MiniLM-L6-v2 recipe).
+Embeddings are the last hidden states through the teacher's own sentence-transformers modules
+(Pooling, Normalize: engine.models.sentence; for the MiniLM, mean pooling then unit length), the
+same modules for the student.
 - spearman: Spearman rank correlation between the two models' pairwise cosine similarities
   (every unordered pair of texts once): 1 means the student orders all pairs as the teacher does;
 - nn_agreement: the fraction of texts whose nearest neighbour (by cosine, itself excluded) is
@@ -15,10 +17,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from engine.core.handle import ModelHandle
-from engine.core.tokens import encode_batch
-from engine.recovery.distill.losses import mean_pool
+from engine.models.sentence import embed_handle, sentence_head
 
 __all__ = ["Agreement", "sentence_embeddings", "agreement", "encoder_agreement", "spearman"]
 
@@ -39,19 +41,10 @@ class Agreement:
                 f"({self.n_texts} held-out texts)")
 
 
-@torch.no_grad()
 def sentence_embeddings(handle: ModelHandle, texts: Sequence[str], *, batch_size: int = 16,
-                        max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states [N, hidden] of `texts`."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids, am = encode_batch(handle.tokenizer, texts[i : i + batch_size], max_length, handle.device)
-        res = handle.model(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        hidden = getattr(res, "last_hidden_state", None)
-        if hidden is None:
-            hidden = res.hidden_states[-1]
-        out.append(mean_pool(hidden, am).cpu())
-    return torch.cat(out)
+                        max_length: int = 128, head: nn.Module | None = None) -> torch.Tensor:
+    """Sentence embeddings [N, d] of `texts`: the handle's last hidden states through `head` (default: its own)."""
+    return embed_handle(handle, list(texts), head=head, max_length=max_length, batch_size=batch_size)
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -99,5 +92,5 @@ def agreement(teacher_emb: torch.Tensor, student_emb: torch.Tensor) -> Agreement
 def encoder_agreement(teacher: ModelHandle, student: ModelHandle, texts: Sequence[str], *, batch_size: int = 16,
                       max_length: int = 128) -> Agreement:
     """Agreement of `student`'s sentence embeddings with `teacher`'s on `texts` (use held-out ones)."""
-    kw = {"batch_size": batch_size, "max_length": max_length}
+    kw = {"batch_size": batch_size, "max_length": max_length, "head": sentence_head(teacher)}
     return agreement(sentence_embeddings(teacher, texts, **kw), sentence_embeddings(student, texts, **kw))

@@ -40,6 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 from engine.core.handle import ModelHandle
 from engine.models.adapters import adapter_for
+from engine.models.sentence import write_sentence_files
 
 __all__ = [
     "SCHEMES",
@@ -329,6 +330,8 @@ def export_student(student: ModelHandle, folder: str | os.PathLike, *, manifest:
     - `quantized.safetensors` + `quantization.json` (quantised students only): int8 codes [out, in] and
       float32 scales [out] per projection, everything else as is; `load_quantized` turns them back.
     - `headlab_student.json`: `manifest` (recipe, steps, metrics) as given.
+    - a student of a sentence-transformers source (the MiniLM) gets that folder's ST files
+      (modules.json, 1_Pooling/, ...): the folder is a sentence-transformers model too.
     Written into a temporary sibling folder renamed into place; a non-empty target needs `overwrite`.
     """
     folder = Path(folder).expanduser().resolve()
@@ -342,6 +345,7 @@ def export_student(student: ModelHandle, folder: str | os.PathLike, *, manifest:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         student.tokenizer.save_pretrained(tmp)
+        write_sentence_files(student.source, tmp)
         quant = quantization_of(student.model)
         if quant is not None:
             tensors, description = quantized_state(student.model)

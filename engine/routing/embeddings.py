@@ -1,10 +1,15 @@
-"""Sentence embeddings from the shipped MiniLM encoder, cached on disk by content hash.
+"""Sentence embeddings from a sentence-transformers model, cached on disk by content hash.
 
-all-MiniLM-L6-v2 as sentence-transformers runs it: the BERT's last hidden states, mean-pooled
-over the non-padding tokens, then L2-normalised; inputs are cut at 256 tokens (its
-`max_seq_length`), so two texts that agree on their first 256 tokens embed identically.
+The encoder is any sentence-transformers model (default: the shipped all-MiniLM-L6-v2 folder,
+offline): a folder with `modules.json`, a hub id, or a HeadLab export of one
+(engine.models.sentence opens it; a folder without the ST files is refused, naming what is
+missing). Embeddings are exactly `SentenceTransformer.encode`'s: the model's own pooling and
+normalisation, inputs cut at its `max_seq_length` (256 for the MiniLM), so two texts that agree
+on their first 256 tokens embed identically.
 Embeddings of a list of texts are stored as safetensors under
-`cache_dir()/embeddings/<sha256 of encoder name + texts>.safetensors`.
+`cache_dir()/embeddings/<sha256 of the encoder's identity + texts>.safetensors`; the identity of a
+folder covers its path and every file's size and modification time, so rewriting it (a new
+export into the same folder) starts a new cache entry.
 """
 
 from __future__ import annotations
@@ -12,64 +17,68 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
 
 from engine.core.progress import Progress
-from engine.core.tokens import EmptyTextError, encode_batch
-from engine.models.load import ENCODER_MODEL, ModelHandle, cache_dir, load_model
+from engine.core.tokens import EmptyTextError
+from engine.models.load import ENCODER_MODEL, cache_dir, resolve_source
+from engine.models.sentence import encoder_identity, open_sentence_transformer
 
-__all__ = ["ENCODER_MAX_LENGTH", "SentenceEncoder", "embedding_key", "embed_texts", "embeddings_cache_dir"]
-
-ENCODER_MAX_LENGTH = 256  # all-MiniLM-L6-v2's sentence_bert_config max_seq_length
+__all__ = ["SentenceEncoder", "embedding_key", "embed_texts", "embeddings_cache_dir"]
 
 
 class SentenceEncoder:
-    """A BERT-style encoder turned into a sentence embedder (mean pooling + L2 normalisation)."""
+    """A sentence-transformers model that embeds prompts for the router (unit-norm when its pipeline normalises)."""
 
-    def __init__(self, handle: ModelHandle, max_length: int = ENCODER_MAX_LENGTH):
-        if handle.geometry.causal:
-            raise ValueError(f"{handle.name} is a causal LM; the sentence encoder must be a BERT-style encoder")
-        self.handle = handle
-        self.max_length = max_length
+    def __init__(self, model: SentenceTransformer, name: str, *, identity: str | None = None,
+                 max_length: int | None = None):
+        self.model = model
+        self.name = name
+        self.identity = identity or name
+        if max_length is not None:
+            model.max_seq_length = max_length
 
     @classmethod
-    def load(cls, name: str = ENCODER_MODEL, **load_kwargs: Any) -> "SentenceEncoder":
-        """Open the encoder by alias or folder (default: the shipped MiniLM)."""
-        return cls(load_model(name, **load_kwargs))
-
-    @property
-    def name(self) -> str:
-        return self.handle.name
+    def load(cls, name: str = ENCODER_MODEL, *, device: str = "cpu", max_length: int | None = None
+             ) -> "SentenceEncoder":
+        """Open the encoder by alias, sentence-transformers folder or hub id (default: the shipped MiniLM)."""
+        model = open_sentence_transformer(name, device=device)
+        return cls(model, name, identity=encoder_identity(resolve_source(name)), max_length=max_length)
 
     @property
     def dim(self) -> int:
-        return self.handle.geometry.hidden
+        return int(self.model.get_embedding_dimension())
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the encoder reads per text (its max_seq_length, else the tokenizer's limit)."""
+        return int(self.model.max_seq_length or self.model.tokenizer.model_max_length)
 
     def token_count(self, text: str) -> int:
         """How many tokens (with [CLS]/[SEP]) the encoder would see before truncation."""
-        return len(self.handle.tokenizer(text)["input_ids"])
+        return len(self.model.tokenizer(text)["input_ids"])
 
     @torch.no_grad()
     def encode(
         self, texts: Sequence[str], *, batch_size: int = 32, progress: Progress | None = None
     ) -> torch.Tensor:
-        """Unit-norm embeddings [N, d], one per text (no cache)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """Embeddings [N, d] (float32, CPU), one per text, as SentenceTransformer.encode gives them (no cache)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise EmptyTextError("no text to embed")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise EmptyTextError(f"text #{i} is empty: type something to embed")
         out = []
         n = len(texts)
-        if n == 0:
-            raise EmptyTextError("no text to embed")
         for i in range(0, n, batch_size):
-            ids, attn = encode_batch(self.handle.tokenizer, texts[i : i + batch_size], self.max_length,
-                                     self.handle.device)
-            hidden = self.handle.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, d)
-            w = attn.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)  # (B, d)
-            out.append(F.normalize(pooled.float(), dim=-1).cpu())
+            emb = self.model.encode(texts[i : i + batch_size], batch_size=batch_size, convert_to_tensor=True,
+                                    show_progress_bar=False)
+            out.append(emb.float().cpu())
             if progress:
                 progress(min(i + batch_size, n), n)
         return torch.cat(out)
@@ -79,9 +88,9 @@ def embeddings_cache_dir() -> Path:
     return cache_dir() / "embeddings"
 
 
-def embedding_key(encoder_name: str, texts: Sequence[str], max_length: int = ENCODER_MAX_LENGTH) -> str:
-    """sha256 over the encoder's name, its truncation length and every text (length-prefixed)."""
-    h = hashlib.sha256(f"{encoder_name}\0{max_length}\0{len(texts)}\0".encode())
+def embedding_key(encoder_identity: str, texts: Sequence[str], max_length: int) -> str:
+    """sha256 over the encoder's identity, its truncation length and every text (length-prefixed)."""
+    h = hashlib.sha256(f"{encoder_identity}\0{max_length}\0{len(texts)}\0".encode())
     for t in texts:
         b = t.encode("utf-8")
         h.update(len(b).to_bytes(8, "little"))
@@ -90,8 +99,6 @@ def embedding_key(encoder_name: str, texts: Sequence[str], max_length: int = ENC
 
 
 def _read_cached(path: Path, n: int, dim: int) -> torch.Tensor | None:
-    from safetensors.torch import load_file
-
     try:
         emb = load_file(path)["embeddings"]
     except Exception:  # a torn or foreign file: recompute and overwrite it
@@ -107,11 +114,9 @@ def embed_texts(
     batch_size: int = 32,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Embeddings [N, d] of `texts`, read from the disk cache when this exact list was embedded before."""
-    from safetensors.torch import save_file
-
+    """Embeddings [N, d] of `texts`, read from the disk cache when this encoder embedded this exact list before."""
     texts = list(texts)
-    path = embeddings_cache_dir() / f"{embedding_key(encoder.name, texts, encoder.max_length)}.safetensors"
+    path = embeddings_cache_dir() / f"{embedding_key(encoder.identity, texts, encoder.max_length)}.safetensors"
     if cache and path.exists():
         emb = _read_cached(path, len(texts), encoder.dim)
         if emb is not None:

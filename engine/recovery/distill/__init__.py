@@ -18,7 +18,7 @@ from engine.recovery.distill.config import MODES, DistillConfig, DistillError, w
 from engine.recovery.distill.data import DistillData, distill_data, prompt_split, teacher_continuations
 from engine.recovery.distill.loop import DistillResult, distill
 from engine.recovery.distill.losses import _hidden_pairs as _hidden_pairs  # the tests check the layer pairing
-from engine.recovery.distill.losses import heldout_metric, hidden_mse, kd_kl, mean_pool
+from engine.recovery.distill.losses import heldout_metric, hidden_mse, kd_kl, sentence_cosine
 from engine.recovery.distill.student import LowRankDelta, add_lora_, layer_map, prepare_student_, trainable_parameters
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "layer_map",
     "kd_kl",
     "hidden_mse",
-    "mean_pool",
+    "sentence_cosine",
     "prompt_split",
     "teacher_continuations",
     "distill_data",

@@ -25,6 +25,7 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.tokens import encode_batch
+from engine.models.sentence import sentence_head
 from engine.recovery.distill.checkpoint import (
     StepRecord,
     _fingerprint,
@@ -131,7 +132,9 @@ def distill(
     opt = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
     fingerprint = _fingerprint(student, config, data, params)
     best: dict[str, torch.Tensor] | None = None
-    eval_kwargs = {"batch_size": config.batch_size, "max_length": config.max_length}
+    # An encoder's sentence embeddings go through the teacher's own ST modules (Pooling, Normalize), read once.
+    head = None if teacher.adapter.has_lm_head else sentence_head(teacher)
+    eval_kwargs = {"batch_size": config.batch_size, "max_length": config.max_length, "head": head}
     if resume:
         state = _load_checkpoint(out, params, opt, fingerprint)
         best = _load_best(out)
@@ -155,7 +158,7 @@ def distill(
             for group in opt.param_groups:
                 group["lr"] = lr
             ids, am = encode_batch(tokenizer, _batch_texts(data, config, step), config.max_length, student.device)
-            loss, kd, hid = _batch_loss(teacher, student, ids, am, config, pairs)
+            loss, kd, hid = _batch_loss(teacher, student, ids, am, config, pairs, head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:

@@ -4,7 +4,9 @@ Per batch of texts (teacher under no_grad; its shared model is never changed):
 - causal or masked LM: T^2 * KL(p_teacher^T || p_student^T) over every non-padding position
   (Hinton et al. 2015), T = `temperature`;
 - bare encoder (no LM head, e.g. the MiniLM sentence encoder): the cosine distance between the
-  mean-pooled sentence embeddings plus the normalised MSE of the last hidden states;
+  sentence embeddings plus the normalised MSE of the last hidden states. Sentence embeddings go
+  through the teacher's own sentence-transformers modules after its Transformer (Pooling,
+  Normalize: engine.models.sentence.sentence_head, plain torch, so the loss is differentiable);
 - optional: `hidden_weight` x the normalised MSE ||h_s - h_t||^2 / ||h_t||^2 of matched layers
   (student layer i <-> the teacher layer it was cut from, read off the surgery plan).
 """
@@ -18,10 +20,11 @@ import torch.nn.functional as F
 
 from engine.core.handle import ModelHandle
 from engine.core.tokens import encode_batch
+from engine.models.sentence import pool, sentence_head
 from engine.recovery.distill.config import DistillConfig
 from engine.recovery.distill.student import layer_map
 
-__all__ = ["kd_kl", "hidden_mse", "mean_pool", "heldout_metric"]
+__all__ = ["kd_kl", "hidden_mse", "sentence_cosine", "heldout_metric"]
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
@@ -39,11 +42,12 @@ def hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor, valid: torch.Te
     return ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `hidden` [B, T, d] over non-padding positions, L2-normalised: [B, d]."""
-    m = attention_mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-    return F.normalize(pooled.float(), dim=-1)
+def sentence_cosine(head: torch.nn.Module, student_h: torch.Tensor, teacher_h: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B]: cosine between the student's and the teacher's sentence embeddings, both through `head`."""
+    s = pool(head, student_h, attention_mask).float()
+    t = pool(head, teacher_h, attention_mask).float()
+    return F.cosine_similarity(s, t, dim=-1)
 
 
 def _forward(handle: ModelHandle, ids: torch.Tensor, am: torch.Tensor, hidden: bool) -> tuple[torch.Tensor | None, Any]:
@@ -57,8 +61,9 @@ def _final_hidden(out: Any) -> torch.Tensor:
 
 
 def _batch_loss(teacher: ModelHandle, student: ModelHandle, ids: torch.Tensor, am: torch.Tensor,
-                config: DistillConfig, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, float, float]:
-    """(total loss, distillation part, hidden-state part) for one batch."""
+                config: DistillConfig, pairs: list[tuple[int, int]], head: torch.nn.Module | None = None
+                ) -> tuple[torch.Tensor, float, float]:
+    """(total loss, distillation part, hidden-state part) for one batch; `head`: the encoder's sentence modules."""
     want_hidden = config.hidden_weight > 0
     with torch.no_grad():
         t_logits, t_out = _forward(teacher, ids, am, want_hidden)
@@ -68,7 +73,7 @@ def _batch_loss(teacher: ModelHandle, student: ModelHandle, ids: torch.Tensor, a
         kd = kd_kl(s_logits, t_logits, valid, config.temperature)
     else:
         s_h, t_h = _final_hidden(s_out), _final_hidden(t_out)
-        cos = (mean_pool(s_h, am) * mean_pool(t_h, am)).sum(dim=-1)  # (B,)
+        cos = sentence_cosine(head if head is not None else sentence_head(teacher), s_h, t_h, am)  # (B,)
         kd = (1 - cos).mean() + hidden_mse(s_h, t_h, valid)
     hid = torch.zeros((), device=kd.device)
     if want_hidden:
@@ -88,9 +93,11 @@ def _hidden_pairs(student: ModelHandle, teacher: ModelHandle, config: DistillCon
 
 @torch.no_grad()
 def heldout_metric(teacher: ModelHandle, student: ModelHandle, texts: Sequence[str], *, batch_size: int = 4,
-                   max_length: int = 128) -> float:
+                   max_length: int = 128, head: torch.nn.Module | None = None) -> float:
     """Lower is better. LM: mean per-token KL(teacher || student) at T = 1; encoder: mean (1 - cos) of sentence embeddings."""
     total, count = 0.0, 0
+    if not teacher.adapter.has_lm_head and head is None:
+        head = sentence_head(teacher)
     for i in range(0, len(texts), batch_size):
         ids, am = encode_batch(teacher.tokenizer, texts[i : i + batch_size], max_length, student.device)
         t_logits, t_out = _forward(teacher, ids, am, False)
@@ -100,6 +107,6 @@ def heldout_metric(teacher: ModelHandle, student: ModelHandle, texts: Sequence[s
             n = int(valid.sum())
             total, count = total + float(kd_kl(s_logits, t_logits, valid, 1.0)) * n, count + n
         else:
-            cos = (mean_pool(_final_hidden(s_out), am) * mean_pool(_final_hidden(t_out), am)).sum(dim=-1)
+            cos = sentence_cosine(head, _final_hidden(s_out), _final_hidden(t_out), am)
             total, count = total + float((1 - cos).sum()), count + ids.shape[0]
     return total / max(count, 1)
