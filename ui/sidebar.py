@@ -13,7 +13,7 @@ import streamlit as st
 from engine.core.errors import USER_ERRORS
 from engine.core.mask import PruneMask
 from engine.data.datasets import CALIBRATION_SETS
-from engine.models.load import DEFAULT_MODEL, ENCODER_MODEL
+from engine.models.load import DEFAULT_MODEL, ENCODER_MODEL, GEMMA3_MODEL
 from ui import keys, session
 from ui.compute import mask_cost
 from ui.models import DTYPES, ModelChoice, default_choice, device_options, load_cached
@@ -27,7 +27,7 @@ OTHER_MODEL = "Local folder or hub id..."
 
 def _model_options() -> list[str]:
     first = default_choice().name
-    options = [first] + [n for n in (DEFAULT_MODEL, ENCODER_MODEL) if n != first]
+    options = [first] + [n for n in (DEFAULT_MODEL, GEMMA3_MODEL, ENCODER_MODEL) if n != first]
     return options + [OTHER_MODEL]
 
 
@@ -37,8 +37,10 @@ def _model_picker() -> None:
     if keys.W_MODEL_OPTION not in st.session_state:
         st.session_state[keys.W_MODEL_OPTION] = current.name if current.name in options else OTHER_MODEL
     option = st.selectbox("Model", options, key=keys.W_MODEL_OPTION,
-                          help="The shipped SmolLM2-135M-Instruct, the MiniLM encoder, or any supported "
-                               "Hugging Face model (Llama, Mistral, Qwen2, GPT-2, BERT) from a folder or the hub.")
+                          help="The shipped SmolLM2-135M-Instruct, Gemma 3 270M (base model, Gemma Terms of Use; "
+                               "its first opening dequantises it, about a minute), the MiniLM encoder, or any "
+                               "supported Hugging Face model (Llama, Mistral, Qwen2, Gemma 3, GPT-2, BERT) from a "
+                               "folder or the hub.")
     name = option
     if option == OTHER_MODEL:
         name = st.text_input("Folder or hub id", key=keys.W_MODEL_PATH,
