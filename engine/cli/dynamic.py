@@ -29,6 +29,7 @@ from engine.cli.common import (
     Subparsers,
     add_model_args,
     add_protocol_args,
+    is_main_process,
     load_handle,
     measure_perplexity,
     progress_bar,
@@ -119,7 +120,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 @contextmanager
 def _training_bar(steps: int) -> Iterator[Callable[[dict], None]]:
     """A tqdm bar over the training steps, showing loss, KL and the sparsity reached."""
-    bar = tqdm(total=steps, desc="training the importance network", unit="step", file=sys.stderr, leave=False)
+    bar = tqdm(total=steps, desc="training the importance network", unit="step", file=sys.stderr, leave=False,
+               disable=not is_main_process())
 
     def update(entry: dict) -> None:
         bar.n = entry["step"]
@@ -144,13 +146,15 @@ def _ipn_config(args: argparse.Namespace) -> IPNConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the importance network to --target (model frozen) and save it."""
+    """Train the importance network to --target (model frozen) and save it (under torchrun: data-parallel, rank 0 saves)."""
     config = _ipn_config(args)  # bad settings fail before the model loads
     handle = load_handle(args)
     ids = _calibration(handle, args)
     stage(f"the dense model's outputs on {ids.shape[0]} x {ids.shape[1]} tokens, then {config.steps} steps")
     with _training_bar(config.steps) as on_step:
-        run = train_ipn(handle, config, ids, on_step=on_step)
+        run = train_ipn(handle, config, ids, on_step=on_step, world=args.world)
+    if not args.world.is_main:
+        return 0
     last = run.history[-1] if run.history else {}
     print(f"trained the importance network in {run.seconds:.0f} s ({len(run.history)} steps): final loss "
           f"{last.get('loss', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}; "
@@ -275,7 +279,7 @@ def register(sub: Subparsers) -> None:
     _add_calibration_window_args(p)
     p.add_argument("--out", required=True, help="output folder (ipn.safetensors + ipn.json)")
     p.add_argument("--json", help="also write the results (with the per-step history) to this JSON file")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, data_parallel=True)
 
     p = sub.add_parser("dynamic-eval", help="perplexity and sparsity under a per-token method; IPN vs the oracle")
     add_model_args(p)

@@ -25,6 +25,7 @@ from engine.cli.common import (
     protocol_from_args,
 )
 from engine.core.csvfile import write_rows
+from engine.core.files import write_atomic_text
 from engine.core.handle import ModelHandle
 from engine.data.datasets import calibration_texts
 from engine.importance.capture import CaptureStats
@@ -55,20 +56,25 @@ def score_table(handle: ModelHandle, scores: dict[str, Scores], stats: CaptureSt
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score every head with --criteria and write the table (CSV, or JSON by the suffix)."""
+    """Score every head with --criteria and write the table (CSV, or JSON by the suffix).
+
+    Under torchrun the capture splits the texts and ablation the heads across the ranks (docs/scale.md);
+    rank 0 writes the table once every rank has finished its share.
+    """
     handle = load_handle(args)
     texts = calibration_texts(args.calibration, args.n_texts)
     criteria = args.criteria.split(",")
     t = time.perf_counter()
     with progress_bar("scoring") as cb:
         scores, stats = score(handle, texts, criteria, progress=cb, batch_size=args.batch_size,
-                              max_length=args.max_length)
+                              max_length=args.max_length, world=args.world)
+    if not args.world.is_main:
+        return 0
     rows = score_table(handle, scores, stats)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
-        out.write_text(json.dumps({"model": handle.name, "calibration": args.calibration,
-                                   "n_texts": len(texts), "rows": rows}, indent=1))
+        write_atomic_text(out, json.dumps({"model": handle.name, "calibration": args.calibration,
+                                           "n_texts": len(texts), "rows": rows}, indent=1))
     else:
         write_rows(rows, out)
     g = handle.geometry
@@ -112,7 +118,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--criteria", default="entropy,magnitude,gradient,activation",
                    help=f"comma-separated, from: {', '.join(criterion_names())}")
     p.add_argument("--out", default="scores.csv", help="output file (.csv or .json)")
-    p.set_defaults(func=cmd_score)
+    p.set_defaults(func=cmd_score, data_parallel=True)
 
     p = sub.add_parser("prune", help="criterion + budget -> mask file + perplexity")
     add_model_args(p)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from engine.core.files import write_atomic_text
 
 __all__ = ["write_rows"]
 
 
 def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Write `rows` to `path` (parent folders created), one column per key of the first row."""
+    """Write `rows` to `path` atomically (parent folders created), one column per key of the first row."""
     if not rows:
         raise ValueError(f"no rows to write to {path}")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return write_atomic_text(path, buf.getvalue())

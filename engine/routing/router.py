@@ -40,6 +40,7 @@ from engine.core.mask import MaskError, PruneMask
 from engine.core.objective import token_logits
 from engine.core.progress import Progress
 from engine.core.tokens import EmptyTextError, context_length, encode_batch
+from engine.distributed.world import SINGLE, World
 from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig, train_mask
 from engine.routing.clusters import CalibrationPrompt, Clustering, purity
 from engine.routing.embeddings import SentenceEncoder, embed_texts
@@ -253,8 +254,14 @@ def train_router(
     distance: str = "euclidean",
     static: bool = True,
     progress: Callable[[str, StepLog], None] | None = None,
+    world: World = SINGLE,
 ) -> Router:
-    """One mask per cluster (on that cluster's score texts) and, with `static`, one on all of them."""
+    """One mask per cluster (on that cluster's score texts) and, with `static`, one on all of them.
+
+    Under a data-parallel `world` the masks are dealt round-robin to the ranks, one training run per
+    mask as in one process (same texts, same seed), and gathered: every rank returns the same router.
+    `progress` sees this rank's masks only.
+    """
     if len(prompts) != embeddings.shape[0] or len(prompts) != clustering.labels.numel():
         raise ValueError(f"{len(prompts)} prompts, {embeddings.shape[0]} embeddings and "
                          f"{clustering.labels.numel()} labels: they must match one to one")
@@ -263,10 +270,17 @@ def train_router(
         jobs.append((f"cluster {c}", [p.score_text for p, l in zip(prompts, clustering.labels) if int(l) == c]))
     if static:
         jobs.append(("static", [p.score_text for p in prompts]))
-    results = {}
-    for name, texts in jobs:
-        cb = (lambda log, name=name: progress(name, log)) if progress else None
-        results[name] = train_mask(handle, texts, target, config, progress=cb)
+    local: dict[str, _Trained] = {}
+
+    def run_share() -> None:
+        for _, (name, texts) in world.shard(jobs):
+            cb = (lambda log, name=name: progress(name, log)) if progress else None
+            r = train_mask(handle, texts, target, config, progress=cb)
+            local[name] = _Trained(r.mask.to_dict(), r.removed, r.seconds, r.expected_sparsity)
+
+    world.run("mask training", run_share)
+    gathered = {name: t for share in world.all_gather(local) for name, t in share.items()}
+    results = {name: gathered[name] for name, _ in jobs}  # in training order, as one process has them
     pur = purity(clustering.labels, [p.category for p in prompts], clustering.k)
     meta = {
         "model": handle.name,
@@ -284,12 +298,22 @@ def train_router(
     }
     return Router(
         pool=clustering.centroids.clone().float(),
-        masks=[results[f"cluster {c}"].mask for c in range(clustering.k)],
+        masks=[PruneMask.from_dict(results[f"cluster {c}"].mask) for c in range(clustering.k)],
         encoder=encoder.name,
         distance=distance,
-        static_mask=results["static"].mask if static else None,
+        static_mask=PruneMask.from_dict(results["static"].mask) if static else None,
         meta=meta,
     )
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What the router keeps of one mask's training run; plain data, so ranks can exchange it."""
+
+    mask: dict[str, Any]  # PruneMask.to_dict()
+    removed: dict[str, int]
+    seconds: float
+    expected_sparsity: dict[str, float]
 
 
 @torch.no_grad()

@@ -24,6 +24,14 @@ end one common threshold shift brings the average sparsity on the calibration wi
 exactly (engine.dynamic.ipn.calibrate.match_sparsity).
 
 The dense model's log-probabilities of the calibration windows are computed once (float16) and reused.
+
+Data-parallel (`world=`, under torchrun): each step's batch of windows is split evenly across the ranks,
+each rank takes the gradient of the loss on its share and the gradients are averaged (what
+DistributedDataParallel does), so every rank holds the same network after every step. The KL term
+is the one of the whole batch (windows have equal lengths); the sparsity and consistency terms are
+taken per share and averaged, so the run is close to, not bit-equal with, one process's. Replicated
+on every rank: the dense pass over the windows, the threshold calibration and the final sparsity match.
+The history holds the mean over the ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import torch.nn.functional as F
 
 from engine.core.handle import ModelHandle
 from engine.core.progress import Progress
+from engine.distributed.world import SINGLE, World
 from engine.dynamic.calibrate import calibration_ids
 from engine.dynamic.ipn.apply import IPNTrace, apply_ipn
 from engine.dynamic.ipn.calibrate import calibrate_thresholds, match_sparsity
@@ -125,16 +134,20 @@ def _teacher(handle: ModelHandle, ids: torch.Tensor, progress: Progress | None) 
 
 def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.Tensor | None = None, *,
               progress: Progress | None = None, on_step: Callable[[dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> IPNTraining:
+              should_stop: Callable[[], bool] | None = None, world: World = SINGLE) -> IPNTraining:
     """Train an importance network for `handle` (model frozen); see the module docstring.
 
     ids: [B, T] calibration windows (default: config.n_windows windows of config.window tokens of the shipped
     calibration text). progress(done, total) covers the dense pass and the steps; on_step(entry) gets each
     step's history entry (loss, kl, ffn_sparsity, head_sparsity, consistency, seconds, and layer_sparsity: the
     fraction of channels each layer dropped in that step, the network's gate activity); should_stop() ends training early (the network so far is returned, stopped=True).
+    world: the ranks of a data-parallel job (module docstring); should_stop must then answer alike on every rank.
     """
     if not handle.is_causal_lm:
         raise IPNError(f"{handle.name} has no LM head: the importance network is trained against next-token outputs")
+    if config.batch % world.size:
+        raise IPNError(f"a batch of {config.batch} windows does not split evenly across {world.size} processes: "
+                       f"make it a multiple of {world.size}")
     torch.manual_seed(config.seed)
     ids = calibration_ids(handle, window=config.window, n_windows=config.n_windows) if ids is None else ids
     t0 = time.perf_counter()
@@ -160,7 +173,7 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
             break
         if pos + config.batch > len(order):
             order, pos = torch.randperm(ids.shape[0], generator=generator), 0
-        rows = order[pos : pos + config.batch]
+        rows = order[pos : pos + config.batch][world.rank :: world.size]  # this rank's share of the batch
         pos += config.batch
         batch = ids[rows].to(handle.device)
         trace = IPNTrace()
@@ -177,13 +190,18 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, gr in zip(params, grads):
             p.grad = gr
+        world.average_gradients([p for p in params if p.grad is not None])  # unused ones are so on every rank
         opt.step()
         opt.zero_grad(set_to_none=True)
-        entry = {"step": step + 1, "loss": float(loss.detach()), "kl": float(kl.detach()),
-                 "ffn_sparsity": 1.0 - float(kept.detach()),
-                 "head_sparsity": None if head_kept is None else 1.0 - float(head_kept.detach()),
-                 "consistency": float(cons.detach()), "seconds": time.perf_counter() - t0,
-                 "layer_sparsity": [1.0 - float(m.detach().mean()) for m in trace.ffn]}
+        scalars = [loss, kl, kept, head_kept if head_kept is not None else torch.zeros(()), cons,
+                   *[m.mean() for m in trace.ffn]]
+        logged = torch.stack([v.detach().float().cpu() for v in scalars])  # one all-reduce for the whole entry
+        loss_v, kl_v, kept_v, head_v, cons_v, *layers_v = (world.all_sum({"v": logged})["v"] / world.size).tolist()
+        entry = {"step": step + 1, "loss": loss_v, "kl": kl_v,
+                 "ffn_sparsity": 1.0 - kept_v,
+                 "head_sparsity": None if head_kept is None else 1.0 - head_v,
+                 "consistency": cons_v, "seconds": time.perf_counter() - t0,
+                 "layer_sparsity": [1.0 - v for v in layers_v]}
         run.history.append(entry)
         if on_step:
             on_step(entry)

@@ -1,0 +1,79 @@
+"""Jobs the data-parallel tests start as one process or under torchrun (tests/test_scale_torchrun.py).
+
+    python -m tests.scale_jobs router OUT.json                 # per-cluster masks on a tiny llama
+    torchrun --standalone --nproc-per-node 2 -m tests.scale_jobs router OUT.json
+    torchrun ... -m tests.scale_jobs failing-rank 1 score ...  # `python -m engine score ...`, rank 1 raising
+    torchrun ... -m tests.scale_jobs ipn OUT.json              # importance-network training on a tiny llama
+
+Run from the repository root (`-m` finds `tests` and `engine` there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import torch
+
+from engine.cli.main import main
+from engine.core.files import write_atomic_text
+from engine.distributed.world import open_world
+from engine.dynamic.ipn import IPNConfig, train_ipn
+from engine.importance import ablation
+from engine.pruning.softmask import MaskTarget, TrainConfig
+from engine.routing.clusters import calibration_prompts, kmeans
+from engine.routing.router import train_router
+from tests.tiny import tiny_handle
+
+
+def router_job(out: str) -> int:
+    """Three cluster masks and the static one on a tiny llama; rank 0 writes the masks as JSON."""
+    handle = tiny_handle("llama")
+    prompts = calibration_prompts(per_source=6)
+    embeddings = torch.randn(len(prompts), 8, generator=torch.Generator().manual_seed(0))
+    clustering = kmeans(embeddings, k=3, seed=0)
+    encoder = types.SimpleNamespace(name="random-embeddings")  # train_router reads only its name
+    with open_world() as world:
+        router = train_router(handle, encoder, prompts, embeddings, clustering, MaskTarget(blocks=1, heads=2),
+                              TrainConfig(steps=4, batch_size=2, max_length=24), world=world)
+        if world.is_main:
+            write_atomic_text(out, json.dumps({"world": world.size,
+                                               "masks": [m.to_dict() for m in router.masks],
+                                               "static": router.static_mask.to_dict(),
+                                               "trained": sorted(router.meta["train_seconds"])}))
+    return 0
+
+
+def ipn_job(out: str) -> int:
+    """A few steps of importance-network training, data-parallel; rank 0 writes the history and parameters."""
+    handle = tiny_handle("llama")
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    with open_world() as world:
+        run = train_ipn(handle, IPNConfig(steps=3, batch=2, window=16, n_windows=4), ids, world=world)
+        if world.is_main:
+            params = {n: p.detach().flatten().tolist() for n, p in run.ipn.named_parameters()}
+            write_atomic_text(out, json.dumps({"world": world.size, "history": run.history, "params": params}))
+    return 0
+
+
+def failing_rank(rank: str, argv: list[str]) -> int:
+    """`python -m engine ARGV`, except that rank `rank` raises on its first ablated head."""
+    if os.environ.get("RANK") == rank:
+        def fail(*args, **kwargs):
+            raise RuntimeError(f"injected failure on rank {rank}")
+
+        ablation.head_removal_mask = fail
+    return main(argv)
+
+
+if __name__ == "__main__":
+    job, rest = sys.argv[1], sys.argv[2:]
+    if job == "router":
+        sys.exit(router_job(rest[0]))
+    if job == "ipn":
+        sys.exit(ipn_job(rest[0]))
+    if job == "failing-rank":
+        sys.exit(failing_rank(rest[0], rest[1:]))
+    sys.exit(f"unknown job {job!r}")
