@@ -26,7 +26,8 @@ __all__ = [
     "calibration_texts",
 ]
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+_SHIPPED = Path(__file__).resolve().parent / "shipped"  # an installed wheel's copy of data/ (setup.py)
+DATA_DIR = _SHIPPED if _SHIPPED.is_dir() else Path(__file__).resolve().parents[2] / "data"
 WIKITEXT_FILE = DATA_DIR / "wikitext-2-raw-test.txt"
 PROMPT_SETS = {
     "mt_bench": "mt_bench.jsonl",

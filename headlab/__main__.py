@@ -1,0 +1,7 @@
+"""`python -m headlab`: the same as the `headlab` command (headlab/cli.py)."""
+
+import sys
+
+from headlab.cli import main
+
+sys.exit(main())
