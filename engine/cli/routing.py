@@ -16,7 +16,15 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from engine.cli.common import Subparsers, add_model_args, count_or_fraction, load_handle, progress_bar, say
+from engine.cli.common import (
+    Subparsers,
+    add_model_args,
+    count_or_fraction,
+    is_main_process,
+    load_handle,
+    progress_bar,
+    say,
+)
 from engine.core.handle import ModelHandle
 from engine.models.load import ENCODER_MODEL
 from engine.pruning.softmask import MaskTarget, StepLog, TrainConfig
@@ -98,7 +106,8 @@ def _training_bar() -> Iterator[Callable[[str, StepLog], None]]:
     def update(name: str, log: StepLog) -> None:
         bar = bars.get(name)
         if bar is None:
-            bar = bars[name] = tqdm(total=log.steps, desc=f"mask {name}", unit="step", file=sys.stderr, leave=True)
+            bar = bars[name] = tqdm(total=log.steps, desc=f"mask {name}", unit="step", file=sys.stderr, leave=True,
+                                    disable=not is_main_process())  # under torchrun: rank 0's masks
         bar.n = log.step
         sparsity = " ".join(f"{k} {v:.3f}->{log.target_sparsity[k]:.3f}" for k, v in log.expected_sparsity.items())
         bar.set_postfix_str(f"KL/LM {log.objective:.3f} sparsity {sparsity}", refresh=True)
@@ -135,7 +144,9 @@ def cmd_train_masks(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     with _training_bar() as cb:
         router = train_router(handle, enc, run.prompts, run.embeddings, run.clustering, target, config,
-                              distance=args.distance, static=not args.no_static, progress=cb)
+                              distance=args.distance, static=not args.no_static, progress=cb, world=args.world)
+    if not args.world.is_main:  # under torchrun every rank has the router; rank 0 reports and writes it
+        return 0
     router.meta["clusters"] = {"settings": run.settings, "held_out_keys": [p.key for p in run.split.held_out]}
     print(f"trained {router.k + (router.static_mask is not None)} masks, {args.steps} steps each, "
           f"in {time.perf_counter() - t:.0f} s")
@@ -206,7 +217,7 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--no-static", action="store_true", help="skip the static (all-data) baseline mask")
     p.add_argument("--eval", action="store_true", help="held-out perplexity: dense, static and routed")
     p.add_argument("--out", default="router", help="output folder")
-    p.set_defaults(func=cmd_train_masks)
+    p.set_defaults(func=cmd_train_masks, data_parallel=True)
 
     p = sub.add_parser("route", help="which cluster (and mask) a prompt routes to; optionally generate under it")
     add_model_args(p)
