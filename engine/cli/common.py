@@ -86,7 +86,7 @@ def count_or_fraction(x: float) -> int | float:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype, --trust-remote-code, --threads, --device-map, --max-memory, --offload-folder."""
-    p.add_argument("--model", default=None, help="alias (smollm2-135m-instruct, minilm), local HF folder or hub id")
+    p.add_argument("--model", default=None, help="alias (smollm2-135m-instruct, gemma3-270m, minilm), local HF folder or hub id")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
