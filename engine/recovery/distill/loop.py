@@ -10,6 +10,12 @@ Determinism and resume: the student runs in eval mode (no dropout), the data ord
 of (seed, step) and the learning rate of the step, so the loop draws no random numbers.
 A checkpoint (checkpoint.py) is written every `checkpoint_every` steps, when `should_stop()` says
 so and on Ctrl-C; `resume=True` continues the same run: k steps + resume to N equals N steps straight.
+
+Data-parallel (`world=`, under torchrun): every rank holds the teacher and the same student; each
+step's batch is split evenly across the ranks, the gradients are averaged (DistributedDataParallel's
+reduction) before clipping and the step, so the students stay identical. The objective is the mean of
+the shares' means (equal to the batch mean when the shares hold as many tokens). Replicated on every
+rank: the held-out evaluations and the best-student copy; only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from engine.core.handle import ModelHandle
 from engine.core.tokens import encode_batch
+from engine.distributed.world import SINGLE, World
 from engine.models.sentence import sentence_head
 from engine.recovery.distill.checkpoint import (
     StepRecord,
@@ -115,12 +122,20 @@ def distill(
     progress: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     stage: str = "",
+    world: World = SINGLE,
 ) -> DistillResult:
-    """Train `student` (in place) to match `teacher` on `data`; see losses.py for the objective."""
+    """Train `student` (in place) to match `teacher` on `data`; see losses.py for the objective.
+
+    world: the ranks of a data-parallel job (module docstring); should_stop must then answer alike on every rank.
+    """
     config = (config or DistillConfig()).check()
     data.check()
     _check_pair(teacher, student)
+    if config.batch_size % world.size:
+        raise DistillError(f"a batch of {config.batch_size} texts does not split evenly across {world.size} "
+                           f"processes: make it a multiple of {world.size}")
     out = Path(out_dir) if out_dir is not None else None
+    writes = out if world.is_main else None  # every rank may read a checkpoint; rank 0 alone writes
     if out is not None and has_checkpoint(out) and not resume:
         raise FileExistsError(f"{out} already holds a distillation checkpoint; resume it or choose another folder")
     if resume and not has_checkpoint(out):
@@ -143,8 +158,8 @@ def distill(
         state.initial = state.best = heldout_metric(teacher, student, data.heldout, **eval_kwargs)
         # The starting point is a candidate too: a run that only gets worse gives the student back unchanged.
         best = {n: p.detach().clone() for n, p in params.items()} if config.restore_best else None
-        if out is not None and best is not None:
-            _save_best(out, best)
+        if writes is not None and best is not None:
+            _save_best(writes, best)
         state.history.append(StepRecord(0, config.steps, None, None, None, 0.0, state.initial, 0.0, stage))
         if progress:
             progress(state.history[-1])
@@ -157,10 +172,15 @@ def distill(
             lr = _lr(config, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            ids, am = encode_batch(tokenizer, _batch_texts(data, config, step), config.max_length, student.device)
+            texts = _batch_texts(data, config, step)[world.rank :: world.size]  # this rank's share
+            ids, am = encode_batch(tokenizer, texts, config.max_length, student.device)
             loss, kd, hid = _batch_loss(teacher, student, ids, am, config, pairs, head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            world.average_gradients(params.values())
+            # The logged values are the batch's: the mean over the shares (one rank: its own).
+            logged = torch.tensor([loss.item(), kd, hid], dtype=torch.float64)
+            loss_value, kd, hid = (world.all_sum({"v": logged})["v"] / world.size).tolist()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)
             opt.step()
@@ -171,27 +191,27 @@ def distill(
                 if held < state.best * (1 - config.min_improvement):
                     state.best, state.best_step, state.bad_evals = held, state.step, 0
                     best = {n: p.detach().clone() for n, p in params.items()} if config.restore_best else None
-                    if out is not None and best is not None:
-                        _save_best(out, best)
+                    if writes is not None and best is not None:
+                        _save_best(writes, best)
                 else:
                     state.bad_evals += 1
                     state.stopped_early = bool(config.patience) and state.bad_evals >= config.patience
             state.wall_s = time.perf_counter() - started
-            record = StepRecord(state.step, config.steps, loss.item(), kd, hid, lr, held, state.wall_s, stage)
+            record = StepRecord(state.step, config.steps, loss_value, kd, hid, lr, held, state.wall_s, stage)
             state.history.append(record)
-            if out is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps
-                                    or state.stopped_early):
-                _write_checkpoint(out, params, opt, state, fingerprint)
+            if writes is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps
+                                       or state.stopped_early):
+                _write_checkpoint(writes, params, opt, state, fingerprint)
             if progress:
                 progress(record)
             if should_stop is not None and state.step < config.steps and not state.stopped_early and should_stop():
                 interrupted = True
-                if out is not None:
-                    _write_checkpoint(out, params, opt, state, fingerprint)
+                if writes is not None:
+                    _write_checkpoint(writes, params, opt, state, fingerprint)
                 break
     except KeyboardInterrupt:
-        if out is not None:
-            _write_checkpoint(out, params, opt, state, fingerprint)
+        if writes is not None:
+            _write_checkpoint(writes, params, opt, state, fingerprint)
         raise
     finally:
         for p in params.values():
