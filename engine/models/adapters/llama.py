@@ -237,7 +237,8 @@ class LlamaAdapter(Adapter):
     def decode_refusal(self) -> str | None:
         if self.lm_head() is None:
             return "the model has no LM head to pick the next token"
-        # The same limits as the kernel path: one query token attends to the whole cache, unmasked.
+        # The same limits as the kernel path: one query token attends to its layer's whole cache, unmasked
+        # (DynamicCache(config=...) keeps a sliding-window layer's last window - 1 tokens only).
         return self.sparse_refusal()
 
     def decode_cache(self) -> DynamicCache:
