@@ -235,6 +235,18 @@ def test_cli_cluster_embeds_with_the_encoder_given_by_folder(tiny_st, tmp_path, 
     assert json.loads(out.read_text())["encoder"] == str(tiny_st)
 
 
+def test_cli_export_of_a_sentence_transformers_model_says_how_to_use_it_as_the_encoder(tiny_st, tmp_path, capsys):
+    handle = load_model(str(tiny_st))
+    heads_mask(handle.geometry).save(tmp_path / "mask.json")
+    out = tmp_path / "pruned"
+    assert main(["export", "--model", str(tiny_st), "--mask", str(tmp_path / "mask.json"), "--out", str(out),
+                 "--no-eval"]) == 0
+    assert (f"as a sentence encoder: --encoder {out}, or engine.models.sentence.open_sentence_transformer(folder)"
+            in capsys.readouterr().out)
+    assert main(["cluster", "--encoder", str(out), "--k", "2", "--per-source", "4", "--no-silhouette",
+                 "--out", ""]) == 0
+
+
 def test_cli_refuses_an_encoder_folder_that_is_not_sentence_transformers(tmp_path, capsys):
     bert = save_tiny(tmp_path / "bert", "bert")
     assert main(["cluster", "--encoder", str(bert), "--out", ""]) == USER_ERROR_STATUS

@@ -104,6 +104,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for note in m["surgery"]["notes"][:8]:
         print(f"  {note}")
     print(f"load it with: {r.load_hint}")
+    if "sentence_transformers" in m["load"]:
+        print(f"as a sentence encoder: --encoder {r.folder}, or {m['load']['sentence_transformers']}")
     if args.zip:
         print(f"zipped to {zip_folder(r.folder)}")
     return 0
