@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 2 -m tests.scale_jobs router OUT.json
     torchrun ... -m tests.scale_jobs failing-rank 1 score ...  # `python -m engine score ...`, rank 1 raising
     torchrun ... -m tests.scale_jobs ipn OUT.json              # importance-network training on a tiny llama
+    torchrun ... -m tests.scale_jobs distill OUT.json          # distillation of a pruned tiny llama
 
 Run from the repository root (`-m` finds `tests` and `engine` there).
 """
@@ -19,10 +20,14 @@ import torch
 
 from engine.cli.main import main
 from engine.core.files import write_atomic_text
+from engine.core.mask import PruneMask
+from engine.data.datasets import calibration_texts
 from engine.distributed.world import open_world
 from engine.dynamic.ipn import IPNConfig, train_ipn
+from engine.export.surgery import prune
 from engine.importance import ablation
 from engine.pruning.softmask import MaskTarget, TrainConfig
+from engine.recovery.distill import DistillConfig, DistillData, distill
 from engine.routing.clusters import calibration_prompts, kmeans
 from engine.routing.router import train_router
 from tests.tiny import tiny_handle
@@ -58,6 +63,24 @@ def ipn_job(out: str) -> int:
     return 0
 
 
+def distill_job(out: str) -> int:
+    """Three steps distilling a pruned tiny llama (texts of equal token counts); rank 0 writes history and weights."""
+    teacher = tiny_handle("llama")
+    mask = PruneMask.dense(teacher.geometry)
+    mask.ffn[:, : teacher.geometry.ffn_dim // 2] = 0
+    student = prune(teacher, mask)
+    texts = [t[:160] for t in calibration_texts("wikitext", 10)]  # 160 bytes: every text fills max_length
+    data = DistillData(tuple(texts[:8]), tuple(texts[8:]))
+    config = DistillConfig(steps=3, batch_size=2, max_length=48, lr=3e-4, warmup=1, eval_every=3)
+    with open_world() as world:
+        result = distill(teacher, student, data, config, world=world)
+        if world.is_main:
+            weights = {n: p.detach().flatten().tolist() for n, p in student.model.named_parameters()}
+            write_atomic_text(out, json.dumps({"world": world.size, "loss": [r.loss for r in result.history],
+                                               "heldout": result.initial_heldout, "weights": weights}))
+    return 0
+
+
 def failing_rank(rank: str, argv: list[str]) -> int:
     """`python -m engine ARGV`, except that rank `rank` raises on its first ablated head."""
     if os.environ.get("RANK") == rank:
@@ -74,6 +97,8 @@ if __name__ == "__main__":
         sys.exit(router_job(rest[0]))
     if job == "ipn":
         sys.exit(ipn_job(rest[0]))
+    if job == "distill":
+        sys.exit(distill_job(rest[0]))
     if job == "failing-rank":
         sys.exit(failing_rank(rest[0], rest[1:]))
     sys.exit(f"unknown job {job!r}")

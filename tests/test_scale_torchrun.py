@@ -5,7 +5,9 @@ The one-process baselines run in this process on one thread, the same computatio
 Tolerances: ablation KL is bit-identical (each head is measured by one rank, exactly as one process
 does); capture statistics (entropy, gradients) add the same per-batch sums in another order, so they
 agree to 1e-5 relative; per-cluster masks are bit-identical (one full training run per mask, same
-seed). Each run takes a few seconds (two Python start-ups dominate); every subprocess has a timeout.
+seed); distillation with shares of equal token counts gives the same losses to 1e-3 relative (KLs of
+~3e-4 in float32) and the same weights to 1e-4. Each torchrun takes a few seconds (two Python
+start-ups dominate); every subprocess has a timeout.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import pytest
 import torch
 
 from engine.cli.main import main
-from tests.scale_jobs import ipn_job, router_job
-from tests.tiny import save_tiny
+from tests.scale_jobs import distill_job, ipn_job, router_job
+from tests.tiny import save_tiny, tiny_handle
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds, per command: a hang fails the test instead of the suite
@@ -102,6 +104,25 @@ def test_importance_network_training_runs_data_parallel(tmp_path, one_thread):
     # The KL term is the whole batch's on both (the first step's network is the same untrained one).
     assert b["history"][0]["kl"] == pytest.approx(a["history"][0]["kl"], rel=1e-4)
     assert a["params"].keys() == b["params"].keys()
+
+
+def test_distillation_on_two_processes_equals_one(tmp_path, one_thread):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert distill_job(str(one)) == 0
+    r2 = _torchrun(["tests.scale_jobs", "distill", str(two)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world"] == 2 and len(b["loss"]) == 4  # the starting point and 3 steps
+    assert b["heldout"] == a["heldout"]
+    # Shares of one text each hold as many tokens as each other, so the mean of the shares' gradients is
+    # the batch's gradient: the students agree up to the order of float sums.
+    assert b["loss"][1:] == pytest.approx(a["loss"][1:], rel=1e-3)  # float32 KLs of ~3e-4, summed in another order
+    for name, w in a["weights"].items():
+        assert torch.allclose(torch.tensor(b["weights"][name]), torch.tensor(w), rtol=1e-4, atol=1e-6), name
+    start = dict(tiny_handle("llama").model.named_parameters())
+    moved = [n for n, w in a["weights"].items() if n in start and start[n].numel() == len(w)
+             and not torch.equal(start[n].detach().flatten(), torch.tensor(w))]
+    assert moved, "the three steps changed no weight: the comparison would prove nothing"
 
 
 def test_a_failing_rank_stops_the_job_with_its_error_and_no_output(tiny_folder, tmp_path):
