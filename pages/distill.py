@@ -8,7 +8,7 @@ from engine.recovery.distill import MODES, DistillConfig
 from engine.recovery.quantize import export_student
 from engine.recovery.recipes import RECIPES, RecoveryJob
 from engine.runtime.prefix_cache import live_protocol
-from ui import keys, session
+from ui import compute, keys, session
 from ui.errors import user_errors
 
 RECIPE_LABELS = {"fp32": "Full precision", "single": "Single-stage (quantise at step 0, one KD run)",
@@ -22,10 +22,13 @@ with user_errors():
 mask = session.mask()
 
 c1, c2, c3 = st.columns([1.3, 1.3, 1])
-source = c1.radio("Student", ["the session's mask", "uniform width, by size"], key=keys.W_DISTILL_SOURCE)
+BY_SIZE = ("uniform width, reconstructed (OBS)", "uniform width, by gradient")
+source = c1.radio("Student", ["the session's mask", *BY_SIZE], key=keys.W_DISTILL_SOURCE,
+                  help="Reconstructed: structured OBS chooses the units and re-solves the kept output weights "
+                       "(minutes, once per size; a far better start). By gradient: instant, no re-fit.")
 keep = c1.slider("Keep this fraction of the parameters", 0.3, 0.95, 0.7, 0.05, key=keys.W_DISTILL_KEEP,
-                 disabled=source != "uniform width, by size",
-                 help="The same heads per KV group and FFN channels removed in every layer, by the gradient criterion.")
+                 disabled=source not in BY_SIZE,
+                 help="The same heads per KV group and FFN channels removed in every layer.")
 recipe = c2.selectbox("Recipe", RECIPES, format_func=RECIPE_LABELS.get, key=keys.W_DISTILL_RECIPE)
 bits = c2.radio("Target bits", [1, 2], horizontal=True, key=keys.W_DISTILL_BITS, disabled=recipe == "fp32",
                 help="1 bit: sign x per-row scale; 2 bits: ternary. Q/K/V/O and FFN weights; embeddings stay.")
@@ -40,7 +43,12 @@ b1, b2, _ = st.columns([1, 1, 4])
 if b1.button("Start", type="primary", disabled=running):
     with user_errors():
         student_mask = mask
-        if source == "uniform width, by size":
+        if source == BY_SIZE[0]:
+            bar = st.progress(0.0, text="Reconstructing the student")
+            student_mask = compute.reconstructed_width_mask(handle, session.model_choice().key, keep, lambda d, t: bar.progress(
+                min(d / max(t, 1), 1.0), text=f"Reconstructing the student: layer {d}/{t}"))
+            bar.empty()
+        elif source == BY_SIZE[1]:
             gradient = session.scores()["gradient"]
             student_mask, _ = width_mask(handle, target_params(handle, keep), gradient.heads, gradient.ffn)
         elif mask == mask.dense(handle.geometry):

@@ -261,3 +261,33 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
     assert list(table["model"]) == ["teacher", "student, no recovery", "student, after 1-bit single-stage"]
     assert (table["perplexity"] > 1).all()
     assert job.result.steps_run == 3
+
+
+def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from engine.runtime.cost import cost
+
+    model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
+    monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180).run()
+    at.switch_page("pages/distill.py").run()
+    at.radio(key="distill.source").set_value("uniform width, reconstructed (OBS)").run()
+    at.slider(key="distill.keep").set_value(0.7)
+    at.number_input(key="distill.steps").set_value(2)
+    next(b for b in at.button if b.label == "Start").click()
+    at.run()
+    assert not at.exception and not at.error
+    job = at.session_state["distill.job"]
+    deadline = time.time() + 120
+    while not job.finished and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.finished and job.error is None, job.error
+    assert job.mask.has_refit, "the student's kept output weights were re-solved"
+    c = cost(h, job.mask)
+    assert abs(c.params_kept / c.params_total - 0.7) < 0.02
+    assert len(set(job.mask.heads.sum(dim=1).tolist())) == 1, "the same heads removed in every layer"

@@ -21,6 +21,8 @@ from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.importance.diagnostics import PromptDiagnosis, prompt_diagnosis
 from engine.models.load import ModelHandle
+from engine.pruning.strategies import Calibration
+from engine.pruning.strategies.reconstruct import width_by_reconstruction
 from engine.runtime.agreement import Agreement, agreement, dense_reference
 from engine.runtime.attention_maps import AttentionMap, attention_map
 from engine.runtime.cost import Cost, cost
@@ -30,7 +32,7 @@ from ui import keys
 from ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
-           "known_full_perplexity", "full_agreement", "known_full_agreement", "mask_cost"]
+           "known_full_perplexity", "full_agreement", "known_full_agreement", "reconstructed_width_mask", "mask_cost"]
 
 
 def digest(mask: PruneMask | None) -> str:
@@ -105,6 +107,19 @@ def full_agreement(handle: ModelHandle, model_key: str, mask: PruneMask | None,
 def known_full_agreement(model_key: str, mask: PruneMask | None) -> Agreement | None:
     """The agreement of `mask` with the dense model if some session already computed it, else None."""
     return shared_cache("full_agreement", 64).get(f"{model_key}|{digest(mask)}")
+
+
+def reconstructed_width_mask(handle: ModelHandle, model_key: str, keep: float,
+                             progress: Callable[[int, int], None]) -> PruneMask:
+    """About `keep` of the parameters, the same units in every layer, chosen and re-fitted by structured OBS.
+
+    Computed once per (model, keep) for every session, in a worker a page reload does not cancel.
+    """
+    def run(report: Progress) -> PruneMask:
+        calib = Calibration.shipped("wikitext", 32)
+        return width_by_reconstruction(handle, keep, calib, uniform=True, progress=report).mask
+
+    return shared_cache("reconstructed_width", 16).get_or_compute(f"{model_key}|{keep:.4f}", run, progress)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

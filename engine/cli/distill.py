@@ -59,7 +59,7 @@ def _student(args: argparse.Namespace, handle: ModelHandle, out: Path) -> tuple[
     if args.mask or (args.resume and saved.exists()):
         mask = PruneMask.load(args.mask or saved, handle.geometry)
         return prune(handle, mask), mask
-    with progress_bar(f"scoring ({args.criterion})") as cb:
+    with progress_bar("reconstructing (obs)" if args.criterion == "obs" else f"scoring ({args.criterion})") as cb:
         student, size = recovery_student(handle, args.keep, criterion=args.criterion,
                                          texts=calibration_texts("wikitext", args.n_score_texts), progress=cb)
     print(f"student: {size.describe()}")
@@ -145,7 +145,9 @@ def register(sub: Subparsers) -> None:
     add_protocol_args(p)
     p.add_argument("--mask", help="mask JSON to prune by (written by `prune` or the app)")
     p.add_argument("--keep", type=float, help="or: keep this fraction of the parameters (uniform width pruning)")
-    p.add_argument("--criterion", default="gradient", help="criterion for --keep (heads and FFN channels)")
+    p.add_argument("--criterion", default="obs",
+                   help="how --keep chooses heads and FFN channels: obs (structured OBS with the kept weights "
+                        "re-solved, the default) or gradient, magnitude, activation (no re-fit)")
     p.add_argument("--n-score-texts", type=int, default=32, help="calibration paragraphs for --keep's scores")
     p.add_argument("--recipe", default="fp32", choices=RECIPES, help="fp32 KD, single-stage (XTC) or multi-stage")
     p.add_argument("--bits", type=int, default=1, choices=[1, 2], help="target bits of single/multi recipes")

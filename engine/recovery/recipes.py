@@ -31,6 +31,8 @@ from engine.core.jobs import FAILED, PENDING, Job
 from engine.core.progress import Progress
 from engine.export.surgery import prune
 from engine.pruning.size_target import reach_size
+from engine.pruning.strategies import Calibration
+from engine.pruning.strategies.reconstruct import REFIT_TEXTS, width_by_reconstruction
 from engine.recovery.distill import (
     DistillConfig,
     DistillData,
@@ -85,17 +87,33 @@ def plan_stages(recipe: str, bits: int | None, steps: int, scheme: str | None = 
             for b, n in zip(ladder, counts)]
 
 
-def recovery_student(teacher: ModelHandle, keep: float = 0.7, *, criterion: str = "gradient",
+def recovery_student(teacher: ModelHandle, keep: float = 0.7, *, criterion: str = "obs",
                      texts: Sequence[str] | None = None, prune_heads: bool = True,
                      progress: Progress | None = None) -> tuple[Any, Any]:
     """(student, size result): `teacher` pruned uniformly in width to `keep` of its parameters.
 
-    engine.pruning.size_target's width route: the same number of query heads per KV group and FFN
-    channels in every layer, chosen by `criterion` on `texts` (WikiText-2 calibration paragraphs
-    from the end of the file by default), then engine.export.surgery.prune: a physically smaller copy.
+    The same number of query heads per KV group and FFN channels goes in every layer, so the student
+    keeps its family's standard config. `criterion`:
+    - "obs" (the default): chosen and re-fitted by structured OBS
+      (engine.pruning.strategies.reconstruct.width_by_reconstruction, uniform layout: the kept O and
+      down columns re-solved by least squares on WikiText-2 paragraphs from the end of the file;
+      `texts` are used when there are at least 128 of them). It starts distillation from a far
+      better student (bench/bench_quality.py, width20);
+    - "gradient", "magnitude", "activation": engine.pruning.size_target's width route on `texts`
+      (WikiText-2 calibration paragraphs by default), no re-fit.
+    Then engine.export.surgery.prune: a physically smaller copy.
     """
-    size = reach_size(teacher, keep, route="width", criterion=criterion, texts=texts, prune_heads=prune_heads,
-                      progress=progress)
+    if criterion == "obs":
+        if not prune_heads:
+            raise ValueError("criterion 'obs' chooses heads and channels together; use another criterion "
+                             "to keep every head")
+        # too few texts to fit on: the shipped paragraphs (reconstruction reads 128 of them)
+        enough = texts is not None and len(texts) >= REFIT_TEXTS
+        calib = Calibration(list(texts)) if enough else Calibration.shipped("wikitext", 32)
+        size = width_by_reconstruction(teacher, keep, calib, uniform=True, progress=progress)
+    else:
+        size = reach_size(teacher, keep, route="width", criterion=criterion, texts=texts, prune_heads=prune_heads,
+                          progress=progress)
     return prune(teacher, size.mask), size
 
 
