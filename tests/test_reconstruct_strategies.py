@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -98,3 +99,25 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--out", str(tmp_path / "d")]) == 0
     assert "magnitude-refit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_reconstructed_export_reloaded_has_the_in_engine_perplexity(tmp_path, uniform):
+    """The exported folder, reloaded (plain transformers for the uniform layout, engine.models.load.load_pruned for
+    the per-layer one), scores the protocol exactly as the masked shared model does in the engine."""
+    from engine.models.load import load_pruned, wrap_model
+    from engine.runtime.evaluate import PerplexityProtocol, perplexity
+    from tests.tiny import tiny_tokenizer
+
+    h, protocol = tiny_handle("llama"), PerplexityProtocol(window=64, stride=64, n_windows=3)
+    r = width_by_reconstruction(h, 0.8, _calib(), uniform=uniform)
+    out = export(h, r.mask, tmp_path / "out", protocol=protocol)
+    in_engine = perplexity(h, r.mask, protocol).perplexity
+    assert out.manifest["perplexity"]["after"]["perplexity"] == pytest.approx(in_engine, rel=1e-6)
+    if uniform:
+        reloaded = wrap_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(),
+                              tiny_tokenizer(), name="reloaded")
+    else:
+        reloaded = load_pruned(tmp_path / "out")
+    assert perplexity(reloaded, None, protocol).perplexity == pytest.approx(in_engine, rel=1e-5)
+    assert perplexity(h, None, protocol).perplexity != pytest.approx(in_engine, rel=1e-3)  # the mask does change it
