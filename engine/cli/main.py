@@ -5,18 +5,19 @@
     python -m engine prune --criterion gradient --budget 0.2 --out mask.json
     python -m engine eval --mask mask.json     # dense vs masked perplexity
     python -m engine generate "What is a transformer?" --mask mask.json
+    python -m engine plan --job score          # memory, device layout and time of a long job, before it runs
 """
 
 from __future__ import annotations
 
 import argparse
 
-from engine.cli import distill, dynamic, evaluate, export, quality, routing, scoring
+from engine.cli import distill, dynamic, evaluate, export, plan, quality, routing, scoring
 from engine.cli.common import run_command
 
 __all__ = ["main", "build_parser", "GROUPS"]
 
-GROUPS = (evaluate, scoring, export, routing, distill, quality, dynamic)  # each adds its verbs: register(subparsers)
+GROUPS = (evaluate, scoring, export, routing, distill, quality, dynamic, plan)  # each adds its verbs: register(subparsers)
 
 
 def build_parser(prog: str = "python -m engine", groups: tuple = GROUPS,

@@ -52,6 +52,7 @@ __all__ = [
     "describe_layout",
     "resident",
     "require_whole",
+    "meta_model",
     "planned_device_map",
     "bytes_per_device",
 ]
@@ -258,7 +259,7 @@ def require_whole(model: nn.Module, what: str) -> None:
                          f"({describe_layout(device_layout(model))}); load it without --device-map for this step")
 
 
-def _meta_model(config: Any) -> nn.Module:
+def meta_model(config: Any) -> nn.Module:
     """The model of `config` with no memory behind its weights (shapes and dtypes only, for sizes).
 
     A causal LM with its head when the config names one, else the bare model: an encoder's MLM
@@ -271,14 +272,13 @@ def _meta_model(config: Any) -> nn.Module:
         return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
 
 
-def planned_device_map(config: Any, dtype: torch.dtype, device_map: DeviceMap | None,
-                       max_memory: Mapping[Any, Any] | None) -> tuple[dict[str, Any], dict[str, int]]:
-    """(device map, {module: bytes}) that loading `config` with this map would give, without loading a weight.
+def planned_device_map(model: nn.Module, dtype: torch.dtype, device_map: DeviceMap | None,
+                       max_memory: str | Mapping[Any, Any] | None) -> tuple[dict[str, Any], dict[str, int]]:
+    """(device map, {module: bytes}) that loading `model` (a `meta_model`) with this map would give, loading nothing.
 
     A dict map is returned as given; a strategy is solved by accelerate over the memory limits
     (default: what torch sees free on each GPU, and the CPU's RAM); None is the whole model on one device.
     """
-    model = _meta_model(config)
     sizes = compute_module_sizes(model, dtype=dtype)
     device_map = parse_device_map(device_map)
     if isinstance(device_map, dict):
