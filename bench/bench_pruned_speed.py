@@ -1,10 +1,15 @@
 """Dense vs exported pruned models: tokens/s, measured speedup vs the ideal, and perplexity.
 
-    python bench/bench_pruned_speed.py [--threads N] [--keeps 0.8,0.65] [--quick]
+    python bench/bench_pruned_speed.py [--threads N] [--keeps 0.8,0.65] [--obs-keeps 0.8] [--quick]
 
 For each size (fraction of parameters kept) the depth route drops whole layers ranked by a
 depth criterion; the width route then narrows every layer (heads + FFN channels, uniform)
-to the same parameter count, so the two are compared at equal size. Each pruned model is
+to the same parameter count, so the two are compared at equal size. The reconstructed rows
+(`--obs-keeps`) are what `python -m engine export --keep K --route width` writes: structured OBS
+with the kept weights re-solved, per layer where FLAP cuts ("obs", the default export, reloaded by
+engine.models.load.load_pruned) and the same units in every layer ("obs uniform", `--layout
+uniform`, reloaded by plain transformers); their masks are cached under
+~/.cache/headlab/bench/pruned_speed/ (minutes each to compute). Each pruned model is
 exported to a temporary folder and reloaded from it, so the timed model is the artifact a
 user gets. Timings: a forward over `--seq` tokens (prefill) and greedy generation of
 `--gen` new tokens with the KV cache, after a warm-up, median of `--repeats` runs taken in
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("--keeps", default="0.8,0.65", help="fractions of parameters to keep")
     ap.add_argument("--depth-criterion", default="block_influence")
     ap.add_argument("--width-criterion", default="gradient")
+    ap.add_argument("--obs-keeps", default="0.8", help="sizes of the reconstructed rows (empty: none)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seq", type=int, default=512, help="tokens in the timed forward")
     ap.add_argument("--gen", type=int, default=64, help="new tokens in the timed generation")
@@ -91,6 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.keeps, args.seq, args.gen, args.repeats, args.windows = "0.8", 128, 16, 2, 2
+        args.obs_keeps = ""
     torch.set_num_threads(args.threads)
     keeps = [float(k) for k in args.keeps.split(",")]
 
@@ -115,6 +122,16 @@ def main() -> None:
             assert sum(p.numel() for p in h.model.parameters()) == c.params_kept
             entries.append(Entry(f"{route} {keep:.0%}", route, keep, h, c.params_kept, c.flops_kept, crit, detail))
             print(f"# {route} @ keep {keep:.0%} ({crit}): {detail}", flush=True)
+    for keep in [float(k) for k in args.obs_keeps.split(",") if k]:
+        for uniform in (False, True):
+            mask, detail = _obs_mask(source, keep, uniform)
+            label = f"obs{' uniform' if uniform else ''} {keep:.0%}"
+            c = cost(source, mask, seq_len=args.seq)
+            h = _exported(source, mask, root, label.replace(" ", "-"))
+            params = sum(p.numel() for p in h.model.parameters())  # + the zero biases a uniform Llama export switches on
+            assert 0 <= params - c.params_kept <= 8 * source.geometry.hidden * source.geometry.n_layers
+            entries.append(Entry(label, "width", keep, h, params, c.flops_kept, "obs", detail))
+            print(f"# {label}: {detail}", flush=True)
     t_build = time.perf_counter() - t0
 
     for e in entries:  # warm-up (allocator, threads, lazy inits)
@@ -159,6 +176,26 @@ def main() -> None:
               f"{row['forward_tok_s']:,.0f} | {fwd_cell} | {row['gen_tok_s']:,.1f} | {gen_cell} | {ppl} |")
     print(f"\nwrote {write_rows(rows, args.csv)}")
     tmp.cleanup()
+
+
+def _obs_mask(source, keep: float, uniform: bool):
+    """(mask, detail) of engine.pruning.strategies.reconstruct.width_by_reconstruction, cached on disk."""
+    from engine.core.mask import PruneMask
+    from engine.models.load import cache_dir
+    from engine.pruning.strategies import Calibration
+    from engine.pruning.strategies.reconstruct import width_by_reconstruction
+
+    path = (cache_dir() / "bench" / "pruned_speed" / source.name.replace("/", "_")
+            / f"obs_{'uniform' if uniform else 'per_layer'}_{keep:.3f}.json")
+    if path.exists():
+        mask = PruneMask.load(path, source.geometry)
+        return mask, mask.meta.get("bench_detail", "")
+    print(f"# reconstructing {keep:.0%} by width ({'uniform' if uniform else 'per layer'}; minutes)...", flush=True)
+    r = width_by_reconstruction(source, keep, Calibration.shipped("wikitext", 32), uniform=uniform)
+    r.mask.meta["bench_detail"] = r.detail
+    path.parent.mkdir(parents=True, exist_ok=True)
+    r.mask.save(path)
+    return r.mask, r.detail
 
 
 def _width_scores(source, criterion: str):
