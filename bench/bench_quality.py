@@ -287,6 +287,7 @@ def main() -> None:
                 "select_cpu_min": round(select_cpu / 60, 2),
                 **agreement_columns(mask),
             }
+            results[key]["measured"] = time.strftime("%Y-%m-%d")
             results_path.write_text(json.dumps(results, indent=1))
         r = dict(results[key])
         r["ratio_main"] = r["ppl_main"] / dense_main.perplexity
@@ -304,10 +305,29 @@ def main() -> None:
             "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "reconstructed", "select_s",
             "select_cpu_min"]
     # Rows cached before these columns existed leave them empty.
-    write_rows([{k: (round(r[k], 3) if isinstance(r.get(k), float) else r.get(k, "")) for k in cols} for r in rows],
-               csv_path)
+    fresh = [{k: (round(r[k], 3) if isinstance(r.get(k), float) else r.get(k, "")) for k in cols} for r in rows]
+    for r, row in zip(rows, fresh):
+        row["measured"] = r.get("measured", "")
+    write_rows(merge_rows(csv_path, fresh, cols + ["measured"]), csv_path)
     print(f"\nwrote {csv_path} (dense main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f})")
     print_tables(rows)
+
+
+def merge_rows(path: Path, fresh: list[Row], cols: list[str]) -> list[Row]:
+    """The CSV's rows with `fresh` ones replacing those of the same (config, method), new ones appended.
+
+    So a run of a few methods or configurations updates its rows and keeps every other row the file holds
+    (the `measured` column dates each row; older rows without it were measured before it existed).
+    """
+    import csv
+
+    old: list[Row] = list(csv.DictReader(path.open())) if path.exists() else []
+    by_key = {(r["config"], r["method"]): r for r in fresh}
+    merged = [by_key.pop((r.get("config"), r.get("method")), r) for r in old]
+    merged += list(by_key.values())
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    merged.sort(key=lambda r: order.get(r["config"], len(order)))  # stable: methods keep their order
+    return [{k: r.get(k, "") for k in cols} for r in merged]
 
 
 def print_tables(rows: list[Row]) -> None:
