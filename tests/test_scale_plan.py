@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-import torch
+from streamlit.testing.v1 import AppTest
 
 from engine.cli.main import main
 from engine.models.load import load_model
 from engine.runtime.plan import JOB_DEFAULTS, JOBS, plan_job
 from tests.tiny import save_tiny
 
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SPLIT = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
          "model.rotary_emb": "cpu", "lm_head": "disk"}
 
@@ -99,3 +101,14 @@ def test_the_plan_verb_prints_the_plan_and_writes_json(folder, tmp_path, capsys)
     assert main(["plan", "--job", "score", "--model", folder, "--processes", "2", "--device-map", "auto",
                  "--no-probe"]) == 2
     assert "one model per process" in capsys.readouterr().err
+
+
+def test_the_prune_page_shows_the_plan_of_a_suggestion_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADLAB_MODEL", str(save_tiny(tmp_path / "tiny-llama", "llama")))
+    at = AppTest.from_file(APP, default_timeout=180).run()
+    at.switch_page("pages/prune.py").run()
+    assert not at.exception
+    plans = [e for e in at.expander if e.label.startswith("Plan: about ")]
+    assert len(plans) == 1 and " on cpu" in plans[0].label
+    text = plans[0].code[0].value
+    assert "plan: suggest on" in text and "estimated time:" in text and "layout: cpu: whole model" in text

@@ -3,7 +3,8 @@
     from ui.suggest import suggest_panel
     suggest_panel()          # budget + mode -> engine.pruning.strategies.suggest_mask -> apply, then edit by hand
 
-It runs on the session's shared engine `Calibration` (ui.scoring.shared_calibration: one per
+Above the button, the plan of the first suggestion (ui.plan: estimated time and memory, from a
+short timed probe). It runs on the session's shared engine `Calibration` (ui.scoring.shared_calibration: one per
 model and calibration set, for every session and page): its capture pass is the one the
 Heads page's scores came from, and the per-head ablation KLs the first suggestion measures (a
 few CPU-minutes) stay in it, so every later budget, mode and session is instant or close to
@@ -21,8 +22,11 @@ from engine.core.mask import PruneMask
 from engine.pruning.compensation import compensate
 from engine.pruning.strategies import MODE_METHODS, MODES, Budget, Suggestion, strategy_names, suggest_mask
 from engine.pruning.strategies.scores import cached_ablation
+from engine.runtime.plan import JobShape
+from engine.runtime.prefix_cache import live_protocol
 from ui import keys, session
 from ui.errors import user_errors
+from ui.plan import plan_notice
 
 __all__ = ["shared_calibration", "suggest_panel"]
 
@@ -71,6 +75,9 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     c3.selectbox("Method", [AUTO, *strategy_names(with_comp=True)], key=keys.W_SUGGEST_METHOD,
                  help="Any strategy by name (+comp: with FLAP compensation); the mode's best by default")
     clicked = c4.button("Suggest mask", type="primary", width="stretch")
+    choice = session.calibration()
+    plan_notice(handle, model_key, "suggest", JobShape(n_texts=choice.n_texts, max_length=choice.max_length,
+                                                       eval_tokens=2 * live_protocol(handle).window))
     applied = None
     if clicked:
         calib = session.calibration_data()

@@ -34,8 +34,13 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights
-from accelerate.utils import align_module_device, compute_module_sizes, convert_file_size_to_int, get_balanced_memory
-from accelerate.utils import has_offloaded_params
+from accelerate.utils import (
+    align_module_device,
+    compute_module_sizes,
+    convert_file_size_to_int,
+    get_balanced_memory,
+    has_offloaded_params,
+)
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 

@@ -100,10 +100,16 @@ class JobPlan:
         d["devices"] = [{**asdict(p), "total_bytes": p.total_bytes} for p in self.devices]
         return d
 
+    def headline(self) -> str:
+        """One phrase: the estimated time and the busiest device's memory."""
+        busiest = max(self.devices, key=lambda p: p.total_bytes if p.device != "disk" else -1)
+        when = f"about {_duration(self.estimated_seconds)}" if self.estimated_seconds is not None else "untimed"
+        return f"{when}, {_gb(busiest.total_bytes)} on {busiest.device}"
+
     def lines(self) -> list[str]:
         """The plan as the CLI prints it and the app shows it."""
-        out = [f"plan: {self.job} on {self.model} ({self.family}), {self.parameters / 1e6:,.1f}M parameters, "
-               f"{self.dtype}",
+        out = [(f"plan: {self.job} on {self.model} ({self.family}), {self.parameters / 1e6:,.1f}M parameters, "
+                f"{self.dtype}"),
                f"layout: {placement.describe_layout(self.layout)}",
                "memory per device (estimate): " + "; ".join(
                    f"{p.device} {_gb(p.total_bytes)} ({_gb(p.weight_bytes)} weights + {_gb(p.activation_bytes)} "
