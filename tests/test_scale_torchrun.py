@@ -39,11 +39,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node PROCESSES -m ARGV` from the repository root."""
+def _torchrun(argv: list[str], processes: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node PROCESSES -m ARGV` from the repository root (`env` added to the environment)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
            "-m", *argv]
-    return subprocess.run(cmd, check=False, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(cmd, check=False, cwd=ROOT, env={**_env(), **env}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
 
 
 @pytest.fixture
@@ -123,6 +124,20 @@ def test_distillation_on_two_processes_equals_one(tmp_path, one_thread):
     moved = [n for n, w in a["weights"].items() if n in start and start[n].numel() == len(w)
              and not torch.equal(start[n].detach().flatten(), torch.tensor(w))]
     assert moved, "the three steps changed no weight: the comparison would prove nothing"
+
+
+def test_the_distill_verb_runs_on_two_processes_and_rank_0_writes_the_run(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["engine", "distill", "--model", str(tiny_folder), "--keep", "0.7", "--steps", "2", "--batch-size", "2",
+            "--max-length", "32", "--n-wikitext", "6", "--n-prompts", "2", "--max-new-tokens", "3",
+            "--n-score-texts", "2", "--no-eval", "--out", str(out)]
+    r = _torchrun(argv, HEADLAB_CACHE=str(tmp_path / "cache"))  # the teacher's answers are cached there
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote the student") == 1
+    assert len(list((tmp_path / "cache" / "distill").glob("continuations-*.json"))) == 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps_run"] == 2
+    assert (out / "student" / "config.json").is_file() and (out / "mask.json").is_file()
 
 
 def test_a_failing_rank_stops_the_job_with_its_error_and_no_output(tiny_folder, tmp_path):

@@ -28,6 +28,7 @@ from engine.cli.common import (
     protocol_from_args,
     say,
 )
+from engine.core.files import write_atomic_text
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.data.datasets import calibration_texts
@@ -84,12 +85,18 @@ def _describe(m: dict[str, Any], base: dict[str, Any] | None) -> str:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    """Prune to the student, distil it by --recipe (resumable), measure it and write the run folder."""
+    """Prune to the student, distil it by --recipe (resumable), measure it and write the run folder.
+
+    Under torchrun each rank builds the same student, the training splits every batch across the ranks
+    (engine.recovery.distill.loop), and rank 0 alone measures and writes the run folder.
+    """
+    world = args.world
     if (args.mask is None) == (args.keep is None) and not (args.resume and args.keep is None):
         raise ValueError("give exactly one of --mask (a mask file) or --keep (a size target, e.g. 0.7)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue the run there, or choose a new --out")
+    world.barrier()  # every rank has looked at --out before rank 0 writes into it
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                            temperature=args.temperature, hidden_weight=args.hidden_weight, mode=args.mode,
                            lora_rank=args.lora_rank, eval_every=args.eval_every, patience=args.patience,
@@ -97,18 +104,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
     stages = plan_stages(args.recipe, args.bits, args.steps, args.scheme)  # fail before any slow work
     teacher = load_handle(args)
     student, mask = _student(args, teacher, out)
-    out.mkdir(parents=True, exist_ok=True)
-    mask.save(out / "mask.json")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        mask.save(out / "mask.json")
     c = cost(teacher, mask)
     print(f"student: {c.params_kept:,}/{c.params_total:,} parameters ({100 * c.params_removed_fraction:.1f}% "
           f"removed); recipe {args.recipe}: " + " -> ".join(f"{s.name} x {s.steps} steps" for s in stages))
-    with progress_bar("teacher answers") as cb:
-        data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts,
-                            max_new_tokens=args.max_new_tokens, progress=cb)
+    for turn in (True, False):  # rank 0 generates the teacher's answers; the other ranks then read its cache
+        if world.is_main == turn:
+            with progress_bar("teacher answers") as cb:
+                data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts,
+                                    max_new_tokens=args.max_new_tokens, progress=cb)
+        world.barrier()
     print(f"data: {len(data.train)} training / {len(data.heldout)} held-out texts {data.sources}")
     heldout = prompt_split()[1][: args.n_heldout]
     before = {}
-    if not args.no_eval:
+    if not args.no_eval and world.is_main:
         before = {"teacher": _measure(args, teacher, teacher, heldout),
                   "student_before": _measure(args, teacher, student, heldout)}
         print(f"teacher:              {_describe(before['teacher'], None)}")
@@ -117,10 +128,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     try:
         result = run_recipe(teacher, student, data, args.recipe, args.bits, config=config, scheme=args.scheme,
                             out_dir=out / "stages", resume=args.resume,
-                            progress=_step_printer(max(1, args.eval_every // 5)))
+                            progress=_step_printer(max(1, args.eval_every // 5)), world=world)
     except KeyboardInterrupt:
         say(f"\ninterrupted: the checkpoint is in {out / 'stages'}; add --resume to the same command to continue")
         return 130
+    if not world.is_main:
+        return 0
     print(f"{result.label}: {result.steps_run}/{result.steps_planned} steps in {time.perf_counter() - t:.0f} s "
           f"(training {result.wall_s:.0f} s)")
     summary: dict[str, Any] = {**before, "recipe": result.to_dict(), "steps_run": result.steps_run,
@@ -132,7 +145,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     folder = export_student(student, out / "student", overwrite=args.resume,
                             manifest={k: v for k, v in summary.items() if k != "recipe"} | {"recipe": args.recipe,
                                       "bits": None if args.recipe == "fp32" else args.bits, "source": teacher.name})
-    (out / "result.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic_text(out / "result.json", json.dumps(summary, indent=1, default=str))
     print(f"wrote the student to {folder} and the run to {out / 'result.json'}")
     return 0
 
@@ -171,4 +184,4 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after measurements")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after an interruption")
     p.add_argument("--out", default="runs/distill", help="run folder (checkpoints, result.json, student/)")
-    p.set_defaults(func=cmd_distill)
+    p.set_defaults(func=cmd_distill, data_parallel=True)

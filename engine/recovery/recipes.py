@@ -29,6 +29,7 @@ import torch
 from engine.core.handle import ModelHandle
 from engine.core.jobs import FAILED, PENDING, Job
 from engine.core.progress import Progress
+from engine.distributed.world import SINGLE, World
 from engine.export.surgery import prune
 from engine.pruning.size_target import reach_size
 from engine.pruning.strategies import Calibration
@@ -206,8 +207,13 @@ def run_recipe(
     resume: bool = False,
     progress: Callable[[StepRecord], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    world: World = SINGLE,
 ) -> RecipeResult:
-    """Run `recipe` on `student` (in place) with `config.steps` steps in total (module doc)."""
+    """Run `recipe` on `student` (in place) with `config.steps` steps in total (module doc).
+
+    Under a data-parallel `world` every stage's distillation splits its batches across the ranks and
+    rank 0 alone writes the stage folders.
+    """
     config = config or DistillConfig()
     stages = plan_stages(recipe, bits, config.steps, scheme)
     result = RecipeResult(recipe, None if recipe == "fp32" else bits)
@@ -232,13 +238,13 @@ def run_recipe(
 
         r = distill(teacher, student, data, stage_config, out_dir=folder,
                     resume=resume and folder is not None and has_checkpoint(folder),
-                    progress=shifted, should_stop=should_stop, stage=label)
+                    progress=shifted, should_stop=should_stop, stage=label, world=world)
         result.stages.append((stage, r))
         offset += r.steps_run
         if r.interrupted:
             result.interrupted = True
             break
-        if folder is not None:
+        if folder is not None and world.is_main:
             _finish_stage(folder, student, stage, r)
     return result
 
