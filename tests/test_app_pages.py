@@ -277,3 +277,20 @@ def test_full_evaluation_shows_agreement_with_the_dense_model(tmp_path, monkeypa
     shown = [c.value for c in at.caption if "top-1 agreement" in c.value]
     # The session starts dense: the model agrees with itself at every position and every greedy token.
     assert shown and "top-1 agreement 100.0% (6,132 positions" in shown[0] and "greedy agreement 100.0%" in shown[0]
+
+
+def test_suggest_panel_by_parameter_budget_applies_a_reconstructed_mask(tiny_llama):
+    from engine.runtime.cost import cost
+    from tests.tiny import tiny_handle
+
+    at = new_app().run()
+    at.switch_page("pages/prune.py").run()
+    at.radio(key="suggest.target").set_value("parameters, by width").run()
+    at.slider(key="suggest.params").set_value(0.2)
+    at.button(key="suggest.size_button").click()
+    at.run()
+    assert not at.exception and not at.error
+    mask = session_mask(at)
+    assert mask.has_refit and mask.meta["suggestion"]["method"] == "obs"
+    assert abs(cost(tiny_handle("llama"), mask).params_removed_fraction - 0.2) < 0.03
+    assert "Measured" in {m.label for m in at.metric}

@@ -333,3 +333,39 @@ def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
                  "--out", str(tmp_path / "f.json")]) == 0
     assert main(["suggest", *small, "--budget", "0.25", "--method", "nope"]) == 2
     assert "unknown pruning method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("route", ["width", "depth"])
+def test_suggest_size_reaches_the_parameter_budget_by_the_routes_best_method(llama_handle, route):
+    from engine.pruning.strategies import SIZE_METHODS, suggest_size
+    from engine.runtime.cost import cost
+    from engine.runtime.evaluate import PerplexityProtocol
+
+    protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
+    mask, info = suggest_size(llama_handle, 0.8, route, calib=calib(), protocol=protocol)
+    assert info.method == SIZE_METHODS[route] and mask.has_refit
+    removed = cost(llama_handle, mask).params_removed_fraction
+    if route == "width":
+        assert abs(removed - 0.2) < 0.03 and int(mask.attn.eq(0).sum()) == 0
+    else:  # whole layers: the count closest to the target, here one of two
+        assert int(mask.attn.eq(0).sum()) == 1 and int(mask.ffn_block.eq(0).sum()) == 1
+    assert info.measured_perplexity > 0 and "window 32" in info.protocol
+    with pytest.raises(ValueError, match="unknown route"):
+        suggest_size(llama_handle, 0.8, "diagonal", calib=calib())
+    with pytest.raises(ValueError, match=r"keep must be a fraction"):
+        suggest_size(llama_handle, 1.2, "width", calib=calib())
+
+
+def test_cli_suggest_by_parameter_budget_writes_a_reconstructed_mask(tmp_path, capsys):
+    from engine.cli.main import main
+    from tests.tiny import save_tiny, tiny_handle
+
+    model, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
+    out = tmp_path / "mask.json"
+    args = ["suggest", "--model", str(model), "--n-texts", "4", "--max-length", "32", "--window", "32", "--stride",
+            "32", "--windows", "2", "--keep", "0.8", "--route", "width", "--out", str(out)]
+    assert main(args) == 0
+    assert "method obs" in capsys.readouterr().out
+    assert PruneMask.load(out, h.geometry).has_refit
+    assert main([*args[:-2], "--budget", "0.2", "--out", str(out)]) == 2
+    assert "--keep asks for a parameter budget" in capsys.readouterr().err

@@ -19,7 +19,8 @@ __all__ = [
     "W_ATTN_VIEW", "W_ATTN_BINS", "W_ATTN_REDUCE", "W_ATTN_WINDOW", "W_ATTN_POWER", "W_PRUNE_UNIT",
     "W_PRUNE_CRITERION", "W_PRUNE_BUDGET", "W_PRUNE_SCOPE", "W_PRUNE_KV", "W_GEN_PROMPT", "W_GEN_TOKENS",
     "W_HEADS_GRID", "W_HEADS_TABLE", "FORM_HEADS_TOGGLE", "W_PRUNE_GRID", "CHART_PRUNE_CURVE",
-    "SUGGESTION", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD",
+    "SUGGESTION", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD", "W_SUGGEST_TARGET", "W_SUGGEST_PARAMS",
+    "W_SUGGEST_SIZE_BUTTON",
     "EXPORT_RESULT", "W_EXPORT_KEEP", "W_EXPORT_ROUTE", "W_EXPORT_CRITERION", "W_EXPORT_LAYOUT", "W_EXPORT_FOLDER",
     "W_EXPORT_OVERWRITE", "W_EXPORT_EVALUATE",
     "DISTILL_JOB", "W_DISTILL_SOURCE", "W_DISTILL_KEEP", "W_DISTILL_RECIPE", "W_DISTILL_BITS", "W_DISTILL_MODE",
@@ -84,6 +85,9 @@ SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's l
 W_SUGGEST_BUDGET = "suggest.budget"
 W_SUGGEST_MODE = "suggest.mode"
 W_SUGGEST_METHOD = "suggest.method"
+W_SUGGEST_TARGET = "suggest.target"  # heads, or a parameter budget by width / by depth
+W_SUGGEST_PARAMS = "suggest.params"  # fraction of the parameters to remove
+W_SUGGEST_SIZE_BUTTON = "suggest.size_button"
 
 # --- Export page ---------------------------------------------------------------------------------
 EXPORT_RESULT = "headlab.export.result"  # this session's last engine.export.write ExportResult

@@ -20,17 +20,26 @@ import streamlit as st
 from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.pruning.compensation import compensate
-from engine.pruning.strategies import MODE_METHODS, MODES, Budget, Suggestion, strategy_names, suggest_mask
+from engine.pruning.strategies import (
+    MODE_METHODS,
+    MODES,
+    SIZE_METHODS,
+    Budget,
+    Suggestion,
+    strategy_names,
+    suggest_mask,
+)
 from engine.pruning.strategies.scores import cached_ablation
 from engine.runtime.plan import JobShape
 from engine.runtime.prefix_cache import live_protocol
-from ui import keys, session
+from ui import compute, keys, session
 from ui.errors import user_errors
 from ui.plan import plan_notice
 
 __all__ = ["shared_calibration", "suggest_panel"]
 
 AUTO = "best for the mode"
+TARGETS = ("heads", "parameters, by width", "parameters, by depth")
 shared_calibration = session.calibration_data  # the name pages/diagnostics.py imports
 
 MODE_HELP = {
@@ -61,6 +70,31 @@ def _show(info: Suggestion) -> None:
                f"{info.protocol or 'no perplexity (encoder)'}; {info.seconds:.0f} s")
 
 
+def _size_panel(handle: ModelHandle, model_key: str, route: str) -> PruneMask | None:
+    """A parameter budget by `route`: the route's best measured method, computed once per (model, size, route)."""
+    st.session_state.setdefault(keys.W_SUGGEST_PARAMS, 0.2)
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    c1.slider("Parameters to remove", 0.05, 0.5, step=0.05, key=keys.W_SUGGEST_PARAMS, format="%.2f",
+              help=f"{route}: {SIZE_METHODS[route]} (the best of bench/bench_quality.py without training; minutes)")
+    applied = None
+    if c2.button("Suggest mask", type="primary", width="stretch", key=keys.W_SUGGEST_SIZE_BUTTON):
+        bar, update = _progress_bar(f"Reconstructing by {route} (minutes, once per size): layer")
+        with user_errors(stop=False):
+            keep = round(1.0 - float(st.session_state[keys.W_SUGGEST_PARAMS]), 4)
+            mask, info = compute.suggested_size(handle, model_key, keep, route, update)
+            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
+            session.set_mask(mask)
+            applied = mask
+        bar.empty()
+    last = st.session_state.get(keys.SUGGESTION)
+    if last is not None and last[0] == model_key and last[2].mode.startswith("size:"):
+        _show(last[2])
+        if session.mask() != last[1]:
+            st.info("You edited the suggested mask: the re-solved weights of the layers you edited were dropped "
+                    "(the other layers keep theirs).")
+    return applied
+
+
 def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     """Draw the panel; returns the mask it applied in this run (None otherwise)."""
     handle = handle or session.handle()
@@ -68,6 +102,13 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     st.session_state.setdefault(keys.W_SUGGEST_BUDGET, 0.2)
     st.session_state.setdefault(keys.W_SUGGEST_MODE, "fast")
     st.session_state.setdefault(keys.W_SUGGEST_METHOD, AUTO)
+    st.session_state.setdefault(keys.W_SUGGEST_TARGET, TARGETS[0])
+    target = st.radio("Budget", TARGETS, key=keys.W_SUGGEST_TARGET, horizontal=True,
+                      help="Heads: a fraction of the attention heads, by the mode's method. Parameters: a smaller "
+                           "model by width (heads and FFN channels, structured OBS with the kept weights re-solved) "
+                           "or by depth (whole layers by measured KL, the neighbours re-fitted to stand in).")
+    if target != TARGETS[0]:
+        return _size_panel(handle, model_key, "width" if target == TARGETS[1] else "depth")
     c1, c2, c3, c4 = st.columns([2, 2, 1.4, 1], vertical_alignment="bottom")
     c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=keys.W_SUGGEST_BUDGET, format="%.2f")
     c2.radio("Mode", MODES, key=keys.W_SUGGEST_MODE, horizontal=True,

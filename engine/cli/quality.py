@@ -4,6 +4,7 @@
     python -m engine suggest --budget 0.3 --mode measured                  # iterative, re-measured
     python -m engine suggest --budget 0.2 --method hardconcrete+comp       # any strategy by name
     python -m engine suggest --budget 0.27 --ffn 0.27 --method flap        # heads and FFN channels
+    python -m engine suggest --keep 0.8 --route width                      # a parameter budget: the route's best
     python -m engine suggest --list                                        # every strategy, with its paper
     python -m engine diagnose --out heads.csv                              # kind and reasons per head
 """
@@ -31,12 +32,15 @@ from engine.importance.diagnostics import diagnose, diagnosis_rows, kind_counts
 from engine.pruning.strategies import (
     MODE_METHODS,
     MODES,
+    ROUTES,
+    SIZE_METHODS,
     STRATEGIES,
     Budget,
     Calibration,
     get_strategy,
     strategy_names,
     suggest_mask,
+    suggest_size,
 )
 from engine.pruning.strategies.scores import ablation_scores
 
@@ -58,8 +62,10 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     if args.list:
         _print_methods()
         return 0
+    if args.keep is not None:
+        return _suggest_size(args)
     if args.budget is None:
-        raise ValueError("give --budget (a fraction of the heads in [0, 1) or a count), or --list")
+        raise ValueError("give --budget (a fraction of the heads in [0, 1) or a count), --keep with --route, or --list")
     if args.method:
         get_strategy(args.method)  # fail fast on a typo, before loading anything
     handle = load_handle(args)
@@ -81,6 +87,28 @@ def cmd_suggest(args: argparse.Namespace) -> int:
               f"({info.measured_ratio:.2f}x) on {info.protocol}")
     out = mask.save(args.out)
     print(f"wrote mask to {out}")
+    return 0
+
+
+def _suggest_size(args: argparse.Namespace) -> int:
+    """--keep K --route R: about K of the parameters by the route's best method, with cost and perplexity."""
+    if args.budget is not None or args.method:
+        raise ValueError("--keep asks for a parameter budget by --route; drop --budget / --method "
+                         "(or drop --keep to choose heads by a method)")
+    handle = load_handle(args)
+    calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length)
+    t = time.perf_counter()
+    with progress_bar(f"suggest ({SIZE_METHODS[args.route]})") as cb:
+        mask, info = suggest_size(handle, args.keep, args.route, calib=calib, protocol=protocol_from_args(args),
+                                  measure=not args.no_eval, progress=cb)
+    mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": args.n_texts})
+    print(f"method {info.method} ({info.budget}; {info.calibration}; {time.perf_counter() - t:.0f} s)")
+    print_cost(handle, mask)
+    if info.measured_perplexity is not None:
+        print(f"perplexity: dense {info.dense_perplexity:.2f} -> measured {info.measured_perplexity:.2f} "
+              f"({info.measured_ratio:.2f}x) on {info.protocol}")
+    out = mask.save(args.out)
+    print(f"wrote mask to {out} (re-solved weights beside it); `python -m engine export --mask {out}` writes the model")
     return 0
 
 
@@ -120,7 +148,12 @@ def register(sub: Subparsers) -> None:
     add_protocol_args(p)
     p.add_argument("--budget", type=float, default=None, help="heads to remove: fraction in [0, 1) or a count")
     p.add_argument("--ffn", type=float, default=0.0, help="FFN channels to remove: fraction or count")
-    p.add_argument("--mode", default="fast", choices=MODES, help="fast (one-shot), measured (iterative), optimise")
+    p.add_argument("--mode", default="fast", choices=MODES,
+                   help="fast (one-shot), measured (iterative), optimise, reconstruct (structured OBS)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="or a parameter budget: keep this fraction of the parameters, by --route")
+    p.add_argument("--route", default="width", choices=ROUTES,
+                   help=f"with --keep: width ({SIZE_METHODS['width']}) or depth ({SIZE_METHODS['depth']})")
     p.add_argument("--method", default=None, help=f"override the mode: {', '.join(strategy_names(with_comp=True))}")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity measurement")
     p.add_argument("--list", action="store_true", help="list every strategy with its reference, then exit")

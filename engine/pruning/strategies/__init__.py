@@ -10,14 +10,25 @@ The strategies are listed by name in engine.pruning.strategies.registry.
 from engine.core.errors import UnknownStrategyError
 from engine.pruning.strategies.base import COMP_SUFFIX, Budget, Calibration, Strategy, parse_method
 from engine.pruning.strategies.registry import STRATEGIES, get_strategy, strategy_names
-from engine.pruning.strategies.suggest import MODE_METHODS, MODES, Suggestion, suggest_mask
+from engine.pruning.strategies.suggest import (
+    MODE_METHODS,
+    MODES,
+    ROUTES,
+    SIZE_METHODS,
+    Suggestion,
+    suggest_mask,
+    suggest_size,
+)
 
 __all__ = [
     "COMP_SUFFIX",
     "MODES",
     "MODE_METHODS",
+    "ROUTES",
+    "SIZE_METHODS",
     "Suggestion",
     "suggest_mask",
+    "suggest_size",
     "STRATEGIES",
     "Budget",
     "Calibration",

@@ -37,11 +37,15 @@ from engine.pruning.strategies.scores import cached_ablation
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
 from engine.runtime.prefix_cache import live_protocol
 
-__all__ = ["MODES", "MODE_METHODS", "Suggestion", "suggest_mask", "predicted_perplexity"]
+__all__ = ["MODES", "MODE_METHODS", "ROUTES", "SIZE_METHODS", "Suggestion", "suggest_mask", "suggest_size",
+           "predicted_perplexity"]
 
 MODE_METHODS = {"fast": "ablation+comp", "measured": "ablation-iterative+comp", "optimise": "hardconcrete+comp",
                 "reconstruct": "obs"}
 MODES = tuple(MODE_METHODS)
+# A parameter budget: the measured best of each route without training (bench/bench_quality.py: width20, depth20).
+SIZE_METHODS = {"width": "obs", "depth": "ablation-iterative-refit"}
+ROUTES = tuple(SIZE_METHODS)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,53 @@ def suggest_mask(
         method=method, mode=mode, budget=budget.describe(g), heads_removed=s["heads_pruned"],
         ffn_removed=s["ffn_channels_pruned"], predicted_perplexity=predicted, measured_perplexity=measured,
         dense_perplexity=dense, protocol=proto_text, calibration=calib.describe(),
+        seconds=time.perf_counter() - t0,
+    )
+    mask.meta["suggestion"] = info.to_dict()
+    return mask, info
+
+
+def suggest_size(
+    handle: ModelHandle,
+    keep: float,
+    route: str = "width",
+    *,
+    calib: Calibration | None = None,
+    protocol: PerplexityProtocol | None = None,
+    measure: bool = True,
+    progress: Progress | None = None,
+) -> tuple[PruneMask, Suggestion]:
+    """(mask, Suggestion) keeping about `keep` of the parameters by `route`, with the route's best method.
+
+    width: structured OBS with FLAP's per-layer counts and the kept weights re-solved
+    (engine.pruning.strategies.reconstruct.width_by_reconstruction; a per-layer export);
+    depth: whole layers dropped by measured KL, re-measured under the pruned model, and the
+    sub-blocks around each gap re-fitted to stand in for them (ablation-iterative-refit).
+    """
+    from engine.pruning.strategies.reconstruct import depth_refit_prune, width_by_reconstruction
+
+    if route not in SIZE_METHODS:
+        raise ValueError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
+    if not 0.0 < keep < 1.0:
+        raise ValueError(f"keep must be a fraction of the parameters in (0, 1), got {keep!r}")
+    calib = calib or Calibration.shipped()
+    t0 = time.perf_counter()
+    method = SIZE_METHODS[route]
+    if route == "width":
+        mask = width_by_reconstruction(handle, keep, calib, progress=progress).mask
+    else:
+        mask = depth_refit_prune(handle, keep, method, calib, progress=progress)
+    dense = measured = proto_text = None
+    if handle.is_causal_lm and measure:
+        protocol = protocol or live_protocol(handle)
+        dense = perplexity(handle, None, protocol).perplexity
+        result = perplexity(handle, mask, protocol)
+        measured, proto_text = result.perplexity, result.protocol.describe(result.tokenizer, result.n_tokens)
+    s = mask.summary()
+    info = Suggestion(
+        method=method, mode=f"size:{route}", budget=f"keep {keep:.0%} of the parameters by {route}",
+        heads_removed=s["heads_pruned"], ffn_removed=s["ffn_channels_pruned"], predicted_perplexity=None,
+        measured_perplexity=measured, dense_perplexity=dense, protocol=proto_text, calibration=calib.describe(),
         seconds=time.perf_counter() - t0,
     )
     mask.meta["suggestion"] = info.to_dict()
