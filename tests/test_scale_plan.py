@@ -45,6 +45,13 @@ def test_plan_counts_the_parameters_and_the_weights_on_the_layout_without_loadin
     assert plan.estimated_seconds is None and "no probe run" in "\n".join(plan.lines())
 
 
+def test_a_tied_lm_head_is_counted_once(tmp_path):
+    gpt2 = str(save_tiny(tmp_path / "gpt2", "gpt2"))  # GPT-2 ties its LM head to the token embedding
+    n, nbytes = _weights(gpt2)
+    plan = plan_job("score", model=gpt2, probe=False)
+    assert plan.parameters == n and plan.devices[0].weight_bytes == nbytes
+
+
 def test_half_precision_halves_the_weight_bytes(folder):
     full = plan_job("score", model=folder, probe=False)
     half = plan_job("score", model=folder, dtype="bfloat16", probe=False)

@@ -274,7 +274,9 @@ def meta_model(config: Any) -> nn.Module:
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or (
         not archs and getattr(config, "is_decoder", True) and config.model_type != "bert")
     with init_empty_weights():
-        return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+    model.tie_weights()  # from_config leaves a tied LM head as its own tensor; loading ties it
+    return model
 
 
 def planned_device_map(model: nn.Module, dtype: torch.dtype, device_map: DeviceMap | None,
