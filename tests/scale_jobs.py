@@ -2,7 +2,7 @@
 
     python -m tests.scale_jobs router OUT.json                 # per-cluster masks on a tiny llama
     torchrun --standalone --nproc-per-node 2 -m tests.scale_jobs router OUT.json
-    torchrun ... -m tests.scale_jobs failing-rank 1 score ...  # `python -m engine score ...`, rank 1 raising
+    torchrun ... -m tests.scale_jobs failing-rank 1 ablation score ...  # `python -m engine score ...`, rank 1 raising
     torchrun ... -m tests.scale_jobs ipn OUT.json              # importance-network training on a tiny llama
     torchrun ... -m tests.scale_jobs distill OUT.json          # distillation of a pruned tiny llama
 
@@ -24,6 +24,7 @@ from engine.core.mask import PruneMask
 from engine.data.datasets import calibration_texts
 from engine.distributed.world import open_world
 from engine.dynamic.ipn import IPNConfig, train_ipn
+from engine.dynamic.ipn import train as ipn_train
 from engine.export.surgery import prune
 from engine.importance import ablation
 from engine.pruning.softmask import MaskTarget, TrainConfig
@@ -81,13 +82,18 @@ def distill_job(out: str) -> int:
     return 0
 
 
-def failing_rank(rank: str, argv: list[str]) -> int:
-    """`python -m engine ARGV`, except that rank `rank` raises on its first ablated head."""
+FAULTS = {"ablation": (ablation, "head_removal_mask"), "ipn-step": (ipn_train, "_kl")}
+
+
+def failing_rank(rank: str, fault: str, argv: list[str]) -> int:
+    """`python -m engine ARGV`, except that rank `rank` raises where FAULTS[fault] names (first ablated head,
+    or the loss of the first importance-network step)."""
     if os.environ.get("RANK") == rank:
         def fail(*args, **kwargs):
             raise RuntimeError(f"injected failure on rank {rank}")
 
-        ablation.head_removal_mask = fail
+        module, name = FAULTS[fault]
+        setattr(module, name, fail)
     return main(argv)
 
 
@@ -100,5 +106,5 @@ if __name__ == "__main__":
     if job == "distill":
         sys.exit(distill_job(rest[0]))
     if job == "failing-rank":
-        sys.exit(failing_rank(rest[0], rest[1:]))
+        sys.exit(failing_rank(rest[0], rest[1], rest[2:]))
     sys.exit(f"unknown job {job!r}")

@@ -142,12 +142,22 @@ def test_the_distill_verb_runs_on_two_processes_and_rank_0_writes_the_run(tiny_f
 
 def test_a_failing_rank_stops_the_job_with_its_error_and_no_output(tiny_folder, tmp_path):
     out = tmp_path / "scores.csv"
-    argv = ["tests.scale_jobs", "failing-rank", "1", *SCORE, "--criteria", "ablation", "--model", str(tiny_folder),
-            "--out", str(out)]
+    argv = ["tests.scale_jobs", "failing-rank", "1", "ablation", *SCORE, "--criteria", "ablation",
+            "--model", str(tiny_folder), "--out", str(out)]
     r = _torchrun(argv)
     assert r.returncode != 0
     assert "ablation scoring failed on 1 of 2 ranks (rank 1: RuntimeError: injected failure on rank 1)" in r.stderr
     assert "nothing was written" in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_failing_inside_a_training_step_stops_the_job_and_nothing_is_written(tiny_folder, tmp_path):
+    out = tmp_path / "ipn"
+    argv = ["tests.scale_jobs", "failing-rank", "1", "ipn-step", "dynamic-train", "--model", str(tiny_folder),
+            "--steps", "2", "--batch", "2", "--calib-window", "32", "--calib-windows", "2", "--out", str(out)]
+    r = _torchrun(argv)
+    assert r.returncode != 0
+    assert "injected failure on rank 1" in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

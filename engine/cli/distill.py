@@ -132,6 +132,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         say(f"\ninterrupted: the checkpoint is in {out / 'stages'}; add --resume to the same command to continue")
         return 130
+    world.settle(None, "distillation")  # every rank finished before rank 0 writes the student and the result
     if not world.is_main:
         return 0
     print(f"{result.label}: {result.steps_run}/{result.steps_planned} steps in {time.perf_counter() - t:.0f} s "

@@ -153,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     stage(f"the dense model's outputs on {ids.shape[0]} x {ids.shape[1]} tokens, then {config.steps} steps")
     with _training_bar(config.steps) as on_step:
         run = train_ipn(handle, config, ids, on_step=on_step, world=args.world)
+    # Every rank got here: write nothing before that (a rank that failed has ended the others' collectives).
+    args.world.settle(None, "importance-network training")
     if not args.world.is_main:
         return 0
     last = run.history[-1] if run.history else {}
