@@ -58,7 +58,15 @@ from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
 from engine.runtime.agreement import DenseReference, agreement, dense_reference
 from engine.runtime.cost import cost
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, _wikitext_ids, perplexity, window_nll
+from engine.runtime.evaluate import (
+    DEFAULT_PROTOCOL,
+    PerplexityProtocol,
+    _wikitext_ids,
+    leading_bos,
+    perplexity,
+    text_windows,
+    window_nll,
+)
 
 HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
                 "ablation", "ablation+comp", "ablation-iterative+comp", "hardconcrete+comp")
@@ -75,11 +83,8 @@ Row = dict[str, Any]
 
 # --- evaluation ------------------------------------------------------------------------------
 def heldout_windows(handle: Any, offset: int, window: int, n: int) -> torch.Tensor:
-    """[n, window] token windows starting at `offset` (each scored from its second token)."""
-    ids = _wikitext_ids(handle.tokenizer)
-    if offset + n * window > ids.numel():
-        raise ValueError(f"held-out windows end at {offset + n * window}, the text has {ids.numel()} tokens")
-    return torch.stack([ids[offset + i * window: offset + (i + 1) * window] for i in range(n)])
+    """[n, window] token windows from token `offset` (each scored from its second token; BOS first as the protocol's)."""
+    return text_windows(_wikitext_ids(handle.tokenizer), window, window, n, leading_bos(handle.tokenizer), start=offset)
 
 
 @torch.no_grad()

@@ -13,7 +13,14 @@ from engine.core.handle import ModelHandle
 from engine.core.progress import Progress
 from engine.dynamic.apply import SparsityMeter, SparsityReport, apply_rule
 from engine.dynamic.rules import Rule, Thresholds, ThresholdsError, get_rule
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, PerplexityResult, eval_windows, window_nll
+from engine.runtime.evaluate import (
+    DEFAULT_PROTOCOL,
+    PerplexityProtocol,
+    PerplexityResult,
+    eval_windows,
+    tokenizer_label,
+    window_nll,
+)
 
 __all__ = ["DynamicPerplexity", "dynamic_perplexity", "measure_sparsity", "perplexity_under"]
 
@@ -92,4 +99,4 @@ def perplexity_under(
             if progress:
                 progress(min(i + batch_size, n), n)
     nll = total / count
-    return DynamicPerplexity(PerplexityResult(math.exp(nll), nll, count, protocol, handle.name), meter.report())
+    return DynamicPerplexity(PerplexityResult(math.exp(nll), nll, count, protocol, tokenizer_label(handle)), meter.report())

@@ -31,7 +31,7 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask, first_difference
 from engine.core.progress import Progress
 from engine.core.tokens import context_length
-from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, window_nll
+from engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, eval_windows, tokenizer_label, window_nll
 from engine.runtime.replay import LayerInputs, final_logits, record_layers
 
 __all__ = [
@@ -190,7 +190,7 @@ class PrefixCache:
 
     def _result(self, total: float, count: int) -> PerplexityResult:
         nll = total / count
-        return PerplexityResult(math.exp(nll), nll, count, self.protocol, self.handle.name)
+        return PerplexityResult(math.exp(nll), nll, count, self.protocol, tokenizer_label(self.handle))
 
     def _evict(self, keep: LayerKey) -> None:
         """Drop least-recently-used entries (never the root nor `keep`) until under max_bytes."""
