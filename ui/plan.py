@@ -2,7 +2,7 @@
 
     plan_notice(handle, model_key, "suggest", JobShape(n_texts=16, max_length=128))
 
-The plan's probe (a few timed forwards) runs once per model, job and shape in this process.
+The plan's probe (a warm-up and one timed forward) runs once per model, job and shape in this process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["plan_notice"]
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def _plan(model_key: str, job: str, shape: JobShape, _handle: ModelHandle) -> JobPlan:
-    return plan_job(job, handle=_handle, shape=shape)
+    return plan_job(job, handle=_handle, shape=shape, probe_repeats=1)  # a warm-up and one timed forward
 
 
 def plan_notice(handle: ModelHandle, model_key: str, job: str, shape: JobShape) -> JobPlan:

@@ -29,7 +29,7 @@ from engine.models import placement
 from engine.models.adapters import adapter_class, adapter_for
 from engine.models.load import DEFAULT_MODEL, load_model, resolve_dtype, resolve_source
 
-__all__ = ["JOBS", "JobShape", "JOB_DEFAULTS", "DevicePlan", "JobPlan", "plan_job", "probe_seconds_per_token"]
+__all__ = ["JOBS", "JobShape", "JOB_DEFAULTS", "DevicePlan", "JobPlan", "plan_job", "probe_seconds"]
 
 JOBS = ("score", "suggest", "train-masks", "distill")
 
@@ -198,7 +198,7 @@ def _work(job: str, g: Geometry, shape: JobShape, world: int, b: int) -> tuple[f
     raise ValueError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
 
 
-def probe_seconds_per_token(handle: ModelHandle, batch: int, tokens: int, repeats: int = 3) -> float:
+def probe_seconds(handle: ModelHandle, batch: int, tokens: int, repeats: int = 3) -> float:
     """Seconds per forward of a [batch, tokens] batch of random ids (one warm-up first, then the mean of `repeats`)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, handle.geometry.vocab_size, (batch, tokens), generator=gen).to(handle.device)
@@ -226,8 +226,12 @@ def plan_job(
     processes: int = 1,
     shape: JobShape | None = None,
     probe: bool = True,
+    probe_repeats: int = 3,
 ) -> JobPlan:
-    """The plan of `job` on `handle` (an open model) or `model` (a name; loaded only for the probe)."""
+    """The plan of `job` on `handle` (an open model) or `model` (a name; loaded only for the probe).
+
+    The probe times `probe_repeats` forwards of one batch of the job's shape after one warm-up.
+    """
     if job not in JOBS:
         raise ValueError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
     if processes < 1:
@@ -285,7 +289,7 @@ def plan_job(
     probe_handle = handle or load_model(model, device=device, dtype=dtype, device_map=device_map,
                                         max_memory=max_memory)
     batch, tokens = shape.batch_size, min(shape.max_length, 512)
-    seconds = probe_seconds_per_token(probe_handle, batch, tokens)
+    seconds = probe_seconds(probe_handle, batch, tokens, probe_repeats)
     probe_tokens = batch * tokens
     return replace(plan, probe_tokens=probe_tokens, probe_seconds=seconds,
                    forward_equivalents=token_forwards / probe_tokens,
