@@ -20,6 +20,7 @@ from engine.core.tokens import EmptyTextError, context_length
 from engine.data.datasets import calibration_texts
 from engine.dynamic.apply import SparsityMeter, apply_rule
 from engine.dynamic.rules import ORACLE, Rule, Thresholds, ThresholdsError, get_rule
+from engine.runtime.evaluate import leading_bos, text_windows
 
 __all__ = ["calibration_ids", "calibrate"]
 
@@ -31,12 +32,10 @@ def calibration_ids(handle: ModelHandle, texts: Sequence[str] | None = None, *, 
         raise ValueError(f"window {window} exceeds the model's context of {context_length(handle.model)} tokens")
     texts = list(texts) if texts is not None else calibration_texts("wikitext")
     ids = handle.tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    need = window * n_windows
-    if len(ids) < need:
-        if not ids:
-            raise EmptyTextError("the calibration text is empty")
-        raise ValueError(f"the calibration text has {len(ids)} tokens, {n_windows} windows of {window} need {need}")
-    return torch.tensor(ids[:need]).view(n_windows, window)
+    if not ids:
+        raise EmptyTextError("the calibration text is empty")
+    # BOS first in every window for tokenizers that always start with it (Gemma), as the perplexity protocol does
+    return text_windows(torch.tensor(ids), window, window, n_windows, leading_bos(handle.tokenizer))
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from engine.core.handle import ModelHandle
 from engine.core.mask import PruneMask
 from engine.core.progress import Progress
 from engine.pruning.strategies.base import Budget, Calibration
+from engine.pruning.strategies.reconstruct import depth_refit_prune, width_by_reconstruction
 from engine.pruning.strategies.registry import get_strategy
 from engine.pruning.strategies.scores import cached_ablation
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
@@ -143,8 +144,6 @@ def suggest_size(
     depth: whole layers dropped by measured KL, re-measured under the pruned model, and the
     sub-blocks around each gap re-fitted to stand in for them (ablation-iterative-refit).
     """
-    from engine.pruning.strategies.reconstruct import depth_refit_prune, width_by_reconstruction
-
     if route not in SIZE_METHODS:
         raise ValueError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")
     if not 0.0 < keep < 1.0:
