@@ -8,9 +8,10 @@
   with FFN channels, where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; 20% of
   the parameters: 1.78x, against 1.86x with the ablation counts for heads and 2.30x with OWL's
   outlier-weighted allocation, Yin et al. 2024). Or name one: "flap", "ablation", "owl", "uniform".
-- `flap-refit`, `ablation-refit`: another method's choice of units (FLAP's standardised
-  fluctuation, An et al. 2024; the measured mean-ablation KL), then the same re-solve in place of
-  the mean bias (which is the re-solve that keeps no column).
+- `flap-refit`, `ablation-refit`, `hardconcrete-refit`: another method's choice of units (FLAP's
+  standardised fluctuation, An et al. 2024; the measured mean-ablation KL; a hard-concrete mask
+  trained on KL to the dense model), then the same re-solve in place of the mean bias (which is
+  the re-solve that keeps no column).
 - depth (`DEPTH_REFIT_METHODS`, e.g. `ablation-iterative-refit`): a depth method drops whole
   layers, then residual targets let the sub-block in front of each dropped run stand in for it.
 
@@ -36,6 +37,7 @@ from engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
 from engine.pruning.size_target import SizeResult, target_params, width_mask
 from engine.pruning.strategies.base import Budget, Calibration, Strategy
 from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from engine.pruning.strategies.hardconcrete import HardConcreteMask
 from engine.pruning.strategies.oneshot import AblationStrategy, FlapStrategy
 from engine.runtime.cost import cost
 
@@ -45,6 +47,7 @@ __all__ = [
     "REFIT_TEXTS",
     "AblationRefitStrategy",
     "FlapRefitStrategy",
+    "HardConcreteRefitStrategy",
     "ObsStrategy",
     "depth_refit_prune",
     "layer_counts",
@@ -138,13 +141,13 @@ class _RefitAfter(Strategy):
     cost_hint = "measured"
     always_compensates = True
 
-    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS):
-        self.target, self.n_texts = target, n_texts
+    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS, **base_options: Any):
+        self.target, self.n_texts, self.base_options = target, n_texts, base_options
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
-        chosen = self.base(compensate=True)(handle, budget, calib, progress=progress)
+        chosen = self.base(compensate=True, **self.base_options)(handle, budget, calib, progress=progress)
         mask = refit(handle, chosen, refit_texts(calib, self.n_texts), config=_config(calib, target=self.target),
                      progress=progress)
         mask.meta.update({"method": self.name, "selection": chosen.meta.get("method"),
@@ -164,6 +167,15 @@ class AblationRefitStrategy(_RefitAfter):
     base = AblationStrategy
     description = "heads by measured mean-ablation KL (channels by fluctuation), then the kept columns re-solved"
     reference = f"measured ablation (Michel et al. 2019) for the selection; {SLIMGPT} (re-solve)"
+
+
+class HardConcreteRefitStrategy(_RefitAfter):
+    name = "hardconcrete-refit"
+    base = HardConcreteMask
+    cost_hint = "optimised"
+    description = ("heads by a hard-concrete mask trained on KL to the dense model (from the measured ranking), "
+                   "then the kept O columns re-solved")
+    reference = f"Voita et al., ACL 2019 (hard-concrete head gates) for the selection; {SLIMGPT} (re-solve)"
 
 
 def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,

@@ -21,7 +21,12 @@ from engine.pruning.strategies.oneshot import (
     MagnitudeStrategy,
     RandomStrategy,
 )
-from engine.pruning.strategies.reconstruct import AblationRefitStrategy, FlapRefitStrategy, ObsStrategy
+from engine.pruning.strategies.reconstruct import (
+    AblationRefitStrategy,
+    FlapRefitStrategy,
+    HardConcreteRefitStrategy,
+    ObsStrategy,
+)
 
 __all__ = ["STRATEGIES", "strategy_names", "get_strategy"]
 
@@ -29,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     s.name: s
     for s in (RandomStrategy, MagnitudeStrategy, EntropyStrategy, GradientStrategy, FluctuationStrategy, FlapStrategy,
               AblationStrategy, IterativeGradient, IterativeAblation, HardConcreteMask, ObsStrategy, FlapRefitStrategy,
+              HardConcreteRefitStrategy,
               AblationRefitStrategy)
 }
 
