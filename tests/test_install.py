@@ -12,25 +12,24 @@ from __future__ import annotations
 import ast
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 import urllib.request
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from engine.cli.main import build_parser as engine_parser
 from headlab import __version__
 from headlab import app as launcher
 from headlab.cli import build_parser as headlab_parser
 from headlab.cli import main as headlab_main
-from tests.browser import VIEWPORT, grid_shape, wait_idle
+from tests.browser import VIEWPORT, connects, free_port, grid_shape, wait_idle
 from tests.tiny import save_tiny
 from ui.server_options import ALLOW_REMOTE_CODE_FLAG
 
@@ -44,18 +43,6 @@ def _verbs(parser) -> list[str]:
     return list(next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connects(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _checkout_files() -> list[str]:
@@ -326,7 +313,7 @@ def test_installed_app_command_line(installed, elsewhere):
 
 class _Served:
     def __init__(self, bin_dir: Path, cwd: Path, log: Path, **env: str):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen([str(bin_dir / "headlab"), "app", "--port", str(self.port)], cwd=cwd,
@@ -355,8 +342,8 @@ class _Served:
 def test_installed_app_serves_on_loopback_only(installed, elsewhere, tmp_path):
     served = _Served(installed, elsewhere, tmp_path / "app.log")
     try:
-        assert _connects("127.0.0.1", served.port)
-        assert not _connects("127.0.0.2", served.port)  # bound to 127.0.0.1, not to every address
+        assert connects("127.0.0.1", served.port)
+        assert not connects("127.0.0.2", served.port)  # bound to 127.0.0.1, not to every address
     finally:
         served.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.browser import connects, free_port
 from tests.tiny import save_tiny
 from ui.server_options import ALLOW_REMOTE_CODE_ENV, remote_code_allowed
 
@@ -19,34 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TRUST_LABEL = "Allow the model's own code (trust_remote_code)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connects(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def test_make_app_listens_on_loopback_only():
     """`make app` (the documented start command) answers on 127.0.0.1 and refuses 127.0.0.2."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "HEADLAB_ADDRESS"}
     proc = subprocess.Popen(["make", "-s", "app", f"PY={sys.executable}", f"HEADLAB_PORT={port}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and not _connects("127.0.0.1", port):
+        while time.time() < deadline and not connects("127.0.0.1", port):
             assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.5)
-        assert _connects("127.0.0.1", port), "the app did not start listening within 60 s"
+        assert connects("127.0.0.1", port), "the app did not start listening within 60 s"
         # Another loopback address reaches every socket bound to 0.0.0.0 or *, but not one bound to 127.0.0.1.
-        assert not _connects("127.0.0.2", port), "the server answers on an address other than 127.0.0.1"
+        assert not connects("127.0.0.2", port), "the server answers on an address other than 127.0.0.1"
         listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout if _has("ss") else ""
         if listening:
             ours = [line for line in listening.splitlines() if line.split()[3].endswith(f":{port}")]
