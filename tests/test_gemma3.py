@@ -26,6 +26,7 @@ from engine.models.adapters.gemma3 import Gemma3Adapter
 from engine.models.load import load_model
 from engine.runtime.attention_maps import attention_map, eager_layer_probs
 from engine.runtime.cost import cost
+from tests.test_dynamic_decode import _greedy
 from tests.tiny import VOCAB, save_tiny, tiny_handle, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.",
@@ -112,15 +113,6 @@ def test_dropping_a_layer_keeps_each_attention_on_its_own_layer_type(gemma):
 
 
 # ------------------------------------------------------------------------------------ decoding
-
-
-def _greedy(handle, prompt, n):
-    """Greedy decoding the slow way: the whole prefix re-read per token, no cache."""
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, handle.model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 def test_cached_decoding_equals_rereading_the_prefix_past_the_window(gemma):
