@@ -218,3 +218,22 @@ def test_a_missing_package_or_a_bad_chunk_is_a_clear_load_error(tmp_path, monkey
     with pytest.raises(ModelLoadError, match="sha256 did not match.*make setup"):
         gemma3_folder(tmp_path / "b" / "gemma3-270m", lambda _: None)
     assert [p.name for p in (tmp_path / "b").iterdir()] == []  # the temporary folder is gone
+
+
+def test_a_removed_attention_is_not_folded_into_a_neighbour_behind_its_post_norm(gemma):
+    """Gemma's sub-blocks normalise their own output: a constant added to a neighbour's projection would pass
+    through that neighbour's post-norm, so a removed sub-block's mean is not folded anywhere."""
+    from engine.importance.mean_ablation import mean_biases
+
+    g = gemma.geometry
+    m = PruneMask.dense(g)
+    m.heads[1, :] = 0.0  # layer 1 loses every head: its attention sub-block is removed
+    head_means = torch.randn(g.n_layers, g.n_heads, g.head_dim)
+    out = mean_biases(gemma, m, head_means=head_means, ffn_means=torch.randn(g.n_layers, g.ffn_dim))
+    assert out.attn[1] == 0
+    assert out.ffn_bias is None or not out.ffn_bias.any(), "nothing folded into layer 0's FFN output"
+    assert all(gemma.adapter.subblock(layer, k).output_normed for layer in range(g.n_layers) for k in ("attn", "ffn"))
+    with pytest.raises(ValueError, match="post-norms"):
+        from engine.pruning.reconstruct.layerwise import RefitConfig, refit
+
+        refit(gemma, m, ["some text to fit on"] * 4, config=RefitConfig(target="residual"))

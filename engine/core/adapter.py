@@ -72,11 +72,15 @@ class SubBlock:
     so removing it means passing its residual input through; otherwise the output is a
     delta that the layer adds to the stream, and removing it means a zero delta.
     `residual_input` pulls that residual input out of the module's (args, kwargs).
+    `output_normed`: the output goes through a norm of its own before it joins the stream
+    (Gemma's post-attention / post-feedforward norms), so the delta is not linear in the
+    projection's output: a constant cannot stand in for another sub-block there.
     """
 
     module: nn.Module
     residual_inclusive: bool
     residual_input: Callable[[tuple, dict], torch.Tensor] | None = None
+    output_normed: bool = False
 
 
 @dataclass(frozen=True)

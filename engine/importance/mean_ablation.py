@@ -130,7 +130,10 @@ def mean_biases(handle: ModelHandle, mask: PruneMask, head_means: torch.Tensor |
             if means[kind] is None:
                 continue  # this kind is not compensated: the sub-block is simply gone
             removed += _proj_bias(projs[kind](layer), g.hidden)
-            if last is not None and not a.subblock(layer, kind).residual_inclusive:
+            here = a.subblock(layer, kind)
+            # Folding is exact only when both sub-blocks add their projection's output to the stream as it is.
+            if (last is not None and not here.residual_inclusive and not here.output_normed
+                    and not a.subblock(last[1], last[0]).output_normed):
                 biases[last[0]][last[1]] += removed
     m.attn_bias = attn if attn.any() else None
     m.ffn_bias = ffn if ffn.any() else None

@@ -15,6 +15,9 @@ Where the masks act: head h is its slice of the O-projection's input and channel
 the down-projection's input, as in Llama; a removed sub-block's output is zero, so its post-norm
 adds zero too. A compensation bias (FLAP) is added to the O / down output, before the post-norm
 that a Gemma sub-block ends with (the gates, the kernels and surgery all agree on that place).
+Because of that norm, a removed sub-block's mean cannot be folded into a neighbour's bias (the
+sub-blocks are marked `output_normed`): a Gemma 3 layer whose heads are all pruned loses its
+attention without compensation, and residual-target reconstruction (the depth stand-in) is refused.
 
 What the family's config can say: `attention_bias` switches biases on for q/k/v/o together, so a
 uniform export with a compensated attention keeps the standard config; the FFN has no bias switch,
@@ -25,12 +28,13 @@ reads logits as lm_head(norm(x)) and masks as causal.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.core.adapter import Geometry, UnsupportedModelError
+from engine.core.adapter import Geometry, SubBlock, UnsupportedModelError
 from engine.core.reshape import RemovedSubBlock
 from engine.models.adapters.llama import LlamaAdapter
 
@@ -79,6 +83,10 @@ class Gemma3Adapter(LlamaAdapter):
         return super()._geometry(config)
 
     # --- Gemma's steps of a layer (see LlamaAdapter) -----------------------------------------
+    def subblock(self, layer: int, kind: str) -> SubBlock:
+        """Llama's sub-blocks, marked: each output is normalised (post-norm) before it joins the stream."""
+        return replace(super().subblock(layer, kind), output_normed=True)
+
     def _ffn_norm(self, block: nn.Module) -> nn.Module:
         return block.pre_feedforward_layernorm
 

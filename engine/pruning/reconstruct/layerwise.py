@@ -195,6 +195,10 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     if residual and any(adapter.subblock(l, k).residual_inclusive for l in range(g.n_layers) for k in REFIT_KINDS):
         raise ValueError(f"residual targets need a pre-LN model (sub-blocks that add a delta); {adapter.family} "
                          "sub-blocks return the new residual stream: use target='output'")
+    if residual and any(adapter.subblock(l, k).output_normed for l in range(g.n_layers) for k in REFIT_KINDS):
+        raise ValueError(f"residual targets need sub-blocks that add their projection's output to the stream as it "
+                         f"is; {adapter.family} normalises each sub-block's output first (post-norms): use "
+                         "target='output' (and no depth stand-in)")
     max_length = min(config.max_length, context_length(handle.model))
     encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
                for chunk in batches(list(texts), config.batch_size)]
