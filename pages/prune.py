@@ -58,7 +58,7 @@ c4.selectbox("Scope", ["global", "uniform"], key=keys.W_PRUNE_SCOPE, on_change=a
 c4.checkbox("Whole KV groups", key=keys.W_PRUNE_KV, on_change=apply_selection,
             disabled=unit != "heads" or g.group_size == 1,
             help="Prune a KV head with all the query heads reading it (removes its K/V weights too).")
-with st.expander("Suggest mask: the strongest method for a head budget (measured cost + compensation)",
+with st.expander("Suggest mask: the strongest measured method for a budget of heads or of parameters (width, depth)",
                  expanded=st.session_state.get(keys.SUGGESTION) is not None):
     suggest_panel(handle)
 mask = session.mask()
