@@ -39,6 +39,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _one_and_two(tmp_path: Path, job, name: str) -> tuple[dict, dict]:
+    """The JSON results of tests.scale_jobs' `job` run in this process and under a 2-process torchrun."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert job(str(one)) == 0
+    r2 = _torchrun(["tests.scale_jobs", name, str(two)])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return json.loads(one.read_text()), json.loads(two.read_text())
+
+
 def _torchrun(argv: list[str], processes: int = 2, **env: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node PROCESSES -m ARGV` from the repository root (`env` added to the environment)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
@@ -83,11 +92,7 @@ def test_ablation_scoring_on_two_processes_equals_one(tiny_folder, tmp_path, one
 
 
 def test_mask_training_on_two_processes_equals_one(tmp_path, one_thread):
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert router_job(str(one)) == 0
-    r2 = _torchrun(["tests.scale_jobs", "router", str(two)])
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = _one_and_two(tmp_path, router_job, "router")
     assert (a["world"], b["world"]) == (1, 2)
     assert a["trained"] == b["trained"] == ["cluster 0", "cluster 1", "cluster 2", "static"]
     assert a["masks"] == b["masks"]  # cluster 0 and 2 trained on rank 0, cluster 1 and the static one on rank 1
@@ -96,11 +101,7 @@ def test_mask_training_on_two_processes_equals_one(tmp_path, one_thread):
 
 
 def test_importance_network_training_runs_data_parallel(tmp_path, one_thread):
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert ipn_job(str(one)) == 0
-    r2 = _torchrun(["tests.scale_jobs", "ipn", str(two)])
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = _one_and_two(tmp_path, ipn_job, "ipn")
     assert len(b["history"]) == 3
     # The KL term is the whole batch's on both (the first step's network is the same untrained one).
     assert b["history"][0]["kl"] == pytest.approx(a["history"][0]["kl"], rel=1e-4)
@@ -108,11 +109,7 @@ def test_importance_network_training_runs_data_parallel(tmp_path, one_thread):
 
 
 def test_distillation_on_two_processes_equals_one(tmp_path, one_thread):
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert distill_job(str(one)) == 0
-    r2 = _torchrun(["tests.scale_jobs", "distill", str(two)])
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    a, b = _one_and_two(tmp_path, distill_job, "distill")
     assert b["world"] == 2 and len(b["loss"]) == 4  # the starting point and 3 steps
     assert b["heldout"] == a["heldout"]
     # Shares of one text each hold as many tokens as each other, so the mean of the shares' gradients is

@@ -24,7 +24,7 @@ from engine.pruning.select import select
 from engine.runtime.evaluate import PerplexityProtocol, perplexity
 from engine.runtime.prefix_cache import PrefixCache
 from engine.runtime.sparse_forward import sparse_logits, sparse_refusal
-from tests.tiny import VOCAB, tiny_tokenizer
+from tests.tiny import VOCAB, finish_tiny, tiny_tokenizer
 
 WINDOW = 5
 PROTOCOL = PerplexityProtocol(window=32, stride=32, n_windows=3)
@@ -42,12 +42,7 @@ def _model(family: str, window: int | None = WINDOW) -> torch.nn.Module:
         model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=window is not None, max_window_layers=1, **common))
     else:  # Mistral: the window on every layer
         model = MistralForCausalLM(MistralConfig(**common))
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.02)
-    return model.eval()
+    return finish_tiny(model)
 
 
 @pytest.fixture(params=["qwen2", "mistral"])

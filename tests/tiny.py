@@ -76,8 +76,13 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
                     p.normal_(0, 0.3)
     else:
         raise ValueError(family)
+    return finish_tiny(model)
+
+
+def finish_tiny(model: torch.nn.Module) -> torch.nn.Module:
+    """Eager attention, every bias non-zero (random init leaves some at exactly zero, so bias handling is
+    tested), eval mode: what every tiny test model gets."""
     model.config._attn_implementation = "eager"
-    # Random init leaves some biases at exactly zero; make them non-zero so bias handling is tested.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -32,7 +32,8 @@ from ui import keys
 from ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
-           "known_full_perplexity", "full_agreement", "known_full_agreement", "reconstructed_width_mask", "suggested_size", "mask_cost"]
+           "known_full_perplexity", "full_agreement", "known_full_agreement", "reconstructed_width_mask",
+           "suggested_size", "mask_cost"]
 
 
 def digest(mask: PruneMask | None) -> str:
@@ -130,7 +131,7 @@ def suggested_size(handle: ModelHandle, model_key: str, keep: float, route: str,
     """
     return shared_cache("suggested_size", 16).get_or_compute(
         f"{model_key}|{keep:.4f}|{route}",
-        lambda report: suggest_size(handle, keep, route, calib=Calibration.shipped("wikitext", 32), progress=report),
+        lambda report: suggest_size(handle, keep, route, progress=report),  # on the shipped calibration
         progress)
 
 

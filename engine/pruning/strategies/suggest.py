@@ -82,6 +82,17 @@ def predicted_perplexity(dense: float, kl: Any, mask: PruneMask) -> float:
     return dense * math.exp(float(kl[pruned].sum()))
 
 
+def _measure(handle: ModelHandle, mask: PruneMask, protocol: PerplexityProtocol | None,
+             measure: bool) -> tuple[float | None, float | None, str | None]:
+    """(dense, masked perplexity, protocol text) on `protocol` (the live one by default); Nones when not measured."""
+    if not (handle.is_causal_lm and measure):
+        return None, None, None
+    protocol = protocol or live_protocol(handle)
+    dense = perplexity(handle, None, protocol).perplexity
+    result = perplexity(handle, mask, protocol)
+    return dense, result.perplexity, result.protocol.describe(result.tokenizer, result.n_tokens)
+
+
 def suggest_mask(
     handle: ModelHandle,
     budget: Budget | float | int,
@@ -105,15 +116,9 @@ def suggest_mask(
     calib = calib or Calibration.shipped()
     t0 = time.perf_counter()
     mask = strategy(handle, budget, calib, progress=progress)
-    dense = predicted = measured = None
-    proto_text = None
-    if handle.is_causal_lm and measure:
-        protocol = protocol or live_protocol(handle)
-        dense_r = perplexity(handle, None, protocol)
-        dense = dense_r.perplexity
-        result = perplexity(handle, mask, protocol)
-        measured = result.perplexity
-        proto_text = result.protocol.describe(result.tokenizer, result.n_tokens)
+    dense, measured, proto_text = _measure(handle, mask, protocol, measure)
+    predicted = None
+    if dense is not None:
         kl = cached_ablation(calib, mean=mask.attn_bias is not None)
         predicted = predicted_perplexity(dense, kl, mask) if kl is not None else None
     s = mask.summary()
@@ -155,12 +160,7 @@ def suggest_size(
         mask = width_by_reconstruction(handle, keep, calib, progress=progress).mask
     else:
         mask = depth_refit_prune(handle, keep, method, calib, progress=progress)
-    dense = measured = proto_text = None
-    if handle.is_causal_lm and measure:
-        protocol = protocol or live_protocol(handle)
-        dense = perplexity(handle, None, protocol).perplexity
-        result = perplexity(handle, mask, protocol)
-        measured, proto_text = result.perplexity, result.protocol.describe(result.tokenizer, result.n_tokens)
+    dense, measured, proto_text = _measure(handle, mask, protocol, measure)
     s = mask.summary()
     info = Suggestion(
         method=method, mode=f"size:{route}", budget=f"keep {keep:.0%} of the parameters by {route}",
