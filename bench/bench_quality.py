@@ -109,6 +109,16 @@ def check_disjoint(handle: Any, calib: Calibration, heldout_end_token: int) -> s
 
 
 # --- caching -----------------------------------------------------------------------------------
+def bench_cache(model: str | None, quick: bool) -> Path:
+    """Where this benchmark keeps its masks and results for `model` (None: the default)."""
+    tag = "quality_quick" if quick else "quality"
+    return cache_dir_root() / "bench" / f"{tag}_{(model or DEFAULT_MODEL).replace('/', '_')}"
+
+
+def cached_mask_path(cache_dir: Path, method: str, config: str) -> Path:
+    return cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+
+
 def save_stats(stats: CaptureStats, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -203,7 +213,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tag = "quality_quick" if args.quick else "quality"
-    cache_dir = cache_dir_root() / "bench" / f"{tag}_{(args.model or DEFAULT_MODEL).replace('/', '_')}"
+    cache_dir = bench_cache(args.model, args.quick)
     (cache_dir / "masks").mkdir(parents=True, exist_ok=True)
     csv_path = Path(args.csv or RESULTS / f"{tag}.csv")
 
@@ -263,7 +273,7 @@ def main() -> None:
 
     for config, method in todo:
         key = f"{method}@{config}"
-        mask_path = cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+        mask_path = cached_mask_path(cache_dir, method, config)
         if key in results and "top1_heldout" not in results[key] and not args.report and mask_path.exists():
             results[key].update(agreement_columns(PruneMask.load(mask_path, handle.geometry)))
             results_path.write_text(json.dumps(results, indent=1))

@@ -37,7 +37,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from bench.bench_quality import HELDOUT_OFFSET, check_disjoint, heldout_perplexity, heldout_windows, make_mask
+from bench.bench_quality import (
+    AGREE_NEW,
+    AGREE_PROMPTS,
+    HELDOUT_OFFSET,
+    bench_cache,
+    cached_mask_path,
+    check_disjoint,
+    heldout_perplexity,
+    heldout_windows,
+    make_mask,
+)
 from engine.core.csvfile import write_rows
 from engine.core.mask import PruneMask
 from engine.data.datasets import calibration_texts
@@ -56,11 +66,9 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def student_mask(teacher: Any, method: str, config: str, quick: bool) -> PruneMask:
+def student_mask(teacher: Any, model: str | None, method: str, config: str, quick: bool) -> PruneMask:
     """bench_quality's cached mask for (method, config) when it exists, else the same strategy run now."""
-    tag = "quality_quick" if quick else "quality"
-    cached = (cache_dir_root() / "bench" / f"{tag}_{teacher.name.replace('/', '_')}" / "masks"
-              / f"{method.replace('+', '_plus_')}__{config}.json")
+    cached = cached_mask_path(bench_cache(model, quick), method, config)
     if cached.exists():
         _say(f"mask: bench_quality's cached {method}@{config} ({cached})")
         return PruneMask.load(cached, teacher.geometry)
@@ -115,10 +123,10 @@ def main() -> None:
 
     dense = perplexity(teacher, None, protocol).perplexity
     dense_ho = heldout_perplexity(teacher, None, ho)
-    mask = student_mask(teacher, args.method, args.config, args.quick)
+    mask = student_mask(teacher, args.model, args.method, args.config, args.quick)
     c = cost(teacher, mask)
     data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts)
-    where = check_disjoint(teacher, argparse.Namespace(texts=calibration_texts("wikitext", args.n_wikitext)),
+    where = check_disjoint(teacher, Calibration(calibration_texts("wikitext", args.n_wikitext)),
                            HELDOUT_OFFSET + ho.numel())
     config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                            temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
@@ -136,13 +144,12 @@ def main() -> None:
     student = prune(teacher, mask)
     points: list[dict[str, Any]] = state.setdefault("points", [])
     state.setdefault("eval_in_training_s", 0.0)  # curve evaluations run inside the distillation's wall time
-    inside = [False]
 
-    def point(step: int, train_s: float) -> None:
+    def point(step: int, train_s: float, in_training: bool = False) -> None:
         t = time.perf_counter()
         ppl = perplexity(student, None, protocol).perplexity
         ppl_ho = heldout_perplexity(student, None, ho)
-        if inside[0]:
+        if in_training:
             state["eval_in_training_s"] += time.perf_counter() - t
         points.append({"minutes": round(train_s / 60, 2), "step": step, "ppl_main": round(ppl, 3),
                        "ratio_main": round(ppl / dense, 3), "ppl_heldout": round(ppl_ho, 3),
@@ -164,19 +171,17 @@ def main() -> None:
             points[:] = [p for p in points if p["step"] < rec.step]
         records.append(rec)
         if rec.step and train_s(rec) >= len(points) * args.every * 60:
-            point(rec.step, train_s(rec))
+            point(rec.step, train_s(rec), in_training=True)
         if rec.step % 25 == 0 and rec.loss is not None:
             _say(f"  step {rec.step}/{rec.steps} loss {rec.loss:.4f} ({train_s(rec) / 60:.1f} min of training)")
 
     if not state.get("done"):
-        inside[0] = True
         result = distill(teacher, student, data, config, out_dir=work / "distill",
                          resume=has_checkpoint(work / "distill"), progress=on_step,
                          should_stop=lambda: bool(records) and train_s(records[-1]) >= args.minutes * 60)
-        inside[0] = False
         if points[-1]["step"] != result.steps_run:
             point(result.steps_run, train_s(records[-1]))
-        a = agreement(student, None, ho, reference=dense_reference(teacher, ho, n_prompts=12))
+        a = agreement(student, None, ho, reference=dense_reference(teacher, ho, n_prompts=AGREE_PROMPTS, n_new=AGREE_NEW))
         state.update(done=True, steps=result.steps_run, top1_heldout=round(a.top1, 4),
                      greedy_heldout=round(a.greedy_prefix, 4))
         curve_path.write_text(json.dumps(state, indent=1))
