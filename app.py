@@ -4,18 +4,18 @@
 
 The server listens on 127.0.0.1 only (.streamlit/config.toml); `HEADLAB_ADDRESS=0.0.0.0 make app`
 exposes it on purpose. Models' own code (trust_remote_code) can be allowed from the sidebar only
-when the server was started with `-- --allow-remote-code` (ui/server_options.py).
+when the server was started with `-- --allow-remote-code` (headlab/ui/server_options.py).
 
-Pages come from ui/pages.py (a page appears when its file exists); the sidebar is drawn
+Pages come from headlab/ui/pages.py (a page appears when its file exists); the sidebar is drawn
 here so it shows on every page.
 """
 
 import streamlit as st
 
-from ui import keys
-from ui.pages import navigation
-from ui.server_options import ICON
-from ui.sidebar import render_sidebar
+from headlab.ui import keys
+from headlab.ui.pages import navigation
+from headlab.ui.server_options import ICON
+from headlab.ui.sidebar import render_sidebar
 
 st.set_page_config(page_title="HeadLab", page_icon=ICON, layout="wide")
 for key in keys.WIDGETS_TO_KEEP:  # keep each page's settings while another page is open

@@ -1,10 +1,11 @@
 """The wheel carries what a checkout keeps at the repository root (everything else is in pyproject.toml).
 
 An installed HeadLab has no checkout beside it, so `build_py` copies into the built packages:
-- the app (app.py, pages/, ui/, .streamlit/config.toml and the benchmark tables its Dynamic page
-  plots) to headlab/_app/, where `headlab app` finds it (headlab/app.py): no top-level `app`,
-  `pages` or `ui` module lands in site-packages; streamlit puts headlab/_app on sys.path;
-- the shipped texts (data/) to engine/data/shipped/, which engine/data/datasets.py reads first.
+- the app's scripts (app.py, pages/, .streamlit/config.toml and the benchmark tables its Dynamic page
+  plots) to headlab/_app/, where `headlab app` finds them (headlab/app.py); they are files that
+  Streamlit runs, not modules, and import their helpers from `headlab.ui`: the wheel's only top-level
+  import name is `headlab`;
+- the shipped texts (data/) to headlab/engine/data/shipped/, which headlab/engine/data/datasets.py reads first.
 An editable install (`make setup`) copies nothing: the checkout's own files are used in place.
 MANIFEST.in lists the same files for a source distribution.
 """
@@ -16,9 +17,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 COPIES = (  # (folder of the repository, glob patterns in it, destination inside the built packages)
-    (".", ("app.py", "pages/*.py", "ui/*.py", "ui/assets/*", ".streamlit/config.toml",
+    (".", ("app.py", "pages/*.py", ".streamlit/config.toml",
            "bench/results/dynamic.csv", "bench/results/dynamic_decode.csv"), "headlab/_app"),
-    ("data", ("README.md", "wikitext-2-raw-test.txt", "prompts/*.jsonl"), "engine/data/shipped"),
+    ("data", ("README.md", "wikitext-2-raw-test.txt", "prompts/*.jsonl"), "headlab/engine/data/shipped"),
 )
 
 

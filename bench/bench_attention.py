@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch  # noqa: E402
 
-from engine.data.datasets import read_wikitext  # noqa: E402
-from engine.models.load import load_model  # noqa: E402
-from engine.runtime.attention_maps import attention_map, eager_layer_probs, pool_attention  # noqa: E402
-from engine.runtime.layer_inputs import LayerInputCache, sdpa_view  # noqa: E402
+from headlab.engine.data.datasets import read_wikitext  # noqa: E402
+from headlab.engine.models.load import load_model  # noqa: E402
+from headlab.engine.runtime.attention_maps import attention_map, eager_layer_probs, pool_attention  # noqa: E402
+from headlab.engine.runtime.layer_inputs import LayerInputCache, sdpa_view  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.core.csvfile import write_rows
-from engine.data.datasets import calibration_texts
-from engine.importance.registry import score
-from engine.models.load import load_model
-from engine.pruning.select import select
-from engine.runtime.evaluate import perplexity
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.importance.registry import score
+from headlab.engine.models.load import load_model
+from headlab.engine.pruning.select import select
+from headlab.engine.runtime.evaluate import perplexity
 
 CRITERIA = ("random", "magnitude", "entropy", "activation", "gradient")
 

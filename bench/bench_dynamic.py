@@ -5,16 +5,16 @@
     python bench/bench_dynamic.py --report            # the markdown table from what is cached
 
 Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels of every layer):
-- oracle: per token, the true top-k channels by |act(gate(x)) * up(x)| (an upper bound; engine.dynamic.rules);
+- oracle: per token, the true top-k channels by |act(gate(x)) * up(x)| (an upper bound; headlab.engine.dynamic.rules);
 - cats / teal / wina: the training-free rules, thresholds calibrated per layer to the target
   (TEAL and WINA sparsify the inputs of every matrix, so their target is input sparsity);
 - ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer
-  calibrated thresholds, no training (engine.dynamic.ipn.untrained_ipn);
+  calibrated thresholds, no training (headlab.engine.dynamic.ipn.untrained_ipn);
 - ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
 - ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
 - ipn+heads: the network also choosing query heads per token (target head sparsity 25%, 50% rows only);
 - per-prompt: one mask per window, predicted by the trained network from the window's first 64 tokens,
-  then kept for the whole window (engine.dynamic.prompt_mask);
+  then kept for the whole window (headlab.engine.dynamic.prompt_mask);
 - router: k = 4 masks, one per cluster of 16 calibration prompts, each window routed by its first 64 tokens;
 - static: one FFN-channel mask for every input, by FLAP (fluctuation + bias compensation, the best static
   width method of bench_quality), at the same channel budget.
@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from bench.bench_quality import HELDOUT_OFFSET, heldout_windows
 from bench.machine import cpu_name
-from engine.core import gates
-from engine.core.csvfile import write_rows
-from engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
-from engine.dynamic.ipn import (
+from headlab.engine.core import gates
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
+from headlab.engine.dynamic.ipn import (
     IPNConfig,
     apply_ipn,
     load_ipn,
@@ -57,10 +57,10 @@ from engine.dynamic.ipn import (
     train_ipn,
     untrained_ipn,
 )
-from engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
-from engine.models.load import load_model
-from engine.pruning.strategies import Budget, Calibration, get_strategy
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, window_nll
+from headlab.engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
+from headlab.engine.models.load import load_model
+from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, window_nll
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
 RULES = ("oracle", "cats", "teal", "wina")

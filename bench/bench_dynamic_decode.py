@@ -4,16 +4,16 @@
                                          [--ipn FOLDER ...] [--new 128] [--prompt 32] [--backend auto]
 
 One process, one model. Setup on all cores: CATS thresholds calibrated per target sparsity
-(engine.dynamic.calibrate), an untrained importance network per --ipn-targets entry
-(engine.dynamic.ipn.untrained_ipn: the oracle's score on 4-bit weight sketches, calibrated
+(headlab.engine.dynamic.calibrate), an untrained importance network per --ipn-targets entry
+(headlab.engine.dynamic.ipn.untrained_ipn: the oracle's score on 4-bit weight sketches, calibrated
 thresholds) and any trained network saved with save_ipn (--ipn FOLDER). Then timing on
 `--threads` torch threads: greedy decoding of `--new` tokens after a `--prompt`-token WikiText
-prompt with the KV cache, dense (engine.dynamic.dense_generate) and sparse (sparse_generate: each
+prompt with the KV cache, dense (headlab.engine.dynamic.dense_generate) and sparse (sparse_generate: each
 token reads only its kept channels' weights, and its kept heads' Q rows and O columns when the
 chooser picks heads), round-robin over `--repeats` so CPU drifts hit all alike; tokens/s count the
 cached decode steps only (the prefill is excluded).
 
-Columns: ideal = weight bytes read per token, dense / sparse (engine.dynamic.decode_weight_bytes:
+Columns: ideal = weight bytes read per token, dense / sparse (headlab.engine.dynamic.decode_weight_bytes:
 embedding row, attention (kept heads' Q and O), K/V in full, kept channels' FFN weights at the
 mean kept count per layer measured in the same decode, what the chooser reads itself: CATS the
 whole gate, a network its sketches; final norm, LM head); fraction of ideal = speedup / ideal;
@@ -36,11 +36,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from bench.machine import cpu_name
-from engine.core.csvfile import write_rows
-from engine.data.datasets import read_wikitext
-from engine.dynamic import CatsChooser, IPNChooser, calibrate, decode_weight_bytes, dense_generate, sparse_generate
-from engine.dynamic.ipn import load_ipn, untrained_ipn
-from engine.models.load import load_model
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.data.datasets import read_wikitext
+from headlab.engine.dynamic import (
+    CatsChooser,
+    IPNChooser,
+    calibrate,
+    decode_weight_bytes,
+    dense_generate,
+    sparse_generate,
+)
+from headlab.engine.dynamic.ipn import load_ipn, untrained_ipn
+from headlab.engine.models.load import load_model
 
 
 def _prompt(handle, n: int) -> torch.Tensor:

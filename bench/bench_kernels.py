@@ -2,7 +2,7 @@
 
 For each sparsity (share of heads or FFN channels pruned) it times
   dense      the unpruned op (torch SDPA / F.linear): what zeroing-by-multiplication costs
-  reference  the torch twin (kernels.reference): gathers kept weights/heads, then dense op
+  reference  the torch twin (headlab.kernels.reference): gathers kept weights/heads, then dense op
   compacted  the dense op on weights/heads sliced beforehand: a physically pruned model
   kernel     our Triton kernel (CUDA only)
 and prints speedups vs dense next to the ideal 1 / (1 - sparsity).
@@ -31,8 +31,8 @@ if __package__ in (None, ""):
     # run as `python bench/bench_kernels.py` from a checkout: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.core.csvfile import write_rows  # noqa: E402
-from kernels import (  # noqa: E402
+from headlab.engine.core.csvfile import write_rows  # noqa: E402
+from headlab.kernels import (  # noqa: E402
     col_sparse_linear,
     grouped_row_sparse_linear,
     head_sparse_attention,

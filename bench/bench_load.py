@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 import numpy as np  # noqa: E402
 from playwright.async_api import async_playwright  # noqa: E402
 
-from engine.core.csvfile import write_rows  # noqa: E402
+from headlab.engine.core.csvfile import write_rows  # noqa: E402
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, grid_cell, save_tiny_llama, streamlit_app  # noqa: E402
 
 POLL_S = 0.02

@@ -5,16 +5,16 @@
 For each size (fraction of parameters kept) the depth route drops whole layers ranked by a
 depth criterion; the width route then narrows every layer (heads + FFN channels, uniform)
 to the same parameter count, so the two are compared at equal size. The reconstructed rows
-(`--obs-keeps`) are what `python -m engine export --keep K --route width` writes: structured OBS
+(`--obs-keeps`) are what `python -m headlab export --keep K --route width` writes: structured OBS
 with the kept weights re-solved, per layer where FLAP cuts ("obs", the default export, reloaded by
-engine.models.load.load_pruned) and the same units in every layer ("obs uniform", `--layout
+headlab.engine.models.load.load_pruned) and the same units in every layer ("obs uniform", `--layout
 uniform`, reloaded by plain transformers); their masks are cached under
 ~/.cache/headlab/bench/pruned_speed/ (minutes each to compute). Each pruned model is
 exported to a temporary folder and reloaded from it, so the timed model is the artifact a
 user gets. Timings: a forward over `--seq` tokens (prefill) and greedy generation of
 `--gen` new tokens with the KV cache, after a warm-up, median of `--repeats` runs taken in
 round-robin over the models so that CPU load drifts hit them alike. Ideal speedup = dense
-FLOPs / pruned FLOPs per token at the same sequence length (engine.runtime.cost).
+FLOPs / pruned FLOPs per token at the same sequence length (headlab.engine.runtime.cost).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from bench.machine import cpu_name
-from engine.core.csvfile import write_rows
-from engine.export.write import export
-from engine.models.load import load_model, load_pruned
-from engine.pruning.size_target import reach_size, width_mask
-from engine.runtime.cost import cost
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.export.write import export
+from headlab.engine.models.load import load_model, load_pruned
+from headlab.engine.pruning.size_target import reach_size, width_mask
+from headlab.engine.runtime.cost import cost
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, perplexity
 
 
 @dataclass
@@ -179,11 +179,11 @@ def main() -> None:
 
 
 def _obs_mask(source, keep: float, uniform: bool):
-    """(mask, detail) of engine.pruning.strategies.reconstruct.width_by_reconstruction, cached on disk."""
-    from engine.core.mask import PruneMask
-    from engine.models.load import cache_dir
-    from engine.pruning.strategies import Calibration
-    from engine.pruning.strategies.reconstruct import width_by_reconstruction
+    """(mask, detail) of headlab.engine.pruning.strategies.reconstruct.width_by_reconstruction, cached on disk."""
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.models.load import cache_dir
+    from headlab.engine.pruning.strategies import Calibration
+    from headlab.engine.pruning.strategies.reconstruct import width_by_reconstruction
 
     path = (cache_dir() / "bench" / "pruned_speed" / source.name.replace("/", "_")
             / f"obs_{'uniform' if uniform else 'per_layer'}_{keep:.3f}.json")
@@ -200,8 +200,8 @@ def _obs_mask(source, keep: float, uniform: bool):
 
 def _width_scores(source, criterion: str):
     """(head scores, FFN scores) of `criterion` on the default calibration set."""
-    from engine.data.datasets import calibration_texts
-    from engine.importance.registry import score
+    from headlab.engine.data.datasets import calibration_texts
+    from headlab.engine.importance.registry import score
 
     s = score(source, calibration_texts("wikitext", 32), [criterion])[0][criterion]
     return s.heads, s.ffn

@@ -6,20 +6,20 @@
 Configurations: 10, 20, 30 and 50% of the attention heads; ~20% of the parameters by width
 (the same fraction of heads and FFN channels) and by depth (whole layers, the count that
 brings the size closest to the same target).
-Reconstruction rows (engine.pruning.strategies.reconstruct: obs, flap-refit, ablation-refit; depth
+Reconstruction rows (headlab.engine.pruning.strategies.reconstruct: obs, flap-refit, ablation-refit; depth
 methods with -refit) run on heads30, heads50, width20 and depth20 by default:
     python bench/bench_quality.py --configs heads30,heads50,width20,depth20 --methods obs,flap-refit,ablation-refit \
         --depth-methods ablation-iterative-refit,block_influence-refit
 `select_s` is the wall time a method took to choose its mask, `select_cpu_min` the CPU minutes of this
 process in that time (every thread counted).
-Calibration: 32 WikiText-2 test paragraphs from the END of the file (engine.data.datasets), up
+Calibration: 32 WikiText-2 test paragraphs from the END of the file (headlab.engine.data.datasets), up
 to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each).
 Evaluation, both printed with their token ranges:
-- main: the pinned protocol (engine.runtime.evaluate.DEFAULT_PROTOCOL): the START of the file;
+- main: the pinned protocol (headlab.engine.runtime.evaluate.DEFAULT_PROTOCOL): the START of the file;
 - held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
   never used for calibration, for choosing methods or for tuning; the run checks that the
   calibration paragraphs lie after it.
-Beyond perplexity, on the held-out windows (engine.runtime.agreement): `top1_heldout`, the fraction
+Beyond perplexity, on the held-out windows (headlab.engine.runtime.agreement): `top1_heldout`, the fraction
 of positions where the pruned model's most likely next token is the dense model's, and
 `greedy_heldout`, the common prefix of the two models' greedy continuations (32 new tokens after the
 first 32 tokens of each window) as a fraction of 32. Rows cached without them get them on the next run.
@@ -46,19 +46,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.core import gates
-from engine.core.csvfile import write_rows
-from engine.core.mask import PruneMask
-from engine.data.datasets import read_wikitext
-from engine.importance.capture import CaptureStats
-from engine.models.load import DEFAULT_MODEL, load_model
-from engine.models.load import cache_dir as cache_dir_root
-from engine.pruning.strategies import Budget, Calibration, get_strategy
-from engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
-from engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
-from engine.runtime.agreement import DenseReference, agreement, dense_reference
-from engine.runtime.cost import cost
-from engine.runtime.evaluate import (
+from headlab.engine.core import gates
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import read_wikitext
+from headlab.engine.importance.capture import CaptureStats
+from headlab.engine.models.load import DEFAULT_MODEL, load_model
+from headlab.engine.models.load import cache_dir as cache_dir_root
+from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
+from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from headlab.engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
+from headlab.engine.runtime.agreement import DenseReference, agreement, dense_reference
+from headlab.engine.runtime.cost import cost
+from headlab.engine.runtime.evaluate import (
     DEFAULT_PROTOCOL,
     PerplexityProtocol,
     _wikitext_ids,

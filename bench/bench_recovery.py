@@ -5,8 +5,8 @@
     python bench/bench_recovery.py --skip-lm --encoder-steps 300
 
 Causal LM (the default SmolLM2-135M-Instruct): the student is the teacher pruned uniformly in
-width to `--keep` of its parameters (engine.pruning.size_target, gradient criterion on WikiText-2
-paragraphs from the end of the file), physically (engine.export.surgery). Rows: the dense teacher,
+width to `--keep` of its parameters (headlab.engine.pruning.size_target, gradient criterion on WikiText-2
+paragraphs from the end of the file), physically (headlab.engine.export.surgery). Rows: the dense teacher,
 the student before recovery (full precision, and quantised at step 0), after full-precision KD,
 and 2-/1-bit students by each recipe, every KD row with the same number of optimisation
 steps. Perplexity uses the pinned protocol (the start of WikiText-2 test: never trained on).
@@ -31,16 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.core.csvfile import write_rows
-from engine.data.datasets import calibration_texts
-from engine.export.surgery import prune
-from engine.models.load import load_model
-from engine.recovery.distill import DistillConfig, distill_data, prompt_split
-from engine.recovery.encoder_agreement import encoder_agreement
-from engine.recovery.quantize import set_quantization_
-from engine.recovery.recipes import recovery_student, run_recipe
-from engine.runtime.cost import cost
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.surgery import prune
+from headlab.engine.models.load import load_model
+from headlab.engine.recovery.distill import DistillConfig, distill_data, prompt_split
+from headlab.engine.recovery.encoder_agreement import encoder_agreement
+from headlab.engine.recovery.quantize import set_quantization_
+from headlab.engine.recovery.recipes import recovery_student, run_recipe
+from headlab.engine.runtime.cost import cost
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 
 RUN_NAMES = {"fp32": ("fp32", None), "single2": ("single", 2), "multi2": ("multi", 2), "single1": ("single", 1),
              "multi1": ("multi", 1)}

@@ -4,10 +4,10 @@
     python bench/bench_recovery_budget.py --minutes 2 --quick   # smoke run
 
 Student: the shipped SmolLM2 with ~20% of its parameters removed by width (the same fraction of
-heads and FFN channels), chosen and re-fitted by structured OBS (engine.pruning.strategies
+heads and FFN channels), chosen and re-fitted by structured OBS (headlab.engine.pruning.strategies
 .reconstruct, the `obs` row of bench_quality's width20: its cached mask is reused when present),
-then physically pruned (engine.export.surgery; the re-solved weights are in the copy). Then
-full-parameter distillation (engine.recovery.distill: KL to the dense teacher's logits, AdamW,
+then physically pruned (headlab.engine.export.surgery; the re-solved weights are in the copy). Then
+full-parameter distillation (headlab.engine.recovery.distill: KL to the dense teacher's logits, AdamW,
 cosine schedule sized to the budget from a timed probe) until `--minutes` of training have passed.
 Data: WikiText-2 paragraphs from the END of the file (checked to lie after the held-out windows)
 and the teacher's greedy answers to the shipped training prompts.
@@ -15,7 +15,7 @@ and the teacher's greedy answers to the shipped training prompts.
 The curve: perplexity on the pinned protocol (the START of the file) and on the held-out windows
 (tokens 150,000-156,144, as in bench_quality), at 0 minutes and every `--every` minutes of
 training; evaluation time is not counted as training time. At the end, top-1 and greedy
-agreement with the dense model on the held-out windows (engine.runtime.agreement). The curve
+agreement with the dense model on the held-out windows (headlab.engine.runtime.agreement). The curve
 and the distillation checkpoint are cached under ~/.cache/headlab/bench/recovery_budget/, so an
 interrupted run resumes where it stopped; --fresh starts over.
 """
@@ -48,18 +48,18 @@ from bench.bench_quality import (
     heldout_windows,
     make_mask,
 )
-from engine.core.csvfile import write_rows
-from engine.core.mask import PruneMask
-from engine.data.datasets import calibration_texts
-from engine.export.surgery import prune
-from engine.models.load import DEFAULT_MODEL, load_model
-from engine.models.load import cache_dir as cache_dir_root
-from engine.pruning.strategies import Calibration
-from engine.recovery.distill import DistillConfig, distill, distill_data
-from engine.recovery.distill.checkpoint import has_checkpoint
-from engine.runtime.agreement import agreement, dense_reference
-from engine.runtime.cost import cost
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.surgery import prune
+from headlab.engine.models.load import DEFAULT_MODEL, load_model
+from headlab.engine.models.load import cache_dir as cache_dir_root
+from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
+from headlab.engine.recovery.distill.checkpoint import has_checkpoint
+from headlab.engine.runtime.agreement import agreement, dense_reference
+from headlab.engine.runtime.cost import cost
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 
 
 def _say(msg: str) -> None:

@@ -6,7 +6,7 @@
 For each number of removed ATTN/FFN sub-blocks: one hard-concrete mask is trained per K-means
 cluster of the training prompts and one static mask on all of them (same steps, same
 budget, KL to the dense model). Held-out prompts are routed to their nearest centroid and
-scored (token-weighted perplexity of their score texts, see engine/routing/clusters.py) dense,
+scored (token-weighted perplexity of their score texts, see headlab/engine/routing/clusters.py) dense,
 under the static mask and under their routed mask. Then the routing overhead: one encoder
 call per prompt against one forward of the pruned model over the same prompt.
 Timings on a shared CPU are noisy; the ratios in one process are what to compare.
@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.core import gates
-from engine.core.objective import token_logits
-from engine.core.tokens import encode_batch
-from engine.models.load import load_model
-from engine.pruning.softmask import MaskTarget, TrainConfig
-from engine.routing.clusters import cluster_prompts
-from engine.routing.embeddings import SentenceEncoder
-from engine.routing.router import heldout_perplexity, pruned_blocks, train_router
+from headlab.engine.core import gates
+from headlab.engine.core.objective import token_logits
+from headlab.engine.core.tokens import encode_batch
+from headlab.engine.models.load import load_model
+from headlab.engine.pruning.softmask import MaskTarget, TrainConfig
+from headlab.engine.routing.clusters import cluster_prompts
+from headlab.engine.routing.embeddings import SentenceEncoder
+from headlab.engine.routing.router import heldout_perplexity, pruned_blocks, train_router
 
 
 def log(msg: str) -> None:

@@ -7,7 +7,7 @@
 
 Each configuration is one `torchrun --standalone --nproc-per-node N` of this script in worker mode.
 Every rank loads the model and records the same replay (replicated), then measures its share of
-the heads' single-head mean-ablation KL (engine.importance.ablation.ablation_kl, world=); the time
+the heads' single-head mean-ablation KL (headlab.engine.importance.ablation.ablation_kl, world=); the time
 reported is that of the scoring call alone, from a barrier before it to the gathered table after it
 (load and start-up are reported apart, in `wall_s`). The KL table of every configuration is
 compared with the first one's (`max_abs_diff`, expected 0). The default is short: 2 texts x 64
@@ -40,12 +40,12 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: load, record the replay, time the ablation scoring of its share; rank 0 writes the JSON."""
     import torch
 
-    from engine.data.datasets import calibration_texts
-    from engine.distributed.world import open_world
-    from engine.importance.ablation import ablation_kl
-    from engine.importance.capture import capture
-    from engine.models.load import load_model
-    from engine.runtime.replay import LayerReplay
+    from headlab.engine.data.datasets import calibration_texts
+    from headlab.engine.distributed.world import open_world
+    from headlab.engine.importance.ablation import ablation_kl
+    from headlab.engine.importance.capture import capture
+    from headlab.engine.models.load import load_model
+    from headlab.engine.runtime.replay import LayerReplay
 
     torch.set_num_threads(args.threads)
     device = args.device

@@ -37,13 +37,13 @@ APP_CRITERIA = ("entropy", "magnitude", "gradient", "activation")
 def _run(mode: str, args: argparse.Namespace, out: mp.Queue) -> None:
     import torch
 
-    from engine.core.objective import lm_loss
-    from engine.core.tokens import batches, encode_batch
-    from engine.data.datasets import calibration_texts
-    from engine.importance.registry import score
-    from engine.models.load import load_model
-    from engine.pruning.strategies.base import Calibration
-    from engine.pruning.strategies.scores import criterion_scores
+    from headlab.engine.core.objective import lm_loss
+    from headlab.engine.core.tokens import batches, encode_batch
+    from headlab.engine.data.datasets import calibration_texts
+    from headlab.engine.importance.registry import score
+    from headlab.engine.models.load import load_model
+    from headlab.engine.pruning.strategies.base import Calibration
+    from headlab.engine.pruning.strategies.scores import criterion_scores
 
     torch.set_num_threads(args.threads)
     handle = load_model(args.model, progress=lambda m: None)
@@ -107,7 +107,7 @@ def main() -> None:
         p.join()
         results[mode_] = (t, rss_delta, rss_peak)
 
-    from engine.models.load import load_model
+    from headlab.engine.models.load import load_model
 
     if args.app:
         before, now = results[APP_MODES[0]][0], results[APP_MODES[1]][0]

@@ -6,9 +6,9 @@ A simulated user toggles one head at a time in a random layer (the mask accumula
 in the app). For each toggle every path runs in the same process, one after the other,
 on the same windows and the same mask:
 - prefix:  PrefixCache.perplexity (layers l..L-1 from cached inputs under the gate hooks, LM head);
-- full:    engine.runtime.evaluate.perplexity(..., use_kernels=False): the whole model under the same
+- full:    headlab.engine.runtime.evaluate.perplexity(..., use_kernels=False): the whole model under the same
            gate hooks (the same arithmetic; the baseline of the goal);
-- kernels: engine.runtime.evaluate.perplexity as the CLI runs it (hard masks on Llama-family models
+- kernels: headlab.engine.runtime.evaluate.perplexity as the CLI runs it (hard masks on Llama-family models
            go through the masked kernels).
 The table gives per-toggle timings and the median ratio prefix / full (goal <= 0.6).
 The LM head runs in every path, so the ratio cannot fall below its share of a full pass.
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch  # noqa: E402
 
-from engine.core.mask import PruneMask  # noqa: E402
-from engine.models.load import load_model  # noqa: E402
-from engine.runtime.evaluate import perplexity  # noqa: E402
-from engine.runtime.prefix_cache import LIVE_WINDOW, LIVE_WINDOWS, PrefixCache, live_protocol  # noqa: E402
+from headlab.engine.core.mask import PruneMask  # noqa: E402
+from headlab.engine.models.load import load_model  # noqa: E402
+from headlab.engine.runtime.evaluate import perplexity  # noqa: E402
+from headlab.engine.runtime.prefix_cache import LIVE_WINDOW, LIVE_WINDOWS, PrefixCache, live_protocol  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

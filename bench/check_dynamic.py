@@ -3,8 +3,8 @@
     python bench/check_dynamic.py [--target 0.5] [--windows 2]
 
 (a) the way bench_dynamic measures it: a batched forward of the Hugging Face model with the network's masks
-    applied by hooks (engine.dynamic.ipn.apply_ipn);
-(b) token by token through the sparse decode loop (engine.dynamic.decode.sparse_nll): the KV cache, the
+    applied by hooks (headlab.engine.dynamic.ipn.apply_ipn);
+(b) token by token through the sparse decode loop (headlab.engine.dynamic.decode.sparse_nll): the KV cache, the
     Llama adapter's own decode step, and the gathered FFN kernel reading only each token's kept channels.
 The two share the network and the model, nothing else. The network is the one bench_dynamic trained and
 cached (~/.cache/headlab/bench/dynamic-ipn/), or the untrained one when none is cached.
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from engine.dynamic.choosers import IPNChooser
-from engine.dynamic.decode import sparse_nll
-from engine.dynamic.ipn import apply_ipn, load_ipn, untrained_ipn
-from engine.models.load import load_model
-from engine.runtime.evaluate import DEFAULT_PROTOCOL, eval_windows, window_nll
+from headlab.engine.dynamic.choosers import IPNChooser
+from headlab.engine.dynamic.decode import sparse_nll
+from headlab.engine.dynamic.ipn import apply_ipn, load_ipn, untrained_ipn
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, eval_windows, window_nll
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Streamlit reads .streamlit/config.toml only from the folder it is started in, so
 that file is passed on the command line instead (SERVER_DEFAULTS; tests/test_install.py keeps the
 two equal): the server listens on 127.0.0.1:8501 unless --address/--port (or HEADLAB_ADDRESS /
 HEADLAB_PORT, as for `make app`) say otherwise. What follows `--` reaches the app's own command
-line, e.g. `headlab app -- --allow-remote-code` (ui/server_options.py).
+line, e.g. `headlab app -- --allow-remote-code` (headlab/ui/server_options.py).
 
 The app's files come from the installed package (headlab/_app, copied there by setup.py when a
 wheel is built) or, in a checkout or an editable install, from the repository root.
@@ -21,7 +21,7 @@ from pathlib import Path
 __all__ = ["ALLOW_REMOTE_CODE_FLAG", "DEFAULT_ADDRESS", "DEFAULT_PORT", "SERVER_DEFAULTS", "app_root", "register",
            "streamlit_command"]
 
-ALLOW_REMOTE_CODE_FLAG = "--allow-remote-code"  # ui/server_options.py reads it (this package imports no app module)
+ALLOW_REMOTE_CODE_FLAG = "--allow-remote-code"  # headlab/ui/server_options.py reads it (this package imports no app module)
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 8501
 #: .streamlit/config.toml, less server.address and server.port (flags of their own), as `--section.key value`.
@@ -34,16 +34,16 @@ SERVER_DEFAULTS = {
 }
 _PACKAGE = Path(__file__).resolve().parent
 _ROOTS = (_PACKAGE / "_app", _PACKAGE.parent)  # the wheel's copy, then the checkout this package sits in
-_NEEDED = ("app.py", "ui/pages.py")
+_NEEDED = ("app.py", "pages/heads.py")
 
 
 def app_root(roots: tuple[Path, ...] | None = None) -> Path:
-    """The folder holding app.py, pages/ and ui/: the installed copy, else the checkout."""
+    """The folder holding app.py and pages/: the installed copy, else the checkout."""
     roots = _ROOTS if roots is None else roots
     for root in roots:
         if all((root / f).is_file() for f in _NEEDED):
             return root
-    raise FileNotFoundError(f"the app's files (app.py, ui/, pages/) are in none of {[str(r) for r in roots]}: "
+    raise FileNotFoundError(f"the app's files (app.py, pages/) are in none of {[str(r) for r in roots]}: "
                             "reinstall HeadLab (pip install .) or run `make app` from a checkout")
 
 
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    """The `app` verb (the `headlab` command's only verb that `python -m engine` lacks)."""
+    """The `app` verb (the `headlab` command's only verb that `python -m headlab` lacks)."""
     p = sub.add_parser("app", help="start the browser app (127.0.0.1:8501 unless told otherwise)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", default=os.environ.get("HEADLAB_ADDRESS") or DEFAULT_ADDRESS,

@@ -1,4 +1,4 @@
-"""The `headlab` command: every verb of `python -m engine` (engine/cli/main.py), plus `app`.
+"""The `headlab` command (also `python -m headlab`): every engine verb (headlab/engine/cli/), plus `app`.
 
     headlab eval                               # dense WikiText-2 perplexity with its protocol
     headlab suggest --budget 0.2 --out mask.json
@@ -6,7 +6,7 @@
     headlab app                                # the browser app on 127.0.0.1:8501
     headlab app --address 0.0.0.0 -- --allow-remote-code
 
-`python -m engine ...` keeps working and takes the same verbs and flags (all but `app`).
+From a checkout without an install, `python -m headlab <verb>` is the same command.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ _VERSION = f"headlab {__version__}"
 def build_parser() -> argparse.ArgumentParser:
     """The engine's parser under the name `headlab`, with `--version` and the `app` verb."""
     # imported here, not above: `headlab app` and `headlab --version` start without loading torch
-    from engine.cli.main import GROUPS
-    from engine.cli.main import build_parser as engine_parser
+    from headlab.engine.cli.main import GROUPS
+    from headlab.engine.cli.main import build_parser as engine_parser
 
     parser = engine_parser(prog="headlab", groups=(*GROUPS, app), description=__doc__)
     parser.add_argument("--version", action="version", version=_VERSION)
@@ -52,6 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:  # no app files beside this package
             print(f"error: {e}", file=sys.stderr)
             return 2
-    from engine.cli.common import run_command
+    from headlab.engine.cli.common import run_command
 
     return run_command(build_parser().parse_args(argv))

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from engine.runtime.attention_maps import prompt_length, token_limit
-from ui import compute, figures, keys, session
-from ui.errors import user_errors
+from headlab.engine.runtime.attention_maps import prompt_length, token_limit
+from headlab.ui import compute, figures, keys, session
+from headlab.ui.errors import user_errors
 
 DEFAULT_PROMPT = ("The cat sat on the mat because it was tired. When the dog came in, "
                   "the cat looked at it and went back to sleep.")

@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from engine.pruning.softmask import MaskTarget, TrainConfig
-from engine.routing.router import pruned_blocks, routed_generate, train_router
-from ui import keys, session
-from ui.clusters import (
+from headlab.engine.pruning.softmask import MaskTarget, TrainConfig
+from headlab.engine.routing.router import pruned_blocks, routed_generate, train_router
+from headlab.ui import keys, session
+from headlab.ui.clusters import (
     ENCODER_OPTIONS,
     OTHER_ENCODER,
     cluster_table,
@@ -18,7 +18,7 @@ from ui.clusters import (
     umap_key,
     umap_running,
 )
-from ui.errors import user_errors
+from headlab.ui.errors import user_errors
 
 st.title("Clusters")
 st.caption("Input-dependent pruning: calibration prompts are embedded by a sentence encoder and clustered; "

@@ -4,12 +4,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
-from engine.pruning.strategies.scores import ablation_scores, cached_ablation
-from engine.runtime.attention_maps import token_limit
-from ui import compute, keys, session
-from ui.errors import user_errors
-from ui.suggest import shared_calibration
+from headlab.engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
+from headlab.engine.pruning.strategies.scores import ablation_scores, cached_ablation
+from headlab.engine.runtime.attention_maps import token_limit
+from headlab.ui import compute, keys, session
+from headlab.ui.errors import user_errors
+from headlab.ui.suggest import shared_calibration
 
 KIND_COLORS = dict(zip(HEAD_KINDS, px.colors.qualitative.Set2))
 

@@ -3,13 +3,13 @@
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine.pruning.size_target import target_params, width_mask
-from engine.recovery.distill import MODES, DistillConfig
-from engine.recovery.quantize import export_student
-from engine.recovery.recipes import RECIPES, RecoveryJob
-from engine.runtime.prefix_cache import live_protocol
-from ui import compute, keys, session
-from ui.errors import user_errors
+from headlab.engine.pruning.size_target import target_params, width_mask
+from headlab.engine.recovery.distill import MODES, DistillConfig
+from headlab.engine.recovery.quantize import export_student
+from headlab.engine.recovery.recipes import RECIPES, RecoveryJob
+from headlab.engine.runtime.prefix_cache import live_protocol
+from headlab.ui import compute, keys, session
+from headlab.ui.errors import user_errors
 
 RECIPE_LABELS = {"fp32": "Full precision", "single": "Single-stage (quantise at step 0, one KD run)",
                  "multi": "Multi-stage (FP32 KD, then 2-bit, then 1-bit)"}

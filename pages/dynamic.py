@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from engine.dynamic.methods import dynamic_refusal
-from ui import dynamic, keys, session
-from ui.dynamic_panels import bench_panel, generation_panel, progress, token_panel, training_panel
-from ui.errors import user_errors
+from headlab.engine.dynamic.methods import dynamic_refusal
+from headlab.ui import dynamic, keys, session
+from headlab.ui.dynamic_panels import bench_panel, generation_panel, progress, token_panel, training_panel
+from headlab.ui.errors import user_errors
 
 st.title("Dynamic")
 st.caption("Per-token sparsity: every token keeps, in every layer, only some FFN channels (and, with a trained "
@@ -58,7 +58,7 @@ else:
     m4.metric("Weights a sparse kernel skips", f"{dyn.sparsity.weights_skipped:.1%}",
               help="Of the weights of the projections the method sparsifies (zeroed input i of W skips column i).")
     flags = f"--method {choice} --target {target}" if choice in dynamic.CALIBRATED else "--load FOLDER"
-    st.caption(f"Live evaluation: {dyn.result.describe()}. Command line: `python -m engine dynamic-eval {flags}`.")
+    st.caption(f"Live evaluation: {dyn.result.describe()}. Command line: `python -m headlab dynamic-eval {flags}`.")
 
     st.subheader("Per token")
     prompt = st.text_area("Prompt", key=keys.W_DYN_PROMPT, height=80)

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from engine.data.datasets import calibration_texts
-from engine.export.write import LAYOUTS, export, preview, zip_folder
-from engine.importance.depth import DEPTH_CRITERIA
-from engine.pruning.size_target import reach_size
-from ui import keys, session
-from ui.errors import user_errors
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.write import LAYOUTS, export, preview, zip_folder
+from headlab.engine.importance.depth import DEPTH_CRITERIA
+from headlab.engine.pruning.size_target import reach_size
+from headlab.ui import keys, session
+from headlab.ui.errors import user_errors
 
 ROUTE_CRITERIA = {"depth": DEPTH_CRITERIA,
                   "width": ("gradient", "magnitude", "activation")}
@@ -47,7 +47,7 @@ m3.metric("Size on disk (about)", f"{pv.bytes_estimate / 2**20:.0f} MiB")
 m4.metric("Layout", pv.layout.replace("_", "-"))
 if pv.why_not_uniform:
     st.caption(f"Per-layer sizes are needed because {pv.why_not_uniform}. The folder loads with "
-               "`engine.models.load.load_pruned(folder)`; docs/export.md shows how to load it without HeadLab.")
+               "`headlab.engine.models.load.load_pruned(folder)`; docs/export.md shows how to load it without HeadLab.")
 if pv.plan.notes:
     with st.expander(f"What surgery keeps and why ({len(pv.plan.notes)} notes)"):
         st.text("\n".join(pv.plan.notes))

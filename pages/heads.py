@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from ui import figures, head_grid, keys, session, tables, widgets
-from ui.errors import user_errors
-from ui.scoring import HEAD_CRITERIA
+from headlab.ui import figures, head_grid, keys, session, tables, widgets
+from headlab.ui.errors import user_errors
+from headlab.ui.scoring import HEAD_CRITERIA
 
 st.title("Heads")
 with user_errors():

@@ -2,12 +2,12 @@
 
 import streamlit as st
 
-from engine.core.mask import UNIT_KINDS, UNIT_WORDS
-from engine.importance.registry import criteria_for
-from engine.pruning.select import select
-from ui import compute, curves, figures, head_grid, keys, session, widgets
-from ui.errors import user_errors
-from ui.suggest import suggest_panel
+from headlab.engine.core.mask import UNIT_KINDS, UNIT_WORDS
+from headlab.engine.importance.registry import criteria_for
+from headlab.engine.pruning.select import select
+from headlab.ui import compute, curves, figures, head_grid, keys, session, widgets
+from headlab.ui.errors import user_errors
+from headlab.ui.suggest import suggest_panel
 
 DEFAULT_GEN_PROMPT = "Explain in two sentences why the sky is blue."
 

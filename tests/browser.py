@@ -147,7 +147,7 @@ def grid_shape(page) -> tuple[int, int]:
 
 
 def grid_cell(page, grid_index: int, layer: int, head: int):
-    """The locator of cell (layer, head) of the page's `grid_index`-th head grid (ui/head_grid.py)."""
+    """The locator of cell (layer, head) of the page's `grid_index`-th head grid (headlab/ui/head_grid.py)."""
     grid = page.locator('[data-testid="stBidiComponentIsolated"]').nth(grid_index)
     return grid.locator(f'.cell[data-layer="{layer}"][data-head="{head}"]')
 

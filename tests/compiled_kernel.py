@@ -6,7 +6,7 @@ from types import ModuleType
 
 import pytest
 
-from kernels.compiled import build, missing_build_tools
+from headlab.kernels.compiled import build, missing_build_tools
 
 
 def compiled_kernel() -> ModuleType:

@@ -32,7 +32,7 @@ def llama_handle():
 @pytest.fixture(scope="session")
 def smollm():
     """The shipped default model (SmolLM2-135M-Instruct), loaded once per test session."""
-    from engine.models.load import load_model
+    from headlab.engine.models.load import load_model
 
     return load_model()
 
@@ -40,7 +40,7 @@ def smollm():
 @pytest.fixture(scope="session")
 def minilm():
     """The shipped MiniLM sentence encoder (a real BERT)."""
-    from engine.models.load import load_model
+    from headlab.engine.models.load import load_model
 
     return load_model("minilm")
 

@@ -2,7 +2,7 @@
 
     python -m tests.scale_jobs router OUT.json                 # per-cluster masks on a tiny llama
     torchrun --standalone --nproc-per-node 2 -m tests.scale_jobs router OUT.json
-    torchrun ... -m tests.scale_jobs failing-rank 1 ablation score ...  # `python -m engine score ...`, rank 1 raising
+    torchrun ... -m tests.scale_jobs failing-rank 1 ablation score ...  # `python -m headlab score ...`, rank 1 raising
     torchrun ... -m tests.scale_jobs ipn OUT.json              # importance-network training on a tiny llama
     torchrun ... -m tests.scale_jobs distill OUT.json          # distillation of a pruned tiny llama
 
@@ -18,19 +18,19 @@ import types
 
 import torch
 
-from engine.cli.main import main
-from engine.core.files import write_atomic_text
-from engine.core.mask import PruneMask
-from engine.data.datasets import calibration_texts
-from engine.distributed.world import open_world
-from engine.dynamic.ipn import IPNConfig, train_ipn
-from engine.dynamic.ipn import train as ipn_train
-from engine.export.surgery import prune
-from engine.importance import ablation
-from engine.pruning.softmask import MaskTarget, TrainConfig
-from engine.recovery.distill import DistillConfig, DistillData, distill
-from engine.routing.clusters import calibration_prompts, kmeans
-from engine.routing.router import train_router
+from headlab.engine.cli.main import main
+from headlab.engine.core.files import write_atomic_text
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.distributed.world import open_world
+from headlab.engine.dynamic.ipn import IPNConfig, train_ipn
+from headlab.engine.dynamic.ipn import train as ipn_train
+from headlab.engine.export.surgery import prune
+from headlab.engine.importance import ablation
+from headlab.engine.pruning.softmask import MaskTarget, TrainConfig
+from headlab.engine.recovery.distill import DistillConfig, DistillData, distill
+from headlab.engine.routing.clusters import calibration_prompts, kmeans
+from headlab.engine.routing.router import train_router
 from tests.tiny import tiny_handle
 
 
@@ -86,7 +86,7 @@ FAULTS = {"ablation": (ablation, "head_removal_mask"), "ipn-step": (ipn_train, "
 
 
 def failing_rank(rank: str, fault: str, argv: list[str]) -> int:
-    """`python -m engine ARGV`, except that rank `rank` raises where FAULTS[fault] names (first ablated head,
+    """`python -m headlab ARGV`, except that rank `rank` raises where FAULTS[fault] names (first ablated head,
     or the loss of the first importance-network step)."""
     if os.environ.get("RANK") == rank:
         def fail(*args, **kwargs):

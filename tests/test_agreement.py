@@ -1,13 +1,13 @@
-"""Top-1 and greedy agreement with the dense model (engine.runtime.agreement)."""
+"""Top-1 and greedy agreement with the dense model (headlab.engine.runtime.agreement)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.runtime.agreement import _common_prefix, agreement, dense_reference, greedy_tokens, top1_tokens
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.runtime.agreement import _common_prefix, agreement, dense_reference, greedy_tokens, top1_tokens
 from tests.test_refit import refit_mask
 from tests.tiny import tiny_handle
 

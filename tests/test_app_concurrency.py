@@ -19,13 +19,13 @@ import streamlit.testing.v1.app_test as app_test_module
 from streamlit.runtime import Runtime
 from streamlit.testing.v1 import AppTest
 
-import engine.importance.capture as capture_module
-import engine.pruning.strategies.scores as scores_module
-import engine.runtime.evaluate as evaluate_module
-from engine.core.jobs import DONE, RUNNING
+import headlab.engine.importance.capture as capture_module
+import headlab.engine.pruning.strategies.scores as scores_module
+import headlab.engine.runtime.evaluate as evaluate_module
+from headlab.engine.core.jobs import DONE, RUNNING
+from headlab.ui.scoring import APP_CRITERIA, DEFAULT_CALIBRATION
+from headlab.ui.shared_cache import shared_cache
 from tests.tiny import save_tiny
-from ui.scoring import APP_CRITERIA, DEFAULT_CALIBRATION
-from ui.shared_cache import shared_cache
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SESSIONS = 4

@@ -9,14 +9,14 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from engine.dynamic import save_thresholds
-from engine.dynamic.methods import calibrated, method_perplexity
-from engine.models.load import load_model
-from engine.runtime.prefix_cache import live_protocol
+from headlab.engine.dynamic import save_thresholds
+from headlab.engine.dynamic.methods import calibrated, method_perplexity
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.prefix_cache import live_protocol
+from headlab.ui import dynamic, keys
+from headlab.ui.models import ModelChoice
+from headlab.ui.sidebar import OTHER_MODEL
 from tests.tiny import save_tiny, tiny_model
-from ui import dynamic, keys
-from ui.models import ModelChoice
-from ui.sidebar import OTHER_MODEL
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGE = "pages/dynamic.py"
@@ -175,7 +175,7 @@ def test_an_encoder_gets_a_notice_instead_of_the_page(tiny_llama, model_dirs):
 
 
 def test_the_page_never_changes_the_shared_model(tiny_llama, no_bench):
-    from ui.models import _load
+    from headlab.ui.models import _load
 
     choice = ModelChoice(str(tiny_llama))
     handle = _load(choice.name, choice.device, choice.dtype, choice.trust_remote_code)

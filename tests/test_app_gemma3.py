@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.models.load import GEMMA3_MODEL
+from headlab.engine.models.load import GEMMA3_MODEL
+from headlab.ui import keys
+from headlab.ui.pages import available_pages
 from tests.tiny import save_tiny
-from ui import keys
-from ui.pages import available_pages
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
@@ -58,7 +58,7 @@ def test_toggling_a_head_changes_the_displayed_perplexity_of_gemma(tiny_gemma):
 
 
 def test_prune_then_export_then_dynamic_generation_on_gemma(tiny_gemma, tmp_path, monkeypatch):
-    from ui import dynamic
+    from headlab.ui import dynamic
 
     monkeypatch.setattr(dynamic, "BENCH_QUALITY", tmp_path / "dynamic.csv")  # no benchmark figures to read
     monkeypatch.setattr(dynamic, "BENCH_DECODE", tmp_path / "dynamic_decode.csv")

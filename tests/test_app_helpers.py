@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.importance.criteria import Scores
-from engine.runtime.attention_maps import attention_map
-from engine.runtime.evaluate import perplexity
-from engine.runtime.prefix_cache import live_protocol
-from ui import figures, head_grid, tables
-from ui.compute import digest
-from ui.curves import perplexity_curves
-from ui.pages import KNOWN_PAGES, available_pages
-from ui.shared_cache import SharedCache
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.importance.criteria import Scores
+from headlab.engine.runtime.attention_maps import attention_map
+from headlab.engine.runtime.evaluate import perplexity
+from headlab.engine.runtime.prefix_cache import live_protocol
+from headlab.ui import figures, head_grid, tables
+from headlab.ui.compute import digest
+from headlab.ui.curves import perplexity_curves
+from headlab.ui.pages import KNOWN_PAGES, available_pages
+from headlab.ui.shared_cache import SharedCache
 
 
 def test_turning_off_the_last_head_of_a_layer_removes_its_attention_and_turning_one_on_restores_it(llama_handle):

@@ -16,16 +16,16 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-import engine.importance.capture as capture_module
-from engine.core.mask import PruneMask
-from engine.models.load import load_model
-from engine.runtime.evaluate import perplexity
-from engine.runtime.prefix_cache import live_protocol
+import headlab.engine.importance.capture as capture_module
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.evaluate import perplexity
+from headlab.engine.runtime.prefix_cache import live_protocol
+from headlab.ui import curves, keys
+from headlab.ui.models import ModelChoice
+from headlab.ui.session import MaskState
+from headlab.ui.sidebar import OTHER_MODEL
 from tests.tiny import save_tiny
-from ui import curves, keys
-from ui.models import ModelChoice
-from ui.session import MaskState
-from ui.sidebar import OTHER_MODEL
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = ("pages/heads.py", "pages/attention.py", "pages/prune.py")
@@ -247,7 +247,7 @@ def test_perplexity_curves_are_computed_in_the_background_and_drawn(tiny_llama):
 
 def test_model_weights_are_never_changed_by_the_app(tiny_llama):
     at = new_app().run()
-    from ui.models import _load
+    from headlab.ui.models import _load
 
     handle = _load(str(tiny_llama), "cpu", "float32", False)
     before = {k: v.clone() for k, v in handle.model.state_dict().items()}
@@ -280,7 +280,7 @@ def test_full_evaluation_shows_agreement_with_the_dense_model(tmp_path, monkeypa
 
 
 def test_suggest_panel_by_parameter_budget_applies_a_reconstructed_mask(tiny_llama):
-    from engine.runtime.cost import cost
+    from headlab.engine.runtime.cost import cost
     from tests.tiny import tiny_handle
 
     at = new_app().run()

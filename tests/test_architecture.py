@@ -9,7 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("engine", "kernels")
+ENGINE, KERNELS = "headlab.engine", "headlab.kernels"
+PACKAGES = (ENGINE, KERNELS)
 # Lower layers never import higher ones (docs/architecture.md); kernels import no engine module.
 LAYERS = ["core", "distributed", "models", "data", "importance", "runtime", "dynamic", "pruning", "export", "recovery",
           "routing", "cli"]
@@ -32,7 +33,7 @@ ALLOWED = {
 def _modules() -> dict[str, Path]:
     mods = {}
     for pkg in PACKAGES:
-        for p in sorted((ROOT / pkg).rglob("*.py")):
+        for p in sorted((ROOT / pkg.replace(".", "/")).rglob("*.py")):
             name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
             mods[name.removesuffix(".__init__")] = p
     return mods
@@ -92,7 +93,7 @@ def test_no_module_level_import_cycle():
 def test_engine_modules_are_imported_at_module_level_only():
     """An import of our own module inside a function is how cycles hide; kernels may defer Triton's."""
     hidden = [f"{MODULES[name].relative_to(ROOT)}:{node.lineno}"
-              for name in MODULES if name.startswith("engine")
+              for name in MODULES if name.startswith(ENGINE)
               for node, _ in _imports(name, MODULES[name]) if node.col_offset > 0]
     assert not hidden, "imports inside functions: " + ", ".join(hidden)
 
@@ -100,23 +101,23 @@ def test_engine_modules_are_imported_at_module_level_only():
 def test_folders_import_only_the_layers_below_them():
     wrong = []
     for name, path in MODULES.items():
-        parts = name.split(".")
-        if parts[0] != "engine" or len(parts) < 3:
+        parts = name.removeprefix(ENGINE + ".").split(".")
+        if not name.startswith(ENGINE + ".") or len(parts) < 2:
             continue
-        folder = parts[1]
+        folder = parts[0]
         for node, targets in _imports(name, path):
             for t in targets:
-                tp = t.split(".")
-                if tp[0] == "engine" and len(tp) > 1 and tp[1] in ALLOWED and tp[1] not in ALLOWED[folder]:
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} ({folder} -> {tp[1]})")
+                tp = t.removeprefix(ENGINE + ".").split(".")
+                if t.startswith(ENGINE + ".") and tp[0] in ALLOWED and tp[0] not in ALLOWED[folder]:
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} ({folder} -> {tp[0]})")
         if folder not in ALLOWED:
             wrong.append(f"{path.relative_to(ROOT)}: folder {folder!r} has no place in the layering")
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
 def test_kernels_import_no_engine_module():
-    bad = [f"{MODULES[n].relative_to(ROOT)}:{node.lineno}" for n in MODULES if n.startswith("kernels")
-           for node, ts in _imports(n, MODULES[n]) if any(t.startswith("engine") for t in ts)]
+    bad = [f"{MODULES[n].relative_to(ROOT)}:{node.lineno}" for n in MODULES if n.startswith(KERNELS)
+           for node, ts in _imports(n, MODULES[n]) if any(t.startswith(ENGINE) for t in ts)]
     assert not bad, bad
 
 
@@ -132,5 +133,5 @@ def test_engine_and_kernels_never_import_streamlit():
 
 
 def test_engine_top_level_holds_only_the_package_entry_points():
-    loose = sorted(p.name for p in (ROOT / "engine").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    loose = sorted(p.name for p in (ROOT / "headlab" / "engine").glob("*.py") if p.name != "__init__.py")
     assert not loose, f"modules outside a concept folder: {loose}"

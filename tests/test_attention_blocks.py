@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from engine.core.hooks import temporary_hooks
-from engine.core.mask import PruneMask
-from engine.importance.capture import LOCAL_WINDOW, capture
-from engine.models.load import ModelHandle
-from engine.models.wrap import wrap_model
-from engine.runtime.attention_blocks import block_rows, pass_bytes_bound, pooled_map
-from engine.runtime.attention_maps import (
+from headlab.engine.core.hooks import temporary_hooks
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.importance.capture import LOCAL_WINDOW, capture
+from headlab.engine.models.load import ModelHandle
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.runtime.attention_blocks import block_rows, pass_bytes_bound, pooled_map
+from headlab.engine.runtime.attention_maps import (
     attention_map,
     eager_layer_probs,
     pool_attention,
@@ -26,7 +26,7 @@ from engine.runtime.attention_maps import (
     prompt_length,
     token_limit,
 )
-from engine.runtime.layer_inputs import LayerInputCache, PromptLayers, prompt_layers_bytes, record_prompt_layers
+from headlab.engine.runtime.layer_inputs import LayerInputCache, PromptLayers, prompt_layers_bytes, record_prompt_layers
 from tests.tiny import VOCAB, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,10 +130,10 @@ _MEMORY_SCRIPT = r"""
 import json, re, torch
 torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
-from engine.models.wrap import wrap_model
-from engine.runtime.attention_blocks import head_statistics, pooled_map
-from engine.runtime.attention_maps import attention_map, eager_layer_probs
-from engine.runtime.layer_inputs import PromptLayers, record_prompt_layers
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.runtime.attention_blocks import head_statistics, pooled_map
+from headlab.engine.runtime.attention_maps import attention_map, eager_layer_probs
+from headlab.engine.runtime.layer_inputs import PromptLayers, record_prompt_layers
 from tests.tiny import VOCAB, tiny_tokenizer
 
 T, BLOCK, LAYER = 4096, 4 * 2**20, 1
@@ -201,7 +201,7 @@ def test_memory_of_one_layers_pass_stays_within_its_stated_bound():
 # --- the layer-input cache -----------------------------------------------------------------------
 
 def test_a_switch_of_layer_window_or_pooling_runs_no_forward(llama_handle, monkeypatch):
-    import engine.runtime.layer_inputs as layer_inputs
+    import headlab.engine.runtime.layer_inputs as layer_inputs
 
     real, forwards = layer_inputs.record_prompt_layers, []
     monkeypatch.setattr(layer_inputs, "record_prompt_layers", lambda *a, **k: (forwards.append(1), real(*a, **k)))
@@ -264,7 +264,7 @@ def test_asking_for_a_new_prompt_stops_the_unfinished_fill_of_the_previous_one(l
 
 
 def test_a_failed_fill_reaches_the_caller_and_is_retried(llama_handle, monkeypatch):
-    import engine.runtime.layer_inputs as layer_inputs
+    import headlab.engine.runtime.layer_inputs as layer_inputs
 
     cache = LayerInputCache()
     real = layer_inputs.sdpa_view

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.core.tokens import EmptyTextError
-from engine.runtime.attention_maps import attention_map, attention_map_pair, pool_attention, token_labels
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.tokens import EmptyTextError
+from headlab.engine.runtime.attention_maps import attention_map, attention_map_pair, pool_attention, token_labels
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -100,8 +100,8 @@ def test_no_hook_survives_an_attention_map_call(llama_handle):
 
 @pytest.mark.real_model
 def test_a_4096_token_prompt_is_mapped_blockwise_on_the_shipped_model(smollm):
-    from engine.data.datasets import read_wikitext
-    from engine.runtime.attention_maps import prompt_length, token_limit
+    from headlab.engine.data.datasets import read_wikitext
+    from headlab.engine.runtime.attention_maps import prompt_length, token_limit
 
     ids = smollm.tokenizer(read_wikitext()[:30000])["input_ids"][:4096]
     text = smollm.tokenizer.decode(ids)

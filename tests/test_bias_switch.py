@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import transformers
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.export.write import export, preview
-from engine.runtime.cost import cost
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.export.write import export, preview
+from headlab.engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from headlab.ui.curves import CURVE_FRACTIONS
 from tests.browser import (
     ROOT,
     VIEWPORT,
@@ -33,7 +34,6 @@ from tests.browser import (
 from tests.browser import open_page as _open_page
 from tests.browser import wait_for_change as _wait_for_change
 from tests.browser import wait_idle as _wait_idle
-from ui.curves import CURVE_FRACTIONS
 
 SLOW = float(os.environ.get("HEADLAB_BROWSER_TIMEOUT", "240"))  # seconds; the real model scores for a minute
 LONG_PROMPT_TOKENS = 4096

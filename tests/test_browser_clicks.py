@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from engine.core.mask import PruneMask
+from headlab.engine.core.mask import PruneMask
 from tests.browser import (
     VIEWPORT,
     grid_cell,

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import VIEWPORT, click_head, grid_shape, masked_perplexity, open_page, streamlit_app, wait_for_change, wait_idle
+from tests.browser import (
+    VIEWPORT,
+    click_head,
+    grid_shape,
+    masked_perplexity,
+    open_page,
+    streamlit_app,
+    wait_for_change,
+    wait_idle,
+)
 from tests.tiny import save_tiny
 
 pytestmark = pytest.mark.browser

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.importance.capture import capture
-from engine.pruning.reconstruct.budgets import allocate, apportion, counts_of, outlier_ratios, owl_ratios
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.importance.capture import capture
+from headlab.engine.pruning.reconstruct.budgets import allocate, apportion, counts_of, outlier_ratios, owl_ratios
 from tests.tiny import tiny_handle
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.tokens import EmptyTextError
-from engine.routing.clusters import (
+from headlab.engine.core.tokens import EmptyTextError
+from headlab.engine.routing.clusters import (
     cached_projection,
     calibration_prompts,
     kmeans,
@@ -19,7 +19,7 @@ from engine.routing.clusters import (
     silhouette_scores,
     split_prompts,
 )
-from engine.routing.embeddings import SentenceEncoder, embed_texts, embedding_key
+from headlab.engine.routing.embeddings import SentenceEncoder, embed_texts, embedding_key
 from tests.tiny_sentence import save_tiny_sentence
 
 

@@ -1,4 +1,4 @@
-"""`python -m engine dynamic-*` on a tiny saved Llama: calibrate, train, evaluate, generate, and clear refusals."""
+"""`python -m headlab dynamic-*` on a tiny saved Llama: calibrate, train, evaluate, generate, and clear refusals."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from engine.cli.common import USER_ERROR_STATUS
-from engine.cli.main import main
-from engine.dynamic import load_thresholds
-from engine.dynamic.ipn import load_ipn
-from engine.models.load import load_model
+from headlab.engine.cli.common import USER_ERROR_STATUS
+from headlab.engine.cli.main import main
+from headlab.engine.dynamic import load_thresholds
+from headlab.engine.dynamic.ipn import load_ipn
+from headlab.engine.models.load import load_model
 from tests.tiny import save_tiny, tiny_model
 
 CALIB = ["--calib-window", "32", "--calib-windows", "4"]
@@ -137,8 +137,8 @@ def test_an_empty_folder_is_neither_thresholds_nor_a_network(folders, tmp_path, 
 
 
 def test_dynamic_train_with_lora_saves_the_adapters(folders, tmp_path):
-    from engine.dynamic.ipn import load_ipn
-    from engine.models.load import load_model
+    from headlab.engine.dynamic.ipn import load_ipn
+    from headlab.engine.models.load import load_model
 
     out = tmp_path / "lora"
     assert main(["dynamic-train", "--model", str(folders["model"]), "--target", "0.5", "--steps", "2",

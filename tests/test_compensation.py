@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import MaskError, PruneMask
-from engine.core.objective import token_logits
-from engine.importance.capture import capture
-from engine.importance.fluctuation import head_fluctuation
-from engine.importance.mean_ablation import attention_bias, ffn_bias
-from engine.importance.registry import get_criterion
-from engine.pruning.compensation import compensate, strip_compensation
+from headlab.engine.core import gates
+from headlab.engine.core.mask import MaskError, PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.importance.capture import capture
+from headlab.engine.importance.fluctuation import head_fluctuation
+from headlab.engine.importance.mean_ablation import attention_bias, ffn_bias
+from headlab.engine.importance.registry import get_criterion
+from headlab.engine.pruning.compensation import compensate, strip_compensation
 from tests.tiny import tiny_handle
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pruning heads with a bias", "a b c d e f g h i j k"]
@@ -220,7 +220,7 @@ def test_a_removed_attention_sub_block_is_replaced_by_its_mean_through_the_previ
 
 
 def test_compensated_masks_run_the_same_through_the_kernel_path(llama_handle):
-    from engine.runtime.sparse_forward import sparse_logits
+    from headlab.engine.runtime.sparse_forward import sparse_logits
 
     g = llama_handle.geometry
     stats = capture(llama_handle, TEXTS, gradients=False)
@@ -247,14 +247,14 @@ def test_a_removed_first_sub_block_has_nothing_to_fold_into(llama_handle):
 
 @pytest.mark.real_model
 def test_compensation_brings_the_pruned_default_model_closer_to_the_dense_one(smollm):
-    from engine.core.tokens import encode_batch
-    from engine.data.datasets import calibration_texts
+    from headlab.engine.core.tokens import encode_batch
+    from headlab.engine.data.datasets import calibration_texts
 
     g = smollm.geometry
     stats = capture(smollm, calibration_texts("wikitext", 4), gradients=False, max_length=64)
     mask = PruneMask.dense(g)
     mask.heads[g.n_layers // 2:, :3] = 0.0  # 45 heads of the upper half
-    from engine.data.datasets import read_wikitext
+    from headlab.engine.data.datasets import read_wikitext
 
     text = read_wikitext()[600_000:601_500]  # the middle of the file: never calibration text
     ids, am = encode_batch(smollm.tokenizer, [text], 256)

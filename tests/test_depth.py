@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.core.objective import lm_loss
-from engine.core.tokens import encode_batch
-from engine.export.surgery import prune
-from engine.importance.depth import protect_ends
-from engine.importance.layer_importance import layer_importance
-from engine.importance.registry import criterion_names, get_criterion
-from engine.pruning.select import BudgetError
-from engine.pruning.size_target import depth_mask, reach_size, target_params
-from engine.runtime.cost import cost
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import lm_loss
+from headlab.engine.core.tokens import encode_batch
+from headlab.engine.export.surgery import prune
+from headlab.engine.importance.depth import protect_ends
+from headlab.engine.importance.layer_importance import layer_importance
+from headlab.engine.importance.registry import criterion_names, get_criterion
+from headlab.engine.pruning.select import BudgetError
+from headlab.engine.pruning.size_target import depth_mask, reach_size, target_params
+from headlab.engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 TEXTS = [
@@ -31,7 +31,7 @@ def test_depth_criteria_are_registered():
 
 
 def _ppl(handle, mask=None) -> float:
-    from engine.core import gates
+    from headlab.engine.core import gates
 
     ids, am = encode_batch(handle.tokenizer, TEXTS, 128)
     with torch.no_grad(), gates.apply(handle, mask):
@@ -55,7 +55,7 @@ def test_taylor_plus_sums_weight_times_gradient_and_leaves_the_model_untouched(l
     s = get_criterion("taylor_plus", texts=TEXTS, batch_size=len(TEXTS))(h, None)
     assert all(not p.requires_grad and p.grad is None for p in h.model.parameters())
     # Reference: the same first-order saliency from plain autograd on a copy.
-    from engine.core.hooks import private_copy
+    from headlab.engine.core.hooks import private_copy
 
     model = private_copy(h.model)
     for p in model.parameters():

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.importance.capture import capture
-from engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, classify_head, diagnose, diagnosis_rows, kind_counts
+from headlab.engine.importance.capture import capture
+from headlab.engine.importance.diagnostics import (
+    HEAD_KINDS,
+    THRESHOLDS,
+    classify_head,
+    diagnose,
+    diagnosis_rows,
+    kind_counts,
+)
 from tests.test_compensation import constant_kv_group
 from tests.tiny import save_tiny, tiny_handle
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.data.datasets import calibration_texts
-from engine.export.surgery import prune
-from engine.recovery.distill import (
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.surgery import prune
+from headlab.engine.recovery.distill import (
     DistillConfig,
     DistillData,
     DistillError,
@@ -23,7 +23,7 @@ from engine.recovery.distill import (
     prepare_student_,
     teacher_continuations,
 )
-from engine.recovery.quantize import materialize
+from headlab.engine.recovery.quantize import materialize
 from tests.tiny import save_tiny, tiny_handle
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
@@ -234,9 +234,9 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
 
     from streamlit.testing.v1 import AppTest
 
-    from ui import keys
-    from ui.models import ModelChoice
-    from ui.session import MaskState
+    from headlab.ui import keys
+    from headlab.ui.models import ModelChoice
+    from headlab.ui.session import MaskState
 
     model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
@@ -269,7 +269,7 @@ def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkey
 
     from streamlit.testing.v1 import AppTest
 
-    from engine.runtime.cost import cost
+    from headlab.engine.runtime.cost import cost
 
     model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))

@@ -1,4 +1,4 @@
-"""Batch-1 sparse decoding (engine.dynamic.decode) on a tiny Llama: the gated model token by token, dense parity, isolation.
+"""Batch-1 sparse decoding (headlab.engine.dynamic.decode) on a tiny Llama: the gated model token by token, dense parity, isolation.
 
 Each decoded token's logits are compared with the gated model (the shared model under hooks that zero
 what the chooser drops at every position) re-reading the whole prefix: no cache to share errors with.
@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.core.errors import UnsupportedModelError
-from engine.dynamic import (
+from headlab.engine.core.errors import UnsupportedModelError
+from headlab.engine.dynamic import (
     CatsChooser,
     Chooser,
     FixedChooser,
@@ -32,12 +32,12 @@ from engine.dynamic import (
     dense_generate,
     sparse_generate,
 )
-from engine.dynamic import gathered as gathered_module
-from engine.dynamic.gathered import interleaved_ffn, is_silu
-from engine.dynamic.ipn import IPN, IPNError, apply_ipn, calibrate_thresholds, untrained_ipn
-from engine.models.wrap import wrap_model
-from kernels import compiled, interpreter_enabled, triton_available
-from kernels.compiled import CompiledKernelError
+from headlab.engine.dynamic import gathered as gathered_module
+from headlab.engine.dynamic.gathered import interleaved_ffn, is_silu
+from headlab.engine.dynamic.ipn import IPN, IPNError, apply_ipn, calibrate_thresholds, untrained_ipn
+from headlab.engine.models.wrap import wrap_model
+from headlab.kernels import compiled, interpreter_enabled, triton_available
+from headlab.kernels.compiled import CompiledKernelError
 from tests.compiled_kernel import compiled_kernel
 from tests.tiny import VOCAB, tiny_handle, tiny_tokenizer
 
@@ -312,7 +312,7 @@ def test_a_missing_build_falls_back_to_torch_and_says_so(llama, prompt, cats, mo
     monkeypatch.setattr(compiled, "_LOADED", None)
     monkeypatch.setattr(compiled, "extension_path", lambda: compiled.extension_dir() / "missing" / "missing.so")
     monkeypatch.setattr(gathered_module, "_NOTICES", set())
-    with caplog.at_level("WARNING", logger="engine.dynamic.gathered"):
+    with caplog.at_level("WARNING", logger="headlab.engine.dynamic.gathered"):
         out = sparse_generate(llama, prompt, cats, 3)
     assert out.ffn_path == "torch"
     assert any("torch path" in r.message and "make setup" in r.message for r in caplog.records)
@@ -349,10 +349,10 @@ def test_other_rules_and_families_are_refused(llama, prompt):
 
 def test_teacher_forced_decode_nll_equals_the_gated_forward(llama, prompt):
     """sparse_nll (decode loop, KV cache, gathered kernels) scores a text like the hook-gated batched forward."""
-    from engine.dynamic.choosers import IPNChooser
-    from engine.dynamic.decode import sparse_nll
-    from engine.dynamic.ipn import untrained_ipn
-    from engine.runtime.evaluate import window_nll
+    from headlab.engine.dynamic.choosers import IPNChooser
+    from headlab.engine.dynamic.decode import sparse_nll
+    from headlab.engine.dynamic.ipn import untrained_ipn
+    from headlab.engine.runtime.evaluate import window_nll
 
     ipn = untrained_ipn(llama, 0.5, calibration_ids(llama, window=64, n_windows=4))
     chooser = IPNChooser(llama, ipn)

@@ -1,4 +1,4 @@
-"""engine.dynamic.inspect: per-token keep masks, scores and the dense oracle of a rule or an importance network."""
+"""headlab.engine.dynamic.inspect: per-token keep masks, scores and the dense oracle of a rule or an importance network."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import contextlib
 import pytest
 import torch
 
-from engine.core.hooks import temporary_hooks
-from engine.dynamic import calibrate, calibration_ids
-from engine.dynamic.inspect import inspect_tokens
-from engine.dynamic.ipn import IPN, apply_ipn, untrained_ipn
-from engine.dynamic.methods import applied
+from headlab.engine.core.hooks import temporary_hooks
+from headlab.engine.dynamic import calibrate, calibration_ids
+from headlab.engine.dynamic.inspect import inspect_tokens
+from headlab.engine.dynamic.ipn import IPN, apply_ipn, untrained_ipn
+from headlab.engine.dynamic.methods import applied
 from tests.tiny import tiny_handle
 
 RULES = ("oracle", "cats", "teal", "wina")

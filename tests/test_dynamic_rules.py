@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.core.errors import UnsupportedModelError
-from engine.core.hooks import temporary_hooks
-from engine.dynamic import (
+from headlab.engine.core.errors import UnsupportedModelError
+from headlab.engine.core.hooks import temporary_hooks
+from headlab.engine.dynamic import (
     Thresholds,
     ThresholdsError,
     apply_rule,
@@ -24,8 +24,8 @@ from engine.dynamic import (
     measure_sparsity,
     save_thresholds,
 )
-from engine.dynamic.store import META_FILE, TENSORS_FILE
-from engine.runtime.evaluate import PerplexityProtocol, perplexity
+from headlab.engine.dynamic.store import META_FILE, TENSORS_FILE
+from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 from tests.tiny import tiny_handle
 
 THRESHOLD_RULES = ("cats", "teal", "wina")

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import MaskError, PruneMask
-from engine.core.objective import token_logits
+from headlab.engine.core import gates
+from headlab.engine.core.mask import MaskError, PruneMask
+from headlab.engine.core.objective import token_logits
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]])
 MASK = torch.ones_like(IDS)

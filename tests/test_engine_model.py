@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.core.tokens import EmptyTextError, encode_batch
-from engine.models.adapters import UnsupportedModelError, adapter_for, supported_model_types
-from engine.models.load import ModelLoadError, load_model
+from headlab.engine.core.tokens import EmptyTextError, encode_batch
+from headlab.engine.models.adapters import UnsupportedModelError, adapter_for, supported_model_types
+from headlab.engine.models.load import ModelLoadError, load_model
 from tests.tiny import save_tiny, tiny_handle
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from engine.cli.main import main
-from engine.core.mask import PruneMask
-from engine.runtime.evaluate import PerplexityProtocol, generate, perplexity
+from headlab.engine.cli.main import main
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.runtime.evaluate import PerplexityProtocol, generate, perplexity
 
 pytestmark = pytest.mark.real_model
 

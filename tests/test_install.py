@@ -1,8 +1,9 @@
 """HeadLab as an installed tool: a wheel built from the checkout, installed in a fresh venv, run from elsewhere.
 
 The wheel is built as `python -m build` builds it (a source distribution, then the wheel from that),
-from a copy of the checkout, and installed with --no-deps into a venv made with
---system-site-packages (torch and the rest come from this machine). Every run of the installed
+from a copy of the checkout, and installed with --no-deps into a fresh venv that sees the packages of
+the interpreter running the tests (torch and the rest), whether `make setup` installed them into the
+system's Python or into a venv of its own (`see_packages_of_this_interpreter`). Every run of the installed
 `headlab` starts in an empty folder outside the checkout, so nothing is found by accident in the
 checkout or through `make setup`'s editable install.
 """
@@ -23,15 +24,17 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
-from engine.cli.main import build_parser as engine_parser
 from headlab import __version__
 from headlab import app as launcher
 from headlab.cli import build_parser as headlab_parser
 from headlab.cli import main as headlab_main
+from headlab.engine.cli.main import build_parser as engine_parser
+from headlab.ui.server_options import ALLOW_REMOTE_CODE_FLAG
 from tests.browser import VIEWPORT, connects, free_port, grid_shape, wait_idle
 from tests.tiny import save_tiny
-from ui.server_options import ALLOW_REMOTE_CODE_FLAG
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -85,12 +88,13 @@ def test_app_without_its_files_is_a_clear_error(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.startswith("error: the app's files")
 
 
-def test_python_m_engine_is_unchanged():
-    """`python -m engine` keeps its name and its verbs; `app` and --version belong to `headlab` alone."""
-    parser = engine_parser()
-    assert parser.prog == "python -m engine"
-    assert "app" not in _verbs(parser)
-    assert "--version" not in parser._option_string_actions
+def test_python_m_headlab_is_the_only_way_to_run_the_cli_from_a_checkout():
+    """`python -m headlab` is the `headlab` command; no other package of the checkout runs as a CLI."""
+    assert [f for f in _checkout_files() if f.endswith("__main__.py")] == ["headlab/__main__.py"]
+    assert engine_parser().prog == "headlab" and "app" not in _verbs(engine_parser())
+    done = subprocess.run([sys.executable, "-m", "headlab", "--version"], cwd=ROOT, env=_env(), check=False,
+                          capture_output=True, text=True, timeout=SLOW)
+    assert (done.returncode, done.stdout) == (0, "headlab 0.1.0\n"), done.stderr
 
 
 def test_version_is_pyprojects():
@@ -99,13 +103,14 @@ def test_version_is_pyprojects():
 
 
 def test_dependencies_mirror_requirements_and_pin_torch():
+    """pyproject.toml names requirements.txt's packages (its ranges end at the lock: tests/test_lock.py)."""
     def names(lines):
-        return {line.split(";")[0].strip().replace(" ", "") for line in lines}
+        return {canonicalize_name(Requirement(line).name) for line in lines}
 
     required = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    product = [r for r in required if r.split(">")[0].split("=")[0].split("<")[0] not in TEST_TOOLS]
-    assert names(PYPROJECT["project"]["dependencies"]) == names(product)
+    assert names(PYPROJECT["project"]["dependencies"]) == names(required) - TEST_TOOLS
+    assert names(PYPROJECT["project"]["optional-dependencies"]["test"]) == TEST_TOOLS
     pins = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
             if line.startswith("torch==")]
     assert pins and pins[0] in PYPROJECT["project"]["dependencies"]
@@ -160,20 +165,22 @@ def test_app_verb_flags(capsys, monkeypatch):
 def test_app_root_prefers_the_installed_copy_and_names_what_is_missing(tmp_path):
     assert launcher.app_root() == ROOT  # a checkout: no headlab/_app, the files in place
     shipped = tmp_path / "_app"
-    for f in ("app.py", "ui/pages.py"):
+    for f in ("app.py", "pages/heads.py"):
         (shipped / f).parent.mkdir(parents=True, exist_ok=True)
         (shipped / f).write_text("")
     assert launcher.app_root((shipped, ROOT)) == shipped
-    with pytest.raises(FileNotFoundError, match="app.py, ui/, pages/"):
+    with pytest.raises(FileNotFoundError, match=r"app.py, pages/\)"):
         launcher.app_root((tmp_path / "nothing",))
 
 
-def test_headlab_package_imports_no_app_module_and_no_streamlit():
+def test_the_command_modules_import_no_app_module_and_no_streamlit():
+    """headlab/*.py (the command and its `app` verb) start without Streamlit or the app's helpers."""
     for path in (ROOT / "headlab").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [m for m in mods if m.split(".")[0] in ("streamlit", "ui", "pages", "app")], path
+            assert not [m for m in mods if m.split(".")[0] in ("streamlit", "pages", "app")
+                        or m.startswith("headlab.ui")], path
 
 
 # ---- the wheel, installed in a fresh venv --------------------------------------------------------------------------
@@ -197,11 +204,26 @@ def wheel(dist) -> Path:
     return found
 
 
+def see_packages_of_this_interpreter(env_dir: Path) -> None:
+    """Make the venv at env_dir see the site-packages this interpreter sees, after its own.
+
+    `--system-site-packages` would show the *base* interpreter's packages: under a venv made by
+    `make setup PY=.venv/bin/python` those are not the ones installed. A .pth file lists this
+    interpreter's folders instead; its lines are plain paths, so the folders' own .pth files
+    (`make setup`'s editable install of the checkout among them) are not run.
+    """
+    folders = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    assert folders, sys.path
+    (own,) = (env_dir / "lib").glob("python*/site-packages")
+    (own / "_this_interpreters_packages.pth").write_text("\n".join(folders) + "\n")
+
+
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory) -> Path:
-    """A fresh venv (this machine's packages visible) with the wheel installed; its bin/ folder."""
+    """A fresh venv (the packages of the interpreter running the tests visible) with the wheel installed."""
     env_dir = tmp_path_factory.mktemp("venv")
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
+    see_packages_of_this_interpreter(env_dir)
     bin_dir = env_dir / "bin"
     # this machine's pip, run by the venv's Python, installs into the venv
     done = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
@@ -230,44 +252,54 @@ def run_installed(bin_dir: Path, cwd: Path, *args: str, **env: str) -> subproces
 def test_wheel_ships_the_app_the_data_and_the_kernel_source(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     app = "headlab/_app/"
-    checkout = {
+    scripts = {
         "app.py", ".streamlit/config.toml", "bench/results/dynamic.csv", "bench/results/dynamic_decode.csv",
         *(str(p.relative_to(ROOT)) for p in (ROOT / "pages").glob("*.py")),
-        *(str(p.relative_to(ROOT)) for p in (ROOT / "ui").glob("*.py")),
-        *(str(p.relative_to(ROOT)) for p in (ROOT / "ui" / "assets").iterdir() if p.is_file()),
     }
-    assert {app + f for f in checkout} <= names
-    assert {n for n in names if n.startswith((app + "pages/", app + "ui/"))} \
-        == {app + f for f in checkout if f.startswith(("pages/", "ui/"))}
-    assert "kernels/csrc/gathered_ffn.cpp" in names
+    assert {app + f for f in scripts} <= names
+    assert {n for n in names if n.startswith(app + "pages/")} == {app + f for f in scripts if f.startswith("pages/")}
+    package = {p.relative_to(ROOT).as_posix() for d in ("engine", "kernels", "ui")
+               for p in (ROOT / "headlab" / d).rglob("*.py")}
+    assert package <= names
+    ui_assets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "headlab" / "ui" / "assets").iterdir() if p.is_file()}
+    assert ui_assets and ui_assets <= names
+    assert "headlab/kernels/csrc/gathered_ffn.cpp" in names
     data = {str(p.relative_to(ROOT / "data")) for p in (ROOT / "data").rglob("*") if p.is_file()}
-    assert {"engine/data/shipped/" + f for f in data} <= names
+    assert {"headlab/engine/data/shipped/" + f for f in data} <= names
     assert "headlab/cli.py" in names and "headlab/app.py" in names
-    # no top-level app/pages/ui module lands in site-packages
-    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == \
-        {"engine", "kernels", "headlab"}
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_wheel_installs_one_top_level_import_name(wheel):
+    """Everything importable is under `headlab`: the wheel's only other entry is its dist-info."""
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (dist_info,) = {n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info")}
+        top_level = z.read(f"{dist_info}/top_level.txt").decode().split()
+    assert {n.split("/")[0] for n in names} == {"headlab", dist_info}
+    assert top_level == ["headlab"]
 
 
 def test_sdist_holds_what_the_wheel_copies(dist):
     (sdist,) = dist.glob("headlab-0.1.0.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"setup.py", "MANIFEST.in", "app.py", ".streamlit/config.toml", "ui/pages.py", "pages/heads.py",
-            "data/wikitext-2-raw-test.txt", "kernels/csrc/gathered_ffn.cpp", "constraints.txt"} <= names
+    assert {"setup.py", "MANIFEST.in", "app.py", ".streamlit/config.toml", "headlab/ui/pages.py", "pages/heads.py",
+            "data/wikitext-2-raw-test.txt", "headlab/kernels/csrc/gathered_ffn.cpp", "constraints.txt",
+            "headlab/ui/assets/head_grid.js"} <= names
 
 
 def test_the_venv_imports_the_wheels_copy(installed, elsewhere):
     prefix = str(installed.parent)
     done = run_installed(installed, elsewhere, "python", "-c",
-                         "import headlab, engine, kernels.compiled as c, headlab.app as a\n"
-                         "from engine.data.datasets import DATA_DIR\n"
+                         "import headlab, headlab.engine as engine, headlab.kernels.compiled as c, headlab.app as a\n"
+                         "from headlab.engine.data.datasets import DATA_DIR\n"
                          "print(headlab.__file__, engine.__file__, c.SOURCE, DATA_DIR, a.app_root(), sep='\\n')")
     assert done.returncode == 0, done.stderr
     headlab_file, engine_file, source, data_dir, app_root = done.stdout.split()
     for path in (headlab_file, engine_file, source, data_dir, app_root):
         assert path.startswith(prefix), path
-    assert Path(source).is_file() and data_dir.endswith("engine/data/shipped")
+    assert Path(source).is_file() and data_dir.endswith("headlab/engine/data/shipped")
     assert app_root.endswith("headlab/_app")
     assert not str(ROOT) in done.stdout
 
@@ -284,12 +316,12 @@ def test_installed_help_and_version(installed, elsewhere):
     assert done.returncode == 0 and done.stdout.startswith("usage: headlab suggest")
 
 
-def test_installed_eval_matches_python_m_engine(installed, elsewhere, tmp_path):
+def test_installed_eval_matches_python_m_headlab_in_the_checkout(installed, elsewhere, tmp_path):
     model = save_tiny(tmp_path / "tiny-llama", "llama", context=512)
     done = run_installed(installed, elsewhere, "headlab", "eval", "--windows", "1", "--model", str(model))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "perplexity" in done.stdout and "1 windows" in done.stdout
-    reference = subprocess.run([sys.executable, "-m", "engine", "eval", "--windows", "1", "--model", str(model)],
+    reference = subprocess.run([sys.executable, "-m", "headlab", "eval", "--windows", "1", "--model", str(model)],
                                cwd=ROOT, env=_env(), check=False, capture_output=True, text=True, timeout=SLOW)
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert done.stdout == reference.stdout

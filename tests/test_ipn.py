@@ -1,4 +1,4 @@
-"""The importance network (engine.dynamic.ipn) on a tiny Llama: calibration, exactness, training, storage, agreement."""
+"""The importance network (headlab.engine.dynamic.ipn) on a tiny Llama: calibration, exactness, training, storage, agreement."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.dynamic import calibration_ids
-from engine.dynamic.ipn import (
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.dynamic import calibration_ids
+from headlab.engine.dynamic.ipn import (
     IPN,
     IPNConfig,
     IPNError,
@@ -24,10 +24,10 @@ from engine.dynamic.ipn import (
     train_ipn,
     untrained_ipn,
 )
-from engine.dynamic.ipn.store import META_FILE, TENSORS_FILE
-from engine.dynamic.rules import oracle_keep
-from engine.dynamic.sketch import Int4Sketch
-from engine.runtime.evaluate import PerplexityProtocol
+from headlab.engine.dynamic.ipn.store import META_FILE, TENSORS_FILE
+from headlab.engine.dynamic.rules import oracle_keep
+from headlab.engine.dynamic.sketch import Int4Sketch
+from headlab.engine.runtime.evaluate import PerplexityProtocol
 from tests.tiny import tiny_handle
 
 PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=2)
@@ -87,7 +87,7 @@ def test_masks_zero_exactly_the_channels_the_network_drops(llama, ids):
     """The masked model equals one whose dropped channels' down inputs are zeroed by hand."""
     ipn = untrained_ipn(llama, 0.5, ids)
     adapter = llama.adapter
-    from engine.core.hooks import temporary_hooks
+    from headlab.engine.core.hooks import temporary_hooks
 
     with temporary_hooks() as hooks:
         for layer in range(llama.geometry.n_layers):

@@ -1,4 +1,4 @@
-"""engine.core.jobs: one background job runner, and the keyed board that shares jobs between sessions."""
+"""headlab.engine.core.jobs: one background job runner, and the keyed board that shares jobs between sessions."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine.core.jobs import CANCELLED, DONE, FAILED, Job, JobBoard, JobCancelled
+from headlab.engine.core.jobs import CANCELLED, DONE, FAILED, Job, JobBoard, JobCancelled
 
 
 def test_a_job_runs_in_a_daemon_thread_and_exposes_progress_partial_results_and_its_result():
@@ -101,7 +101,7 @@ def test_a_failure_is_logged_kept_and_raised_to_whoever_waits(caplog):
     def work(job: Job) -> None:
         raise RuntimeError("a bug")
 
-    with caplog.at_level(logging.WARNING, logger="engine.core.jobs"):
+    with caplog.at_level(logging.WARNING, logger="headlab.engine.core.jobs"):
         job = Job(work, name="broken").start()
         job.wait(5)
     assert job.state == FAILED and job.failed and job.error == "RuntimeError: a bug"
@@ -115,7 +115,7 @@ def test_a_user_error_is_logged_as_a_warning(caplog):
     def work(job: Job) -> None:
         raise FileNotFoundError("no such folder")
 
-    with caplog.at_level(logging.WARNING, logger="engine.core.jobs"):
+    with caplog.at_level(logging.WARNING, logger="headlab.engine.core.jobs"):
         Job(work, name="refused").start().wait(5)
     record = next(r for r in caplog.records if "refused" in r.getMessage())
     assert record.levelno == logging.WARNING and "no such folder" in record.getMessage()

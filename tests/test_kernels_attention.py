@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
-from kernels import head_sparse_attention, interpreter_enabled, reference, triton_available
+from headlab.kernels import head_sparse_attention, interpreter_enabled, reference, triton_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -121,7 +121,7 @@ def _gpu_tiles() -> list[tuple[int, int]]:
     """(BLOCK_M, BLOCK_N) pairs the GPU autotuner may pick (after its pruning), for any dtype."""
     if not triton_available():
         return []
-    from kernels.attention import _configs, _prune_configs
+    from headlab.kernels.attention import _configs, _prune_configs
 
     configs = _prune_configs(_configs(interpreted=False), {"q_ptr": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_D=64)
     return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in configs})
@@ -134,7 +134,7 @@ def test_kernel_is_exact_with_every_gpu_tile_shape(device, causal, tile, monkeyp
     _skip_unless_triton_runs(device)
     import triton
 
-    from kernels import attention
+    from headlab.kernels import attention
 
     block_m, block_n = tile
     # a single config runs as given: no benchmarking, no cached choice from earlier calls

@@ -5,7 +5,7 @@ import csv
 import torch
 
 from bench.bench_kernels import OPS, SPARSITIES, Shape, print_table, run
-from engine.core.csvfile import write_rows
+from headlab.engine.core.csvfile import write_rows
 
 TINY = Shape(batch=2, seq=16, heads=4, kv_heads=2, head_dim=16, hidden=32, ffn=64)
 

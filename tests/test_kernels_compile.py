@@ -26,8 +26,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.attention import _head_sparse_attention_kernel, _prune_configs
-from kernels.linear import _col_sparse_linear_kernel, _row_sparse_linear_kernel
+from headlab.kernels.attention import _head_sparse_attention_kernel, _prune_configs
+from headlab.kernels.linear import _col_sparse_linear_kernel, _row_sparse_linear_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 SIZES = ("H", "GROUP", "T", "M", "N_COLS", "K_IN")  # ints not assumed divisible by 16

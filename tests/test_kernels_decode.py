@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from kernels import compiled, interpreter_enabled, reference, triton_available
-from kernels.decode import gathered_ffn, gathered_ffn_backend
+from headlab.kernels import compiled, interpreter_enabled, reference, triton_available
+from headlab.kernels.decode import gathered_ffn, gathered_ffn_backend
 from tests.compiled_kernel import compiled_kernel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.gathered_ffn import BLOCK_D, BLOCK_K, _gathered_ffn_kernel
+from headlab.kernels.gathered_ffn import BLOCK_D, BLOCK_K, _gathered_ffn_kernel
 
 out = []
 for dtype, given in (("fp32", False), ("bf16", True)):

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
-from kernels import (
+from headlab.kernels import (
     PAD_INDEX,
     col_sparse_linear,
     grouped_col_sparse_linear,
@@ -23,8 +23,8 @@ from kernels import (
     scatter_columns,
     triton_available,
 )
-from kernels.backend import resolve_backend
-from kernels.indices import aligned_run_length
+from headlab.kernels.backend import resolve_backend
+from headlab.kernels.indices import aligned_run_length
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -206,7 +206,7 @@ def _gpu_tiles() -> list[tuple[int, int, int]]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) of every config in the GPU autotuning space."""
     if not triton_available():
         return []
-    from kernels.linear import _configs
+    from headlab.kernels.linear import _configs
 
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in _configs(interpreted=False)]
 
@@ -217,7 +217,7 @@ def test_kernels_are_exact_with_every_gpu_tile_shape(device, tile, monkeypatch):
     _skip_unless_triton_runs(device)
     import triton
 
-    from kernels import linear
+    from headlab.kernels import linear
 
     block_m, block_n, block_k = tile
     # a single config runs as given: no benchmarking, no cached choice from earlier calls

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.pruning.reconstruct.least_squares import Moments, obs_select, ridge_fit
+from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select, ridge_fit
 
 
 def _problem(n: int = 12, d: int = 5, tokens: int = 400, seed: int = 0):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.importance.diagnostics import HEAD_KINDS
+from headlab.engine.importance.diagnostics import HEAD_KINDS
+from headlab.ui import keys
 from tests.tiny import save_tiny
-from ui import keys
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 CONTEXT = 1024

@@ -1,4 +1,4 @@
-"""engine.core.once.computed_once: an LRU cache whose concurrent first calls per key compute once."""
+"""headlab.engine.core.once.computed_once: an LRU cache whose concurrent first calls per key compute once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.core.once import computed_once
+from headlab.engine.core.once import computed_once
 
 
 def test_concurrent_first_calls_with_the_same_arguments_compute_once_and_all_get_the_value():

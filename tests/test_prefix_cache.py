@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
-from engine.core.mask import PruneMask
-from engine.models.wrap import wrap_model
-from engine.runtime.evaluate import PerplexityProtocol, perplexity
-from engine.runtime.prefix_cache import PrefixCache, live_protocol
-from engine.runtime.replay import LayerReplay, record_layers
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
+from headlab.engine.runtime.prefix_cache import PrefixCache, live_protocol
+from headlab.engine.runtime.replay import LayerReplay, record_layers
 from tests.tiny import tiny_model, tiny_tokenizer
 
 CAUSAL = ("gpt2", "llama", "qwen2", "gemma3")
@@ -196,7 +196,7 @@ def test_prefix_cache_refuses_an_encoder_with_a_clear_message(tokenizer):
 
 
 def test_prefix_cache_rejects_a_mask_of_another_model(causal):
-    from engine.core.mask import MaskError
+    from headlab.engine.core.mask import MaskError
 
     cache = PrefixCache(causal, PROTOCOL)
     other = PruneMask.dense(causal.geometry)

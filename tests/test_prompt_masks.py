@@ -1,4 +1,4 @@
-"""Per-prompt masks (engine.dynamic.prompt_mask), their cache and the k-mask router, on a tiny Llama."""
+"""Per-prompt masks (headlab.engine.dynamic.prompt_mask), their cache and the k-mask router, on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from engine.core import gates
-from engine.dynamic import calibration_ids
-from engine.dynamic.ipn import IPN, untrained_ipn
-from engine.dynamic.mask_cache import MaskCache
-from engine.dynamic.prompt_mask import RoutedMasks, keep_fractions, predict_prompt_mask, prompt_embedding
+from headlab.engine.core import gates
+from headlab.engine.dynamic import calibration_ids
+from headlab.engine.dynamic.ipn import IPN, untrained_ipn
+from headlab.engine.dynamic.mask_cache import MaskCache
+from headlab.engine.dynamic.prompt_mask import RoutedMasks, keep_fractions, predict_prompt_mask, prompt_embedding
 from tests.tiny import tiny_handle
 
 
@@ -117,7 +117,7 @@ def test_router_of_k_masks(llama, ipn, prompts):
 
 def test_compensation_puts_back_the_dropped_channels_mean_on_the_prompt(llama, ipn, prompts):
     """With the bias, a mask's FFN output on the prompt matches the dense one on average over its tokens."""
-    from engine.core.hooks import temporary_hooks
+    from headlab.engine.core.hooks import temporary_hooks
 
     mask = predict_prompt_mask(llama, ipn, prompts[0], compensate=True)
     bare = predict_prompt_mask(llama, ipn, prompts[0])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.runtime.evaluate import (
+from headlab.engine.runtime.evaluate import (
     PerplexityProtocol,
     _wikitext_ids,
     eval_windows,

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.export.surgery import prune
-from engine.recovery.quantize import (
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.export.surgery import prune
+from headlab.engine.recovery.quantize import (
     STE_CLIP,
     QuantizeError,
     export_student,
@@ -194,7 +194,7 @@ def test_gpt2_conv1d_is_quantised_per_output_feature():
 
 
 def test_a_per_layer_student_export_reloads_through_the_engine(tmp_path):
-    from engine.models.load import load_pruned
+    from headlab.engine.models.load import load_pruned
     from tests.tiny import tiny_handle
 
     bert = tiny_handle("bert")

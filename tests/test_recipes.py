@@ -1,4 +1,4 @@
-"""Recipes at equal steps, the pruned student, encoder agreement metrics, and `python -m engine distill`."""
+"""Recipes at equal steps, the pruned student, encoder agreement metrics, and `python -m headlab distill`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from engine.core.mask import PruneMask
-from engine.data.datasets import calibration_texts
-from engine.export.surgery import prune
-from engine.recovery.distill import DistillConfig, DistillData, DistillError
-from engine.recovery.encoder_agreement import agreement, encoder_agreement, spearman
-from engine.recovery.quantize import quantization_of
-from engine.recovery.recipes import RecoveryJob, plan_stages, recovery_student, run_recipe
-from engine.runtime.cost import cost
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.surgery import prune
+from headlab.engine.recovery.distill import DistillConfig, DistillData, DistillError
+from headlab.engine.recovery.encoder_agreement import agreement, encoder_agreement, spearman
+from headlab.engine.recovery.quantize import quantization_of
+from headlab.engine.recovery.recipes import RecoveryJob, plan_stages, recovery_student, run_recipe
+from headlab.engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 
@@ -158,7 +158,7 @@ def test_nearest_neighbour_agreement_counts_texts_whose_neighbour_changed():
 def test_cli_distill_writes_a_student_that_plain_transformers_reloads(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from engine.cli.main import main
+    from headlab.engine.cli.main import main
     from tests.tiny import tiny_model, tiny_tokenizer
 
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
@@ -182,7 +182,7 @@ def test_cli_distill_writes_a_student_that_plain_transformers_reloads(tmp_path, 
 
 @pytest.mark.real_model
 def test_minilm_pruned_student_disagrees_and_a_few_kd_steps_help(minilm):
-    from engine.recovery.distill import distill_data, prompt_split
+    from headlab.engine.recovery.distill import distill_data, prompt_split
 
     heldout = prompt_split()[1][:24]
     student, _ = recovery_student(minilm, 0.8, texts=calibration_texts("wikitext", 2))

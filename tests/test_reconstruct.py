@@ -6,14 +6,14 @@ import pytest
 import torch
 import transformers
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.export.write import export
-from engine.models.load import load_pruned
-from engine.pruning.compensation import compensate
-from engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
-from engine.runtime.replay import LayerReplay
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.export.write import export
+from headlab.engine.models.load import load_pruned
+from headlab.engine.pruning.compensation import compensate
+from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
+from headlab.engine.runtime.replay import LayerReplay
 from tests.tiny import tiny_handle
 
 TEXTS = [f"{i} The quick brown fox jumps over the lazy dog, then {i * 7} more foxes follow it home." for i in range(12)]

@@ -6,13 +6,13 @@ import pytest
 import torch
 import transformers
 
-from engine.cli.main import main
-from engine.core import gates
-from engine.core.objective import token_logits
-from engine.export.write import export
-from engine.pruning.strategies import Budget, Calibration, get_strategy
-from engine.pruning.strategies.reconstruct import depth_refit_prune, layer_counts, width_by_reconstruction
-from engine.runtime.replay import LayerReplay
+from headlab.engine.cli.main import main
+from headlab.engine.core import gates
+from headlab.engine.core.objective import token_logits
+from headlab.engine.export.write import export
+from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
+from headlab.engine.pruning.strategies.reconstruct import depth_refit_prune, layer_counts, width_by_reconstruction
+from headlab.engine.runtime.replay import LayerReplay
 from tests.test_reconstruct import TEXTS
 from tests.tiny import save_tiny, tiny_handle
 
@@ -103,10 +103,10 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
 
 @pytest.mark.parametrize("uniform", [True, False])
 def test_reconstructed_export_reloaded_has_the_in_engine_perplexity(tmp_path, uniform):
-    """The exported folder, reloaded (plain transformers for the uniform layout, engine.models.load.load_pruned for
+    """The exported folder, reloaded (plain transformers for the uniform layout, headlab.engine.models.load.load_pruned for
     the per-layer one), scores the protocol exactly as the masked shared model does in the engine."""
-    from engine.models.load import load_pruned, wrap_model
-    from engine.runtime.evaluate import PerplexityProtocol, perplexity
+    from headlab.engine.models.load import load_pruned, wrap_model
+    from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
     from tests.tiny import tiny_tokenizer
 
     h, protocol = tiny_handle("llama"), PerplexityProtocol(window=64, stride=64, n_windows=3)

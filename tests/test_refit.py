@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import MaskError, PruneMask
-from engine.core.objective import token_logits
-from engine.core.refit import LayerRefit
-from engine.export.surgery import prune
-from engine.runtime.sparse_forward import sparse_refusal
+from headlab.engine.core import gates
+from headlab.engine.core.mask import MaskError, PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.core.refit import LayerRefit
+from headlab.engine.export.surgery import prune
+from headlab.engine.runtime.sparse_forward import sparse_refusal
 from tests.tiny import tiny_handle
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.tokens import EmptyTextError
-from engine.pruning.softmask import MaskTarget, TrainConfig
-from engine.routing.clusters import calibration_prompts, kmeans, split_prompts
-from engine.routing.embeddings import SentenceEncoder
-from engine.routing.router import (
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.tokens import EmptyTextError
+from headlab.engine.pruning.softmask import MaskTarget, TrainConfig
+from headlab.engine.routing.clusters import calibration_prompts, kmeans, split_prompts
+from headlab.engine.routing.embeddings import SentenceEncoder
+from headlab.engine.routing.router import (
     Router,
     RouterError,
     heldout_perplexity,
@@ -116,8 +116,8 @@ def row_alone(handle, ids, mask):
 
 @pytest.mark.parametrize("soft", [False, True], ids=["kernels", "gates"])
 def test_a_mixed_mask_batch_equals_running_each_row_alone(soft):
-    from engine.core.tokens import encode_batch
-    from engine.runtime.sparse_forward import sparse_refusal
+    from headlab.engine.core.tokens import encode_batch
+    from headlab.engine.runtime.sparse_forward import sparse_refusal
 
     h = tiny_handle("llama")
     a, b, c = mixed_masks(h.geometry)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.cli.main import main
-from engine.core.mask import PruneMask
-from engine.data.datasets import calibration_texts
-from engine.export.surgery import prune
-from engine.importance.registry import score
-from engine.models import placement
-from engine.models.load import load_model
-from engine.runtime.evaluate import PerplexityProtocol, generate, perplexity
-from engine.runtime.prefix_cache import PrefixCache
-from engine.runtime.sparse_forward import sparse_refusal
+from headlab.engine.cli.main import main
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.surgery import prune
+from headlab.engine.importance.registry import score
+from headlab.engine.models import placement
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.evaluate import PerplexityProtocol, generate, perplexity
+from headlab.engine.runtime.prefix_cache import PrefixCache
+from headlab.engine.runtime.sparse_forward import sparse_refusal
 from tests.tiny import save_tiny
 
 # layer 1 and the LM head on disk, the rest on the CPU

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.cli.main import main
-from engine.models.load import load_model
-from engine.runtime.plan import JOB_DEFAULTS, JOBS, plan_job
+from headlab.engine.cli.main import main
+from headlab.engine.models.load import load_model
+from headlab.engine.runtime.plan import JOB_DEFAULTS, JOBS, plan_job
 from tests.tiny import save_tiny
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.cli.main import main
+from headlab.engine.cli.main import main
 from tests.scale_jobs import distill_job, ipn_job, router_job
 from tests.tiny import save_tiny, tiny_handle
 
@@ -78,7 +78,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def test_ablation_scoring_on_two_processes_equals_one(tiny_folder, tmp_path, one_thread, capsys):
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     assert main([*SCORE, "--model", str(tiny_folder), "--out", str(one)]) == 0
-    r2 = _torchrun(["engine", *SCORE, "--model", str(tiny_folder), "--out", str(two)])
+    r2 = _torchrun(["headlab", *SCORE, "--model", str(tiny_folder), "--out", str(two)])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("wrote 8 heads") == 1  # rank 0 alone reports and writes
     a, b = _rows(one), _rows(two)
@@ -125,7 +125,7 @@ def test_distillation_on_two_processes_equals_one(tmp_path, one_thread):
 
 def test_the_distill_verb_runs_on_two_processes_and_rank_0_writes_the_run(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    argv = ["engine", "distill", "--model", str(tiny_folder), "--keep", "0.7", "--steps", "2", "--batch-size", "2",
+    argv = ["headlab", "distill", "--model", str(tiny_folder), "--keep", "0.7", "--steps", "2", "--batch-size", "2",
             "--max-length", "32", "--n-wikitext", "6", "--n-prompts", "2", "--max-new-tokens", "3",
             "--n-score-texts", "2", "--no-eval", "--out", str(out)]
     r = _torchrun(argv, HEADLAB_CACHE=str(tmp_path / "cache"))  # the teacher's answers are cached there

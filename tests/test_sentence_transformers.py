@@ -17,27 +17,27 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from streamlit.testing.v1 import AppTest
 
-from engine.cli.common import USER_ERROR_STATUS
-from engine.cli.main import main
-from engine.core.errors import ModelLoadError
-from engine.core.mask import PruneMask
-from engine.export.surgery import prune
-from engine.export.write import export
-from engine.models.load import load_model, resolve_source
-from engine.models.sentence import (
+from headlab.engine.cli.common import USER_ERROR_STATUS
+from headlab.engine.cli.main import main
+from headlab.engine.core.errors import ModelLoadError
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.export.surgery import prune
+from headlab.engine.export.write import export
+from headlab.engine.models.load import load_model, resolve_source
+from headlab.engine.models.sentence import (
     embed_handle,
     open_sentence_transformer,
     pool,
     read_modules,
     sentence_head,
 )
-from engine.recovery.distill import heldout_metric, sentence_cosine
-from engine.recovery.quantize import export_student
-from engine.routing.embeddings import SentenceEncoder, embed_texts
+from headlab.engine.recovery.distill import heldout_metric, sentence_cosine
+from headlab.engine.recovery.quantize import export_student
+from headlab.engine.routing.embeddings import SentenceEncoder, embed_texts
+from headlab.ui import keys
+from headlab.ui.clusters import OTHER_ENCODER
 from tests.tiny import save_tiny, tiny_model
 from tests.tiny_sentence import save_tiny_sentence
-from ui import keys
-from ui.clusters import OTHER_ENCODER
 
 TOL = 1e-5
 TEXTS = ["How do I sort a list in Python?", "Write a poem about the sea at night.",
@@ -241,7 +241,7 @@ def test_cli_export_of_a_sentence_transformers_model_says_how_to_use_it_as_the_e
     out = tmp_path / "pruned"
     assert main(["export", "--model", str(tiny_st), "--mask", str(tmp_path / "mask.json"), "--out", str(out),
                  "--no-eval"]) == 0
-    assert (f"as a sentence encoder: --encoder {out}, or engine.models.sentence.open_sentence_transformer(folder)"
+    assert (f"as a sentence encoder: --encoder {out}, or headlab.engine.models.sentence.open_sentence_transformer(folder)"
             in capsys.readouterr().out)
     assert main(["cluster", "--encoder", str(out), "--k", "2", "--per-source", "4", "--no-silhouette",
                  "--out", ""]) == 0

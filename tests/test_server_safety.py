@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from headlab.ui.server_options import ALLOW_REMOTE_CODE_ENV, remote_code_allowed
 from tests.browser import connects, free_port
 from tests.tiny import save_tiny
-from ui.server_options import ALLOW_REMOTE_CODE_ENV, remote_code_allowed
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUST_LABEL = "Allow the model's own code (trust_remote_code)"

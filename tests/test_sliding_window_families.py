@@ -12,18 +12,18 @@ import torch
 import transformers
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.dynamic import FixedChooser, dense_generate, sparse_generate
-from engine.export.surgery import prune
-from engine.export.write import export
-from engine.importance.registry import score
-from engine.models.wrap import wrap_model
-from engine.pruning.select import select
-from engine.runtime.evaluate import PerplexityProtocol, perplexity
-from engine.runtime.prefix_cache import PrefixCache
-from engine.runtime.sparse_forward import sparse_logits, sparse_refusal
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.dynamic import FixedChooser, dense_generate, sparse_generate
+from headlab.engine.export.surgery import prune
+from headlab.engine.export.write import export
+from headlab.engine.importance.registry import score
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.pruning.select import select
+from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
+from headlab.engine.runtime.prefix_cache import PrefixCache
+from headlab.engine.runtime.sparse_forward import sparse_logits, sparse_refusal
 from tests.tiny import VOCAB, finish_tiny, tiny_tokenizer
 
 WINDOW = 5

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.objective import token_logits
-from engine.core.tokens import EmptyTextError
-from engine.data.datasets import calibration_texts
-from engine.pruning.select import BudgetError
-from engine.pruning.softmask import (
+from headlab.engine.core import gates
+from headlab.engine.core.objective import token_logits
+from headlab.engine.core.tokens import EmptyTextError
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.pruning.select import BudgetError
+from headlab.engine.pruning.softmask import (
     HardConcrete,
     HardConcreteGates,
     MaskTarget,

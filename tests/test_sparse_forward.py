@@ -10,11 +10,11 @@ if not torch.cuda.is_available():
 import pytest
 import torch.nn.functional as F
 
-from engine.core import gates
-from engine.core.errors import UnsupportedModelError
-from engine.core.mask import MaskError, PruneMask
-from engine.models.wrap import wrap_model
-from engine.runtime.sparse_forward import sparse_logits, supports_sparse
+from headlab.engine.core import gates
+from headlab.engine.core.errors import UnsupportedModelError
+from headlab.engine.core.mask import MaskError, PruneMask
+from headlab.engine.models.wrap import wrap_model
+from headlab.engine.runtime.sparse_forward import sparse_logits, supports_sparse
 from tests.tiny import tiny_handle
 
 # fp32 throughout; the kernel path sums in a different order than the dense matmuls.
@@ -91,12 +91,12 @@ def test_soft_masks_and_other_families_are_refused_clearly():
         sparse_logits(h, IDS, soft)
     gpt2 = tiny_handle("gpt2")
     assert not supports_sparse(gpt2)
-    with pytest.raises(UnsupportedModelError, match="engine.core.gates.apply"):
+    with pytest.raises(UnsupportedModelError, match="headlab.engine.core.gates.apply"):
         sparse_logits(gpt2, IDS, PruneMask.dense(gpt2.geometry))
 
 
 def test_perplexity_through_kernels_equals_the_hook_path():
-    from engine.runtime.evaluate import PerplexityProtocol, perplexity
+    from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 
     h = tiny_handle("llama")
     m = random_mask(h.geometry, 7)
@@ -126,19 +126,19 @@ def test_sparse_path_matches_gated_model_with_uneven_gqa_groups(family):
 
 
 def test_attention_runs_on_the_kept_heads_only(monkeypatch):
-    import kernels.compact
+    import headlab.kernels.compact
 
     h = tiny_handle("qwen2")  # 6 heads in 2 KV groups of 3
     g = h.geometry
     m = uneven_gqa_mask(g)
     seen = []
-    real = kernels.compact.head_sparse_attention
+    real = headlab.kernels.compact.head_sparse_attention
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((q.shape[1], k.shape[1]))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(kernels.compact, "head_sparse_attention", spy)
+    monkeypatch.setattr(headlab.kernels.compact, "head_sparse_attention", spy)
     sparse_logits(h, IDS, m)
     kept = (m.heads > 0).sum(1).tolist()
     kv_kept = (m.heads > 0).view(g.n_layers, g.n_kv_heads, g.group_size).any(2).sum(1).tolist()
@@ -146,7 +146,7 @@ def test_attention_runs_on_the_kept_heads_only(monkeypatch):
 
 
 def test_triton_attention_reads_the_kv_head_each_compact_query_head_names():
-    from kernels import head_sparse_attention, reference
+    from headlab.kernels import head_sparse_attention, reference
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D = 2, 3, 2, 9, 16  # 3 query heads over 2 KV heads: no repeat_kv pairing exists
@@ -191,7 +191,7 @@ def sliding_qwen2(window: int = 4):
 
 
 def test_a_sliding_window_layer_runs_through_the_kernels_like_the_gated_model():
-    from engine.runtime.evaluate import PerplexityProtocol, perplexity
+    from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 
     h = sliding_qwen2()  # layer 1 sees the last 4 tokens; IDS rows are 11 long
     assert supports_sparse(h)
@@ -227,7 +227,7 @@ def test_a_mistral_style_window_on_every_layer_runs_through_the_kernels():
 
 
 def test_windowed_attention_reads_only_the_last_window_keys_on_every_backend():
-    from kernels import head_sparse_attention
+    from headlab.kernels import head_sparse_attention
 
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D, W = 2, 4, 2, 9, 16, 3
@@ -249,7 +249,7 @@ def test_windowed_attention_reads_only_the_last_window_keys_on_every_backend():
 def test_physically_pruned_layers_are_refused_with_the_layer_named():
     import copy
 
-    from engine.runtime.sparse_forward import sparse_refusal
+    from headlab.engine.runtime.sparse_forward import sparse_refusal
 
     h = tiny_handle("llama")
     pruned = copy.deepcopy(h.model)
@@ -259,7 +259,7 @@ def test_physically_pruned_layers_are_refused_with_the_layer_named():
 
 
 def test_refusals_name_soft_masks_and_left_padding():
-    from engine.runtime.sparse_forward import sparse_refusal
+    from headlab.engine.runtime.sparse_forward import sparse_refusal
 
     h = tiny_handle("llama")
     soft = PruneMask.dense(h.geometry)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.core.tokens import encode_batch
-from engine.importance.ablation import ablation_kl, head_removal_mask
-from engine.importance.gate_gradients import gate_gradients
-from engine.pruning.select import BudgetError
-from engine.pruning.strategies import (
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.core.tokens import encode_batch
+from headlab.engine.importance.ablation import ablation_kl, head_removal_mask
+from headlab.engine.importance.gate_gradients import gate_gradients
+from headlab.engine.pruning.select import BudgetError
+from headlab.engine.pruning.strategies import (
     Budget,
     Calibration,
     UnknownStrategyError,
@@ -21,10 +21,10 @@ from engine.pruning.strategies import (
     strategy_names,
     suggest_mask,
 )
-from engine.pruning.strategies.hardconcrete import prior_log_alpha
-from engine.pruning.strategies.iterative import schedule
-from engine.pruning.strategies.suggest import predicted_perplexity
-from engine.runtime.replay import LayerReplay
+from headlab.engine.pruning.strategies.hardconcrete import prior_log_alpha
+from headlab.engine.pruning.strategies.iterative import schedule
+from headlab.engine.pruning.strategies.suggest import predicted_perplexity
+from headlab.engine.runtime.replay import LayerReplay
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog again and again.",
@@ -73,7 +73,7 @@ def test_ablation_kl_of_each_head_matches_removing_it_by_full_forward(llama_hand
 
 
 def test_mean_ablation_of_a_constant_output_head_costs_nothing():
-    from engine.importance.capture import capture
+    from headlab.engine.importance.capture import capture
     from tests.test_compensation import constant_kv_group
     from tests.tiny import tiny_handle
 
@@ -87,7 +87,7 @@ def test_mean_ablation_of_a_constant_output_head_costs_nothing():
 
 
 def test_head_removal_mask_with_means_matches_full_compensation(llama_handle):
-    from engine.importance.mean_ablation import attention_bias
+    from headlab.engine.importance.mean_ablation import attention_bias
 
     g = llama_handle.geometry
     means = torch.randn(g.n_layers, g.n_heads * g.head_dim)
@@ -224,7 +224,7 @@ def test_calibration_shares_one_capture_between_strategies(llama_handle):
 
 
 def test_suggest_mask_reports_prediction_and_measurement(llama_handle):
-    from engine.runtime.evaluate import PerplexityProtocol
+    from headlab.engine.runtime.evaluate import PerplexityProtocol
 
     c = calib()
     protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
@@ -255,14 +255,14 @@ def test_predicted_perplexity_adds_the_removed_heads_kl(llama_handle):
 def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
+    from headlab.ui import keys
     from tests.tiny import save_tiny
-    from ui import keys
 
     path = save_tiny(tmp_path / "tiny-llama", "llama")
     monkeypatch.setenv("HEADLAB_MODEL", str(path))
 
     def page():
-        from ui.suggest import suggest_panel
+        from headlab.ui.suggest import suggest_panel
 
         suggest_panel()
 
@@ -287,8 +287,8 @@ def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(t
 
 @pytest.mark.parametrize("method", ["random", "gradient", "block_influence", "ablation+comp", "ablation-iterative+comp"])
 def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
-    from engine.pruning.strategies.depth import depth_prune
-    from engine.runtime.cost import cost
+    from headlab.engine.pruning.strategies.depth import depth_prune
+    from headlab.engine.runtime.cost import cost
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
@@ -302,7 +302,7 @@ def test_depth_pruning_drops_whole_layers_to_the_size_target(method):
 
 
 def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
-    from engine.pruning.strategies.depth import depth_method_scores
+    from headlab.engine.pruning.strategies.depth import depth_method_scores
     from tests.tiny import tiny_handle
 
     handle = tiny_handle("llama")
@@ -315,7 +315,7 @@ def test_depth_ablation_measures_the_kl_of_dropping_each_layer():
 
 
 def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
-    from engine.cli.main import main
+    from headlab.engine.cli.main import main
     from tests.tiny import save_tiny, tiny_handle
 
     model, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
@@ -337,9 +337,9 @@ def test_cli_suggest_diagnose_and_prune_with_a_new_criterion(tmp_path, capsys):
 
 @pytest.mark.parametrize("route", ["width", "depth"])
 def test_suggest_size_reaches_the_parameter_budget_by_the_routes_best_method(llama_handle, route):
-    from engine.pruning.strategies import SIZE_METHODS, suggest_size
-    from engine.runtime.cost import cost
-    from engine.runtime.evaluate import PerplexityProtocol
+    from headlab.engine.pruning.strategies import SIZE_METHODS, suggest_size
+    from headlab.engine.runtime.cost import cost
+    from headlab.engine.runtime.evaluate import PerplexityProtocol
 
     protocol = PerplexityProtocol(window=32, stride=32, n_windows=2)
     mask, info = suggest_size(llama_handle, 0.8, route, calib=calib(), protocol=protocol)
@@ -357,7 +357,7 @@ def test_suggest_size_reaches_the_parameter_budget_by_the_routes_best_method(lla
 
 
 def test_cli_suggest_by_parameter_budget_writes_a_reconstructed_mask(tmp_path, capsys):
-    from engine.cli.main import main
+    from headlab.engine.cli.main import main
     from tests.tiny import save_tiny, tiny_handle
 
     model, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.core import gates
-from engine.core.mask import PruneMask
-from engine.core.objective import token_logits
-from engine.core.reshape import GatheredHeads, RemovedSubBlock
-from engine.export.surgery import LAYERS_KEY, SurgeryError, gqa_layout, plan, prune
-from engine.runtime.cost import cost
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.objective import token_logits
+from headlab.engine.core.reshape import GatheredHeads, RemovedSubBlock
+from headlab.engine.export.surgery import LAYERS_KEY, SurgeryError, gqa_layout, plan, prune
+from headlab.engine.runtime.cost import cost
 from tests.tiny import tiny_handle
 
 MASK_KINDS = ("heads", "channels", "attn_block", "ffn_block", "layer", "mixed")

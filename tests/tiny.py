@@ -20,8 +20,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from engine.models.load import ModelHandle
-from engine.models.wrap import wrap_model
+from headlab.engine.models.load import ModelHandle
+from headlab.engine.models.wrap import wrap_model
 
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_tokenizer", "tiny_handle", "save_tiny", "VOCAB"]
 

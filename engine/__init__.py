@@ -1,7 +1,0 @@
-"""HeadLab engine: load a transformer, score its heads, prune with masks, measure, export.
-
-The engine never imports streamlit; everything the app does is a call here.
-Import the pieces from their modules (`engine.models.load`, `engine.core.mask`, `engine.core.gates`, ...).
-"""
-
-__version__ = "0.1.0"

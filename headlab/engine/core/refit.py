@@ -1,0 +1,125 @@
+"""Refitted output projections: new weights for the columns a pruned layer keeps.
+
+Removing heads deletes input columns of the attention's output (O) projection (head_dim per
+head); removing FFN channels deletes input columns of the down projection. Reconstruction
+(headlab.engine.pruning.reconstruct) then re-solves the columns that remain so that the layer still
+reproduces its dense output on calibration data. The result, per layer and sub-block, is one
+`LayerRefit`: the kept units (heads or channels, ascending) and a compact matrix
+W [hidden, kept inputs] in [out, in] orientation that replaces those columns. The projection's
+own bias stays; the fit's intercept travels as the mask's compensation bias (attn_bias /
+ffn_bias, headlab.engine.core.mask), so a refit output is
+
+    x[..., kept inputs] @ W.T + projection bias + compensation bias
+
+`headlab.engine.core.gates` computes exactly that through a forward hook (the shared weights are never
+written), and `headlab.engine.export.surgery` writes W into the sliced projection. A `LayerRefit` is
+tied to the units it was fitted for: a mask whose gates no longer keep exactly those units
+drops it (PruneMask edits) or is refused (PruneMask.check). Weights are never modified in
+place: masks that are copies of one another share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "REFIT_KINDS",
+    "LayerRefit",
+    "refit_path",
+    "refit_tensors",
+    "refits_from_tensors",
+    "unit_features",
+    "write_atomic_safetensors",
+]
+
+# The two output projections a refit can replace, by the mask's sub-block names.
+REFIT_KINDS = ("attn", "ffn")
+
+
+def unit_features(units: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
+    """Input-feature indices [len(units) * width] of `units` (each `width` features wide, unit-major)."""
+    u = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long)
+    return (u[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRefit:
+    """Replacement weights [hidden, len(units) * width] for the kept input columns of one output projection."""
+
+    units: tuple[int, ...]
+    weight: torch.Tensor
+    _key: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        units = tuple(int(u) for u in self.units)
+        if list(units) != sorted(set(units)):
+            raise ValueError("refit units must be distinct and ascending")
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "weight", self.weight.detach().float().cpu().contiguous())
+
+    @property
+    def width(self) -> int:
+        """Input features per unit (head_dim for heads, 1 for FFN channels)."""
+        return self.weight.shape[1] // max(1, len(self.units))
+
+    def features(self) -> torch.Tensor:
+        """The projection's input columns this weight reads, int64 [len(units) * width]."""
+        return unit_features(self.units, self.width)
+
+    def digest(self) -> bytes:
+        """20 bytes identifying units and weight (cached; recomputed if the tensor was changed in place)."""
+        version = self.weight._version
+        if self._key.get("version") != version:
+            h = hashlib.sha1(torch.tensor(self.units, dtype=torch.int64).numpy().tobytes())
+            h.update(self.weight.numpy().tobytes())
+            self._key.update(version=version, digest=h.digest())
+        return self._key["digest"]
+
+
+def refit_tensors(attn: dict[int, LayerRefit], ffn: dict[int, LayerRefit]) -> dict[str, torch.Tensor]:
+    """Flat safetensors entries "attn.{layer}.units" / ".weight" (and "ffn.") of two refit tables."""
+    out = {}
+    for kind, table in zip(REFIT_KINDS, (attn, ffn)):
+        for layer, r in table.items():
+            out[f"{kind}.{layer}.units"] = torch.tensor(r.units, dtype=torch.int64)
+            out[f"{kind}.{layer}.weight"] = r.weight
+    return out
+
+
+def refits_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[int, LayerRefit], dict[int, LayerRefit]]:
+    """(attn, ffn) refit tables from the entries `refit_tensors` wrote."""
+    tables: dict[str, dict[int, LayerRefit]] = {k: {} for k in REFIT_KINDS}
+    for key, value in tensors.items():
+        kind, layer, part = key.split(".")
+        if kind not in tables or part not in ("units", "weight"):
+            raise ValueError(f"unexpected entry {key!r} in a refit file")
+        if part == "weight":
+            units = tensors[f"{kind}.{layer}.units"].tolist()
+            tables[kind][int(layer)] = LayerRefit(tuple(units), value)
+    return tables["attn"], tables["ffn"]
+
+
+def refit_path(mask_path: str | os.PathLike) -> Path:
+    """Where a mask file's refits live: `<name>.refit.safetensors` beside `<name>.json`."""
+    p = Path(mask_path)
+    return p.with_name(f"{p.stem}.refit.safetensors")
+
+
+def write_atomic_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` as safetensors through a temporary sibling renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,194 @@
+"""Run a dynamic sparsity rule on the shared model for one call, and measure what it zeroed.
+
+    with apply_rule(handle, thresholds) as meter:
+        logits = handle.model(ids).logits
+    print(meter.report().describe())
+
+Like headlab.engine.core.gates, everything goes through headlab.engine.core.hooks.temporary_hooks: the hooks
+fire only in the calling thread and are removed in `finally`; weights are never touched. The
+adapter says where each projection lives (`projections`, `ffn_activation`).
+
+Where each rule acts, per layer:
+- oracle: a pre-hook on "down" keeps the k largest |input| entries per token;
+- CATS: a post-hook on "gate" computes |act(gate(x))| and decides the channels, a pre-hook on
+  "down" zeroes them (act(gate) * up is zero exactly where either factor is);
+- TEAL / WINA: a pre-hook on every projection zeroes the input entries scored below its threshold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.hooks import HookSet, temporary_hooks
+from headlab.engine.dynamic.rules import (
+    CATS,
+    ORACLE,
+    WINA,
+    Thresholds,
+    ThresholdsError,
+    column_norms,
+    get_rule,
+    magnitude_score,
+    oracle_keep,
+    threshold_at,
+    weighted_score,
+)
+
+__all__ = ["SparsityMeter", "SparsityReport", "apply_rule"]
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """What a rule zeroed over the tokens it ran on.
+
+    per_layer[site][l]: fraction of the entries of projection `site`'s input zeroed in layer l;
+    overall: the same over every sparsified input entry; ffn: fraction of FFN channels (the down
+    projection's input) zeroed; weights_skipped: fraction of the sparsified projections' weight
+    elements a sparse kernel would not need to read (zeroed input i of W skips column W[:, i]).
+    """
+
+    rule: str
+    per_layer: dict[str, list[float]]
+    overall: float
+    ffn: float
+    weights_skipped: float
+    n_tokens: int
+
+    def describe(self) -> str:
+        return (f"{self.rule}: {self.overall:.1%} of sparsified inputs zeroed, {self.ffn:.1%} of FFN channels, "
+                f"{self.weights_skipped:.1%} of their weights skipped, over {self.n_tokens:,} tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class SparsityMeter:
+    """Counts zeroed and total input entries per (site, layer) during one or more forwards."""
+
+    def __init__(self, rule: str, n_layers: int):
+        self.rule = rule
+        self.n_layers = n_layers
+        self.zeroed: dict[str, torch.Tensor] = {}
+        self.total: dict[str, torch.Tensor] = {}
+        self.out_features: dict[str, torch.Tensor] = {}
+        self.n_tokens = 0
+
+    def add(self, site: str, layer: int, keep: torch.Tensor, out_features: int) -> None:
+        """Record one projection's keep mask [..., in] for `layer`."""
+        if site not in self.zeroed:
+            for d in (self.zeroed, self.total, self.out_features):
+                d[site] = torch.zeros(self.n_layers, dtype=torch.float64)
+        self.zeroed[site][layer] += float((~keep).sum())
+        self.total[site][layer] += keep.numel()
+        self.out_features[site][layer] = out_features
+        if site == "down" and layer == 0:
+            self.n_tokens += keep.numel() // keep.shape[-1]
+
+    def report(self) -> SparsityReport:
+        if not self.total:
+            raise ValueError("nothing was measured: run the model inside apply_rule first")
+        per_layer = {s: (self.zeroed[s] / self.total[s].clamp(min=1)).tolist() for s in self.zeroed}
+        zeroed = sum(float(z.sum()) for z in self.zeroed.values())
+        total = sum(float(t.sum()) for t in self.total.values())
+        skipped = sum(float((self.zeroed[s] * self.out_features[s]).sum()) for s in self.zeroed)
+        read = sum(float((self.total[s] * self.out_features[s]).sum()) for s in self.total)
+        ffn = float(self.zeroed["down"].sum() / self.total["down"].sum()) if "down" in self.total else 0.0
+        return SparsityReport(self.rule, per_layer, zeroed / total, ffn, skipped / read, self.n_tokens)
+
+
+def _threshold(values: dict[str, torch.Tensor], site: str, layer: int, scores: torch.Tensor,
+               calibrate_to: float | None) -> float:
+    """The threshold of (site, layer); a NaN one is calibrated now from `scores` when calibrating."""
+    t = float(values[site][layer])
+    if math.isnan(t):
+        if calibrate_to is None:
+            raise ThresholdsError(f"the threshold of {site!r} in layer {layer} is NaN (not calibrated)")
+        t = threshold_at(scores, calibrate_to)
+        values[site][layer] = t
+    return t
+
+
+def _zero_input(args: tuple, keep: torch.Tensor) -> tuple:
+    return (args[0].masked_fill(~keep, 0), *args[1:])
+
+
+def _input_hook(site: str, layer: int, proj: nn.Linear, values: dict[str, torch.Tensor], weighted: bool,
+                meter: SparsityMeter, calibrate_to: float | None) -> Callable[..., tuple]:
+    col_norm = column_norms(proj.weight) if weighted else None
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]  # (B, T, in)
+        s = weighted_score(x, col_norm) if col_norm is not None else magnitude_score(x)
+        keep = s >= _threshold(values, site, layer, s, calibrate_to)
+        meter.add(site, layer, keep, proj.out_features)
+        return _zero_input(args, keep)
+
+    return hook
+
+
+def _install_cats(hooks: HookSet, layer: int, projs: dict[str, nn.Linear], act: Callable, values: dict,
+                  meter: SparsityMeter, calibrate_to: float | None) -> None:
+    decided: list[torch.Tensor] = []  # the channels gate chose, consumed by down in the same forward
+
+    def on_gate(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        s = magnitude_score(act(output))  # (B, T, F): |act(gate(x))|
+        decided.append(s >= _threshold(values, "down", layer, s, calibrate_to))
+
+    def on_down(module: nn.Module, args: tuple) -> tuple:
+        keep = decided.pop()
+        if keep.shape != args[0].shape:
+            raise RuntimeError(f"layer {layer}: CATS decided channels {tuple(keep.shape)} for a down input "
+                               f"{tuple(args[0].shape)}")
+        meter.add("down", layer, keep, projs["down"].out_features)
+        return _zero_input(args, keep)
+
+    hooks.post(projs["gate"], on_gate)
+    hooks.pre(projs["down"], on_down)
+
+
+def _install_oracle(hooks: HookSet, layer: int, projs: dict[str, nn.Linear], values: dict,
+                    meter: SparsityMeter) -> None:
+    k = int(values["down"][layer])
+
+    def on_down(module: nn.Module, args: tuple) -> tuple:
+        keep = oracle_keep(args[0], k)  # the down input is act(gate(x)) * up(x)
+        meter.add("down", layer, keep, projs["down"].out_features)
+        return _zero_input(args, keep)
+
+    hooks.pre(projs["down"], on_down)
+
+
+@contextlib.contextmanager
+def apply_rule(handle: ModelHandle, thresholds: Thresholds, meter: SparsityMeter | None = None, *,
+               calibrate_to: float | None = None) -> Iterator[SparsityMeter]:
+    """Run `handle`'s shared model under `thresholds`' rule for the body of the `with` only.
+
+    Yields the SparsityMeter counting what was zeroed (a new one unless `meter` is given).
+    `calibrate_to`: fill every NaN threshold, the first time its site runs, with the quantile of
+    that batch's scores at this sparsity (headlab.engine.dynamic.calibrate); the thresholds are updated in place.
+    """
+    g = handle.geometry
+    rule = get_rule(thresholds.rule)
+    thresholds.check(g.n_layers, g.ffn_dim)
+    adapter = handle.adapter
+    meter = meter if meter is not None else SparsityMeter(rule.name, g.n_layers)
+    values = thresholds.values
+    with temporary_hooks() as hooks:
+        for layer in range(g.n_layers):
+            projs = adapter.projections(layer)
+            if rule is ORACLE:
+                _install_oracle(hooks, layer, projs, values, meter)
+            elif rule is CATS:
+                _install_cats(hooks, layer, projs, adapter.ffn_activation(layer), values, meter, calibrate_to)
+            else:
+                for site in rule.sites:
+                    hooks.pre(projs[site], _input_hook(site, layer, projs[site], values, rule is WINA, meter,
+                                                       calibrate_to))
+        yield meter

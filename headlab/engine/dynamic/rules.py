@@ -1,0 +1,169 @@
+"""Training-free per-token sparsity rules, and the per-layer thresholds they run with.
+
+Each rule decides, for every token separately, which entries of some projections' inputs
+are zeroed (so the matching weight columns need not be read). A rule has *sites*: the
+projections (adapter roles "q", "k", "v", "o", "gate", "up", "down") whose input it
+sparsifies, and one threshold per site and layer, calibrated (headlab.engine.dynamic.calibrate) as
+the quantile of the rule's score distribution at the target sparsity. Entries whose score is
+below the threshold are zeroed; a threshold of -inf zeroes nothing (the dense model).
+
+- oracle: per token, keep the k FFN channels with the largest true |act(gate(x)) * up(x)|
+  (the down projection's input) and zero the rest: an upper bound no cheap predictor beats,
+  exact k per token, so its "threshold" is the keep count k per layer.
+- CATS (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large
+  Language Models"): zero FFN channel j for a token when |act(gate(x))_j| is below a
+  per-layer threshold (the channel is then skipped in up and down).
+- TEAL (Liu et al. 2024, "Training-Free Activation Sparsity in Large Language Models"):
+  magnitude sparsity on the input of every matrix: zero x_i when |x_i| is below that matrix's
+  threshold (q/k/v share one input, as do gate/up; each matrix still has its own threshold).
+- WINA (Chen et al. 2025, "WINA: Weight Informed Neuron Activation for Accelerating Large
+  Language Model Inference"): like TEAL, but the score of input i of matrix W is
+  |x_i| * ||W[:, i]||_2, the column norm saying how much that input can move the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Rule",
+    "RULES",
+    "ORACLE",
+    "CATS",
+    "TEAL",
+    "WINA",
+    "ALL_SITES",
+    "get_rule",
+    "Thresholds",
+    "ThresholdsError",
+    "threshold_at",
+    "oracle_keep",
+    "magnitude_score",
+    "weighted_score",
+    "column_norms",
+]
+
+#: Every projection role a rule may sparsify, in the order a layer runs them.
+ALL_SITES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ThresholdsError(ValueError):
+    """Thresholds that do not fit the model or rule, or a thresholds file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A per-token sparsity rule: its name, the paper it follows, and the projections it sparsifies."""
+
+    name: str
+    citation: str
+    sites: tuple[str, ...]
+    summary: str
+
+
+ORACLE = Rule("oracle", "upper bound (true top-k channels per token)", ("down",),
+              "keep the k FFN channels with the largest |act(gate(x)) * up(x)| per token")
+CATS = Rule("cats", "Lee et al. 2024, CATS", ("down",),
+            "zero FFN channel j when |act(gate(x))_j| < per-layer threshold")
+TEAL = Rule("teal", "Liu et al. 2024, TEAL", ALL_SITES,
+            "zero input x_i of every matrix when |x_i| < that matrix's threshold")
+WINA = Rule("wina", "Chen et al. 2025, WINA", ALL_SITES,
+            "zero input x_i of matrix W when |x_i| * ||W[:, i]||_2 < that matrix's threshold")
+
+RULES: dict[str, Rule] = {r.name: r for r in (ORACLE, CATS, TEAL, WINA)}
+
+
+def get_rule(rule: str | Rule) -> Rule:
+    """The rule named `rule` (or `rule` itself)."""
+    if isinstance(rule, Rule):
+        return rule
+    if rule not in RULES:
+        raise ThresholdsError(f"unknown dynamic sparsity rule {rule!r}; choose one of {', '.join(RULES)}")
+    return RULES[rule]
+
+
+@dataclass
+class Thresholds:
+    """Per-layer thresholds of one rule: values[site] is [n_layers] (oracle: the keep count k per layer).
+
+    `target` is the sparsity they were calibrated for (None when built by hand).
+    """
+
+    rule: str
+    values: dict[str, torch.Tensor]
+    target: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    def check(self, n_layers: int, ffn_dim: int) -> "Thresholds":
+        """Raise ThresholdsError unless the sites are the rule's and every tensor is [n_layers]."""
+        rule = get_rule(self.rule)
+        if set(self.values) != set(rule.sites):
+            raise ThresholdsError(f"{rule.name} thresholds need sites {list(rule.sites)}, got {sorted(self.values)}")
+        for site, t in self.values.items():
+            if tuple(t.shape) != (n_layers,):
+                raise ThresholdsError(f"{rule.name} thresholds for {site!r} have shape {tuple(t.shape)}, "
+                                      f"the model needs ({n_layers},): one per layer")
+        if rule is ORACLE:
+            k = self.values["down"]
+            if bool(((k < 0) | (k > ffn_dim) | (k != k.round())).any()):
+                raise ThresholdsError(f"oracle keep counts must be whole numbers in [0, {ffn_dim}], got {k.tolist()}")
+        return self
+
+    @classmethod
+    def dense(cls, rule: str | Rule, n_layers: int, ffn_dim: int) -> "Thresholds":
+        """Thresholds that zero nothing: -inf everywhere (oracle: keep every channel)."""
+        rule = get_rule(rule)
+        if rule is ORACLE:
+            return cls(rule.name, {"down": torch.full((n_layers,), float(ffn_dim))}, target=0.0)
+        return cls(rule.name, {s: torch.full((n_layers,), -math.inf) for s in rule.sites}, target=0.0)
+
+    @classmethod
+    def oracle(cls, n_layers: int, ffn_dim: int, sparsity: float) -> "Thresholds":
+        """Oracle keep counts: k = round((1 - sparsity) * ffn_dim) channels per token in every layer."""
+        _check_sparsity(sparsity)
+        k = round((1.0 - sparsity) * ffn_dim)
+        return cls(ORACLE.name, {"down": torch.full((n_layers,), float(k))}, target=sparsity)
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity <= 1.0:
+        raise ThresholdsError(f"target sparsity must be a fraction in [0, 1], got {sparsity}")
+
+
+def threshold_at(scores: torch.Tensor, sparsity: float) -> float:
+    """The score below which a fraction `sparsity` of `scores` lies (zeroing `score < t` hits it, barring ties)."""
+    _check_sparsity(sparsity)
+    flat = scores.detach().reshape(-1).float()
+    n = flat.numel()
+    k = round(sparsity * n)
+    if k <= 0:
+        return -math.inf
+    if k >= n:
+        return math.inf
+    return float(torch.kthvalue(flat, k + 1).values)  # the (k+1)-th smallest: exactly k lie below it
+
+
+def oracle_keep(h: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [..., F]: per token, the k entries of h with the largest |h| (exactly k, ties broken by topk)."""
+    keep = torch.zeros_like(h, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(-1, h.abs().topk(min(k, h.shape[-1]), dim=-1).indices, True)
+    return keep
+
+
+def magnitude_score(x: torch.Tensor) -> torch.Tensor:
+    """|x| (TEAL's score of a matrix input; CATS's score of act(gate(x)))."""
+    return x.abs().float()
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """||W[:, i]||_2 for a Linear weight [out, in]: one norm per input feature [in]."""
+    return weight.detach().float().norm(dim=0)
+
+
+def weighted_score(x: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
+    """WINA's score |x_i| * ||W[:, i]||_2 for x [..., in]."""
+    return x.abs().float() * col_norm.to(x.device)

@@ -1,0 +1,326 @@
+"""Reconstruction layer by layer: each pruned layer re-fits what it keeps to reproduce its dense output.
+
+    mask = refit(handle, mask, texts)                        # keep the mask's units, re-solve their weights
+    mask = obs_prune(handle, heads, channels, texts)          # OBS chooses the units per layer, then re-solves
+
+Walking the layers in order over calibration batches (headlab.engine.runtime.replay: one dense record and
+one record under the mask being built, advanced one layer at a time), for each layer l:
+
+1. the dense layer runs on its dense input; the inputs of its O and down projections give the
+   targets Y = X_dense W^T (what the dense projections output, without their own bias);
+2. the pruned layer runs on the input the already-reconstructed layers 0..l-1 produce; the O
+   projection's input X over every head's columns is accumulated against Y (headlab.engine.pruning.reconstruct.
+   least_squares.Moments). Structured OBS may choose the heads that go (`obs_prune`); the kept
+   columns are re-solved by ridge least squares with an intercept, which becomes the mask's
+   attention compensation bias (FLAP's bias is the special case of keeping nothing);
+3. the same for the FFN down projection, on inputs that already see the refitted attention.
+
+Targets (RefitConfig.target):
+- "output": each projection reproduces its own dense output, Y = X_dense W^T;
+- "residual" (pre-LN models): each kept sub-block brings the pruned residual stream to the dense
+  one at the next kept sub-block, Y = h_dense(next) - h_pruned(before) - bias. A sub-block also
+  corrects the error its input carries, and one in front of removed sub-blocks or whole layers
+  stands in for them (depth pruning): a least-squares linear map from that projection's inputs to
+  the removed run's contribution, folded into weights the model already has (no new parameter
+  beyond an output bias, so the checkpoint stays plain). FLAP's mean of a dropped layer folded
+  into the preceding sub-block's bias (headlab.engine.importance.mean_ablation) is its zeroth-order case.
+
+This is the closed-form, training-free reconstruction of SlimGPT (Ling et al., NeurIPS 2024) and
+ZipLM (Kurtic et al., NeurIPS 2023) restricted to the output projections, so the result is still an
+ordinary checkpoint after surgery (headlab.engine.core.refit: compact refits carried by the mask). The
+targets are the dense model's outputs, so a layer also absorbs part of the error that earlier
+layers left in its input. Cost: about three forwards of one layer per layer over the calibration
+tokens (the dense layer, the pruned layer before each refit; the FFN's refit corrects the layer's
+output in place), plus one dense forward to start and the solves (an [F, F] system per FFN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.hooks import temporary_hooks
+from headlab.engine.core.mask import MaskError, PruneMask
+from headlab.engine.core.progress import Progress
+from headlab.engine.core.refit import REFIT_KINDS, LayerRefit, unit_features
+from headlab.engine.core.tokens import batches, context_length, encode_batch
+from headlab.engine.pruning.reconstruct.least_squares import DEFAULT_DAMP, Moments, obs_select, ridge_fit
+from headlab.engine.runtime.replay import LayerInputs, layer_output, record_layers
+
+__all__ = ["TARGETS", "RefitConfig", "obs_prune", "output_weight", "refit", "relative_error"]
+
+TARGETS = ("output", "residual")
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """How reconstruction fits: ridge damping, intercept, which sub-blocks, calibration batching."""
+
+    damp: float = DEFAULT_DAMP
+    intercept: bool = True
+    units: str = "both"  # "heads", "ffn" or "both": which output projections are refitted
+    refit_unpruned: bool = False  # also re-solve layers that lost nothing (they still see shifted inputs)
+    target: str = "output"  # "output": each projection's dense output; "residual": the dense residual stream
+    max_length: int = 256
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.units not in ("heads", "ffn", "both"):
+            raise ValueError(f"units must be 'heads', 'ffn' or 'both', got {self.units!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.damp < 0:
+            raise ValueError(f"damp must be >= 0, got {self.damp}")
+
+    def refits(self, kind: str) -> bool:
+        return self.units == "both" or self.units == ("heads" if kind == "attn" else "ffn")
+
+
+def output_weight(handle: ModelHandle, layer: int, kind: str) -> torch.Tensor:
+    """The O ("attn") or down ("ffn") projection's weight of `layer` as [hidden, inputs] (a view of the model)."""
+    if kind == "attn":
+        o = handle.adapter.head_weights(layer).o  # (H, d, hd)
+        return o.permute(1, 0, 2).reshape(o.shape[1], -1)  # (d, H * hd)
+    return handle.adapter.ffn_weights(layer)["down"]  # (d, F)
+
+
+def relative_error(m: Moments, keep: torch.Tensor, w: torch.Tensor, intercept: bool) -> float:
+    """||X_keep W^T + c - Y||^2 / ||Y - mean(Y)||^2 at the fitted intercept (0: the dense output exactly)."""
+    h, cxy, _, my = m.centered(intercept)
+    yc = float(m.yy) - m.count * float(my @ my) if intercept else float(m.yy)
+    if keep.numel() == 0:
+        return 1.0
+    hk, ck = h[keep][:, keep], cxy[keep]
+    err = yc - 2.0 * float((w.T * ck).sum()) + float(((w @ hk) * w).sum())
+    return max(err, 0.0) / max(yc, 1e-30)
+
+
+def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_of: Sequence[torch.nn.Module],
+               post: Sequence[torch.nn.Module] = ()) -> tuple[LayerInputs, list[list[torch.Tensor]], ...]:
+    """Run `layer` alone under `mask`: (the record at layer + 1, per batch the input of each `inputs_of` module,
+    per batch the output of each `post` module). Captured before any gate acts (hooks registered first)."""
+    seen_in: list[list[torch.Tensor]] = [[] for _ in inputs_of]
+    seen_out: list[list[torch.Tensor]] = [[] for _ in post]
+    with temporary_hooks() as hooks:
+        for module, into in zip(inputs_of, seen_in):
+            hooks.pre(module, lambda mod, args, into=into: into.append(args[0].detach()))
+        for module, into in zip(post, seen_out):
+            hooks.post(module, lambda mod, args, out, into=into: into.append(layer_output(out).detach()))
+        out = record.run_from(layer, mask, stop=layer + 1)
+    return out.starting_at(layer + 1), seen_in, seen_out
+
+
+def _with_refit(mask: PruneMask, g, layer: int, kind: str, keep_units: tuple[int, ...], w: torch.Tensor,
+                c: torch.Tensor) -> PruneMask:
+    """`mask` with `layer`'s `kind` gates set to keep exactly `keep_units`, its refit and its intercept bias."""
+    m = mask.clone()
+    gates_ = m.heads if kind == "attn" else m.ffn
+    row = torch.zeros(gates_.shape[1])
+    row[list(keep_units)] = 1.0
+    gates_[layer] = row
+    name = "attn_bias" if kind == "attn" else "ffn_bias"
+    bias = getattr(m, name)
+    bias = torch.zeros(g.n_layers, g.hidden) if bias is None else bias.clone()
+    bias[layer] = c.float()
+    setattr(m, name, bias)
+    m.refits(kind)[layer] = LayerRefit(keep_units, w.float())
+    return m
+
+
+def _obs_keep(g, kind: str, m: Moments, kept: tuple[int, ...], count: int, config: RefitConfig,
+              even_groups: bool, layer: int) -> tuple[int, ...]:
+    """The units of `kept` that stay after structured OBS removes `count` of them."""
+    n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
+    if count >= len(kept):
+        raise ValueError(f"layer {layer} keeps {len(kept)} {'heads' if kind == 'attn' else 'channels'}; "
+                         f"cannot remove {count} of them (at least one must stay)")
+    allowed = torch.zeros(n_units, dtype=torch.bool)
+    allowed[list(kept)] = True
+    limit = {}
+    if kind == "attn" and even_groups:
+        limit = {"group_of": torch.arange(g.n_heads) // g.group_size, "max_per_bucket": count // g.n_kv_heads}
+    res = obs_select(m, n_units, width, count, damp=config.damp, intercept=config.intercept, allowed=allowed,
+                     **limit)
+    gone = set(res.removed)
+    return tuple(u for u in kept if u not in gone)
+
+
+class _Stream:
+    """The dense model's residual stream at every sub-block boundary, for residual targets.
+
+    Position p = 2 l is the input of layer l's attention, p = 2 l + 1 the input of its FFN (pre-LN
+    models: the layer input plus the attention's output), p = 2 L the last layer's output.
+    """
+
+    def __init__(self, handle: ModelHandle, record: LayerInputs) -> None:
+        self.handle, self.record = handle, record
+        self._mid: dict[int, list[torch.Tensor]] = {}
+
+    def set_mid(self, layer: int, attn_out: list[torch.Tensor]) -> None:
+        self._mid = {layer: [h + a for h, a in zip(self.record.hidden[layer], attn_out)]}
+
+    def at(self, position: int) -> list[torch.Tensor]:
+        layer, odd = divmod(position, 2)
+        if not odd:
+            return self.record.hidden[layer]
+        if layer not in self._mid:
+            attn = self.handle.adapter.subblock(layer, "attn").module
+            _, (out,) = _run_layer(self.record, layer, None, [], post=[attn])
+            self._mid[layer] = [h + a for h, a in zip(self.record.hidden[layer], out)]
+        return self._mid[layer]
+
+
+def _kept_positions(mask: PruneMask) -> list[bool]:
+    """Per sub-block position (2 l: attention, 2 l + 1: FFN), whether it runs under `mask`."""
+    heads, ffn = mask.heads_effective().sum(1) > 0, mask.ffn_effective().sum(1) > 0
+    return [bool(x) for pair in zip(heads, ffn) for x in pair]
+
+
+def _bias(module: torch.nn.Module) -> torch.Tensor | None:
+    b = getattr(module, "bias", None)
+    return None if b is None else b.detach()
+
+
+@torch.no_grad()
+def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: RefitConfig,
+          counts: dict[str, list[int]] | None, even_groups: bool, progress: Progress | None) -> PruneMask:
+    g, adapter = handle.geometry, handle.adapter
+    mask.check(g)
+    if not mask.is_hard:
+        raise MaskError("reconstruction needs a hard mask (every gate 0 or 1)")
+    residual = config.target == "residual"
+    if residual and any(adapter.subblock(l, k).residual_inclusive for l in range(g.n_layers) for k in REFIT_KINDS):
+        raise ValueError(f"residual targets need a pre-LN model (sub-blocks that add a delta); {adapter.family} "
+                         "sub-blocks return the new residual stream: use target='output'")
+    if residual and any(adapter.subblock(l, k).output_normed for l in range(g.n_layers) for k in REFIT_KINDS):
+        raise ValueError(f"residual targets need sub-blocks that add their projection's output to the stream as it "
+                         f"is; {adapter.family} normalises each sub-block's output first (post-norms): use "
+                         "target='output' (and no depth stand-in)")
+    max_length = min(config.max_length, context_length(handle.model))
+    encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
+               for chunk in batches(list(texts), config.batch_size)]
+    valid = [am.bool() for _, am in encoded]  # (B, T): padding never enters a fit
+    inputs = [{"input_ids": ids, "attention_mask": am} for ids, am in encoded]
+    # Refits and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
+    mask = mask.without_refit()
+    mask.attn_bias = mask.ffn_bias = None
+    full = record_layers(handle, None, inputs)
+    stream = _Stream(handle, full) if residual else None
+    dense = full if residual else full.starting_at(0)
+    pruned = full.starting_at(0)
+    runs = _kept_positions(mask)
+    runs.append(True)  # the model's output
+    errors: dict[str, list[float | None]] = {"attn": [None] * g.n_layers, "ffn": [None] * g.n_layers}
+    for layer in range(g.n_layers):
+        projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
+        attn_module = adapter.subblock(layer, "attn").module
+        dense_next, (x_o, x_d), (a_d,) = _run_layer(dense, layer, None, [projs["attn"], projs["ffn"]],
+                                                    post=[attn_module])
+        if residual:
+            stream.set_mid(layer, a_d)
+        else:
+            targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
+                       for kind, xs in (("attn", x_o), ("ffn", x_d))}
+        del x_o, x_d, a_d
+        current: LayerInputs | None = None  # the pruned record at layer + 1 under the current mask, if run
+        for kind in REFIT_KINDS:
+            pos = 2 * layer + (kind == "ffn")
+            kept = mask.kept_units(layer, kind)
+            n_units = g.n_heads if kind == "attn" else g.ffn_dim
+            count = counts[kind][layer] if counts is not None else 0
+            nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
+            # Residual targets: a sub-block next to removed ones stands in for them.
+            beside_removed = residual and (nxt != pos + 1 or (pos > 0 and not runs[pos - 1]))
+            changed = len(kept) < n_units or count > 0 or config.refit_unpruned or beside_removed
+            if not runs[pos] or not changed or not (config.refits(kind) or count):
+                continue
+            ffn_module = adapter.subblock(layer, "ffn").module
+            current, (x_p,), (a_p, f_p, raw) = _run_layer(pruned, layer, mask, [projs[kind]],
+                                                          post=[attn_module, ffn_module, projs[kind]])
+            if residual:
+                before = pruned.hidden[layer]
+                if kind == "ffn" and runs[2 * layer]:
+                    before = [h + a for h, a in zip(before, a_p)]
+                b = _bias(projs[kind])
+                ys = [d - h - (0 if b is None else b.to(h.dtype)) for d, h in zip(stream.at(nxt), before)]
+            else:
+                ys = targets[kind]
+            del a_p
+            m = Moments(x_p[0].shape[-1], g.hidden)
+            for x, y, v in zip(x_p, ys, valid):
+                m.add(x[v], y[v])
+            del ys
+            keep_units = _obs_keep(g, kind, m, kept, count, config, even_groups, layer) if count else kept
+            width = g.head_dim if kind == "attn" else 1
+            feats = unit_features(keep_units, width)
+            w, c = ridge_fit(m, feats, damp=config.damp, intercept=config.intercept)
+            errors[kind][layer] = relative_error(m, feats, w, config.intercept)
+            mask = _with_refit(mask, g, layer, kind, keep_units, w, c)
+            # The record ran before this refit. When the FFN sub-block just adds its projection's output to the
+            # stream (pre-LN, nothing after the projection: checked on this very run), swap that output for the
+            # refit one instead of running the layer again.
+            shortcut = (kind == "ffn" and not adapter.subblock(layer, "ffn").residual_inclusive
+                        and all(torch.equal(a, b) for a, b in zip(f_p, raw)))
+            if shortcut:
+                b = _bias(projs[kind])
+                new = [torch.nn.functional.linear(x.index_select(-1, feats.to(x.device)), w.to(x.dtype),
+                                                  None if b is None else b.to(x.dtype)) + c.to(x.dtype)
+                       for x in x_p]
+                hidden = [h - r + n for h, r, n in zip(current.hidden[layer + 1], raw, new)]
+                current = LayerInputs(handle, [hidden if i == layer + 1 else [] for i in range(g.n_layers + 1)],
+                                      current.calls)
+            else:
+                current = None
+            del x_p, f_p, raw
+        if current is None:
+            current, _, _ = _run_layer(pruned, layer, mask, [])
+        pruned = current
+        dense = dense if residual else dense_next
+        if progress:
+            progress(layer + 1, g.n_layers)
+    for name in ("attn_bias", "ffn_bias"):  # without an intercept no bias is made (an export stays bias-free)
+        if getattr(mask, name) is not None and not getattr(mask, name).any():
+            setattr(mask, name, None)
+    n_tokens = sum(int(v.sum()) for v in valid)
+    mask.meta["reconstruction"] = {
+        "method": "layer-wise ridge least squares (SlimGPT / ZipLM style), "
+                  + ("matching the dense residual stream after each sub-block" if residual
+                     else "matching each projection's dense output"),
+        "target": config.target, "damp": config.damp, "intercept": config.intercept, "units": config.units,
+        "calibration_texts": len(texts), "calibration_tokens": n_tokens,
+        "relative_error": {k: [None if e is None else round(e, 5) for e in v] for k, v in errors.items()},
+    }
+    return mask.check(g)
+
+
+def refit(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], *, config: RefitConfig | None = None,
+          progress: Progress | None = None) -> PruneMask:
+    """`mask` with every layer that lost heads or channels re-solved on `texts` (the units stay as they are)."""
+    return _walk(handle, mask, texts, config or RefitConfig(), None, False, progress)
+
+
+def obs_prune(handle: ModelHandle, heads: Sequence[int], channels: Sequence[int], texts: Sequence[str], *,
+              base: PruneMask | None = None, even_groups: bool = False, config: RefitConfig | None = None,
+              progress: Progress | None = None) -> PruneMask:
+    """Remove `heads[l]` query heads and `channels[l]` FFN channels from each layer l, chosen by structured OBS
+    on the inputs the already-pruned layers produce, then re-solve what remains (see module doc).
+
+    `base`: units already removed (OBS removes more among the rest). `even_groups`: every KV group of a layer
+    loses the same number of query heads, so an export keeps the family's standard GQA layout.
+    """
+    g = handle.geometry
+    base = base if base is not None else PruneMask.dense(g)
+    heads, channels = list(heads), list(channels)
+    if len(heads) != g.n_layers or len(channels) != g.n_layers:
+        raise ValueError(f"need one head count and one channel count per layer ({g.n_layers}), "
+                         f"got {len(heads)} and {len(channels)}")
+    if even_groups and any(h % g.n_kv_heads for h in heads):
+        raise ValueError(f"even GQA groups need head counts that are multiples of {g.n_kv_heads} KV heads")
+    counts = {"attn": heads, "ffn": channels}
+    mask = _walk(handle, base, texts, config or RefitConfig(), counts, even_groups, progress)
+    mask.meta["reconstruction"]["selection"] = "structured OBS, greedy per layer (SlimGPT / ZipLM)"
+    mask.meta["reconstruction"]["removed_per_layer"] = {k: list(v) for k, v in counts.items()}
+    return mask

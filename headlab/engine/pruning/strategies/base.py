@@ -1,0 +1,116 @@
+"""What every pruning strategy shares: the budget, the calibration data, the base class, method names.
+
+A strategy turns (model, budget, calibration text) into a PruneMask. Unlike a criterion
+(headlab.engine.importance.criteria: one score table, then one cut), a strategy may re-score between steps,
+measure, optimise, or add compensation biases. Names may carry the suffix "+comp": the
+same selection, then FLAP compensation biases for every pruned head and channel
+(headlab.engine.pruning.compensation). Everything expensive a strategy computes on calibration data is kept
+in the `Calibration` object, so several strategies and budgets share one capture pass.
+The strategies by name: headlab.engine.pruning.strategies.registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.progress import Progress
+from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.importance.capture import CaptureStats, capture
+from headlab.engine.pruning.select import BudgetError, count_from_budget
+
+__all__ = [
+    "Budget",
+    "Calibration",
+    "Strategy",
+    "parse_method",
+    "COMP_SUFFIX",
+]
+
+COMP_SUFFIX = "+comp"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many heads and FFN channels to remove: fractions in [0, 1) or int counts."""
+
+    heads: float | int = 0.0
+    ffn: float | int = 0.0
+
+    def counts(self, g: Any) -> tuple[int, int]:
+        """(heads removed, channels removed), checked against the model's sizes."""
+        return (count_from_budget(self.heads, g.n_layers * g.n_heads, "heads"),
+                count_from_budget(self.ffn, g.n_layers * g.ffn_dim, "FFN channels"))
+
+    def describe(self, g: Any) -> str:
+        h, f = self.counts(g)
+        parts = [f"{h} of {g.n_layers * g.n_heads} heads"]
+        if f:
+            parts.append(f"{f} of {g.n_layers * g.ffn_dim} FFN channels")
+        return " and ".join(parts)
+
+
+@dataclass
+class Calibration:
+    """Calibration texts plus everything computed from them, cached for reuse.
+
+    `stats()` is one dense capture pass with gradients (entropy, moments for compensation,
+    Michel gradients); `cache` holds what strategies measure (e.g. per-head ablation KL),
+    keyed by the strategy, so a second budget reuses the first one's measurements.
+    """
+
+    texts: list[str]
+    max_length: int = 256
+    batch_size: int = 4
+    name: str = "custom"
+    _stats: CaptureStats | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def shipped(cls, name: str = "wikitext", n: int = 32, max_length: int = 256) -> "Calibration":
+        """A calibration over one of the shipped sets (headlab.engine.data.datasets.calibration_texts)."""
+        return cls(calibration_texts(name, n), max_length=max_length, name=name)
+
+    def stats(self, handle: ModelHandle, progress: Progress | None = None) -> CaptureStats:
+        """The dense capture (with gradients) over the texts, computed once."""
+        if self._stats is None:
+            self._stats = capture(handle, self.texts, gradients=True, batch_size=self.batch_size,
+                                  max_length=self.max_length, progress=progress)
+        return self._stats
+
+    def set_stats(self, stats: CaptureStats) -> None:
+        """Reuse a capture made elsewhere on the same texts (e.g. the app's scores)."""
+        self._stats = stats
+
+    def describe(self) -> str:
+        return f"{len(self.texts)} {self.name} texts x {self.max_length} tokens"
+
+
+class Strategy:
+    """Base: `strategy(handle, budget, calibration) -> PruneMask`."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    supports_ffn: ClassVar[bool] = True
+    cost_hint: ClassVar[str] = "fast"  # "fast" (scores only), "measured" (partial forwards), "optimised" (training)
+    always_compensates: ClassVar[bool] = False  # compensation is part of the method (no "+comp" variant)
+
+    def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
+                 progress: Progress | None = None) -> PruneMask:
+        raise NotImplementedError
+
+    def check_budget(self, handle: ModelHandle, budget: Budget) -> tuple[int, int]:
+        h, f = budget.counts(handle.geometry)
+        if f and not self.supports_ffn:
+            raise BudgetError(f"strategy {self.name!r} prunes heads only; use ffn=0 or another strategy")
+        return h, f
+
+
+def parse_method(method: str) -> tuple[str, bool]:
+    """("base name", compensate) from a method name like "gradient+comp"."""
+    if method.endswith(COMP_SUFFIX):
+        return method[: -len(COMP_SUFFIX)], True
+    return method, False

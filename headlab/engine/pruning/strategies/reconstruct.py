@@ -1,0 +1,249 @@
+"""Strategies that re-fit what remains (headlab.engine.pruning.reconstruct): closed-form, layer by layer, no training.
+
+- `obs`: structured OBS chooses the heads and FFN channels of each layer on the inputs the
+  already-pruned layers produce, and the kept columns of the O / down projections are re-solved
+  by least squares (SlimGPT, Ling et al. 2024; ZipLM, Kurtic et al. 2023). How many units each
+  layer loses ("auto", chosen by measurement on SmolLM2, docs/quality.md): for heads alone, where
+  the measured mean-ablation KL cuts (50% of heads: 1.86x dense against 2.28x with FLAP's counts);
+  with FFN channels, where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; 20% of
+  the parameters: 1.78x, against 1.86x with the ablation counts for heads and 2.30x with OWL's
+  outlier-weighted allocation, Yin et al. 2024). Or name one: "flap", "ablation", "owl", "uniform".
+- `flap-refit`, `ablation-refit`, `hardconcrete-refit`: another method's choice of units (FLAP's
+  standardised fluctuation, An et al. 2024; the measured mean-ablation KL; a hard-concrete mask
+  trained on KL to the dense model), then the same re-solve in place of the mean bias (which is
+  the re-solve that keeps no column).
+- depth (`DEPTH_REFIT_METHODS`, e.g. `ablation-iterative-refit`): a depth method drops whole
+  layers, then residual targets let the sub-block in front of each dropped run stand in for it.
+
+`width_by_reconstruction` reaches a parameter target by width with `obs` (the default of
+`python -m headlab export --route width`).
+
+A least-squares re-solve of an [F, F] system wants many more calibration tokens than a score
+does (it over-fits a few thousand), so on a shipped calibration set these strategies read
+`REFIT_TEXTS` paragraphs (about 20,000 WikiText-2 tokens, from the end of the file like the
+others) when the calibration holds fewer; the mask's meta says how many tokens each fit saw.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.core.progress import Progress
+from headlab.engine.data.datasets import CALIBRATION_SETS, calibration_texts
+from headlab.engine.pruning.reconstruct.budgets import allocate, apportion, counts_of, outlier_ratios, owl_ratios
+from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
+from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
+from headlab.engine.pruning.strategies.base import Budget, Calibration, Strategy
+from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from headlab.engine.pruning.strategies.hardconcrete import HardConcreteMask
+from headlab.engine.pruning.strategies.oneshot import AblationStrategy, FlapStrategy
+from headlab.engine.runtime.cost import cost
+
+__all__ = [
+    "ALLOCATIONS",
+    "DEPTH_REFIT_METHODS",
+    "REFIT_TEXTS",
+    "AblationRefitStrategy",
+    "FlapRefitStrategy",
+    "HardConcreteRefitStrategy",
+    "ObsStrategy",
+    "depth_refit_prune",
+    "layer_counts",
+    "refit_texts",
+    "width_by_reconstruction",
+    "width_fraction",
+]
+
+ALLOCATIONS = ("auto", "flap", "ablation", "owl", "uniform")
+REFIT_TEXTS = 128
+REFIT_SUFFIX = "-refit"
+DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
+SLIMGPT = "Ling et al., 'SlimGPT: Layer-wise Structured Pruning for Large Language Models', NeurIPS 2024"
+ZIPLM = "Kurtic, Frantar & Alistarh, 'ZipLM: Inference-Aware Structured Pruning of Language Models', NeurIPS 2023"
+OWL = "Yin et al., 'Outlier Weighed Layerwise Sparsity (OWL)', ICML 2024"
+
+
+def _config(calib: Calibration, **kw: Any) -> RefitConfig:
+    return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, **kw)
+
+
+def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
+    """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer."""
+    if len(calib.texts) >= n or calib.name not in CALIBRATION_SETS:
+        return list(calib.texts)
+    return calibration_texts(calib.name, n)
+
+
+def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
+                 progress: Progress | None = None) -> tuple[list[int], list[int]]:
+    """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
+
+    "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
+    fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
+    "auto": "ablation" for a heads-only budget, else "flap" (what measured best, see the module doc).
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    g = handle.geometry
+    h, f = budget.counts(g)
+    if allocation == "auto":
+        allocation = "flap" if f else "ablation"
+    if allocation in ("flap", "ablation"):
+        flap = FlapStrategy()(handle, budget, calib, progress=progress)
+        heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
+                 if allocation == "ablation" and h else flap)
+        # Every layer keeps a unit (OBS re-solves what stays): a layer the cut would empty hands its last on.
+        return (apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers),
+                apportion(f, counts_of(flap, "ffn"), [g.ffn_dim - 1] * g.n_layers))
+    out = []
+    for kind, total, size in (("attn", h, g.n_heads), ("ffn", f, g.ffn_dim)):
+        ratios = [1.0] * g.n_layers
+        if allocation == "owl" and total:
+            lod = outlier_ratios(handle, calib.stats(handle, progress), kind)
+            ratios = owl_ratios(lod, total / (g.n_layers * size)).tolist()
+        out.append(allocate(total, ratios, [size] * g.n_layers))
+    return out[0], out[1]
+
+
+class ObsStrategy(Strategy):
+    name = "obs"
+    description = ("structured OBS chooses heads and FFN channels layer by layer on the pruned model's own "
+                   "inputs (per-layer counts where measured ablation or FLAP cuts), kept O/down columns "
+                   "re-solved by least squares")
+    reference = f"{SLIMGPT}; {ZIPLM}; per-layer counts: measured ablation / An et al., FLAP, AAAI 2024 (or {OWL})"
+    cost_hint = "measured"
+    always_compensates = True
+
+    def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
+                 intercept: bool = True, n_texts: int = REFIT_TEXTS):
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
+        self.n_texts = n_texts
+
+    def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
+                 progress: Progress | None = None) -> PruneMask:
+        self.check_budget(handle, budget)
+        heads, channels = layer_counts(handle, budget, calib, self.allocation, progress)
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
+                         config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
+        mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
+                          "calibration": calib.describe()})
+        return mask
+
+
+class _RefitAfter(Strategy):
+    """Another strategy's units, then every pruned layer re-solved (replacing its mean compensation)."""
+
+    base: ClassVar[type[Strategy]]
+    cost_hint = "measured"
+    always_compensates = True
+
+    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS, **base_options: Any):
+        self.target, self.n_texts, self.base_options = target, n_texts, base_options
+
+    def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
+                 progress: Progress | None = None) -> PruneMask:
+        self.check_budget(handle, budget)
+        chosen = self.base(compensate=True, **self.base_options)(handle, budget, calib, progress=progress)
+        mask = refit(handle, chosen, refit_texts(calib, self.n_texts), config=_config(calib, target=self.target),
+                     progress=progress)
+        mask.meta.update({"method": self.name, "selection": chosen.meta.get("method"),
+                          "reference": self.reference, "calibration": calib.describe()})
+        return mask
+
+
+class FlapRefitStrategy(_RefitAfter):
+    name = "flap-refit"
+    base = FlapStrategy
+    description = "FLAP's units (fluctuation standardised per layer), then the kept O/down columns re-solved"
+    reference = f"An et al., FLAP, AAAI 2024 (selection); {SLIMGPT} (re-solve)"
+
+
+class AblationRefitStrategy(_RefitAfter):
+    name = "ablation-refit"
+    base = AblationStrategy
+    description = "heads by measured mean-ablation KL (channels by fluctuation), then the kept columns re-solved"
+    reference = f"measured ablation (Michel et al. 2019) for the selection; {SLIMGPT} (re-solve)"
+
+
+class HardConcreteRefitStrategy(_RefitAfter):
+    name = "hardconcrete-refit"
+    base = HardConcreteMask
+    cost_hint = "optimised"
+    description = ("heads by a hard-concrete mask trained on KL to the dense model (from the measured ranking), "
+                   "then the kept O columns re-solved")
+    reference = f"Voita et al., ACL 2019 (hard-concrete head gates) for the selection; {SLIMGPT} (re-solve)"
+
+
+def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,
+                      n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> PruneMask:
+    """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in."""
+    if method not in DEPTH_REFIT_METHODS:
+        raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
+    base = method[: -len(REFIT_SUFFIX)]
+    dropped = depth_prune(handle, keep, base, calib, progress=progress)
+    mask = refit(handle, dropped, refit_texts(calib, n_texts), config=_config(calib, target="residual"),
+                 progress=progress)
+    mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
+    # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
+    mask.meta["stand_in"] = {
+        "refitted_attn": sorted(mask.attn_refit), "refitted_ffn": sorted(mask.ffn_refit),
+        "added_parameters": cost(handle, mask).params_kept - cost(handle, _no_bias(dropped)).params_kept,
+    }
+    mask.meta["method"] = method
+    return mask
+
+
+def _no_bias(mask: PruneMask) -> PruneMask:
+    m = mask.clone()
+    m.attn_bias = m.ffn_bias = None
+    return m
+
+
+def width_fraction(handle: ModelHandle, removed: float) -> float:
+    """The fraction r of heads and of FFN channels whose removal is `removed` of all parameters."""
+    g = handle.geometry
+    total = cost(handle).params_total
+    per_head = total - cost(handle, PruneMask.dense(g).with_head(0, 0, 0.0)).params_kept
+    one_ch = PruneMask.dense(g)
+    one_ch.ffn[0, 0] = 0.0
+    per_ch = total - cost(handle, one_ch).params_kept
+    return removed * total / (g.n_layers * (g.n_heads * per_head + g.ffn_dim * per_ch))
+
+
+def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
+                            n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> SizeResult:
+    """About `keep` of the parameters by width, chosen and re-solved by `obs`.
+
+    Default: the same fraction of heads and channels overall, split across layers where FLAP cuts, with an
+    intercept (a per-layer export, `headlab.engine.models.load.load_pruned`). `uniform`: every layer loses the
+    same units, so the export has the family's standard config (plain transformers); the intercept is
+    kept where the config can switch output biases on (Llama), else the fit has none.
+    """
+    g = handle.geometry
+    target, total = target_params(handle, keep), cost(handle).params_total
+    prune_heads = handle.adapter.config_decouples_heads or not uniform
+    if uniform:
+        layout, detail = width_mask(handle, target, PruneMask.dense(g).heads, PruneMask.dense(g).ffn,
+                                    prune_heads=prune_heads)
+        heads, channels = counts_of(layout, "attn"), counts_of(layout, "ffn")
+        even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
+        intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
+                         config=_config(calib, intercept=intercept), progress=progress)
+        method = "obs (uniform" + (")" if intercept else ", no bias)")
+    else:
+        r = width_fraction(handle, 1.0 - target / total)
+        budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
+        mask = ObsStrategy(n_texts=n_texts)(handle, budget, calib, progress=progress)
+        s = mask.summary()
+        detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
+                  f"{s['ffn_channels_total']} FFN channels, split across layers where FLAP cuts")
+        method = "obs"
+    kept = cost(handle, mask).params_kept
+    mask.meta.update({"route": "width", "unit": "heads+ffn", "scope": "uniform" if uniform else "per_layer",
+                      "budget": 1.0 - kept / total, "target_params": target, "detail": detail})
+    return SizeResult("width", method, mask, target, total, kept, detail)

@@ -1,0 +1,172 @@
+"""This session's model, mask and caches: the shared API every page calls.
+
+    from headlab.ui import session
+    handle = session.handle()        # the session's model (cached, shared by sessions: never mutate)
+    mask = session.mask()            # this session's current PruneMask (dense at first)
+    session.set_mask(new_mask)       # replace it; every page and the sidebar summary follow
+    session.apply_clicks(key, state) # a head grid's clicks: each toggles its head once, in order
+    result = session.live_perplexity(mask)   # fast perplexity via this session's prefix cache
+    scores = session.scores()        # criterion -> headlab.engine.importance.criteria.Scores on the calibration set
+    calib = session.calibration_data()   # engine Calibration: the texts and their one capture pass (shared)
+
+State lives in st.session_state under the names in headlab/ui/keys.py, so two browser tabs never
+see each other's masks or prefix caches. Shared between sessions: the loaded model (never
+mutated) and results that are pure functions of their inputs (scores per calibration set;
+generations, attention maps and full evaluations keyed by a digest of the mask; curves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import streamlit as st
+
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.importance.criteria import Scores
+from headlab.engine.models.load import ModelHandle
+from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.runtime.evaluate import PerplexityResult
+from headlab.engine.runtime.prefix_cache import PrefixCache, PrefixRun
+from headlab.ui import keys
+from headlab.ui.head_grid import new_clicks
+from headlab.ui.models import ModelChoice, default_choice, load_cached
+from headlab.ui.scoring import CalibrationChoice, cached_scores, calibration_choice, shared_calibration
+
+__all__ = [
+    "MaskState",
+    "model_choice",
+    "set_model_choice",
+    "handle",
+    "mask",
+    "set_mask",
+    "toggle",
+    "apply_clicks",
+    "mask_version",
+    "prefix_cache",
+    "live_perplexity",
+    "last_live_run",
+    "scores",
+    "calibration",
+    "calibration_data",
+    "widget_default",
+]
+
+
+@dataclass(frozen=True)
+class MaskState:
+    """A session's mask and the model it was made for (a mask of another model is never applied)."""
+
+    model_key: str
+    mask: PruneMask
+
+
+def model_choice() -> ModelChoice:
+    """The model this session has open (the default until the sidebar changes it)."""
+    return st.session_state.get(keys.MODEL_CHOICE) or default_choice()
+
+
+def set_model_choice(choice: ModelChoice) -> None:
+    """Open another model in this session (its mask starts dense)."""
+    st.session_state[keys.MODEL_CHOICE] = choice
+
+
+def handle() -> ModelHandle:
+    """The session's loaded model (shared with other sessions on the same choice; never mutate it)."""
+    return load_cached(model_choice())
+
+
+def mask() -> PruneMask:
+    """This session's current mask for the open model (dense when none was set)."""
+    key = model_choice().key
+    state: MaskState | None = st.session_state.get(keys.MASK)
+    if state is None or state.model_key != key:
+        state = MaskState(key, PruneMask.dense(handle().geometry))
+        st.session_state[keys.MASK] = state
+    return state.mask
+
+
+def set_mask(new: PruneMask) -> None:
+    """Make `new` the session's mask (checked against the model first)."""
+    new.check(handle().geometry)
+    st.session_state[keys.MASK] = MaskState(model_choice().key, new)
+    st.session_state[keys.MASK_VERSION] = mask_version() + 1
+
+
+def toggle(cells: list[tuple[int, int]]) -> None:
+    """Flip the given (layer, head) cells of the session's mask."""
+    if cells:
+        set_mask(mask().toggle_heads(cells))
+
+
+def apply_clicks(grid_key: str, state: Any) -> bool:
+    """Toggle the heads of the clicks in a head grid's `clicks` state not applied yet; whether there were any.
+
+    Each click is applied once, in click order (headlab.ui.head_grid.new_clicks); a click outside the
+    model's grid is dropped. The acknowledgement is stored right after the mask, with no
+    Streamlit call in between, so a rerun that interrupts this applies every click exactly once.
+    """
+    ledger = st.session_state.setdefault(keys.HEAD_CLICKS, {})
+    cells, applied = new_clicks(state, ledger.get(grid_key, {}))
+    if not cells:
+        return False
+    g = handle().geometry
+    new = mask().toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads])
+    set_mask(new)
+    ledger[grid_key] = applied
+    return True
+
+
+def mask_version() -> int:
+    """A counter bumped on each mask change (widgets that show the mask key on it)."""
+    return int(st.session_state.get(keys.MASK_VERSION, 0))
+
+
+def prefix_cache() -> PrefixCache | None:
+    """This session's prefix cache for the open model (None for encoders: no perplexity)."""
+    h = handle()
+    if not h.is_causal_lm:
+        return None
+    key = model_choice().key
+    entry = st.session_state.get(keys.PREFIX_CACHE)
+    if entry is None or entry[0] != key:
+        entry = (key, PrefixCache(h))
+        st.session_state[keys.PREFIX_CACHE] = entry
+    return entry[1]
+
+
+def live_perplexity(m: PruneMask | None = None) -> PerplexityResult | None:
+    """Perplexity under `m` (None = dense) on the short live protocol, through the prefix cache."""
+    cache = prefix_cache()
+    if cache is None:
+        return None
+    if len(cache) == 0:
+        with st.spinner("Running the model once over the evaluation text (later changes reuse it)..."):
+            cache.perplexity(None)  # the dense pass is the root every toggle derives from
+    return cache.perplexity(m)
+
+
+def last_live_run() -> PrefixRun | None:
+    """What the last live_perplexity call re-ran (layers, seconds)."""
+    cache = prefix_cache()
+    return cache.last_run if cache is not None else None
+
+
+def calibration() -> CalibrationChoice:
+    """The calibration set chosen in the sidebar (or the default one)."""
+    return calibration_choice()
+
+
+def calibration_data() -> Calibration:
+    """The engine Calibration (texts + their one capture pass) of the open model and calibration set (shared)."""
+    return shared_calibration(handle(), model_choice().key, calibration())
+
+
+def scores() -> dict[str, Scores]:
+    """Scores of every criterion the app shows, from calibration_data()'s capture pass (cached)."""
+    return cached_scores(handle(), model_choice().key, calibration())
+
+
+def widget_default(key: str, value: Any) -> None:
+    """Give widget `key` its first value (widgets in keys.WIDGETS_TO_KEEP must not pass their own default)."""
+    st.session_state.setdefault(key, value)

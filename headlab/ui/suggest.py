@@ -1,0 +1,148 @@
+"""The "suggest mask" panel (for the Prune page).
+
+    from headlab.ui.suggest import suggest_panel
+    suggest_panel()          # budget + mode -> headlab.engine.pruning.strategies.suggest_mask -> apply, then edit by hand
+
+Above the button, the plan of the first suggestion (headlab.ui.plan: estimated time and memory, from a
+short timed probe). It runs on the session's shared engine `Calibration` (headlab.ui.scoring.shared_calibration: one per
+model and calibration set, for every session and page): its capture pass is the one the
+Heads page's scores came from, and the per-head ablation KLs the first suggestion measures (a
+few CPU-minutes) stay in it, so every later budget, mode and session is instant or close to
+it. The panel shows the method, the predicted and the measured perplexity (live protocol),
+applies the mask to the session, and after hand edits recomputes the compensation biases for
+the edited gates.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.pruning.compensation import compensate
+from headlab.engine.pruning.strategies import (
+    MODE_METHODS,
+    MODES,
+    SIZE_METHODS,
+    Budget,
+    Suggestion,
+    strategy_names,
+    suggest_mask,
+)
+from headlab.engine.pruning.strategies.scores import cached_ablation
+from headlab.engine.runtime.plan import JobShape
+from headlab.engine.runtime.prefix_cache import live_protocol
+from headlab.ui import compute, keys, session
+from headlab.ui.errors import user_errors
+from headlab.ui.plan import plan_notice
+
+__all__ = ["shared_calibration", "suggest_panel"]
+
+AUTO = "best for the mode"
+TARGETS = ("heads", "parameters, by width", "parameters, by depth")
+shared_calibration = session.calibration_data  # the name pages/diagnostics.py imports
+
+MODE_HELP = {
+    "fast": "one cut by each head's measured cost (mean-ablation KL), then compensation; instant once measured",
+    "measured": "the same in 4 steps, re-measuring the heads near the cut under the pruned model (minutes)",
+    "optimise": "a hard-concrete mask trained on KL to the dense model from that ranking (slowest)",
+    "reconstruct": "per-layer counts from that ranking, heads chosen and kept weights re-solved layer by layer",
+}
+
+
+def _progress_bar(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def update(done: int, total: int) -> None:
+        bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
+
+    return bar, update
+
+
+def _show(info: Suggestion) -> None:
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Dense", f"{info.dense_perplexity:.2f}" if info.dense_perplexity else "-")
+    c2.metric("Predicted", f"{info.predicted_perplexity:.2f}" if info.predicted_perplexity else "-",
+              help="dense x exp(sum of the removed heads' single-head KL): assumes removals add up")
+    c3.metric("Measured", f"{info.measured_perplexity:.2f}" if info.measured_perplexity else "-",
+              delta=f"{info.measured_ratio:.2f}x dense" if info.measured_ratio else None, delta_color="off")
+    st.caption(f"{info.method}: {info.budget}; calibration {info.calibration}; "
+               f"{info.protocol or 'no perplexity (encoder)'}; {info.seconds:.0f} s")
+
+
+def _size_panel(handle: ModelHandle, model_key: str, route: str) -> PruneMask | None:
+    """A parameter budget by `route`: the route's best measured method, computed once per (model, size, route)."""
+    st.session_state.setdefault(keys.W_SUGGEST_PARAMS, 0.2)
+    c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
+    c1.slider("Parameters to remove", 0.05, 0.5, step=0.05, key=keys.W_SUGGEST_PARAMS, format="%.2f",
+              help=f"{route}: {SIZE_METHODS[route]} (the best of bench/bench_quality.py without training; minutes)")
+    applied = None
+    if c2.button("Suggest mask", type="primary", width="stretch", key=keys.W_SUGGEST_SIZE_BUTTON):
+        bar, update = _progress_bar(f"Reconstructing by {route} (minutes, once per size): layer")
+        with user_errors(stop=False):
+            keep = round(1.0 - float(st.session_state[keys.W_SUGGEST_PARAMS]), 4)
+            mask, info = compute.suggested_size(handle, model_key, keep, route, update)
+            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
+            session.set_mask(mask)
+            applied = mask
+        bar.empty()
+    last = st.session_state.get(keys.SUGGESTION)
+    if last is not None and last[0] == model_key and last[2].mode.startswith("size:"):
+        _show(last[2])
+        if session.mask() != last[1]:
+            st.info("You edited the suggested mask: the re-solved weights of the layers you edited were dropped "
+                    "(the other layers keep theirs).")
+    return applied
+
+
+def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
+    """Draw the panel; returns the mask it applied in this run (None otherwise)."""
+    handle = handle or session.handle()
+    model_key = session.model_choice().key
+    st.session_state.setdefault(keys.W_SUGGEST_BUDGET, 0.2)
+    st.session_state.setdefault(keys.W_SUGGEST_MODE, "fast")
+    st.session_state.setdefault(keys.W_SUGGEST_METHOD, AUTO)
+    st.session_state.setdefault(keys.W_SUGGEST_TARGET, TARGETS[0])
+    target = st.radio("Budget", TARGETS, key=keys.W_SUGGEST_TARGET, horizontal=True,
+                      help="Heads: a fraction of the attention heads, by the mode's method. Parameters: a smaller "
+                           "model by width (heads and FFN channels, structured OBS with the kept weights re-solved) "
+                           "or by depth (whole layers by measured KL, the neighbours re-fitted to stand in).")
+    if target != TARGETS[0]:
+        return _size_panel(handle, model_key, "width" if target == TARGETS[1] else "depth")
+    c1, c2, c3, c4 = st.columns([2, 2, 1.4, 1], vertical_alignment="bottom")
+    c1.slider("Heads to remove", 0.05, 0.6, step=0.05, key=keys.W_SUGGEST_BUDGET, format="%.2f")
+    c2.radio("Mode", MODES, key=keys.W_SUGGEST_MODE, horizontal=True,
+             format_func=lambda m: f"{m} ({MODE_METHODS[m]})", help="; ".join(f"{m}: {h}" for m, h in MODE_HELP.items()))
+    c3.selectbox("Method", [AUTO, *strategy_names(with_comp=True)], key=keys.W_SUGGEST_METHOD,
+                 help="Any strategy by name (+comp: with FLAP compensation); the mode's best by default")
+    clicked = c4.button("Suggest mask", type="primary", width="stretch")
+    choice = session.calibration()
+    plan_notice(handle, model_key, "suggest", JobShape(n_texts=choice.n_texts, max_length=choice.max_length,
+                                                       eval_tokens=2 * live_protocol(handle).window))
+    applied = None
+    if clicked:
+        calib = session.calibration_data()
+        first = cached_ablation(calib, mean=True) is None
+        bar, update = _progress_bar("Measuring each head's cost once for this model..." if first else "Selecting...")
+        with user_errors(stop=False):
+            method = st.session_state[keys.W_SUGGEST_METHOD]
+            mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[keys.W_SUGGEST_BUDGET])),
+                                      mode=st.session_state[keys.W_SUGGEST_MODE],
+                                      method=None if method == AUTO else method, calib=calib, progress=update)
+            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
+            session.set_mask(mask)
+            applied = mask
+        bar.empty()
+    last = st.session_state.get(keys.SUGGESTION)
+    if last is not None and last[0] == model_key:
+        _show(last[2])
+        current = session.mask()
+        if current.has_bias and current != last[1]:
+            st.info("You edited the suggested mask: its compensation biases still describe the suggestion.")
+            if st.button("Recompute compensation for my edits"):
+                with user_errors(stop=False), st.spinner("Recomputing the mean biases..."):
+                    edited = compensate(handle, current, session.calibration_data().stats(handle))
+                    session.set_mask(edited)
+                    st.session_state[keys.SUGGESTION] = (model_key, edited, last[2])
+                    st.rerun()
+    return applied
