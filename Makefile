@@ -36,11 +36,14 @@ HEADLAB_PORT ?= 8501
 app:              ## the browser app on the default model, on 127.0.0.1:8501 (HEADLAB_ADDRESS=0.0.0.0 exposes it)
 	$(PY) -m streamlit run app.py --server.address $(HEADLAB_ADDRESS) --server.port $(HEADLAB_PORT)
 
-test:             ## the whole test suite
-	$(PY) -m pytest -q
+# pytest-xdist: TEST_WORKERS processes, each test file kept in one of them (module fixtures built once)
+TEST_WORKERS ?= 2
+
+test:             ## the whole test suite, on TEST_WORKERS processes (2: the machine's cores)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast:        ## unit tests on tiny models only
-	$(PY) -m pytest -q -m "not real_model and not browser"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not real_model and not browser"
 
 bench:            ## every benchmark (slow; prints tables)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -6,6 +6,8 @@ The shipped real models are opened only by tests marked `real_model`.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -15,7 +17,9 @@ from tests.tiny import TINY_FAMILIES, tiny_handle
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: opens a shipped real model (slower)")
     config.addinivalue_line("markers", "browser: drives a real chromium browser")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # pytest-xdist workers share the machine's cores: one thread each when two run at once
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))
 
 
 @pytest.fixture(params=TINY_FAMILIES)

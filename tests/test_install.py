@@ -38,7 +38,7 @@ from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-TEST_TOOLS = {"pytest", "playwright", "build"}  # requirements.txt's lines that are not the product's
+TEST_TOOLS = {"pytest", "pytest-xdist", "playwright", "build"}  # requirements.txt's lines that are not the product's
 SLOW = 180
 
 
