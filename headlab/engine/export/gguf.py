@@ -1,0 +1,363 @@
+"""A Llama-family model, dense or physically pruned, as one GGUF file that llama.cpp runs.
+
+    info = write_gguf(surgery.prune(handle, mask), "model.gguf", "q8_0")
+
+Two llama.cpp architectures:
+- `llama`: every layer keeps the same heads, KV heads and FFN channels and both sub-blocks;
+- `deci` (llama.cpp's per-layer Llama, src/models/deci.cpp): the per-layer arrays
+  `deci.attention.head_count`, `deci.attention.head_count_kv` and `deci.feed_forward_length`, where
+  0 heads is a layer without attention; optional `attn_output.bias` / `ffn_down.bias`.
+
+What ggml needs, and how each need is met exactly:
+- Q and K rows in llama.cpp's rotary order (pairs of adjacent dimensions): each head's rows are
+  permuted as llama.cpp's own converter permutes them (`_rope_rows`);
+- every KV head shared by a contiguous, equal group of query heads. Uneven groups (surgery's
+  `kv_index`, when GQA groups keep different numbers of query heads) are regrouped: the query heads
+  are reordered group by group (their O-projection columns with them), and a KV head whose group
+  holds k times the common group size g (the gcd of the sizes) is written k times. The duplicated
+  K/V rows are counted in `GgufLayer.duplicated_kv_heads` and the manifest;
+- deci's graph skips the residual update of a layer that has no FFN (`if (n_ff == 0) continue;`
+  comes before `inpL = cur`), which would drop a kept attention sub-block's output. Such a layer gets
+  an FFN of `STAND_IN_FFN` zero channels, which adds exactly nothing (`GgufLayer.zero_ffn_channels`);
+- biases: llama.cpp reads output biases only. The O and down biases (compensation, re-fit
+  intercepts) are written; other projections' biases must be the zeros a config's bias switch adds.
+
+Types: "f32", "f16", "bf16" and "q8_0" are written directly (norms and biases stay F32). A matrix
+whose rows are not a whole number of quantisation blocks stays F16, as llama.cpp's converter does;
+`GgufInfo.fallbacks` names each. K-quants come from llama.cpp's `llama-quantize` on the f16 file.
+
+The tokenizer: the shipped SmolLM2's own GGUF fields (the tokenizer llama.cpp users run) when the
+model came from it, else the Hugging Face tokenizer's byte-level BPE vocabulary, merges, special
+tokens and chat template, with llama.cpp's pre-tokenizer name read off its pre-tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.reshape import GatheredHeads
+
+__all__ = ["GGUF_TYPES", "STAND_IN_FFN", "GgufError", "GgufInfo", "GgufLayer", "gguf_layers", "write_gguf"]
+
+Q = gguf.GGMLQuantizationType
+GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+STAND_IN_FFN = 32  # zero channels for a deci layer whose FFN was removed but attention kept (one Q8_0 block)
+_MODEL_TYPES = ("llama",)  # rotary in Llama's rotate-half layout, no sliding window: what `llama`/`deci` compute
+
+
+class GgufError(ValueError):
+    """The model cannot be stated in GGUF for llama.cpp; the message says what and why."""
+
+
+@dataclass
+class GgufLayer:
+    """One layer as llama.cpp sees it."""
+
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    duplicated_kv_heads: int = 0  # K/V heads written more than once to make the GQA groups equal
+    zero_ffn_channels: int = 0  # a stand-in FFN of zero channels (deci skips the update of an FFN-less layer)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def sizes(self) -> dict[str, int]:
+        return {"n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
+                "duplicated_kv_heads": self.duplicated_kv_heads, "zero_ffn_channels": self.zero_ffn_channels}
+
+
+@dataclass
+class GgufInfo:
+    path: Path
+    arch: str
+    out_type: str
+    layers: list[dict[str, int]]
+    tensor_types: dict[str, int]  # GGML type name -> number of tensors
+    fallbacks: list[str]  # tensors kept at F16 because their rows are not whole quantisation blocks
+    params_written: int
+    extra_params: int  # duplicated K/V rows and stand-in FFN channels, beyond the pruned model's own
+    bytes: int
+    tokenizer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Each head's rows from rotate-half order (first half, second half) to llama.cpp's adjacent pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _heads(w: np.ndarray, head_dim: int) -> np.ndarray:
+    return w.reshape(-1, head_dim, *w.shape[1:])  # (heads, head_dim, ...)
+
+
+def _regroup(kv_of_query: list[int]) -> tuple[list[int], list[int], int]:
+    """(query order, the KV head of each written KV slot, group size): contiguous, equal GQA groups.
+
+    kv_of_query[h] is the KV head query head h reads. Queries are taken group by group (KV heads in
+    order, queries in their order within a group); a group of k * g queries gets k copies of its KV head.
+    """
+    groups: dict[int, list[int]] = {}
+    for q, kv in enumerate(kv_of_query):
+        groups.setdefault(kv, []).append(q)
+    g = math.gcd(*(len(qs) for qs in groups.values()))
+    order = [q for kv in sorted(groups) for q in groups[kv]]
+    slots = [kv for kv in sorted(groups) for _ in range(len(groups[kv]) // g)]
+    return order, slots, g
+
+
+def _bias_must_be_zero(name: str, proj: torch.nn.Module) -> None:
+    if proj.bias is not None and bool(proj.bias.detach().abs().max() > 0):
+        raise GgufError(f"{name} has a non-zero bias, which llama.cpp's llama/deci graphs do not read (they read "
+                        "output biases only); this model cannot be written as GGUF without changing its outputs")
+
+
+def _attention(handle: ModelHandle, i: int) -> tuple[dict[str, np.ndarray], int, int, int]:
+    """(tensors, n_head, n_head_kv, duplicated KV heads) of layer i's kept attention, in llama.cpp's layout."""
+    a, hd = handle.adapter, handle.geometry.head_dim
+    p = a.projections_of(i, "attn")
+    for role in ("q", "k", "v"):
+        _bias_must_be_zero(f"layer {i} {role} projection", p[role])
+    wq, wk, wv, wo = (_np(p[r].weight) for r in ("q", "k", "v", "o"))
+    n_q, n_kv = wq.shape[0] // hd, wk.shape[0] // hd
+    if isinstance(p["k"], GatheredHeads):
+        kv_of_query = p["k"].head_index.tolist()
+    else:
+        kv_of_query = [h // (n_q // n_kv) for h in range(n_q)]
+    order, slots, _ = _regroup(kv_of_query)
+    wq = _heads(wq, hd)[order].reshape(-1, wq.shape[1])
+    wo = _heads(wo.T, hd)[order].reshape(-1, wo.shape[0]).T  # O's input columns follow their query heads
+    wk, wv = (_heads(w, hd)[slots].reshape(-1, w.shape[1]) for w in (wk, wv))
+    tensors = {"attn_q.weight": _rope_rows(wq, len(order)), "attn_k.weight": _rope_rows(wk, len(slots)),
+               "attn_v.weight": wv, "attn_output.weight": np.ascontiguousarray(wo)}
+    if p["o"].bias is not None:
+        tensors["attn_output.bias"] = _np(p["o"].bias)
+    return tensors, len(order), len(slots), len(slots) - n_kv
+
+
+def _ffn(handle: ModelHandle, i: int) -> dict[str, np.ndarray]:
+    p = handle.adapter.projections_of(i, "ffn")
+    for role in ("gate", "up"):
+        _bias_must_be_zero(f"layer {i} {role} projection", p[role])
+    tensors = {"ffn_gate.weight": _np(p["gate"].weight), "ffn_up.weight": _np(p["up"].weight),
+               "ffn_down.weight": _np(p["down"].weight)}
+    if p["down"].bias is not None:
+        tensors["ffn_down.bias"] = _np(p["down"].bias)
+    return tensors
+
+
+def _refusal(handle: ModelHandle) -> str | None:
+    cfg = handle.model.config
+    if handle.adapter.family != "llama" or getattr(cfg, "model_type", None) not in _MODEL_TYPES:
+        return (f"GGUF export writes model_type {list(_MODEL_TYPES)} (SmolLM2, Llama); "
+                f"{getattr(cfg, 'model_type', handle.adapter.family)!r} is not written")
+    if getattr(cfg, "sliding_window", None):
+        return "a sliding-window attention has no llama/deci GGUF form"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"RoPE scaling {rope.get('rope_type')!r} is not written (only the default rotary)"
+    return None
+
+
+def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
+    """Every layer of `handle` (dense or from surgery.prune) in llama.cpp's layout, with its tensors."""
+    why = _refusal(handle)
+    if why:
+        raise GgufError(why)
+    a, d = handle.adapter, handle.geometry.hidden
+    layers = []
+    for i in range(len(a.layers())):
+        attn = not a.is_subblock_removed(i, "attn")
+        ffn = not a.is_subblock_removed(i, "ffn")
+        layer = GgufLayer(0, 0, 0)
+        if attn:
+            tensors, layer.n_head, layer.n_head_kv, layer.duplicated_kv_heads = _attention(handle, i)
+            layer.tensors.update(tensors)
+            layer.tensors["attn_norm.weight"] = _np(a.sublayer_norm(i, "attn").weight)
+        if ffn:
+            layer.tensors.update(_ffn(handle, i))
+        elif attn:
+            layer.zero_ffn_channels = STAND_IN_FFN
+            layer.tensors.update({"ffn_gate.weight": np.zeros((STAND_IN_FFN, d), np.float32),
+                                  "ffn_up.weight": np.zeros((STAND_IN_FFN, d), np.float32),
+                                  "ffn_down.weight": np.zeros((d, STAND_IN_FFN), np.float32)})
+        if "ffn_up.weight" in layer.tensors:
+            layer.n_ff = layer.tensors["ffn_up.weight"].shape[0]
+            layer.tensors["ffn_norm.weight"] = _np(a.sublayer_norm(i, "ffn").weight)
+        layers.append(layer)
+    return layers
+
+
+def _is_uniform(layers: list[GgufLayer]) -> bool:
+    first = layers[0]
+    return all(lay.n_head and lay.n_ff and not lay.zero_ffn_channels and
+               (lay.n_head, lay.n_head_kv, lay.n_ff) == (first.n_head, first.n_head_kv, first.n_ff)
+               and "attn_output.bias" not in lay.tensors and "ffn_down.bias" not in lay.tensors
+               for lay in layers)
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------------------------
+
+def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer, read off tokenizer.json's `pre_tokenizer`."""
+    parts = (spec or {}).get("pretokenizers", [spec]) if (spec or {}).get("type") == "Sequence" else [spec]
+    kinds = [(p or {}).get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    raise GgufError(f"the tokenizer's pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp name HeadLab knows "
+                    "(gpt2, smollm); pass the GGUF file of the source model as the tokenizer source")
+
+
+def _hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> str:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise GgufError(f"only byte-level BPE tokenizers are written; this one is {model.get('type')!r}")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer's vocabulary
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(gguf.TokenType.NORMAL if i not in added else
+                     gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(tokenizer, key, None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+    return f"Hugging Face tokenizer (byte-level BPE, pre-tokenizer {pre})"
+
+
+def _copied_tokenizer(writer: gguf.GGUFWriter, source: Path) -> str:
+    reader = gguf.GGUFReader(source)
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = f.types[0]
+            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY
+                                 else None)
+    return f"copied from {source.name}"
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+def _encode(name: str, w: np.ndarray, out_type: str, fallbacks: list[str]) -> tuple[np.ndarray, Q]:
+    if w.ndim == 1 or out_type == "f32":
+        return w.astype(np.float32), Q.F32
+    qtype = GGUF_TYPES[out_type]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if w.shape[-1] % block:
+        fallbacks.append(f"{name} ({w.shape[-1]} columns, not a multiple of {block})")
+        qtype = Q.F16
+    if qtype == Q.F16:
+        return w.astype(np.float16), Q.F16
+    return gguf.quants.quantize(w.astype(np.float32), qtype), qtype
+
+
+def _tied(handle: ModelHandle) -> bool:
+    head, embed = handle.adapter.lm_head(), handle.adapter.input_embeddings()
+    return head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+
+
+def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f16", *,
+               tokenizer_gguf: str | os.PathLike | None = None, name: str | None = None) -> GgufInfo:
+    """Write `handle` (dense, or a surgery.prune result) to `path` as a GGUF file llama.cpp loads.
+
+    `tokenizer_gguf`: a GGUF file whose tokenizer fields are copied (the source model's own); else
+    the Hugging Face tokenizer is converted. The file is written in place: callers publish it atomically.
+    """
+    if out_type not in GGUF_TYPES:
+        raise GgufError(f"unknown GGUF type {out_type!r}; choose one of {sorted(GGUF_TYPES)} (K-quants: run "
+                        "llama.cpp's llama-quantize on the f16 file)")
+    layers = gguf_layers(handle)
+    if not layers:
+        raise GgufError("the model has no layers left")
+    cfg, g = handle.model.config, handle.geometry
+    arch = "llama" if _is_uniform(layers) else "deci"
+    path = Path(path)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(name or handle.name)
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(g.hidden)
+    writer.add_block_count(len(layers))
+    if arch == "llama":
+        writer.add_feed_forward_length(layers[0].n_ff)
+        writer.add_head_count(layers[0].n_head)
+        writer.add_head_count_kv(layers[0].n_head_kv)
+    else:
+        writer.add_feed_forward_length([lay.n_ff for lay in layers])
+        writer.add_head_count([lay.n_head for lay in layers])
+        writer.add_head_count_kv([lay.n_head_kv for lay in layers])
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_key_length(g.head_dim)
+    writer.add_value_length(g.head_dim)
+    writer.add_rope_dimension_count(g.head_dim)
+    writer.add_vocab_size(g.vocab_size)
+    writer.add_file_type(_FILE_TYPES[out_type])
+    if out_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokenizer = (_copied_tokenizer(writer, Path(tokenizer_gguf)) if tokenizer_gguf is not None
+                 else _hf_tokenizer(writer, handle.tokenizer, g.vocab_size))
+
+    fallbacks: list[str] = []
+    counts: dict[str, int] = {}
+    params = 0
+
+    def add(tensor_name: str, w: np.ndarray) -> None:
+        nonlocal params
+        data, qtype = _encode(tensor_name, w, out_type, fallbacks)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        params += w.size
+
+    add("token_embd.weight", _np(handle.adapter.input_embeddings().weight))
+    for i, layer in enumerate(layers):
+        for tensor_name, w in layer.tensors.items():
+            add(f"blk.{i}.{tensor_name}", w)
+    add("output_norm.weight", _np(handle.adapter.final_norm().weight))
+    if not _tied(handle):
+        add("output.weight", _np(handle.adapter.lm_head().weight))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    extra = sum(2 * lay.duplicated_kv_heads * g.head_dim * g.hidden + 3 * lay.zero_ffn_channels * g.hidden
+                for lay in layers)
+    return GgufInfo(path, arch, out_type, [lay.sizes() for lay in layers], counts, fallbacks, params, extra,
+                    path.stat().st_size, tokenizer)

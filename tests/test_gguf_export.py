@@ -1,0 +1,134 @@
+"""GGUF export: the file, run the way llama.cpp runs it (tests/gguf_reference.py), gives the masked model's logits.
+
+The oracle reads only the file; HeadLab's side is the masked shared model (gates, no surgery).
+Real llama.cpp runs the same comparisons in `make test-deploy` (tests/deploy/).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.export.gguf import STAND_IN_FFN, GgufError, _regroup, write_gguf
+from headlab.engine.export.surgery import prune
+from tests.gguf_reference import gguf_logits
+from tests.tiny import VOCAB, tiny_handle
+
+IDS = [5, 77, 130, 9, 200, 41, 3, 250, 18, 66, 91, 120]
+
+
+@torch.no_grad()
+def masked_logits(handle, mask: PruneMask) -> np.ndarray:
+    ids = torch.tensor([IDS])
+    with gates.apply(handle, mask.normalized()):
+        return handle.model(ids).logits[0].double().numpy()
+
+
+def export_and_run(handle, mask, tmp_path, out_type="f32"):
+    info = write_gguf(prune(handle, mask), tmp_path / f"m-{out_type}.gguf", out_type)
+    return info, gguf_logits(info.path, IDS)
+
+
+def _masks(g):
+    dense = PruneMask.dense(g)
+    uniform = dense.clone()
+    uniform.heads[:, 1] = 0  # the same head of every layer: llama.cpp's `llama` architecture
+    uniform.heads[:, 3] = 0
+    uniform.ffn[:, 64:] = 0
+    uneven = dense.clone()
+    uneven.heads[0, 0] = 0  # layer 0's groups keep 1 and 2 query heads
+    uneven.ffn[1, :40] = 0
+    no_attn = dense.clone().with_block(0, "attn", 0.0)
+    no_ffn = dense.clone().with_block(1, "ffn", 0.0)
+    biased = uneven.clone()
+    biased.attn_bias = torch.randn(g.n_layers, g.hidden) * 0.05
+    biased.ffn_bias = torch.randn(g.n_layers, g.hidden) * 0.05
+    return {"dense": dense, "uniform": uniform, "uneven GQA": uneven, "attention removed": no_attn,
+            "FFN removed": no_ffn, "output biases": biased}
+
+
+@pytest.mark.parametrize("case", ["dense", "uniform", "uneven GQA", "attention removed", "FFN removed",
+                                  "output biases"])
+def test_the_gguf_file_computes_the_masked_models_logits(case, tmp_path):
+    h = tiny_handle("llama")
+    mask = _masks(h.geometry)[case]
+    info, got = export_and_run(h, mask, tmp_path)
+    ref = masked_logits(h, mask)
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert info.arch == ("llama" if case in ("dense", "uniform") else "deci")
+
+
+def test_uneven_groups_are_regrouped_with_a_duplicated_kv_head_and_the_cost_is_stated(tmp_path):
+    h = tiny_handle("llama")  # 4 query heads in 2 groups of 2
+    info, _ = export_and_run(h, _masks(h.geometry)["uneven GQA"], tmp_path)
+    assert info.layers[0]["n_head"] == 3 and info.layers[0]["n_head_kv"] == 3
+    assert info.layers[0]["duplicated_kv_heads"] == 1
+    assert info.extra_params == 2 * 16 * 64  # one K and one V head of head_dim 16 over hidden 64
+    assert info.layers[1] == {"n_head": 4, "n_head_kv": 2, "n_ff": 88, "duplicated_kv_heads": 0,
+                              "zero_ffn_channels": 0}
+
+
+def test_regroup_makes_contiguous_equal_groups():
+    assert _regroup([0, 0, 1, 1]) == ([0, 1, 2, 3], [0, 1], 2)
+    assert _regroup([1, 0, 1, 1]) == ([1, 0, 2, 3], [0, 1, 1, 1], 1)  # KV head 1's group holds 3 queries
+    assert _regroup([0, 0, 1, 1, 1, 1]) == ([0, 1, 2, 3, 4, 5], [0, 1, 1], 2)
+
+
+def test_a_layer_without_ffn_gets_a_zero_stand_in_that_deci_needs(tmp_path):
+    h = tiny_handle("llama")
+    info, _ = export_and_run(h, _masks(h.geometry)["FFN removed"], tmp_path)
+    assert info.layers[1]["zero_ffn_channels"] == STAND_IN_FFN and info.layers[1]["n_ff"] == STAND_IN_FFN
+    assert info.layers[0]["zero_ffn_channels"] == 0
+
+
+@pytest.mark.parametrize("out_type,tol", [("f16", 3e-2), ("bf16", 2e-1), ("q8_0", 2e-1)])
+def test_half_and_8_bit_files_stay_close(out_type, tol, tmp_path):
+    h = tiny_handle("llama")
+    mask = _masks(h.geometry)["uneven GQA"]
+    info, got = export_and_run(h, mask, tmp_path, out_type)
+    ref = masked_logits(h, mask)
+    assert np.abs(got - ref).max() < tol
+    reader = gguf.GGUFReader(info.path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    expected = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[out_type]
+    assert types["blk.0.attn_q.weight"] == expected
+    # layer 1 keeps 88 FFN channels and layer 0 three heads of 16: neither is a whole number of Q8_0 blocks of 32
+    if out_type == "q8_0":
+        assert types["blk.1.ffn_down.weight"] == types["blk.0.attn_output.weight"] == "F16"
+        assert info.fallbacks == ["blk.0.attn_output.weight (48 columns, not a multiple of 32)",
+                                  "blk.1.ffn_down.weight (88 columns, not a multiple of 32)"]
+    else:
+        assert not info.fallbacks
+
+
+def test_the_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path):
+    h = tiny_handle("llama")
+    info = write_gguf(h, tmp_path / "dense.gguf", "f32")
+    fields = gguf.GGUFReader(info.path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert len(tokens) == VOCAB and tokens[h.tokenizer.convert_tokens_to_ids("<eos>")] == "<eos>"
+    assert types[h.tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+    assert types[h.tokenizer.convert_tokens_to_ids("a")] == gguf.TokenType.NORMAL
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == h.tokenizer.eos_token_id
+
+
+def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path):
+    with pytest.raises(GgufError, match="qwen2"):
+        write_gguf(tiny_handle("qwen2"), tmp_path / "q.gguf")
+    with pytest.raises(GgufError, match="q4_k"):
+        write_gguf(tiny_handle("llama"), tmp_path / "x.gguf", "q4_k")
+    h = tiny_handle("llama")
+    pruned = prune(h, PruneMask.dense(h.geometry))
+    with torch.no_grad():
+        pruned.model.model.layers[0].self_attn.q_proj.bias = torch.nn.Parameter(torch.ones(64))
+    with pytest.raises(GgufError, match="layer 0 q projection has a non-zero bias"):
+        write_gguf(pruned, tmp_path / "b.gguf")
+    assert not (tmp_path / "q.gguf").exists() and not (tmp_path / "x.gguf").exists()
