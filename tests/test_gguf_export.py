@@ -132,3 +132,41 @@ def test_what_llama_cpp_cannot_run_is_refused_by_name(tmp_path):
     with pytest.raises(GgufError, match="layer 0 q projection has a non-zero bias"):
         write_gguf(pruned, tmp_path / "b.gguf")
     assert not (tmp_path / "q.gguf").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_writes_an_atomic_folder_with_the_file_a_modelfile_and_checksums(tmp_path, capsys):
+    import json
+
+    from headlab.cli import main
+    from headlab.engine.models.pruned import verify_files
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny-llama", "llama")
+    h = tiny_handle("llama")
+    mask_file = _masks(h.geometry)["uneven GQA"].save(tmp_path / "mask.json")
+    out = tmp_path / "gguf-out"
+    argv = ["export", "--model", str(folder), "--mask", str(mask_file), "--format", "gguf", "--gguf-type", "q8_0",
+            "--no-eval", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "deci architecture, q8_0" in printed and "llama-quantize" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "gguf-out-q8_0.gguf", "headlab_manifest.json"]
+    manifest = verify_files(out)  # every file's size and sha256
+    assert manifest["gguf"]["arch"] == "deci" and manifest["params"]["added_for_llama_cpp"] == 2 * 16 * 64
+    assert "FROM ./gguf-out-q8_0.gguf" in (out / "Modelfile").read_text()
+    assert json.loads((out / "headlab_manifest.json").read_text())["format"] == "headlab.gguf_export"
+    assert main(argv) == 2, "a second export into the same folder is refused unless --overwrite"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gguf-out")]  # no temporary folder left
+
+
+@pytest.mark.real_model
+def test_the_shipped_smollm2_keeps_its_own_tokenizer_in_the_gguf(smollm, tmp_path):
+    from headlab.engine.models.load import shipped_gguf
+
+    info = write_gguf(smollm, tmp_path / "smollm2.gguf", "q8_0", tokenizer_gguf=shipped_gguf(smollm.name))
+    ours, source = gguf.GGUFReader(info.path).fields, gguf.GGUFReader(shipped_gguf(smollm.name)).fields
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert ours[key].contents() == source[key].contents(), key
+    assert ours["tokenizer.ggml.pre"].contents() == "smollm"
+    assert info.arch == "llama" and not info.fallbacks and info.extra_params == 0

@@ -3,6 +3,7 @@
     python -m headlab export --mask mask.json --out pruned/              # any mask (layout auto)
     python -m headlab export --keep 0.8 --route depth --out pruned-depth/ # drop whole layers
     python -m headlab export --keep 0.8 --route width --out pruned-width/ # same size, narrower layers
+    python -m headlab export --mask mask.json --format gguf --gguf-type q8_0 --out pruned-gguf/   # for llama.cpp
 
 A width target is reached by reconstruction (headlab.engine.pruning.strategies.reconstruct: structured OBS
 per layer, per-layer counts where FLAP cuts, the kept weights re-solved); with --layout uniform every layer loses the same
@@ -31,6 +32,8 @@ from headlab.engine.cli.common import (
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.deploy import export_gguf
+from headlab.engine.export.gguf import GGUF_TYPES
 from headlab.engine.export.write import LAYOUTS, export, zip_folder
 from headlab.engine.pruning.size_target import ROUTES, reach_size
 from headlab.engine.pruning.strategies import Calibration
@@ -87,6 +90,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         mask.save(args.save_mask)
         print(f"wrote mask to {args.save_mask}")
     t = time.perf_counter()
+    if args.format == "gguf":
+        return _report_gguf(export_gguf(handle, mask, args.out, args.gguf_type, overwrite=args.overwrite,
+                                        evaluate=not args.no_eval, protocol=protocol_from_args(args), stage=stage),
+                            time.perf_counter() - t)
     r = export(handle, mask, args.out, layout=args.layout, overwrite=args.overwrite, evaluate=not args.no_eval,
                protocol=protocol_from_args(args), stage=stage)
     m = r.manifest
@@ -111,6 +118,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_gguf(r, seconds: float) -> int:
+    m, g = r.manifest, r.gguf
+    print(f"exported to {r.folder}: {m['gguf']['file']} ({g.arch} architecture, {g.out_type}, "
+          f"{g.bytes / 2**20:.1f} MiB, {seconds:.1f} s)")
+    print(f"parameters: {r.params_before:,} -> {r.params_after:,}; written to the GGUF {g.params_written:,} "
+          f"({g.extra_params:,} added for llama.cpp: duplicated K/V heads of uneven GQA groups, stand-in FFNs)")
+    print(f"pruned vs masked logits: max |diff| {m['parity']['max_abs_logit_diff']:.2e}; tokenizer {g.tokenizer}")
+    if m["perplexity"]:
+        p = m["perplexity"]
+        print(f"perplexity (HeadLab): {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
+              f"({p['ratio']:.2f}x) on {p['protocol']}")
+    for f in g.fallbacks[:8]:
+        print(f"  kept at F16: {f}")
+    for what, command in m["run"].items():
+        print(f"  {what}: {command}")
+    return 0
+
+
 def register(sub: Subparsers) -> None:
     """Add the export verb."""
     p = sub.add_parser("export", help="physically prune and write a smaller Hugging Face checkpoint")
@@ -130,6 +155,11 @@ def register(sub: Subparsers) -> None:
                    help="calibration texts the reconstruction fits on (at least --n-texts)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
+    p.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                   help="hf = a Hugging Face folder (default); gguf = one GGUF file for llama.cpp / Ollama (Llama "
+                        "family), with a Modelfile")
+    p.add_argument("--gguf-type", default="f16", choices=sorted(GGUF_TYPES),
+                   help="with --format gguf: the weights' type (K-quants: llama-quantize on the f16 file)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the old folder goes only after the new one is complete)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
