@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from transformers import LlamaForCausalLM
 
 from tests.tiny import save_tiny, tiny_model
@@ -163,6 +164,17 @@ def sidebar_heads_pruned(page) -> int:
     """The "heads pruned: N" count of the sidebar's mask summary."""
     text = page.locator('[data-testid="stSidebar"]').inner_text()
     return int(re.search(r"heads pruned: (\d+)", text).group(1))
+
+
+def plots_drawn(page, expected: int, timeout: float) -> int:
+    """Plotly charts drawn once `expected` are (Plotly draws in the browser after the script has finished,
+    later under load), or when `timeout` runs out: the count, for the caller to assert on."""
+    try:
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {expected}",
+                               timeout=timeout * 1000)
+    except PlaywrightTimeout:  # the assertion that follows reports the count
+        pass
+    return page.locator(".js-plotly-plot").count()
 
 
 def open_page(page, title: str, timeout: float) -> None:

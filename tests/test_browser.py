@@ -28,6 +28,7 @@ from tests.browser import (
     click_head,
     grid_shape,
     masked_perplexity,
+    plots_drawn,
     save_tiny_llama,
     streamlit_app,
 )
@@ -107,7 +108,7 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
     assert "heads pruned: 2" in page.locator('[data-testid="stSidebar"]').inner_text()
 
     open_page(page, "Attention")
-    assert page.locator(".js-plotly-plot").count() == 2  # dense and masked maps
+    assert plots_drawn(page, 2, SLOW) == 2  # dense and masked maps
     page.screenshot(path=str(shots / "attention.png"))
 
     open_page(page, "Prune")
@@ -196,7 +197,7 @@ def test_the_attention_page_draws_the_map_of_a_4096_token_prompt(app_url, browse
     n_tokens = int(re.match(r"(\d+) tokens", caption.inner_text()).group(1))
     assert n_tokens >= LONG_PROMPT_TOKENS, caption.inner_text()
     assert page.locator('[data-testid="stException"]').count() == 0
-    assert page.locator(".js-plotly-plot").count() == 2  # dense and masked maps of the whole prompt
+    assert plots_drawn(page, 2, SLOW) == 2  # dense and masked maps of the whole prompt
     page.screenshot(path=str(shots / "attention-4096-tokens.png"))
     assert not errors, errors
     page.close()
