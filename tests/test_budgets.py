@@ -47,3 +47,17 @@ def test_outlier_ratios_are_fractions_per_layer_and_counts_read_a_mask_back():
     m.ffn[1, :7] = 0.0
     m = m.with_block(0, "attn", 0.0)
     assert counts_of(m, "ffn") == [0, 7] and counts_of(m, "attn") == [h.geometry.n_heads, 0]
+
+
+def test_aligned_counts_leave_whole_blocks_and_land_within_a_block_of_the_total():
+    from headlab.engine.pruning.reconstruct.budgets import apportion_aligned
+
+    sizes = [1536] * 30
+    counts = apportion_aligned(9000, [1.0 + (i % 5) for i in range(30)], sizes, 256)
+    assert all((n - c) % 256 == 0 and n - c >= 256 for n, c in zip(sizes, counts))
+    assert abs(sum(counts) - 9000) <= 128
+    odd = apportion_aligned(100, [1.0, 1.0], [100, 90], 32)  # sizes not multiples of 32 lose their remainder first
+    assert [(n - c) % 32 for n, c in zip([100, 90], odd)] == [0, 0] and abs(sum(odd) - 100) <= 16
+    assert apportion_aligned(0, [1.0], [64], 32) == [0]
+    with pytest.raises(ValueError, match="no whole block"):
+        apportion_aligned(10, [1.0], [16], 32)

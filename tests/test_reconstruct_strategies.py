@@ -11,7 +11,12 @@ from headlab.engine.core import gates
 from headlab.engine.core.objective import token_logits
 from headlab.engine.export.write import export
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
-from headlab.engine.pruning.strategies.reconstruct import depth_refit_prune, layer_counts, width_by_reconstruction
+from headlab.engine.pruning.strategies.reconstruct import (
+    ObsStrategy,
+    depth_refit_prune,
+    layer_counts,
+    width_by_reconstruction,
+)
 from headlab.engine.runtime.replay import LayerReplay
 from tests.test_reconstruct import TEXTS
 from tests.tiny import save_tiny, tiny_handle
@@ -40,6 +45,17 @@ def test_obs_strategy_removes_the_budget_and_refits():
     s = m.summary()
     assert (s["heads_pruned"], s["ffn_channels_pruned"]) == (3, 77)
     assert m.has_refit and m.meta["method"] == "obs"
+
+
+def test_obs_with_ffn_blocks_keeps_whole_blocks_in_every_layer_for_every_allocation():
+    """Counts rounded before OBS chooses (a Q8_0 deployment: blocks of 32 channels), not after."""
+    h, calib = tiny_handle("llama"), _calib()  # FFN 128 per layer
+    for allocation in ("auto", "owl", "uniform"):
+        _, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation, ffn_align=32)
+        assert all((128 - c) % 32 == 0 and 128 - c >= 32 for c in channels) and abs(sum(channels) - 77) <= 16
+    m = ObsStrategy(ffn_align=32)(h, Budget(heads=3, ffn=77), calib)
+    kept = m.ffn_effective().sum(dim=1).tolist()
+    assert all(k % 32 == 0 for k in kept) and m.has_refit and m.meta["ffn_align"] == 32
 
 
 def test_flap_refit_keeps_flaps_units_and_gets_closer_to_dense():

@@ -49,6 +49,13 @@ from headlab.engine.runtime.cost import cost
 __all__ = ["register", "cmd_export"]
 
 
+def _ffn_align(args: argparse.Namespace) -> int:
+    """FFN channels per kept block: --ffn-align, else a GGUF q8_0 export's block (32), else 1 (no rounding)."""
+    if args.ffn_align:
+        return args.ffn_align
+    return 32 if args.format == "gguf" and args.gguf_type == "q8_0" and args.layout != "uniform" else 1
+
+
 def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMask:
     """The mask that brings the model to --keep of its parameters along --route."""
     keep = count_or_fraction(args.keep)
@@ -68,7 +75,7 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
     elif args.route == "width" and not args.criterion:
         with progress_bar("reconstructing (width)") as cb:
             r = width_by_reconstruction(handle, keep, calib, uniform=args.layout == "uniform",
-                                        n_texts=args.refit_texts, progress=cb)
+                                        n_texts=args.refit_texts, ffn_align=_ffn_align(args), progress=cb)
         mask = r.mask
         print(f"size target: {r.describe()}")
     else:
@@ -160,6 +167,10 @@ def register(sub: Subparsers) -> None:
                         "family), with a Modelfile")
     p.add_argument("--gguf-type", default="f16", choices=sorted(GGUF_TYPES),
                    help="with --format gguf: the weights' type (K-quants: llama-quantize on the f16 file)")
+    p.add_argument("--ffn-align", type=int, default=0,
+                   help="with --keep --route width (per layer): every layer keeps a multiple of this many FFN "
+                        "channels, chosen at those counts (32 for Q8_0, 256 for llama.cpp's K-quants such as "
+                        "Q4_K_M; default 32 for --format gguf --gguf-type q8_0, else none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the old folder goes only after the new one is complete)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")

@@ -24,7 +24,7 @@ from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.importance.capture import CaptureStats
 
-__all__ = ["OWL_LAMBDA", "OWL_M", "allocate", "apportion", "counts_of", "outlier_ratios", "owl_ratios"]
+__all__ = ["OWL_LAMBDA", "OWL_M", "allocate", "apportion", "apportion_aligned", "counts_of", "outlier_ratios", "owl_ratios"]
 
 OWL_M = 5.0  # a score is an outlier above M x the layer's mean score (the paper's default range is 3-10)
 OWL_LAMBDA = 0.08  # per-layer ratios stay within +-lambda of the global ratio (the paper's default)
@@ -57,6 +57,26 @@ def apportion(total: int, shares: Sequence[float], caps: Sequence[int]) -> list[
             left -= 1
         open_ = counts < caps_t
     return counts.tolist()
+
+
+def apportion_aligned(total: int, shares: Sequence[float], sizes: Sequence[int], align: int) -> list[int]:
+    """Counts to remove per layer, close to `total` and `shares`, that leave every layer a whole number of
+    `align`-wide blocks (at least one): a quantised runtime (32 for Q8_0, 256 for K-quants) uses them whole.
+
+    The removals are apportioned in blocks, so the total lands within `align` channels per layer of `total`
+    (rounded to the nearest block overall); a layer whose size is not a multiple of `align` first loses its
+    remainder.
+    """
+    if align < 1:
+        raise ValueError(f"align must be at least 1, got {align}")
+    sizes = list(sizes)
+    if any(n < align for n in sizes):
+        raise ValueError(f"a layer of {min(sizes)} units holds no whole block of {align}")
+    remainders = [n % align for n in sizes]
+    blocks = max(0, round((total - sum(remainders)) / align))
+    caps = [n // align - 1 for n in sizes]
+    per_layer = apportion(min(blocks, sum(caps)), shares, caps)
+    return [r + align * b for r, b in zip(remainders, per_layer)]
 
 
 def allocate(total: int, ratios: Sequence[float], sizes: Sequence[int], keep_min: int = 1) -> list[int]:

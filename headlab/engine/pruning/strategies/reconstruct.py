@@ -32,7 +32,14 @@ from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.data.datasets import CALIBRATION_SETS, calibration_texts
-from headlab.engine.pruning.reconstruct.budgets import allocate, apportion, counts_of, outlier_ratios, owl_ratios
+from headlab.engine.pruning.reconstruct.budgets import (
+    allocate,
+    apportion,
+    apportion_aligned,
+    counts_of,
+    outlier_ratios,
+    owl_ratios,
+)
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import Budget, Calibration, Strategy
@@ -77,8 +84,11 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
 
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
-                 progress: Progress | None = None) -> tuple[list[int], list[int]]:
+                 progress: Progress | None = None, ffn_align: int = 1) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
+
+    `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
+    so the channel total lands within a block of the budget; the units are then chosen at these counts.
 
     "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
     fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
@@ -95,15 +105,19 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
                  if allocation == "ablation" and h else flap)
         # Every layer keeps a unit (OBS re-solves what stays): a layer the cut would empty hands its last on.
-        return (apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers),
-                apportion(f, counts_of(flap, "ffn"), [g.ffn_dim - 1] * g.n_layers))
+        channels = (apportion_aligned(f, counts_of(flap, "ffn"), [g.ffn_dim] * g.n_layers, ffn_align)
+                    if ffn_align > 1 else apportion(f, counts_of(flap, "ffn"), [g.ffn_dim - 1] * g.n_layers))
+        return apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers), channels
     out = []
     for kind, total, size in (("attn", h, g.n_heads), ("ffn", f, g.ffn_dim)):
         ratios = [1.0] * g.n_layers
         if allocation == "owl" and total:
             lod = outlier_ratios(handle, calib.stats(handle, progress), kind)
             ratios = owl_ratios(lod, total / (g.n_layers * size)).tolist()
-        out.append(allocate(total, ratios, [size] * g.n_layers))
+        if kind == "ffn" and ffn_align > 1:
+            out.append(apportion_aligned(total, [r * size for r in ratios], [size] * g.n_layers, ffn_align))
+        else:
+            out.append(allocate(total, ratios, [size] * g.n_layers))
     return out[0], out[1]
 
 
@@ -117,20 +131,20 @@ class ObsStrategy(Strategy):
     always_compensates = True
 
     def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
-                 intercept: bool = True, n_texts: int = REFIT_TEXTS):
+                 intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
-        self.n_texts = n_texts
+        self.n_texts, self.ffn_align = n_texts, ffn_align
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
-        heads, channels = layer_counts(handle, budget, calib, self.allocation, progress)
+        heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align)
         mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
                          config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
         mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
-                          "calibration": calib.describe()})
+                          "calibration": calib.describe(), "ffn_align": self.ffn_align})
         return mask
 
 
@@ -215,14 +229,19 @@ def width_fraction(handle: ModelHandle, removed: float) -> float:
 
 
 def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
-                            n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> SizeResult:
+                            n_texts: int = REFIT_TEXTS, ffn_align: int = 1,
+                            progress: Progress | None = None) -> SizeResult:
     """About `keep` of the parameters by width, chosen and re-solved by `obs`.
 
     Default: the same fraction of heads and channels overall, split across layers where FLAP cuts, with an
     intercept (a per-layer export, `headlab.engine.models.load.load_pruned`). `uniform`: every layer loses the
     same units, so the export has the family's standard config (plain transformers); the intercept is
-    kept where the config can switch output biases on (Llama), else the fit has none.
+    kept where the config can switch output biases on (Llama), else the fit has none. `ffn_align` (per-layer
+    only): every layer keeps whole blocks of that many FFN channels (32 for a Q8_0 deployment, 256 for K-quants),
+    chosen by OBS at those counts.
     """
+    if ffn_align > 1 and uniform:
+        raise ValueError("ffn_align applies to the per-layer layout (a uniform layout keeps one width for all)")
     g = handle.geometry
     target, total = target_params(handle, keep), cost(handle).params_total
     prune_heads = handle.adapter.config_decouples_heads or not uniform
@@ -238,7 +257,7 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
-        mask = ObsStrategy(n_texts=n_texts)(handle, budget, calib, progress=progress)
+        mask = ObsStrategy(n_texts=n_texts, ffn_align=ffn_align)(handle, budget, calib, progress=progress)
         s = mask.summary()
         detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
                   f"{s['ffn_channels_total']} FFN channels, split across layers where FLAP cuts")
