@@ -5,6 +5,8 @@ from pathlib import Path
 import streamlit as st
 
 from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.export.deploy import GgufExportResult, export_gguf
+from headlab.engine.export.gguf import GGUF_TYPES
 from headlab.engine.export.write import LAYOUTS, export, preview, zip_folder
 from headlab.engine.importance.depth import DEPTH_CRITERIA
 from headlab.engine.pruning.size_target import reach_size
@@ -16,6 +18,7 @@ ROUTE_CRITERIA = {"depth": DEPTH_CRITERIA,
 LAYOUT_HELP = ("auto: a standard config when every layer has the same sizes, else per-layer sizes; "
                "uniform: refuse unless plain transformers can load it; per_layer: always record per-layer sizes")
 ZIP_LIMIT = 2 * 2**30
+FORMATS = {"Hugging Face folder": "hf", "GGUF for llama.cpp / Ollama": "gguf"}
 
 st.title("Export")
 with user_errors():
@@ -58,14 +61,34 @@ o1, o2 = st.columns(2)
 overwrite = o1.checkbox("Replace it if it is not empty", key=keys.W_EXPORT_OVERWRITE)
 evaluate = o2.checkbox("Measure perplexity before / after (12 windows x 512 tokens)", value=handle.is_causal_lm,
                        disabled=not handle.is_causal_lm, key=keys.W_EXPORT_EVALUATE)
+f1, f2 = st.columns([2, 1])
+fmt = FORMATS[f1.radio("Format", FORMATS, horizontal=True, key=keys.W_EXPORT_FORMAT,
+                       help="GGUF: one file llama.cpp, Ollama and LM Studio run (Llama family; per-layer sizes as "
+                            "llama.cpp's deci architecture), with an Ollama Modelfile beside it")]
+gguf_type = f2.selectbox("GGUF type", sorted(GGUF_TYPES), index=sorted(GGUF_TYPES).index("f16"),
+                         key=keys.W_EXPORT_GGUF_TYPE, disabled=fmt != "gguf",
+                         help="K-quants (Q4_K_M): run llama.cpp's llama-quantize on the f16 file")
 if st.button("Export", type="primary"):
     with user_errors(), st.status("Exporting...", expanded=True) as status:
-        st.session_state[keys.EXPORT_RESULT] = export(handle, mask, folder, layout=layout, overwrite=overwrite,
-                                          evaluate=evaluate, stage=lambda msg: status.write(msg))
+        stage = lambda msg: status.write(msg)  # noqa: E731
+        st.session_state[keys.EXPORT_RESULT] = (
+            export_gguf(handle, mask, folder, gguf_type, overwrite=overwrite, evaluate=evaluate, stage=stage)
+            if fmt == "gguf" else
+            export(handle, mask, folder, layout=layout, overwrite=overwrite, evaluate=evaluate, stage=stage))
         status.update(label="Exported", state="complete", expanded=False)
 
 result = st.session_state.get(keys.EXPORT_RESULT)
-if result is not None:
+if isinstance(result, GgufExportResult):
+    g = result.gguf
+    st.success(f"Wrote {g.path} ({g.bytes / 2**20:.1f} MiB, llama.cpp architecture `{g.arch}`, {g.out_type}): "
+               f"{result.params_before:,} -> {result.params_after:,} parameters"
+               + (f", {g.extra_params:,} added for llama.cpp (duplicated K/V heads, stand-in FFNs)"
+                  if g.extra_params else "") + ".")
+    if g.fallbacks:
+        st.caption(f"Kept at F16 (rows not whole quantisation blocks): {', '.join(g.fallbacks[:6])}"
+                   + (" ..." if len(g.fallbacks) > 6 else ""))
+    st.code("\n".join(f"# {what}\n{command}" for what, command in result.manifest["run"].items()), language="bash")
+elif result is not None:
     man = result.manifest
     st.success(f"Wrote {result.folder} ({result.bytes_on_disk / 2**20:.1f} MiB, {result.layout} layout): "
                f"{result.params_before:,} -> {result.params_after:,} parameters.")

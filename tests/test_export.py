@@ -257,6 +257,27 @@ def test_export_page_previews_the_size_and_exports(tmp_path, monkeypatch):
     assert not at.exception and any("depth (block_influence)" in s.value for s in at.success)
 
 
+def test_export_page_writes_a_gguf_and_shows_how_to_run_it(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    h = tiny_handle("llama")
+    h.model.save_pretrained(tmp_path / "model")
+    h.tokenizer.save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("HEADLAB_MODEL", str(tmp_path / "model"))
+    page = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "pages" / "export.py")
+    at = AppTest.from_file(page, default_timeout=120).run()
+    at.radio(key="w.export.format").set_value("GGUF for llama.cpp / Ollama").run()
+    at.selectbox(key="w.export.gguf_type").set_value("q8_0")
+    at.text_input(key="w.export.folder").set_value(str(tmp_path / "out"))
+    at.checkbox(key="w.export.evaluate").set_value(False)
+    next(b for b in at.button if b.label == "Export").click()
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert (tmp_path / "out" / "out-q8_0.gguf").is_file() and (tmp_path / "out" / "Modelfile").is_file()
+    assert any("llama.cpp architecture `llama`, q8_0" in s.value for s in at.success)
+    assert any("llama-quantize" in c.value and "ollama create" in c.value for c in at.code)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_the_documented_recipe_loads_a_per_layer_export_without_headlab(tmp_path, family):
     from pathlib import Path
@@ -264,7 +285,7 @@ def test_the_documented_recipe_loads_a_per_layer_export_without_headlab(tmp_path
     doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
     section = doc.split("## Loading a per-layer export without HeadLab", 1)[1]
     recipe = section.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "import engine" not in recipe and "from engine" not in recipe
+    assert "import headlab" not in recipe and "from headlab" not in recipe
     namespace: dict = {}
     exec(compile(recipe, "docs/export.md", "exec"), namespace)  # noqa: S102  (the documented code itself)
     h = tiny_handle(family)

@@ -22,7 +22,7 @@ __all__ = [
     "SUGGESTION", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD", "W_SUGGEST_TARGET", "W_SUGGEST_PARAMS",
     "W_SUGGEST_SIZE_BUTTON",
     "EXPORT_RESULT", "W_EXPORT_KEEP", "W_EXPORT_ROUTE", "W_EXPORT_CRITERION", "W_EXPORT_LAYOUT", "W_EXPORT_FOLDER",
-    "W_EXPORT_OVERWRITE", "W_EXPORT_EVALUATE",
+    "W_EXPORT_OVERWRITE", "W_EXPORT_EVALUATE", "W_EXPORT_FORMAT", "W_EXPORT_GGUF_TYPE",
     "DISTILL_JOB", "W_DISTILL_SOURCE", "W_DISTILL_KEEP", "W_DISTILL_RECIPE", "W_DISTILL_BITS", "W_DISTILL_MODE",
     "W_DISTILL_STEPS", "W_DISTILL_LR", "W_DISTILL_FOLDER", "CHART_DISTILL_HISTORY",
     "CLUSTERS_ROUTER", "CLUSTERS_UMAP_POLLING", "W_CLUSTERS_K", "W_CLUSTERS_PER_SOURCE", "W_CLUSTERS_COLOUR",
@@ -90,7 +90,7 @@ W_SUGGEST_PARAMS = "suggest.params"  # fraction of the parameters to remove
 W_SUGGEST_SIZE_BUTTON = "suggest.size_button"
 
 # --- Export page ---------------------------------------------------------------------------------
-EXPORT_RESULT = "headlab.export.result"  # this session's last headlab.engine.export.write ExportResult
+EXPORT_RESULT = "headlab.export.result"  # this session's last ExportResult or GgufExportResult
 W_EXPORT_KEEP = "w.export.keep"
 W_EXPORT_ROUTE = "w.export.route"
 W_EXPORT_CRITERION = "w.export.criterion"  # prefix: one selectbox per route
@@ -98,6 +98,8 @@ W_EXPORT_LAYOUT = "w.export.layout"
 W_EXPORT_FOLDER = "w.export.folder"
 W_EXPORT_OVERWRITE = "w.export.overwrite"
 W_EXPORT_EVALUATE = "w.export.evaluate"
+W_EXPORT_FORMAT = "w.export.format"  # a Hugging Face folder or a GGUF file for llama.cpp / Ollama
+W_EXPORT_GGUF_TYPE = "w.export.gguf_type"
 
 # --- Distill page --------------------------------------------------------------------------------
 DISTILL_JOB = "distill.job"  # this session's headlab.engine.recovery.recipes.RecoveryJob

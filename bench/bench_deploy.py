@@ -1,0 +1,151 @@
+"""SmolLM2 dense and pruned, exported to GGUF and measured in llama.cpp itself: perplexity and tokens/s.
+
+    make llama-cpp                                      # once: llama.cpp's tools (~10 min)
+    python bench/bench_deploy.py                        # dense + width -20% (per layer, FFN blocks 1/32/256)
+    python bench/bench_deploy.py --keeps 0.9,0.8,0.7 --aligns 32
+
+Protocol:
+- masks: `obs` per layer (headlab.engine.pruning.strategies.reconstruct.width_by_reconstruction) chosen on
+  32 WikiText-2 paragraphs from the END of the test file (validation text), at --keeps of the
+  parameters; `--aligns` rounds every layer's kept FFN channels to whole blocks (1: no rounding,
+  32: Q8_0 blocks, 256: K-quant blocks) before OBS chooses. Cached in ~/.cache/headlab/bench/deploy.
+- files: HeadLab's GGUF writer at f16 and q8_0; Q4_K_M from llama-quantize on the f16 file.
+- llama.cpp perplexity: `llama-perplexity -c 512 --chunks 12` on the shipped WikiText-2 test file
+  (second half of each chunk scored). HeadLab's column computes that protocol on the masked float32
+  model with llama.cpp's own token ids (headlab.engine.runtime.half_window); ratio columns divide
+  by the dense model of the same type in the same run.
+- speed: `llama-bench -p 512 -n 128 -r 3` at --threads (1 by default); ideal = dense weight bytes /
+  pruned weight bytes of the same type (every weight is read once per generated token).
+Results: bench/results/deploy.csv (merged by row key, each row dated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import re
+import sys
+from pathlib import Path
+
+import gguf
+import torch
+
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import WIKITEXT_FILE
+from headlab.engine.export import llama_cpp
+from headlab.engine.export.gguf import write_gguf
+from headlab.engine.export.surgery import prune
+from headlab.engine.models.load import cache_dir, load_model, shipped_gguf
+from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.pruning.strategies.reconstruct import width_by_reconstruction
+from headlab.engine.runtime.half_window import half_window_perplexity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "deploy.csv"
+COLUMNS = ["row", "type", "arch", "params_M", "weight_MB", "ppl_llama_cpp", "ppl_ratio", "ppl_headlab",
+           "headlab_vs_llama_cpp", "pp512_tps", "tg128_tps", "tg_speedup", "ideal_speedup", "fraction_of_ideal",
+           "f16_fallbacks", "measured"]
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+
+
+def mask_for(handle, keep: float, align: int, work: Path, calib: Calibration) -> PruneMask:
+    path = work / "masks" / f"width{round(100 * (1 - keep))}-align{align}.json"
+    if path.exists():
+        return PruneMask.load(path, handle.geometry)
+    print(f"choosing the {100 * (1 - keep):.0f}% width mask (obs, FFN blocks of {align})...", flush=True)
+    mask = width_by_reconstruction(handle, keep, calib, ffn_align=align).mask
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(path)
+    return mask
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keeps", default="0.8")
+    ap.add_argument("--aligns", default="1,32,256")
+    ap.add_argument("--types", default="f16,q8_0,Q4_K_M")
+    ap.add_argument("--threads", type=int, default=1, help="llama-bench threads")
+    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--masks-only", action="store_true", help="choose and cache the masks, measure nothing")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    work = cache_dir() / "bench" / "deploy"
+    (work / "gguf").mkdir(parents=True, exist_ok=True)
+    handle = load_model()
+    calib = Calibration.shipped("wikitext", 32, max_length=256)
+    variants: list[tuple[str, PruneMask | None]] = [("dense", None)]
+    for keep in (float(k) for k in args.keeps.split(",")):
+        for align in (int(a) for a in args.aligns.split(",")):
+            variants.append((f"width-{100 * (1 - keep):.0f}% per layer, FFN blocks {align}",
+                             mask_for(handle, keep, align, work, calib)))
+    if args.masks_only:
+        return
+    llama_cpp.find_tools()
+    print(f"# bench_deploy: {handle.name} on {cpu_name()}; llama.cpp from llama-cpp-python "
+          f"{llama_cpp.LLAMA_CPP_PYTHON}; llama-bench -p 512 -n 128 -r 3 -t {args.threads}; "
+          f"llama-perplexity -c 512 --chunks {args.chunks} on {WIKITEXT_FILE.name}", flush=True)
+    today = dt.date.today().isoformat()
+    rows, dense = [], {}
+    for label, mask in variants:
+        model = handle if mask is None else prune(handle, mask)
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        files = {}
+        for t in args.types.split(","):
+            path = work / "gguf" / f"{slug}-{t}.gguf"
+            if t in ("f16", "q8_0", "f32", "bf16"):
+                info = write_gguf(model, path, t, tokenizer_gguf=shipped_gguf(handle.name))
+                files[t] = (path, info)
+            else:
+                llama_cpp.quantize(files["f16"][0], path, t)
+                files[t] = (path, files["f16"][1])
+        ids = llama_cpp.tokenize(files["f16"][0], WIKITEXT_FILE)
+        ours = half_window_perplexity(handle, ids, 512, mask=mask, n_chunks=args.chunks).perplexity
+        for t, (path, info) in files.items():
+            ppl = llama_cpp.perplexity(path, WIKITEXT_FILE, 512, chunks=args.chunks)
+            speed = llama_cpp.bench(path, threads=args.threads)
+            wb = weight_bytes(path)
+            if mask is None:
+                dense[t] = {"ppl": ppl, "tg": speed["generate"], "bytes": wb}
+            d = dense[t]
+            row = {
+                "row": label, "type": t, "arch": info.arch, "params_M": round(info.params_written / 1e6, 2),
+                "weight_MB": round(wb / 1e6, 1), "ppl_llama_cpp": round(ppl, 4),
+                "ppl_ratio": round(ppl / d["ppl"], 3), "ppl_headlab": round(ours, 4),
+                "headlab_vs_llama_cpp": round(ppl / ours - 1, 5) if t == "f16" else "",
+                "pp512_tps": round(speed["prompt"], 1), "tg128_tps": round(speed["generate"], 1),
+                "tg_speedup": round(speed["generate"] / d["tg"], 3), "ideal_speedup": round(d["bytes"] / wb, 3),
+                "fraction_of_ideal": round((speed["generate"] / d["tg"]) / (d["bytes"] / wb), 3),
+                "f16_fallbacks": len(info.fallbacks) if t == "q8_0" else "", "measured": today,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    merged = {(r["row"], r["type"]): r for r in _read(RESULTS)} | {(r["row"], r["type"]): r for r in rows}
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(merged.values())
+    print(f"\n| row | type | arch | params | weights MB | llama.cpp ppl (x dense) | HeadLab ppl | tg128 tok/s | "
+          f"speed-up (ideal, fraction) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in merged.values():
+        print(f"| {r['row']} | {r['type']} | {r['arch']} | {r['params_M']}M | {r['weight_MB']} | {r['ppl_llama_cpp']} "
+              f"({r['ppl_ratio']}x) | {r['ppl_headlab']} | {r['tg128_tps']} | {r['tg_speedup']}x "
+              f"({r['ideal_speedup']}x, {r['fraction_of_ideal']}) |")
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+if __name__ == "__main__":
+    main()
