@@ -69,7 +69,7 @@ def test_uneven_groups_are_regrouped_with_a_duplicated_kv_head_and_the_cost_is_s
     assert info.layers[0]["duplicated_kv_heads"] == 1
     assert info.extra_params == 2 * 16 * 64  # one K and one V head of head_dim 16 over hidden 64
     assert info.layers[1] == {"n_head": 4, "n_head_kv": 2, "n_ff": 88, "duplicated_kv_heads": 0,
-                              "zero_ffn_channels": 0}
+                              "zero_ffn_channels": 0, "zero_attn_heads": 0}
 
 
 def test_regroup_makes_contiguous_equal_groups():
@@ -83,6 +83,14 @@ def test_a_layer_without_ffn_gets_a_zero_stand_in_that_deci_needs(tmp_path):
     info, _ = export_and_run(h, _masks(h.geometry)["FFN removed"], tmp_path)
     assert info.layers[1]["zero_ffn_channels"] == STAND_IN_FFN and info.layers[1]["n_ff"] == STAND_IN_FFN
     assert info.layers[0]["zero_ffn_channels"] == 0
+
+
+def test_a_first_layer_without_attention_gets_a_zero_head_llama_cpp_needs(tmp_path):
+    """llama.cpp reads the head size only when layer 0 has heads; a zero head there adds nothing."""
+    h = tiny_handle("llama")
+    info, _ = export_and_run(h, _masks(h.geometry)["attention removed"], tmp_path)
+    assert info.layers[0]["zero_attn_heads"] == 1 and info.layers[0]["n_head"] == 1
+    assert info.extra_params == 4 * 16 * 64
 
 
 @pytest.mark.parametrize("out_type,tol", [("f16", 3e-2), ("bf16", 2e-1), ("q8_0", 2e-1)])
@@ -113,7 +121,8 @@ def test_the_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path):
     tokens = fields["tokenizer.ggml.tokens"].contents()
     types = fields["tokenizer.ggml.token_type"].contents()
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama.cpp's name (src/llama-vocab.cpp)
+    assert fields["tokenizer.ggml.merges"].contents() == ["\u0100 \u0100"]  # a merge that never fires
     assert len(tokens) == VOCAB and tokens[h.tokenizer.convert_tokens_to_ids("<eos>")] == "<eos>"
     assert types[h.tokenizer.eos_token_id] == gguf.TokenType.CONTROL
     assert types[h.tokenizer.convert_tokens_to_ids("a")] == gguf.TokenType.NORMAL

@@ -19,6 +19,10 @@ What ggml needs, and how each need is met exactly:
 - deci's graph skips the residual update of a layer that has no FFN (`if (n_ff == 0) continue;`
   comes before `inpL = cur`), which would drop a kept attention sub-block's output. Such a layer gets
   an FFN of `STAND_IN_FFN` zero channels, which adds exactly nothing (`GgufLayer.zero_ffn_channels`);
+- llama.cpp reads the head size (`attention.key_length`) only when layer 0 has heads
+  (src/llama-model.cpp: `if (hparams.n_head() > 0)`, n_head() being layer 0's), so a first layer
+  without attention gets a stand-in of one head with zero weights, which adds exactly nothing
+  (`GgufLayer.zero_attn_heads`);
 - biases: llama.cpp reads output biases only. The O and down biases (compensation, re-fit
   intercepts) are written; other projections' biases must be the zeros a config's bias switch adds.
 
@@ -54,6 +58,7 @@ GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": 
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 STAND_IN_FFN = 32  # zero channels for a deci layer whose FFN was removed but attention kept (one Q8_0 block)
+_NUL = "\u0100"  # byte 0 in byte-level BPE's alphabet: text never holds it
 _MODEL_TYPES = ("llama",)  # rotary in Llama's rotate-half layout, no sliding window: what `llama`/`deci` compute
 
 
@@ -70,11 +75,13 @@ class GgufLayer:
     n_ff: int
     duplicated_kv_heads: int = 0  # K/V heads written more than once to make the GQA groups equal
     zero_ffn_channels: int = 0  # a stand-in FFN of zero channels (deci skips the update of an FFN-less layer)
+    zero_attn_heads: int = 0  # a stand-in attention head of zeros (llama.cpp needs heads in layer 0)
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def sizes(self) -> dict[str, int]:
         return {"n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
-                "duplicated_kv_heads": self.duplicated_kv_heads, "zero_ffn_channels": self.zero_ffn_channels}
+                "duplicated_kv_heads": self.duplicated_kv_heads, "zero_ffn_channels": self.zero_ffn_channels,
+                "zero_attn_heads": self.zero_attn_heads}
 
 
 @dataclass
@@ -192,9 +199,17 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
             tensors, layer.n_head, layer.n_head_kv, layer.duplicated_kv_heads = _attention(handle, i)
             layer.tensors.update(tensors)
             layer.tensors["attn_norm.weight"] = _np(a.sublayer_norm(i, "attn").weight)
+        elif i == 0:
+            hd = handle.geometry.head_dim
+            layer.n_head = layer.n_head_kv = layer.zero_attn_heads = 1
+            layer.tensors.update({"attn_q.weight": np.zeros((hd, d), np.float32),
+                                  "attn_k.weight": np.zeros((hd, d), np.float32),
+                                  "attn_v.weight": np.zeros((hd, d), np.float32),
+                                  "attn_output.weight": np.zeros((d, hd), np.float32),
+                                  "attn_norm.weight": np.ones(d, np.float32)})
         if ffn:
             layer.tensors.update(_ffn(handle, i))
-        elif attn:
+        elif layer.n_head:
             layer.zero_ffn_channels = STAND_IN_FFN
             layer.tensors.update({"ffn_gate.weight": np.zeros((STAND_IN_FFN, d), np.float32),
                                   "ffn_up.weight": np.zeros((STAND_IN_FFN, d), np.float32),
@@ -208,7 +223,7 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
 
 def _is_uniform(layers: list[GgufLayer]) -> bool:
     first = layers[0]
-    return all(lay.n_head and lay.n_ff and not lay.zero_ffn_channels and
+    return all(lay.n_head and lay.n_ff and not lay.zero_ffn_channels and not lay.zero_attn_heads and
                (lay.n_head, lay.n_head_kv, lay.n_ff) == (first.n_head, first.n_head_kv, first.n_ff)
                and "attn_output.bias" not in lay.tensors and "ffn_down.bias" not in lay.tensors
                for lay in layers)
@@ -221,11 +236,11 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None) -> str:
     parts = (spec or {}).get("pretokenizers", [spec]) if (spec or {}).get("type") == "Sequence" else [spec]
     kinds = [(p or {}).get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     raise GgufError(f"the tokenizer's pre-tokenizer {json.dumps(spec)[:200]} has no llama.cpp name HeadLab knows "
-                    "(gpt2, smollm); pass the GGUF file of the source model as the tokenizer source")
+                    "(gpt-2, smollm); pass the GGUF file of the source model as the tokenizer source")
 
 
 def _hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> str:
@@ -246,6 +261,10 @@ def _hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> s
         types.append(gguf.TokenType.NORMAL if i not in added else
                      gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # llama.cpp refuses a BPE vocabulary without merges: one that never fires (two NUL bytes)
+        if _NUL not in by_id.values():
+            raise GgufError("the tokenizer has no BPE merges, and llama.cpp needs at least one")
+        merges = [f"{_NUL} {_NUL}"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -358,6 +377,6 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
     writer.write_tensors_to_file()
     writer.close()
     extra = sum(2 * lay.duplicated_kv_heads * g.head_dim * g.hidden + 3 * lay.zero_ffn_channels * g.hidden
-                for lay in layers)
+                + 4 * lay.zero_attn_heads * g.head_dim * g.hidden for lay in layers)
     return GgufInfo(path, arch, out_type, [lay.sizes() for lay in layers], counts, fallbacks, params, extra,
                     path.stat().st_size, tokenizer)

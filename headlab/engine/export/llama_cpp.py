@@ -111,11 +111,20 @@ def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, n_ctx: int
            "-b", str(n_ctx), "-t", str(threads)]
     if chunks is not None:
         cmd += ["--chunks", str(chunks)]
-    done = _run(cmd)
-    match = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    if match is None:
-        raise LlamaCppError(f"llama-perplexity printed no final estimate: {(done.stdout + done.stderr)[-1500:]}")
-    return float(match.group(1))
+    # llama-perplexity logs through an asynchronous logger that it does not flush before exiting
+    # (tools/perplexity/perplexity.cpp): now and then its last lines are lost. The running estimate after
+    # the last chunk ("[N]ppl,") is the final one; a run that lost both is repeated.
+    for _ in range(8):
+        done = _run(cmd)
+        out = done.stdout + done.stderr
+        match = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        if match is not None:
+            return float(match.group(1))
+        running = dict(re.findall(r"\[(\d+)\]([0-9.]+),", out))
+        n = re.search(r"calculating perplexity over (\d+) chunks", out)
+        if n is not None and n.group(1) in running:
+            return float(running[n.group(1)])
+    raise LlamaCppError(f"llama-perplexity printed no final estimate in 8 runs: {out[-1500:]}")
 
 
 def bench(gguf: str | os.PathLike, *, prompt: int = 512, generate: int = 128, threads: int = 1,
