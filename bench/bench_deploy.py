@@ -14,7 +14,8 @@ Protocol:
   (second half of each chunk scored). HeadLab's column computes that protocol on the masked float32
   model with llama.cpp's own token ids (headlab.engine.runtime.half_window); ratio columns divide
   by the dense model of the same type in the same run.
-- speed: `llama-bench -p 512 -n 128 -r 3` at --threads (1 by default); ideal = dense weight bytes /
+- speed: `llama-bench -p 512 -n 128 -r 3` at --threads (1 by default), every file once per round for
+  --rounds interleaved rounds, medians; ideal = dense weight bytes /
   pruned weight bytes of the same type (every weight is read once per generated token).
 Results: bench/results/deploy.csv (merged by row key, each row dated).
 """
@@ -26,6 +27,7 @@ import csv
 import datetime as dt
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="llama-bench threads")
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--masks-only", action="store_true", help="choose and cache the masks, measure nothing")
+    ap.add_argument("--rounds", type=int, default=3, help="llama-bench passes over every file (medians reported)")
+    ap.add_argument("--fresh", action="store_true", help="rewrite the files and measure perplexity again")
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = cache_dir() / "bench" / "deploy"
@@ -92,40 +96,56 @@ def main() -> None:
           f"{llama_cpp.LLAMA_CPP_PYTHON}; llama-bench -p 512 -n 128 -r 3 -t {args.threads}; "
           f"llama-perplexity -c 512 --chunks {args.chunks} on {WIKITEXT_FILE.name}", flush=True)
     today = dt.date.today().isoformat()
-    rows, dense = [], {}
+    done_path = work / "perplexities.json"  # (row, type) -> file facts and perplexities: a rerun resumes
+    done = json.loads(done_path.read_text()) if done_path.exists() and not args.fresh else {}
+    files: list[tuple[str, str, Path]] = []
     for label, mask in variants:
-        model = handle if mask is None else prune(handle, mask)
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-        files = {}
-        for t in args.types.split(","):
-            path = work / "gguf" / f"{slug}-{t}.gguf"
+        paths = {t: work / "gguf" / f"{slug}-{t}.gguf" for t in args.types.split(",")}
+        if all(f"{label}|{t}" in done and p.exists() for t, p in paths.items()):
+            files += [(label, t, p) for t, p in paths.items()]
+            continue
+        model = handle if mask is None else prune(handle, mask)
+        infos = {}
+        for t, path in paths.items():
             if t in ("f16", "q8_0", "f32", "bf16"):
-                info = write_gguf(model, path, t, tokenizer_gguf=shipped_gguf(handle.name))
-                files[t] = (path, info)
+                infos[t] = write_gguf(model, path, t, tokenizer_gguf=shipped_gguf(handle.name))
             else:
-                llama_cpp.quantize(files["f16"][0], path, t)
-                files[t] = (path, files["f16"][1])
-        ids = llama_cpp.tokenize(files["f16"][0], WIKITEXT_FILE)
+                llama_cpp.quantize(paths["f16"], path, t)
+                infos[t] = infos["f16"]
+        ids = llama_cpp.tokenize(paths["f16"], WIKITEXT_FILE)
         ours = half_window_perplexity(handle, ids, 512, mask=mask, n_chunks=args.chunks).perplexity
-        for t, (path, info) in files.items():
-            ppl = llama_cpp.perplexity(path, WIKITEXT_FILE, 512, chunks=args.chunks)
-            speed = llama_cpp.bench(path, threads=args.threads)
-            wb = weight_bytes(path)
-            if mask is None:
-                dense[t] = {"ppl": ppl, "tg": speed["generate"], "bytes": wb}
-            d = dense[t]
-            row = {
-                "row": label, "type": t, "arch": info.arch, "params_M": round(info.params_written / 1e6, 2),
-                "weight_MB": round(wb / 1e6, 1), "ppl_llama_cpp": round(ppl, 4),
-                "ppl_ratio": round(ppl / d["ppl"], 3), "ppl_headlab": round(ours, 4),
-                "headlab_vs_llama_cpp": round(ppl / ours - 1, 5) if t == "f16" else "",
-                "pp512_tps": round(speed["prompt"], 1), "tg128_tps": round(speed["generate"], 1),
-                "tg_speedup": round(speed["generate"] / d["tg"], 3), "ideal_speedup": round(d["bytes"] / wb, 3),
-                "fraction_of_ideal": round((speed["generate"] / d["tg"]) / (d["bytes"] / wb), 3),
-                "f16_fallbacks": len(info.fallbacks) if t == "q8_0" else "", "measured": today,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for t, path in paths.items():
+            done[f"{label}|{t}"] = {"arch": infos[t].arch, "params": infos[t].params_written,
+                                    "fallbacks": len(infos[t].fallbacks), "bytes": weight_bytes(path),
+                                    "ppl": llama_cpp.perplexity(path, WIKITEXT_FILE, 512, chunks=args.chunks),
+                                    "ours": ours}
+            files.append((label, t, path))
+            print(label, t, done[f"{label}|{t}"], flush=True)
+        done_path.write_text(json.dumps(done, indent=1))
+    # Speed: every file once per round, rounds interleaved so drift on a shared machine hits all alike; medians.
+    speeds: dict[str, list[dict[str, float]]] = {}
+    for r in range(args.rounds):
+        for label, t, path in files:
+            speeds.setdefault(f"{label}|{t}", []).append(llama_cpp.bench(path, threads=args.threads))
+        print(f"speed round {r + 1}/{args.rounds} done", flush=True)
+    rows = []
+    for label, t, _ in files:
+        f, d = done[f"{label}|{t}"], done[f"dense|{t}"]
+        tg = statistics.median(x["generate"] for x in speeds[f"{label}|{t}"])
+        pp = statistics.median(x["prompt"] for x in speeds[f"{label}|{t}"])
+        tg_dense = statistics.median(x["generate"] for x in speeds[f"dense|{t}"])
+        row = {
+            "row": label, "type": t, "arch": f["arch"], "params_M": round(f["params"] / 1e6, 2),
+            "weight_MB": round(f["bytes"] / 1e6, 1), "ppl_llama_cpp": round(f["ppl"], 4),
+            "ppl_ratio": round(f["ppl"] / d["ppl"], 3), "ppl_headlab": round(f["ours"], 4),
+            "headlab_vs_llama_cpp": round(f["ppl"] / f["ours"] - 1, 5) if t == "f16" else "",
+            "pp512_tps": round(pp, 1), "tg128_tps": round(tg, 1), "tg_speedup": round(tg / tg_dense, 3),
+            "ideal_speedup": round(d["bytes"] / f["bytes"], 3),
+            "fraction_of_ideal": round((tg / tg_dense) / (d["bytes"] / f["bytes"]), 3),
+            "f16_fallbacks": f["fallbacks"] if t == "q8_0" else "", "measured": today,
+        }
+        rows.append(row)
     merged = {(r["row"], r["type"]): r for r in _read(RESULTS)} | {(r["row"], r["type"]): r for r in rows}
     RESULTS.parent.mkdir(exist_ok=True)
     with RESULTS.open("w", newline="") as f:
