@@ -5,8 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from headlab.engine.data.datasets import calibration_texts
-from headlab.engine.export.deploy import GgufExportResult, export_gguf
-from headlab.engine.export.gguf import GGUF_TYPES
+from headlab.engine.export.deploy import EXPORT_TYPES, GgufExportResult, export_gguf
 from headlab.engine.export.write import LAYOUTS, export, preview, zip_folder
 from headlab.engine.importance.depth import DEPTH_CRITERIA
 from headlab.engine.pruning.size_target import reach_size
@@ -65,9 +64,10 @@ f1, f2 = st.columns([2, 1])
 fmt = FORMATS[f1.radio("Format", FORMATS, horizontal=True, key=keys.W_EXPORT_FORMAT,
                        help="GGUF: one file llama.cpp, Ollama and LM Studio run (Llama family; per-layer sizes as "
                             "llama.cpp's deci architecture), with an Ollama Modelfile beside it")]
-gguf_type = f2.selectbox("GGUF type", sorted(GGUF_TYPES), index=sorted(GGUF_TYPES).index("f16"),
+gguf_type = f2.selectbox("GGUF type", EXPORT_TYPES, index=EXPORT_TYPES.index("f16"),
                          key=keys.W_EXPORT_GGUF_TYPE, disabled=fmt != "gguf",
-                         help="K-quants (Q4_K_M): run llama.cpp's llama-quantize on the f16 file")
+                         help="K-quants (Q4_K_M, ...) are made from an f16 file by llama.cpp's llama-quantize "
+                              "(`make llama-cpp` builds it)")
 if st.button("Export", type="primary"):
     with user_errors(), st.status("Exporting...", expanded=True) as status:
         stage = lambda msg: status.write(msg)  # noqa: E731

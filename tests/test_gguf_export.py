@@ -179,3 +179,15 @@ def test_the_shipped_smollm2_keeps_its_own_tokenizer_in_the_gguf(smollm, tmp_pat
         assert ours[key].contents() == source[key].contents(), key
     assert ours["tokenizer.ggml.pre"].contents() == "smollm"
     assert info.arch == "llama" and not info.fallbacks and info.extra_params == 0
+
+
+def test_a_k_quant_without_llama_cpp_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+    from headlab.engine.export.deploy import export_gguf
+    from headlab.engine.export.llama_cpp import LlamaCppMissing
+
+    monkeypatch.setenv("HEADLAB_LLAMA_CPP", str(tmp_path / "no-build"))
+    with pytest.raises(LlamaCppMissing, match="make llama-cpp"):
+        export_gguf(tiny_handle("llama"), None, tmp_path / "out", "Q4_K_M", evaluate=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(GgufError, match="unknown GGUF type"):
+        export_gguf(tiny_handle("llama"), None, tmp_path / "out", "q3", evaluate=False)

@@ -92,3 +92,16 @@ def test_shipped_smollm2_per_layer_pruned_in_llama_cpp(smollm, tmp_path, text_fi
     assert info.arch == "deci" and any(lay["duplicated_kv_heads"] for lay in info.layers)
     theirs, ours = compare(smollm, mask, info.path, text_file, 512, chunks=4)
     assert theirs == pytest.approx(ours, rel=1e-3)
+
+
+def test_a_q4_k_m_export_is_made_by_llama_quantize_and_runs(tmp_path, text_file):
+    from headlab.engine.export.deploy import export_gguf
+    from headlab.engine.models.pruned import verify_files
+
+    h = tiny_handle("llama")
+    mask = tiny_masks(h.geometry)["uneven GQA groups"]
+    r = export_gguf(h, mask, tmp_path / "q4", "Q4_K_M", evaluate=False)
+    assert sorted(p.name for p in r.folder.iterdir()) == ["Modelfile", "headlab_manifest.json", "q4-Q4_K_M.gguf"]
+    assert verify_files(r.folder)["gguf"]["out_type"] == "Q4_K_M"
+    theirs, ours = compare(h, mask, r.gguf.path, text_file, TINY_CTX, chunks=8)
+    assert theirs == pytest.approx(ours, rel=0.02)  # rows of 64: llama-quantize falls back to small-block types

@@ -32,8 +32,7 @@ from headlab.engine.cli.common import (
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import calibration_texts
-from headlab.engine.export.deploy import export_gguf
-from headlab.engine.export.gguf import GGUF_TYPES
+from headlab.engine.export.deploy import EXPORT_TYPES, export_gguf
 from headlab.engine.export.write import LAYOUTS, export, zip_folder
 from headlab.engine.pruning.size_target import ROUTES, reach_size
 from headlab.engine.pruning.strategies import Calibration
@@ -53,7 +52,9 @@ def _ffn_align(args: argparse.Namespace) -> int:
     """FFN channels per kept block: --ffn-align, else a GGUF q8_0 export's block (32), else 1 (no rounding)."""
     if args.ffn_align:
         return args.ffn_align
-    return 32 if args.format == "gguf" and args.gguf_type == "q8_0" and args.layout != "uniform" else 1
+    if args.format != "gguf" or args.layout == "uniform":
+        return 1
+    return 32 if args.gguf_type == "q8_0" else 256 if args.gguf_type.startswith(("Q4_K", "Q5_K", "Q6_K")) else 1
 
 
 def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMask:
@@ -165,12 +166,13 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--format", default="hf", choices=("hf", "gguf"),
                    help="hf = a Hugging Face folder (default); gguf = one GGUF file for llama.cpp / Ollama (Llama "
                         "family), with a Modelfile")
-    p.add_argument("--gguf-type", default="f16", choices=sorted(GGUF_TYPES),
-                   help="with --format gguf: the weights' type (K-quants: llama-quantize on the f16 file)")
+    p.add_argument("--gguf-type", default="f16", choices=EXPORT_TYPES,
+                   help="with --format gguf: the weights' type; K-quants (Q4_K_M, ...) are made from an f16 file by "
+                        "llama.cpp's llama-quantize (`make llama-cpp` builds it, or set HEADLAB_LLAMA_CPP)")
     p.add_argument("--ffn-align", type=int, default=0,
                    help="with --keep --route width (per layer): every layer keeps a multiple of this many FFN "
                         "channels, chosen at those counts (32 for Q8_0, 256 for llama.cpp's K-quants such as "
-                        "Q4_K_M; default 32 for --format gguf --gguf-type q8_0, else none)")
+                        "Q4_K_M; default 32 for --format gguf --gguf-type q8_0, 256 for a K-quant, else none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the old folder goes only after the new one is complete)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")

@@ -21,7 +21,8 @@ from typing import Any, Callable
 from headlab.engine import __version__ as ENGINE_VERSION
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.export.gguf import GgufInfo, write_gguf
+from headlab.engine.export import llama_cpp
+from headlab.engine.export.gguf import GGUF_TYPES, GgufError, GgufInfo, write_gguf
 from headlab.engine.export.surgery import prune
 from headlab.engine.export.write import MANIFEST, _check_target, _parity, _perplexities, _publish
 from headlab.engine.models.load import shipped_gguf
@@ -29,9 +30,10 @@ from headlab.engine.models.pruned import file_sha256
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL
 
-__all__ = ["GGUF_MANIFEST_FORMAT", "GgufExportResult", "export_gguf", "modelfile", "run_commands"]
+__all__ = ["EXPORT_TYPES", "GGUF_MANIFEST_FORMAT", "GgufExportResult", "export_gguf", "modelfile", "run_commands"]
 
 GGUF_MANIFEST_FORMAT = "headlab.gguf_export"
+EXPORT_TYPES = (*GGUF_TYPES, *llama_cpp.K_QUANTS)  # K-quants: HeadLab writes f16, llama.cpp's llama-quantize converts
 Stage = Callable[[str], None]
 
 
@@ -73,10 +75,18 @@ def export_gguf(
     protocol: Any = None,
     stage: Stage | None = None,
 ) -> GgufExportResult:
-    """Prune `handle` by `mask` (None = dense) and write `folder` with `<name>-<type>.gguf`, Modelfile, manifest."""
+    """Prune `handle` by `mask` (None = dense) and write `folder` with `<name>-<type>.gguf`, Modelfile, manifest.
+
+    `out_type` is one of GGUF_TYPES (written directly) or a K-quant (llama_cpp.K_QUANTS: an f16 file is
+    written, then llama.cpp's llama-quantize converts it; the tools must be built, `make llama-cpp`).
+    """
     stage = stage or (lambda msg: None)
     folder = Path(folder).expanduser().resolve()
+    if out_type not in EXPORT_TYPES:
+        raise GgufError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(EXPORT_TYPES)}")
     _check_target(folder, overwrite)  # fail before any slow work
+    if out_type in llama_cpp.K_QUANTS:
+        llama_cpp.find_tools()  # a missing llama-quantize is reported before any slow work
     mask = mask if mask is not None else PruneMask.dense(handle.geometry)
     stage("slicing the model")
     pruned = prune(handle, mask)
@@ -89,8 +99,17 @@ def export_gguf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         stage(f"writing {name}")
-        info = write_gguf(pruned, tmp / name, out_type, tokenizer_gguf=shipped_gguf(handle.name),
+        kquant = out_type in llama_cpp.K_QUANTS
+        written = tmp / (f".{folder.name}-f16.gguf" if kquant else name)
+        info = write_gguf(pruned, written, "f16" if kquant else out_type, tokenizer_gguf=shipped_gguf(handle.name),
                           name=f"{handle.name} (HeadLab)")
+        if kquant:
+            stage(f"llama-quantize: f16 -> {out_type}")
+            llama_cpp.quantize(written, tmp / name, out_type)
+            written.unlink()
+            info.out_type, info.bytes = out_type, (tmp / name).stat().st_size
+            info.fallbacks = [f"{out_type} made by llama-quantize from f16: it picks the types of rows that are "
+                              "not whole blocks of 256"]
         (tmp / "Modelfile").write_text(modelfile(name))
         manifest = {
             "format": GGUF_MANIFEST_FORMAT,

@@ -21,16 +21,21 @@ from typing import Callable
 
 from headlab.engine.models.load import cache_dir
 
-__all__ = ["LLAMA_CPP_PYTHON", "TOOLS", "LlamaCppError", "bench", "build_tools", "find_tools", "perplexity",
+__all__ = ["K_QUANTS", "LLAMA_CPP_PYTHON", "TOOLS", "LlamaCppError", "LlamaCppMissing", "bench", "build_tools", "find_tools", "perplexity",
            "quantize", "tokenize"]
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-tokenize")
 ENV = "HEADLAB_LLAMA_CPP"
+K_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K")  # made by llama-quantize from an f16 file
 
 
 class LlamaCppError(RuntimeError):
-    """llama.cpp's tools are missing, cannot be built here, or a tool failed (its output is in the message)."""
+    """A llama.cpp tool failed or printed nothing usable (its output is in the message)."""
+
+
+class LlamaCppMissing(LlamaCppError, FileNotFoundError):
+    """llama.cpp's tools are not built, or cannot be built here; the message says how to get them."""
 
 
 def _root() -> Path:
@@ -46,7 +51,7 @@ def find_tools() -> dict[str, Path]:
     found = {name: _bin_dir() / name for name in TOOLS}
     missing = [name for name, path in found.items() if not os.access(path, os.X_OK)]
     if missing:
-        raise LlamaCppError(f"llama.cpp tools {missing} are not in {_bin_dir()}: run `make llama-cpp` (builds them "
+        raise LlamaCppMissing(f"llama.cpp tools {missing} are not in {_bin_dir()}: run `make llama-cpp` (builds them "
                             f"from llama-cpp-python {LLAMA_CPP_PYTHON}'s source, ~10 min) or set {ENV} to a folder "
                             "holding a llama.cpp build's binaries")
     return found
@@ -69,7 +74,7 @@ def build_tools(progress: Callable[[str], None] = print, jobs: int = 2) -> dict[
             raise
     for tool in ("cmake", "ninja"):
         if shutil.which(tool) is None:
-            raise LlamaCppError(f"building llama.cpp needs `{tool}` (apt-get install {tool.replace('ninja', 'ninja-build')})")
+            raise LlamaCppMissing(f"building llama.cpp needs `{tool}` (apt-get install {tool.replace('ninja', 'ninja-build')})")
     root = _root()
     root.mkdir(parents=True, exist_ok=True)
     src = root / f"src-{LLAMA_CPP_PYTHON}"
