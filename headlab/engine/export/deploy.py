@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,9 +22,8 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.export import llama_cpp
 from headlab.engine.export.gguf import GGUF_TYPES, GgufError, GgufInfo, write_gguf
 from headlab.engine.export.surgery import prune
-from headlab.engine.export.write import MANIFEST, _check_target, _parity, _perplexities, _publish
+from headlab.engine.export.write import MANIFEST, _check_target, _parity, _perplexities, file_checksums, staged_folder
 from headlab.engine.models.load import shipped_gguf
-from headlab.engine.models.pruned import file_sha256
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL
 
@@ -95,9 +92,7 @@ def export_gguf(
     ppl = _perplexities(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
     c = cost(handle, mask)
     name = f"{folder.name}-{out_type}.gguf"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with staged_folder(folder, overwrite) as tmp:
         stage(f"writing {name}")
         kquant = out_type in llama_cpp.K_QUANTS
         written = tmp / (f".{folder.name}-f16.gguf" if kquant else name)
@@ -128,13 +123,8 @@ def export_gguf(
             "perplexity": ppl,
             "run": run_commands(name),
         }
-        manifest["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["files"] = file_checksums(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         stage("moving the folder into place")
-        _publish(tmp, folder, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     info.path = folder / name
     return GgufExportResult(folder, info, c.params_total, c.params_kept, manifest)

@@ -34,6 +34,8 @@ import shutil
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -183,6 +185,25 @@ def _publish(tmp: Path, folder: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `folder` to write into; it becomes `folder` when the block completes, else goes."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        _publish(tmp, folder, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `folder` (relative path) -> its size and sha256, for a manifest."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def _perplexities(handle: ModelHandle, pruned: ModelHandle, protocol: Any, stage: Stage) -> dict[str, Any] | None:
     if not handle.is_causal_lm:
         return None
@@ -247,10 +268,8 @@ def export(
     ppl = _perplexities(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
 
     stage("writing safetensors")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     config = pruned.model.config
-    try:
+    with staged_folder(folder, overwrite) as tmp:
         _clean_config(config)
         if pv.layout == "per_layer" and getattr(config, LAYERS_KEY, None) is None:
             setattr(config, LAYERS_KEY, layer_record(pruned.adapter, pv.plan))
@@ -258,14 +277,9 @@ def export(
         pruned.tokenizer.save_pretrained(tmp)
         sentence = write_sentence_files(handle.source, tmp)
         manifest = _manifest(handle, pruned, mask, pv, c, parity, ppl, sentence)
-        manifest["files"] = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["files"] = file_checksums(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         stage("moving the folder into place")
-        _publish(tmp, folder, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportResult(folder, pv.layout, c.params_total, params_after, folder_size(folder), manifest)
 
 
