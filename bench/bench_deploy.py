@@ -152,8 +152,8 @@ def main() -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(merged.values())
-    print(f"\n| row | type | arch | params | weights MB | llama.cpp ppl (x dense) | HeadLab ppl | tg128 tok/s | "
-          f"speed-up (ideal, fraction) |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| row | type | arch | params | weights MB | llama.cpp ppl (x dense) | HeadLab ppl | tg128 tok/s | "
+          "speed-up (ideal, fraction) |\n|---|---|---|---|---|---|---|---|---|")
     for r in merged.values():
         print(f"| {r['row']} | {r['type']} | {r['arch']} | {r['params_M']}M | {r['weight_MB']} | {r['ppl_llama_cpp']} "
               f"({r['ppl_ratio']}x) | {r['ppl_headlab']} | {r['tg128_tps']} | {r['tg_speedup']}x "

@@ -13,7 +13,6 @@ import torch
 
 from tests.tiny import TINY_FAMILIES, tiny_handle
 
-
 # llama.cpp checks run only when asked (`make test-deploy`): they need llama.cpp's tools, built once by
 # `make llama-cpp`; everywhere else they are not collected at all (rather than skipped)
 collect_ignore = [] if os.environ.get("HEADLAB_DEPLOY") == "1" else ["deploy"]
