@@ -3,6 +3,7 @@
     make llama-cpp                                      # once: llama.cpp's tools (~10 min)
     python bench/bench_deploy.py                        # dense + width -20% (per layer, FFN blocks 1/32/256)
     python bench/bench_deploy.py --keeps 0.9,0.8,0.7 --aligns 32
+    python bench/bench_deploy.py --variants 0.8:1,0.8:32,0.8:256,0.9:32,0.7:32 --types q8_0,Q4_K_M --rounds 1
 
 Protocol:
 - masks: `obs` per layer (headlab.engine.pruning.strategies.reconstruct.width_by_reconstruction) chosen on
@@ -72,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keeps", default="0.8")
     ap.add_argument("--aligns", default="1,32,256")
+    ap.add_argument("--variants", default=None,
+                    help="keep:align pairs instead of --keeps x --aligns, e.g. 0.8:1,0.8:32,0.9:32,0.7:32")
     ap.add_argument("--types", default="f16,q8_0,Q4_K_M")
     ap.add_argument("--threads", type=int, default=1, help="llama-bench threads")
     ap.add_argument("--chunks", type=int, default=12)
@@ -85,10 +88,11 @@ def main() -> None:
     handle = load_model()
     calib = Calibration.shipped("wikitext", 32, max_length=256)
     variants: list[tuple[str, PruneMask | None]] = [("dense", None)]
-    for keep in (float(k) for k in args.keeps.split(",")):
-        for align in (int(a) for a in args.aligns.split(",")):
-            variants.append((f"width-{100 * (1 - keep):.0f}% per layer, FFN blocks {align}",
-                             mask_for(handle, keep, align, work, calib)))
+    pairs = ([(float(v.split(":")[0]), int(v.split(":")[1])) for v in args.variants.split(",")] if args.variants
+             else [(float(k), int(a)) for k in args.keeps.split(",") for a in args.aligns.split(",")])
+    for keep, align in pairs:
+        variants.append((f"width-{100 * (1 - keep):.0f}% per layer, FFN blocks {align}",
+                         mask_for(handle, keep, align, work, calib)))
     if args.masks_only:
         return
     llama_cpp.find_tools()
