@@ -110,14 +110,15 @@ def main() -> None:
             files += [(label, t, p) for t, p in paths.items()]
             continue
         model = handle if mask is None else prune(handle, mask)
-        infos = {}
+        f16 = work / "gguf" / f"{slug}-f16.gguf"  # K-quants are made from it, and it tokenizes the text
+        infos = {"f16": write_gguf(model, f16, "f16", tokenizer_gguf=shipped_gguf(handle.name))}
         for t, path in paths.items():
-            if t in ("f16", "q8_0", "f32", "bf16"):
+            if t in ("q8_0", "f32", "bf16"):
                 infos[t] = write_gguf(model, path, t, tokenizer_gguf=shipped_gguf(handle.name))
-            else:
-                llama_cpp.quantize(paths["f16"], path, t)
+            elif t != "f16":
+                llama_cpp.quantize(f16, path, t)
                 infos[t] = infos["f16"]
-        ids = llama_cpp.tokenize(paths["f16"], WIKITEXT_FILE)
+        ids = llama_cpp.tokenize(f16, WIKITEXT_FILE)
         ours = half_window_perplexity(handle, ids, 512, mask=mask, n_chunks=args.chunks).perplexity
         for t, path in paths.items():
             done[f"{label}|{t}"] = {"arch": infos[t].arch, "params": infos[t].params_written,
