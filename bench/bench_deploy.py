@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--masks-only", action="store_true", help="choose and cache the masks, measure nothing")
     ap.add_argument("--rounds", type=int, default=3, help="llama-bench passes over every file (medians reported)")
     ap.add_argument("--fresh", action="store_true", help="rewrite the files and measure perplexity again")
+    ap.add_argument("--csv", default=str(RESULTS), help="results table (rows merged by row and type)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     work = cache_dir() / "bench" / "deploy"
@@ -151,9 +152,10 @@ def main() -> None:
             "f16_fallbacks": f["fallbacks"] if t == "q8_0" else "", "measured": today,
         }
         rows.append(row)
-    merged = {(r["row"], r["type"]): r for r in _read(RESULTS)} | {(r["row"], r["type"]): r for r in rows}
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("w", newline="") as f:
+    out = Path(args.csv)
+    merged = {(r["row"], r["type"]): r for r in _read(out)} | {(r["row"], r["type"]): r for r in rows}
+    out.parent.mkdir(exist_ok=True)
+    with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(merged.values())
