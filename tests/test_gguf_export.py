@@ -33,7 +33,8 @@ def export_and_run(handle, mask, tmp_path, out_type="f32"):
     return info, gguf_logits(info.path, IDS)
 
 
-def _masks(g):
+def layout_masks(g) -> dict[str, PruneMask]:
+    """One mask per layout the GGUF writer states differently (shared with tests/deploy, real llama.cpp)."""
     dense = PruneMask.dense(g)
     uniform = dense.clone()
     uniform.heads[:, 1] = 0  # the same head of every layer: llama.cpp's `llama` architecture
@@ -45,8 +46,8 @@ def _masks(g):
     no_attn = dense.clone().with_block(0, "attn", 0.0)
     no_ffn = dense.clone().with_block(1, "ffn", 0.0)
     biased = uneven.clone()
-    biased.attn_bias = torch.randn(g.n_layers, g.hidden) * 0.05
-    biased.ffn_bias = torch.randn(g.n_layers, g.hidden) * 0.05
+    biased.attn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(1)) * 0.05
+    biased.ffn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(2)) * 0.05
     return {"dense": dense, "uniform": uniform, "uneven GQA": uneven, "attention removed": no_attn,
             "FFN removed": no_ffn, "output biases": biased}
 
@@ -55,7 +56,7 @@ def _masks(g):
                                   "output biases"])
 def test_the_gguf_file_computes_the_masked_models_logits(case, tmp_path):
     h = tiny_handle("llama")
-    mask = _masks(h.geometry)[case]
+    mask = layout_masks(h.geometry)[case]
     info, got = export_and_run(h, mask, tmp_path)
     ref = masked_logits(h, mask)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
@@ -64,7 +65,7 @@ def test_the_gguf_file_computes_the_masked_models_logits(case, tmp_path):
 
 def test_uneven_groups_are_regrouped_with_a_duplicated_kv_head_and_the_cost_is_stated(tmp_path):
     h = tiny_handle("llama")  # 4 query heads in 2 groups of 2
-    info, _ = export_and_run(h, _masks(h.geometry)["uneven GQA"], tmp_path)
+    info, _ = export_and_run(h, layout_masks(h.geometry)["uneven GQA"], tmp_path)
     assert info.layers[0]["n_head"] == 3 and info.layers[0]["n_head_kv"] == 3
     assert info.layers[0]["duplicated_kv_heads"] == 1
     assert info.extra_params == 2 * 16 * 64  # one K and one V head of head_dim 16 over hidden 64
@@ -80,7 +81,7 @@ def test_regroup_makes_contiguous_equal_groups():
 
 def test_a_layer_without_ffn_gets_a_zero_stand_in_that_deci_needs(tmp_path):
     h = tiny_handle("llama")
-    info, _ = export_and_run(h, _masks(h.geometry)["FFN removed"], tmp_path)
+    info, _ = export_and_run(h, layout_masks(h.geometry)["FFN removed"], tmp_path)
     assert info.layers[1]["zero_ffn_channels"] == STAND_IN_FFN and info.layers[1]["n_ff"] == STAND_IN_FFN
     assert info.layers[0]["zero_ffn_channels"] == 0
 
@@ -88,7 +89,7 @@ def test_a_layer_without_ffn_gets_a_zero_stand_in_that_deci_needs(tmp_path):
 def test_a_first_layer_without_attention_gets_a_zero_head_llama_cpp_needs(tmp_path):
     """llama.cpp reads the head size only when layer 0 has heads; a zero head there adds nothing."""
     h = tiny_handle("llama")
-    info, _ = export_and_run(h, _masks(h.geometry)["attention removed"], tmp_path)
+    info, _ = export_and_run(h, layout_masks(h.geometry)["attention removed"], tmp_path)
     assert info.layers[0]["zero_attn_heads"] == 1 and info.layers[0]["n_head"] == 1
     assert info.extra_params == 4 * 16 * 64
 
@@ -96,7 +97,7 @@ def test_a_first_layer_without_attention_gets_a_zero_head_llama_cpp_needs(tmp_pa
 @pytest.mark.parametrize("out_type,tol", [("f16", 3e-2), ("bf16", 2e-1), ("q8_0", 2e-1)])
 def test_half_and_8_bit_files_stay_close(out_type, tol, tmp_path):
     h = tiny_handle("llama")
-    mask = _masks(h.geometry)["uneven GQA"]
+    mask = layout_masks(h.geometry)["uneven GQA"]
     info, got = export_and_run(h, mask, tmp_path, out_type)
     ref = masked_logits(h, mask)
     assert np.abs(got - ref).max() < tol
@@ -152,7 +153,7 @@ def test_cli_writes_an_atomic_folder_with_the_file_a_modelfile_and_checksums(tmp
 
     folder = save_tiny(tmp_path / "tiny-llama", "llama")
     h = tiny_handle("llama")
-    mask_file = _masks(h.geometry)["uneven GQA"].save(tmp_path / "mask.json")
+    mask_file = layout_masks(h.geometry)["uneven GQA"].save(tmp_path / "mask.json")
     out = tmp_path / "gguf-out"
     argv = ["export", "--model", str(folder), "--mask", str(mask_file), "--format", "gguf", "--gguf-type", "q8_0",
             "--no-eval", "--out", str(out)]

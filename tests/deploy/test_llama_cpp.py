@@ -22,6 +22,7 @@ from headlab.engine.export.gguf import write_gguf
 from headlab.engine.export.surgery import prune
 from headlab.engine.models.load import shipped_gguf
 from headlab.engine.runtime.half_window import half_window_perplexity
+from tests.test_gguf_export import layout_masks
 from tests.tiny import tiny_handle
 
 TINY_CTX = 64
@@ -35,22 +36,6 @@ def text_file(tmp_path_factory):
     return path
 
 
-def tiny_masks(g):
-    dense = PruneMask.dense(g)
-    uniform = dense.clone()
-    uniform.heads[:, 1] = uniform.heads[:, 3] = 0
-    uniform.ffn[:, 64:] = 0
-    uneven = dense.clone()
-    uneven.heads[0, 0] = 0
-    uneven.ffn[1, :40] = 0
-    biased = uneven.clone()
-    biased.attn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(1)) * 0.05
-    biased.ffn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(2)) * 0.05
-    return {"dense": dense, "uniform": uniform, "uneven GQA groups": uneven,
-            "attention removed": dense.clone().with_block(0, "attn", 0.0),
-            "FFN removed": dense.clone().with_block(1, "ffn", 0.0), "output biases": biased}
-
-
 def compare(handle, mask, gguf_path, text_file, n_ctx, chunks=None):
     ids = llama_cpp.tokenize(gguf_path, text_file)
     ours = half_window_perplexity(handle, ids, n_ctx, mask=mask, n_chunks=chunks)
@@ -59,11 +44,11 @@ def compare(handle, mask, gguf_path, text_file, n_ctx, chunks=None):
     return theirs, ours.perplexity
 
 
-@pytest.mark.parametrize("case", ["dense", "uniform", "uneven GQA groups", "attention removed", "FFN removed",
+@pytest.mark.parametrize("case", ["dense", "uniform", "uneven GQA", "attention removed", "FFN removed",
                                   "output biases"])
 def test_tiny_llama_exports_have_headlabs_perplexity_in_llama_cpp(case, tmp_path, text_file):
     h = tiny_handle("llama")
-    mask = tiny_masks(h.geometry)[case]
+    mask = layout_masks(h.geometry)[case]
     info = write_gguf(prune(h, mask), tmp_path / "tiny.gguf", "f32")
     theirs, ours = compare(h, mask, info.path, text_file, TINY_CTX, chunks=8)
     assert theirs == pytest.approx(ours, rel=1e-4)
@@ -99,7 +84,7 @@ def test_a_q4_k_m_export_is_made_by_llama_quantize_and_runs(tmp_path, text_file)
     from headlab.engine.models.pruned import verify_files
 
     h = tiny_handle("llama")
-    mask = tiny_masks(h.geometry)["uneven GQA groups"]
+    mask = layout_masks(h.geometry)["uneven GQA"]
     r = export_gguf(h, mask, tmp_path / "q4", "Q4_K_M", evaluate=False)
     assert sorted(p.name for p in r.folder.iterdir()) == ["Modelfile", "headlab_manifest.json", "q4-Q4_K_M.gguf"]
     assert verify_files(r.folder)["gguf"]["out_type"] == "Q4_K_M"

@@ -110,10 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"parameters: {r.params_before:,} -> {r.params_after:,} ({100 * m['params']['removed_fraction']:.1f}% "
           f"removed); ideal speedup (FLOPs/token at 512) {m['flops_per_token_512']['ideal_speedup']:.2f}x")
     print(f"pruned vs masked logits: max |diff| {m['parity']['max_abs_logit_diff']:.2e}")
-    if m["perplexity"]:
-        p = m["perplexity"]
-        print(f"perplexity: {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
-              f"({p['ratio']:.2f}x) on {p['protocol']}")
+    _print_perplexity(m["perplexity"], "perplexity")
     if r.layout != "uniform":
         print(f"per-layer sizes recorded ({m['why_not_uniform']})")
     for note in m["surgery"]["notes"][:8]:
@@ -126,6 +123,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_perplexity(p: dict | None, label: str) -> None:
+    """The manifest's perplexity before/after, when it was measured."""
+    if p:
+        print(f"{label}: {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
+              f"({p['ratio']:.2f}x) on {p['protocol']}")
+
+
 def _report_gguf(r, seconds: float) -> int:
     m, g = r.manifest, r.gguf
     print(f"exported to {r.folder}: {m['gguf']['file']} ({g.arch} architecture, {g.out_type}, "
@@ -133,10 +137,7 @@ def _report_gguf(r, seconds: float) -> int:
     print(f"parameters: {r.params_before:,} -> {r.params_after:,}; written to the GGUF {g.params_written:,} "
           f"({g.extra_params:,} added for llama.cpp: duplicated K/V heads of uneven GQA groups, stand-in FFNs)")
     print(f"pruned vs masked logits: max |diff| {m['parity']['max_abs_logit_diff']:.2e}; tokenizer {g.tokenizer}")
-    if m["perplexity"]:
-        p = m["perplexity"]
-        print(f"perplexity (HeadLab): {p['before']['perplexity']:.2f} -> {p['after']['perplexity']:.2f} "
-              f"({p['ratio']:.2f}x) on {p['protocol']}")
+    _print_perplexity(m["perplexity"], "perplexity (HeadLab)")
     for f in g.fallbacks[:8]:
         print(f"  kept at F16: {f}")
     for what, command in m["run"].items():

@@ -22,7 +22,14 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.export import llama_cpp
 from headlab.engine.export.gguf import GGUF_TYPES, GgufError, GgufInfo, write_gguf
 from headlab.engine.export.surgery import prune
-from headlab.engine.export.write import MANIFEST, _check_target, _parity, _perplexities, file_checksums, staged_folder
+from headlab.engine.export.write import (
+    MANIFEST,
+    check_target,
+    file_checksums,
+    masked_parity,
+    perplexity_before_after,
+    staged_folder,
+)
 from headlab.engine.models.load import shipped_gguf
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL
@@ -81,15 +88,15 @@ def export_gguf(
     folder = Path(folder).expanduser().resolve()
     if out_type not in EXPORT_TYPES:
         raise GgufError(f"unknown GGUF type {out_type!r}; choose one of {', '.join(EXPORT_TYPES)}")
-    _check_target(folder, overwrite)  # fail before any slow work
+    check_target(folder, overwrite)  # fail before any slow work
     if out_type in llama_cpp.K_QUANTS:
         llama_cpp.find_tools()  # a missing llama-quantize is reported before any slow work
     mask = mask if mask is not None else PruneMask.dense(handle.geometry)
     stage("slicing the model")
     pruned = prune(handle, mask)
     stage("checking the pruned model against the masked one")
-    parity = _parity(handle, pruned, mask)
-    ppl = _perplexities(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
+    parity = masked_parity(handle, pruned, mask)
+    ppl = perplexity_before_after(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
     c = cost(handle, mask)
     name = f"{folder.name}-{out_type}.gguf"
     with staged_folder(folder, overwrite) as tmp:

@@ -63,6 +63,11 @@ __all__ = [
     "export",
     "zip_folder",
     "folder_size",
+    "check_target",
+    "staged_folder",
+    "file_checksums",
+    "masked_parity",
+    "perplexity_before_after",
 ]
 
 LAYOUTS = ("auto", "uniform", "per_layer")
@@ -159,7 +164,8 @@ def folder_size(folder: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def _check_target(folder: Path, overwrite: bool) -> None:
+def check_target(folder: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless `overwrite`: before any slow work."""
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder} is a file; choose a folder to export into")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
@@ -171,7 +177,7 @@ def _check_target(folder: Path, overwrite: bool) -> None:
 
 def _publish(tmp: Path, folder: Path, overwrite: bool) -> None:
     """Move the finished `tmp` folder to `folder`; an old non-empty folder is deleted only afterwards."""
-    _check_target(folder, overwrite)
+    check_target(folder, overwrite)
     if not folder.exists() or not any(folder.iterdir()):
         os.replace(tmp, folder)  # POSIX: renaming onto an empty directory replaces it
         return
@@ -204,7 +210,9 @@ def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _perplexities(handle: ModelHandle, pruned: ModelHandle, protocol: Any, stage: Stage) -> dict[str, Any] | None:
+def perplexity_before_after(handle: ModelHandle, pruned: ModelHandle, protocol: Any,
+                            stage: Stage) -> dict[str, Any] | None:
+    """Perplexity of the source and of the pruned copy on `protocol` (None for an encoder)."""
     if not handle.is_causal_lm:
         return None
     stage("measuring perplexity of the source model")
@@ -217,7 +225,7 @@ def _perplexities(handle: ModelHandle, pruned: ModelHandle, protocol: Any, stage
 
 
 @torch.no_grad()
-def _parity(handle: ModelHandle, pruned: ModelHandle, mask: PruneMask, n_tokens: int = 64) -> dict[str, Any]:
+def masked_parity(handle: ModelHandle, pruned: ModelHandle, mask: PruneMask, n_tokens: int = 64) -> dict[str, Any]:
     """Max |logit difference| between the masked source and the pruned copy on one short sequence."""
     gen = torch.Generator().manual_seed(0)
     vocab = min(handle.geometry.vocab_size, len(handle.tokenizer))
@@ -252,7 +260,7 @@ def export(
     """Prune `handle` by `mask` (None = dense copy) and write it to `folder` as a Hugging Face model."""
     stage = stage or (lambda msg: None)
     folder = Path(folder).expanduser().resolve()
-    _check_target(folder, overwrite)  # fail before any slow work
+    check_target(folder, overwrite)  # fail before any slow work
     mask = mask if mask is not None else PruneMask.dense(handle.geometry)
     pv = preview(handle, mask, layout)
     stage("slicing the model")
@@ -264,8 +272,8 @@ def export(
     assert params_after == c.params_kept + zeros, \
         f"surgery kept {params_after:,} parameters, cost says {c.params_kept:,} (+{zeros:,} zero biases)"
     stage("checking the pruned model against the masked one")
-    parity = _parity(handle, pruned, mask)
-    ppl = _perplexities(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
+    parity = masked_parity(handle, pruned, mask)
+    ppl = perplexity_before_after(handle, pruned, protocol or DEFAULT_PROTOCOL, stage) if evaluate else None
 
     stage("writing safetensors")
     config = pruned.model.config

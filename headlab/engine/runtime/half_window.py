@@ -10,6 +10,7 @@ the logits at positions N/2 .. N-2 predict the tokens at N/2+1 .. N-1 (tools/per
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,8 +49,7 @@ def half_window_perplexity(handle: ModelHandle, ids: Sequence[int], n_ctx: int, 
         raise ValueError(f"{len(ids)} tokens make no chunk of {n_ctx}")
     first = n_ctx // 2
     nll, count = 0.0, 0
-    context = gates.apply(handle, mask.normalized()) if mask is not None else None
-    with context if context is not None else torch.no_grad():
+    with gates.apply(handle, mask.normalized()) if mask is not None else nullcontext():
         for c in range(chunks):
             chunk = torch.tensor([list(ids[c * n_ctx:(c + 1) * n_ctx])], device=handle.device)
             targets = chunk[0, first + 1:].clone()
