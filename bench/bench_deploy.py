@@ -41,6 +41,7 @@ from headlab.engine.export import llama_cpp
 from headlab.engine.export.gguf import write_gguf
 from headlab.engine.export.surgery import prune
 from headlab.engine.models.load import cache_dir, load_model, shipped_gguf
+from headlab.engine.pruning.size_target import reach_size
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import width_by_reconstruction
 from headlab.engine.runtime.half_window import half_window_perplexity
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy.csv"
-COLUMNS = ["row", "type", "arch", "params_M", "weight_MB", "ppl_llama_cpp", "ppl_ratio", "ppl_headlab",
+COLUMNS = ["row", "type", "threads", "arch", "params_M", "weight_MB", "ppl_llama_cpp", "ppl_ratio", "ppl_headlab",
            "headlab_vs_llama_cpp", "pp512_tps", "tg128_tps", "tg_speedup", "ideal_speedup", "fraction_of_ideal",
            "f16_fallbacks", "measured"]
 
@@ -58,12 +59,41 @@ def weight_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
-def mask_for(handle, keep: float, align: int, work: Path, calib: Calibration) -> PruneMask:
-    path = work / "masks" / f"width{round(100 * (1 - keep))}-align{align}.json"
+VARIANT_KINDS = ("width", "even", "uniform", "depth")
+
+
+def parse_variant(spec: str) -> tuple[str, float, int]:
+    """"kind:keep[:align]" (kind: width = per layer, even = per layer with equal GQA groups, uniform, depth),
+    or the older "keep:align" (per layer)."""
+    parts = spec.split(":")
+    kind = parts.pop(0) if parts[0] in VARIANT_KINDS else "width"
+    keep, align = float(parts[0]), int(parts[1]) if len(parts) > 1 else 1
+    if kind == "depth" and align != 1:
+        raise ValueError(f"{spec}: depth drops whole layers; it takes no FFN block size")
+    return kind, keep, align
+
+
+def variant_label(kind: str, keep: float, align: int) -> str:
+    pct = f"{100 * (1 - keep):.0f}%"
+    return {"width": f"width-{pct} per layer, FFN blocks {align}",
+            "even": f"width-{pct} per layer, FFN blocks {align}, even GQA groups",
+            "uniform": f"width-{pct} uniform, FFN blocks {align}",
+            "depth": f"depth-{pct}"}[kind]
+
+
+def mask_for(handle, kind: str, keep: float, align: int, work: Path, calib: Calibration) -> PruneMask:
+    pct = round(100 * (1 - keep))
+    name = {"width": f"width{pct}-align{align}", "even": f"width{pct}-align{align}-even",
+            "uniform": f"uniform{pct}-align{align}", "depth": f"depth{pct}"}[kind]
+    path = work / "masks" / f"{name}.json"
     if path.exists():
         return PruneMask.load(path, handle.geometry)
-    print(f"choosing the {100 * (1 - keep):.0f}% width mask (obs, FFN blocks of {align})...", flush=True)
-    mask = width_by_reconstruction(handle, keep, calib, ffn_align=align).mask
+    print(f"choosing the mask {variant_label(kind, keep, align)}...", flush=True)
+    if kind == "depth":  # what `headlab export --keep K --route depth` chooses
+        mask = reach_size(handle, keep, route="depth", texts=calib.texts).mask
+    else:
+        mask = width_by_reconstruction(handle, keep, calib, uniform=kind == "uniform", ffn_align=align,
+                                       even_groups=kind == "even").mask
     path.parent.mkdir(parents=True, exist_ok=True)
     mask.save(path)
     return mask
@@ -74,9 +104,10 @@ def main() -> None:
     ap.add_argument("--keeps", default="0.8")
     ap.add_argument("--aligns", default="1,32,256")
     ap.add_argument("--variants", default=None,
-                    help="keep:align pairs instead of --keeps x --aligns, e.g. 0.8:1,0.8:32,0.9:32,0.7:32")
+                    help="kind:keep[:align] instead of --keeps x --aligns (kind: width = per layer, even = per "
+                         "layer with equal GQA groups, uniform, depth), e.g. even:0.8:32,uniform:0.8:32,depth:0.8")
     ap.add_argument("--types", default="f16,q8_0,Q4_K_M")
-    ap.add_argument("--threads", type=int, default=1, help="llama-bench threads")
+    ap.add_argument("--threads", default="1", help="llama-bench threads, one or more (1,2)")
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--masks-only", action="store_true", help="choose and cache the masks, measure nothing")
     ap.add_argument("--rounds", type=int, default=3, help="llama-bench passes over every file (medians reported)")
@@ -89,11 +120,11 @@ def main() -> None:
     handle = load_model()
     calib = Calibration.shipped("wikitext", 32, max_length=256)
     variants: list[tuple[str, PruneMask | None]] = [("dense", None)]
-    pairs = ([(float(v.split(":")[0]), int(v.split(":")[1])) for v in args.variants.split(",")] if args.variants
-             else [(float(k), int(a)) for k in args.keeps.split(",") for a in args.aligns.split(",")])
-    for keep, align in pairs:
-        variants.append((f"width-{100 * (1 - keep):.0f}% per layer, FFN blocks {align}",
-                         mask_for(handle, keep, align, work, calib)))
+    specs = ([parse_variant(v) for v in args.variants.split(",")] if args.variants
+             else [("width", float(k), int(a)) for k in args.keeps.split(",") for a in args.aligns.split(",")])
+    for kind, keep, align in specs:
+        variants.append((variant_label(kind, keep, align), mask_for(handle, kind, keep, align, work, calib)))
+    threads = [int(t) for t in args.threads.split(",")]
     if args.masks_only:
         return
     llama_cpp.find_tools()
@@ -132,39 +163,46 @@ def main() -> None:
     # Speed: every file once per round, rounds interleaved so drift on a shared machine hits all alike; medians.
     speeds: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
-        for label, t, path in files:
-            speeds.setdefault(f"{label}|{t}", []).append(llama_cpp.bench(path, threads=args.threads))
+        for n in threads:
+            for label, t, path in files:
+                speeds.setdefault(f"{label}|{t}|{n}", []).append(llama_cpp.bench(path, threads=n))
         print(f"speed round {r + 1}/{args.rounds} done", flush=True)
     rows = []
-    for label, t, _ in files:
-        f, d = done[f"{label}|{t}"], done[f"dense|{t}"]
-        tg = statistics.median(x["generate"] for x in speeds[f"{label}|{t}"])
-        pp = statistics.median(x["prompt"] for x in speeds[f"{label}|{t}"])
-        tg_dense = statistics.median(x["generate"] for x in speeds[f"dense|{t}"])
-        row = {
-            "row": label, "type": t, "arch": f["arch"], "params_M": round(f["params"] / 1e6, 2),
-            "weight_MB": round(f["bytes"] / 1e6, 1), "ppl_llama_cpp": round(f["ppl"], 4),
-            "ppl_ratio": round(f["ppl"] / d["ppl"], 3), "ppl_headlab": round(f["ours"], 4),
-            "headlab_vs_llama_cpp": round(f["ppl"] / f["ours"] - 1, 5) if t == "f16" else "",
-            "pp512_tps": round(pp, 1), "tg128_tps": round(tg, 1), "tg_speedup": round(tg / tg_dense, 3),
-            "ideal_speedup": round(d["bytes"] / f["bytes"], 3),
-            "fraction_of_ideal": round((tg / tg_dense) / (d["bytes"] / f["bytes"]), 3),
-            "f16_fallbacks": f["fallbacks"] if t == "q8_0" else "", "measured": today,
-        }
-        rows.append(row)
+    for n in threads:
+        for label, t, _ in files:
+            rows.append(_row(done, speeds, label, t, n, today))
     out = Path(args.csv)
-    merged = {(r["row"], r["type"]): r for r in _read(out)} | {(r["row"], r["type"]): r for r in rows}
+    key = ("row", "type", "threads")
+    merged = ({tuple(r.get(k) or "1" for k in key): r for r in _read(out)}
+              | {tuple(str(r[k]) for k in key): r for r in rows})
     out.parent.mkdir(exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        w.writerows(merged.values())
-    print("\n| row | type | arch | params | weights MB | llama.cpp ppl (x dense) | HeadLab ppl | tg128 tok/s | "
-          "speed-up (ideal, fraction) |\n|---|---|---|---|---|---|---|---|---|")
+        w.writerows({**r, "threads": r.get("threads") or 1} for r in merged.values())
+    print("\n| row | type | threads | arch | params | weights MB | llama.cpp ppl (x dense) | HeadLab ppl | tg128 tok/s | "
+          "speed-up (ideal, fraction) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in merged.values():
-        print(f"| {r['row']} | {r['type']} | {r['arch']} | {r['params_M']}M | {r['weight_MB']} | {r['ppl_llama_cpp']} "
-              f"({r['ppl_ratio']}x) | {r['ppl_headlab']} | {r['tg128_tps']} | {r['tg_speedup']}x "
-              f"({r['ideal_speedup']}x, {r['fraction_of_ideal']}) |")
+        print(f"| {r['row']} | {r['type']} | {r.get('threads') or 1} | {r['arch']} | {r['params_M']}M | "
+              f"{r['weight_MB']} | {r['ppl_llama_cpp']} ({r['ppl_ratio']}x) | {r['ppl_headlab']} | {r['tg128_tps']} | "
+              f"{r['tg_speedup']}x ({r['ideal_speedup']}x, {r['fraction_of_ideal']}) |")
+
+
+def _row(done: dict, speeds: dict, label: str, t: str, n: int, today: str) -> dict:
+    f, d = done[f"{label}|{t}"], done[f"dense|{t}"]
+    tg = statistics.median(x["generate"] for x in speeds[f"{label}|{t}|{n}"])
+    pp = statistics.median(x["prompt"] for x in speeds[f"{label}|{t}|{n}"])
+    tg_dense = statistics.median(x["generate"] for x in speeds[f"dense|{t}|{n}"])
+    return {
+        "row": label, "type": t, "threads": n, "arch": f["arch"], "params_M": round(f["params"] / 1e6, 2),
+        "weight_MB": round(f["bytes"] / 1e6, 1), "ppl_llama_cpp": round(f["ppl"], 4),
+        "ppl_ratio": round(f["ppl"] / d["ppl"], 3), "ppl_headlab": round(f["ours"], 4),
+        "headlab_vs_llama_cpp": round(f["ppl"] / f["ours"] - 1, 5) if t == "f16" else "",
+        "pp512_tps": round(pp, 1), "tg128_tps": round(tg, 1), "tg_speedup": round(tg / tg_dense, 3),
+        "ideal_speedup": round(d["bytes"] / f["bytes"], 3),
+        "fraction_of_ideal": round((tg / tg_dense) / (d["bytes"] / f["bytes"]), 3),
+        "f16_fallbacks": f["fallbacks"] if t == "q8_0" else "", "measured": today,
+    }
 
 
 def _read(path: Path) -> list[dict]:

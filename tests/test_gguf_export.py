@@ -10,13 +10,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from headlab.engine.core import gates
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.export.gguf import STAND_IN_FFN, GgufError, _regroup, write_gguf
 from headlab.engine.export.surgery import prune
+from headlab.engine.models.wrap import wrap_model
 from tests.gguf_reference import gguf_logits
-from tests.tiny import VOCAB, tiny_handle
+from tests.tiny import VOCAB, finish_tiny, tiny_handle, tiny_tokenizer
 
 IDS = [5, 77, 130, 9, 200, 41, 3, 250, 18, 66, 91, 120]
 
@@ -48,35 +50,56 @@ def layout_masks(g) -> dict[str, PruneMask]:
     biased = uneven.clone()
     biased.attn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(1)) * 0.05
     biased.ffn_bias = torch.randn(g.n_layers, g.hidden, generator=torch.Generator().manual_seed(2)) * 0.05
+    uniform_biased = uniform.clone()
+    uniform_biased.attn_bias, uniform_biased.ffn_bias = biased.attn_bias, biased.ffn_bias
     return {"dense": dense, "uniform": uniform, "uneven GQA": uneven, "attention removed": no_attn,
-            "FFN removed": no_ffn, "output biases": biased}
+            "FFN removed": no_ffn, "output biases": biased, "uniform with output biases": uniform_biased}
 
 
 @pytest.mark.parametrize("case", ["dense", "uniform", "uneven GQA", "attention removed", "FFN removed",
-                                  "output biases"])
+                                  "output biases", "uniform with output biases"])
 def test_the_gguf_file_computes_the_masked_models_logits(case, tmp_path):
     h = tiny_handle("llama")
     mask = layout_masks(h.geometry)[case]
     info, got = export_and_run(h, mask, tmp_path)
     ref = masked_logits(h, mask)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
-    assert info.arch == ("llama" if case in ("dense", "uniform") else "deci")
+    assert info.arch == ("llama" if case.startswith(("dense", "uniform")) else "deci")
 
 
-def test_uneven_groups_are_regrouped_with_a_duplicated_kv_head_and_the_cost_is_stated(tmp_path):
-    h = tiny_handle("llama")  # 4 query heads in 2 groups of 2
+def test_uneven_groups_are_regrouped_with_a_zero_query_head_and_the_cost_is_stated(tmp_path):
+    h = tiny_handle("llama")  # 4 query heads in 2 groups of 2; layer 0 keeps groups of 1 and 2
     info, _ = export_and_run(h, layout_masks(h.geometry)["uneven GQA"], tmp_path)
-    assert info.layers[0]["n_head"] == 3 and info.layers[0]["n_head_kv"] == 3
-    assert info.layers[0]["duplicated_kv_heads"] == 1
-    assert info.extra_params == 2 * 16 * 64  # one K and one V head of head_dim 16 over hidden 64
+    assert info.layers[0]["n_head"] == 4 and info.layers[0]["n_head_kv"] == 2
+    assert info.layers[0]["zero_query_heads"] == 1 and info.layers[0]["duplicated_kv_heads"] == 0
+    assert info.extra_params == 2 * 16 * 64  # one Q row block and one O column block, head_dim 16, hidden 64
     assert info.layers[1] == {"n_head": 4, "n_head_kv": 2, "n_ff": 88, "duplicated_kv_heads": 0,
-                              "zero_ffn_channels": 0, "zero_attn_heads": 0}
+                              "zero_ffn_channels": 0, "zero_attn_heads": 0, "zero_query_heads": 0}
 
 
-def test_regroup_makes_contiguous_equal_groups():
+def test_groups_of_one_and_four_get_a_kv_copy_and_a_zero_query(tmp_path):
+    """GQA 8:2 keeping groups of 1 and 4: groups of 2 write the fewest extra heads (one copy of the big
+    group's KV head, one zero query beside the lone query); the logits are the masked model's."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                      intermediate_size=128, max_position_embeddings=128, vocab_size=VOCAB)
+    h = wrap_model(finish_tiny(LlamaForCausalLM(cfg)), tiny_tokenizer(), name="tiny-llama-8-2")
+    mask = PruneMask.dense(h.geometry)
+    mask.heads[0, 1:4] = 0  # KV head 0 keeps one query, KV head 1 all four
+    info, got = export_and_run(h, mask, tmp_path)
+    assert info.layers[0]["n_head"] == 6 and info.layers[0]["n_head_kv"] == 3
+    assert info.layers[0]["duplicated_kv_heads"] == 1 and info.layers[0]["zero_query_heads"] == 1
+    ref = masked_logits(h, mask)
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_regroup_writes_the_fewest_extra_heads():
     assert _regroup([0, 0, 1, 1]) == ([0, 1, 2, 3], [0, 1], 2)
-    assert _regroup([1, 0, 1, 1]) == ([1, 0, 2, 3], [0, 1, 1, 1], 1)  # KV head 1's group holds 3 queries
+    # groups of 1 and 3: g=3 adds two zero queries, g=1 two KV copies; the tie goes to the larger group
+    assert _regroup([1, 0, 1, 1]) == ([1, -1, -1, 0, 2, 3], [0, 1], 3)
     assert _regroup([0, 0, 1, 1, 1, 1]) == ([0, 1, 2, 3, 4, 5], [0, 1, 1], 2)
+    assert _regroup([0, 1, 1, 1, 1]) == ([0, -1, 1, 2, 3, 4], [0, 1, 1], 2)
+    assert _regroup([0, 0, 0, 1, 1, 1, 2, 2]) == ([0, 1, 2, 3, 4, 5, 6, 7, -1], [0, 1, 2], 3)
 
 
 def test_a_layer_without_ffn_gets_a_zero_stand_in_that_deci_needs(tmp_path):
@@ -106,11 +129,11 @@ def test_half_and_8_bit_files_stay_close(out_type, tol, tmp_path):
     assert types["blk.0.attn_norm.weight"] == "F32"
     expected = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[out_type]
     assert types["blk.0.attn_q.weight"] == expected
-    # layer 1 keeps 88 FFN channels and layer 0 three heads of 16: neither is a whole number of Q8_0 blocks of 32
+    # layer 1 keeps 88 FFN channels, not a whole number of Q8_0 blocks of 32; layer 0's three heads of 16 are
+    # written as four (a zero query fills the GQA group), 64 columns: whole blocks
     if out_type == "q8_0":
-        assert types["blk.1.ffn_down.weight"] == types["blk.0.attn_output.weight"] == "F16"
-        assert info.fallbacks == ["blk.0.attn_output.weight (48 columns, not a multiple of 32)",
-                                  "blk.1.ffn_down.weight (88 columns, not a multiple of 32)"]
+        assert types["blk.1.ffn_down.weight"] == "F16" and types["blk.0.attn_output.weight"] == "Q8_0"
+        assert info.fallbacks == ["blk.1.ffn_down.weight (88 columns, not a multiple of 32)"]
     else:
         assert not info.fallbacks
 
@@ -167,6 +190,28 @@ def test_cli_writes_an_atomic_folder_with_the_file_a_modelfile_and_checksums(tmp
     assert json.loads((out / "headlab_manifest.json").read_text())["format"] == "headlab.gguf_export"
     assert main(argv) == 2, "a second export into the same folder is refused unless --overwrite"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gguf-out")]  # no temporary folder left
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "uniform"])
+def test_a_gguf_size_target_keeps_whole_blocks_and_even_groups_so_nothing_is_added(layout, tmp_path, capsys):
+    """--keep with --format gguf --gguf-type q8_0: FFN widths in blocks of 32 and, per layer, GQA groups of
+    equal size, chosen by the method at those counts; the file then needs no extra rows."""
+    from headlab.cli import main
+    from headlab.engine.models.pruned import verify_files
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny-llama", "llama")  # 2 layers, 4 query heads in 2 groups, FFN 128
+    out = tmp_path / "sized"
+    assert main(["export", "--model", str(folder), "--keep", "0.75", "--route", "width", "--layout", layout,
+                 "--format", "gguf", "--gguf-type", "q8_0", "--n-texts", "4", "--refit-texts", "4", "--no-eval",
+                 "--save-mask", str(tmp_path / "mask.json"), "--out", str(out)]) == 0
+    manifest = verify_files(out)
+    assert manifest["params"]["added_for_llama_cpp"] == 0 and not manifest["gguf"]["fallbacks"]
+    layers = manifest["gguf"]["layers"]
+    assert all(lay["n_ff"] % 32 == 0 and lay["n_head"] % lay["n_head_kv"] == 0 for lay in layers)
+    assert sum(lay["n_ff"] for lay in layers) < 2 * 128, "the size target removed FFN channels"
+    if layout == "uniform":
+        assert len({(lay["n_head"], lay["n_ff"]) for lay in layers}) == 1 and manifest["gguf"]["arch"] == "llama"
 
 
 @pytest.mark.real_model

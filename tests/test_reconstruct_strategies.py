@@ -58,6 +58,19 @@ def test_obs_with_ffn_blocks_keeps_whole_blocks_in_every_layer_for_every_allocat
     assert all(k % 32 == 0 for k in kept) and m.has_refit and m.meta["ffn_align"] == 32
 
 
+def test_obs_with_even_groups_leaves_every_gqa_group_of_a_layer_the_same_size():
+    """What llama.cpp runs without extra rows: each KV head of a layer keeps as many query heads."""
+    h, calib = tiny_handle("llama"), _calib()  # 4 query heads in 2 groups of 2, 2 layers
+    g = h.geometry
+    for allocation in ("auto", "owl", "uniform"):
+        heads, _ = layer_counts(h, Budget(heads=3, ffn=20), calib, allocation, even_groups=True)
+        assert all(c % g.n_kv_heads == 0 and c < g.n_heads for c in heads) and abs(sum(heads) - 3) <= 1
+    m = ObsStrategy(even_groups=True)(h, Budget(heads=2, ffn=20), calib)
+    kept = m.heads_effective().reshape(g.n_layers, g.n_kv_heads, g.group_size).sum(-1)
+    assert all(len(set(row)) == 1 for row in kept.tolist()) and int(kept.sum()) == g.n_heads * g.n_layers - 2
+    assert m.meta["even_groups"] is True
+
+
 def test_flap_refit_keeps_flaps_units_and_gets_closer_to_dense():
     h, calib = tiny_handle("llama"), _calib()
     budget = Budget(heads=2, ffn=60)

@@ -45,7 +45,7 @@ def compare(handle, mask, gguf_path, text_file, n_ctx, chunks=None):
 
 
 @pytest.mark.parametrize("case", ["dense", "uniform", "uneven GQA", "attention removed", "FFN removed",
-                                  "output biases"])
+                                  "output biases", "uniform with output biases"])
 def test_tiny_llama_exports_have_headlabs_perplexity_in_llama_cpp(case, tmp_path, text_file):
     h = tiny_handle("llama")
     mask = layout_masks(h.geometry)[case]
@@ -74,7 +74,7 @@ def test_shipped_smollm2_per_layer_pruned_in_llama_cpp(smollm, tmp_path, text_fi
     mask = mask.with_block(7, "ffn", 0.0)
     info = write_gguf(prune(smollm, mask), tmp_path / "smollm2-pruned.gguf", "f32",
                       tokenizer_gguf=shipped_gguf(smollm.name))
-    assert info.arch == "deci" and any(lay["duplicated_kv_heads"] for lay in info.layers)
+    assert info.arch == "deci" and any(lay["duplicated_kv_heads"] or lay["zero_query_heads"] for lay in info.layers)
     theirs, ours = compare(smollm, mask, info.path, text_file, 512, chunks=4)
     assert theirs == pytest.approx(ours, rel=1e-3)
 

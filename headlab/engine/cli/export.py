@@ -52,7 +52,7 @@ def _ffn_align(args: argparse.Namespace) -> int:
     """FFN channels per kept block: --ffn-align, else a GGUF q8_0 export's block (32), else 1 (no rounding)."""
     if args.ffn_align:
         return args.ffn_align
-    if args.format != "gguf" or args.layout == "uniform":
+    if args.format != "gguf":
         return 1
     return 32 if args.gguf_type == "q8_0" else 256 if args.gguf_type.startswith(("Q4_K", "Q5_K", "Q6_K")) else 1
 
@@ -75,8 +75,10 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
               f"({100 * c.params_kept / c.params_total:.1f}%); layers dropped {mask.meta.get('layers_dropped')}")
     elif args.route == "width" and not args.criterion:
         with progress_bar("reconstructing (width)") as cb:
-            r = width_by_reconstruction(handle, keep, calib, uniform=args.layout == "uniform",
-                                        n_texts=args.refit_texts, ffn_align=_ffn_align(args), progress=cb)
+            uniform = args.layout == "uniform"
+            r = width_by_reconstruction(handle, keep, calib, uniform=uniform, n_texts=args.refit_texts,
+                                        ffn_align=_ffn_align(args), progress=cb,
+                                        even_groups=not uniform and args.format == "gguf" and not args.uneven_groups)
         mask = r.mask
         print(f"size target: {r.describe()}")
     else:
@@ -171,9 +173,13 @@ def register(sub: Subparsers) -> None:
                    help="with --format gguf: the weights' type; K-quants (Q4_K_M, ...) are made from an f16 file by "
                         "llama.cpp's llama-quantize (`make llama-cpp` builds it, or set HEADLAB_LLAMA_CPP)")
     p.add_argument("--ffn-align", type=int, default=0,
-                   help="with --keep --route width (per layer): every layer keeps a multiple of this many FFN "
+                   help="with --keep --route width: every layer keeps a multiple of this many FFN "
                         "channels, chosen at those counts (32 for Q8_0, 256 for llama.cpp's K-quants such as "
                         "Q4_K_M; default 32 for --format gguf --gguf-type q8_0, 256 for a K-quant, else none)")
+    p.add_argument("--uneven-groups", action="store_true",
+                   help="with --format gguf --keep --route width (per layer): let a layer's GQA groups keep "
+                        "different numbers of query heads (the file then holds duplicated K/V or zero query rows, "
+                        "counted in the manifest); by default every group of a layer keeps as many")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the old folder goes only after the new one is complete)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")

@@ -3,7 +3,8 @@
     info = write_gguf(surgery.prune(handle, mask), "model.gguf", "q8_0")
 
 Two llama.cpp architectures:
-- `llama`: every layer keeps the same heads, KV heads and FFN channels and both sub-blocks;
+- `llama`: every layer keeps the same heads, KV heads and FFN channels and both sub-blocks (optional
+  `attn_output.bias` / `ffn_down.bias`);
 - `deci` (llama.cpp's per-layer Llama, src/models/deci.cpp): the per-layer arrays
   `deci.attention.head_count`, `deci.attention.head_count_kv` and `deci.feed_forward_length`, where
   0 heads is a layer without attention; optional `attn_output.bias` / `ffn_down.bias`.
@@ -13,9 +14,13 @@ What ggml needs, and how each need is met exactly:
   permuted as llama.cpp's own converter permutes them (`_rope_rows`);
 - every KV head shared by a contiguous, equal group of query heads. Uneven groups (surgery's
   `kv_index`, when GQA groups keep different numbers of query heads) are regrouped: the query heads
-  are reordered group by group (their O-projection columns with them), and a KV head whose group
-  holds k times the common group size g (the gcd of the sizes) is written k times. The duplicated
-  K/V rows are counted in `GgufLayer.duplicated_kv_heads` and the manifest;
+  are reordered group by group (their O-projection columns with them) into groups of a common size g:
+  a KV head whose group holds n queries is written ceil(n / g) times, and the last of its groups is
+  filled up with query heads of zero weights (whose zero O columns add exactly nothing). g is the size
+  that writes the fewest extra rows (a duplicated K/V head costs as many as a zero Q/O head), the
+  larger on a tie (a smaller KV cache). The extra rows are counted in `GgufLayer.duplicated_kv_heads`,
+  `GgufLayer.zero_query_heads` and the manifest; a mask with equal groups per layer (the pruning
+  methods' `even_groups`) needs none;
 - deci's graph skips the residual update of a layer that has no FFN (`if (n_ff == 0) continue;`
   comes before `inpL = cur`), which would drop a kept attention sub-block's output. Such a layer gets
   an FFN of `STAND_IN_FFN` zero channels, which adds exactly nothing (`GgufLayer.zero_ffn_channels`);
@@ -38,7 +43,6 @@ tokens and chat template, with llama.cpp's pre-tokenizer name read off its pre-t
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +80,13 @@ class GgufLayer:
     duplicated_kv_heads: int = 0  # K/V heads written more than once to make the GQA groups equal
     zero_ffn_channels: int = 0  # a stand-in FFN of zero channels (deci skips the update of an FFN-less layer)
     zero_attn_heads: int = 0  # a stand-in attention head of zeros (llama.cpp needs heads in layer 0)
+    zero_query_heads: int = 0  # query heads of zeros that fill a GQA group up to the common size
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def sizes(self) -> dict[str, int]:
         return {"n_head": self.n_head, "n_head_kv": self.n_head_kv, "n_ff": self.n_ff,
                 "duplicated_kv_heads": self.duplicated_kv_heads, "zero_ffn_channels": self.zero_ffn_channels,
-                "zero_attn_heads": self.zero_attn_heads}
+                "zero_attn_heads": self.zero_attn_heads, "zero_query_heads": self.zero_query_heads}
 
 
 @dataclass
@@ -120,14 +125,21 @@ def _regroup(kv_of_query: list[int]) -> tuple[list[int], list[int], int]:
     """(query order, the KV head of each written KV slot, group size): contiguous, equal GQA groups.
 
     kv_of_query[h] is the KV head query head h reads. Queries are taken group by group (KV heads in
-    order, queries in their order within a group); a group of k * g queries gets k copies of its KV head.
+    order, queries in their order within a group); a group of n queries gets ceil(n / g) copies of its KV
+    head and is filled up to a multiple of g with zero query heads, written as -1 in the order. g writes
+    the fewest extra heads (duplicated KV + zero queries), the largest such g on a tie.
     """
     groups: dict[int, list[int]] = {}
     for q, kv in enumerate(kv_of_query):
         groups.setdefault(kv, []).append(q)
-    g = math.gcd(*(len(qs) for qs in groups.values()))
-    order = [q for kv in sorted(groups) for q in groups[kv]]
-    slots = [kv for kv in sorted(groups) for _ in range(len(groups[kv]) // g)]
+
+    def extra(g: int) -> int:
+        slots = sum(-(-len(qs) // g) for qs in groups.values())
+        return (slots - len(groups)) + (g * slots - len(kv_of_query))
+
+    g = min(range(max(len(qs) for qs in groups.values()), 0, -1), key=extra)
+    order = [q for kv in sorted(groups) for q in groups[kv] + [-1] * (-len(groups[kv]) % g)]
+    slots = [kv for kv in sorted(groups) for _ in range(-(-len(groups[kv]) // g))]
     return order, slots, g
 
 
@@ -138,7 +150,8 @@ def _bias_must_be_zero(name: str, proj: torch.nn.Module) -> None:
 
 
 def _attention(handle: ModelHandle, i: int) -> tuple[dict[str, np.ndarray], int, int, int]:
-    """(tensors, n_head, n_head_kv, duplicated KV heads) of layer i's kept attention, in llama.cpp's layout."""
+    """(tensors, n_head, n_head_kv, duplicated KV heads, zero query heads) of layer i's kept attention, in
+    llama.cpp's layout."""
     a, hd = handle.adapter, handle.geometry.head_dim
     p = a.projections_of(i, "attn")
     for role in ("q", "k", "v"):
@@ -150,14 +163,15 @@ def _attention(handle: ModelHandle, i: int) -> tuple[dict[str, np.ndarray], int,
     else:
         kv_of_query = [h // (n_q // n_kv) for h in range(n_q)]
     order, slots, _ = _regroup(kv_of_query)
-    wq = _heads(wq, hd)[order].reshape(-1, wq.shape[1])
-    wo = _heads(wo.T, hd)[order].reshape(-1, wo.shape[0]).T  # O's input columns follow their query heads
+    zero = np.zeros((1, hd, wq.shape[1]), dtype=wq.dtype)  # index -1 after the append: a zero query head
+    wq = np.concatenate([_heads(wq, hd), zero])[order].reshape(-1, wq.shape[1])
+    wo = np.concatenate([_heads(wo.T, hd), zero])[order].reshape(-1, wo.shape[0]).T  # O columns follow queries
     wk, wv = (_heads(w, hd)[slots].reshape(-1, w.shape[1]) for w in (wk, wv))
     tensors = {"attn_q.weight": _rope_rows(wq, len(order)), "attn_k.weight": _rope_rows(wk, len(slots)),
                "attn_v.weight": wv, "attn_output.weight": np.ascontiguousarray(wo)}
     if p["o"].bias is not None:
         tensors["attn_output.bias"] = _np(p["o"].bias)
-    return tensors, len(order), len(slots), len(slots) - n_kv
+    return tensors, len(order), len(slots), len(slots) - n_kv, order.count(-1)
 
 
 def _ffn(handle: ModelHandle, i: int) -> dict[str, np.ndarray]:
@@ -196,7 +210,8 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
         ffn = not a.is_subblock_removed(i, "ffn")
         layer = GgufLayer(0, 0, 0)
         if attn:
-            tensors, layer.n_head, layer.n_head_kv, layer.duplicated_kv_heads = _attention(handle, i)
+            (tensors, layer.n_head, layer.n_head_kv, layer.duplicated_kv_heads,
+             layer.zero_query_heads) = _attention(handle, i)
             layer.tensors.update(tensors)
             layer.tensors["attn_norm.weight"] = _np(a.sublayer_norm(i, "attn").weight)
         elif i == 0:
@@ -225,8 +240,7 @@ def _is_uniform(layers: list[GgufLayer]) -> bool:
     first = layers[0]
     return all(lay.n_head and lay.n_ff and not lay.zero_ffn_channels and not lay.zero_attn_heads and
                (lay.n_head, lay.n_head_kv, lay.n_ff) == (first.n_head, first.n_head_kv, first.n_ff)
-               and "attn_output.bias" not in lay.tensors and "ffn_down.bias" not in lay.tensors
-               for lay in layers)
+               for lay in layers)  # llama's graph reads the optional output biases too (src/models/llama.cpp)
 
 
 # ---- the tokenizer ------------------------------------------------------------------------------------------------
@@ -376,7 +390,8 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    extra = sum(2 * lay.duplicated_kv_heads * g.head_dim * g.hidden + 3 * lay.zero_ffn_channels * g.hidden
+    extra = sum(2 * (lay.duplicated_kv_heads + lay.zero_query_heads) * g.head_dim * g.hidden
+                + 3 * lay.zero_ffn_channels * g.hidden
                 + 4 * lay.zero_attn_heads * g.head_dim * g.hidden for lay in layers)
     return GgufInfo(path, arch, out_type, [lay.sizes() for lay in layers], counts, fallbacks, params, extra,
                     path.stat().st_size, tokenizer)

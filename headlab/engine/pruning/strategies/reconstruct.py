@@ -84,11 +84,14 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
 
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
-                 progress: Progress | None = None, ffn_align: int = 1) -> tuple[list[int], list[int]]:
+                 progress: Progress | None = None, ffn_align: int = 1,
+                 even_groups: bool = False) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
     so the channel total lands within a block of the budget; the units are then chosen at these counts.
+    `even_groups`: every layer removes a multiple of the KV heads' count (each GQA group then loses as many
+    query heads, what llama.cpp runs without extra rows); the head total lands within a group of the budget.
 
     "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
     fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
@@ -98,6 +101,7 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     g = handle.geometry
     h, f = budget.counts(g)
+    even_groups = even_groups and g.group_size > 1  # without GQA any head count is even
     if allocation == "auto":
         allocation = "flap" if f else "ablation"
     if allocation in ("flap", "ablation"):
@@ -107,15 +111,18 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         # Every layer keeps a unit (OBS re-solves what stays): a layer the cut would empty hands its last on.
         channels = (apportion_aligned(f, counts_of(flap, "ffn"), [g.ffn_dim] * g.n_layers, ffn_align)
                     if ffn_align > 1 else apportion(f, counts_of(flap, "ffn"), [g.ffn_dim - 1] * g.n_layers))
-        return apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers), channels
+        head_counts = (apportion_aligned(h, counts_of(heads, "attn"), [g.n_heads] * g.n_layers, g.n_kv_heads)
+                       if even_groups and h else apportion(h, counts_of(heads, "attn"), [g.n_heads - 1] * g.n_layers))
+        return head_counts, channels
     out = []
     for kind, total, size in (("attn", h, g.n_heads), ("ffn", f, g.ffn_dim)):
         ratios = [1.0] * g.n_layers
         if allocation == "owl" and total:
             lod = outlier_ratios(handle, calib.stats(handle, progress), kind)
             ratios = owl_ratios(lod, total / (g.n_layers * size)).tolist()
-        if kind == "ffn" and ffn_align > 1:
-            out.append(apportion_aligned(total, [r * size for r in ratios], [size] * g.n_layers, ffn_align))
+        align = ffn_align if kind == "ffn" else g.n_kv_heads if even_groups else 1
+        if align > 1 and total:
+            out.append(apportion_aligned(total, [r * size for r in ratios], [size] * g.n_layers, align))
         else:
             out.append(allocate(total, ratios, [size] * g.n_layers))
     return out[0], out[1]
@@ -140,11 +147,14 @@ class ObsStrategy(Strategy):
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
-        heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align)
-        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
+        heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
+                                       even_groups=self.even_groups)
+        even = self.even_groups and handle.geometry.group_size > 1
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=even,
                          config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
         mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
-                          "calibration": calib.describe(), "ffn_align": self.ffn_align})
+                          "calibration": calib.describe(), "ffn_align": self.ffn_align,
+                          "even_groups": self.even_groups})
         return mask
 
 
@@ -229,19 +239,18 @@ def width_fraction(handle: ModelHandle, removed: float) -> float:
 
 
 def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
-                            n_texts: int = REFIT_TEXTS, ffn_align: int = 1,
+                            n_texts: int = REFIT_TEXTS, ffn_align: int = 1, even_groups: bool = False,
                             progress: Progress | None = None) -> SizeResult:
     """About `keep` of the parameters by width, chosen and re-solved by `obs`.
 
     Default: the same fraction of heads and channels overall, split across layers where FLAP cuts, with an
     intercept (a per-layer export, `headlab.engine.models.load.load_pruned`). `uniform`: every layer loses the
     same units, so the export has the family's standard config (plain transformers); the intercept is
-    kept where the config can switch output biases on (Llama), else the fit has none. `ffn_align` (per-layer
-    only): every layer keeps whole blocks of that many FFN channels (32 for a Q8_0 deployment, 256 for K-quants),
-    chosen by OBS at those counts.
+    kept where the config can switch output biases on (Llama), else the fit has none. `ffn_align`: every layer
+    keeps whole blocks of that many FFN channels (32 for a Q8_0 deployment, 256 for K-quants), chosen by OBS at
+    those counts (uniform: the one width rounded to the nearest block). `even_groups` (per layer): every GQA
+    group of a layer keeps as many query heads, so llama.cpp runs the layer without extra rows.
     """
-    if ffn_align > 1 and uniform:
-        raise ValueError("ffn_align applies to the per-layer layout (a uniform layout keeps one width for all)")
     g = handle.geometry
     target, total = target_params(handle, keep), cost(handle).params_total
     prune_heads = handle.adapter.config_decouples_heads or not uniform
@@ -249,6 +258,10 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
         layout, detail = width_mask(handle, target, PruneMask.dense(g).heads, PruneMask.dense(g).ffn,
                                     prune_heads=prune_heads)
         heads, channels = counts_of(layout, "attn"), counts_of(layout, "ffn")
+        if ffn_align > 1:  # one width for all layers, rounded to whole blocks: the nearest, at least one
+            kept = min(g.ffn_dim - g.ffn_dim % ffn_align, max(ffn_align, round((g.ffn_dim - channels[0]) / ffn_align)
+                                                               * ffn_align))
+            channels = [g.ffn_dim - kept] * g.n_layers
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
         intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
         mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
@@ -257,7 +270,8 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
-        mask = ObsStrategy(n_texts=n_texts, ffn_align=ffn_align)(handle, budget, calib, progress=progress)
+        mask = ObsStrategy(n_texts=n_texts, ffn_align=ffn_align, even_groups=even_groups)(handle, budget, calib,
+                                                                                           progress=progress)
         s = mask.summary()
         detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
                   f"{s['ffn_channels_total']} FFN channels, split across layers where FLAP cuts")
