@@ -138,6 +138,62 @@ def test_half_and_8_bit_files_stay_close(out_type, tol, tmp_path):
         assert not info.fallbacks
 
 
+def tiny_gemma3(query_pre_attn_scalar: int = 24):
+    """Gemma 3 in small, as llama.cpp's gemma3 can state it: queries scaled by 1/sqrt(head size); three layers
+    (sliding, full, sliding), so dropping one changes the sliding-window pattern the file must carry."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                           hidden_size=64, intermediate_size=128, max_position_embeddings=128, sliding_window=5,
+                           layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           query_pre_attn_scalar=query_pre_attn_scalar, pad_token_id=256, eos_token_id=257,
+                           bos_token_id=258, vocab_size=VOCAB)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # Gemma's RMSNorms scale by 1 + weight, initialised at 0: make every norm matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return wrap_model(finish_tiny(model), tiny_tokenizer(), name="tiny-gemma3")
+
+
+def gemma3_masks(g) -> dict[str, PruneMask]:
+    """The layouts llama.cpp's gemma3 states (shared with tests/deploy, real llama.cpp)."""
+    dense = PruneMask.dense(g)
+    uniform = dense.clone()
+    uniform.heads[:, [1, 3]] = 0  # one query head of each GQA group, in every layer
+    uniform.ffn[:, 64:] = 0
+    depth = dense.clone().with_block(1, "attn", 0.0).with_block(1, "ffn", 0.0)  # the full-attention layer
+    return {"dense": dense, "uniform": uniform, "depth": depth}
+
+
+@pytest.mark.parametrize("case", ["dense", "uniform", "depth"])
+def test_a_gemma3_gguf_computes_the_masked_models_logits(case, tmp_path):
+    h = tiny_gemma3()
+    mask = gemma3_masks(h.geometry)[case]
+    info, got = export_and_run(h, mask, tmp_path)
+    ref = masked_logits(h, mask)
+    assert info.arch == "gemma3" and not info.extra_params
+    assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    pattern = gguf.GGUFReader(info.path).fields["gemma3.attention.sliding_window_pattern"].contents()
+    assert pattern == ([True, True] if case == "depth" else [True, False, True])
+
+
+def test_what_gemma3_cannot_state_in_llama_cpp_is_refused_by_name(tmp_path):
+    h = tiny_gemma3()
+    per_layer = PruneMask.dense(h.geometry)
+    per_layer.ffn[0, :32] = 0
+    with pytest.raises(GgufError, match="one size for every layer"):
+        write_gguf(prune(h, per_layer), tmp_path / "a.gguf", "f32")
+    biased = gemma3_masks(h.geometry)["uniform"]
+    biased.ffn_bias = torch.full((h.geometry.n_layers, h.geometry.hidden), 0.01)
+    with pytest.raises(GgufError, match="no output biases"):
+        write_gguf(prune(h, biased), tmp_path / "b.gguf", "f32")
+    with pytest.raises(GgufError, match="query_pre_attn_scalar"):
+        write_gguf(tiny_gemma3(query_pre_attn_scalar=20), tmp_path / "c.gguf", "f32")
+    assert not list(tmp_path.iterdir()), "nothing is written for a refused model"
+
+
 def test_the_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path):
     h = tiny_handle("llama")
     info = write_gguf(h, tmp_path / "dense.gguf", "f32")

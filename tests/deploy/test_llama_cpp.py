@@ -22,7 +22,7 @@ from headlab.engine.export.gguf import write_gguf
 from headlab.engine.export.surgery import prune
 from headlab.engine.models.load import shipped_gguf
 from headlab.engine.runtime.half_window import half_window_perplexity
-from tests.test_gguf_export import layout_masks
+from tests.test_gguf_export import gemma3_masks, layout_masks, tiny_gemma3
 from tests.tiny import tiny_handle
 
 TINY_CTX = 64
@@ -38,7 +38,7 @@ def text_file(tmp_path_factory):
 
 def compare(handle, mask, gguf_path, text_file, n_ctx, chunks=None):
     ids = llama_cpp.tokenize(gguf_path, text_file)
-    ours = half_window_perplexity(handle, ids, n_ctx, mask=mask, n_chunks=chunks)
+    ours = half_window_perplexity(handle, ids, n_ctx, mask=mask, n_chunks=chunks, bos_id=llama_cpp.bos_id(gguf_path))
     theirs = llama_cpp.perplexity(gguf_path, text_file, n_ctx, chunks=ours.chunks)
     print(f"{gguf_path.name}: llama.cpp {theirs:.4f}, HeadLab {ours.perplexity:.4f} ({ours.describe()})")
     return theirs, ours.perplexity
@@ -90,3 +90,31 @@ def test_a_q4_k_m_export_is_made_by_llama_quantize_and_runs(tmp_path, text_file)
     assert verify_files(r.folder)["gguf"]["out_type"] == "Q4_K_M"
     theirs, ours = compare(h, mask, r.gguf.path, text_file, TINY_CTX, chunks=8)
     assert theirs == pytest.approx(ours, rel=0.02)  # rows of 64: llama-quantize falls back to small-block types
+
+
+@pytest.mark.parametrize("case", ["dense", "uniform", "depth"])
+def test_tiny_gemma3_exports_have_headlabs_perplexity_in_llama_cpp(case, tmp_path, text_file):
+    """llama.cpp's gemma3: sliding window (5 tokens) and local rotary base on the layers the pattern marks."""
+    h = tiny_gemma3()
+    mask = gemma3_masks(h.geometry)[case]
+    info = write_gguf(prune(h, mask), tmp_path / "tiny-gemma3.gguf", "f32")
+    theirs, ours = compare(h, mask, info.path, text_file, TINY_CTX, chunks=8)
+    assert theirs == pytest.approx(ours, rel=1e-4)
+
+
+@pytest.mark.real_model
+def test_shipped_gemma3_dense_and_uniform_pruned_in_llama_cpp(tmp_path, text_file):
+    """Gemma 3 270M through llama.cpp's gemma3, tokenized by the shipped file's own vocabulary (BOS first)."""
+    from headlab.engine.models.load import load_model
+
+    h = load_model("gemma3-270m")
+    g = h.geometry
+    pruned = PruneMask.dense(g)
+    pruned.heads[:, 3] = 0  # one of the 4 query heads sharing the single KV head, in every layer
+    pruned.ffn[:, torch.randperm(g.ffn_dim, generator=torch.Generator().manual_seed(0))[:512]] = 0
+    for label, mask in (("dense", None), ("pruned", pruned)):
+        model = h if mask is None else prune(h, mask)
+        info = write_gguf(model, tmp_path / f"gemma3-{label}.gguf", "f32", tokenizer_gguf=shipped_gguf(h.name))
+        assert info.arch == "gemma3" and llama_cpp.bos_id(info.path) == 2
+        theirs, ours = compare(h, mask, info.path, text_file, 512, chunks=3)
+        assert theirs == pytest.approx(ours, rel=1e-3)

