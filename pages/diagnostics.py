@@ -5,11 +5,11 @@ import plotly.express as px
 import streamlit as st
 
 from headlab.engine.importance.diagnostics import HEAD_KINDS, THRESHOLDS, diagnose, kind_counts
-from headlab.engine.pruning.strategies.scores import ablation_scores, cached_ablation
+from headlab.engine.pruning.strategies.scores import cached_ablation
 from headlab.engine.runtime.attention_maps import token_limit
-from headlab.ui import compute, keys, session
+from headlab.ui import compute, jobs, keys, session
 from headlab.ui.errors import user_errors
-from headlab.ui.suggest import shared_calibration
+from headlab.ui.suggest import HEAD_COSTS_BOARD, head_costs_board, head_costs_key, shared_calibration, start_head_costs
 
 KIND_COLORS = dict(zip(HEAD_KINDS, px.colors.qualitative.Set2))
 
@@ -24,12 +24,17 @@ with user_errors():
     with st.spinner(f"One capture pass over {calib.describe()} (once per model)..."):
         stats = calib.stats(handle)
 measured = cached_ablation(calib, mean=True)
-if measured is None and st.button("Measure each head's real cost (mean-ablation KL; a few minutes once)"):
-    bar = st.progress(0.0, text="Measuring heads")
-    with user_errors():
-        measured, _ = ablation_scores(handle, calib, mean=True,
-                                      progress=lambda d, t: bar.progress(d / t, text=f"Measuring heads {d}/{t}"))
-    bar.empty()
+if measured is None:
+    cost_key = head_costs_key(session.model_choice().key, calib)
+    current = head_costs_board().jobs.get(cost_key)
+    if (current is None or current.failed) and st.button(
+            "Measure each head's real cost (mean-ablation KL; minutes, once per model: kept on disk and resumed "
+            "if interrupted)"):
+        start_head_costs(handle, session.model_choice().key, calib)
+    finished = jobs.watch(HEAD_COSTS_BOARD, cost_key)
+    if finished is not None and finished.failed:
+        st.error(f"Measuring the heads failed: {finished.error}")
+    measured = cached_ablation(calib, mean=True)
 diagnoses = diagnose(handle, stats, measured)
 table = pd.DataFrame([d.__dict__ for d in diagnoses])
 table["head_id"] = [f"L{d.layer}H{d.head}" for d in diagnoses]
@@ -105,3 +110,12 @@ if key_and_result is not None and key_and_result[0] == model_key:
     st.dataframe(pd.DataFrame(found.rows), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.3f") for c in
                                 ("sink", "prev_mass", "self_mass", "local_mass", "entropy", "entropy_normalized")})
+
+st.subheader("Jobs")
+st.caption("Long measurements run on the server, whatever page is open: started from any page, they keep running "
+           "when you navigate or reload, and their results appear where they are needed.")
+rows = jobs.table()
+if rows:
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+else:
+    st.caption("No job has run in this server yet.")

@@ -62,8 +62,9 @@ evaluate = o2.checkbox("Measure perplexity before / after (12 windows x 512 toke
                        disabled=not handle.is_causal_lm, key=keys.W_EXPORT_EVALUATE)
 f1, f2 = st.columns([2, 1])
 fmt = FORMATS[f1.radio("Format", FORMATS, horizontal=True, key=keys.W_EXPORT_FORMAT,
-                       help="GGUF: one file llama.cpp, Ollama and LM Studio run (Llama family; per-layer sizes as "
-                            "llama.cpp's deci architecture), with an Ollama Modelfile beside it")]
+                       help="GGUF: one file llama.cpp, Ollama and LM Studio run (Llama family, per-layer sizes as "
+                            "llama.cpp's deci architecture; Gemma 3 with one size for all layers, as its gemma3), "
+                            "with an Ollama Modelfile beside it")]
 gguf_type = f2.selectbox("GGUF type", EXPORT_TYPES, index=EXPORT_TYPES.index("f16"),
                          key=keys.W_EXPORT_GGUF_TYPE, disabled=fmt != "gguf",
                          help="K-quants (Q4_K_M, ...) are made from an f16 file by llama.cpp's llama-quantize "
@@ -82,7 +83,8 @@ if isinstance(result, GgufExportResult):
     g = result.gguf
     st.success(f"Wrote {g.path} ({g.bytes / 2**20:.1f} MiB, llama.cpp architecture `{g.arch}`, {g.out_type}): "
                f"{result.params_before:,} -> {result.params_after:,} parameters"
-               + (f", {g.extra_params:,} added for llama.cpp (duplicated K/V heads, stand-in FFNs)"
+               + (f", {g.extra_params:,} added for llama.cpp (duplicated K/V heads, zero query heads, stand-in "
+                  "FFNs)"
                   if g.extra_params else "") + ".")
     if g.fallbacks:
         st.caption(f"Kept at F16 (rows not whole quantisation blocks): {', '.join(g.fallbacks[:6])}"

@@ -25,6 +25,7 @@ from headlab.ui import curves, keys
 from headlab.ui.models import ModelChoice
 from headlab.ui.session import MaskState
 from headlab.ui.sidebar import OTHER_MODEL
+from tests.app_jobs import run_after_jobs
 from tests.tiny import save_tiny
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -143,6 +144,7 @@ def test_prune_page_suggest_mask_applies_the_strongest_methods_mask(tiny_llama):
     at.slider(key="suggest.budget").set_value(0.25)
     next(b for b in at.button if b.label == "Suggest mask").click()
     at.run()
+    run_after_jobs(at)  # the suggestion runs as a job: the page does not wait for it
     assert not at.exception
     mask = session_mask(at)
     assert int((mask.heads == 0).sum()) == 2 and mask.has_bias  # 25% of 8 heads, compensated (fast mode)
@@ -168,6 +170,7 @@ def test_the_heads_page_and_the_suggest_panel_share_one_capture_pass(tiny_llama,
     at.slider(key=keys.W_SUGGEST_BUDGET).set_value(0.25)
     next(b for b in at.button if b.label == "Suggest mask").click()
     at.run()
+    run_after_jobs(at)
     assert not at.exception and session_mask(at).has_bias
     assert len(calls) == 1
 
@@ -290,6 +293,7 @@ def test_suggest_panel_by_parameter_budget_applies_a_reconstructed_mask(tiny_lla
     at.button(key="suggest.size_button").click()
     at.run()
     assert not at.exception and not at.error
+    run_after_jobs(at)
     mask = session_mask(at)
     assert mask.has_refit and mask.meta["suggestion"]["method"] == "obs"
     assert abs(cost(tiny_handle("llama"), mask).params_removed_fraction - 0.2) < 0.03

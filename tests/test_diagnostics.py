@@ -16,6 +16,7 @@ from headlab.engine.importance.diagnostics import (
     diagnosis_rows,
     kind_counts,
 )
+from tests.app_jobs import run_after_jobs
 from tests.test_compensation import constant_kv_group
 from tests.tiny import save_tiny, tiny_handle
 
@@ -100,10 +101,20 @@ def test_diagnostics_page_shows_a_kind_per_head_and_measures_costs_on_request(ti
     at.switch_page("pages/diagnostics.py").run()
     assert not at.exception
     assert at.title[0].value == "Diagnostics"
-    table = at.dataframe[-1].value  # the per-head table (the one before it: medians per kind)
+    table = head_table(at)
     assert len(table) == 8 and set(table["kind"]) <= set(HEAD_KINDS)
     assert "ablation_kl" not in table.columns
     next(b for b in at.button if b.label.startswith("Measure each head")).click()
     at.run()
     assert not at.exception
-    assert "ablation_kl" in at.dataframe[-1].value.columns
+    run_after_jobs(at)  # a job on the server: the page did not wait for it
+    assert not at.exception
+    assert "ablation_kl" in head_table(at).columns
+    jobs_view = at.dataframe[-1].value  # the Jobs view lists it, finished
+    assert any(j.startswith("Measuring each head's cost") and s == "done"
+               for j, s in zip(jobs_view["job"], jobs_view["state"]))
+
+
+def head_table(at):
+    """The per-head table (the one with a head_id column and a row per head)."""
+    return next(d.value for d in at.dataframe if "head_id" in d.value.columns and "kind" in d.value.columns)

@@ -256,6 +256,7 @@ def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(t
     from streamlit.testing.v1 import AppTest
 
     from headlab.ui import keys
+    from tests.app_jobs import run_after_jobs
     from tests.tiny import save_tiny
 
     path = save_tiny(tmp_path / "tiny-llama", "llama")
@@ -272,6 +273,7 @@ def test_suggest_panel_applies_a_compensated_mask_and_recompensates_hand_edits(t
     next(b for b in at.button if b.label == "Suggest mask").click()
     at.run()
     assert not at.exception
+    run_after_jobs(at)  # a job on the server: the page went on without waiting
     mask = at.session_state[keys.MASK].mask
     assert mask.summary()["heads_pruned"] == 2 and mask.has_bias
     assert {m.label for m in at.metric} == {"Dense", "Predicted", "Measured"}

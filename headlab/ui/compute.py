@@ -21,7 +21,7 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.importance.diagnostics import PromptDiagnosis, prompt_diagnosis
 from headlab.engine.models.load import ModelHandle
-from headlab.engine.pruning.strategies import Calibration, Suggestion, suggest_size
+from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import width_by_reconstruction
 from headlab.engine.runtime.agreement import Agreement, agreement, dense_reference
 from headlab.engine.runtime.attention_maps import AttentionMap, attention_map
@@ -33,7 +33,7 @@ from headlab.ui.shared_cache import shared_cache
 
 __all__ = ["attention_maps", "layer_inputs", "long_prompt_diagnosis", "generation", "full_perplexity",
            "known_full_perplexity", "full_agreement", "known_full_agreement", "reconstructed_width_mask",
-           "suggested_size", "mask_cost"]
+           "mask_cost"]
 
 
 def digest(mask: PruneMask | None) -> str:
@@ -121,18 +121,6 @@ def reconstructed_width_mask(handle: ModelHandle, model_key: str, keep: float,
         return width_by_reconstruction(handle, keep, calib, uniform=True, progress=report).mask
 
     return shared_cache("reconstructed_width", 16).get_or_compute(f"{model_key}|{keep:.4f}", run, progress)
-
-
-def suggested_size(handle: ModelHandle, model_key: str, keep: float, route: str,
-                   progress: Callable[[int, int], None]) -> tuple[PruneMask, Suggestion]:
-    """headlab.engine.pruning.strategies.suggest_size for (model, keep, route), computed once for every session.
-
-    Reconstruction takes minutes: it runs in a worker that a page reload does not cancel.
-    """
-    return shared_cache("suggested_size", 16).get_or_compute(
-        f"{model_key}|{keep:.4f}|{route}",
-        lambda report: suggest_size(handle, keep, route, progress=report),  # on the shipped calibration
-        progress)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

@@ -19,7 +19,8 @@ __all__ = [
     "W_ATTN_VIEW", "W_ATTN_BINS", "W_ATTN_REDUCE", "W_ATTN_WINDOW", "W_ATTN_POWER", "W_PRUNE_UNIT",
     "W_PRUNE_CRITERION", "W_PRUNE_BUDGET", "W_PRUNE_SCOPE", "W_PRUNE_KV", "W_GEN_PROMPT", "W_GEN_TOKENS",
     "W_HEADS_GRID", "W_HEADS_TABLE", "FORM_HEADS_TOGGLE", "W_PRUNE_GRID", "CHART_PRUNE_CURVE",
-    "SUGGESTION", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD", "W_SUGGEST_TARGET", "W_SUGGEST_PARAMS",
+    "SUGGESTION", "SUGGEST_JOB", "W_SUGGEST_BUDGET", "W_SUGGEST_MODE", "W_SUGGEST_METHOD", "W_SUGGEST_TARGET",
+    "W_SUGGEST_PARAMS",
     "W_SUGGEST_SIZE_BUTTON",
     "EXPORT_RESULT", "W_EXPORT_KEEP", "W_EXPORT_ROUTE", "W_EXPORT_CRITERION", "W_EXPORT_LAYOUT", "W_EXPORT_FOLDER",
     "W_EXPORT_OVERWRITE", "W_EXPORT_EVALUATE", "W_EXPORT_FORMAT", "W_EXPORT_GGUF_TYPE",
@@ -82,6 +83,7 @@ CHART_PRUNE_CURVE = "prune.curve"
 
 # --- the Prune page's suggest panel (headlab/ui/suggest.py) -------------------------------------------
 SUGGESTION = "suggest.last"  # (model key, mask, Suggestion) of this session's last suggestion
+SUGGEST_JOB = "suggest.job"  # (board, job key) of the suggestion job this session started last (headlab.ui.jobs)
 W_SUGGEST_BUDGET = "suggest.budget"
 W_SUGGEST_MODE = "suggest.mode"
 W_SUGGEST_METHOD = "suggest.method"

@@ -20,7 +20,7 @@ import streamlit as st
 from headlab.engine.core.progress import Progress
 from headlab.engine.data.datasets import CALIBRATION_SETS
 from headlab.engine.importance.criteria import Scores
-from headlab.engine.models.load import ModelHandle
+from headlab.engine.models.load import ModelHandle, cache_dir
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.scores import criterion_scores
 from headlab.ui import keys
@@ -63,6 +63,7 @@ def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationC
 
     def compute(report: Progress) -> Calibration:
         calib = Calibration.shipped(choice.name, choice.n_texts, max_length=choice.max_length)
+        calib.persist_dir = cache_dir() / "ablation"  # per-head costs kept on disk as measured: a restart resumes
         calib.stats(handle, report)
         for name in APP_CRITERIA:  # in the job, so concurrent sessions only ever read them (calib.cache)
             criterion_scores(handle, name, calib)

@@ -16,7 +16,7 @@ import streamlit as st
 from headlab.engine.core.jobs import Job, JobBoard
 from headlab.engine.core.progress import Progress
 
-__all__ = ["SharedCache", "shared_cache"]
+__all__ = ["CACHES", "SharedCache", "shared_cache"]
 
 
 class SharedCache:
@@ -41,7 +41,13 @@ class SharedCache:
         return self.jobs.submit(key, Job(lambda job: compute(job.report), name=key))
 
 
+#: Every SharedCache made in this process, by name (the Jobs view lists their jobs).
+CACHES: dict[str, SharedCache] = {}
+
+
 @st.cache_resource(show_spinner=False)
 def shared_cache(name: str, max_entries: int = 16) -> SharedCache:
     """The process-wide SharedCache called `name`."""
-    return SharedCache(max_entries)
+    cache = SharedCache(max_entries)
+    CACHES[name] = cache
+    return cache

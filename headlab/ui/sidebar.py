@@ -14,7 +14,7 @@ from headlab.engine.core.errors import USER_ERRORS
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import CALIBRATION_SETS
 from headlab.engine.models.load import DEFAULT_MODEL, ENCODER_MODEL, GEMMA3_MODEL
-from headlab.ui import keys, session
+from headlab.ui import jobs, keys, session
 from headlab.ui.compute import mask_cost
 from headlab.ui.models import DTYPES, ModelChoice, default_choice, device_options, load_cached
 from headlab.ui.scoring import DEFAULT_CALIBRATION
@@ -136,3 +136,12 @@ def render_sidebar() -> None:
             _mask_summary()
         except USER_ERRORS as e:
             st.error(str(e))
+        _running_jobs()
+
+
+def _running_jobs() -> None:
+    """One line per job running on the server (details on the Diagnostics page's Jobs view)."""
+    for row in jobs.table():
+        if row["state"] == "running":
+            left = f", {row['time left']} left" if row["time left"] else ""
+            st.caption(f"Running: {row['job']} {row['progress']}{left}")

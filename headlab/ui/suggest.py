@@ -25,20 +25,27 @@ from headlab.engine.pruning.strategies import (
     MODES,
     SIZE_METHODS,
     Budget,
+    Calibration,
     Suggestion,
     strategy_names,
     suggest_mask,
+    suggest_size,
 )
-from headlab.engine.pruning.strategies.scores import cached_ablation
+from headlab.engine.pruning.strategies.scores import ablation_scores, cached_ablation
 from headlab.engine.runtime.plan import JobShape
 from headlab.engine.runtime.prefix_cache import live_protocol
-from headlab.ui import compute, keys, session
+from headlab.engine.core.jobs import DONE
+from headlab.ui import jobs, keys, session
 from headlab.ui.errors import user_errors
 from headlab.ui.plan import plan_notice
+from headlab.ui.shared_cache import SharedCache, shared_cache
 
-__all__ = ["shared_calibration", "suggest_panel"]
+__all__ = ["HEAD_COSTS_BOARD", "head_costs_board", "head_costs_key", "shared_calibration", "start_head_costs",
+           "suggest_panel"]
 
 AUTO = "best for the mode"
+# headlab.ui.jobs boards: the jobs outlive the page
+HEADS_BOARD, SIZE_BOARD, HEAD_COSTS_BOARD = "suggest", "suggested_size", "head_costs"
 TARGETS = ("heads", "parameters, by width", "parameters, by depth")
 shared_calibration = session.calibration_data  # the name pages/diagnostics.py imports
 
@@ -48,15 +55,6 @@ MODE_HELP = {
     "optimise": "a hard-concrete mask trained on KL to the dense model from that ranking (slowest)",
     "reconstruct": "per-layer counts from that ranking, heads chosen and kept weights re-solved layer by layer",
 }
-
-
-def _progress_bar(text: str):
-    bar = st.progress(0.0, text=text)
-
-    def update(done: int, total: int) -> None:
-        bar.progress(min(done / max(total, 1), 1.0), text=f"{text} {done}/{total}")
-
-    return bar, update
 
 
 def _show(info: Suggestion) -> None:
@@ -70,22 +68,63 @@ def _show(info: Suggestion) -> None:
                f"{info.protocol or 'no perplexity (encoder)'}; {info.seconds:.0f} s")
 
 
+def head_costs_board() -> SharedCache:
+    """The process-wide board of per-head cost measurements (one job per model and calibration)."""
+    return shared_cache(HEAD_COSTS_BOARD, 4)
+
+
+def head_costs_key(model_key: str, calib: Calibration) -> str:
+    return f"{model_key}|{calib.describe()}"
+
+
+def _measure(handle: ModelHandle, calib: Calibration):
+    return lambda report: ablation_scores(handle, calib, mean=True, progress=report)[0]
+
+
+def start_head_costs(handle: ModelHandle, model_key: str, calib: Calibration) -> str:
+    """Start (or join) the measurement of every head's mean-ablation KL; its job key on HEAD_COSTS_BOARD."""
+    key = head_costs_key(model_key, calib)
+    head_costs_board()
+    jobs.submit(HEAD_COSTS_BOARD, key, f"Measuring each head's cost ({model_key}, {calib.describe()})",
+                _measure(handle, calib))
+    return key
+
+
+def _follow_job(model_key: str, board: str, prefix: str) -> PruneMask | None:
+    """Show this session's suggestion job on `board` (or, after a reload, one running for this model) without
+    blocking the page; apply its result once when it has finished. The mask applied in this run, else None."""
+    started = st.session_state.get(keys.SUGGEST_JOB)
+    job_key = started[1] if started is not None and started[0] == board else None
+    if job_key is None:
+        others = jobs.running(board, prefix)
+        job_key = others[-1][0] if others else None
+    if job_key is None:
+        return None
+    job = jobs.watch(board, job_key)
+    if job is None or not jobs.take(job_key):
+        return None
+    if job.state != DONE:
+        st.error(f"{job.name} failed: {job.error}" if job.error else f"{job.name} was cancelled")
+        return None
+    mask, info = job.result
+    st.session_state[keys.SUGGESTION] = (model_key, mask, info)
+    session.set_mask(mask)
+    return mask
+
+
 def _size_panel(handle: ModelHandle, model_key: str, route: str) -> PruneMask | None:
     """A parameter budget by `route`: the route's best measured method, computed once per (model, size, route)."""
     st.session_state.setdefault(keys.W_SUGGEST_PARAMS, 0.2)
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
     c1.slider("Parameters to remove", 0.05, 0.5, step=0.05, key=keys.W_SUGGEST_PARAMS, format="%.2f",
               help=f"{route}: {SIZE_METHODS[route]} (the best of bench/bench_quality.py without training; minutes)")
-    applied = None
+    keep = round(1.0 - float(st.session_state[keys.W_SUGGEST_PARAMS]), 4)
     if c2.button("Suggest mask", type="primary", width="stretch", key=keys.W_SUGGEST_SIZE_BUTTON):
-        bar, update = _progress_bar(f"Reconstructing by {route} (minutes, once per size): layer")
-        with user_errors(stop=False):
-            keep = round(1.0 - float(st.session_state[keys.W_SUGGEST_PARAMS]), 4)
-            mask, info = compute.suggested_size(handle, model_key, keep, route, update)
-            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
-            session.set_mask(mask)
-            applied = mask
-        bar.empty()
+        job_key = f"{model_key}|size|{keep:.4f}|{route}"
+        jobs.submit(SIZE_BOARD, job_key, f"Suggest mask: {1 - keep:.0%} of parameters by {route}",
+                    lambda report: suggest_size(handle, keep, route, progress=report))  # on the shipped calibration
+        st.session_state[keys.SUGGEST_JOB] = (SIZE_BOARD, job_key)
+    applied = _follow_job(model_key, SIZE_BOARD, f"{model_key}|size|")
     last = st.session_state.get(keys.SUGGESTION)
     if last is not None and last[0] == model_key and last[2].mode.startswith("size:"):
         _show(last[2])
@@ -119,20 +158,25 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
     choice = session.calibration()
     plan_notice(handle, model_key, "suggest", JobShape(n_texts=choice.n_texts, max_length=choice.max_length,
                                                        eval_tokens=2 * live_protocol(handle).window))
-    applied = None
     if clicked:
         calib = session.calibration_data()
-        first = cached_ablation(calib, mean=True) is None
-        bar, update = _progress_bar("Measuring each head's cost once for this model..." if first else "Selecting...")
-        with user_errors(stop=False):
-            method = st.session_state[keys.W_SUGGEST_METHOD]
-            mask, info = suggest_mask(handle, Budget(heads=float(st.session_state[keys.W_SUGGEST_BUDGET])),
-                                      mode=st.session_state[keys.W_SUGGEST_MODE],
-                                      method=None if method == AUTO else method, calib=calib, progress=update)
-            st.session_state[keys.SUGGESTION] = (model_key, mask, info)
-            session.set_mask(mask)
-            applied = mask
-        bar.empty()
+        budget, mode = float(st.session_state[keys.W_SUGGEST_BUDGET]), st.session_state[keys.W_SUGGEST_MODE]
+        method = st.session_state[keys.W_SUGGEST_METHOD]
+        job_key = f"{model_key}|{calib.describe()}|heads|{budget:.4f}|{mode}|{method}"
+        needs_costs = (method == AUTO or "ablation" in method) and cached_ablation(calib, mean=True) is None
+        label = f"Suggest mask: {budget:.0%} of heads, {mode}" + (
+            " (measuring each head's cost first, once per model; kept on disk)" if needs_costs else "")
+        costs = head_costs_board()
+
+        def run(report):
+            if needs_costs:  # the one shared measurement (Diagnostics may have started it): its progress, here
+                costs.job(head_costs_key(model_key, calib), _measure(handle, calib)).outcome(report)
+            return suggest_mask(handle, Budget(heads=budget), mode=mode, method=None if method == AUTO else method,
+                                calib=calib, progress=report)
+
+        jobs.submit(HEADS_BOARD, job_key, label, run)
+        st.session_state[keys.SUGGEST_JOB] = (HEADS_BOARD, job_key)
+    applied = _follow_job(model_key, HEADS_BOARD, f"{model_key}|")
     last = st.session_state.get(keys.SUGGESTION)
     if last is not None and last[0] == model_key:
         _show(last[2])

@@ -56,6 +56,9 @@ class Job(Generic[T]):
         self.result: T | None = None
         self.error: str | None = None  # "ExceptionType: message" of a failure
         self.exception: BaseException | None = None
+        self.started_at: float | None = None  # time.time() when it started, for front ends
+        self.finished_at: float | None = None
+        self._rate_from: tuple[float, int] | None = None  # (monotonic time, done) of the first report
         self._cancel = threading.Event()
         self._finished = threading.Event()
         self._claim = threading.Lock()  # start/run once
@@ -66,6 +69,8 @@ class Job(Generic[T]):
         """Record progress (and a partial result when given); only stores values, never raises."""
         if partial is not None:
             self.partial = partial
+        if self._rate_from is None:  # a resumed job may start at done > 0: its rate counts from here
+            self._rate_from = (time.monotonic(), int(done))
         self.done, self.total = int(done), int(total)
 
     def set_stage(self, text: str) -> None:
@@ -132,6 +137,23 @@ class Job(Generic[T]):
         return self.state == FAILED
 
     @property
+    def elapsed(self) -> float:
+        """Seconds since it started (until it finished), 0 before."""
+        if self.started_at is None:
+            return 0.0
+        return (self.finished_at or time.time()) - self.started_at
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate measured since the first report, or None before there is one."""
+        if self.finished or self._rate_from is None or not self.total:
+            return None
+        t0, d0 = self._rate_from
+        steps, spent = self.done - d0, time.monotonic() - t0
+        if steps <= 0 or spent <= 0:
+            return None
+        return (self.total - self.done) * spent / steps
+
+    @property
     def fraction(self) -> float:
         """done / total in [0, 1] (0 before the first report)."""
         return min(self.done / self.total, 1.0) if self.total else 0.0
@@ -140,6 +162,7 @@ class Job(Generic[T]):
         if not self._claim.acquire(blocking=False):
             raise RuntimeError(f"job {self.name!r} was already started")
         self.state = RUNNING  # from here on, not from when the thread first runs: readers never see a gap
+        self.started_at = time.time()
 
     def _execute(self) -> None:
         if self._cancel.is_set():
@@ -160,6 +183,7 @@ class Job(Generic[T]):
             if self.state == RUNNING:  # a BaseException escaped the work
                 self.error = self.error or "interrupted"
                 self.state = FAILED
+            self.finished_at = time.time()
             self._finished.set()
 
 
@@ -198,6 +222,11 @@ class JobBoard:
         """The result of `key`'s job if it is done, else None (never starts anything)."""
         job = self.get(key)
         return job.result if job is not None and job.state == DONE else None
+
+    def items(self) -> list[tuple[str, Job]]:
+        """(key, job) of every job the board holds, oldest first (a snapshot)."""
+        with self._lock:
+            return list(self._jobs.items())
 
     def __len__(self) -> int:
         with self._lock:

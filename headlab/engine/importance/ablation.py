@@ -16,7 +16,7 @@ pruning); heads the base already prunes score 0 and are marked False in the retu
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,12 +51,16 @@ def ablation_kl(
     replay: LayerReplay | None = None,
     progress: Progress | None = None,
     world: World = SINGLE,
+    known: dict[tuple[int, int], float] | None = None,
+    on_measured: Callable[[int, int, float], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(delta [L, H], kept [L, H] bool): KL increase over `base` when each kept head is removed alone.
 
     Under a data-parallel `world` the heads are dealt round-robin to the ranks (each rank records the
     same replay) and the deltas gathered: every rank gets the whole table, exactly one process's.
-    `progress` counts this rank's heads.
+    `progress` counts this rank's heads. `known`: (layer, head) -> delta an earlier, interrupted run
+    measured (headlab.engine.importance.ablation_store); those heads are taken as they are and the progress
+    starts after them. `on_measured(layer, head, delta)` is called after each head measured here.
     """
     g = handle.geometry
     replay = replay or LayerReplay(handle, texts, base=base, max_length=max_length, batch_size=batch_size)
@@ -65,14 +69,24 @@ def ablation_kl(
     delta = torch.zeros(g.n_layers, g.n_heads)
     mine = world.shard([(l, h) for l in range(g.n_layers) for h in range(g.n_heads) if kept[l, h]])
 
+    known = known or {}
+
     def run_share() -> None:
-        for done, (_, (layer, head)) in enumerate(mine):
+        todo = [(layer, head) for _, (layer, head) in mine if (layer, head) not in known]
+        for layer, head in [(l, h) for _, (l, h) in mine if (l, h) in known]:
+            delta[layer, head] = known[(layer, head)]
+        skipped = len(mine) - len(todo)
+        if progress and skipped:
+            progress(skipped, len(mine))
+        for done, (layer, head) in enumerate(todo):
             m = head_removal_mask(handle, base, layer, [head], means)
             # Replays from the first layer `m` changes: usually `layer`, earlier when the layer's last
             # head goes and its mean folds into layer - 1.
             delta[layer, head] = replay.kl(m) - replay.base_kl
+            if on_measured is not None:
+                on_measured(layer, head, float(delta[layer, head]))
             if progress:
-                progress(done + 1, len(mine))
+                progress(skipped + done + 1, len(mine))
 
     world.run("ablation scoring", run_share)
     # Each head was measured on one rank and is 0 on the others: the sum is that rank's value, exactly.

@@ -11,7 +11,9 @@ The strategies by name: headlab.engine.pruning.strategies.registry.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from headlab.engine.core.handle import ModelHandle
@@ -59,6 +61,9 @@ class Calibration:
     `stats()` is one dense capture pass with gradients (entropy, moments for compensation,
     Michel gradients); `cache` holds what strategies measure (e.g. per-head ablation KL),
     keyed by the strategy, so a second budget reuses the first one's measurements.
+    `persist_dir`: where per-head ablation costs are kept on disk as they are measured
+    (headlab.engine.importance.ablation_store), so an interrupted measurement resumes; None keeps them
+    in memory only.
     """
 
     texts: list[str]
@@ -67,6 +72,8 @@ class Calibration:
     name: str = "custom"
     _stats: CaptureStats | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    persist_dir: Path | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     @classmethod
     def shipped(cls, name: str = "wikitext", n: int = 32, max_length: int = 256) -> "Calibration":

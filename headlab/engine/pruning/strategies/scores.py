@@ -11,6 +11,7 @@ import torch
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.progress import Progress
 from headlab.engine.importance.ablation import ablation_kl
+from headlab.engine.importance.ablation_store import AblationStore
 from headlab.engine.importance.criteria import Scores
 from headlab.engine.importance.gate_gradients import gate_gradients
 from headlab.engine.importance.registry import get_criterion
@@ -56,12 +57,28 @@ def ablation_scores(handle: ModelHandle, calib: Calibration, *, mean: bool,
     """
     texts = calib.texts[:ABLATION_TEXTS]
     key = _ablation_key(mean)
-    if key not in calib.cache:
-        means = calib.stats(handle, progress).head_in_mean if mean else None
-        replay = LayerReplay(handle, texts, max_length=min(calib.max_length, ABLATION_MAX_LENGTH))
-        delta, _ = ablation_kl(handle, texts, means=means, replay=replay, progress=progress)
-        calib.cache[key] = delta
+    with calib.lock:  # threads sharing a calibration (the app's sessions) measure once; the others wait
+        if key not in calib.cache:
+            _measure_ablation(handle, calib, texts, mean, key, progress)
     return calib.cache[key], texts
+
+
+def _measure_ablation(handle: ModelHandle, calib: Calibration, texts: list[str], mean: bool, key: str,
+                      progress: Progress | None) -> None:
+    """Measure every head into calib.cache[key], resuming from (and saving to) calib.persist_dir when set."""
+    means = calib.stats(handle, progress).head_in_mean if mean else None
+    max_length = min(calib.max_length, ABLATION_MAX_LENGTH)
+    replay = LayerReplay(handle, texts, max_length=max_length)
+    store = (AblationStore.for_run(calib.persist_dir, handle, texts, max_length=max_length, mean=mean)
+             if calib.persist_dir is not None else None)
+    known = store.load() if store is not None else None
+    try:
+        delta, _ = ablation_kl(handle, texts, means=means, replay=replay, progress=progress, known=known,
+                               on_measured=store.add if store is not None else None)
+    finally:  # also when stopped part-way: what was measured is kept for the next run
+        if store is not None:
+            store.flush()
+    calib.cache[key] = delta
 
 
 def _ablation_key(mean: bool) -> str:
