@@ -15,12 +15,16 @@ import streamlit as st
 from headlab.ui import keys
 from headlab.ui.pages import navigation
 from headlab.ui.server_options import ICON
-from headlab.ui.sidebar import render_sidebar
 
 st.set_page_config(page_title="HeadLab", page_icon=ICON, layout="wide")
 for key in keys.WIDGETS_TO_KEEP:  # keep each page's settings while another page is open
     if key in st.session_state:
         st.session_state[key] = st.session_state[key]
+# The menu first, before the engine (torch, transformers) is imported: until the first st.navigation call,
+# the browser shows Streamlit's automatic menu of pages/ with raw file names.
 page = navigation()
+
+from headlab.ui.sidebar import render_sidebar  # noqa: E402
+
 render_sidebar()
 page.run()

@@ -59,10 +59,14 @@ with left:
 with right:
     pur = run.purity()
     st.metric("Purity against the categories", f"{pur.overall:.2f}")
-    st.dataframe(cluster_table(run, pur), hide_index=False)
+    st.dataframe(cluster_table(run, pur), hide_index=False, width="stretch",
+                 column_config={"categories": st.column_config.TextColumn(width="large")})
     sil = silhouettes(enc, enc.identity, per_source)
+    best = max(sil, key=sil.get)
     st.caption("Silhouette (cosine) by k: " + ", ".join(f"{kk}: {s:.3f}" for kk, s in sil.items())
-               + f". Best k = {max(sil, key=sil.get)}.")
+               + f". Highest at k = {best}" + ("." if best == k else f"; the slider is at k = {k}."))
+    if best != k:
+        st.button(f"Use k = {best}", on_click=lambda: st.session_state.update({keys.W_CLUSTERS_K: best}))
 
 st.subheader("Train one mask per cluster")
 n_blocks = 2 * handle.geometry.n_layers

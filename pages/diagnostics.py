@@ -116,6 +116,6 @@ st.caption("Long measurements run on the server, whatever page is open: started 
            "when you navigate or reload, and their results appear where they are needed.")
 rows = jobs.table()
 if rows:
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.table(pd.DataFrame(rows).set_index("job"))
 else:
     st.caption("No job has run in this server yet.")

@@ -51,7 +51,8 @@ event = st.dataframe(table, key=f"{keys.W_HEADS_TABLE}.v{session.mask_version()}
 cells = [(int(table.at[r, "layer"]), int(table.at[r, "head"])) for r in event.selection.rows]
 c1, c2, _ = st.columns([1, 1, 2])
 c1.button("Switch selected heads off / on", disabled=not cells, on_click=session.toggle, args=(cells,))
-if c2.button("See what the first selected head attends to", disabled=not cells):
+if c2.button("Show its attention", disabled=not cells,
+             help="Opens the Attention page on the first selected head: what it attends to in a prompt"):
     st.session_state[keys.W_ATTN_LAYER], st.session_state[keys.W_ATTN_HEAD] = cells[0]
     st.switch_page("pages/attention.py")
 

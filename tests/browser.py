@@ -65,9 +65,11 @@ def save_tiny_llama(folder: Path, context: int | None = None, layers: int | None
 
 
 @contextmanager
-def streamlit_app(model: str, log_path: Path, *, startup_s: float = 60) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(url, process) of `streamlit run app.py` on a free 127.0.0.1 port; `model` = a folder, an id or "default"."""
-    env = {**os.environ}
+def streamlit_app(model: str, log_path: Path, *, startup_s: float = 60,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(url, process) of `streamlit run app.py` on a free 127.0.0.1 port; `model` = a folder, an id or "default";
+    `env`: variables set for the server on top of this process's."""
+    env = {**os.environ, **(env or {})}
     if model != "default":
         env["HEADLAB_MODEL"] = model
     port = _free_port()

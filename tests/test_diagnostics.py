@@ -110,9 +110,9 @@ def test_diagnostics_page_shows_a_kind_per_head_and_measures_costs_on_request(ti
     run_after_jobs(at)  # a job on the server: the page did not wait for it
     assert not at.exception
     assert "ablation_kl" in head_table(at).columns
-    jobs_view = at.dataframe[-1].value  # the Jobs view lists it, finished
+    jobs_view = at.table[-1].value  # the Jobs view lists it, finished
     assert any(j.startswith("Measuring each head's cost") and s == "done"
-               for j, s in zip(jobs_view["job"], jobs_view["state"]))
+               for j, s in zip(jobs_view.index, jobs_view["state"]))
 
 
 def head_table(at):

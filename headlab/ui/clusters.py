@@ -13,6 +13,7 @@ from headlab.engine.routing.clusters import cached_projection, cluster_prompts, 
 from headlab.engine.routing.embeddings import SentenceEncoder
 from headlab.engine.routing.router import Router
 from headlab.ui import keys
+from headlab.ui.figures import CATEGORICAL
 
 PRUNED, KEPT = "#e4572e", "#2f6f9f"
 OTHER_ENCODER = "Sentence-transformers folder or hub id..."
@@ -110,7 +111,10 @@ def prompt_map(run, job_key: str, colour: str) -> None:
     df = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cluster": run.clustering.labels.numpy().astype(str),
                        "category": [p.category for p in run.prompts], "source": [p.source for p in run.prompts],
                        "prompt": [p.text[:160].replace("\n", " ") for p in run.prompts]})
+    order = {"cluster": [str(c) for c in range(run.clustering.k)], "category": sorted(set(df.category)),
+             "source": sorted(set(df.source))}
     fig = px.scatter(df, x="x", y="y", color=colour, title=f"{method} of the prompt embeddings",
+                     color_discrete_sequence=CATEGORICAL, category_orders={colour: order[colour]},
                      hover_data={"prompt": True, "category": True, "cluster": True, "x": False, "y": False})
     fig.update_layout(height=460, margin=dict(l=10, r=10, t=40, b=10))
     st.plotly_chart(fig, key=keys.CHART_CLUSTERS_SCATTER)

@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -17,6 +18,7 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.runtime.attention_maps import AttentionMap
 
 __all__ = [
+    "CATEGORICAL",
     "PRUNED_COLOR",
     "GATE_COLORSCALE",
     "block_gates_figure",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 PRUNED_COLOR = "#e4572e"
+# Categories (clusters, prompt sets): ten hues that are all distinct (Tableau 10), then 26 more (Alphabet).
+CATEGORICAL = [*px.colors.qualitative.T10, *px.colors.qualitative.Alphabet]
 GATE_COLORSCALE = [[0.0, PRUNED_COLOR], [0.5, "#f6d8a8"], [1.0, "#2f6f9f"]]  # gate 0 (pruned) .. 1 (kept)
 _FONT = dict(size=12)
 
