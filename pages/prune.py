@@ -5,6 +5,7 @@ import streamlit as st
 from headlab.engine.core.mask import UNIT_KINDS, UNIT_WORDS
 from headlab.engine.importance.registry import criteria_for
 from headlab.engine.pruning.select import select
+from headlab.engine.runtime.paired_bootstrap import change_interval
 from headlab.ui import compute, curves, figures, head_grid, keys, session, widgets
 from headlab.ui.errors import user_errors
 from headlab.ui.suggest import suggest_panel
@@ -90,6 +91,9 @@ with right:
     for label, r in full.items():
         if r is not None:
             st.caption(f"Full evaluation, {label}: {r.describe()}")
+    if all(r is not None and r.token_nll is not None for r in full.values()) and full["dense"] != full["with mask"]:
+        change = change_interval(full["dense"].token_nll, full["with mask"].token_nll)
+        st.caption(f"Full evaluation, change: {change.describe()}")
     if agree is not None:
         st.caption(f"Against the dense model on the same windows: {agree.describe()}")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from headlab.engine.core.adapter import Geometry
-from headlab.engine.runtime.evaluate import PerplexityResult
+from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult
+from headlab.engine.runtime.paired_bootstrap import change_interval
 from headlab.ui import keys, session
 from headlab.ui.head_grid import GridView, head_grid
 
@@ -39,8 +40,17 @@ def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, la
     if run is not None and not run.reused_result:
         last = session.handle().geometry.n_layers - 1
         timing = f" Last change re-ran layers {run.start_layer}-{last} in {run.seconds:.2f} s."
-    c3.caption(f"Live evaluation: {current.n_tokens} scored tokens of WikiText-2 "
-               f"({current.protocol.n_windows} windows of {current.protocol.window}).{timing}")
+    p = current.protocol
+    windows = (f"the first {p.n_windows} window{'s' if p.n_windows > 1 else ''} of {p.window}"
+               if p.window == DEFAULT_PROTOCOL.window and p.stride == DEFAULT_PROTOCOL.stride
+               else f"{p.n_windows} window{'s' if p.n_windows > 1 else ''} of {p.window}")
+    noise = ""
+    if delta and dense.token_nll is not None and current.token_nll is not None:
+        ci = change_interval(dense.token_nll, current.token_nll)
+        noise = (f" Change {ci.delta:+.3f}, 95% interval {ci.low:+.3f} to {ci.high:+.3f} "
+                 f"({'beyond' if ci.significant else 'within'} the noise of these tokens; paired bootstrap).")
+    c3.caption(f"Live evaluation: {current.n_tokens} scored tokens of WikiText-2 test, {windows} "
+               f"(the pinned protocol: {DEFAULT_PROTOCOL.n_windows} x {DEFAULT_PROTOCOL.window}).{noise}{timing}")
 
 
 def toggle_form(g: Geometry, key: str) -> None:

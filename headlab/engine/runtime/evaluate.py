@@ -18,7 +18,7 @@ The default (window 512, stride 512, 12 windows: 6,132 scored tokens) is fast on
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ __all__ = [
     "tokenizer_label",
     "perplexity",
     "window_nll",
+    "window_token_nll",
     "generate",
     "prompt_ids",
 ]
@@ -74,6 +75,9 @@ class PerplexityResult:
     n_tokens: int
     protocol: PerplexityProtocol
     tokenizer: str
+    # each scored token's NLL in protocol order (float32, CPU), where the evaluation kept them: a change between
+    # two masks on the same tokens then gets a paired interval (headlab.engine.runtime.paired_bootstrap)
+    token_nll: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"perplexity {self.perplexity:.3f} on {self.protocol.describe(self.tokenizer, self.n_tokens)}"
@@ -140,12 +144,18 @@ def eval_windows(handle: ModelHandle, protocol: PerplexityProtocol = DEFAULT_PRO
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed NLL over each window's scored tokens and their count, from logits [B, T, V]."""
+    nll = window_token_nll(logits, ids, score_from)
+    return nll.sum(), int(nll.numel())
+
+
+def window_token_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: torch.Tensor) -> torch.Tensor:
+    """The NLL of every scored token, window by window in order (1-D), from logits [B, T, V]."""
     ids = ids.to(logits.device)  # a split model's LM head may compute on another device than the inputs
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1): token t+1 predicted at t
     pos = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
     scored = pos >= score_from.to(ids.device)[:, None]
-    return (nll * scored).sum(), int(scored.sum())
+    return nll[scored]
 
 
 @torch.no_grad()
@@ -171,7 +181,7 @@ def perplexity(
     windows, score_from = eval_windows(handle, protocol)
     if use_kernels is None:
         use_kernels = mask is not None and sparse_refusal(handle, mask) is None
-    total, count = 0.0, 0
+    nlls: list[torch.Tensor] = []
     n = windows.shape[0]
     with gates.apply(handle, None if use_kernels else mask):
         for i in range(0, n, batch_size):
@@ -180,12 +190,13 @@ def perplexity(
                 logits = sparse_logits(handle, ids, mask if mask is not None else PruneMask.dense(handle.geometry))
             else:
                 logits = handle.model(input_ids=ids).logits
-            s, c = window_nll(logits, ids, score_from[i : i + batch_size])
-            total, count = total + float(s), count + c
+            nlls.append(window_token_nll(logits, ids, score_from[i : i + batch_size]).float().cpu())
             if progress:
                 progress(min(i + batch_size, n), n)
-    nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, protocol, tokenizer_label(handle))
+    token_nll = torch.cat(nlls)
+    nll = float(token_nll.double().sum()) / token_nll.numel()
+    return PerplexityResult(math.exp(nll), nll, token_nll.numel(), protocol, tokenizer_label(handle),
+                            token_nll=token_nll)
 
 
 def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = True) -> torch.Tensor:

@@ -36,7 +36,7 @@ from headlab.engine.runtime.evaluate import (
     PerplexityResult,
     eval_windows,
     tokenizer_label,
-    window_nll,
+    window_token_nll,
 )
 from headlab.engine.runtime.replay import LayerInputs, final_logits, record_layers
 
@@ -48,18 +48,20 @@ __all__ = [
     "live_protocol",
 ]
 
-# Two windows of 256 tokens: about a second per toggle for SmolLM2-135M on a CPU core.
-LIVE_WINDOW = 256
-LIVE_WINDOWS = 2
+# The first window of the pinned protocol (headlab.engine.runtime.evaluate.DEFAULT_PROTOCOL: 12 windows of 512):
+# the same tokens, scored in the same context, as its first 511; about a second per toggle for SmolLM2-135M.
+LIVE_WINDOW = 512
+LIVE_WINDOWS = 1
 DEFAULT_MAX_BYTES = 384 * 2**20
 
 LayerKey = tuple[bytes, ...]
 
 
 def live_protocol(handle: ModelHandle, n_windows: int = LIVE_WINDOWS, window: int = LIVE_WINDOW) -> PerplexityProtocol:
-    """The short protocol used for live feedback: `n_windows` windows of `window` tokens (capped by the context)."""
+    """The short protocol used for live feedback: `n_windows` windows of `window` tokens; a model whose context is
+    shorter gets windows of its context, as many as cover the same number of tokens."""
     w = min(window, context_length(handle.model))
-    return PerplexityProtocol(window=w, stride=w, n_windows=n_windows)
+    return PerplexityProtocol(window=w, stride=w, n_windows=math.ceil(n_windows * window / w))
 
 
 @dataclass(frozen=True)
@@ -172,31 +174,30 @@ class PrefixCache:
         """Run the whole model once, recording every layer's input and call arguments."""
         n_b = len(self._ids)
         inputs = [{"input_ids": ids.to(self.handle.device)} for ids in self._ids]
-        sums: list[tuple[float, int]] = []
+        nlls: list[torch.Tensor] = []
 
         def score(b: int, out: Any) -> None:
-            s, c = window_nll(out.logits, inputs[b]["input_ids"], self._score_from[b])
-            sums.append((float(s), c))
+            nlls.append(window_token_nll(out.logits, inputs[b]["input_ids"], self._score_from[b]).cpu())
             if progress:
                 progress(b + 1, n_b)
 
         record = record_layers(self.handle, mask, inputs, each=score)
-        return _Entry(key, record, self._result(sum(s for s, _ in sums), sum(c for _, c in sums)))
+        return _Entry(key, record, self._result(torch.cat(nlls)))
 
     def _derive(
         self, parent: _Entry, start: int, mask: PruneMask, key: LayerKey, progress: Progress | None
     ) -> _Entry:
         """Layers start..L-1 under `mask` from the parent's input of layer `start`."""
         record = parent.record.run_from(start, mask, progress=progress)
-        total, count = 0.0, 0
-        for b, hidden in enumerate(record.outputs):
-            s, c = window_nll(final_logits(self.handle, hidden), self._ids[b].to(hidden.device), self._score_from[b])
-            total, count = total + float(s), count + c
-        return _Entry(key, record, self._result(total, count))
+        nlls = [window_token_nll(final_logits(self.handle, hidden), self._ids[b].to(hidden.device),
+                                 self._score_from[b]).cpu() for b, hidden in enumerate(record.outputs)]
+        return _Entry(key, record, self._result(torch.cat(nlls)))
 
-    def _result(self, total: float, count: int) -> PerplexityResult:
-        nll = total / count
-        return PerplexityResult(math.exp(nll), nll, count, self.protocol, tokenizer_label(self.handle))
+    def _result(self, token_nll: torch.Tensor) -> PerplexityResult:
+        token_nll = token_nll.float()
+        nll = float(token_nll.double().sum()) / token_nll.numel()
+        return PerplexityResult(math.exp(nll), nll, token_nll.numel(), self.protocol, tokenizer_label(self.handle),
+                                token_nll=token_nll)
 
     def _evict(self, keep: LayerKey) -> None:
         """Drop least-recently-used entries (never the root nor `keep`) until under max_bytes."""
