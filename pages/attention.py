@@ -8,7 +8,8 @@ from headlab.ui.errors import user_errors
 
 DEFAULT_PROMPT = ("The cat sat on the mat because it was tired. When the dog came in, "
                   "the cat looked at it and went back to sleep.")
-VIEWS = {"dense": "dense model", "masked": "with the current mask", "both": "both, side by side"}
+VIEWS = {"dense": "dense model", "masked": "with the current mask",
+         "both": "both, side by side, and their difference"}
 
 st.title("Attention")
 with user_errors():
@@ -76,12 +77,30 @@ if view != "dense" and mask == type(mask).dense(g):
     st.info("The current mask keeps every head, so both maps are the same. Switch heads off on the Heads or "
             "Prune page to see how pruning earlier layers changes this one.")
 
-for column, (label, m) in zip(st.columns(len(shown)), shown.items()):
+diff = figures.attention_difference(*shown.values()) if len(shown) == 2 else None
+single = head != "all"
+columns = st.columns(3 if single and diff is not None else len(shown))
+for column, (label, m) in zip(columns, shown.items()):
     title = f"Layer {layer} - {label.lower()}"
     with column:
-        if head == "all":
+        if not single:
             fig = figures.attention_small_multiples(m, title=title, group_size=g.group_size, power=power,
                                                     cols=2 if len(shown) > 1 and g.n_heads <= 4 else None)
         else:
-            fig = figures.attention_heatmap(m, int(head), title=f"{title}, head {head}", power=power)
+            fig = figures.attention_heatmap(m, int(head), title=f"{title}, head {head}", power=power,
+                                            max_labels=28 if diff is not None else 40)
         st.plotly_chart(fig, config={"displayModeBar": False})
+if diff is not None:
+    masked = shown["With the current mask"]
+    title = f"Layer {layer} - with the mask minus dense (red: attention the mask adds, blue: takes away)"
+    if single:
+        with columns[2]:
+            st.plotly_chart(figures.attention_heatmap(masked, int(head), title=f"Layer {layer}, head {head}: mask "
+                                                      "minus dense", power=power, diff=diff[int(head)],
+                                                      max_labels=28), config={"displayModeBar": False})
+    else:
+        st.plotly_chart(figures.attention_small_multiples(masked, title=title, group_size=g.group_size, power=power,
+                                                          cols=min(g.n_heads, 6), diff=diff),
+                        config={"displayModeBar": False})
+    if not diff.any():
+        st.caption("The difference is zero everywhere: nothing before this layer's attention is pruned.")

@@ -73,7 +73,8 @@ with right:
     if not handle.is_causal_lm:
         st.info("This model is an encoder (no LM head): perplexity and generation need a causal language model.")
         st.stop()
-    with user_errors():
+    with user_errors(), st.spinner("Perplexity under this mask (re-running the layers from the first change)...",
+                                   show_time=True):
         dense, current = session.live_perplexity(None), session.live_perplexity(mask)
     widgets.perplexity_metrics(dense, current)
     full = {label: compute.known_full_perplexity(model_key, m) for label, m in (("dense", None), ("with mask", mask))}
@@ -102,7 +103,7 @@ with right:
     prompt = p1.text_input("Prompt", key=keys.W_GEN_PROMPT)
     n_new = p2.number_input("New tokens", 8, 128, step=8, key=keys.W_GEN_TOKENS)
     for column, (label, m) in zip(st.columns(2), (("Dense", None), ("With the mask", mask))):
-        with column, user_errors(stop=False), st.spinner(f"Generating ({label.lower()})..."):
+        with column, user_errors(stop=False), st.spinner(f"Generating ({label.lower()})...", show_time=True):
             column.markdown(f"*{label}*")
             column.text(compute.generation(handle, model_key, prompt, m, int(n_new)) or "(nothing generated)")
 

@@ -154,6 +154,35 @@ def test_attention_small_multiples_titles_pruned_heads(llama_handle):
     assert list(single.layout.xaxis.ticktext)[:2] == m.key_labels[:2]
 
 
+def test_every_small_map_has_token_labels_and_square_cells(llama_handle):
+    m = attention_map(llama_handle, "a small test prompt with a few more words in it", 1)
+    fig = figures.attention_small_multiples(m, title="layer 1", group_size=2)
+    for h in range(m.n_heads):
+        x = fig.layout[f"xaxis{'' if h == 0 else h + 1}"]
+        y = fig.layout[f"yaxis{'' if h == 0 else h + 1}"]
+        assert list(x.ticktext) and list(y.ticktext), f"head {h}'s map has no token labels"
+        assert y.scaleanchor == f"x{'' if h == 0 else h + 1}"  # square cells
+    long_labels = [f"{i} token{i}" for i in range(300)]
+    ticks = figures._axis_ticks(long_labels, 28)
+    assert len(ticks["tickvals"]) <= 28 and ticks["tickvals"][0] == 0  # readable at any length
+
+
+def test_the_difference_view_is_masked_minus_dense_and_zero_when_nothing_before_changes(llama_handle):
+    g = llama_handle.geometry
+    dense = attention_map(llama_handle, "a small test prompt", 1)
+    same = attention_map(llama_handle, "a small test prompt", 1, mask=PruneMask.dense(g).toggle_head(1, 2))
+    assert not figures.attention_difference(dense, same).any()  # a head of this layer: its map is unchanged
+    earlier = attention_map(llama_handle, "a small test prompt", 1, mask=PruneMask.dense(g).toggle_head(0, 1))
+    diff = figures.attention_difference(dense, earlier)
+    assert diff.shape == tuple(dense.probs.shape) and abs(diff).max() > 0
+    assert abs(diff.sum(-1)).max() < 1e-5  # every row of both maps sums to 1
+    fig = figures.attention_heatmap(earlier, 0, title="diff", diff=diff[0])
+    assert fig.data[0].zmid == 0 and fig.data[0].colorscale is not None
+    other = attention_map(llama_handle, "another prompt of a different length entirely", 1)
+    with pytest.raises(ValueError, match="differ in shape"):
+        figures.attention_difference(dense, other)
+
+
 def test_curve_at_zero_pruned_is_the_dense_perplexity_and_rises_with_pruning(llama_handle):
     g = llama_handle.geometry
     scores = {"magnitude": _scores(g, torch.rand(8), "magnitude")}

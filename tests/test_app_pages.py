@@ -88,7 +88,7 @@ def test_each_page_renders_without_exception_on_a_tiny_model(tiny_llama, page):
         assert len(grids) == 4 and len(charts) == 1  # a clickable head grid per criterion; their correlation
         assert len(at.dataframe) == 1 and len(at.dataframe[0].value) == 8
     elif page.endswith("attention.py"):
-        assert len(charts) == 2  # dense and masked, side by side
+        assert len(charts) == 3  # dense and masked side by side, their difference below
     else:
         assert len(grids) == 1 and len(charts) == 1 and len(at.text) == 2  # mask grid, sub-blocks; two generations
 
@@ -190,7 +190,7 @@ def test_attention_page_draws_one_head_and_reports_an_empty_prompt(tiny_llama):
     at = new_app().run()
     at.switch_page("pages/attention.py").run()
     at.selectbox(key=keys.W_ATTN_HEAD).set_value(1).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2
+    assert not at.exception and len(at.get("plotly_chart")) == 3  # dense, masked, masked minus dense
     at.text_area(key=keys.W_ATTN_PROMPT).input("   ").run()
     assert not at.exception
     assert "prompt is empty" in at.error[0].value

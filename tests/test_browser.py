@@ -108,8 +108,16 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
     assert "heads pruned: 2" in page.locator('[data-testid="stSidebar"]').inner_text()
 
     open_page(page, "Attention")
-    assert plots_drawn(page, 2, SLOW) == 2  # dense and masked maps
+    assert plots_drawn(page, 3, SLOW) == 3  # dense and masked maps of every head, their difference below
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})  # the difference view included
+    wait_idle(page)
     page.screenshot(path=str(shots / "attention.png"))
+    page.set_viewport_size(VIEWPORT)
+    page.locator(".st-key-w-attention-head").click()  # one head: dense, masked and the difference side by side
+    page.get_by_role("option", name="head 1", exact=True).click()
+    wait_idle(page)
+    assert plots_drawn(page, 3, SLOW) == 3
+    page.screenshot(path=str(shots / "attention-head.png"))
 
     open_page(page, "Prune")
     before = masked_perplexity(page)

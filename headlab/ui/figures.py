@@ -22,6 +22,7 @@ __all__ = [
     "PRUNED_COLOR",
     "GATE_COLORSCALE",
     "block_gates_figure",
+    "attention_difference",
     "attention_heatmap",
     "attention_small_multiples",
     "correlation_figure",
@@ -63,36 +64,77 @@ def _colour_ticks(zmax: float, power: float) -> dict:
 
 
 def _axis_ticks(labels: Sequence[str], limit: int = 48) -> dict:
+    """At most `limit` evenly spaced tick labels (every label when they fit); hover shows every token anyway."""
     n = len(labels)
-    step = max(1, math.ceil(n / limit))
+    step = max(1, math.ceil(n / max(1, limit)))
     idx = list(range(0, n, step))
-    return dict(tickmode="array", tickvals=idx, ticktext=[labels[i] for i in idx])
+    return dict(tickmode="array", tickvals=idx, ticktext=[_short(labels[i]) for i in idx])
 
 
-def _hover_matrix(m: AttentionMap, head: int) -> list[list[str]]:
-    p = m.probs[head]
-    return [[f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>p = {float(p[i, j]):.4f}"
+def _short(label: str, width: int = 12) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _hover_matrix(m: AttentionMap, head: int, z: np.ndarray | None = None, what: str = "p") -> list[list[str]]:
+    p = m.probs[head].numpy() if z is None else z
+    return [[f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>{what} = {float(p[i, j]):+.4f}"
+             if z is not None else f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>p = {float(p[i, j]):.4f}"
              for j in range(p.shape[1])] for i in range(p.shape[0])]
 
 
-def attention_heatmap(m: AttentionMap, head: int, *, title: str, power: float = 0.5, height: int = 560) -> go.Figure:
-    """One head's map: queries down, keys across, token (or bin) labels on both axes."""
-    p = m.probs[head].numpy()
-    zmax = float(max(p.max(), 1e-6))
-    fig = go.Figure(go.Heatmap(
-        z=p**power, zmin=0, zmax=zmax**power, colorscale="Blues", hovertext=_hover_matrix(m, head), hoverinfo="text",
-        colorbar=dict(title=dict(text="attention", side="right"), thickness=10, **_colour_ticks(zmax, power)),
-    ))
+def attention_difference(dense: AttentionMap, masked: AttentionMap) -> np.ndarray:
+    """[H, Q, K] masked minus dense attention (the same prompt, layer and drawing options)."""
+    if dense.probs.shape != masked.probs.shape:
+        raise ValueError(f"the two maps differ in shape: {tuple(dense.probs.shape)} vs {tuple(masked.probs.shape)}")
+    return (masked.probs - dense.probs).numpy()
+
+
+def _signed_power(z: np.ndarray, power: float) -> np.ndarray:
+    return np.sign(z) * np.abs(z) ** power
+
+
+def attention_heatmap(m: AttentionMap, head: int, *, title: str, power: float = 0.5, height: int = 560,
+                      diff: np.ndarray | None = None, max_labels: int = 40) -> go.Figure:
+    """One head's map: queries down, keys across, token (or bin) labels on both axes, square cells.
+
+    `diff` ([Q, K], masked minus dense): drawn instead of the probabilities on a diverging scale centred on 0
+    (red: the mask adds attention there, blue: it takes attention away).
+    """
+    if diff is None:
+        p = m.probs[head].numpy()
+        zmax = float(max(p.max(), 1e-6))
+        trace = go.Heatmap(z=p**power, zmin=0, zmax=zmax**power, colorscale="Blues", hovertext=_hover_matrix(m, head),
+                           hoverinfo="text",
+                           colorbar=dict(title=dict(text="attention", side="right"), thickness=10,
+                                         **_colour_ticks(zmax, power)))
+    else:
+        zmax = float(max(np.abs(diff).max(), 1e-6))
+        trace = go.Heatmap(z=_signed_power(diff, power), zmin=-(zmax**power), zmax=zmax**power, zmid=0,
+                           colorscale="RdBu_r", hovertext=_hover_matrix(m, head, diff, "masked - dense"),
+                           hoverinfo="text",
+                           colorbar=dict(title=dict(text="masked - dense", side="right"), thickness=10,
+                                         **_signed_ticks(zmax, power)))
+    fig = go.Figure(trace)
     fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, font=dict(size=11),
                       margin=dict(l=110, r=10, t=40, b=110))
-    fig.update_xaxes(title_text="key (attended to)", tickangle=-60, **_axis_ticks(m.key_labels))
-    fig.update_yaxes(title_text="query (attending)", autorange="reversed", **_axis_ticks(m.query_labels))
+    fig.update_xaxes(title_text="key (attended to)", tickangle=-90, constrain="domain",
+                     **_axis_ticks(m.key_labels, max_labels))
+    fig.update_yaxes(title_text="query (attending)", autorange="reversed", scaleanchor="x", constrain="domain",
+                     **_axis_ticks(m.query_labels, max_labels))
     return fig
 
 
+def _signed_ticks(zmax: float, power: float) -> dict:
+    vals = [v for v in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0) if v <= zmax + 1e-9] or [zmax]
+    ticks = [-v for v in reversed(vals)] + [0.0] + vals
+    return dict(tickvals=[float(np.sign(v) * abs(v) ** power) for v in ticks], ticktext=[f"{v:+g}" for v in ticks])
+
+
 def attention_small_multiples(m: AttentionMap, *, title: str, group_size: int = 1, power: float = 0.5,
-                              cols: int | None = None) -> go.Figure:
-    """Every head of the layer as a small map, one shared colour scale; pruned heads say so."""
+                              cols: int | None = None, diff: np.ndarray | None = None,
+                              max_labels: int = 12) -> go.Figure:
+    """Every head of the layer as a small square map with token labels, one shared colour scale; pruned heads say
+    so. `diff` ([H, Q, K], masked minus dense): the differences instead, on a diverging scale centred on 0."""
     H = m.n_heads
     cols = cols or min(H, 4 if H > 9 else 3)
     rows = math.ceil(H / cols)
@@ -101,21 +143,32 @@ def attention_small_multiples(m: AttentionMap, *, title: str, group_size: int = 
         tag = " - pruned" if float(m.head_gates[h]) == 0 else ""
         kv = f", KV {h // group_size}" if group_size > 1 else ""
         names.append(f"head {h}{kv}{tag}")
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.03, vertical_spacing=0.06)
-    zmax = float(max(m.probs.max(), 1e-6))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08, vertical_spacing=0.1)
+    if diff is None:
+        zmax = float(max(m.probs.max(), 1e-6))
+        axis = dict(colorscale="Blues", cmin=0, cmax=zmax**power,
+                    colorbar=dict(title=dict(text="attention", side="right"), thickness=10,
+                                  **_colour_ticks(zmax, power)))
+    else:
+        zmax = float(max(np.abs(diff).max(), 1e-6))
+        axis = dict(colorscale="RdBu_r", cmin=-(zmax**power), cmax=zmax**power, cmid=0,
+                    colorbar=dict(title=dict(text="masked - dense", side="right"), thickness=10,
+                                  **_signed_ticks(zmax, power)))
     for h in range(H):
-        fig.add_trace(go.Heatmap(z=m.probs[h].numpy() ** power, coloraxis="coloraxis",
-                                 hovertext=_hover_matrix(m, h), hoverinfo="text"),
+        z = m.probs[h].numpy() ** power if diff is None else _signed_power(diff[h], power)
+        hover = _hover_matrix(m, h) if diff is None else _hover_matrix(m, h, diff[h], "masked - dense")
+        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", hovertext=hover, hoverinfo="text"),
                       row=h // cols + 1, col=h % cols + 1)
     fig.update_layout(
-        title=dict(text=title, x=0, font=dict(size=14)), height=rows * 260 + 70, font=dict(size=11),
-        margin=dict(l=20, r=10, t=70, b=20),
-        coloraxis=dict(colorscale="Blues", cmin=0, cmax=zmax**power,
-                       colorbar=dict(title=dict(text="attention", side="right"), thickness=10,
-                                     **_colour_ticks(zmax, power))),
+        title=dict(text=title, x=0, font=dict(size=14)), height=rows * 330 + 80, font=dict(size=10),
+        margin=dict(l=60, r=10, t=70, b=50), coloraxis=axis,
     )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False, autorange="reversed")
+    keys_ticks, query_ticks = _axis_ticks(m.key_labels, max_labels), _axis_ticks(m.query_labels, max_labels)
+    for h in range(H):
+        r, c = h // cols + 1, h % cols + 1
+        fig.update_xaxes(tickangle=-90, tickfont=dict(size=9), constrain="domain", row=r, col=c, **keys_ticks)
+        fig.update_yaxes(autorange="reversed", tickfont=dict(size=9), constrain="domain", row=r, col=c,
+                         scaleanchor=f"x{'' if h == 0 else h + 1}", **query_ticks)
     for ann in fig.layout.annotations:
         if ann.text.endswith("pruned"):
             ann.font = dict(color=PRUNED_COLOR, size=12)
