@@ -12,8 +12,8 @@ with user_errors():
     g = handle.geometry
     scores = session.scores()
     mask = session.mask()
-    with st.spinner("Perplexity under this mask (re-running the layers from the first change)...", show_time=True):
-        live = (session.live_perplexity(None), session.live_perplexity(mask)) if handle.is_causal_lm else None
+    # no spinner here: drawn above the grids, it would move them under a pointer while a click reruns the page
+    live = (session.live_perplexity(None), session.live_perplexity(mask)) if handle.is_causal_lm else None
 
 groups = f"; white lines separate the {g.n_kv_heads} groups of {g.group_size} heads sharing keys and values" \
     if g.group_size > 1 else ""

@@ -6,9 +6,9 @@ from headlab.engine.core.mask import UNIT_KINDS, UNIT_WORDS
 from headlab.engine.importance.registry import criteria_for
 from headlab.engine.pruning.select import select
 from headlab.engine.runtime.paired_bootstrap import change_interval
-from headlab.ui import compute, curves, figures, head_grid, keys, session, widgets
+from headlab.ui import compute, curves, figures, head_grid, jobs, keys, session, widgets
 from headlab.ui.errors import user_errors
-from headlab.ui.suggest import suggest_panel
+from headlab.ui.suggest import HEADS_BOARD, SIZE_BOARD, suggest_panel
 
 DEFAULT_GEN_PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -59,8 +59,11 @@ c4.selectbox("Scope", ["global", "uniform"], key=keys.W_PRUNE_SCOPE, on_change=a
 c4.checkbox("Whole KV groups", key=keys.W_PRUNE_KV, on_change=apply_selection,
             disabled=unit != "heads" or g.group_size == 1,
             help="Prune a KV head with all the query heads reading it (removes its K/V weights too).")
+# open while a suggestion is running or was made (also after a reload, when a job runs for this model)
+suggesting = (keys.SUGGESTION in st.session_state or keys.SUGGEST_JOB in st.session_state
+              or any(jobs.running(board, f"{session.model_choice().key}|") for board in (HEADS_BOARD, SIZE_BOARD)))
 with st.expander("Suggest mask: the strongest measured method for a budget of heads or of parameters (width, depth)",
-                 expanded=st.session_state.get(keys.SUGGESTION) is not None):
+                 expanded=suggesting):
     suggest_panel(handle)
 mask = session.mask()
 

@@ -25,7 +25,7 @@ from tests.tiny import save_tiny, tiny_model
 
 __all__ = ["ROOT", "CHROMIUM", "CHROMIUM_ARGS", "VIEWPORT", "save_tiny_llama", "streamlit_app", "launch_chromium",
            "wait_idle", "masked_perplexity", "wait_for_change", "grid_shape", "grid_cell", "click_head",
-           "sidebar_heads_pruned", "open_page", "is_local_url"]
+           "sidebar_heads_pruned", "open_page", "is_local_url", "plots_drawn", "plots_settle"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -175,6 +175,17 @@ def plots_drawn(page, expected: int, timeout: float) -> int:
         page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {expected}",
                                timeout=timeout * 1000)
     except PlaywrightTimeout:  # the assertion that follows reports the count
+        pass
+    return page.locator(".js-plotly-plot").count()
+
+
+def plots_settle(page, expected: int, timeout: float) -> int:
+    """The Plotly chart count once it is exactly `expected` (a rerun keeps the old charts until it replaces them),
+    or whatever it is when `timeout` runs out: the count, for the caller to assert on."""
+    try:
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {expected}",
+                               timeout=timeout * 1000)
+    except PlaywrightTimeout:
         pass
     return page.locator(".js-plotly-plot").count()
 

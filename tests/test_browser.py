@@ -29,6 +29,7 @@ from tests.browser import (
     grid_shape,
     masked_perplexity,
     plots_drawn,
+    plots_settle,
     save_tiny_llama,
     streamlit_app,
 )
@@ -116,7 +117,7 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
     page.locator(".st-key-w-attention-head").click()  # one head: dense, masked and the difference side by side
     page.get_by_role("option", name="head 1", exact=True).click()
     wait_idle(page)
-    assert plots_drawn(page, 3, SLOW) == 3
+    assert plots_settle(page, 3, SLOW) == 3
     page.screenshot(path=str(shots / "attention-head.png"))
 
     open_page(page, "Prune")
@@ -205,7 +206,7 @@ def test_the_attention_page_draws_the_map_of_a_4096_token_prompt(app_url, browse
     n_tokens = int(re.match(r"(\d+) tokens", caption.inner_text()).group(1))
     assert n_tokens >= LONG_PROMPT_TOKENS, caption.inner_text()
     assert page.locator('[data-testid="stException"]').count() == 0
-    assert plots_drawn(page, 2, SLOW) == 2  # dense and masked maps of the whole prompt
+    assert plots_drawn(page, 3, SLOW) == 3  # dense and masked maps of the whole prompt, their difference
     page.screenshot(path=str(shots / "attention-4096-tokens.png"))
     assert not errors, errors
     page.close()

@@ -68,6 +68,7 @@ def test_suggest_mask_survives_navigation_and_a_reload_and_applies_once(app, bro
     page.goto(url, wait_until="domcontentloaded")
     page.get_by_text("Perplexity, with mask").first.wait_for(timeout=SLOW * 1000)
     open_page(page, "Prune", SLOW)
+    page.get_by_text("Suggest mask: the strongest measured method").click()  # the panel's expander
     page.get_by_role("button", name="Suggest mask", exact=True).click()
     seen = [wait_progress(page, 1, SLOW)]
     assert seen[0] < HEADS, "the measurement finished before the test could leave the page; make the model wider"

@@ -32,7 +32,7 @@ def test_the_attention_page_maps_a_prompt_of_the_whole_context_and_switches_laye
     at = app.switch_page("pages/attention.py").run()
     at.text_area(key=keys.W_ATTN_PROMPT).input("word " * 300).run()  # 1,500 byte tokens, cut to the context
     assert not at.exception, [e.message for e in at.exception]
-    assert len(at.get("plotly_chart")) == 2
+    assert len(at.get("plotly_chart")) == 3  # dense, masked, their difference
     assert f"{CONTEXT} tokens (the prompt was cut to the first {CONTEXT:,})" in at.caption[0].value
     cache = at.session_state[keys.ATTN_LAYER_INPUTS]
     # the default prompt and this one; dense and "masked" (a mask that keeps everything) share one forward

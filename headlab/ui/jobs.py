@@ -97,7 +97,7 @@ def table() -> list[dict[str, Any]]:
         for key, job in cache.jobs.items():
             eta = job.eta()
             rows.append({"job": job.name if job.name != key else key, "kind": board, "state": job.state,
-                         "progress": f"{job.done}/{job.total}" if job.total else "",
+                         "progress": f"{job.done}/{job.total}" if job.total and not job.finished else "",
                          "started": time.strftime("%H:%M:%S", time.localtime(job.started_at)) if job.started_at
                          else "", "time so far": _duration(job.elapsed),
                          "time left": _duration(eta) if eta is not None else "",

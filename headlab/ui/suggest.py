@@ -18,7 +18,6 @@ from __future__ import annotations
 import streamlit as st
 
 from headlab.engine.core.handle import ModelHandle
-from headlab.engine.core.mask import PruneMask
 from headlab.engine.pruning.compensation import compensate
 from headlab.engine.pruning.strategies import (
     MODE_METHODS,
@@ -85,34 +84,38 @@ def start_head_costs(handle: ModelHandle, model_key: str, calib: Calibration) ->
     """Start (or join) the measurement of every head's mean-ablation KL; its job key on HEAD_COSTS_BOARD."""
     key = head_costs_key(model_key, calib)
     head_costs_board()
-    jobs.submit(HEAD_COSTS_BOARD, key, f"Measuring each head's cost ({model_key}, {calib.describe()})",
-                _measure(handle, calib))
+    jobs.submit(HEAD_COSTS_BOARD, key, head_costs_label(model_key, calib), _measure(handle, calib))
     return key
 
 
-def _follow_job(model_key: str, board: str, prefix: str) -> PruneMask | None:
+def head_costs_label(model_key: str, calib: Calibration) -> str:
+    return f"Measuring each head's cost ({model_key}, {calib.describe()})"
+
+
+def _follow_job(model_key: str, board: str, prefix: str) -> None:
     """Show this session's suggestion job on `board` (or, after a reload, one running for this model) without
-    blocking the page; apply its result once when it has finished. The mask applied in this run, else None."""
+    blocking the page; apply its result once when it has finished, then rerun the page."""
     started = st.session_state.get(keys.SUGGEST_JOB)
     job_key = started[1] if started is not None and started[0] == board else None
     if job_key is None:
         others = jobs.running(board, prefix)
-        job_key = others[-1][0] if others else None
-    if job_key is None:
-        return None
+        if not others:
+            return
+        job_key = others[-1][0]  # started before a reload (another session): this session follows it from now on
+        st.session_state[keys.SUGGEST_JOB] = (board, job_key)
     job = jobs.watch(board, job_key)
     if job is None or not jobs.take(job_key):
-        return None
+        return
     if job.state != DONE:
         st.error(f"{job.name} failed: {job.error}" if job.error else f"{job.name} was cancelled")
-        return None
+        return
     mask, info = job.result
     st.session_state[keys.SUGGESTION] = (model_key, mask, info)
     session.set_mask(mask)
-    return mask
+    st.rerun()  # the sidebar (drawn before this page) and everything above the panel show the new mask
 
 
-def _size_panel(handle: ModelHandle, model_key: str, route: str) -> PruneMask | None:
+def _size_panel(handle: ModelHandle, model_key: str, route: str) -> None:
     """A parameter budget by `route`: the route's best measured method, computed once per (model, size, route)."""
     st.session_state.setdefault(keys.W_SUGGEST_PARAMS, 0.2)
     c1, c2 = st.columns([4, 1], vertical_alignment="bottom")
@@ -124,18 +127,17 @@ def _size_panel(handle: ModelHandle, model_key: str, route: str) -> PruneMask | 
         jobs.submit(SIZE_BOARD, job_key, f"Suggest mask: {1 - keep:.0%} of parameters by {route}",
                     lambda report: suggest_size(handle, keep, route, progress=report))  # on the shipped calibration
         st.session_state[keys.SUGGEST_JOB] = (SIZE_BOARD, job_key)
-    applied = _follow_job(model_key, SIZE_BOARD, f"{model_key}|size|")
+    _follow_job(model_key, SIZE_BOARD, f"{model_key}|size|")
     last = st.session_state.get(keys.SUGGESTION)
     if last is not None and last[0] == model_key and last[2].mode.startswith("size:"):
         _show(last[2])
         if session.mask() != last[1]:
             st.info("You edited the suggested mask: the re-solved weights of the layers you edited were dropped "
                     "(the other layers keep theirs).")
-    return applied
 
 
-def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
-    """Draw the panel; returns the mask it applied in this run (None otherwise)."""
+def suggest_panel(handle: ModelHandle | None = None) -> None:
+    """Draw the panel (a suggestion runs as a job: headlab.ui.jobs; its mask is applied when it is done)."""
     handle = handle or session.handle()
     model_key = session.model_choice().key
     st.session_state.setdefault(keys.W_SUGGEST_BUDGET, 0.2)
@@ -170,13 +172,15 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
 
         def run(report):
             if needs_costs:  # the one shared measurement (Diagnostics may have started it): its progress, here
-                costs.job(head_costs_key(model_key, calib), _measure(handle, calib)).outcome(report)
+                measuring = costs.job(head_costs_key(model_key, calib), _measure(handle, calib))
+                measuring.name = head_costs_label(model_key, calib)
+                measuring.outcome(report)
             return suggest_mask(handle, Budget(heads=budget), mode=mode, method=None if method == AUTO else method,
                                 calib=calib, progress=report)
 
         jobs.submit(HEADS_BOARD, job_key, label, run)
         st.session_state[keys.SUGGEST_JOB] = (HEADS_BOARD, job_key)
-    applied = _follow_job(model_key, HEADS_BOARD, f"{model_key}|")
+    _follow_job(model_key, HEADS_BOARD, f"{model_key}|")
     last = st.session_state.get(keys.SUGGESTION)
     if last is not None and last[0] == model_key:
         _show(last[2])
@@ -189,4 +193,3 @@ def suggest_panel(handle: ModelHandle | None = None) -> PruneMask | None:
                     session.set_mask(edited)
                     st.session_state[keys.SUGGESTION] = (model_key, edited, last[2])
                     st.rerun()
-    return applied
