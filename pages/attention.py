@@ -78,29 +78,29 @@ if view != "dense" and mask == type(mask).dense(g):
             "Prune page to see how pruning earlier layers changes this one.")
 
 diff = figures.attention_difference(*shown.values()) if len(shown) == 2 else None
-single = head != "all"
-columns = st.columns(3 if single and diff is not None else len(shown))
-for column, (label, m) in zip(columns, shown.items()):
-    title = f"Layer {layer} - {label.lower()}"
-    with column:
-        if not single:
-            fig = figures.attention_small_multiples(m, title=title, group_size=g.group_size, power=power,
-                                                    cols=2 if len(shown) > 1 and g.n_heads <= 4 else None)
-        else:
-            fig = figures.attention_heatmap(m, int(head), title=f"{title}, head {head}", power=power,
-                                            max_labels=28 if diff is not None else 40)
-        st.plotly_chart(fig, config={"displayModeBar": False})
-if diff is not None:
-    masked = shown["With the current mask"]
-    title = f"Layer {layer} - with the mask minus dense (red: attention the mask adds, blue: takes away)"
-    if single:
-        with columns[2]:
-            st.plotly_chart(figures.attention_heatmap(masked, int(head), title=f"Layer {layer}, head {head}: mask "
-                                                      "minus dense", power=power, diff=diff[int(head)],
-                                                      max_labels=28), config={"displayModeBar": False})
-    else:
-        st.plotly_chart(figures.attention_small_multiples(masked, title=title, group_size=g.group_size, power=power,
-                                                          cols=min(g.n_heads, 6), diff=diff),
-                        config={"displayModeBar": False})
-    if not diff.any():
-        st.caption("The difference is zero everywhere: nothing before this layer's attention is pruned.")
+if head != "all":  # one head: the two maps side by side, their difference below
+    h = int(head)
+    for column, (label, m) in zip(st.columns(2), shown.items()):
+        with column:
+            st.plotly_chart(figures.attention_heatmap(m, h, title=f"Layer {layer} - {label.lower()}, head {h}",
+                                                      power=power, max_labels=32), config={"displayModeBar": False})
+    if diff is not None:
+        left, right = st.columns(2)
+        with left:
+            st.plotly_chart(figures.attention_heatmap(shown["With the current mask"], h, power=power, max_labels=32,
+                                                      title=f"Layer {layer}, head {h}: with the mask minus dense",
+                                                      diff=diff[h]), config={"displayModeBar": False})
+        right.caption("Red: attention the mask adds; blue: attention it takes away (the same colour scale on both "
+                      "sides of 0, square-root spaced like the maps). Hover a cell for its query and key tokens.")
+else:  # every head of the layer: each map across the page, so the small maps stay readable
+    for label, m in shown.items():
+        st.plotly_chart(figures.attention_small_multiples(m, title=f"Layer {layer} - {label.lower()}",
+                                                          group_size=g.group_size, power=power,
+                                                          cols=min(g.n_heads, 5)), config={"displayModeBar": False})
+    if diff is not None:
+        st.plotly_chart(figures.attention_small_multiples(
+            shown["With the current mask"], title=f"Layer {layer} - with the mask minus dense (red: attention the "
+            "mask adds, blue: takes away)", group_size=g.group_size, power=power, cols=min(g.n_heads, 5), diff=diff),
+            config={"displayModeBar": False})
+if diff is not None and not diff.any():
+    st.caption("The difference is zero everywhere: nothing before this layer's attention is pruned.")

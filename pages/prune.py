@@ -83,7 +83,9 @@ with right:
     full = {label: compute.known_full_perplexity(model_key, m) for label, m in (("dense", None), ("with mask", mask))}
     agree = compute.known_full_agreement(model_key, mask)
     if (None in full.values() or agree is None) and st.button(
-            "Full evaluation (12 windows x 512 tokens: perplexity, top-1 and greedy agreement with the dense model)"):
+            "Full evaluation (12 x 512 tokens)",
+            help="The pinned protocol: perplexity with its change's interval, top-1 and greedy agreement with the "
+                 "dense model"):
         bar = st.progress(0.0, text="Full evaluation")
         with user_errors():
             for label, m in (("dense", None), ("with mask", mask)):

@@ -110,6 +110,11 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
 
     open_page(page, "Attention")
     assert plots_drawn(page, 3, SLOW) == 3  # dense and masked maps of every head, their difference below
+    layer = page.locator(".st-key-w-attention-layer input")  # a layer after the first pruned head: a difference
+    layer.fill(str(n_layers // 2 + 5))
+    layer.press("Enter")
+    wait_idle(page)
+    assert plots_settle(page, 3, SLOW) == 3
     page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})  # the difference view included
     wait_idle(page)
     page.screenshot(path=str(shots / "attention.png"))
@@ -118,7 +123,10 @@ def test_each_page_opens_in_chromium_and_a_clicked_head_changes_the_perplexity(a
     page.get_by_role("option", name="head 1", exact=True).click()
     wait_idle(page)
     assert plots_settle(page, 3, SLOW) == 3
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": 1800})  # the difference below the two maps
+    wait_idle(page)
     page.screenshot(path=str(shots / "attention-head.png"))
+    page.set_viewport_size(VIEWPORT)
 
     open_page(page, "Prune")
     before = masked_perplexity(page)

@@ -38,7 +38,7 @@ def test_the_attention_page_maps_a_prompt_of_the_whole_context_and_switches_laye
     # the default prompt and this one; dense and "masked" (a mask that keeps everything) share one forward
     assert len(cache) == 2
     at.number_input(key=keys.W_ATTN_LAYER).set_value(0).run()
-    assert not at.exception and len(at.get("plotly_chart")) == 2 and len(cache) == 2
+    assert not at.exception and len(at.get("plotly_chart")) == 3 and len(cache) == 2
 
 
 def test_the_diagnostics_page_labels_every_head_on_a_long_prompt(app):

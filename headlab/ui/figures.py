@@ -115,8 +115,8 @@ def attention_heatmap(m: AttentionMap, head: int, *, title: str, power: float = 
                            colorbar=dict(title=dict(text="masked - dense", side="right"), thickness=10,
                                          **_signed_ticks(zmax, power)))
     fig = go.Figure(trace)
-    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, font=dict(size=11),
-                      margin=dict(l=110, r=10, t=40, b=110))
+    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, font=dict(size=10),
+                      margin=dict(l=80, r=10, t=40, b=90))
     fig.update_xaxes(title_text="key (attended to)", tickangle=-90, constrain="domain",
                      **_axis_ticks(m.key_labels, max_labels))
     fig.update_yaxes(title_text="query (attending)", autorange="reversed", scaleanchor="x", constrain="domain",
@@ -160,7 +160,7 @@ def attention_small_multiples(m: AttentionMap, *, title: str, group_size: int = 
         fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", hovertext=hover, hoverinfo="text"),
                       row=h // cols + 1, col=h % cols + 1)
     fig.update_layout(
-        title=dict(text=title, x=0, font=dict(size=14)), height=rows * 330 + 80, font=dict(size=10),
+        title=dict(text=title, x=0, font=dict(size=14)), height=rows * 270 + 90, font=dict(size=10),
         margin=dict(l=60, r=10, t=70, b=50), coloraxis=axis,
     )
     keys_ticks, query_ticks = _axis_ticks(m.key_labels, max_labels), _axis_ticks(m.query_labels, max_labels)

@@ -41,9 +41,11 @@ def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, la
         last = session.handle().geometry.n_layers - 1
         timing = f" Last change re-ran layers {run.start_layer}-{last} in {run.seconds:.2f} s."
     p = current.protocol
-    windows = (f"the first {p.n_windows} window{'s' if p.n_windows > 1 else ''} of {p.window}"
+    plural = "s" if p.n_windows > 1 else ""
+    count = f"{p.n_windows} " if p.n_windows > 1 else ""
+    windows = (f"the first {count}window{plural} of {p.window}"
                if p.window == DEFAULT_PROTOCOL.window and p.stride == DEFAULT_PROTOCOL.stride
-               else f"{p.n_windows} window{'s' if p.n_windows > 1 else ''} of {p.window}")
+               else f"{p.n_windows} window{plural} of {p.window}")
     noise = ""
     if delta and dense.token_nll is not None and current.token_nll is not None:
         ci = change_interval(dense.token_nll, current.token_nll)
