@@ -3,6 +3,7 @@
 import streamlit as st
 
 from headlab.engine.dynamic.methods import dynamic_refusal
+from headlab.engine.runtime.paired_bootstrap import change_interval
 from headlab.ui import dynamic, keys, session
 from headlab.ui.dynamic_panels import bench_panel, generation_panel, progress, token_panel, training_panel
 from headlab.ui.errors import user_errors
@@ -58,7 +59,11 @@ else:
     m4.metric("Weights a sparse kernel skips", f"{dyn.sparsity.weights_skipped:.1%}",
               help="Of the weights of the projections the method sparsifies (zeroed input i of W skips column i).")
     flags = f"--method {choice} --target {target}" if choice in dynamic.CALIBRATED else "--load FOLDER"
-    st.caption(f"Live evaluation: {dyn.result.describe()}. Command line: `python -m headlab dynamic-eval {flags}`.")
+    noise = ""
+    if dense.token_nll is not None and dyn.result.token_nll is not None and dense.n_tokens == dyn.result.n_tokens:
+        noise = f" Change {change_interval(dense.token_nll, dyn.result.token_nll).describe()}."
+    st.caption(f"Live evaluation: {dyn.result.describe()}.{noise} Command line: "
+               f"`python -m headlab dynamic-eval {flags}`.")
 
     st.subheader("Per token")
     prompt = st.text_area("Prompt", key=keys.W_DYN_PROMPT, height=80)

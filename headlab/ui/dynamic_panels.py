@@ -194,4 +194,5 @@ def bench_panel() -> None:
         return
     st.plotly_chart(quality_speed_figure(points, dense), key=keys.CHART_DYN_QUALITY, config=_STATIC)
     st.caption(f"Benchmark figures, not this session's: {sources}, on the model and machine recorded in those "
-               f"files. " + "".join(f"Note: {n}. " for n in notes))
+               "files; their perplexity is the pinned protocol's (12 windows x 512 tokens), not the live one above. "
+               + "".join(f"Note: {n}. " for n in notes))

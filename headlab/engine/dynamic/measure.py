@@ -20,7 +20,7 @@ from headlab.engine.runtime.evaluate import (
     PerplexityResult,
     eval_windows,
     tokenizer_label,
-    window_nll,
+    window_token_nll,
 )
 
 __all__ = ["DynamicPerplexity", "dynamic_perplexity", "measure_sparsity", "perplexity_under"]
@@ -91,13 +91,16 @@ def perplexity_under(
         raise ValueError(f"perplexity needs a causal language model; {handle.name} is an encoder without an LM head")
     windows, score_from = eval_windows(handle, protocol)
     meter = SparsityMeter(name, handle.geometry.n_layers)
-    total, count, n = 0.0, 0, windows.shape[0]
+    nlls, n = [], windows.shape[0]
     with apply(meter):
         for i in range(0, n, batch_size):
             ids = windows[i : i + batch_size].to(handle.device)
-            s, c = window_nll(handle.model(input_ids=ids).logits, ids, score_from[i : i + batch_size])
-            total, count = total + float(s), count + c
+            nlls.append(window_token_nll(handle.model(input_ids=ids).logits, ids, score_from[i : i + batch_size])
+                        .float().cpu())
             if progress:
                 progress(min(i + batch_size, n), n)
-    nll = total / count
-    return DynamicPerplexity(PerplexityResult(math.exp(nll), nll, count, protocol, tokenizer_label(handle)), meter.report())
+    token_nll = torch.cat(nlls)
+    nll = float(token_nll.double().sum()) / token_nll.numel()
+    result = PerplexityResult(math.exp(nll), nll, token_nll.numel(), protocol, tokenizer_label(handle),
+                              token_nll=token_nll)
+    return DynamicPerplexity(result, meter.report())
