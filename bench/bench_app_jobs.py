@@ -65,7 +65,7 @@ def main() -> None:
             t = time.perf_counter()
             mask, info = suggest_mask(handle, Budget(heads=budget), mode=args.mode, calib=c)
             seconds = time.perf_counter() - t
-            rows.append({"run": run, "budget_heads": budget, "mode": args.mode, "method": info.method,
+            rows.append({"run": run, "budget_heads": round(budget, 4), "mode": args.mode, "method": info.method,
                          "seconds": round(seconds, 1),
                          "plan_seconds": round(plan.estimated_seconds, 1) if run == "cold" else "",
                          "plan_vs_measured": round(plan.estimated_seconds / seconds, 2) if run == "cold" else "",
