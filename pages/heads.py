@@ -12,20 +12,15 @@ with user_errors():
     g = handle.geometry
     scores = session.scores()
     mask = session.mask()
+    # no spinner here: drawn above the grids, it would move them under a pointer while a click reruns the page
+    live = (session.live_perplexity(None), session.live_perplexity(mask)) if handle.is_causal_lm else None
 
 groups = f"; white lines separate the {g.n_kv_heads} groups of {g.group_size} heads sharing keys and values" \
     if g.group_size > 1 else ""
 st.caption(f"{handle.name}: {g.n_layers} layers x {g.n_heads} heads{groups}. Scores from "
            f"{session.calibration().describe()}. **Click a head to switch it off (x) or on.**")
-if handle.is_causal_lm:
-    # A slot of fixed height: the spinner and then the metrics redraw in it, so the grids below never move under
-    # a pointer while a click reruns the page.
-    slot = st.container(height=140, border=False)
-    with slot, user_errors(), st.spinner("Perplexity under this mask (re-running the layers from the first "
-                                         "change)...", show_time=True):
-        live = session.live_perplexity(None), session.live_perplexity(mask)
-    with slot:
-        widgets.perplexity_metrics(*live)
+if live:
+    widgets.perplexity_metrics(*live)
 else:
     st.info("This model is an encoder (no LM head): no perplexity to watch, but scores, maps and masks all work.")
 
