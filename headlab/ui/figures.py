@@ -75,11 +75,11 @@ def _short(label: str, width: int = 12) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
-def _hover_matrix(m: AttentionMap, head: int, z: np.ndarray | None = None, what: str = "p") -> list[list[str]]:
-    p = m.probs[head].numpy() if z is None else z
-    return [[f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>{what} = {float(p[i, j]):+.4f}"
-             if z is not None else f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>p = {float(p[i, j]):.4f}"
-             for j in range(p.shape[1])] for i in range(p.shape[0])]
+def _hover_matrix(m: AttentionMap, head: int, diff: np.ndarray | None = None) -> list[list[str]]:
+    """Hover text per cell: the query and key tokens and p, or (with `diff`) the masked-minus-dense change."""
+    z, value = (m.probs[head].numpy(), "p = {:.4f}") if diff is None else (diff, "masked - dense = {:+.4f}")
+    return [[f"query {m.query_hover[i]}<br>key {m.key_hover[j]}<br>" + value.format(float(z[i, j]))
+             for j in range(z.shape[1])] for i in range(z.shape[0])]
 
 
 def attention_difference(dense: AttentionMap, masked: AttentionMap) -> np.ndarray:
@@ -93,6 +93,18 @@ def _signed_power(z: np.ndarray, power: float) -> np.ndarray:
     return np.sign(z) * np.abs(z) ** power
 
 
+def _colour_scale(z: np.ndarray, power: float, diff: bool) -> tuple[np.ndarray, dict]:
+    """(the values as drawn, the scale: colorscale, low, high, mid, colorbar) of attention (p**power from 0, Blues)
+    or of a masked-minus-dense difference (a signed power, red/blue centred on 0)."""
+    zmax = float(max(np.abs(z).max(), 1e-6))
+    if not diff:
+        bar = dict(title=dict(text="attention", side="right"), thickness=10, **_colour_ticks(zmax, power))
+        return z**power, dict(colorscale="Blues", low=0.0, high=zmax**power, mid=None, colorbar=bar)
+    bar = dict(title=dict(text="masked - dense", side="right"), thickness=10, **_signed_ticks(zmax, power))
+    return _signed_power(z, power), dict(colorscale="RdBu_r", low=-(zmax**power), high=zmax**power, mid=0,
+                                         colorbar=bar)
+
+
 def attention_heatmap(m: AttentionMap, head: int, *, title: str, power: float = 0.5, height: int = 560,
                       diff: np.ndarray | None = None, max_labels: int = 40) -> go.Figure:
     """One head's map: queries down, keys across, token (or bin) labels on both axes, square cells.
@@ -100,21 +112,9 @@ def attention_heatmap(m: AttentionMap, head: int, *, title: str, power: float = 
     `diff` ([Q, K], masked minus dense): drawn instead of the probabilities on a diverging scale centred on 0
     (red: the mask adds attention there, blue: it takes attention away).
     """
-    if diff is None:
-        p = m.probs[head].numpy()
-        zmax = float(max(p.max(), 1e-6))
-        trace = go.Heatmap(z=p**power, zmin=0, zmax=zmax**power, colorscale="Blues", hovertext=_hover_matrix(m, head),
-                           hoverinfo="text",
-                           colorbar=dict(title=dict(text="attention", side="right"), thickness=10,
-                                         **_colour_ticks(zmax, power)))
-    else:
-        zmax = float(max(np.abs(diff).max(), 1e-6))
-        trace = go.Heatmap(z=_signed_power(diff, power), zmin=-(zmax**power), zmax=zmax**power, zmid=0,
-                           colorscale="RdBu_r", hovertext=_hover_matrix(m, head, diff, "masked - dense"),
-                           hoverinfo="text",
-                           colorbar=dict(title=dict(text="masked - dense", side="right"), thickness=10,
-                                         **_signed_ticks(zmax, power)))
-    fig = go.Figure(trace)
+    z, sc = _colour_scale(m.probs[head].numpy() if diff is None else diff, power, diff is not None)
+    fig = go.Figure(go.Heatmap(z=z, zmin=sc["low"], zmax=sc["high"], zmid=sc["mid"], colorscale=sc["colorscale"],
+                               colorbar=sc["colorbar"], hovertext=_hover_matrix(m, head, diff), hoverinfo="text"))
     fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, font=dict(size=10),
                       margin=dict(l=80, r=10, t=40, b=90))
     fig.update_xaxes(title_text="key (attended to)", tickangle=-90, constrain="domain",
@@ -144,24 +144,16 @@ def attention_small_multiples(m: AttentionMap, *, title: str, group_size: int = 
         kv = f", KV {h // group_size}" if group_size > 1 else ""
         names.append(f"head {h}{kv}{tag}")
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08, vertical_spacing=0.1)
-    if diff is None:
-        zmax = float(max(m.probs.max(), 1e-6))
-        axis = dict(colorscale="Blues", cmin=0, cmax=zmax**power,
-                    colorbar=dict(title=dict(text="attention", side="right"), thickness=10,
-                                  **_colour_ticks(zmax, power)))
-    else:
-        zmax = float(max(np.abs(diff).max(), 1e-6))
-        axis = dict(colorscale="RdBu_r", cmin=-(zmax**power), cmax=zmax**power, cmid=0,
-                    colorbar=dict(title=dict(text="masked - dense", side="right"), thickness=10,
-                                  **_signed_ticks(zmax, power)))
+    drawn, sc = _colour_scale(m.probs.numpy() if diff is None else diff, power, diff is not None)  # one scale
     for h in range(H):
-        z = m.probs[h].numpy() ** power if diff is None else _signed_power(diff[h], power)
-        hover = _hover_matrix(m, h) if diff is None else _hover_matrix(m, h, diff[h], "masked - dense")
-        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", hovertext=hover, hoverinfo="text"),
+        fig.add_trace(go.Heatmap(z=drawn[h], coloraxis="coloraxis", hoverinfo="text",
+                                 hovertext=_hover_matrix(m, h, None if diff is None else diff[h])),
                       row=h // cols + 1, col=h % cols + 1)
     fig.update_layout(
         title=dict(text=title, x=0, font=dict(size=14)), height=rows * 270 + 90, font=dict(size=10),
-        margin=dict(l=60, r=10, t=70, b=50), coloraxis=axis,
+        margin=dict(l=60, r=10, t=70, b=50),
+        coloraxis=dict(colorscale=sc["colorscale"], cmin=sc["low"], cmax=sc["high"], cmid=sc["mid"],
+                       colorbar=sc["colorbar"]),
     )
     keys_ticks, query_ticks = _axis_ticks(m.key_labels, max_labels), _axis_ticks(m.query_labels, max_labels)
     for h in range(H):

@@ -94,9 +94,9 @@ def table() -> list[dict[str, Any]]:
     """Every job of this process: what, state, progress, time so far and left (the Jobs view)."""
     rows = []
     for board, cache in sorted(CACHES.items()):
-        for key, job in cache.jobs.items():
+        for _, job in cache.jobs.items():
             eta = job.eta()
-            rows.append({"job": job.name if job.name != key else key, "kind": board, "state": job.state,
+            rows.append({"job": job.name, "kind": board, "state": job.state,
                          "progress": f"{job.done}/{job.total}" if job.total and not job.finished else "",
                          "started": time.strftime("%H:%M:%S", time.localtime(job.started_at)) if job.started_at
                          else "", "time so far": _duration(job.elapsed),

@@ -46,8 +46,9 @@ CACHES: dict[str, SharedCache] = {}
 
 
 @st.cache_resource(show_spinner=False)
-def shared_cache(name: str, max_entries: int = 16) -> SharedCache:
-    """The process-wide SharedCache called `name`."""
-    cache = SharedCache(max_entries)
+def shared_cache(name: str, _max_entries: int = 16) -> SharedCache:
+    """The process-wide SharedCache called `name`: one per name, whatever size a caller passes (the leading
+    underscore keeps the size out of Streamlit's key; the first call's size holds)."""
+    cache = SharedCache(_max_entries)
     CACHES[name] = cache
     return cache

@@ -69,7 +69,7 @@ def _show(info: Suggestion) -> None:
 
 def head_costs_board() -> SharedCache:
     """The process-wide board of per-head cost measurements (one job per model and calibration)."""
-    return shared_cache(HEAD_COSTS_BOARD, 4)
+    return shared_cache(HEAD_COSTS_BOARD)  # the same board headlab.ui.jobs submits to and watches
 
 
 def head_costs_key(model_key: str, calib: Calibration) -> str:
@@ -83,7 +83,6 @@ def _measure(handle: ModelHandle, calib: Calibration):
 def start_head_costs(handle: ModelHandle, model_key: str, calib: Calibration) -> str:
     """Start (or join) the measurement of every head's mean-ablation KL; its job key on HEAD_COSTS_BOARD."""
     key = head_costs_key(model_key, calib)
-    head_costs_board()
     jobs.submit(HEAD_COSTS_BOARD, key, head_costs_label(model_key, calib), _measure(handle, calib))
     return key
 

@@ -48,9 +48,7 @@ def perplexity_metrics(dense: PerplexityResult, current: PerplexityResult, *, la
                else f"{p.n_windows} window{plural} of {p.window}")
     noise = ""
     if delta and dense.token_nll is not None and current.token_nll is not None:
-        ci = change_interval(dense.token_nll, current.token_nll)
-        noise = (f" Change {ci.delta:+.3f}, 95% interval {ci.low:+.3f} to {ci.high:+.3f} "
-                 f"({'beyond' if ci.significant else 'within'} the noise of these tokens; paired bootstrap).")
+        noise = f" Change {change_interval(dense.token_nll, current.token_nll).describe()}."
     c3.caption(f"Live evaluation: {current.n_tokens} scored tokens of WikiText-2 test, {windows} "
                f"(the pinned protocol: {DEFAULT_PROTOCOL.n_windows} x {DEFAULT_PROTOCOL.window}).{noise}{timing}")
 

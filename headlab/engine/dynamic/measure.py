@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -99,8 +98,5 @@ def perplexity_under(
                         .float().cpu())
             if progress:
                 progress(min(i + batch_size, n), n)
-    token_nll = torch.cat(nlls)
-    nll = float(token_nll.double().sum()) / token_nll.numel()
-    result = PerplexityResult(math.exp(nll), nll, token_nll.numel(), protocol, tokenizer_label(handle),
-                              token_nll=token_nll)
+    result = PerplexityResult.from_token_nll(torch.cat(nlls), protocol, tokenizer_label(handle))
     return DynamicPerplexity(result, meter.report())

@@ -55,7 +55,8 @@ import torch
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.reshape import GatheredHeads
 
-__all__ = ["GGUF_TYPES", "STAND_IN_FFN", "GgufError", "GgufInfo", "GgufLayer", "gguf_layers", "write_gguf"]
+__all__ = ["GGUF_TYPES", "STAND_IN_FFN", "GgufError", "GgufInfo", "GgufLayer", "copy_tokenizer_fields", "gguf_layers",
+           "write_gguf"]
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -361,13 +362,17 @@ def _hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> s
     return f"Hugging Face tokenizer (byte-level BPE, pre-tokenizer {pre})"
 
 
-def _copied_tokenizer(writer: gguf.GGUFWriter, source: Path) -> str:
-    reader = gguf.GGUFReader(source)
+def copy_tokenizer_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    """Every `tokenizer.*` field of the file `reader` reads, added to `writer` as it is."""
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
             vtype = f.types[0]
             writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY
                                  else None)
+
+
+def _copied_tokenizer(writer: gguf.GGUFWriter, source: Path) -> str:
+    copy_tokenizer_fields(gguf.GGUFReader(source), writer)
     return f"copied from {source.name}"
 
 
@@ -423,10 +428,10 @@ def write_gguf(handle: ModelHandle, path: str | os.PathLike, out_type: str = "f1
         writer.add_feed_forward_length([lay.n_ff for lay in layers])
         writer.add_head_count([lay.n_head for lay in layers])
         writer.add_head_count_kv([lay.n_head_kv for lay in layers])
-    rope = getattr(cfg, "rope_parameters", None) or {}
     if gemma:
         _gemma3_keys(writer, cfg, arch)
     else:
+        rope = getattr(cfg, "rope_parameters", None) or {}
         writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_key_length(g.head_dim)

@@ -72,9 +72,12 @@ def ablation_kl(
     known = known or {}
 
     def run_share() -> None:
-        todo = [(layer, head) for _, (layer, head) in mine if (layer, head) not in known]
-        for layer, head in [(l, h) for _, (l, h) in mine if (l, h) in known]:
-            delta[layer, head] = known[(layer, head)]
+        todo = []
+        for _, (layer, head) in mine:
+            if (layer, head) in known:
+                delta[layer, head] = known[(layer, head)]
+            else:
+                todo.append((layer, head))
         skipped = len(mine) - len(todo)
         if progress and skipped:
             progress(skipped, len(mine))

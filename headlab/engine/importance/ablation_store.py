@@ -99,7 +99,3 @@ class AblationStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._values)

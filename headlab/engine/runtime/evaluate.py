@@ -79,6 +79,13 @@ class PerplexityResult:
     # two masks on the same tokens then gets a paired interval (headlab.engine.runtime.paired_bootstrap)
     token_nll: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
+    @classmethod
+    def from_token_nll(cls, token_nll: torch.Tensor, protocol: PerplexityProtocol, tokenizer: str) -> "PerplexityResult":
+        """The result of every scored token's NLL (1-D, in protocol order), which it keeps (float32, CPU)."""
+        token_nll = token_nll.float().cpu()
+        nll = float(token_nll.double().sum()) / token_nll.numel()
+        return cls(math.exp(nll), nll, token_nll.numel(), protocol, tokenizer, token_nll=token_nll)
+
     def describe(self) -> str:
         return f"perplexity {self.perplexity:.3f} on {self.protocol.describe(self.tokenizer, self.n_tokens)}"
 
@@ -193,10 +200,7 @@ def perplexity(
             nlls.append(window_token_nll(logits, ids, score_from[i : i + batch_size]).float().cpu())
             if progress:
                 progress(min(i + batch_size, n), n)
-    token_nll = torch.cat(nlls)
-    nll = float(token_nll.double().sum()) / token_nll.numel()
-    return PerplexityResult(math.exp(nll), nll, token_nll.numel(), protocol, tokenizer_label(handle),
-                            token_nll=token_nll)
+    return PerplexityResult.from_token_nll(torch.cat(nlls), protocol, tokenizer_label(handle))
 
 
 def prompt_ids(handle: ModelHandle, prompt: str, chat: bool = True) -> torch.Tensor:

@@ -5,7 +5,7 @@ The input of layer i depends only on layers 0..i-1, so two masks that agree on l
 set of evaluation windows, recording every layer's input and call arguments
 (headlab.engine.runtime.replay.record_layers). A later mask whose first layer that differs from a
 cached mask is l re-runs only layers l..L-1 under that mask (`LayerInputs.run_from`), then
-the final norm, the LM head and `window_nll`, exactly as a full forward would.
+the final norm, the LM head and `window_token_nll`, exactly as a full forward would.
 
 Each evaluated mask keeps its layer inputs, so successive toggles reuse the longest common
 prefix of any cached mask (entries are keyed by `PruneMask.layer_keys()`). Entries share the
@@ -194,10 +194,7 @@ class PrefixCache:
         return _Entry(key, record, self._result(torch.cat(nlls)))
 
     def _result(self, token_nll: torch.Tensor) -> PerplexityResult:
-        token_nll = token_nll.float()
-        nll = float(token_nll.double().sum()) / token_nll.numel()
-        return PerplexityResult(math.exp(nll), nll, token_nll.numel(), self.protocol, tokenizer_label(self.handle),
-                                token_nll=token_nll)
+        return PerplexityResult.from_token_nll(token_nll, self.protocol, tokenizer_label(self.handle))
 
     def _evict(self, keep: LayerKey) -> None:
         """Drop least-recently-used entries (never the root nor `keep`) until under max_bytes."""

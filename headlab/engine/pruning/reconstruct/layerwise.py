@@ -309,9 +309,11 @@ def obs_prune(handle: ModelHandle, heads: Sequence[int], channels: Sequence[int]
     on the inputs the already-pruned layers produce, then re-solve what remains (see module doc).
 
     `base`: units already removed (OBS removes more among the rest). `even_groups`: every KV group of a layer
-    loses the same number of query heads, so an export keeps the family's standard GQA layout.
+    loses the same number of query heads, so an export keeps the family's standard GQA layout (without GQA,
+    one query head per KV head, every count is even and the flag changes nothing).
     """
     g = handle.geometry
+    even_groups = even_groups and g.group_size > 1
     base = base if base is not None else PruneMask.dense(g)
     heads, channels = list(heads), list(channels)
     if len(heads) != g.n_layers or len(channels) != g.n_layers:

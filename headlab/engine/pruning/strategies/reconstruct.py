@@ -149,8 +149,7 @@ class ObsStrategy(Strategy):
         self.check_budget(handle, budget)
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
                                        even_groups=self.even_groups)
-        even = self.even_groups and handle.geometry.group_size > 1
-        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=even,
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
                          config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
         mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
                           "calibration": calib.describe(), "ffn_align": self.ffn_align,
