@@ -54,9 +54,9 @@ import torch
 
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.reshape import GatheredHeads
+from headlab.engine.models.gguf_tokenizer import copy_tokenizer_fields
 
-__all__ = ["GGUF_TYPES", "STAND_IN_FFN", "GgufError", "GgufInfo", "GgufLayer", "copy_tokenizer_fields", "gguf_layers",
-           "write_gguf"]
+__all__ = ["GGUF_TYPES", "STAND_IN_FFN", "GgufError", "GgufInfo", "GgufLayer", "gguf_layers", "write_gguf"]
 
 Q = gguf.GGMLQuantizationType
 GGUF_TYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -360,15 +360,6 @@ def _hf_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> s
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
     return f"Hugging Face tokenizer (byte-level BPE, pre-tokenizer {pre})"
-
-
-def copy_tokenizer_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    """Every `tokenizer.*` field of the file `reader` reads, added to `writer` as it is."""
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            vtype = f.types[0]
-            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY
-                                 else None)
 
 
 def _copied_tokenizer(writer: gguf.GGUFWriter, source: Path) -> str:

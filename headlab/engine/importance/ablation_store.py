@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from headlab.engine.core.files import write_atomic_text
 from headlab.engine.core.handle import ModelHandle
 
 __all__ = ["ABLATION_STORE_VERSION", "AblationStore", "model_fingerprint"]
@@ -90,12 +90,4 @@ class AblationStore:
         with self._lock:
             values = [[l, h, v] for (l, h), v in sorted(self._values.items())]
             self._written_at = time.monotonic()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"meta": self.meta, "values": values}, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic_text(self.path, json.dumps({"meta": self.meta, "values": values}))

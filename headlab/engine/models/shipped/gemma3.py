@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from headlab.engine.core.errors import ModelLoadError
-from headlab.engine.export.gguf import copy_tokenizer_fields
+from headlab.engine.models.gguf_tokenizer import copy_tokenizer_fields
 
 __all__ = ["GEMMA3_MODEL", "GEMMA3_ALIASES", "GEMMA3_GGUF", "GEMMA3_PACKAGES", "gemma3_folder",
            "gemma3_tokenizer_gguf"]
