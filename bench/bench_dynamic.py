@@ -23,7 +23,10 @@ WikiText-2 test file). Evaluation: the pinned protocol (the START of the file) a
 (12 windows of 512 tokens from token 150,000, as bench_quality); ratios against the dense model in the
 same process. Measured sparsity is reported on the main protocol's tokens. Each row is cached in
 ~/.cache/headlab/bench/dynamic.json ($HEADLAB_CACHE), trained networks beside it, so a rerun resumes;
---fresh starts over. Writes bench/results/dynamic.csv.
+--fresh starts over. A network's folder is named by a digest of the model, every IPNConfig field and the
+training windows (headlab.engine.dynamic.ipn.training_key), and a row measured with a network records that
+digest: a run with other settings (e.g. --steps 50 after 100) trains and measures anew, never reuses.
+Writes bench/results/dynamic.csv.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from headlab.engine.dynamic.ipn import (
     oracle_agreement,
     save_ipn,
     train_ipn,
+    training_key,
     untrained_ipn,
 )
 from headlab.engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
@@ -79,11 +83,15 @@ class Rows:
         self.path = path
         self.rows: dict[str, dict] = {} if fresh or not path.exists() else json.loads(path.read_text())
 
-    def get(self, key: str, make: Callable[[], dict]) -> dict:
-        if key not in self.rows:
+    def get(self, key: str, make: Callable[[], dict], stamp: dict | None = None) -> dict:
+        """The row `key`, made now unless cached with the same `stamp` (what it was measured with)."""
+        cached = self.rows.get(key)
+        if cached is None or cached.get("stamp") != stamp:
             t = time.perf_counter()
             row = make()
             row.setdefault("eval_s", round(time.perf_counter() - t, 1))
+            if stamp is not None:
+                row["stamp"] = stamp
             self.rows[key] = row
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rows, indent=1))
@@ -132,6 +140,11 @@ def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main,
             "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
 
 
+def network_folder(nets: Path, handle, cfg: IPNConfig, ids: torch.Tensor) -> Path:
+    """Where the network trained with `cfg` on `ids` is cached: its target and steps, then the digest of every setting."""
+    return nets / f"{cfg.target:.2f}-{cfg.steps}steps-{training_key(handle, cfg, ids)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="default: the shipped SmolLM2-135M-Instruct")
@@ -175,18 +188,23 @@ def main() -> None:
     print(f"# {handle.name} on {cpu_name()}, {torch.get_num_threads()} threads; dense main {dense['ppl_main']:.3f}, "
           f"held-out {dense['ppl_heldout']:.3f}", flush=True)
 
+    def config(target: float, **kw) -> IPNConfig:
+        return IPNConfig(target=target, steps=steps, n_windows=n_windows, **kw)
+
     def trained(target: float, **kw) -> tuple[Any, dict]:
-        tag = "-".join([f"{target:.2f}"] + [f"{k}{v}" for k, v in sorted(kw.items())])
-        folder = nets / tag
+        cfg = config(target, **kw)
+        folder = network_folder(nets, handle, cfg, calib)
         if (folder / "ipn.json").exists():
             meta = json.loads((folder / "ipn.json").read_text())["meta"]
+            if meta.get("config") != cfg.to_dict():  # the key is a digest of it: a mismatch is a bug, not a miss
+                raise SystemExit(f"{folder} holds a network trained with {meta.get('config')}, not {cfg.to_dict()}")
             return load_ipn(handle, folder), meta
-        cfg = IPNConfig(target=target, steps=steps, n_windows=n_windows, **kw)
         t = time.perf_counter()
         run = train_ipn(handle, cfg, calib, on_step=lambda e: print(
             f"    step {e['step']}: kl {e['kl']:.4f} sparsity {e['ffn_sparsity']:.3f}", flush=True)
             if e["step"] % 20 == 0 else None)
         meta = {"train_s": round(time.perf_counter() - t, 1), "config": cfg.to_dict(),
+                "training_key": training_key(handle, cfg, calib),
                 "final_kl": run.history[-1]["kl"] if run.history else None}
         save_ipn(handle, run.ipn, folder, meta=meta)
         return run.ipn, meta
@@ -211,25 +229,29 @@ def main() -> None:
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout), **row}
         rows.get(f"ipn-untrained@{s}", run_untrained)
 
-        if args.no_training and not (nets / f"{s:.2f}" / "ipn.json").exists():
+        if args.no_training and not (network_folder(nets, handle, config(s), calib) / "ipn.json").exists():
             continue
+
+        def net_stamp(s=s, **kw) -> dict:
+            return {"network": training_key(handle, config(s, **kw), calib)}
 
         def run_ipn(s=s, **kw):
             ipn, meta = trained(s, **kw)
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
                     "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn)}
-        rows.get(f"ipn@{s}", run_ipn)
+        rows.get(f"ipn@{s}", run_ipn, net_stamp())
         if s in lora_targets:
-            rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8))
+            rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8), net_stamp(lora_rank=8))
         if s == 0.5:
-            rows.get(f"ipn+heads@{s}", lambda: run_ipn(heads=True, head_target=0.25))
+            rows.get(f"ipn+heads@{s}", lambda: run_ipn(heads=True, head_target=0.25),
+                     net_stamp(heads=True, head_target=0.25))
 
         def run_prompt(s=s):
             ipn, meta = trained(s)
             ppl, sp = _nll_per_window(handle, *main_w, lambda p: predict_prompt_mask(handle, ipn, p))
             ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: predict_prompt_mask(handle, ipn, p))
             return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
-        rows.get(f"per-prompt@{s}", run_prompt)
+        rows.get(f"per-prompt@{s}", run_prompt, net_stamp())
 
         def run_router(s=s):
             ipn, meta = trained(s)
@@ -237,7 +259,7 @@ def main() -> None:
             ppl, sp = _nll_per_window(handle, *main_w, lambda p: routed.route(handle, p))
             ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: routed.route(handle, p))
             return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
-        rows.get(f"router@{s}", run_router)
+        rows.get(f"router@{s}", run_router, net_stamp())
 
         def run_static(s=s):
             t = time.perf_counter()

@@ -243,3 +243,27 @@ def test_joint_lora_trains_adapters_without_touching_the_model(llama, ids, tmp_p
     with apply_ipn(llama, plain):
         b = _logits(llama, ids)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_key_changes_with_every_setting_and_the_windows(llama, ids):
+    """A cached network is found by this key: any setting that changes the training must change it."""
+    from dataclasses import fields, replace
+
+    from headlab.engine.dynamic.ipn import training_key
+
+    base = IPNConfig(target=0.5, steps=100, batch=2, window=64, n_windows=4)
+    key = training_key(llama, base, ids)
+    assert key == training_key(llama, IPNConfig(target=0.5, steps=100, batch=2, window=64, n_windows=4), ids)
+    assert training_key(llama, replace(base, steps=50), ids) != key  # a 50-step network is not a 100-step one
+    changed = {"target": 0.4, "heads": True, "head_target": 0.3, "adaptive": False, "steps": 101, "batch": 1,
+               "window": 32, "n_windows": 3, "lr": 0.02, "sparsity": 2.0, "consistency": 0.1,
+               "temperature": 0.25, "lora_rank": 2, "lora_lr": 2e-3, "seed": 1}
+    other = {f.name: getattr(base, f.name) for f in fields(IPNConfig)} | changed
+    for f in fields(IPNConfig):  # a field added later without a value above fails here, not silently
+        assert f.name in changed, f"give IPNConfig.{f.name} a changed value in this test"
+        assert training_key(llama, replace(base, **{f.name: other[f.name]}), ids) != key, f.name
+    assert training_key(llama, base, ids[:3]) != key
+    assert training_key(llama, base, ids.flip(1)) != key
+    renamed = tiny_handle("llama")
+    renamed.name = "another-model"
+    assert training_key(renamed, base, ids) != key

@@ -15,7 +15,7 @@ from headlab.engine.dynamic.ipn.calibrate import calibrate_thresholds, ffn_spars
 from headlab.engine.dynamic.ipn.evaluate import ipn_perplexity
 from headlab.engine.dynamic.ipn.network import IPN, IPNError, layer_sketches
 from headlab.engine.dynamic.ipn.store import load_ipn, save_ipn
-from headlab.engine.dynamic.ipn.train import IPNConfig, IPNTraining, train_ipn
+from headlab.engine.dynamic.ipn.train import IPNConfig, IPNTraining, train_ipn, training_key
 
 __all__ = [
     "IPN",
@@ -35,5 +35,6 @@ __all__ = [
     "oracle_agreement",
     "save_ipn",
     "train_ipn",
+    "training_key",
     "untrained_ipn",
 ]

@@ -36,6 +36,8 @@ The history holds the mean over the ranks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,7 +53,7 @@ from headlab.engine.dynamic.ipn.apply import IPNTrace, apply_ipn
 from headlab.engine.dynamic.ipn.calibrate import calibrate_thresholds, match_sparsity
 from headlab.engine.dynamic.ipn.network import IPN, IPNError
 
-__all__ = ["IPNConfig", "IPNTraining", "train_ipn"]
+__all__ = ["IPNConfig", "IPNTraining", "train_ipn", "training_key"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,22 @@ class IPNConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def training_key(handle: ModelHandle, config: IPNConfig, ids: torch.Tensor | None = None) -> str:
+    """A digest of everything that decides a trained network: the model's name, every IPNConfig field, the windows.
+
+    Two trainings share a key only when they would train the same network (same steps, rates, targets, seed,
+    sketch, ... on the same token windows), so a cache folder named by it is never reused by a run of other
+    settings: a 50-step network is not a 100-step one. `ids` None: the default windows train_ipn would make.
+    """
+    ids = calibration_ids(handle, window=config.window, n_windows=config.n_windows) if ids is None else ids
+    ids = ids.detach().cpu().contiguous()
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": handle.name, "config": config.to_dict()}, sort_keys=True).encode())
+    h.update(f"{ids.dtype}{tuple(ids.shape)}".encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
