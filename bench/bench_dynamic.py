@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from bench.bench_quality import HELDOUT_OFFSET, heldout_windows
 from bench.machine import cpu_name
 from headlab.engine.core import gates
 from headlab.engine.core.csvfile import write_rows
+from headlab.engine.data.datasets import calibration_texts, read_wikitext
 from headlab.engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
 from headlab.engine.dynamic.ipn import (
     IPNConfig,
@@ -64,7 +66,13 @@ from headlab.engine.dynamic.ipn import (
 from headlab.engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
-from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, eval_windows, window_nll
+from headlab.engine.runtime.evaluate import (
+    DEFAULT_PROTOCOL,
+    PerplexityProtocol,
+    eval_windows,
+    leading_bos,
+    window_nll,
+)
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
 RULES = ("oracle", "cats", "teal", "wina")
@@ -140,6 +148,40 @@ def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main,
             "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
 
 
+def window_span(start: int, window: int, stride: int, n: int, bos: int | None) -> tuple[int, int]:
+    """[first, end) tokens of the WikiText-2 test file that text_windows(ids, window, stride, n, bos, start) reads."""
+    text = window - (bos is not None)
+    step = stride - 1 if bos is not None and stride == window else stride
+    return start, start + (n - 1) * step + text
+
+
+def calibration_span(handle, texts: list[str]) -> tuple[int, int]:
+    """[first, end) tokens of the file holding the calibration paragraphs (taken from its end, so they run to it)."""
+    text = read_wikitext()
+    missing = [t[:40] for t in texts if text.rfind(t) < 0]
+    if missing:
+        raise SystemExit(f"calibration paragraphs not found in the WikiText-2 test file: {missing}")
+    first = min(text.rfind(t) for t in texts)
+    def tokens(s: str) -> int:
+        return len(handle.tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    return tokens(text[:first]), tokens(text)
+
+
+def check_disjoint(spans: dict[str, tuple[int, int]]) -> str:
+    """Stop the benchmark when two token spans [first, end) of the file overlap; else say where each lies.
+
+    bench_quality.check_disjoint's check for this benchmark's three uses of the text: training and calibration
+    (the IPN, the thresholds, the router's prompts, FLAP's statistics), the main protocol and the held-out slice.
+    """
+    named = sorted(spans.items(), key=lambda kv: kv[1])
+    for (a, (_, a_end)), (b, (b_first, _)) in itertools.pairwise(named):
+        if b_first < a_end:
+            raise SystemExit(f"{b} (tokens {spans[b][0]:,}-{spans[b][1]:,}) overlaps {a} "
+                             f"(tokens {spans[a][0]:,}-{spans[a][1]:,}) in the WikiText-2 test file")
+    return "; ".join(f"{name}: tokens {first:,}-{end:,}" for name, (first, end) in named)
+
+
 def network_folder(nets: Path, handle, cfg: IPNConfig, ids: torch.Tensor) -> Path:
     """Where the network trained with `cfg` on `ids` is cached: its target and steps, then the digest of every setting."""
     return nets / f"{cfg.target:.2f}-{cfg.steps}steps-{training_key(handle, cfg, ids)}"
@@ -174,6 +216,13 @@ def main() -> None:
     main_w = eval_windows(handle, protocol)
     ho = heldout_windows(handle, HELDOUT_OFFSET, protocol.window, protocol.n_windows)
     heldout = (ho, torch.ones(ho.shape[0], dtype=torch.long))
+    bos = leading_bos(handle.tokenizer)
+    where = check_disjoint({
+        "main evaluation": window_span(0, protocol.window, protocol.stride, protocol.n_windows, bos),
+        "held-out evaluation": window_span(HELDOUT_OFFSET, protocol.window, protocol.window, protocol.n_windows, bos),
+        "training and calibration": calibration_span(handle, calibration_texts("wikitext")),
+    })
+    print(f"# disjoint texts: {where}", flush=True)
     steps = 4 if args.quick else args.steps
     n_windows = 4 if args.quick else 8
     calib = calibration_ids(handle, window=256, n_windows=n_windows)

@@ -38,3 +38,42 @@ def test_a_row_measured_with_other_settings_is_measured_again(tmp_path):
     again = Rows(tmp_path / "rows.json", fresh=False)  # from disk, as a rerun reads it
     row = again.get("ipn@0.5", lambda: made.append(3) or {"ppl_main": 3.0}, {"network": "b"})
     assert made == [1, 3] and row["ppl_main"] == 3.0 and row["stamp"] == {"network": "b"}
+
+
+def test_overlapping_texts_stop_the_benchmark():
+    from bench.bench_dynamic import check_disjoint
+
+    where = check_disjoint({"main": (0, 6000), "held-out": (150_000, 156_000), "calibration": (290_000, 300_000)})
+    assert where.index("main") < where.index("held-out") < where.index("calibration")
+    with pytest.raises(SystemExit, match="calibration .* overlaps held-out"):
+        check_disjoint({"main": (0, 6000), "held-out": (150_000, 156_000), "calibration": (155_999, 300_000)})
+    with pytest.raises(SystemExit, match="overlaps"):
+        check_disjoint({"a": (10, 20), "b": (0, 11)})
+
+
+@pytest.mark.parametrize("bos", [None, 258])
+def test_window_span_is_the_tokens_the_windows_read(bos):
+    import torch
+
+    from bench.bench_dynamic import window_span
+    from headlab.engine.runtime.evaluate import text_windows
+
+    ids = torch.arange(10_000)
+    for window, stride in ((64, 64), (64, 32)):
+        w = text_windows(ids, window, stride, 5, bos, start=1000)
+        first, end = window_span(1000, window, stride, 5, bos)
+        text = w[:, 1:] if bos is not None else w
+        assert int(text.min()) == first and int(text.max()) == end - 1
+
+
+def test_the_calibration_paragraphs_lie_after_both_evaluation_slices(llama):
+    from bench.bench_dynamic import calibration_span, check_disjoint, window_span
+    from bench.bench_quality import HELDOUT_OFFSET
+    from headlab.engine.data.datasets import calibration_texts
+
+    first, end = calibration_span(llama, calibration_texts("wikitext"))
+    assert HELDOUT_OFFSET + 12 * 512 < first < end
+    check_disjoint({"main": window_span(0, 512, 512, 12, None),
+                    "held-out": window_span(HELDOUT_OFFSET, 512, 512, 12, None), "calibration": (first, end)})
+    with pytest.raises(SystemExit, match="not found"):
+        calibration_span(llama, ["a paragraph that is nowhere in the file, 0xdeadbeef"])
