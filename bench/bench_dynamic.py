@@ -21,7 +21,11 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
 Calibration and training: 8 windows of 256 tokens from the shipped calibration text (the END of the
 WikiText-2 test file). Evaluation: the pinned protocol (the START of the file) and a held-out slice
 (12 windows of 512 tokens from token 150,000, as bench_quality); ratios against the dense model in the
-same process. Measured sparsity is reported on the main protocol's tokens. Each row is cached in
+same process. Columns: ffn_sparsity and weights_skipped (headlab.engine.dynamic.SparsityReport: the fraction
+of every layer's seven projection weights a sparse kernel need not read per token, one denominator for every
+method) measured on the main protocol's tokens, *_heldout the same on the held-out slice; recall and
+precision of the networks' channels against the oracle's top-k on the main protocol's windows (not the
+training windows). Each row is cached in
 ~/.cache/headlab/bench/dynamic.json ($HEADLAB_CACHE), trained networks beside it, so a rerun resumes;
 --fresh starts over. A network's folder is named by a digest of the model, every IPNConfig field and the
 training windows (headlab.engine.dynamic.ipn.training_key), and a row measured with a network records that
@@ -76,6 +80,9 @@ from headlab.engine.runtime.evaluate import (
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
 RULES = ("oracle", "cats", "teal", "wina")
+#: Rows cached with another format are measured again: 2 added weights_skipped, held-out sparsity, and recall
+#: and precision on the evaluation windows.
+ROW_FORMAT = 2
 
 
 def _cache_dir() -> Path:
@@ -92,14 +99,14 @@ class Rows:
         self.rows: dict[str, dict] = {} if fresh or not path.exists() else json.loads(path.read_text())
 
     def get(self, key: str, make: Callable[[], dict], stamp: dict | None = None) -> dict:
-        """The row `key`, made now unless cached with the same `stamp` (what it was measured with)."""
+        """The row `key`, made now unless cached with the same `stamp` (what it was measured with) and ROW_FORMAT."""
+        stamp = {"format": ROW_FORMAT, **(stamp or {})}
         cached = self.rows.get(key)
         if cached is None or cached.get("stamp") != stamp:
             t = time.perf_counter()
             row = make()
             row.setdefault("eval_s", round(time.perf_counter() - t, 1))
-            if stamp is not None:
-                row["stamp"] = stamp
+            row["stamp"] = stamp
             self.rows[key] = row
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.rows, indent=1))
@@ -122,29 +129,52 @@ def _nll(handle, windows: torch.Tensor, score_from: torch.Tensor, context: Calla
     return math.exp(total / count)
 
 
+def mask_weights_skipped(handle, channels: torch.Tensor, heads: torch.Tensor | None) -> float:
+    """SparsityReport.weights_skipped of one mask for every token: kept channels [L, F] (and kept heads [L, H]).
+
+    A dropped channel skips its gate row, up row and down column (the mask is known before the layer runs);
+    a dropped head its Q rows and O columns; over the weights of every layer's seven projections.
+    """
+    g = handle.geometry
+    skipped = total = 0.0
+    for layer in range(g.n_layers):
+        p = handle.adapter.projections(layer)
+        total += sum(w.weight.numel() for w in p.values())
+        dropped = g.ffn_dim - float(channels[layer].float().sum())
+        skipped += dropped * (p["down"].out_features + p["gate"].in_features + p["up"].in_features)
+        if heads is not None:
+            dropped_heads = g.n_heads - float(heads[layer].float().sum())
+            skipped += dropped_heads * g.head_dim * (p["o"].out_features + p["q"].in_features)
+    return skipped / total
+
+
 @torch.no_grad()
-def _nll_per_window(handle, windows: torch.Tensor, score_from: torch.Tensor, mask_of: Callable) -> tuple[float, float]:
-    """Perplexity with a static mask chosen per window (mask_of(window ids [1, T])), and the mean FFN sparsity."""
-    total, count, sparsity = 0.0, 0, []
+def _nll_per_window(handle, windows: torch.Tensor, score_from: torch.Tensor, mask_of: Callable
+                    ) -> tuple[float, float, float]:
+    """Perplexity with a static mask chosen per window (mask_of(window ids [1, T])), the mean FFN sparsity and
+    the mean weights_skipped of the masks."""
+    total, count, sparsity, skipped = 0.0, 0, [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(handle.device)
         pm = mask_of(ids[:, :PROMPT])
         sparsity.append(pm.ffn_sparsity)
+        skipped.append(mask_weights_skipped(handle, pm.channels, pm.heads))
         with gates.apply(handle, pm.to_prune_mask(handle)):
             logits = handle.model(input_ids=ids).logits
         s, c = window_nll(logits, ids, score_from[i : i + 1])
         total, count = total + float(s), count + c
-    return math.exp(total / count), sum(sparsity) / len(sparsity)
+    return math.exp(total / count), sum(sparsity) / len(sparsity), sum(skipped) / len(skipped)
 
 
 def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main, heldout) -> dict:
-    """Main and held-out perplexity under a per-call context, and the sparsity it reached on the main tokens."""
-    meter = SparsityMeter(name, handle.geometry.n_layers)
-    ppl_main = _nll(handle, *main, lambda i: apply(meter))
-    ppl_ho = _nll(handle, *heldout, lambda i: apply(SparsityMeter(name, handle.geometry.n_layers)))
-    rep = meter.report()
+    """Main and held-out perplexity under a per-call context, and the sparsity it reached on each text's tokens."""
+    meters = [SparsityMeter(name, handle.geometry.n_layers) for _ in range(2)]
+    ppl_main = _nll(handle, *main, lambda i: apply(meters[0]))
+    ppl_ho = _nll(handle, *heldout, lambda i: apply(meters[1]))
+    rep, rep_ho = (m.report() for m in meters)
     heads = rep.per_layer.get("o")
-    return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn,
+    return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn, "ffn_sparsity_heldout": rep_ho.ffn,
+            "weights_skipped": rep.weights_skipped, "weights_skipped_heldout": rep_ho.weights_skipped,
             "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
 
 
@@ -233,7 +263,7 @@ def main() -> None:
 
     dense = rows.get("dense", lambda: {"ppl_main": _nll(handle, *main_w, lambda i: contextlib.nullcontext()),
                                        "ppl_heldout": _nll(handle, *heldout, lambda i: contextlib.nullcontext()),
-                                       "ffn_sparsity": 0.0})
+                                       "ffn_sparsity": 0.0, "weights_skipped": 0.0})
     print(f"# {handle.name} on {cpu_name()}, {torch.get_num_threads()} threads; dense main {dense['ppl_main']:.3f}, "
           f"held-out {dense['ppl_heldout']:.3f}", flush=True)
 
@@ -258,8 +288,14 @@ def main() -> None:
         save_ipn(handle, run.ipn, folder, meta=meta)
         return run.ipn, meta
 
-    def agreement(ipn) -> dict:
-        a = oracle_agreement(handle, ipn, calib[:2])
+    def _per_window_row(mask_of: Callable) -> dict:
+        ppl, sp, skipped = _nll_per_window(handle, *main_w, mask_of)
+        ppl_ho, sp_ho, skipped_ho = _nll_per_window(handle, *heldout, mask_of)
+        return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "ffn_sparsity_heldout": sp_ho,
+                "weights_skipped": skipped, "weights_skipped_heldout": skipped_ho}
+
+    def agreement(ipn) -> dict:  # on the evaluation windows, not the ones the network was trained on
+        a = oracle_agreement(handle, ipn, main_w[0])
         return {"recall": sum(r.recall for r in a) / len(a), "precision": sum(r.precision for r in a) / len(a)}
 
     for s in targets:
@@ -297,17 +333,13 @@ def main() -> None:
 
         def run_prompt(s=s):
             ipn, meta = trained(s)
-            ppl, sp = _nll_per_window(handle, *main_w, lambda p: predict_prompt_mask(handle, ipn, p))
-            ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: predict_prompt_mask(handle, ipn, p))
-            return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
+            return {**_per_window_row(lambda p: predict_prompt_mask(handle, ipn, p)), "train_s": meta["train_s"]}
         rows.get(f"per-prompt@{s}", run_prompt, net_stamp())
 
         def run_router(s=s):
             ipn, meta = trained(s)
             routed = RoutedMasks.fit(handle, ipn, prompts, k=4)
-            ppl, sp = _nll_per_window(handle, *main_w, lambda p: routed.route(handle, p))
-            ppl_ho, _ = _nll_per_window(handle, *heldout, lambda p: routed.route(handle, p))
-            return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "train_s": meta["train_s"]}
+            return {**_per_window_row(lambda p: routed.route(handle, p)), "train_s": meta["train_s"]}
         rows.get(f"router@{s}", run_router, net_stamp())
 
         def run_static(s=s):
@@ -316,8 +348,10 @@ def main() -> None:
             mask = get_strategy("flap")(handle, Budget(ffn=s), cal)
             sel = round(time.perf_counter() - t, 1)
             with_mask = lambda i: gates.apply(handle, mask)
+            sparsity, skipped = 1.0 - float(mask.ffn.mean()), mask_weights_skipped(handle, mask.ffn, mask.heads)
             return {"ppl_main": _nll(handle, *main_w, with_mask), "ppl_heldout": _nll(handle, *heldout, with_mask),
-                    "ffn_sparsity": 1.0 - float(mask.ffn.mean()), "train_s": sel}
+                    "ffn_sparsity": sparsity, "ffn_sparsity_heldout": sparsity, "weights_skipped": skipped,
+                    "weights_skipped_heldout": skipped, "train_s": sel}
         rows.get(f"static@{s}", run_static)
 
     if not args.quick:
@@ -338,7 +372,8 @@ def write_csv(rows: dict[str, dict], path: str) -> None:
                       "ratio_heldout": r["ppl_heldout"] / dense["ppl_heldout"]})
     table.sort(key=lambda r: (r["target"], r["method"]))
     cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
-            "input_sparsity", "head_sparsity", "recall", "precision", "steps", "train_s", "eval_s"]
+            "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "input_sparsity", "head_sparsity",
+            "recall", "precision", "steps", "train_s", "eval_s"]
     write_rows([{c: r.get(c) for c in cols} for r in table], path)
     print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")
 

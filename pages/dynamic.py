@@ -57,7 +57,9 @@ else:
               delta=f"{diff:+.3f} ({dyn.result.perplexity / dense.perplexity:.3f}x dense)", delta_color="inverse")
     m3.metric("FFN channels dropped (measured)", f"{dyn.sparsity.ffn:.1%}")
     m4.metric("Weights a sparse kernel skips", f"{dyn.sparsity.weights_skipped:.1%}",
-              help="Of the weights of the projections the method sparsifies (zeroed input i of W skips column i).")
+              help="Of the weights of every layer's seven projections (q, k, v, o, gate, up, down), the same "
+                   "count for every method: a zeroed input of W skips its column; a dropped FFN channel also "
+                   "skips the gate and up rows the method did not compute to decide it (IPN: both, CATS: up).")
     flags = f"--method {choice} --target {target}" if choice in dynamic.CALIBRATED else "--load FOLDER"
     noise = ""
     if dense.token_nll is not None and dyn.result.token_nll is not None and dense.n_tokens == dyn.result.n_tokens:

@@ -37,7 +37,7 @@ def test_a_row_measured_with_other_settings_is_measured_again(tmp_path):
     assert made == [1]
     again = Rows(tmp_path / "rows.json", fresh=False)  # from disk, as a rerun reads it
     row = again.get("ipn@0.5", lambda: made.append(3) or {"ppl_main": 3.0}, {"network": "b"})
-    assert made == [1, 3] and row["ppl_main"] == 3.0 and row["stamp"] == {"network": "b"}
+    assert made == [1, 3] and row["ppl_main"] == 3.0 and row["stamp"]["network"] == "b"
 
 
 def test_overlapping_texts_stop_the_benchmark():
@@ -77,3 +77,38 @@ def test_the_calibration_paragraphs_lie_after_both_evaluation_slices(llama):
                     "held-out": window_span(HELDOUT_OFFSET, 512, 512, 12, None), "calibration": (first, end)})
     with pytest.raises(SystemExit, match="not found"):
         calibration_span(llama, ["a paragraph that is nowhere in the file, 0xdeadbeef"])
+
+
+def test_a_static_mask_skips_its_channels_rows_and_columns(llama):
+    import torch
+
+    from bench.bench_dynamic import mask_weights_skipped
+
+    g = llama.geometry
+    projs = [llama.adapter.projections(layer) for layer in range(g.n_layers)]
+    all_weights = sum(p.weight.numel() for layer in projs for p in layer.values())
+    channels = torch.ones(g.n_layers, g.ffn_dim, dtype=torch.bool)
+    assert mask_weights_skipped(llama, channels, None) == 0.0
+    channels[0, : g.ffn_dim // 2] = False
+    assert mask_weights_skipped(llama, channels, None) == pytest.approx(g.ffn_dim // 2 * 3 * g.hidden / all_weights)
+    heads = torch.ones(g.n_layers, g.n_heads, dtype=torch.bool)
+    heads[1, 0] = False
+    assert mask_weights_skipped(llama, channels, heads) == pytest.approx(
+        (g.ffn_dim // 2 * 3 * g.hidden + 2 * g.head_dim * g.hidden) / all_weights)
+
+
+def test_a_dynamic_row_reports_sparsity_on_both_texts(llama, ids):
+    """The held-out meter is read, not discarded: its numbers are the held-out windows', not the main ones'."""
+    import torch
+
+    from bench.bench_dynamic import _dynamic_row
+    from headlab.engine.dynamic import apply_rule, calibrate
+
+    th = calibrate(llama, "cats", 0.5, ids)
+    main = (ids[:2], torch.ones(2, dtype=torch.long))
+    other = (torch.randint(0, 250, (2, 64)), torch.ones(2, dtype=torch.long))
+    row = _dynamic_row(llama, lambda m: apply_rule(llama, th, m), "cats", main, other)
+    for col in ("ffn_sparsity", "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout"):
+        assert 0.0 < row[col] < 1.0, col
+    assert row["ffn_sparsity"] != row["ffn_sparsity_heldout"]
+    assert row["weights_skipped"] < row["ffn_sparsity"]  # over every projection, not only the FFN's

@@ -210,3 +210,31 @@ def test_bad_rule_and_target_are_refused(llama, ids):
         calibrate(llama, "nope", 0.5, ids)
     with pytest.raises(ThresholdsError, match=r"fraction in \[0, 1\]"):
         calibrate(llama, "teal", 1.5, ids)
+
+
+def test_weights_skipped_is_over_every_projection_and_counts_what_each_method_need_not_read(llama, ids):
+    """One denominator (the seven projections of every layer); per dropped FFN channel, the rows the method spares."""
+    from headlab.engine.dynamic.ipn import apply_ipn, untrained_ipn
+
+    g = llama.geometry
+    projs = [llama.adapter.projections(layer) for layer in range(g.n_layers)]
+    all_weights = sum(p.weight.numel() for layer in projs for p in layer.values())
+    channel = g.hidden  # elements of one down column, or of one gate or up row
+
+    def expected(report, per_channel: int) -> float:
+        return sum(report.per_layer["down"]) * g.ffn_dim * per_channel / all_weights
+
+    oracle = measure_sparsity(llama, calibrate(llama, "oracle", 0.5, ids), ids)
+    cats = measure_sparsity(llama, calibrate(llama, "cats", 0.5, ids), ids)
+    assert oracle.weights_skipped == pytest.approx(expected(oracle, channel))  # gate and up computed to rank
+    assert cats.weights_skipped == pytest.approx(expected(cats, 2 * channel))  # + the up row; the gate is read
+    with torch.no_grad(), apply_ipn(llama, untrained_ipn(llama, 0.5, ids)) as meter:
+        llama.model(input_ids=ids)
+    ipn = meter.report()
+    assert ipn.weights_skipped == pytest.approx(expected(ipn, 3 * channel))  # decided from the sketch
+    teal = measure_sparsity(llama, calibrate(llama, "teal", 0.5, ids), ids)
+    by_site = sum(teal.per_layer[s][layer] * projs[layer][s].weight.numel()
+                  for s in teal.per_layer for layer in range(g.n_layers))
+    assert teal.weights_skipped == pytest.approx(by_site / all_weights)
+    assert ipn.weights_skipped < 0.45 < teal.weights_skipped  # 50% of FFN channels is not 50% of every matrix
+    assert measure_sparsity(llama, _dense(llama, "teal"), ids).weights_skipped == 0.0

@@ -50,8 +50,14 @@ class SparsityReport:
 
     per_layer[site][l]: fraction of the entries of projection `site`'s input zeroed in layer l;
     overall: the same over every sparsified input entry; ffn: fraction of FFN channels (the down
-    projection's input) zeroed; weights_skipped: fraction of the sparsified projections' weight
-    elements a sparse kernel would not need to read (zeroed input i of W skips column W[:, i]).
+    projection's input) zeroed; weights_skipped: fraction of the weight elements of every layer's
+    projections (q, k, v, o, gate, up, down: the same denominator for every method) that the method's
+    sparse kernel need not read per token, averaged over tokens. A zeroed input of W skips its column
+    of W; a dropped FFN channel also skips the gate and up rows the method did not need to decide it
+    (the importance network decides from a sketch: both; CATS reads the whole gate: the up row; the
+    oracle and TEAL compute both before they decide: neither); a dropped head skips its Q rows and O
+    columns. What a predictor reads itself (a sketch, CATS's gate) is not subtracted: the decode
+    benchmark counts bytes.
     """
 
     rule: str
@@ -63,33 +69,49 @@ class SparsityReport:
 
     def describe(self) -> str:
         return (f"{self.rule}: {self.overall:.1%} of sparsified inputs zeroed, {self.ffn:.1%} of FFN channels, "
-                f"{self.weights_skipped:.1%} of their weights skipped, over {self.n_tokens:,} tokens")
+                f"{self.weights_skipped:.1%} of the layers' projection weights skipped, over {self.n_tokens:,} tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 class SparsityMeter:
-    """Counts zeroed and total input entries per (site, layer) during one or more forwards."""
+    """Counts zeroed and total input entries per (site, layer), and the weight elements they skip, during forwards.
+
+    apply_rule / apply_ipn call `weigh_layer` for every layer they hook: the denominator of weights_skipped.
+    """
 
     def __init__(self, rule: str, n_layers: int):
         self.rule = rule
         self.n_layers = n_layers
         self.zeroed: dict[str, torch.Tensor] = {}
         self.total: dict[str, torch.Tensor] = {}
-        self.out_features: dict[str, torch.Tensor] = {}
+        self.skipped = torch.zeros(n_layers, dtype=torch.float64)  # weight elements not read, summed over tokens
+        self.tokens = torch.zeros(n_layers, dtype=torch.float64)  # tokens through each layer's FFN
+        self.layer_weights = torch.zeros(n_layers, dtype=torch.float64)  # elements of each layer's projections
         self.n_tokens = 0
 
-    def add(self, site: str, layer: int, keep: torch.Tensor, out_features: int) -> None:
-        """Record one projection's keep mask [..., in] for `layer`."""
+    def weigh_layer(self, layer: int, projs: dict[str, nn.Module]) -> None:
+        """Record how many weight elements `layer`'s projections hold (every role the adapter names)."""
+        self.layer_weights[layer] = float(sum(p.weight.numel() for p in projs.values()))
+
+    def add(self, site: str, layer: int, keep: torch.Tensor, skips: int) -> None:
+        """Record one projection's keep mask [..., in] for `layer`; each zeroed entry skips `skips` weight elements.
+
+        `skips`: the column of W the entry meets (W's out_features), plus any rows the zeroing spares
+        (SparsityReport says which per method).
+        """
         if site not in self.zeroed:
-            for d in (self.zeroed, self.total, self.out_features):
+            for d in (self.zeroed, self.total):
                 d[site] = torch.zeros(self.n_layers, dtype=torch.float64)
-        self.zeroed[site][layer] += float((~keep).sum())
+        zeroed = float((~keep).sum())
+        self.zeroed[site][layer] += zeroed
         self.total[site][layer] += keep.numel()
-        self.out_features[site][layer] = out_features
-        if site == "down" and layer == 0:
-            self.n_tokens += keep.numel() // keep.shape[-1]
+        self.skipped[layer] += zeroed * skips
+        if site == "down":
+            self.tokens[layer] += keep.numel() // keep.shape[-1]
+            if layer == 0:
+                self.n_tokens += keep.numel() // keep.shape[-1]
 
     def report(self) -> SparsityReport:
         if not self.total:
@@ -97,10 +119,12 @@ class SparsityMeter:
         per_layer = {s: (self.zeroed[s] / self.total[s].clamp(min=1)).tolist() for s in self.zeroed}
         zeroed = sum(float(z.sum()) for z in self.zeroed.values())
         total = sum(float(t.sum()) for t in self.total.values())
-        skipped = sum(float((self.zeroed[s] * self.out_features[s]).sum()) for s in self.zeroed)
-        read = sum(float((self.total[s] * self.out_features[s]).sum()) for s in self.total)
+        read = float((self.tokens * self.layer_weights).sum())
+        if bool(((self.tokens > 0) & (self.layer_weights == 0)).any()):
+            raise ValueError("a layer ran without weigh_layer: the meter cannot say what its skipped weights are of")
         ffn = float(self.zeroed["down"].sum() / self.total["down"].sum()) if "down" in self.total else 0.0
-        return SparsityReport(self.rule, per_layer, zeroed / total, ffn, skipped / read, self.n_tokens)
+        skipped = float(self.skipped.sum()) / read if read else 0.0
+        return SparsityReport(self.rule, per_layer, zeroed / total, ffn, skipped, self.n_tokens)
 
 
 def _threshold(values: dict[str, torch.Tensor], site: str, layer: int, scores: torch.Tensor,
@@ -146,7 +170,7 @@ def _install_cats(hooks: HookSet, layer: int, projs: dict[str, nn.Linear], act: 
         if keep.shape != args[0].shape:
             raise RuntimeError(f"layer {layer}: CATS decided channels {tuple(keep.shape)} for a down input "
                                f"{tuple(args[0].shape)}")
-        meter.add("down", layer, keep, projs["down"].out_features)
+        meter.add("down", layer, keep, projs["down"].out_features + projs["up"].in_features)  # + the up row
         return _zero_input(args, keep)
 
     hooks.post(projs["gate"], on_gate)
@@ -183,6 +207,7 @@ def apply_rule(handle: ModelHandle, thresholds: Thresholds, meter: SparsityMeter
     with temporary_hooks() as hooks:
         for layer in range(g.n_layers):
             projs = adapter.projections(layer)
+            meter.weigh_layer(layer, projs)
             if rule is ORACLE:
                 _install_oracle(hooks, layer, projs, values, meter)
             elif rule is CATS:

@@ -154,8 +154,8 @@ class _KeepMeter(SparsityMeter):
         super().__init__(rule, n_layers)
         self.keeps: dict[int, torch.Tensor] = {}
 
-    def add(self, site: str, layer: int, keep: torch.Tensor, out_features: int) -> None:
-        super().add(site, layer, keep, out_features)
+    def add(self, site: str, layer: int, keep: torch.Tensor, skips: int) -> None:
+        super().add(site, layer, keep, skips)
         if site == "down":
             self.keeps[layer] = keep[0].detach().clone()
 

@@ -87,7 +87,9 @@ def _ffn_hooks(hooks: HookSet, ipn: IPN, layer: int, projs: dict[str, nn.Linear]
         if m.shape != h.shape:
             raise RuntimeError(f"layer {layer}: the network decided channels {tuple(m.shape)} for a down input "
                                f"{tuple(h.shape)}")
-        meter.add("down", layer, m.detach() > 0, projs["down"].out_features)
+        # decided from the sketch: a dropped channel's gate and up rows are not read either
+        meter.add("down", layer, m.detach() > 0,
+                  projs["down"].out_features + projs["gate"].in_features + projs["up"].in_features)
         return (h * m.to(h.dtype), *args[1:])
 
     hooks.pre(projs["gate"], on_gate)
@@ -120,7 +122,7 @@ def _head_hooks(hooks: HookSet, ipn: IPN, layer: int, projs: dict[str, nn.Linear
         if per_feature.shape != z.shape:
             raise RuntimeError(f"layer {layer}: the network decided heads {tuple(m.shape)} for an O input "
                                f"{tuple(z.shape)}")
-        meter.add("o", layer, per_feature.detach() > 0, projs["o"].out_features)
+        meter.add("o", layer, per_feature.detach() > 0, projs["o"].out_features + projs["q"].in_features)  # + Q row
         return (z * per_feature.to(z.dtype), *args[1:])
 
     hooks.pre(projs["q"], on_q)
@@ -141,6 +143,7 @@ def apply_ipn(handle: ModelHandle, ipn: IPN, meter: SparsityMeter | None = None,
     with temporary_hooks() as hooks:
         for layer in range(g.n_layers):
             projs = adapter.projections(layer)
+            meter.weigh_layer(layer, projs)
             _ffn_hooks(hooks, ipn, layer, projs, meter, trace)
             if ipn.heads:
                 _head_hooks(hooks, ipn, layer, projs, g.head_dim, meter, trace)
