@@ -5,7 +5,8 @@
     python bench/bench_dynamic.py --report            # the markdown table from what is cached
 
 Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels of every layer):
-- oracle: per token, the true top-k channels by |act(gate(x)) * up(x)| (an upper bound; headlab.engine.dynamic.rules);
+- oracle: per token, exactly k channels in every layer, the true top ones by |act(gate(x)) * up(x)|
+  (headlab.engine.dynamic.rules; not an upper bound: the methods below fix only the average count);
 - cats / teal / wina: the training-free rules, thresholds calibrated per layer to the target
   (TEAL and WINA sparsify the inputs of every matrix, so their target is input sparsity);
 - ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer

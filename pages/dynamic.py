@@ -11,7 +11,8 @@ from headlab.ui.errors import user_errors
 st.title("Dynamic")
 st.caption("Per-token sparsity: every token keeps, in every layer, only some FFN channels (and, with a trained "
            "importance network, some query heads), chosen from the token itself. CATS, TEAL and WINA threshold an "
-           "activation; the oracle keeps the true top channels by |act(gate) * up| (an upper bound); the importance "
+           "activation; the oracle keeps exactly k channels per token in every layer, the true top ones by "
+           "|act(gate) * up| (not an upper bound: methods that vary the count per layer can beat it); the importance "
            "network (IPN) estimates every channel's contribution from a 4-bit sketch of the layer's weights and learns "
            "its thresholds. The shared model is never changed: each method runs through per-call hooks.")
 with user_errors():

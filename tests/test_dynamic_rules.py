@@ -238,3 +238,18 @@ def test_weights_skipped_is_over_every_projection_and_counts_what_each_method_ne
     assert teal.weights_skipped == pytest.approx(by_site / all_weights)
     assert ipn.weights_skipped < 0.45 < teal.weights_skipped  # 50% of FFN channels is not 50% of every matrix
     assert measure_sparsity(llama, _dense(llama, "teal"), ids).weights_skipped == 0.0
+
+
+def test_the_oracle_is_described_as_what_it_is_not_as_an_upper_bound():
+    """It keeps exactly k per token in every layer; methods that vary the count beat it, so no file may call it a bound."""
+    from pathlib import Path
+
+    from headlab.engine.dynamic.rules import ORACLE
+    from headlab.ui.dynamic import METHOD_LABELS
+
+    root = Path(__file__).resolve().parents[1]
+    for rel in ("headlab/engine/dynamic/rules.py", "docs/dynamic.md", "bench/bench_dynamic.py",
+                "headlab/ui/dynamic.py", "pages/dynamic.py"):
+        text = " ".join((root / rel).read_text().split()).lower()
+        assert "upper bound" not in text.replace("not an upper bound", "").replace("not a bound", ""), rel
+    assert "exactly k" in ORACLE.citation and "exactly k" in METHOD_LABELS["oracle"]

@@ -72,7 +72,7 @@ __all__ = [
 CALIBRATED = ("oracle", "cats", "teal", "wina", "ipn")  # set to the slider's target without training
 TRAINED, FOLDER = "trained", "folder"
 METHOD_LABELS = {
-    "oracle": "Oracle top-k (upper bound: the true top channels)",
+    "oracle": "Oracle top-k (the true top channels, exactly k per token in every layer)",
     "cats": "CATS (Lee et al. 2024): |act(gate)| threshold",
     "teal": "TEAL (Liu et al. 2024): |input| of every matrix",
     "wina": "WINA (Chen et al. 2025): |input| x column norm",

@@ -7,9 +7,11 @@ sparsifies, and one threshold per site and layer, calibrated (headlab.engine.dyn
 the quantile of the rule's score distribution at the target sparsity. Entries whose score is
 below the threshold are zeroed; a threshold of -inf zeroes nothing (the dense model).
 
-- oracle: per token, keep the k FFN channels with the largest true |act(gate(x)) * up(x)|
-  (the down projection's input) and zero the rest: an upper bound no cheap predictor beats,
-  exact k per token, so its "threshold" is the keep count k per layer.
+- oracle: per token, keep exactly k FFN channels in every layer, those with the largest true
+  |act(gate(x)) * up(x)| (the down projection's input), and zero the rest; its "threshold" is the
+  keep count k per layer. It is the best k channels of one token in one layer taken alone, not an
+  upper bound: a method that keeps more in one layer or token and fewer in another at the same
+  average (a per-layer threshold, the importance network) can and does beat it.
 - CATS (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large
   Language Models"): zero FFN channel j for a token when |act(gate(x))_j| is below a
   per-layer threshold (the channel is then skipped in up and down).
@@ -64,8 +66,8 @@ class Rule:
     summary: str
 
 
-ORACLE = Rule("oracle", "upper bound (true top-k channels per token)", ("down",),
-              "keep the k FFN channels with the largest |act(gate(x)) * up(x)| per token")
+ORACLE = Rule("oracle", "true top-k channels, exactly k per token in every layer", ("down",),
+              "keep the k FFN channels with the largest |act(gate(x)) * up(x)| per token, the same k in every layer")
 CATS = Rule("cats", "Lee et al. 2024, CATS", ("down",),
             "zero FFN channel j when |act(gate(x))_j| < per-layer threshold")
 TEAL = Rule("teal", "Liu et al. 2024, TEAL", ALL_SITES,
