@@ -7,11 +7,15 @@
 Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels of every layer):
 - oracle: per token, exactly k channels in every layer, the true top ones by |act(gate(x)) * up(x)|
   (headlab.engine.dynamic.rules; not an upper bound: the methods below fix only the average count);
+- exact: the oracle's score |act(gate(x)) * up(x)| thresholded per layer, calibrated to the target (the count
+  varies per token, the average per layer is the target);
 - cats / teal / wina: the training-free rules, thresholds calibrated per layer to the target
   (TEAL and WINA sparsify the inputs of every matrix, so their target is input sparsity);
 - ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer
   calibrated thresholds, no training (headlab.engine.dynamic.ipn.untrained_ipn);
 - ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
+- oracle-ipn-budgets: the oracle given the trained network's own per-layer budgets (in layer l, the true top
+  k_l channels per token, k_l = the network's mean kept count there on the calibration windows);
 - ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
 - ipn+heads: the network also choosing query heads per token (target head sparsity 25%, 50% rows only);
 - per-prompt: one mask per window, predicted by the trained network from the window's first 64 tokens,
@@ -63,6 +67,7 @@ from headlab.engine.dynamic.ipn import (
     apply_ipn,
     load_ipn,
     oracle_agreement,
+    oracle_at_budgets,
     save_ipn,
     train_ipn,
     training_key,
@@ -80,7 +85,7 @@ from headlab.engine.runtime.evaluate import (
 )
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
-RULES = ("oracle", "cats", "teal", "wina")
+RULES = ("oracle", "exact", "cats", "teal", "wina")
 #: Rows cached with another format are measured again: 2 added weights_skipped, held-out sparsity, and recall
 #: and precision on the evaluation windows.
 ROW_FORMAT = 2
@@ -326,6 +331,13 @@ def main() -> None:
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
                     "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn)}
         rows.get(f"ipn@{s}", run_ipn, net_stamp())
+
+        def run_oracle_budgets(s=s):
+            ipn, _ = trained(s)
+            th = oracle_at_budgets(handle, ipn, calib)
+            return {**_dynamic_row(handle, lambda m: apply_rule(handle, th, m), "oracle", main_w, heldout),
+                    "budgets": th.values["down"].tolist()}
+        rows.get(f"oracle-ipn-budgets@{s}", run_oracle_budgets, net_stamp())
         if s in lora_targets:
             rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8), net_stamp(lora_rank=8))
         if s == 0.5:

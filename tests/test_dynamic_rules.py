@@ -28,7 +28,7 @@ from headlab.engine.dynamic.store import META_FILE, TENSORS_FILE
 from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 from tests.tiny import tiny_handle
 
-THRESHOLD_RULES = ("cats", "teal", "wina")
+THRESHOLD_RULES = ("exact", "cats", "teal", "wina")
 ALL_RULES = ("oracle",) + THRESHOLD_RULES
 PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=2)
 
@@ -253,3 +253,40 @@ def test_the_oracle_is_described_as_what_it_is_not_as_an_upper_bound():
         text = " ".join((root / rel).read_text().split()).lower()
         assert "upper bound" not in text.replace("not an upper bound", "").replace("not a bound", ""), rel
     assert "exactly k" in ORACLE.citation and "exactly k" in METHOD_LABELS["oracle"]
+
+
+def test_the_exact_rule_thresholds_the_oracles_score_per_layer(llama, ids):
+    """Channel j kept iff |act(gate) * up|_j >= t_l: the count varies per token, each layer averages the target."""
+    th = calibrate(llama, "exact", 0.6, ids)
+    down = llama.adapter.projections(1)["down"]
+    seen: dict[str, list] = {"scored": [], "kept": []}
+    with torch.no_grad(), temporary_hooks() as first:
+        first.pre(down, lambda m, a: seen["scored"].append(a[0].clone()))  # before the rule's hook: what it scores
+        with apply_rule(llama, th) as meter, temporary_hooks() as after:
+            after.pre(down, lambda m, a: seen["kept"].append(a[0].clone()))
+            llama.model(input_ids=ids)
+    h, kept = seen["scored"][0], seen["kept"][0] != 0
+    assert torch.equal(kept, h.abs() >= float(th.values["down"][1]))
+    counts = kept.sum(-1).flatten().float()
+    assert counts.std() > 0  # not a fixed k per token, unlike the oracle
+    assert float(counts.mean()) / llama.geometry.ffn_dim == pytest.approx(0.4, abs=0.01)
+    assert meter.report().per_layer["down"][0] == pytest.approx(0.6, abs=0.01)
+
+
+def test_the_oracle_at_a_networks_budgets_keeps_its_per_layer_counts(llama, ids):
+    from headlab.engine.dynamic.ipn import layer_keep_counts, oracle_at_budgets, untrained_ipn
+
+    ipn = untrained_ipn(llama, 0.5, ids)
+    with torch.no_grad():
+        ipn.tau[0] += 1.0  # layer 0 keeps fewer channels than layer 1: uneven budgets
+    counts = layer_keep_counts(llama, ipn, ids)
+    assert counts[0] < counts[1] - 5
+    th = oracle_at_budgets(llama, ipn, ids)
+    assert th.values["down"].tolist() == counts.round().tolist()
+    assert th.target == pytest.approx(1 - float(counts.round().mean()) / llama.geometry.ffn_dim)
+    report = measure_sparsity(llama, th, ids)
+    g = llama.geometry
+    for layer in range(g.n_layers):
+        assert report.per_layer["down"][layer] == pytest.approx(1 - float(counts[layer].round()) / g.ffn_dim)
+    with pytest.raises(ThresholdsError, match="keep counts"):
+        Thresholds.oracle_budgets([g.ffn_dim + 1, 3], g.ffn_dim)

@@ -69,10 +69,11 @@ __all__ = [
     "training",
 ]
 
-CALIBRATED = ("oracle", "cats", "teal", "wina", "ipn")  # set to the slider's target without training
+CALIBRATED = ("oracle", "exact", "cats", "teal", "wina", "ipn")  # set to the slider's target without training
 TRAINED, FOLDER = "trained", "folder"
 METHOD_LABELS = {
     "oracle": "Oracle top-k (the true top channels, exactly k per token in every layer)",
+    "exact": "Exact score |act(gate) * up|, threshold per layer (the count varies per token)",
     "cats": "CATS (Lee et al. 2024): |act(gate)| threshold",
     "teal": "TEAL (Liu et al. 2024): |input| of every matrix",
     "wina": "WINA (Chen et al. 2025): |input| x column norm",

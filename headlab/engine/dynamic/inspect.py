@@ -177,7 +177,7 @@ def _rule_scores(rule_name: str, h: torch.Tensor, act_gate: torch.Tensor | None,
         return act_gate.abs()
     if rule is WINA:
         return weighted_score(h, column_norms(down.weight))
-    return h.abs()  # oracle and TEAL score the down projection's input by magnitude
+    return h.abs()  # the oracle, exact and TEAL score the down projection's input by magnitude
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 The app's Dynamic page and `python -m headlab dynamic-*` offer the same methods by name:
 
-    method = calibrated(handle, "wina", 0.5)         # oracle / cats / teal / wina: calibrated thresholds
+    method = calibrated(handle, "wina", 0.5)         # oracle / exact / cats / teal / wina: calibrated thresholds
     method = calibrated(handle, "ipn", 0.5)          # the importance network with no training
     method = load_method(handle, "runs/cats-50")     # a thresholds or an IPN folder, checked against the model
     method_perplexity(handle, method, protocol)      # DynamicPerplexity: perplexity + measured sparsity
@@ -10,7 +10,7 @@ The app's Dynamic page and `python -m headlab dynamic-*` offer the same methods 
 
 CATS thresholds and importance networks decode through the path that reads only each token's kept
 weights (headlab.engine.dynamic.decode.sparse_generate with their headlab.engine.dynamic.choosers Chooser); the
-oracle, TEAL and WINA decode through the same loop with their hooks on the dense layers
+oracle, the exact-score rule, TEAL and WINA decode through the same loop with their hooks on the dense layers
 (`decode_chooser` says why): the same tokens, every weight still read.
 """
 
@@ -75,7 +75,7 @@ def dynamic_refusal(handle: ModelHandle) -> str | None:
 
 
 def method_name(method: DynamicMethod) -> str:
-    """"oracle", "cats", "teal", "wina" or "ipn"."""
+    """"oracle", "exact", "cats", "teal", "wina" or "ipn"."""
     return "ipn" if isinstance(method, IPN) else get_rule(method.rule).name
 
 
@@ -110,6 +110,7 @@ def method_perplexity(handle: ModelHandle, method: DynamicMethod, protocol: Perp
 
 _NO_DECODE_PATH = {
     "oracle": "the oracle ranks channels by act(gate(x)) * up(x), so it reads every up row before it can choose",
+    "exact": "the exact rule thresholds act(gate(x)) * up(x), so it reads every up row before it can choose",
     "teal": "TEAL zeroes entries of every matrix's input, not FFN channels",
     "wina": "WINA zeroes entries of every matrix's input, not FFN channels",
 }

@@ -12,6 +12,10 @@ below the threshold are zeroed; a threshold of -inf zeroes nothing (the dense mo
   keep count k per layer. It is the best k channels of one token in one layer taken alone, not an
   upper bound: a method that keeps more in one layer or token and fewer in another at the same
   average (a per-layer threshold, the importance network) can and does beat it.
+- exact: the oracle's score |act(gate(x)) * up(x)| with a per-layer threshold calibrated to the
+  target, instead of a fixed k: the count varies per token, the average per layer is the target.
+  The oracle's rival at the same operating point as the other thresholded rules; like the oracle
+  it computes every channel's gate and up before it can choose.
 - CATS (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large
   Language Models"): zero FFN channel j for a token when |act(gate(x))_j| is below a
   per-layer threshold (the channel is then skipped in up and down).
@@ -26,6 +30,7 @@ below the threshold are zeroed; a threshold of -inf zeroes nothing (the dense mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +39,7 @@ __all__ = [
     "Rule",
     "RULES",
     "ORACLE",
+    "EXACT",
     "CATS",
     "TEAL",
     "WINA",
@@ -68,6 +74,8 @@ class Rule:
 
 ORACLE = Rule("oracle", "true top-k channels, exactly k per token in every layer", ("down",),
               "keep the k FFN channels with the largest |act(gate(x)) * up(x)| per token, the same k in every layer")
+EXACT = Rule("exact", "the oracle's score, thresholded per layer", ("down",),
+             "zero FFN channel j when |act(gate(x))_j * up(x)_j| < per-layer threshold")
 CATS = Rule("cats", "Lee et al. 2024, CATS", ("down",),
             "zero FFN channel j when |act(gate(x))_j| < per-layer threshold")
 TEAL = Rule("teal", "Liu et al. 2024, TEAL", ALL_SITES,
@@ -75,7 +83,7 @@ TEAL = Rule("teal", "Liu et al. 2024, TEAL", ALL_SITES,
 WINA = Rule("wina", "Chen et al. 2025, WINA", ALL_SITES,
             "zero input x_i of matrix W when |x_i| * ||W[:, i]||_2 < that matrix's threshold")
 
-RULES: dict[str, Rule] = {r.name: r for r in (ORACLE, CATS, TEAL, WINA)}
+RULES: dict[str, Rule] = {r.name: r for r in (ORACLE, EXACT, CATS, TEAL, WINA)}
 
 
 def get_rule(rule: str | Rule) -> Rule:
@@ -121,6 +129,16 @@ class Thresholds:
         if rule is ORACLE:
             return cls(rule.name, {"down": torch.full((n_layers,), float(ffn_dim))}, target=0.0)
         return cls(rule.name, {s: torch.full((n_layers,), -math.inf) for s in rule.sites}, target=0.0)
+
+    @classmethod
+    def oracle_budgets(cls, keep: Sequence[float], ffn_dim: int) -> "Thresholds":
+        """Oracle keep counts per layer: k_l = round(keep[l]) channels per token in layer l (e.g. another
+        method's mean kept count per layer, so the oracle runs at that method's per-layer budgets)."""
+        k = torch.as_tensor([float(v) for v in keep]).round()
+        if bool(((k < 0) | (k > ffn_dim)).any()):
+            raise ThresholdsError(f"oracle keep counts must lie in [0, {ffn_dim}], got {k.tolist()}")
+        return cls(ORACLE.name, {"down": k}, target=1.0 - float(k.mean()) / ffn_dim,
+                   meta={"budgets": "per layer"})
 
     @classmethod
     def oracle(cls, n_layers: int, ffn_dim: int, sparsity: float) -> "Thresholds":

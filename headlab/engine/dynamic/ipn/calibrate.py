@@ -8,6 +8,8 @@
 - `match_sparsity`: after training, the per-layer thresholds differ on purpose (a layer that matters
   keeps more); one common shift of every tau, found by bisection, brings the *average* FFN sparsity
   on the calibration windows to the target, so methods are compared at equal average sparsity.
+- `oracle_at_budgets`: the oracle keeping, per layer, the network's own mean kept count (a rival at the same
+  per-layer operating point).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import torch
 
 from headlab.engine.core.handle import ModelHandle
-from headlab.engine.dynamic.apply import SparsityMeter
+from headlab.engine.dynamic.apply import SparsityMeter, SparsityReport
 from headlab.engine.dynamic.calibrate import calibration_ids
 from headlab.engine.dynamic.ipn.apply import RULE_NAME, IPNTrace, apply_ipn
 from headlab.engine.dynamic.ipn.network import IPN, IPNError
+from headlab.engine.dynamic.rules import Thresholds
 
-__all__ = ["calibrate_thresholds", "ffn_sparsity", "match_sparsity", "untrained_ipn"]
+__all__ = ["calibrate_thresholds", "ffn_sparsity", "layer_keep_counts", "match_sparsity", "oracle_at_budgets",
+           "untrained_ipn"]
 
 
 @torch.no_grad()
@@ -43,13 +47,31 @@ def untrained_ipn(handle: ModelHandle, target: float, ids: torch.Tensor | None =
 
 
 @torch.no_grad()
-def ffn_sparsity(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> float:
-    """The fraction of FFN channels `ipn` zeroes over every token of `ids` [B, T]."""
+def _report(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int) -> SparsityReport:
     meter = SparsityMeter(RULE_NAME, handle.geometry.n_layers)
     with apply_ipn(handle, ipn, meter):
         for i in range(0, ids.shape[0], batch_size):
             handle.model(input_ids=ids[i : i + batch_size].to(handle.device))
-    return meter.report().ffn
+    return meter.report()
+
+
+def ffn_sparsity(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """The fraction of FFN channels `ipn` zeroes over every token of `ids` [B, T]."""
+    return _report(handle, ipn, ids, batch_size).ffn
+
+
+def layer_keep_counts(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """[L]: the mean number of FFN channels `ipn` keeps per token in each layer, over every token of `ids` [B, T]."""
+    zeroed = torch.tensor(_report(handle, ipn, ids, batch_size).per_layer["down"], dtype=torch.float64)
+    return (1.0 - zeroed) * handle.geometry.ffn_dim
+
+
+def oracle_at_budgets(handle: ModelHandle, ipn: IPN, ids: torch.Tensor) -> Thresholds:
+    """The oracle given `ipn`'s own per-layer budgets: in each layer, the true top k_l channels of every token,
+    k_l = the mean count `ipn` keeps there on `ids` (calibration windows, so the budgets are not fitted to the
+    text they are evaluated on). It separates what the network gains by *where* it spends channels (the budgets)
+    from how well it picks them within a layer."""
+    return Thresholds.oracle_budgets(layer_keep_counts(handle, ipn, ids).tolist(), handle.geometry.ffn_dim)
 
 
 @torch.no_grad()
