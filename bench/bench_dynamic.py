@@ -14,6 +14,10 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
 - ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer
   calibrated thresholds, no training (headlab.engine.dynamic.ipn.untrained_ipn);
 - ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
+  both read the sketch of the weights in a randomly rotated input space (headlab.engine.dynamic.rotation):
+  the shipped models are themselves 4-bit, and a sketch of their weights as stored reproduces them almost
+  exactly. ipn-untrained-aligned (every target) and ipn-aligned (--aligned-sparsities) read that aligned
+  sketch instead; the columns sketch and sketch_error say which and its relative error on [gate; up];
 - oracle-ipn-budgets: the oracle given the trained network's own per-layer budgets (in layer l, the true top
   k_l channels per token, k_l = the network's mean kept count there on the calibration windows);
 - ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
@@ -74,6 +78,7 @@ from headlab.engine.dynamic.ipn import (
     untrained_ipn,
 )
 from headlab.engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
+from headlab.engine.dynamic.rotation import ALIGNED, ROTATED, sketch_errors
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.runtime.evaluate import (
@@ -229,6 +234,8 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.4,0.5,0.7")
     ap.add_argument("--steps", type=int, default=100, help="IPN training steps")
     ap.add_argument("--lora-sparsities", default="0.5", help="targets that also get an ipn+lora row")
+    ap.add_argument("--aligned-sparsities", default="0.5,0.7",
+                    help="targets that also get a network trained on the aligned sketch (ipn-aligned)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 4 steps")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
@@ -265,6 +272,7 @@ def main() -> None:
     prompts = list(calibration_ids(handle, window=PROMPT, n_windows=16).split(1))
     targets = [float(s) for s in args.sparsities.split(",")]
     lora_targets = {float(s) for s in args.lora_sparsities.split(",") if s}
+    aligned_targets = {float(s) for s in args.aligned_sparsities.split(",") if s}
     nets = _cache_dir() / f"dynamic-ipn{suffix}"
 
     dense = rows.get("dense", lambda: {"ppl_main": _nll(handle, *main_w, lambda i: contextlib.nullcontext()),
@@ -300,6 +308,13 @@ def main() -> None:
         return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "ffn_sparsity_heldout": sp_ho,
                 "weights_skipped": skipped, "weights_skipped_heldout": skipped_ho}
 
+    errors = sketch_errors(handle)
+    print(f"# gate/up 4-bit sketch relative error: rotated {errors[ROTATED]:.2%}, aligned {errors[ALIGNED]:.2%}"
+          f"{' (the weights lie on a 4-bit grid)' if errors[ALIGNED] < 0.02 else ''}", flush=True)
+
+    def sketch_columns(sketch: str) -> dict:
+        return {"sketch": sketch, "sketch_error": errors[sketch]}
+
     def agreement(ipn) -> dict:  # on the evaluation windows, not the ones the network was trained on
         a = oracle_agreement(handle, ipn, main_w[0])
         return {"recall": sum(r.recall for r in a) / len(a), "precision": sum(r.precision for r in a) / len(a)}
@@ -313,12 +328,13 @@ def main() -> None:
                 return _dynamic_row(handle, lambda m: apply_rule(handle, th, m), rule, main_w, heldout)
             rows.get(f"{rule}@{s}", run_rule)
 
-        def run_untrained(s=s):
-            t = time.perf_counter()
-            ipn = untrained_ipn(handle, s, calib)
-            row = {"train_s": round(time.perf_counter() - t, 1), **agreement(ipn)}
-            return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout), **row}
-        rows.get(f"ipn-untrained@{s}", run_untrained)
+        for sketch, name in ((ROTATED, "ipn-untrained"), (ALIGNED, "ipn-untrained-aligned")):
+            def run_untrained(s=s, sketch=sketch):
+                t = time.perf_counter()
+                ipn = untrained_ipn(handle, s, calib, sketch=sketch)
+                row = {"train_s": round(time.perf_counter() - t, 1), **agreement(ipn), **sketch_columns(sketch)}
+                return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout), **row}
+            rows.get(f"{name}@{s}", run_untrained, {"sketch": sketch})
 
         if args.no_training and not (network_folder(nets, handle, config(s), calib) / "ipn.json").exists():
             continue
@@ -329,8 +345,11 @@ def main() -> None:
         def run_ipn(s=s, **kw):
             ipn, meta = trained(s, **kw)
             return {**_dynamic_row(handle, lambda m: apply_ipn(handle, ipn, m), "ipn", main_w, heldout),
-                    "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn)}
+                    "train_s": meta["train_s"], "steps": meta["config"]["steps"], **agreement(ipn),
+                    **sketch_columns(ipn.sketch)}
         rows.get(f"ipn@{s}", run_ipn, net_stamp())
+        if s in aligned_targets:
+            rows.get(f"ipn-aligned@{s}", lambda: run_ipn(sketch=ALIGNED), net_stamp(sketch=ALIGNED))
 
         def run_oracle_budgets(s=s):
             ipn, _ = trained(s)
@@ -386,7 +405,7 @@ def write_csv(rows: dict[str, dict], path: str) -> None:
     table.sort(key=lambda r: (r["target"], r["method"]))
     cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
             "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "input_sparsity", "head_sparsity",
-            "recall", "precision", "steps", "train_s", "eval_s"]
+            "recall", "precision", "sketch", "sketch_error", "steps", "train_s", "eval_s"]
     write_rows([{c: r.get(c) for c in cols} for r in table], path)
     print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")
 

@@ -257,7 +257,7 @@ def test_training_key_changes_with_every_setting_and_the_windows(llama, ids):
     assert training_key(llama, replace(base, steps=50), ids) != key  # a 50-step network is not a 100-step one
     changed = {"target": 0.4, "heads": True, "head_target": 0.3, "adaptive": False, "steps": 101, "batch": 1,
                "window": 32, "n_windows": 3, "lr": 0.02, "sparsity": 2.0, "consistency": 0.1,
-               "temperature": 0.25, "lora_rank": 2, "lora_lr": 2e-3, "seed": 1}
+               "temperature": 0.25, "lora_rank": 2, "lora_lr": 2e-3, "seed": 1, "sketch": "aligned"}
     other = {f.name: getattr(base, f.name) for f in fields(IPNConfig)} | changed
     for f in fields(IPNConfig):  # a field added later without a value above fails here, not silently
         assert f.name in changed, f"give IPNConfig.{f.name} a changed value in this test"

@@ -77,7 +77,7 @@ METHOD_LABELS = {
     "cats": "CATS (Lee et al. 2024): |act(gate)| threshold",
     "teal": "TEAL (Liu et al. 2024): |input| of every matrix",
     "wina": "WINA (Chen et al. 2025): |input| x column norm",
-    "ipn": "IPN, untrained (oracle score on a 4-bit weight sketch)",
+    "ipn": "IPN, untrained (oracle score on a 4-bit sketch of the rotated weights)",
     TRAINED: "IPN trained in this session",
     FOLDER: "Thresholds or IPN from a folder",
 }

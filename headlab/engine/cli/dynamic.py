@@ -53,6 +53,7 @@ from headlab.engine.dynamic.methods import (
     save_method,
     side_by_side,
 )
+from headlab.engine.dynamic.rotation import ROTATED, SKETCHES
 from headlab.engine.dynamic.rules import RULES, ThresholdsError
 from headlab.engine.runtime.evaluate import eval_windows
 
@@ -142,7 +143,7 @@ def _ipn_config(args: argparse.Namespace) -> IPNConfig:
     return IPNConfig(target=args.target, heads=args.heads, head_target=args.head_target,
                      adaptive=not args.no_adaptive, steps=args.steps, batch=args.batch, window=args.calib_window,
                      n_windows=args.calib_windows, lr=args.lr, sparsity=args.sparsity_weight,
-                     consistency=args.consistency, lora_rank=args.lora_rank, seed=args.seed)
+                     consistency=args.consistency, lora_rank=args.lora_rank, seed=args.seed, sketch=args.sketch)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -278,6 +279,9 @@ def register(sub: Subparsers) -> None:
                    help="train LoRA adapters of this rank on the FFN down projections jointly (0: none; the model "
                         "stays frozen, the adapters are applied per call; such a network has no sparse decode path)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sketch", choices=SKETCHES, default=ROTATED,
+                   help="the 4-bit weight sketch the network reads: of a randomly rotated input space (default; it "
+                        "cannot reproduce weights that are themselves 4-bit) or of the weights as stored (aligned)")
     _add_calibration_window_args(p)
     p.add_argument("--out", required=True, help="output folder (ipn.safetensors + ipn.json)")
     p.add_argument("--json", help="also write the results (with the per-step history) to this JSON file")

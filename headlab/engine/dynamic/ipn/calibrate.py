@@ -21,6 +21,7 @@ from headlab.engine.dynamic.apply import SparsityMeter, SparsityReport
 from headlab.engine.dynamic.calibrate import calibration_ids
 from headlab.engine.dynamic.ipn.apply import RULE_NAME, IPNTrace, apply_ipn
 from headlab.engine.dynamic.ipn.network import IPN, IPNError
+from headlab.engine.dynamic.rotation import ROTATED
 from headlab.engine.dynamic.rules import Thresholds
 
 __all__ = ["calibrate_thresholds", "ffn_sparsity", "layer_keep_counts", "match_sparsity", "oracle_at_budgets",
@@ -40,9 +41,11 @@ def calibrate_thresholds(handle: ModelHandle, ipn: IPN, ids: torch.Tensor | None
     return ipn
 
 
-def untrained_ipn(handle: ModelHandle, target: float, ids: torch.Tensor | None = None) -> IPN:
-    """The network with the oracle's score computed on the 4-bit sketch and per-layer calibrated thresholds."""
-    ipn = IPN.for_model(handle, adaptive=False, target=target)
+def untrained_ipn(handle: ModelHandle, target: float, ids: torch.Tensor | None = None, *,
+                  sketch: str = ROTATED) -> IPN:
+    """The network with the oracle's score computed on the 4-bit sketch (`sketch`: "rotated" or "aligned") and
+    per-layer calibrated thresholds."""
+    ipn = IPN.for_model(handle, adaptive=False, target=target, sketch=sketch)
     return calibrate_thresholds(handle, ipn, ids)
 
 

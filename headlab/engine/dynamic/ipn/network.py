@@ -6,7 +6,9 @@ Per layer l the network reads two things, as input- and weight-conditioned masks
   hidden state entering attention (after the input norm);
 - the layer's weights, through a descriptor computed once: a 4-bit sketch of the gate and up
   projections (headlab.engine.dynamic.sketch, 1/8 of their fp32 bytes) and the norm of each channel's
-  down column.
+  down column. By default ("rotated") the sketch is of the weights in a randomly rotated input space
+  (headlab.engine.dynamic.rotation), so it cannot reproduce weights that are themselves 4-bit (the shipped
+  models are); "aligned" sketches the weights as stored.
 
 From them it estimates, for every channel j, the quantities the oracle ranks by,
 log|act(gate_j(x))| and log|up_j(x)|, and scores the channel
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from headlab.engine.core.handle import ModelHandle
+from headlab.engine.dynamic.rotation import ROTATED, SKETCHES, input_rotation
 from headlab.engine.dynamic.sketch import Int4Sketch
 
 __all__ = ["EPS", "IPN", "IPNError", "LayerSketch", "layer_sketches"]
@@ -53,29 +56,43 @@ class IPNError(ValueError):
 
 @dataclass(frozen=True)
 class LayerSketch:
-    """One layer's weight descriptor: the sketch of [gate; up] stacked ([2F, d]) and log ||down[:, j]|| [F]."""
+    """One layer's weight descriptor: the sketch of [gate; up] stacked ([2F, d]) and log ||down[:, j]|| [F].
+
+    With a `rotation` R [d, d] the sketch is of [gate; up] R, and inputs are rotated before the product
+    (headlab.engine.dynamic.rotation): the same estimate of x W^T, from a sketch off the weights' own grid.
+    """
 
     gate_up: Int4Sketch
     log_down_norm: torch.Tensor
     act: object  # the FFN activation (callable)
+    rotation: torch.Tensor | None = None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """[gate; up](x) estimated from the sketch: [..., 2F], a fresh float32 buffer."""
+        if self.rotation is not None:
+            x = x.float() @ self.rotation.to(x.device)  # x' = x R
+        return self.gate_up.matmul(x)
 
     def estimate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(act(gate(x)), up(x)) estimated from the sketch, each [..., F] float32."""
-        gu = self.gate_up.matmul(x)
-        g, u = gu.chunk(2, dim=-1)
+        g, u = self.product(x).chunk(2, dim=-1)
         return self.act(g), u
 
 
-_SKETCHES: weakref.WeakKeyDictionary[nn.Module, list[LayerSketch]] = weakref.WeakKeyDictionary()
+_SKETCHES: weakref.WeakKeyDictionary[nn.Module, dict[str, list[LayerSketch]]] = weakref.WeakKeyDictionary()
 
 
-def layer_sketches(handle: ModelHandle) -> list[LayerSketch]:
-    """Every layer's sketch of `handle`'s model, made once per model and kept beside it (the model is not changed)."""
+def layer_sketches(handle: ModelHandle, sketch: str = ROTATED) -> list[LayerSketch]:
+    """Every layer's sketch of `handle`'s model (`sketch`: "rotated" or "aligned", headlab.engine.dynamic.rotation),
+    made once per model and kind and kept beside it (the model is not changed)."""
+    if sketch not in SKETCHES:
+        raise IPNError(f"unknown sketch {sketch!r}; choose one of {', '.join(SKETCHES)}")
     model = handle.model
-    cached = _SKETCHES.get(model)
-    if cached is not None:
-        return cached
+    cached = _SKETCHES.setdefault(model, {})
+    if sketch in cached:
+        return cached[sketch]
     adapter = handle.adapter
+    rotation = input_rotation(handle.geometry.hidden) if sketch == ROTATED else None
     out = []
     with torch.no_grad():
         for layer in range(handle.geometry.n_layers):
@@ -84,9 +101,11 @@ def layer_sketches(handle: ModelHandle) -> list[LayerSketch]:
                 raise IPNError(f"{handle.name} has no gated FFN (gate and up projections): the importance network "
                                f"scores gated FFN channels")
             w = torch.cat([p["gate"].weight, p["up"].weight]).detach()
-            out.append(LayerSketch(Int4Sketch.of(w), p["down"].weight.detach().float().norm(dim=0).clamp(min=EPS).log(),
-                                   adapter.ffn_activation(layer)))
-    _SKETCHES[model] = out
+            r = None if rotation is None else rotation.to(w.device)
+            out.append(LayerSketch(Int4Sketch.of(w.float() @ r if r is not None else w),
+                                   p["down"].weight.detach().float().norm(dim=0).clamp(min=EPS).log(),
+                                   adapter.ffn_activation(layer), r))
+    cached[sketch] = out
     return out
 
 
@@ -105,8 +124,11 @@ class IPN(nn.Module):
 
     def __init__(self, n_layers: int, ffn_dim: int, hidden: int, n_heads: int, *, heads: bool = False,
                  adaptive: bool = True, target: float = 0.5, head_target: float = 0.0, temperature: float = 0.5,
-                 lora_rank: int = 0):
+                 lora_rank: int = 0, sketch: str = ROTATED):
         super().__init__()
+        if sketch not in SKETCHES:
+            raise IPNError(f"unknown sketch {sketch!r}; choose one of {', '.join(SKETCHES)}")
+        self.sketch = sketch
         if not 0.0 <= target < 1.0:
             raise IPNError(f"target FFN sparsity must be in [0, 1), got {target}")
         if not 0.0 <= head_target < 1.0:
@@ -148,7 +170,7 @@ class IPN(nn.Module):
         if want != have:
             raise IPNError(f"this importance network is shaped for (layers, FFN channels, hidden, heads) = {have}, "
                            f"{handle.name} has {want}")
-        self._sketches = layer_sketches(handle)
+        self._sketches = layer_sketches(handle, self.sketch)
         return self
 
     @property
@@ -162,7 +184,9 @@ class IPN(nn.Module):
         """Weight bytes the network reads per token: every layer's sketch and its own per-layer parameters."""
         own = sum(p[0].numel() * 4 for p in (self.channel_bias,))  # one row of channel biases per layer
         own += (self.hidden * 4 if self.adaptive else 0) + (self.n_heads * self.hidden * 4 if self.heads else 0)
-        return sum(s.gate_up.nbytes for s in self.sketches) + self.n_layers * own
+        rotation = self.sketches[0].rotation  # one R shared by every layer, counted once
+        return (sum(s.gate_up.nbytes for s in self.sketches) + self.n_layers * own
+                + (0 if rotation is None else rotation.numel() * rotation.element_size()))
 
     # --- scoring ------------------------------------------------------------------------------
     def channel_scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +218,7 @@ class IPN(nn.Module):
         token pays for the sketch's product and a handful of vector operations, not a chain of temporaries.
         """
         sk = self.sketches[layer]
-        gu = sk.gate_up.matmul(x)  # [..., 2F], a fresh float32 buffer
+        gu = sk.product(x)  # [..., 2F], a fresh float32 buffer
         n = self.ffn_dim
         g, u = gu[..., :n], gu[..., n:]
         g.copy_(sk.act(g))
@@ -228,4 +252,5 @@ class IPN(nn.Module):
         """What rebuilds this network's shape (saved beside its weights)."""
         return {"n_layers": self.n_layers, "ffn_dim": self.ffn_dim, "hidden": self.hidden, "n_heads": self.n_heads,
                 "heads": self.heads, "adaptive": self.adaptive, "target": self.target,
-                "head_target": self.head_target, "temperature": self.temperature, "lora_rank": self.lora_rank}
+                "head_target": self.head_target, "temperature": self.temperature, "lora_rank": self.lora_rank,
+                "sketch": self.sketch}

@@ -80,7 +80,8 @@ def load_ipn(handle: ModelHandle, folder: str | os.PathLike) -> IPN:
         ipn = IPN(cfg["n_layers"], cfg["ffn_dim"], cfg["hidden"], cfg["n_heads"], heads=bool(cfg["heads"]),
                   adaptive=bool(cfg["adaptive"]), target=float(cfg["target"]),
                   head_target=float(cfg["head_target"]), temperature=float(cfg["temperature"]),
-                  lora_rank=int(cfg.get("lora_rank", 0)))
+                  lora_rank=int(cfg.get("lora_rank", 0)),
+                  sketch=str(cfg.get("sketch", "aligned")))  # networks saved before rotated sketches were aligned
     except (KeyError, TypeError, ValueError) as e:
         raise IPNError(f"{meta_path} describes no valid network shape: {e}") from None
     ipn.attach(handle)

@@ -52,6 +52,7 @@ from headlab.engine.dynamic.calibrate import calibration_ids
 from headlab.engine.dynamic.ipn.apply import IPNTrace, apply_ipn
 from headlab.engine.dynamic.ipn.calibrate import calibrate_thresholds, match_sparsity
 from headlab.engine.dynamic.ipn.network import IPN, IPNError
+from headlab.engine.dynamic.rotation import ROTATED, SKETCHES
 
 __all__ = ["IPNConfig", "IPNTraining", "train_ipn", "training_key"]
 
@@ -75,6 +76,7 @@ class IPNConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters on the FFN down projections jointly (the model stays frozen)
     lora_lr: float = 1e-3
     seed: int = 0
+    sketch: str = ROTATED  # the weight sketch the network reads: of the rotated input space, or "aligned"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -88,6 +90,8 @@ class IPNConfig:
             raise IPNError(f"a batch of {self.batch} windows needs at least that many windows, got {self.n_windows}")
         if self.lora_rank < 0:
             raise IPNError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.sketch not in SKETCHES:
+            raise IPNError(f"unknown sketch {self.sketch!r}; choose one of {', '.join(SKETCHES)}")
         for name in ("lr", "temperature", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise IPNError(f"{name} must be positive, got {getattr(self, name)}")
@@ -174,7 +178,7 @@ def train_ipn(handle: ModelHandle, config: IPNConfig = IPNConfig(), ids: torch.T
 
     ipn = IPN.for_model(handle, heads=config.heads, adaptive=config.adaptive, target=config.target,
                         head_target=config.head_target, temperature=config.temperature,
-                        lora_rank=config.lora_rank).to(handle.device)
+                        lora_rank=config.lora_rank, sketch=config.sketch).to(handle.device)
     calibrate_thresholds(handle, ipn, ids[: max(config.batch, 2)])
     params = [p for p in ipn.parameters() if p.requires_grad]
     lora = [p for name, p in ipn.named_parameters() if name.startswith("lora_")]
