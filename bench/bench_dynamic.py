@@ -23,8 +23,10 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
 - ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
 - ipn+heads: the network also choosing query heads per token (target head sparsity 25%, 50% rows only);
 - per-prompt: one mask per window, predicted by the trained network from the window's first 64 tokens,
-  then kept for the whole window (headlab.engine.dynamic.prompt_mask);
-- router: k = 4 masks, one per cluster of 16 calibration prompts, each window routed by its first 64 tokens;
+  then kept for the whole window (headlab.engine.dynamic.prompt_mask), scored on the tokens after those 64
+  only (scored_from), against the dense model on the same tokens (dense_ppl_*), never on its own prefix;
+- router: k = 4 masks, one per cluster of 16 calibration prompts, each window routed by its first 64 tokens,
+  scored like per-prompt;
 - static: one FFN-channel mask for every input, by FLAP (fluctuation + bias compensation, the best static
   width method of bench_quality), at the same channel budget.
 Calibration and training: 8 windows of 256 tokens from the shipped calibration text (the END of the
@@ -67,6 +69,7 @@ from headlab.engine.core.csvfile import write_rows
 from headlab.engine.data.datasets import calibration_texts, read_wikitext
 from headlab.engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
 from headlab.engine.dynamic.ipn import (
+    RULE_NAME,
     IPNConfig,
     apply_ipn,
     load_ipn,
@@ -92,8 +95,8 @@ from headlab.engine.runtime.evaluate import (
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
 RULES = ("oracle", "exact", "cats", "teal", "wina")
 #: Rows cached with another format are measured again: 2 added weights_skipped, held-out sparsity, and recall
-#: and precision on the evaluation windows.
-ROW_FORMAT = 2
+#: and precision on the evaluation windows; 3 scores per-prompt and routed masks on the tokens after their prefix.
+ROW_FORMAT = 3
 
 
 def _cache_dir() -> Path:
@@ -159,11 +162,21 @@ def mask_weights_skipped(handle, channels: torch.Tensor, heads: torch.Tensor | N
     return skipped / total
 
 
+def continuation(score_from: torch.Tensor) -> torch.Tensor:
+    """Where scoring starts when a mask is predicted from each window's first PROMPT tokens: the token after them.
+
+    A per-prompt or routed mask that saw tokens 0..PROMPT-1 is scored only on tokens PROMPT.. (predicted from
+    logits at PROMPT-1..), none of which it saw; scored on its own prefix, it would grade itself on its input.
+    """
+    return score_from.clamp(min=PROMPT)
+
+
 @torch.no_grad()
 def _nll_per_window(handle, windows: torch.Tensor, score_from: torch.Tensor, mask_of: Callable
                     ) -> tuple[float, float, float]:
-    """Perplexity with a static mask chosen per window (mask_of(window ids [1, T])), the mean FFN sparsity and
-    the mean weights_skipped of the masks."""
+    """Perplexity with a static mask predicted per window from its first PROMPT tokens (mask_of(ids [1, PROMPT])),
+    scored on the tokens after them only; the mean FFN sparsity and the mean weights_skipped of the masks."""
+    score_from = continuation(score_from)
     total, count, sparsity, skipped = 0.0, 0, [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(handle.device)
@@ -183,7 +196,7 @@ def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main,
     ppl_main = _nll(handle, *main, lambda i: apply(meters[0]))
     ppl_ho = _nll(handle, *heldout, lambda i: apply(meters[1]))
     rep, rep_ho = (m.report() for m in meters)
-    heads = rep.per_layer.get("o")
+    heads = rep.per_layer.get("o") if name == RULE_NAME else None  # TEAL/WINA's "o" is input sparsity, not heads
     return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn, "ffn_sparsity_heldout": rep_ho.ffn,
             "weights_skipped": rep.weights_skipped, "weights_skipped_heldout": rep_ho.weights_skipped,
             "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
@@ -302,11 +315,17 @@ def main() -> None:
         save_ipn(handle, run.ipn, folder, meta=meta)
         return run.ipn, meta
 
+    dense_after_prompt: dict[str, float] = {}  # the dense model on the same continuation tokens, for the ratios
+
     def _per_window_row(mask_of: Callable) -> dict:
+        if not dense_after_prompt:
+            for name, (w, sf) in (("dense_ppl_main", main_w), ("dense_ppl_heldout", heldout)):
+                dense_after_prompt[name] = _nll(handle, w, continuation(sf), lambda i: contextlib.nullcontext())
         ppl, sp, skipped = _nll_per_window(handle, *main_w, mask_of)
         ppl_ho, sp_ho, skipped_ho = _nll_per_window(handle, *heldout, mask_of)
         return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "ffn_sparsity_heldout": sp_ho,
-                "weights_skipped": skipped, "weights_skipped_heldout": skipped_ho}
+                "weights_skipped": skipped, "weights_skipped_heldout": skipped_ho, "scored_from": PROMPT,
+                **dense_after_prompt}
 
     errors = sketch_errors(handle)
     print(f"# gate/up 4-bit sketch relative error: rotated {errors[ROTATED]:.2%}, aligned {errors[ALIGNED]:.2%}"
@@ -400,12 +419,12 @@ def write_csv(rows: dict[str, dict], path: str) -> None:
             continue
         method, target = key.split("@")
         table.append({"method": method, "target": float(target), **r,
-                      "ratio_main": r["ppl_main"] / dense["ppl_main"],
-                      "ratio_heldout": r["ppl_heldout"] / dense["ppl_heldout"]})
+                      "ratio_main": r["ppl_main"] / r.get("dense_ppl_main", dense["ppl_main"]),
+                      "ratio_heldout": r["ppl_heldout"] / r.get("dense_ppl_heldout", dense["ppl_heldout"])})
     table.sort(key=lambda r: (r["target"], r["method"]))
-    cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "ffn_sparsity",
-            "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "input_sparsity", "head_sparsity",
-            "recall", "precision", "sketch", "sketch_error", "steps", "train_s", "eval_s"]
+    cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "scored_from",
+            "ffn_sparsity", "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "input_sparsity",
+            "head_sparsity", "recall", "precision", "sketch", "sketch_error", "steps", "train_s", "eval_s"]
     write_rows([{c: r.get(c) for c in cols} for r in table], path)
     print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")
 
@@ -422,8 +441,9 @@ def report(rows: dict[str, dict]) -> str:
         cells = []
         for t in targets:
             r = rows.get(f"{m}@{t}")
-            cells.append("-" if r is None else f"{r['ppl_main'] / dense['ppl_main']:.3f}x / "
-                         f"{r['ppl_heldout'] / dense['ppl_heldout']:.3f}x ({r['ffn_sparsity']:.1%})")
+            cells.append("-" if r is None else f"{r['ppl_main'] / r.get('dense_ppl_main', dense['ppl_main']):.3f}x / "
+                         f"{r['ppl_heldout'] / r.get('dense_ppl_heldout', dense['ppl_heldout']):.3f}x "
+                         f"({r['ffn_sparsity']:.1%})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

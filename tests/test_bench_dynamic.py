@@ -112,3 +112,60 @@ def test_a_dynamic_row_reports_sparsity_on_both_texts(llama, ids):
         assert 0.0 < row[col] < 1.0, col
     assert row["ffn_sparsity"] != row["ffn_sparsity_heldout"]
     assert row["weights_skipped"] < row["ffn_sparsity"]  # over every projection, not only the FFN's
+
+
+def test_a_per_prompt_mask_is_scored_on_the_continuation_not_its_prefix(llama):
+    """The mask sees the first PROMPT tokens; only the tokens after them are scored (dense mask: dense NLL there)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from bench.bench_dynamic import PROMPT, _nll_per_window, continuation
+    from headlab.engine.dynamic.prompt_mask import PromptMask
+
+    g = llama.geometry
+    windows = calibration_ids(llama, window=2 * PROMPT, n_windows=2)
+    seen = []
+
+    def dense_mask(prefix):
+        seen.append(prefix.clone())
+        return PromptMask(torch.ones(g.n_layers, g.ffn_dim, dtype=torch.bool), None, torch.zeros(g.hidden))
+
+    ppl, sparsity, skipped = _nll_per_window(llama, windows, torch.ones(2, dtype=torch.long), dense_mask)
+    assert [tuple(p.shape) for p in seen] == [(1, PROMPT)] * 2
+    assert all(torch.equal(p[0], w[:PROMPT]) for p, w in zip(seen, windows))
+    with torch.no_grad():
+        logp = F.log_softmax(llama.model(input_ids=windows).logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, windows[:, 1:, None])[..., 0]  # nll[:, t - 1]: token t
+    assert ppl == pytest.approx(math.exp(float(nll[:, PROMPT - 1:].mean())), rel=1e-5)  # tokens PROMPT.. only
+    assert ppl != pytest.approx(math.exp(float(nll.mean())), rel=1e-4)  # random weights: close, yet not equal
+    assert sparsity == 0.0 and skipped == 0.0
+    assert continuation(torch.tensor([1, 448])).tolist() == [PROMPT, 448]
+
+
+def test_ratios_use_the_dense_model_on_the_same_tokens(tmp_path):
+    import csv
+
+    from bench.bench_dynamic import write_csv
+
+    rows = {"dense": {"ppl_main": 10.0, "ppl_heldout": 20.0},
+            "cats@0.5": {"ppl_main": 12.0, "ppl_heldout": 22.0, "ffn_sparsity": 0.5},
+            "per-prompt@0.5": {"ppl_main": 12.0, "ppl_heldout": 22.0, "ffn_sparsity": 0.5, "scored_from": 64,
+                               "dense_ppl_main": 8.0, "dense_ppl_heldout": 11.0}}
+    write_csv(rows, tmp_path / "dynamic.csv")
+    out = {r["method"]: r for r in csv.DictReader((tmp_path / "dynamic.csv").open())}
+    assert float(out["cats"]["ratio_main"]) == pytest.approx(1.2)
+    assert float(out["per-prompt"]["ratio_main"]) == pytest.approx(1.5)
+    assert float(out["per-prompt"]["ratio_heldout"]) == pytest.approx(2.0)
+
+
+def test_head_sparsity_is_reported_for_networks_that_drop_heads_only(llama, ids):
+    import torch
+
+    from bench.bench_dynamic import _dynamic_row
+    from headlab.engine.dynamic import apply_rule, calibrate
+
+    th = calibrate(llama, "teal", 0.5, ids)  # zeroes inputs of o too: that is not dropping heads
+    windows = (ids[:2], torch.ones(2, dtype=torch.long))
+    assert _dynamic_row(llama, lambda m: apply_rule(llama, th, m), "teal", windows, windows)["head_sparsity"] is None
