@@ -131,7 +131,7 @@ class Thresholds:
         return cls(rule.name, {s: torch.full((n_layers,), -math.inf) for s in rule.sites}, target=0.0)
 
     @classmethod
-    def oracle_budgets(cls, keep: Sequence[float], ffn_dim: int) -> "Thresholds":
+    def oracle_budgets(cls, keep: Sequence[float], ffn_dim: int) -> Thresholds:
         """Oracle keep counts per layer: k_l = round(keep[l]) channels per token in layer l (e.g. another
         method's mean kept count per layer, so the oracle runs at that method's per-layer budgets)."""
         k = torch.as_tensor([float(v) for v in keep]).round()
