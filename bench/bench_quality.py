@@ -55,9 +55,15 @@ from headlab.engine.models.load import DEFAULT_MODEL, load_model
 from headlab.engine.models.load import cache_dir as cache_dir_root
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
-from headlab.engine.pruning.strategies.reconstruct import DEPTH_REFIT_METHODS, depth_refit_prune, width_fraction
+from headlab.engine.pruning.strategies.reconstruct import (
+    DEPTH_REFIT_METHODS,
+    depth_refit_prune,
+    refit_texts,
+    width_fraction,
+)
 from headlab.engine.runtime.agreement import DenseReference, agreement, dense_reference
 from headlab.engine.runtime.cost import cost
+from headlab.engine.runtime.regions import HELDOUT_OFFSET, check_fit_texts, guard, ood_nll
 from headlab.engine.runtime.evaluate import (
     DEFAULT_PROTOCOL,
     PerplexityProtocol,
@@ -75,9 +81,9 @@ RECONSTRUCT_CONFIGS = ("heads30", "heads50", "width20")
 BENCH_DEPTH_METHODS = ("random", "magnitude", "entropy", "gradient", "block_influence", "ablation-iterative",
                        "ablation-iterative+comp", "block_influence-refit", "ablation-iterative-refit")
 CONFIGS = ("heads10", "heads20", "heads30", "heads50", "width20", "depth20")
-HELDOUT_OFFSET = 150_000
 AGREE_PROMPTS, AGREE_NEW = 12, 32  # greedy agreement: the first 32 tokens of each held-out window, 32 new tokens
 RESULTS = Path("bench/results")
+CACHE_VERSION = 2  # raised when a method's code changes what it chooses (2: input re-fits, joint allocation)
 Row = dict[str, Any]
 
 
@@ -112,11 +118,12 @@ def check_disjoint(handle: Any, calib: Calibration, heldout_end_token: int) -> s
 def bench_cache(model: str | None, quick: bool) -> Path:
     """Where this benchmark keeps its masks and results for `model` (None: the default)."""
     tag = "quality_quick" if quick else "quality"
-    return cache_dir_root() / "bench" / f"{tag}_{(model or DEFAULT_MODEL).replace('/', '_')}"
+    return cache_dir_root() / "bench" / f"{tag}_v{CACHE_VERSION}_{(model or DEFAULT_MODEL).replace('/', '_')}"
 
 
 def cached_mask_path(cache_dir: Path, method: str, config: str) -> Path:
-    return cache_dir / "masks" / f"{method.replace('+', '_plus_')}__{config}.json"
+    safe = method.replace("+", "_plus_").replace("[", "(").replace("]", ")").replace("=", "-").replace(",", "_")
+    return cache_dir / "masks" / f"{safe}__{config}.json"
 
 
 def save_stats(stats: CaptureStats, path: Path) -> None:
@@ -168,16 +175,46 @@ def load_tensors(path: Path) -> dict[str, Any]:
 
 
 # --- configurations -------------------------------------------------------------------------
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A method with settings, "obs[inputs=none,allocation=flap]", as ("obs", {"inputs": "none", ...})."""
+    if "[" not in spec:
+        return spec, {}
+    name, rest = spec.split("[", 1)
+    if not rest.endswith("]"):
+        raise ValueError(f"method settings must end with ']': {spec!r}")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                kwargs[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            kwargs[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return name, kwargs
+
+
 def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
+    """The mask of `method` (settings in brackets allowed) at `config`, chosen under a guard that raises if the
+    method reads any main, validation, held-out or out-of-domain text."""
+    with guard(handle):
+        return _make_mask(handle, method, config, calib, args)
+
+
+def _make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
+    method, settings = parse_spec(method)
     if config.startswith("depth"):
-        run = depth_refit_prune if method in DEPTH_REFIT_METHODS else depth_prune
-        return run(handle, 1.0 - int(config[5:]) / 100, method, calib)
+        if method in DEPTH_REFIT_METHODS:
+            return depth_refit_prune(handle, 1.0 - int(config[5:]) / 100, method, calib, **settings)
+        return depth_prune(handle, 1.0 - int(config[5:]) / 100, method, calib, **settings)
     if config.startswith("width"):
         r = round(width_fraction(handle, int(config[5:]) / 100), 4)
         budget = Budget(heads=r, ffn=r)
     else:
         budget = Budget(heads=int(config[5:]) / 100)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(settings)
     if "iterative" in method:
         kwargs["steps"] = args.iter_steps
     if method.startswith("hardconcrete"):
@@ -190,7 +227,7 @@ def methods_for(config: str, args: argparse.Namespace) -> list[str]:
     chosen = args.methods.split(",") if args.methods else default
     if config.startswith("depth"):
         depth = args.depth_methods.split(",") if args.depth_methods else list(BENCH_DEPTH_METHODS)
-        return [m for m in depth if m in DEPTH_METHODS or m in DEPTH_REFIT_METHODS]
+        return [m for m in depth if parse_spec(m)[0] in DEPTH_METHODS or parse_spec(m)[0] in DEPTH_REFIT_METHODS]
     return chosen
 
 
@@ -229,6 +266,7 @@ def main() -> None:
         calib = Calibration.shipped("wikitext", 32, max_length=256)
     ho = heldout_windows(handle, HELDOUT_OFFSET, ho_window, ho_n)
     where = check_disjoint(handle, calib, HELDOUT_OFFSET + ho.numel())
+    where_fit = check_fit_texts(handle, refit_texts(calib), "re-fit")  # every text the re-fitting methods read
 
     stats_path, tables_path, results_path = cache_dir / "stats.safetensors", cache_dir / "tables.safetensors", cache_dir / "results.json"
     if args.fresh:
@@ -252,6 +290,8 @@ def main() -> None:
           f"({os.cpu_count()} cores, load average {load:.1f} at start: timings are indicative only)")
     print(f"# calibration: {calib.describe()} from the END of WikiText-2 test ({where}); "
           f"measured methods replay the first 4 texts x 128 tokens; capture {capture_s:.0f} s (0: cached)")
+    print(f"# re-fit texts: {where_fit}; every mask is chosen under a guard that fails on any main, validation, "
+          "held-out or out-of-domain text (headlab.engine.runtime.regions)")
     print(f"# main protocol: {dense_main.protocol.describe(dense_main.tokenizer, dense_main.n_tokens)} "
           f"(tokens 0-{main_protocol.window * main_protocol.n_windows:,})")
     print(f"# held-out: WikiText-2 test tokens {HELDOUT_OFFSET:,}-{HELDOUT_OFFSET + ho.numel():,} "
@@ -264,6 +304,14 @@ def main() -> None:
     if args.report:
         todo = [(r["config"], r["method"]) for r in results.values()]
     reference: list[DenseReference] = []  # the dense side of the agreement columns, computed on first need
+    dense_ood: list[float] = []
+
+    def ood_columns(mask: PruneMask) -> Row:
+        """Mean NLL per token on the out-of-domain items (chat-formatted), the pruned model's and its change."""
+        if not dense_ood:
+            dense_ood.append(ood_nll(handle, None)["all"])
+        pruned = ood_nll(handle, mask)["all"]
+        return {"ood_nll": round(pruned, 4), "ood_nll_delta": round(pruned - dense_ood[0], 4)}
 
     def agreement_columns(mask: PruneMask) -> Row:
         if not reference:
@@ -274,8 +322,8 @@ def main() -> None:
     for config, method in todo:
         key = f"{method}@{config}"
         mask_path = cached_mask_path(cache_dir, method, config)
-        if key in results and "top1_heldout" not in results[key] and not args.report and mask_path.exists():
-            results[key].update(agreement_columns(PruneMask.load(mask_path, handle.geometry)))
+        if key in results and "ood_nll" not in results[key] and not args.report and mask_path.exists():
+            results[key].update(ood_columns(PruneMask.load(mask_path, handle.geometry)))
             results_path.write_text(json.dumps(results, indent=1))
         if key not in results:
             t, cpu = time.perf_counter(), time.process_time()
@@ -300,7 +348,8 @@ def main() -> None:
                 "params_removed_pct": round(100 * c.params_removed_fraction, 2),
                 "compensated": mask.has_bias, "reconstructed": mask.has_refit, "select_s": round(select_s, 1),
                 "select_cpu_min": round(select_cpu / 60, 2),
-                **agreement_columns(mask),
+                **agreement_columns(mask), **ood_columns(mask),
+                "settings": settings_of(mask),
             }
             results[key]["measured"] = time.strftime("%Y-%m-%d")
             results_path.write_text(json.dumps(results, indent=1))
@@ -308,7 +357,7 @@ def main() -> None:
         r["ratio_main"] = r["ppl_main"] / dense_main.perplexity
         r["ratio_heldout"] = r["ppl_heldout"] / dense_ho
         rows.append(r)
-        print(f"  {config:>8} {method:>26}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
+        print(f"  {config:>8} {method:>40}: main {r['ppl_main']:10.2f} ({r['ratio_main']:6.2f}x)  held-out "
               f"{r['ppl_heldout']:10.2f} ({r['ratio_heldout']:6.2f}x)  top-1 {r.get('top1_heldout', float('nan')):.1%}  "
               f"greedy {r.get('greedy_heldout', float('nan')):.1%}  params -{r['params_removed_pct']:.1f}%  "
               f"select {r['select_s']:.0f} s", flush=True)
@@ -316,7 +365,7 @@ def main() -> None:
     order = {c: i for i, c in enumerate(CONFIGS)}
     rows.sort(key=lambda r: order.get(r["config"], len(order)))
     cols = ["config", "method", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "top1_heldout",
-            "greedy_heldout", "heads_removed",
+            "greedy_heldout", "ood_nll", "ood_nll_delta", "settings", "heads_removed",
             "ffn_removed", "blocks_removed", "params_removed_pct", "compensated", "reconstructed", "select_s",
             "select_cpu_min"]
     # Rows cached before these columns existed leave them empty.
@@ -326,6 +375,15 @@ def main() -> None:
     write_rows(merge_rows(csv_path, fresh, cols + ["measured"]), csv_path)
     print(f"\nwrote {csv_path} (dense main {dense_main.perplexity:.3f}, held-out {dense_ho:.3f})")
     print_tables(rows)
+
+
+def settings_of(mask: PruneMask) -> str:
+    """The settings a mask's method used, as far as its meta records them (allocation, input re-fits, damping)."""
+    r = mask.meta.get("reconstruction", {})
+    parts = [f"allocation={mask.meta['allocation']}" if "allocation" in mask.meta else "",
+             f"inputs={r['inputs']}" if "inputs" in r else "", f"damp={r['damp']}" if "damp" in r else "",
+             f"target={r['target']}" if "target" in r else ""]
+    return " ".join(p for p in parts if p)
 
 
 def merge_rows(path: Path, fresh: list[Row], cols: list[str]) -> list[Row]:

@@ -149,4 +149,4 @@ def test_reconstructed_export_reloaded_has_the_in_engine_perplexity(tmp_path, un
     else:
         reloaded = load_pruned(tmp_path / "out")
     assert perplexity(reloaded, None, protocol).perplexity == pytest.approx(in_engine, rel=1e-5)
-    assert perplexity(h, None, protocol).perplexity != pytest.approx(in_engine, rel=1e-3)  # the mask does change it
+    assert perplexity(h, None, protocol).perplexity != pytest.approx(in_engine, rel=1e-4)  # the mask does change it

@@ -14,6 +14,7 @@ Compensation biases (PruneMask.attn_bias / ffn_bias, FLAP) are added to the O-pr
 down-projection's output, inside the sub-block, so a removed sub-block removes its bias too.
 Refitted projections (PruneMask.attn_refit / ffn_refit, headlab.engine.core.refit) replace that output by
 x[..., kept columns] @ W_refit.T + the projection's own bias, before the compensation bias is added.
+Input maps (PruneMask.attn_in / ffn_in) replace the output x of the norm in front of a sub-block by x @ M.T.
 
 Gates may be soft and require grad (training masks), and may be per sample: pass a list of
 masks, one per row of the batch. Hooks fire only in the thread that opened the context, so
@@ -165,6 +166,26 @@ def _refit_post_hook(refits: Sequence[LayerRefit | None], per_sample: bool):
     return hook
 
 
+def _input_map_post_hook(maps: Sequence[torch.Tensor | None], per_sample: bool):
+    """The norm's output x replaced by x @ M^T (per batch row when `per_sample`; None keeps a row's own)."""
+    cache: dict = {}
+
+    def mapped(i: int, out: torch.Tensor) -> torch.Tensor:
+        key = (i, out.device, out.dtype)
+        if key not in cache:
+            cache[key] = maps[i].to(device=out.device, dtype=out.dtype)
+        return out @ cache[key].T
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not per_sample:
+            return mapped(0, output)
+        if output.shape[0] != len(maps):
+            raise ValueError(f"{len(maps)} per-sample masks for a batch of {output.shape[0]} rows")
+        return torch.stack([mapped(i, output[i]) if maps[i] is not None else output[i] for i in range(len(maps))])
+
+    return hook
+
+
 def _is_zero(t: torch.Tensor) -> bool:
     return not t.requires_grad and not bool(t.any())
 
@@ -207,6 +228,10 @@ def apply(target: Any, mask: PruneMask | Sequence[PruneMask] | None) -> Iterator
                 refits = [m.refits(kind).get(layer) for m in masks]
                 if any(r is not None for r in refits):  # before the bias hooks: they add onto the refit output
                     hooks.post(proj(layer), _refit_post_hook(refits, per))
+            for kind in ("attn", "ffn"):
+                maps = [m.input_maps(kind).get(layer) for m in masks]
+                if any(x is not None for x in maps):
+                    hooks.post(adapter.sublayer_norm(layer, kind), _input_map_post_hook(maps, per))
             for bias, proj in ((gates.attn_bias, adapter.head_output_proj), (gates.ffn_bias, adapter.ffn_output_proj)):
                 if bias is None:
                     continue

@@ -39,6 +39,7 @@ from headlab.engine.core.refit import (
     REFIT_KINDS,
     LayerRefit,
     refit_path,
+    input_maps_from_tensors,
     refit_tensors,
     refits_from_tensors,
     write_atomic_safetensors,
@@ -72,6 +73,9 @@ class PruneMask:
     ffn_bias: torch.Tensor | None = None
     attn_refit: dict[int, LayerRefit] = field(default_factory=dict)
     ffn_refit: dict[int, LayerRefit] = field(default_factory=dict)
+    # input maps [hidden, hidden] by layer (headlab.engine.core.refit): the row-wise re-fit of Q/K/V and gate/up
+    attn_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    ffn_in: dict[int, torch.Tensor] = field(default_factory=dict)
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -99,6 +103,7 @@ class PruneMask:
             self.heads.clone(), self.ffn.clone(), self.attn.clone(), self.ffn_block.clone(), dict(self.meta),
             attn_bias=bias(self.attn_bias), ffn_bias=bias(self.ffn_bias),
             attn_refit=dict(self.attn_refit), ffn_refit=dict(self.ffn_refit),  # refits are shared, never written
+            attn_in=dict(self.attn_in), ffn_in=dict(self.ffn_in),
         )
 
     @property
@@ -108,8 +113,14 @@ class PruneMask:
 
     @property
     def has_refit(self) -> bool:
-        """The mask carries refitted output-projection weights for some layer."""
-        return bool(self.attn_refit) or bool(self.ffn_refit)
+        """The mask carries refitted weights (output projections or input maps) for some layer."""
+        return bool(self.attn_refit) or bool(self.ffn_refit) or bool(self.attn_in) or bool(self.ffn_in)
+
+    def input_maps(self, kind: str) -> dict[int, torch.Tensor]:
+        """The input maps of the "attn" (Q/K/V) or "ffn" (gate/up) sub-blocks, by layer."""
+        if kind not in REFIT_KINDS:
+            raise MaskError(f"input map kind must be one of {', '.join(REFIT_KINDS)}, got {kind!r}")
+        return self.attn_in if kind == "attn" else self.ffn_in
 
     def refits(self, kind: str) -> dict[int, LayerRefit]:
         """The refits of the "attn" (O projection) or "ffn" (down projection) sub-blocks, by layer."""
@@ -125,7 +136,7 @@ class PruneMask:
     def without_refit(self) -> "PruneMask":
         """A copy without refitted weights (the gates and biases as they are)."""
         m = self.clone()
-        m.attn_refit, m.ffn_refit = {}, {}
+        m.attn_refit, m.ffn_refit, m.attn_in, m.ffn_in = {}, {}, {}, {}
         return m
 
     def _drop_stale_refits(self) -> "PruneMask":
@@ -188,6 +199,14 @@ class PruneMask:
                 if tuple(r.weight.shape) != shape:
                     raise MaskError(f"{where} has shape {tuple(r.weight.shape)}, this model needs {shape}")
                 if not torch.isfinite(r.weight).all():
+                    raise MaskError(f"{where} holds NaN or inf")
+            for layer, m in self.input_maps(kind).items():
+                where = f"mask.{kind}_in[{layer}]"
+                if not 0 <= layer < g.n_layers:
+                    raise MaskError(f"{where}: this model has layers 0..{g.n_layers - 1}")
+                if tuple(m.shape) != (g.hidden, g.hidden):
+                    raise MaskError(f"{where} has shape {tuple(m.shape)}, this model needs {(g.hidden, g.hidden)}")
+                if not torch.isfinite(m).all():
                     raise MaskError(f"{where} holds NaN or inf")
 
     # --- views -------------------------------------------------------------------------
@@ -305,6 +324,9 @@ class PruneMask:
             for tag, refits in ((b"A", self.attn_refit), (b"F", self.ffn_refit)):
                 if layer in refits:
                     key += tag + refits[layer].digest()
+            for tag, maps in ((b"I", self.attn_in), (b"J", self.ffn_in)):
+                if layer in maps:
+                    key += tag + hashlib.sha1(maps[layer].detach().float().cpu().numpy().tobytes()).digest()
             keys.append(key)
         return tuple(keys)
 
@@ -343,6 +365,7 @@ class PruneMask:
                 d[name] = getattr(self, name).tolist()
         if self.has_refit:  # the weights themselves are too large for JSON: `save` writes them beside it
             d["refit"] = {"attn_layers": sorted(self.attn_refit), "ffn_layers": sorted(self.ffn_refit),
+                          "attn_in_layers": sorted(self.attn_in), "ffn_in_layers": sorted(self.ffn_in),
                           "digest": self.digest()}
         return d
 
@@ -368,6 +391,8 @@ class PruneMask:
             raise MaskError(f"mask file is missing the field {e.args[0]!r}") from None
         if d.get("refit"):
             m.attn_refit, m.ffn_refit = refits_from_tensors(refit)
+            maps = input_maps_from_tensors(refit)
+            m.attn_in, m.ffn_in = maps["attn"], maps["ffn"]
             if m.digest() != d["refit"].get("digest"):
                 raise MaskError("the refitted weights do not belong to this mask file (digest mismatch): "
                                 "the .refit.safetensors file beside it was replaced or is stale")
@@ -379,7 +404,8 @@ class PruneMask:
         d = self.to_dict()
         if self.has_refit:
             side = refit_path(path)
-            write_atomic_safetensors(side, refit_tensors(self.attn_refit, self.ffn_refit))
+            write_atomic_safetensors(side, refit_tensors(self.attn_refit, self.ffn_refit,
+                                                          {"attn": self.attn_in, "ffn": self.ffn_in}))
             d["refit"]["file"] = side.name
         return write_atomic_text(path, json.dumps(d))
 

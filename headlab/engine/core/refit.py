@@ -5,7 +5,14 @@ head); removing FFN channels deletes input columns of the down projection. Recon
 (headlab.engine.pruning.reconstruct) then re-solves the columns that remain so that the layer still
 reproduces its dense output on calibration data. The result, per layer and sub-block, is one
 `LayerRefit`: the kept units (heads or channels, ascending) and a compact matrix
-W [hidden, kept inputs] in [out, in] orientation that replaces those columns. The projection's
+W [hidden, kept inputs] in [out, in] orientation that replaces those columns.
+
+The input side is re-fitted too (families with a norm in front of each sub-block): the kept rows of
+Q/K/V (or gate/up) all read that norm's output x, and re-solving each kept row w against its dense
+output on the pruned model's inputs, min ||X_p w' - X_d w||^2 + lam ||w' - w||^2, gives w' = M^T w with one
+[hidden, hidden] map M per sub-block, shared by every row. So a sub-block carries one *input map*
+M (x -> x M^T on the norm's output), exactly the row-wise re-fit of all of its input projections;
+surgery folds it into their weights (W' = W M). The projection's
 own bias stays; the fit's intercept travels as the mask's compensation bias (attn_bias /
 ffn_bias, headlab.engine.core.mask), so a refit output is
 
@@ -30,8 +37,10 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = [
+    "INPUT_MAP_KINDS",
     "REFIT_KINDS",
     "LayerRefit",
+    "input_maps_from_tensors",
     "refit_path",
     "refit_tensors",
     "refits_from_tensors",
@@ -41,6 +50,8 @@ __all__ = [
 
 # The two output projections a refit can replace, by the mask's sub-block names.
 REFIT_KINDS = ("attn", "ffn")
+# Their input maps, by the same sub-block names (entries "attn_in.{layer}.map" of a refit file).
+INPUT_MAP_KINDS = {"attn": "attn_in", "ffn": "ffn_in"}
 
 
 def unit_features(units: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
@@ -83,13 +94,29 @@ class LayerRefit:
         return self._key["digest"]
 
 
-def refit_tensors(attn: dict[int, LayerRefit], ffn: dict[int, LayerRefit]) -> dict[str, torch.Tensor]:
-    """Flat safetensors entries "attn.{layer}.units" / ".weight" (and "ffn.") of two refit tables."""
+def refit_tensors(attn: dict[int, LayerRefit], ffn: dict[int, LayerRefit],
+                  maps: dict[str, dict[int, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """Flat safetensors entries "attn.{layer}.units" / ".weight" (and "ffn.") of two refit tables, plus
+    "attn_in.{layer}.map" / "ffn_in.{layer}.map" of the input maps (`maps` by sub-block kind)."""
     out = {}
     for kind, table in zip(REFIT_KINDS, (attn, ffn)):
         for layer, r in table.items():
             out[f"{kind}.{layer}.units"] = torch.tensor(r.units, dtype=torch.int64)
             out[f"{kind}.{layer}.weight"] = r.weight
+    for kind, table in (maps or {}).items():
+        for layer, m in table.items():
+            out[f"{INPUT_MAP_KINDS[kind]}.{layer}.map"] = m.detach().float().cpu().contiguous()
+    return out
+
+
+def input_maps_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[int, torch.Tensor]]:
+    """The input maps by sub-block kind ({"attn": {layer: M}, "ffn": ...}) from `refit_tensors`' entries."""
+    out: dict[str, dict[int, torch.Tensor]] = {k: {} for k in REFIT_KINDS}
+    names = {v: k for k, v in INPUT_MAP_KINDS.items()}
+    for key, value in tensors.items():
+        name, layer, part = key.split(".")
+        if name in names and part == "map":
+            out[names[name]][int(layer)] = value.float()
     return out
 
 
@@ -98,6 +125,8 @@ def refits_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[int, Lay
     tables: dict[str, dict[int, LayerRefit]] = {k: {} for k in REFIT_KINDS}
     for key, value in tensors.items():
         kind, layer, part = key.split(".")
+        if kind in INPUT_MAP_KINDS.values() and part == "map":
+            continue  # input_maps_from_tensors reads those
         if kind not in tables or part not in ("units", "weight"):
             raise ValueError(f"unexpected entry {key!r} in a refit file")
         if part == "weight":

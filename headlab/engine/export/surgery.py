@@ -250,6 +250,12 @@ def prune(handle: ModelHandle, mask: PruneMask, *, progress: Progress | None = N
 def _prune_layer(adapter: Adapter, lp: LayerPlan, mask: PruneMask) -> set[str]:
     """Prune one source layer in place (before any layer is dropped); the kinds whose output bias it created."""
     layer, created = lp.source, set()
+    for kind, keep in (("attn", lp.attn), ("ffn", lp.ffn)):
+        m = mask.input_maps(kind).get(layer)
+        if keep and m is not None:  # the row-wise input re-fit folded into every input projection: W' = W M
+            for role, proj in adapter.projections_of(layer, kind).items():
+                if role not in ("o", "down"):
+                    set_weight_(proj, proj.weight.detach().float() @ m.to(proj.weight.device))
     if lp.attn:
         bias = _nonzero(getattr(mask, "attn_bias", None), layer)
         if bias is not None and adapter.add_output_bias_(layer, "attn", bias):

@@ -50,9 +50,11 @@ from headlab.engine.core.tokens import batches, context_length, encode_batch
 from headlab.engine.pruning.reconstruct.least_squares import DEFAULT_DAMP, Moments, obs_select, ridge_fit
 from headlab.engine.runtime.replay import LayerInputs, layer_output, record_layers
 
-__all__ = ["TARGETS", "RefitConfig", "obs_prune", "output_weight", "refit", "relative_error"]
+__all__ = ["INPUT_MODES", "TARGETS", "RefitConfig", "fit_input_map", "obs_prune", "output_weight", "refit",
+           "relative_error", "supports_input_maps"]
 
 TARGETS = ("output", "residual")
+INPUT_MODES = ("none", "pruned", "all")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class RefitConfig:
     units: str = "both"  # "heads", "ffn" or "both": which output projections are refitted
     refit_unpruned: bool = False  # also re-solve layers that lost nothing (they still see shifted inputs)
     target: str = "output"  # "output": each projection's dense output; "residual": the dense residual stream
+    # the input side (Q/K/V, gate/up rows) re-fitted as one input map per sub-block (headlab.engine.core.refit):
+    # "none"; "pruned": sub-blocks that lose units; "all": every sub-block; either only after the first loss
+    # (before it the inputs are the dense ones)
+    inputs: str = "none"
+    input_damp: float = DEFAULT_DAMP
     max_length: int = 256
     batch_size: int = 4
 
@@ -72,8 +79,10 @@ class RefitConfig:
             raise ValueError(f"units must be 'heads', 'ffn' or 'both', got {self.units!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.damp < 0:
-            raise ValueError(f"damp must be >= 0, got {self.damp}")
+        if self.damp < 0 or self.input_damp < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damp} and {self.input_damp}")
+        if self.inputs not in INPUT_MODES:
+            raise ValueError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {self.inputs!r}")
 
     def refits(self, kind: str) -> bool:
         return self.units == "both" or self.units == ("heads" if kind == "attn" else "ffn")
@@ -96,6 +105,38 @@ def relative_error(m: Moments, keep: torch.Tensor, w: torch.Tensor, intercept: b
     hk, ck = h[keep][:, keep], cxy[keep]
     err = yc - 2.0 * float((w.T * ck).sum()) + float(((w @ hk) * w).sum())
     return max(err, 0.0) / max(yc, 1e-30)
+
+
+def supports_input_maps(handle: ModelHandle) -> bool:
+    """The family maps a norm in front of each sub-block and its input projections (Llama, Gemma 3)."""
+    try:
+        handle.adapter.sublayer_norm(0, "attn")
+        handle.adapter.projections(0)
+    except Exception:  # noqa: BLE001  (UnsupportedModelError or a family without those modules)
+        return False
+    return True
+
+
+def fit_input_map(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor], valid: Sequence[torch.Tensor],
+                  damp: float) -> torch.Tensor:
+    """M [d, d] minimising sum ||x_p M^T - x_d||^2 + lam ||M - I||^2 over the valid tokens (float64 solve).
+
+    Every kept row w of an input projection re-solved against its dense output, min ||X_p w' - X_d w||^2 +
+    lam ||w' - w||^2, is w' = M^T w: one map serves them all (headlab.engine.core.refit). The damping pulls
+    toward the identity (no change), lam = damp x mean diagonal of X_p^T X_p.
+    """
+    d = pruned[0].shape[-1]
+    h = torch.zeros(d, d, dtype=torch.float64)
+    c = torch.zeros(d, d, dtype=torch.float64)
+    for xp, xd, v in zip(pruned, dense, valid):
+        xp, xd = xp[v].reshape(-1, d).float(), xd[v].reshape(-1, d).float()
+        h += (xp.T @ xp).double()
+        c += (xp.T @ xd).double()
+    lam = damp * float(torch.diagonal(h).mean())
+    lam = lam if lam > 0 else 1e-8
+    eye = torch.eye(d, dtype=torch.float64)
+    m_t = torch.linalg.solve(h + lam * eye, c + lam * eye)  # (d, d) = M^T
+    return m_t.T.float().contiguous()
 
 
 def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_of: Sequence[torch.nn.Module],
@@ -173,6 +214,12 @@ class _Stream:
         return self._mid[layer]
 
 
+def _with_input_map(mask: PruneMask, layer: int, kind: str, m: torch.Tensor) -> PruneMask:
+    out = mask.clone()
+    out.input_maps(kind)[layer] = m
+    return out
+
+
 def _kept_positions(mask: PruneMask) -> list[bool]:
     """Per sub-block position (2 l: attention, 2 l + 1: FFN), whether it runs under `mask`."""
     heads, ffn = mask.heads_effective().sum(1) > 0, mask.ffn_effective().sum(1) > 0
@@ -204,7 +251,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
                for chunk in batches(list(texts), config.batch_size)]
     valid = [am.bool() for _, am in encoded]  # (B, T): padding never enters a fit
     inputs = [{"input_ids": ids, "attention_mask": am} for ids, am in encoded]
-    # Refits and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
+    # Refits, input maps and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
     mask = mask.without_refit()
     mask.attn_bias = mask.ffn_bias = None
     full = record_layers(handle, None, inputs)
@@ -213,18 +260,29 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     pruned = full.starting_at(0)
     runs = _kept_positions(mask)
     runs.append(True)  # the model's output
+    maps_on = config.inputs != "none"
+    if maps_on and not supports_input_maps(handle):
+        raise ValueError(f"input re-fits need a norm in front of each sub-block and mapped Q/K/V and gate/up "
+                         f"projections; {adapter.family} has none: use inputs='none'")
+    # the first sub-block position that loses something: every later one reads shifted inputs
+    lost = [2 * l + (k == "ffn") for l in range(g.n_layers) for k in REFIT_KINDS
+            if not runs[2 * l + (k == "ffn")] or (counts is not None and counts[k][l] > 0)
+            or len(mask.kept_units(l, k)) < (g.n_heads if k == "attn" else g.ffn_dim)]
+    first_loss = min(lost, default=2 * g.n_layers)
     errors: dict[str, list[float | None]] = {"attn": [None] * g.n_layers, "ffn": [None] * g.n_layers}
     for layer in range(g.n_layers):
         projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
         attn_module = adapter.subblock(layer, "attn").module
-        dense_next, (x_o, x_d), (a_d,) = _run_layer(dense, layer, None, [projs["attn"], projs["ffn"]],
-                                                    post=[attn_module])
+        norms = {k: adapter.sublayer_norm(layer, k) for k in REFIT_KINDS} if maps_on else {}
+        dense_next, (x_o, x_d), (a_d, *n_d) = _run_layer(dense, layer, None, [projs["attn"], projs["ffn"]],
+                                                         post=[attn_module, *norms.values()])
+        dense_norm = dict(zip(norms, n_d))
         if residual:
             stream.set_mid(layer, a_d)
         else:
             targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
                        for kind, xs in (("attn", x_o), ("ffn", x_d))}
-        del x_o, x_d, a_d
+        del x_o, x_d, a_d, n_d
         current: LayerInputs | None = None  # the pruned record at layer + 1 under the current mask, if run
         for kind in REFIT_KINDS:
             pos = 2 * layer + (kind == "ffn")
@@ -235,7 +293,15 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             # Residual targets: a sub-block next to removed ones stands in for them.
             beside_removed = residual and (nxt != pos + 1 or (pos > 0 and not runs[pos - 1]))
             changed = len(kept) < n_units or count > 0 or config.refit_unpruned or beside_removed
-            if not runs[pos] or not changed or not (config.refits(kind) or count):
+            if not runs[pos]:
+                continue
+            if maps_on and pos > first_loss and (changed or config.inputs == "all"):
+                _, _, (n_p,) = _run_layer(pruned, layer, mask, [], post=[norms[kind]])
+                mask = _with_input_map(mask, layer, kind, fit_input_map(n_p, dense_norm[kind], valid,
+                                                                        config.input_damp))
+                current = None
+                del n_p
+            if not changed or not (config.refits(kind) or count):
                 continue
             ffn_module = adapter.subblock(layer, "ffn").module
             current, (x_p,), (a_p, f_p, raw) = _run_layer(pruned, layer, mask, [projs[kind]],
@@ -290,6 +356,8 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
                   + ("matching the dense residual stream after each sub-block" if residual
                      else "matching each projection's dense output"),
         "target": config.target, "damp": config.damp, "intercept": config.intercept, "units": config.units,
+        "inputs": config.inputs, "input_damp": config.input_damp,
+        "input_maps": {"attn": sorted(mask.attn_in), "ffn": sorted(mask.ffn_in)},
         "calibration_texts": len(texts), "calibration_tokens": n_tokens,
         "relative_error": {k: [None if e is None else round(e, 5) for e in v] for k, v in errors.items()},
     }

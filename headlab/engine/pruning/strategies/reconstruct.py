@@ -40,7 +40,8 @@ from headlab.engine.pruning.reconstruct.budgets import (
     outlier_ratios,
     owl_ratios,
 )
-from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
+from headlab.engine.pruning.reconstruct.joint import joint_counts
+from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfig, obs_prune, refit, supports_input_maps
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import Budget, Calibration, Strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
@@ -63,8 +64,13 @@ __all__ = [
     "width_fraction",
 ]
 
-ALLOCATIONS = ("auto", "flap", "ablation", "owl", "uniform")
+ALLOCATIONS = ("auto", "global", "flap", "ablation", "owl", "uniform")
 REFIT_TEXTS = 128
+# Chosen on validation text (bench/bench_choices.py; bench/results/choices.csv, which a test checks against these):
+AUTO_ALLOCATION = {"heads": "ablation", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
+GLOBAL_NORMALISATION = "stream"  # how "global" makes OBS costs of different layers comparable (joint.py)
+DEFAULT_INPUTS = "all"  # input re-fits (layerwise.RefitConfig.inputs) where the family supports them
+INPUT_CHOICES = ("auto", *INPUT_MODES)
 REFIT_SUFFIX = "-refit"
 DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
 SLIMGPT = "Ling et al., 'SlimGPT: Layer-wise Structured Pruning for Large Language Models', NeurIPS 2024"
@@ -72,8 +78,13 @@ ZIPLM = "Kurtic, Frantar & Alistarh, 'ZipLM: Inference-Aware Structured Pruning 
 OWL = "Yin et al., 'Outlier Weighed Layerwise Sparsity (OWL)', ICML 2024"
 
 
-def _config(calib: Calibration, **kw: Any) -> RefitConfig:
-    return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, **kw)
+def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str = "none", **kw: Any) -> RefitConfig:
+    """The refit settings for `calib`; `inputs` "auto": DEFAULT_INPUTS where `handle`'s family supports input maps."""
+    if inputs not in INPUT_CHOICES:
+        raise ValueError(f"inputs must be one of {', '.join(INPUT_CHOICES)}, got {inputs!r}")
+    if inputs == "auto":
+        inputs = DEFAULT_INPUTS if handle is not None and supports_input_maps(handle) else "none"
+    return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, inputs=inputs, **kw)
 
 
 def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
@@ -85,7 +96,7 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
                  progress: Progress | None = None, ffn_align: int = 1,
-                 even_groups: bool = False) -> tuple[list[int], list[int]]:
+                 even_groups: bool = False, normalise: str | None = None) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
@@ -103,7 +114,10 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     h, f = budget.counts(g)
     even_groups = even_groups and g.group_size > 1  # without GQA any head count is even
     if allocation == "auto":
-        allocation = "flap" if f else "ablation"
+        allocation = AUTO_ALLOCATION["width" if f else "heads"]
+    if allocation == "global":
+        return joint_counts(handle, h, f, refit_texts(calib), _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
+                            even_groups=even_groups, ffn_align=ffn_align, progress=progress)
     if allocation in ("flap", "ablation"):
         flap = FlapStrategy()(handle, budget, calib, progress=progress)
         heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
@@ -138,20 +152,29 @@ class ObsStrategy(Strategy):
     always_compensates = True
 
     def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
-                 intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1):
+                 intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1, inputs: str = "auto",
+                 damp: float | None = None, normalise: str | None = None):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        if inputs not in INPUT_CHOICES:
+            raise ValueError(f"inputs must be one of {', '.join(INPUT_CHOICES)}, got {inputs!r}")
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
-        self.n_texts, self.ffn_align = n_texts, ffn_align
+        self.n_texts, self.ffn_align, self.inputs, self.damp, self.normalise = n_texts, ffn_align, inputs, damp, normalise
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
-                                       even_groups=self.even_groups)
+                                       even_groups=self.even_groups, normalise=self.normalise)
+        damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
+        config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept, **damp)
         mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
-                         config=_config(calib, target=self.target, intercept=self.intercept), progress=progress)
-        mask.meta.update({"method": self.name, "allocation": self.allocation, "reference": self.reference,
+                         config=config, progress=progress)
+        used = self.allocation
+        if used == "auto":
+            used = AUTO_ALLOCATION["width" if budget.counts(handle.geometry)[1] else "heads"]
+        mask.meta.update({"method": self.name, "allocation": used, "allocation_asked": self.allocation,
+                          "reference": self.reference,
                           "calibration": calib.describe(), "ffn_align": self.ffn_align,
                           "even_groups": self.even_groups})
         return mask
@@ -164,15 +187,15 @@ class _RefitAfter(Strategy):
     cost_hint = "measured"
     always_compensates = True
 
-    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS, **base_options: Any):
-        self.target, self.n_texts, self.base_options = target, n_texts, base_options
+    def __init__(self, target: str = "output", n_texts: int = REFIT_TEXTS, inputs: str = "auto", **base_options: Any):
+        self.target, self.n_texts, self.inputs, self.base_options = target, n_texts, inputs, base_options
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         chosen = self.base(compensate=True, **self.base_options)(handle, budget, calib, progress=progress)
-        mask = refit(handle, chosen, refit_texts(calib, self.n_texts), config=_config(calib, target=self.target),
-                     progress=progress)
+        mask = refit(handle, chosen, refit_texts(calib, self.n_texts),
+                     config=_config(calib, handle, self.inputs, target=self.target), progress=progress)
         mask.meta.update({"method": self.name, "selection": chosen.meta.get("method"),
                           "reference": self.reference, "calibration": calib.describe()})
         return mask
@@ -202,13 +225,13 @@ class HardConcreteRefitStrategy(_RefitAfter):
 
 
 def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,
-                      n_texts: int = REFIT_TEXTS, progress: Progress | None = None) -> PruneMask:
+                      n_texts: int = REFIT_TEXTS, inputs: str = "auto", progress: Progress | None = None) -> PruneMask:
     """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in."""
     if method not in DEPTH_REFIT_METHODS:
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
     base = method[: -len(REFIT_SUFFIX)]
     dropped = depth_prune(handle, keep, base, calib, progress=progress)
-    mask = refit(handle, dropped, refit_texts(calib, n_texts), config=_config(calib, target="residual"),
+    mask = refit(handle, dropped, refit_texts(calib, n_texts), config=_config(calib, handle, inputs, target="residual"),
                  progress=progress)
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
     # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
@@ -264,7 +287,7 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
         intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
         mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
-                         config=_config(calib, intercept=intercept), progress=progress)
+                         config=_config(calib, handle, "auto", intercept=intercept), progress=progress)
         method = "obs (uniform" + (")" if intercept else ", no bias)")
     else:
         r = width_fraction(handle, 1.0 - target / total)

@@ -1,0 +1,134 @@
+"""Every setting the reconstruction methods default to, chosen on validation text.
+
+    python bench/bench_choices.py                  # SmolLM2; hours on a shared CPU, resumable
+    python bench/bench_choices.py --quick          # smoke run
+
+For each configuration (20% of the parameters by width, 30% of the heads), candidates are compared by
+perplexity on the VALIDATION region of WikiText-2 test (headlab.engine.runtime.regions: 8 windows of 512
+tokens from token 75,000), never on the main protocol's windows or the held-out ones, in stages; each
+stage keeps the previous stages' winners:
+
+1. inputs: the input side re-fitted or not (RefitConfig.inputs: none / pruned / all);
+2. allocation: how many units each layer loses (flap, ablation, owl, uniform, global);
+3. damping: the ridge damping of every solve.
+
+Masks are chosen under the regions guard (nothing a method reads may hold main, validation, held-out
+or out-of-domain text) and cached with bench_quality's, so bench_quality reuses the winners' masks.
+Results: bench/results/choices.csv (one row per candidate, `chosen` marks each stage's winner); the
+defaults in headlab.engine.pruning.strategies.reconstruct (AUTO_ALLOCATION, DEFAULT_INPUTS,
+GLOBAL_NORMALISATION) are these winners, which tests/test_regions.py checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_quality import bench_cache, cached_mask_path, load_stats, make_mask, save_stats
+from headlab.engine.core.csvfile import write_rows
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.models.load import load_model
+from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.runtime.regions import REGIONS, region_perplexity, region_windows
+
+RESULTS = Path("bench/results")
+# stage -> the candidates' settings, each added to the winners of the stages before
+STAGES = {
+    "width20": [
+        ("inputs", ["inputs=none", "inputs=all"]),
+        ("allocation", ["allocation=flap", "allocation=global", "allocation=owl"]),
+        ("normalisation", []),  # filled when "global" wins: global with the other normalisation
+        ("damp", ["damp=0.01", "damp=0.1"]),
+    ],
+    "heads30": [
+        ("inputs", ["inputs=none", "inputs=all"]),
+        ("allocation", ["allocation=ablation", "allocation=global", "allocation=flap"]),
+    ],
+}
+
+
+def spec(settings: list[str]) -> str:
+    return "obs[" + ",".join(settings) + "]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--configs", default="width20,heads30")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    args.iter_steps, args.hc_steps = 4, 80
+    torch.set_num_threads(args.threads)
+    handle = load_model(args.model)
+    cache_dir = bench_cache(args.model, args.quick)
+    (cache_dir / "masks").mkdir(parents=True, exist_ok=True)
+    calib = (Calibration.shipped("wikitext", 8, max_length=128) if args.quick
+             else Calibration.shipped("wikitext", 32, max_length=256))
+    stats_path = cache_dir / "stats.safetensors"
+    stats = load_stats(stats_path)
+    if stats is None:
+        stats = calib.stats(handle)
+        save_stats(stats, stats_path)
+    calib.set_stats(stats)
+    val = region_windows(handle, "validation", n=2 if args.quick else None, window=256 if args.quick else None)
+    results_path = cache_dir / "choices.json"
+    results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    dense = region_perplexity(handle, None, val)
+    print(f"# bench_choices: {handle.name}; {REGIONS['validation'].describe()}; dense validation perplexity "
+          f"{dense:.3f}\n", flush=True)
+    rows = []
+    for config in args.configs.split(","):
+        winners: list[str] = []
+        for stage, options in STAGES[config]:
+            if stage == "normalisation":
+                if "allocation=global" not in winners:
+                    continue
+                options = ["normalise=stream", "normalise=output"]
+            scored = []
+            for option in options:
+                settings = winners + [option]
+                method = spec(settings)
+                key = f"{method}@{config}"
+                if key not in results:
+                    path = cached_mask_path(cache_dir, method, config)
+                    t = time.perf_counter()
+                    if path.exists():
+                        mask = PruneMask.load(path, handle.geometry)
+                    else:
+                        mask = make_mask(handle, method, config, calib, args)
+                        mask.meta["bench_select_seconds"] = time.perf_counter() - t
+                        mask.save(path)
+                    results[key] = {"ppl_validation": region_perplexity(handle, mask, val),
+                                    "select_s": round(mask.meta.get("bench_select_seconds", float("nan")), 1),
+                                    "measured": time.strftime("%Y-%m-%d")}
+                    results_path.write_text(json.dumps(results, indent=1))
+                r = results[key]
+                scored.append((r["ppl_validation"], option))
+                print(f"  {config} {stage:>13} {method:>60}: validation {r['ppl_validation']:8.3f} "
+                      f"({r['ppl_validation'] / dense:.3f}x)  select {r['select_s']:.0f} s", flush=True)
+                rows.append({"config": config, "stage": stage, "candidate": option, "method": method,
+                             "ppl_validation": round(r["ppl_validation"], 3),
+                             "ratio_validation": round(r["ppl_validation"] / dense, 4), "chosen": False,
+                             "select_s": r["select_s"], "measured": r["measured"]})
+            best = min(scored)[1]
+            for row in rows:
+                if row["config"] == config and row["stage"] == stage and row["candidate"] == best:
+                    row["chosen"] = True
+            winners.append(best)
+        print(f"# {config}: chosen {spec(winners)}\n", flush=True)
+    csv_path = Path(args.csv or RESULTS / ("choices_quick.csv" if args.quick else "choices.csv"))
+    write_rows(rows, csv_path)
+    print(f"wrote {csv_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Joint allocation: how many heads and FFN channels each layer loses, from one global cost.
+
+The per-layer allocations of budgets.py fix each layer's count in advance from a proxy (FLAP's
+fluctuation, measured ablation, OWL's outliers). Here every layer is scored by what OBS itself
+would pay: on the dense model's own inputs, structured OBS (least_squares.obs_select) removes units
+of each layer's O and down projections greedily and reports the error each removal adds, dE_k.
+Those are made comparable across layers by a normalisation (`NORMALISATIONS`):
+
+- "stream": dE divided by the energy of the residual stream at the layer's input (sum over tokens
+  of ||h||^2): how much each removal perturbs the stream, relative to its size;
+- "output": dE divided by the centred energy of the projection's dense output (its relative error).
+
+The cheapest increments overall are taken until the budget's head and channel totals are reached
+(each layer's increments made non-decreasing first, so a layer's count is always a prefix of its own
+greedy order; chunks of `n_kv_heads` heads or `ffn_align` channels when a layout needs whole groups or
+blocks). The counts then go to `obs_prune`, which re-chooses and re-solves the units on the pruned
+model's own inputs. ZipLM (Kurtic et al. 2023) and SlimGPT's global variants allocate the same way:
+one ordered list of OBS costs across layers.
+
+Cost: one dense pass over the texts, one [n, n] Gram per projection, and the greedy OBS removals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.progress import Progress
+from headlab.engine.core.tokens import batches, context_length, encode_batch
+from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, output_weight
+from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select
+from headlab.engine.runtime.replay import record_layers
+
+__all__ = ["NORMALISATIONS", "joint_counts", "obs_costs"]
+
+NORMALISATIONS = ("stream", "output")
+
+
+@torch.no_grad()
+def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, normalise: str = "stream",
+              max_fraction: float = 0.9, progress: Progress | None = None) -> dict[str, list[torch.Tensor]]:
+    """Per kind ("attn", "ffn") and layer, the normalised OBS cost of each greedy removal, in order (float64)."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {normalise!r}")
+    g, adapter = handle.geometry, handle.adapter
+    max_length = min(config.max_length, context_length(handle.model))
+    encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
+               for chunk in batches(list(texts), config.batch_size)]
+    valid = [am.bool() for _, am in encoded]
+    record = record_layers(handle, None, [{"input_ids": ids, "attention_mask": am} for ids, am in encoded])
+    out: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
+    for layer in range(g.n_layers):
+        seen: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
+        projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
+        hooks = [projs[k].register_forward_pre_hook(lambda mod, args, k=k: seen[k].append(args[0].detach()))
+                 for k in projs]
+        try:
+            record.run_from(layer, None, stop=layer + 1)
+        finally:
+            for h in hooks:
+                h.remove()
+        stream = sum(float((x[v].double() ** 2).sum()) for x, v in zip(record.hidden[layer], valid))
+        record.hidden[layer] = []  # released as the walk goes
+        for kind in ("attn", "ffn"):
+            n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
+            w = output_weight(handle, layer, kind).detach().float()
+            m = Moments(n_units * width, g.hidden)
+            for x, v in zip(seen[kind], valid):
+                m.add(x[v], x[v].float() @ w.T.to(x.device))
+            n_remove = max(1, min(n_units - 1, round(max_fraction * n_units)))
+            res = obs_select(m, n_units, width, n_remove, damp=config.damp, intercept=config.intercept)
+            costs = torch.tensor(res.costs, dtype=torch.float64)
+            if normalise == "stream":
+                scale = stream
+            else:
+                _, _, _, my = m.centered(config.intercept)
+                scale = float(m.yy) - m.count * float(my @ my)
+            out[kind].append(costs / max(scale, 1e-30))
+        if progress:
+            progress(layer + 1, g.n_layers)
+    return out
+
+
+def _take(costs: list[torch.Tensor], total: int, chunk: int, sizes: list[int]) -> list[int]:
+    """Counts per layer (multiples of `chunk`) taking the `total` cheapest removals, chunk by chunk."""
+    if total <= 0:
+        return [0] * len(costs)
+    items = []  # (cost of the chunk, layer)
+    for layer, c in enumerate(costs):
+        c = torch.cummax(c, 0).values  # a layer's order is its own greedy prefix: never cheaper later
+        n_chunks = min(len(c), sizes[layer] - chunk) // chunk  # keep at least one chunk
+        for j in range(n_chunks):
+            items.append((float(c[j * chunk:(j + 1) * chunk].sum()), layer, j))
+    items.sort()
+    counts = [0] * len(costs)
+    want = round(total / chunk)
+    taken = 0
+    for _, layer, j in items:  # sorted (cost, layer, chunk): a layer's chunks come in order, as a prefix
+        if taken >= want:
+            break
+        if counts[layer] == j * chunk:
+            counts[layer] += chunk
+            taken += 1
+    if taken < want:
+        raise ValueError(f"cannot remove {total} units in chunks of {chunk} while every layer keeps one chunk")
+    return counts
+
+
+def joint_counts(handle: ModelHandle, heads: int, channels: int, texts: Sequence[str], config: RefitConfig, *,
+                 normalise: str = "stream", even_groups: bool = False, ffn_align: int = 1,
+                 progress: Progress | None = None) -> tuple[list[int], list[int]]:
+    """(heads, channels) to remove per layer: the budget's totals taken cheapest-first from one global cost."""
+    g = handle.geometry
+    costs = obs_costs(handle, texts, config, normalise, progress=progress)
+    head_chunk = g.n_kv_heads if even_groups and g.group_size > 1 else 1
+    h = _take(costs["attn"], heads, head_chunk, [g.n_heads] * g.n_layers)
+    f = _take(costs["ffn"], channels, ffn_align, [g.ffn_dim] * g.n_layers)
+    return h, f

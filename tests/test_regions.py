@@ -1,0 +1,129 @@
+"""Validation, main and held-out text stay apart: every method is run under a guard that fails if it reads any
+text reserved for evaluation or for choosing, and the evaluations themselves trip it (so it can fail)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.data.datasets import wikitext_calibration
+from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
+from headlab.engine.pruning.strategies.depth import depth_prune
+from headlab.engine.pruning.strategies.reconstruct import (
+    AUTO_ALLOCATION,
+    DEFAULT_INPUTS,
+    GLOBAL_NORMALISATION,
+    ObsStrategy,
+    depth_refit_prune,
+    refit_texts,
+    width_by_reconstruction,
+)
+from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
+from headlab.engine.runtime.regions import (
+    REGIONS,
+    EvaluationLeak,
+    check_fit_texts,
+    guard,
+    ood_items,
+    ood_nll,
+    region_perplexity,
+    region_windows,
+    training_prompts,
+)
+from tests.tiny import tiny_handle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_regions_are_disjoint_and_validation_lies_between_main_and_held_out():
+    main, val, ho = REGIONS["main"], REGIONS["validation"], REGIONS["heldout"]
+    assert main.end <= val.start and val.end <= ho.start
+
+
+def test_the_guard_trips_on_every_evaluation_and_on_validation_unless_allowed():
+    h = tiny_handle("llama")
+    with guard(h) as g, pytest.raises(EvaluationLeak):
+        perplexity(h, None, PerplexityProtocol(window=128, stride=128, n_windows=1))
+    assert g.checked > 0
+    windows = region_windows(h, "validation", n=1, window=128)
+    with guard(h), pytest.raises(EvaluationLeak):
+        region_perplexity(h, None, windows)
+    with guard(h, allow=("validation",)):
+        region_perplexity(h, None, windows)  # choosing reads validation text, and may
+    with guard(h), pytest.raises(EvaluationLeak):
+        region_perplexity(h, None, region_windows(h, "heldout", n=1, window=128))
+    with guard(h), pytest.raises(EvaluationLeak):
+        ood_nll(h, None, ood_items(1))
+
+
+def test_fit_texts_come_after_the_held_out_windows():
+    h = tiny_handle("llama")
+    assert "fit texts" in check_fit_texts(h, wikitext_calibration(128))
+    with pytest.raises(EvaluationLeak, match="before the end of the held-out"):
+        check_fit_texts(h, wikitext_calibration(1300))
+
+
+def test_training_prompts_never_hold_an_out_of_domain_item():
+    scored = {i.scored.strip() for i in ood_items()}
+    for name in ("mt_bench", "vicuna_bench", "gsm8k"):
+        texts = training_prompts(name, 10_000)
+        assert texts and not scored & {t.strip() for t in texts}
+    # vicuna_bench's last prompt is also mt_bench's first: it is kept out of training
+    assert "Compose an engaging travel blog post" not in " ".join(training_prompts("mt_bench", 5))
+
+
+@pytest.mark.parametrize("method", ["flap", "ablation+comp", "gradient", "hardconcrete+comp", "flap-refit", "obs"])
+def test_no_head_method_reads_evaluation_or_validation_text(method):
+    h = tiny_handle("llama")
+    calib = Calibration.shipped("wikitext", 8, max_length=64)
+    kwargs = {"steps": 4} if method.startswith("hardconcrete") else {}
+    with guard(h) as g:
+        mask = get_strategy(method, **kwargs)(h, Budget(heads=0.25), calib)
+    assert g.checked > 0 and isinstance(mask, PruneMask)
+
+
+def test_reconstruction_and_joint_allocation_read_only_fit_text():
+    h = tiny_handle("llama")
+    calib = Calibration.shipped("wikitext", 8, max_length=64)
+    with guard(h) as g:
+        ObsStrategy(allocation="global", inputs="all")(h, Budget(heads=0.25, ffn=0.25), calib)
+        width_by_reconstruction(h, 0.8, calib)
+        depth_refit_prune(h, 0.5, "block_influence-refit", calib)
+        depth_prune(h, 0.5, "ablation-iterative", calib)
+    # everything read was fit text: more tokens than the calibration alone holds
+    assert g.checked > sum(len(t) for t in calib.texts[:2])
+    check_fit_texts(h, refit_texts(calib), "re-fit")
+
+
+def _chosen(config: str, stage: str) -> str | None:
+    path = ROOT / "bench" / "results" / "choices.csv"
+    rows = [r for r in csv.DictReader(path.open()) if r["config"] == config and r["stage"] == stage]
+    chosen = [r["candidate"] for r in rows if r["chosen"] == "True"]
+    assert len(chosen) <= 1
+    if chosen:  # the winner scored lowest on validation, and only validation was scored
+        best = min(rows, key=lambda r: float(r["ppl_validation"]))
+        assert best["candidate"] == chosen[0]
+    return chosen[0] if chosen else None
+
+
+def test_the_defaults_are_the_settings_chosen_on_validation():
+    """bench/bench_choices.py picks each default on the validation region; the code uses exactly those."""
+    inputs = _chosen("width20", "inputs")
+    assert inputs == f"inputs={DEFAULT_INPUTS}"
+    assert _chosen("width20", "allocation") == f"allocation={AUTO_ALLOCATION['width']}"
+    assert _chosen("heads30", "allocation") == f"allocation={AUTO_ALLOCATION['heads']}"
+    norm = _chosen("width20", "normalisation") or _chosen("heads30", "normalisation")
+    assert norm in (None, f"normalise={GLOBAL_NORMALISATION}")
+
+
+def test_the_tokens_of_a_region_are_where_it_says():
+    h = tiny_handle("llama")
+    w = region_windows(h, "heldout", n=2, window=64)
+    from headlab.engine.runtime.evaluate import _wikitext_ids
+
+    ids = _wikitext_ids(h.tokenizer)
+    assert torch.equal(w[0], ids[REGIONS["heldout"].start: REGIONS["heldout"].start + 64])
