@@ -11,6 +11,11 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
   varies per token, the average per layer is the target);
 - cats / teal / wina: the training-free rules, thresholds calibrated per layer to the target
   (TEAL and WINA sparsify the inputs of every matrix, so their target is input sparsity);
+- teal-ffn / wina-ffn: TEAL and WINA on the FFN's inputs only (gate, up, down) at the target, the attention
+  dense: the part of the model the IPN sparsifies, at the same level;
+- teal-at-ipn-weights / wina-at-ipn-weights: TEAL and WINA on all seven matrices at the level (column level)
+  whose weights_skipped on the calibration windows equals the trained IPN's there (matched_weights_skipped;
+  headlab.engine.dynamic.calibrate_weights_skipped), so they read as few weights per token as the IPN;
 - ipn-untrained: the importance network with the oracle's score on the 4-bit weight sketch and per-layer
   calibrated thresholds, no training (headlab.engine.dynamic.ipn.untrained_ipn);
 - ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
@@ -67,7 +72,14 @@ from bench.machine import cpu_name
 from headlab.engine.core import gates
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.data.datasets import calibration_texts, read_wikitext
-from headlab.engine.dynamic import SparsityMeter, Thresholds, apply_rule, calibrate, calibration_ids
+from headlab.engine.dynamic import (
+    SparsityMeter,
+    Thresholds,
+    apply_rule,
+    calibrate,
+    calibrate_weights_skipped,
+    calibration_ids,
+)
 from headlab.engine.dynamic.ipn import (
     RULE_NAME,
     IPNConfig,
@@ -79,6 +91,7 @@ from headlab.engine.dynamic.ipn import (
     train_ipn,
     training_key,
     untrained_ipn,
+    weights_skipped,
 )
 from headlab.engine.dynamic.prompt_mask import RoutedMasks, predict_prompt_mask
 from headlab.engine.dynamic.rotation import ALIGNED, ROTATED, sketch_errors
@@ -93,7 +106,9 @@ from headlab.engine.runtime.evaluate import (
 )
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
-RULES = ("oracle", "exact", "cats", "teal", "wina")
+RULES = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn")
+#: Rules also run over every matrix at the trained IPN's weights_skipped (rows "<rule>-at-ipn-weights").
+MATCHED_RULES = ("teal", "wina")
 #: Rows cached with another format are measured again: 2 added weights_skipped, held-out sparsity, and recall
 #: and precision on the evaluation windows; 3 scores per-prompt and routed masks on the tokens after their prefix.
 ROW_FORMAT = 3
@@ -200,6 +215,15 @@ def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main,
     return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn, "ffn_sparsity_heldout": rep_ho.ffn,
             "weights_skipped": rep.weights_skipped, "weights_skipped_heldout": rep_ho.weights_skipped,
             "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
+
+
+def matched_rule_row(handle, rule: str, ipn, calib: torch.Tensor, main, heldout) -> dict:
+    """`rule` over every matrix at the level whose weights_skipped on the calibration windows `calib` is the
+    network's there (not fitted on the evaluated text): its row, the level and the weights_skipped matched."""
+    matched = weights_skipped(handle, ipn, calib)
+    th = calibrate_weights_skipped(handle, rule, matched, calib)
+    return {**_dynamic_row(handle, lambda m: apply_rule(handle, th, m), rule, main, heldout),
+            "level": th.meta["level"], "matched_weights_skipped": matched}
 
 
 def window_span(start: int, window: int, stride: int, n: int, bos: int | None) -> tuple[int, int]:
@@ -376,6 +400,11 @@ def main() -> None:
             return {**_dynamic_row(handle, lambda m: apply_rule(handle, th, m), "oracle", main_w, heldout),
                     "budgets": th.values["down"].tolist()}
         rows.get(f"oracle-ipn-budgets@{s}", run_oracle_budgets, net_stamp())
+
+        for rule in MATCHED_RULES:
+            rows.get(f"{rule}-at-ipn-weights@{s}",
+                     lambda rule=rule, s=s: matched_rule_row(handle, rule, trained(s)[0], calib, main_w, heldout),
+                     net_stamp())
         if s in lora_targets:
             rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8), net_stamp(lora_rank=8))
         if s == 0.5:
@@ -423,7 +452,8 @@ def write_csv(rows: dict[str, dict], path: str) -> None:
                       "ratio_heldout": r["ppl_heldout"] / r.get("dense_ppl_heldout", dense["ppl_heldout"])})
     table.sort(key=lambda r: (r["target"], r["method"]))
     cols = ["method", "target", "ppl_main", "ratio_main", "ppl_heldout", "ratio_heldout", "scored_from",
-            "ffn_sparsity", "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "input_sparsity",
+            "ffn_sparsity", "ffn_sparsity_heldout", "weights_skipped", "weights_skipped_heldout", "level",
+            "matched_weights_skipped", "input_sparsity",
             "head_sparsity", "recall", "precision", "sketch", "sketch_error", "steps", "train_s", "eval_s"]
     write_rows([{c: r.get(c) for c in cols} for r in table], path)
     print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")

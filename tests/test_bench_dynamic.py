@@ -169,3 +169,20 @@ def test_head_sparsity_is_reported_for_networks_that_drop_heads_only(llama, ids)
     th = calibrate(llama, "teal", 0.5, ids)  # zeroes inputs of o too: that is not dropping heads
     windows = (ids[:2], torch.ones(2, dtype=torch.long))
     assert _dynamic_row(llama, lambda m: apply_rule(llama, th, m), "teal", windows, windows)["head_sparsity"] is None
+
+
+def test_teal_over_every_matrix_is_matched_to_the_networks_weights_skipped(llama, ids):
+    """The level is set on the calibration windows so TEAL reads as few weights per token as the network there."""
+    import torch
+
+    from bench.bench_dynamic import matched_rule_row
+    from headlab.engine.dynamic.ipn import untrained_ipn, weights_skipped
+
+    ipn = untrained_ipn(llama, 0.5, ids)
+    target = weights_skipped(llama, ipn, ids)
+    windows = (ids, torch.ones(ids.shape[0], dtype=torch.long))
+    row = matched_rule_row(llama, "teal", ipn, ids, windows, windows)
+    assert row["matched_weights_skipped"] == pytest.approx(target)
+    assert row["weights_skipped"] == pytest.approx(target, abs=0.005)  # measured on the same windows: it matches
+    assert row["level"] == pytest.approx(target, abs=0.01) and row["level"] < 0.5  # not the network's 50% of channels
+    assert row["input_sparsity"] == pytest.approx(row["level"], abs=0.01)

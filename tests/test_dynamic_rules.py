@@ -28,7 +28,7 @@ from headlab.engine.dynamic.store import META_FILE, TENSORS_FILE
 from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
 from tests.tiny import tiny_handle
 
-THRESHOLD_RULES = ("exact", "cats", "teal", "wina")
+THRESHOLD_RULES = ("exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn")
 ALL_RULES = ("oracle",) + THRESHOLD_RULES
 PROTOCOL = PerplexityProtocol(window=64, stride=64, n_windows=2)
 
@@ -290,3 +290,59 @@ def test_the_oracle_at_a_networks_budgets_keeps_its_per_layer_counts(llama, ids)
         assert report.per_layer["down"][layer] == pytest.approx(1 - float(counts[layer].round()) / g.ffn_dim)
     with pytest.raises(ThresholdsError, match="keep counts"):
         Thresholds.oracle_budgets([g.ffn_dim + 1, 3], g.ffn_dim)
+
+
+@pytest.mark.parametrize("rule, whole", [("teal-ffn", "teal"), ("wina-ffn", "wina")])
+def test_a_rule_restricted_to_the_ffn_leaves_attention_dense_and_drops_the_target_of_ffn_channels(llama, ids, rule,
+                                                                                                  whole):
+    """teal-ffn / wina-ffn zero the inputs of gate, up and down only, scored as their rule over every matrix."""
+    from headlab.engine.dynamic.rules import column_norms, get_rule, threshold_at, weighted_score
+
+    g = llama.geometry
+    th = calibrate(llama, rule, 0.5, ids)
+    assert set(th.values) == {"gate", "up", "down"}
+    seen: dict[str, list] = {"q": [], "o": []}
+    with torch.no_grad(), apply_rule(llama, th) as meter, temporary_hooks() as hooks:
+        proj = llama.adapter.projections(0)
+        hooks.pre(proj["q"], lambda m, a: seen["q"].append(a[0].clone()))
+        hooks.pre(proj["o"], lambda m, a: seen["o"].append(a[0].clone()))
+        llama.model(input_ids=ids)
+    report = meter.report()
+    assert set(report.per_layer) == {"gate", "up", "down"}
+    assert (seen["q"][0] != 0).all() and (seen["o"][0] != 0).all()  # attention inputs untouched
+    assert report.ffn == pytest.approx(0.5, abs=0.01)
+    projs = [llama.adapter.projections(layer) for layer in range(g.n_layers)]
+    ffn_weights = sum(p[s].weight.numel() for p in projs for s in ("gate", "up", "down"))
+    all_weights = sum(w.weight.numel() for p in projs for w in p.values())
+    assert report.weights_skipped == pytest.approx(0.5 * ffn_weights / all_weights, abs=0.01)
+    # attention dense: layer 0's FFN input is the dense model's, and its threshold the full rule's score quantile
+    gate = llama.adapter.projections(0)["gate"]
+    with torch.no_grad(), temporary_hooks() as hooks:
+        hooks.pre(gate, lambda m, a: seen.setdefault("x", a[0].clone()))
+        llama.model(input_ids=ids)
+    x = seen["x"]
+    score = weighted_score(x, column_norms(gate.weight)) if get_rule(whole).weighted else x.abs()
+    assert float(th.values["gate"][0]) == pytest.approx(threshold_at(score, 0.5), rel=1e-6)
+
+
+def test_wina_ffn_weighs_inputs_by_column_norm_and_teal_ffn_does_not(llama, ids):
+    teal, wina = calibrate(llama, "teal-ffn", 0.5, ids), calibrate(llama, "wina-ffn", 0.5, ids)
+    assert not torch.allclose(teal.values["down"], wina.values["down"])
+    assert torch.equal(_logits(llama, ids, Thresholds.dense("wina-ffn", 2, llama.geometry.ffn_dim)),
+                       _logits(llama, ids))
+
+
+@pytest.mark.parametrize("rule", ["teal", "wina", "teal-ffn"])
+def test_a_rule_calibrated_to_a_weights_skipped_reaches_it_on_the_calibration_text(llama, ids, rule):
+    """The level is found by bisection: over all seven matrices it is the target itself, over the FFN higher."""
+    from headlab.engine.dynamic import calibrate_weights_skipped
+
+    th = calibrate_weights_skipped(llama, rule, 0.3, ids, tolerance=0.002)
+    assert measure_sparsity(llama, th, ids, batch_size=ids.shape[0]).weights_skipped == pytest.approx(0.3, abs=0.002)
+    assert th.meta["weights_skipped"] == pytest.approx(0.3, abs=0.002)
+    if rule == "teal-ffn":
+        assert th.meta["level"] > 0.35  # the FFN is only part of the weights: a higher level skips as much
+    else:
+        assert th.meta["level"] == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(ThresholdsError, match="keep count"):
+        calibrate_weights_skipped(llama, "oracle", 0.3, ids)

@@ -69,7 +69,7 @@ __all__ = [
     "training",
 ]
 
-CALIBRATED = ("oracle", "exact", "cats", "teal", "wina", "ipn")  # set to the slider's target without training
+CALIBRATED = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn", "ipn")  # set to the slider's target without training
 TRAINED, FOLDER = "trained", "folder"
 METHOD_LABELS = {
     "oracle": "Oracle top-k (the true top channels, exactly k per token in every layer)",
@@ -77,6 +77,8 @@ METHOD_LABELS = {
     "cats": "CATS (Lee et al. 2024): |act(gate)| threshold",
     "teal": "TEAL (Liu et al. 2024): |input| of every matrix",
     "wina": "WINA (Chen et al. 2025): |input| x column norm",
+    "teal-ffn": "TEAL on the FFN only: |input| of gate, up and down",
+    "wina-ffn": "WINA on the FFN only: |input| x column norm, gate, up and down",
     "ipn": "IPN, untrained (oracle score on a 4-bit sketch of the rotated weights)",
     TRAINED: "IPN trained in this session",
     FOLDER: "Thresholds or IPN from a folder",

@@ -7,8 +7,8 @@
     python -m headlab dynamic-generate "What is a transformer?" --load runs/cats-50      # dense vs dynamic, tokens/s
 
 A method is either `--load FOLDER` (saved by dynamic-calibrate, dynamic-train or the app; refused
-for another model) or `--method NAME --target T`: a rule (oracle, exact, cats, teal, wina) calibrated now,
-or `ipn`, the importance network with no training. Folders hold safetensors + JSON naming the
+for another model) or `--method NAME --target T`: a rule (oracle, exact, cats, teal, wina, teal-ffn,
+wina-ffn) calibrated now, or `ipn`, the importance network with no training. Folders hold safetensors + JSON naming the
 model and the sha256 of its weights.
 """
 

@@ -12,7 +12,8 @@ Where each rule acts, per layer:
 - oracle: a pre-hook on "down" keeps the k largest |input| entries per token;
 - CATS: a post-hook on "gate" computes |act(gate(x))| and decides the channels, a pre-hook on
   "down" zeroes them (act(gate) * up is zero exactly where either factor is);
-- TEAL / WINA: a pre-hook on every projection zeroes the input entries scored below its threshold.
+- TEAL / WINA: a pre-hook on every projection zeroes the input entries scored below its threshold
+  (teal-ffn / wina-ffn: on gate, up and down only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from headlab.engine.core.hooks import HookSet, temporary_hooks
 from headlab.engine.dynamic.rules import (
     CATS,
     ORACLE,
-    WINA,
     Thresholds,
     ThresholdsError,
     column_norms,
@@ -214,6 +214,6 @@ def apply_rule(handle: ModelHandle, thresholds: Thresholds, meter: SparsityMeter
                 _install_cats(hooks, layer, projs, adapter.ffn_activation(layer), values, meter, calibrate_to)
             else:
                 for site in rule.sites:
-                    hooks.pre(projs[site], _input_hook(site, layer, projs[site], values, rule is WINA, meter,
+                    hooks.pre(projs[site], _input_hook(site, layer, projs[site], values, rule.weighted, meter,
                                                        calibrate_to))
         yield meter

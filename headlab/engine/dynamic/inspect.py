@@ -33,7 +33,7 @@ from headlab.engine.core.hooks import HookSet, temporary_hooks
 from headlab.engine.dynamic.apply import SparsityMeter, apply_rule
 from headlab.engine.dynamic.ipn import IPN, apply_ipn
 from headlab.engine.dynamic.methods import DynamicMethod, method_name
-from headlab.engine.dynamic.rules import CATS, ORACLE, WINA, Thresholds, column_norms, get_rule, weighted_score
+from headlab.engine.dynamic.rules import CATS, ORACLE, Thresholds, column_norms, get_rule, weighted_score
 from headlab.engine.runtime.attention_maps import token_labels
 
 __all__ = ["TokenCell", "TokenMap", "inspect_tokens"]
@@ -175,9 +175,9 @@ def _rule_scores(rule_name: str, h: torch.Tensor, act_gate: torch.Tensor | None,
     rule = get_rule(rule_name)
     if rule is CATS:
         return act_gate.abs()
-    if rule is WINA:
+    if rule.weighted:  # WINA, wina-ffn
         return weighted_score(h, column_norms(down.weight))
-    return h.abs()  # the oracle, exact and TEAL score the down projection's input by magnitude
+    return h.abs()  # the oracle, exact, TEAL and teal-ffn score the down projection's input by magnitude
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def dynamic_refusal(handle: ModelHandle) -> str | None:
 
 
 def method_name(method: DynamicMethod) -> str:
-    """"oracle", "exact", "cats", "teal", "wina" or "ipn"."""
+    """"oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn" or "ipn"."""
     return "ipn" if isinstance(method, IPN) else get_rule(method.rule).name
 
 
@@ -113,6 +113,8 @@ _NO_DECODE_PATH = {
     "exact": "the exact rule thresholds act(gate(x)) * up(x), so it reads every up row before it can choose",
     "teal": "TEAL zeroes entries of every matrix's input, not FFN channels",
     "wina": "WINA zeroes entries of every matrix's input, not FFN channels",
+    "teal-ffn": "TEAL on the FFN zeroes entries of the gate/up input, not only FFN channels",
+    "wina-ffn": "WINA on the FFN zeroes entries of the gate/up input, not only FFN channels",
 }
 
 

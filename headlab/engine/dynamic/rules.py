@@ -25,6 +25,10 @@ below the threshold are zeroed; a threshold of -inf zeroes nothing (the dense mo
 - WINA (Chen et al. 2025, "WINA: Weight Informed Neuron Activation for Accelerating Large
   Language Model Inference"): like TEAL, but the score of input i of matrix W is
   |x_i| * ||W[:, i]||_2, the column norm saying how much that input can move the output.
+- teal-ffn / wina-ffn: TEAL and WINA restricted to the FFN's three matrices (gate, up, down), the
+  attention's inputs left dense: the same part of the model the oracle, CATS and the importance
+  network sparsify, so "50%" means the same matrices for all of them (the down input's sparsity is
+  the fraction of FFN channels dropped).
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ __all__ = [
     "CATS",
     "TEAL",
     "WINA",
+    "TEAL_FFN",
+    "WINA_FFN",
     "ALL_SITES",
+    "FFN_SITES",
     "get_rule",
     "Thresholds",
     "ThresholdsError",
@@ -56,6 +63,8 @@ __all__ = [
 
 #: Every projection role a rule may sparsify, in the order a layer runs them.
 ALL_SITES = ("q", "k", "v", "o", "gate", "up", "down")
+#: The FFN's projections: what a rule restricted to the FFN sparsifies.
+FFN_SITES = ("gate", "up", "down")
 
 
 class ThresholdsError(ValueError):
@@ -64,12 +73,16 @@ class ThresholdsError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """A per-token sparsity rule: its name, the paper it follows, and the projections it sparsifies."""
+    """A per-token sparsity rule: its name, the paper it follows, and the projections it sparsifies.
+
+    weighted: an input's score is |x_i| times the norm of the weight column it meets (WINA), not |x_i|.
+    """
 
     name: str
     citation: str
     sites: tuple[str, ...]
     summary: str
+    weighted: bool = False
 
 
 ORACLE = Rule("oracle", "true top-k channels, exactly k per token in every layer", ("down",),
@@ -81,9 +94,14 @@ CATS = Rule("cats", "Lee et al. 2024, CATS", ("down",),
 TEAL = Rule("teal", "Liu et al. 2024, TEAL", ALL_SITES,
             "zero input x_i of every matrix when |x_i| < that matrix's threshold")
 WINA = Rule("wina", "Chen et al. 2025, WINA", ALL_SITES,
-            "zero input x_i of matrix W when |x_i| * ||W[:, i]||_2 < that matrix's threshold")
+            "zero input x_i of matrix W when |x_i| * ||W[:, i]||_2 < that matrix's threshold", weighted=True)
+TEAL_FFN = Rule("teal-ffn", "Liu et al. 2024, TEAL, on the FFN's matrices only", FFN_SITES,
+                "zero input x_i of gate, up and down when |x_i| < that matrix's threshold (attention dense)")
+WINA_FFN = Rule("wina-ffn", "Chen et al. 2025, WINA, on the FFN's matrices only", FFN_SITES,
+                "zero input x_i of gate, up and down when |x_i| * ||W[:, i]||_2 < that matrix's threshold "
+                "(attention dense)", weighted=True)
 
-RULES: dict[str, Rule] = {r.name: r for r in (ORACLE, EXACT, CATS, TEAL, WINA)}
+RULES: dict[str, Rule] = {r.name: r for r in (ORACLE, EXACT, CATS, TEAL, WINA, TEAL_FFN, WINA_FFN)}
 
 
 def get_rule(rule: str | Rule) -> Rule:

@@ -19,6 +19,7 @@ from headlab.engine.dynamic.ipn.calibrate import (
     match_sparsity,
     oracle_at_budgets,
     untrained_ipn,
+    weights_skipped,
 )
 from headlab.engine.dynamic.ipn.evaluate import ipn_perplexity
 from headlab.engine.dynamic.ipn.network import IPN, IPNError, layer_sketches
@@ -47,4 +48,5 @@ __all__ = [
     "train_ipn",
     "training_key",
     "untrained_ipn",
+    "weights_skipped",
 ]

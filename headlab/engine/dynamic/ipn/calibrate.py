@@ -25,7 +25,7 @@ from headlab.engine.dynamic.rotation import ROTATED
 from headlab.engine.dynamic.rules import Thresholds
 
 __all__ = ["calibrate_thresholds", "ffn_sparsity", "layer_keep_counts", "match_sparsity", "oracle_at_budgets",
-           "untrained_ipn"]
+           "untrained_ipn", "weights_skipped"]
 
 
 @torch.no_grad()
@@ -61,6 +61,12 @@ def _report(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int) -
 def ffn_sparsity(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> float:
     """The fraction of FFN channels `ipn` zeroes over every token of `ids` [B, T]."""
     return _report(handle, ipn, ids, batch_size).ffn
+
+
+def weights_skipped(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """The fraction of every layer's seven projection weights `ipn` skips per token over `ids` [B, T]
+    (SparsityReport.weights_skipped: the level another method is matched to)."""
+    return _report(handle, ipn, ids, batch_size).weights_skipped
 
 
 def layer_keep_counts(handle: ModelHandle, ipn: IPN, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
