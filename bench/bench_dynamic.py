@@ -46,7 +46,9 @@ training windows). Each row is cached in
 --fresh starts over. A network's folder is named by a digest of the model, every IPNConfig field and the
 training windows (headlab.engine.dynamic.ipn.training_key), and a row measured with a network records that
 digest: a run with other settings (e.g. --steps 50 after 100) trains and measures anew, never reuses.
-Writes bench/results/dynamic.csv.
+Writes bench/results/dynamic.csv, and bench/results/dynamic_layers.csv: per method, target and layer, the FFN
+channels kept per token on the main protocol (kept_mean, and kept_p10 / kept_p90, the 10th and 90th percentiles
+over tokens; per-prompt and routed masks: over windows, every token of a window keeps the same; static: one mask).
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ RULES = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn")
 #: Rules also run over every matrix at the trained IPN's weights_skipped (rows "<rule>-at-ipn-weights").
 MATCHED_RULES = ("teal", "wina")
 #: Rows cached with another format are measured again: 2 added weights_skipped, held-out sparsity, and recall
-#: and precision on the evaluation windows; 3 scores per-prompt and routed masks on the tokens after their prefix.
-ROW_FORMAT = 3
+#: and precision on the evaluation windows; 3 scores per-prompt and routed masks on the tokens after their prefix;
+#: 4 records the kept FFN channels per layer (mean and 10th/90th percentile over tokens).
+ROW_FORMAT = 4
 
 
 def _cache_dir() -> Path:
@@ -188,21 +191,24 @@ def continuation(score_from: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _nll_per_window(handle, windows: torch.Tensor, score_from: torch.Tensor, mask_of: Callable
-                    ) -> tuple[float, float, float]:
+                    ) -> tuple[float, float, float, dict]:
     """Perplexity with a static mask predicted per window from its first PROMPT tokens (mask_of(ids [1, PROMPT])),
-    scored on the tokens after them only; the mean FFN sparsity and the mean weights_skipped of the masks."""
+    scored on the tokens after them only; the mean FFN sparsity and the mean weights_skipped of the masks, and
+    their kept channels per layer (mask_layer_columns)."""
     score_from = continuation(score_from)
-    total, count, sparsity, skipped = 0.0, 0, [], []
+    total, count, sparsity, skipped, kept = 0.0, 0, [], [], []
     for i in range(windows.shape[0]):
         ids = windows[i : i + 1].to(handle.device)
         pm = mask_of(ids[:, :PROMPT])
         sparsity.append(pm.ffn_sparsity)
         skipped.append(mask_weights_skipped(handle, pm.channels, pm.heads))
+        kept.append(pm.channels)
         with gates.apply(handle, pm.to_prune_mask(handle)):
             logits = handle.model(input_ids=ids).logits
         s, c = window_nll(logits, ids, score_from[i : i + 1])
         total, count = total + float(s), count + c
-    return math.exp(total / count), sum(sparsity) / len(sparsity), sum(skipped) / len(skipped)
+    return (math.exp(total / count), sum(sparsity) / len(sparsity), sum(skipped) / len(skipped),
+            mask_layer_columns(handle, kept))
 
 
 def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main, heldout) -> dict:
@@ -214,7 +220,22 @@ def _dynamic_row(handle, apply: Callable[[SparsityMeter], Any], name: str, main,
     heads = rep.per_layer.get("o") if name == RULE_NAME else None  # TEAL/WINA's "o" is input sparsity, not heads
     return {"ppl_main": ppl_main, "ppl_heldout": ppl_ho, "ffn_sparsity": rep.ffn, "ffn_sparsity_heldout": rep_ho.ffn,
             "weights_skipped": rep.weights_skipped, "weights_skipped_heldout": rep_ho.weights_skipped,
-            "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads)}
+            "input_sparsity": rep.overall, "head_sparsity": None if heads is None else sum(heads) / len(heads),
+            "layers": layer_columns(handle, rep.kept_mean, rep.kept_p10, rep.kept_p90)}
+
+
+def layer_columns(handle, mean, p10, p90) -> dict:
+    """The per-layer kept FFN channels of a row (main protocol): mean and 10th/90th percentile over tokens."""
+    return {"ffn_dim": handle.geometry.ffn_dim, "kept_mean": [float(v) for v in mean],
+            "kept_p10": [float(v) for v in p10], "kept_p90": [float(v) for v in p90]}
+
+
+def mask_layer_columns(handle, kept: list[torch.Tensor]) -> dict:
+    """layer_columns of per-window masks, kept [L, F] per window: every token of a window keeps its window's
+    channels, so the spread over tokens is the spread over (equal-length) windows."""
+    counts = torch.stack([k.float().sum(-1) for k in kept]).double()  # (windows, L)
+    return layer_columns(handle, counts.mean(0).tolist(), counts.quantile(0.1, dim=0, interpolation="lower").tolist(),
+                         counts.quantile(0.9, dim=0, interpolation="higher").tolist())
 
 
 def matched_rule_row(handle, rule: str, ipn, calib: torch.Tensor, main, heldout) -> dict:
@@ -345,11 +366,11 @@ def main() -> None:
         if not dense_after_prompt:
             for name, (w, sf) in (("dense_ppl_main", main_w), ("dense_ppl_heldout", heldout)):
                 dense_after_prompt[name] = _nll(handle, w, continuation(sf), lambda i: contextlib.nullcontext())
-        ppl, sp, skipped = _nll_per_window(handle, *main_w, mask_of)
-        ppl_ho, sp_ho, skipped_ho = _nll_per_window(handle, *heldout, mask_of)
+        ppl, sp, skipped, layers = _nll_per_window(handle, *main_w, mask_of)
+        ppl_ho, sp_ho, skipped_ho, _ = _nll_per_window(handle, *heldout, mask_of)
         return {"ppl_main": ppl, "ppl_heldout": ppl_ho, "ffn_sparsity": sp, "ffn_sparsity_heldout": sp_ho,
                 "weights_skipped": skipped, "weights_skipped_heldout": skipped_ho, "scored_from": PROMPT,
-                **dense_after_prompt}
+                "layers": layers, **dense_after_prompt}
 
     errors = sketch_errors(handle)
     print(f"# gate/up 4-bit sketch relative error: rotated {errors[ROTATED]:.2%}, aligned {errors[ALIGNED]:.2%}"
@@ -431,7 +452,8 @@ def main() -> None:
             sparsity, skipped = 1.0 - float(mask.ffn.mean()), mask_weights_skipped(handle, mask.ffn, mask.heads)
             return {"ppl_main": _nll(handle, *main_w, with_mask), "ppl_heldout": _nll(handle, *heldout, with_mask),
                     "ffn_sparsity": sparsity, "ffn_sparsity_heldout": sparsity, "weights_skipped": skipped,
-                    "weights_skipped_heldout": skipped, "train_s": sel}
+                    "weights_skipped_heldout": skipped, "train_s": sel,
+                    "layers": mask_layer_columns(handle, [mask.ffn])}
         rows.get(f"static@{s}", run_static)
 
     if not args.quick:
@@ -457,6 +479,24 @@ def write_csv(rows: dict[str, dict], path: str) -> None:
             "head_sparsity", "recall", "precision", "sketch", "sketch_error", "steps", "train_s", "eval_s"]
     write_rows([{c: r.get(c) for c in cols} for r in table], path)
     print(f"wrote {path} (dense main {dense['ppl_main']:.3f}, held-out {dense['ppl_heldout']:.3f})")
+    layers_path = Path(path).with_name(Path(path).stem + "_layers.csv")
+    layers = layer_table(table)
+    if layers:
+        write_rows(layers, layers_path)
+        print(f"wrote {layers_path} (kept FFN channels per layer: mean, 10th and 90th percentile over tokens)")
+
+
+def layer_table(table: list[dict]) -> list[dict]:
+    """One row per (method, target, layer) of the rows that recorded their kept channels per layer."""
+    out = []
+    for r in table:
+        layers = r.get("layers")
+        if not layers:
+            continue
+        for layer, (mean, p10, p90) in enumerate(zip(layers["kept_mean"], layers["kept_p10"], layers["kept_p90"])):
+            out.append({"method": r["method"], "target": r["target"], "layer": layer, "ffn_dim": layers["ffn_dim"],
+                        "kept_mean": mean, "kept_p10": p10, "kept_p90": p90})
+    return out
 
 
 def report(rows: dict[str, dict]) -> str:

@@ -5,7 +5,14 @@ import streamlit as st
 from headlab.engine.dynamic.methods import dynamic_refusal
 from headlab.engine.runtime.paired_bootstrap import change_interval
 from headlab.ui import dynamic, keys, session
-from headlab.ui.dynamic_panels import bench_panel, generation_panel, progress, token_panel, training_panel
+from headlab.ui.dynamic_panels import (
+    bench_layers_panel,
+    bench_panel,
+    generation_panel,
+    progress,
+    token_panel,
+    training_panel,
+)
 from headlab.ui.errors import user_errors
 
 st.title("Dynamic")
@@ -78,3 +85,5 @@ st.subheader("Train the importance network")
 training_panel(handle, model_key, target)
 st.subheader("Quality vs speed (benchmarks)")
 bench_panel()
+st.subheader("Kept FFN channels per layer (benchmarks)")
+bench_layers_panel()

@@ -40,6 +40,7 @@ def no_bench(monkeypatch, tmp_path):
     """The page reads benchmark files from a folder where there are none."""
     monkeypatch.setattr(dynamic, "BENCH_QUALITY", tmp_path / "dynamic.csv")
     monkeypatch.setattr(dynamic, "BENCH_DECODE", tmp_path / "dynamic_decode.csv")
+    monkeypatch.setattr(dynamic, "BENCH_LAYERS", tmp_path / "dynamic_layers.csv")
     return tmp_path
 
 
@@ -186,3 +187,31 @@ def test_the_page_never_changes_the_shared_model(tiny_llama, no_bench):
         assert not at.exception
     assert all(torch.equal(before[k], v) for k, v in handle.model.state_dict().items())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules()) == 0
+
+
+def test_the_kept_channels_chart_has_a_line_and_a_band_per_method_over_layers(tiny_llama, no_bench):
+    from headlab.ui.dynamic_figures import layer_kept_figure
+
+    at = dynamic_page()
+    assert any("No per-layer chart yet" in i.value and "dynamic_layers.csv" in i.value for i in at.info)
+    lines = ["method,target,layer,ffn_dim,kept_mean,kept_p10,kept_p90"]
+    for method, spread in (("oracle", 0), ("ipn", 100)):
+        for target in (0.5, 0.7):
+            lines += [f"{method},{target},{layer},1536,{(1 - target) * 1536},{(1 - target) * 1536 - spread},"
+                      f"{(1 - target) * 1536 + spread}" for layer in range(3)]
+    (no_bench / "dynamic_layers.csv").write_text("\n".join(lines) + "\n")
+    layers, notes = dynamic.bench_layers()
+    assert not notes and sorted(layers["target"].unique()) == [0.5, 0.7] and len(layers) == 12
+    fig = layer_kept_figure(layers, 0.7)
+    named = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in named] == ["oracle", "ipn"]
+    assert list(named[1].x) == [0, 1, 2] and named[1].y[0] == pytest.approx(0.3)
+    band = next(t for t in fig.data if t.name == "ipn 10th-90th percentile")
+    assert max(band.y) == pytest.approx((0.3 * 1536 + 100) / 1536) and min(band.y) == pytest.approx(
+        (0.3 * 1536 - 100) / 1536)
+    assert fig.layout.xaxis.title.text == "layer"
+    assert fig.layout.yaxis.title.text == "FFN channels kept per token (of 1536)"
+    at = dynamic_page()
+    assert any("FFN channels kept per token, by layer, at 50%" in spec for spec in charts(at))
+    at.selectbox(key=keys.W_DYN_BENCH_TARGET).set_value(0.7).run()
+    assert any("at 70% target sparsity" in spec for spec in charts(at))

@@ -132,7 +132,7 @@ def test_a_per_prompt_mask_is_scored_on_the_continuation_not_its_prefix(llama):
         seen.append(prefix.clone())
         return PromptMask(torch.ones(g.n_layers, g.ffn_dim, dtype=torch.bool), None, torch.zeros(g.hidden))
 
-    ppl, sparsity, skipped = _nll_per_window(llama, windows, torch.ones(2, dtype=torch.long), dense_mask)
+    ppl, sparsity, skipped, layers = _nll_per_window(llama, windows, torch.ones(2, dtype=torch.long), dense_mask)
     assert [tuple(p.shape) for p in seen] == [(1, PROMPT)] * 2
     assert all(torch.equal(p[0], w[:PROMPT]) for p, w in zip(seen, windows))
     with torch.no_grad():
@@ -141,6 +141,7 @@ def test_a_per_prompt_mask_is_scored_on_the_continuation_not_its_prefix(llama):
     assert ppl == pytest.approx(math.exp(float(nll[:, PROMPT - 1:].mean())), rel=1e-5)  # tokens PROMPT.. only
     assert ppl != pytest.approx(math.exp(float(nll.mean())), rel=1e-4)  # random weights: close, yet not equal
     assert sparsity == 0.0 and skipped == 0.0
+    assert layers["kept_mean"] == layers["kept_p10"] == layers["kept_p90"] == [float(g.ffn_dim)] * g.n_layers
     assert continuation(torch.tensor([1, 448])).tolist() == [PROMPT, 448]
 
 
@@ -186,3 +187,41 @@ def test_teal_over_every_matrix_is_matched_to_the_networks_weights_skipped(llama
     assert row["weights_skipped"] == pytest.approx(target, abs=0.005)  # measured on the same windows: it matches
     assert row["level"] == pytest.approx(target, abs=0.01) and row["level"] < 0.5  # not the network's 50% of channels
     assert row["input_sparsity"] == pytest.approx(row["level"], abs=0.01)
+
+
+def test_rows_write_their_kept_channels_per_layer_beside_the_csv(llama, ids, tmp_path):
+    """dynamic_layers.csv: per method, target and layer, the mean and the 10th/90th percentile over tokens."""
+    import csv
+
+    import torch
+
+    from bench.bench_dynamic import _dynamic_row, mask_layer_columns, write_csv
+    from headlab.engine.dynamic import apply_rule, calibrate
+
+    g = llama.geometry
+    windows = (ids, torch.ones(ids.shape[0], dtype=torch.long))
+    exact = _dynamic_row(llama, lambda m: apply_rule(llama, calibrate(llama, "exact", 0.5, ids), m), "exact",
+                         windows, windows)
+    oracle = _dynamic_row(llama, lambda m: apply_rule(llama, calibrate(llama, "oracle", 0.5, ids), m), "oracle",
+                          windows, windows)
+    half = torch.ones(g.n_layers, g.ffn_dim, dtype=torch.bool)
+    half[:, : g.ffn_dim // 2] = False
+    quarter = half.clone()
+    quarter[:, g.ffn_dim // 2 : 3 * g.ffn_dim // 4] = False
+    prompt = mask_layer_columns(llama, [half] * 5 + [quarter] * 5)  # two kinds of windows: a spread
+    assert prompt["kept_p10"] == [g.ffn_dim / 4] * g.n_layers and prompt["kept_p90"] == [g.ffn_dim / 2] * g.n_layers
+    rows = {"dense": {"ppl_main": 10.0, "ppl_heldout": 20.0}, "exact@0.5": exact, "oracle@0.5": oracle,
+            "per-prompt@0.5": {"ppl_main": 12.0, "ppl_heldout": 22.0, "ffn_sparsity": 0.6, "layers": prompt},
+            "cats@0.5": {"ppl_main": 12.0, "ppl_heldout": 22.0, "ffn_sparsity": 0.5}}  # an older row: no layers
+    write_csv(rows, tmp_path / "dynamic.csv")
+    out = list(csv.DictReader((tmp_path / "dynamic_layers.csv").open()))
+    assert [(r["method"], r["layer"]) for r in out] == [(m, str(layer)) for m in ("exact", "oracle", "per-prompt")
+                                                       for layer in range(g.n_layers)]
+    by = {(r["method"], int(r["layer"])): r for r in out}
+    k = round(0.5 * g.ffn_dim)
+    assert all(float(by["oracle", layer][c]) == k for layer in range(g.n_layers)
+               for c in ("kept_mean", "kept_p10", "kept_p90"))
+    for layer in range(g.n_layers):
+        r = by["exact", layer]
+        assert float(r["kept_p10"]) < float(r["kept_mean"]) < float(r["kept_p90"])
+        assert int(r["ffn_dim"]) == g.ffn_dim

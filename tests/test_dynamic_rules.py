@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import threading
 
 import pytest
@@ -346,3 +347,33 @@ def test_a_rule_calibrated_to_a_weights_skipped_reaches_it_on_the_calibration_te
         assert th.meta["level"] == pytest.approx(0.3, abs=0.01)
     with pytest.raises(ThresholdsError, match="keep count"):
         calibrate_weights_skipped(llama, "oracle", 0.3, ids)
+
+
+def test_the_meter_records_each_layers_kept_channels_and_their_spread_over_tokens(llama, ids):
+    """The oracle keeps exactly k in every token (no spread); a per-layer threshold lets the count vary."""
+    g = llama.geometry
+    k = round(0.4 * g.ffn_dim)
+    oracle = measure_sparsity(llama, calibrate(llama, "oracle", 0.6, ids), ids)
+    assert oracle.kept_mean == pytest.approx([k] * g.n_layers)
+    assert oracle.kept_p10 == oracle.kept_p90 == [float(k)] * g.n_layers
+    exact = measure_sparsity(llama, calibrate(llama, "exact", 0.6, ids), ids)
+    assert exact.kept_mean == pytest.approx([(1 - z) * g.ffn_dim for z in exact.per_layer["down"]])
+    for p10, mean, p90 in zip(exact.kept_p10, exact.kept_mean, exact.kept_p90):
+        assert p10 < mean < p90  # the count varies per token
+    counts = []  # the same percentiles from the kept masks themselves
+    with torch.no_grad(), apply_rule(llama, calibrate(llama, "exact", 0.6, ids)), temporary_hooks() as hooks:
+        hooks.pre(llama.adapter.projections(1)["down"], lambda m, a: counts.append((a[0] != 0).sum(-1).flatten()))
+        llama.model(input_ids=ids)
+    per_token = torch.cat(counts).double()
+    assert exact.kept_p90[1] == float(per_token.kthvalue(math.ceil(0.9 * per_token.numel())).values)
+    assert exact.kept_p10[1] == float(per_token.kthvalue(math.ceil(0.1 * per_token.numel())).values)
+
+
+def test_count_quantile_reads_a_histogram():
+    from headlab.engine.dynamic.apply import count_quantile
+
+    h = torch.zeros(11)
+    h[3], h[7] = 5, 5
+    assert (count_quantile(h, 0.1), count_quantile(h, 0.5), count_quantile(h, 0.51), count_quantile(h, 0.9)) == (
+        3.0, 3.0, 7.0, 7.0)
+    assert math.isnan(count_quantile(torch.zeros(4), 0.5))

@@ -47,6 +47,7 @@ from headlab.ui.shared_cache import shared_cache
 __all__ = [
     "BENCH_COMMANDS",
     "BENCH_DECODE",
+    "BENCH_LAYERS",
     "BENCH_QUALITY",
     "CALIBRATED",
     "FOLDER",
@@ -56,6 +57,7 @@ __all__ = [
     "Chosen",
     "TrainedIPN",
     "TrainingRun",
+    "bench_layers",
     "bench_points",
     "bench_source",
     "chosen_method",
@@ -88,9 +90,12 @@ CALIBRATION_WINDOWS = 8
 
 BENCH_QUALITY = APP_ROOT / "bench" / "results" / "dynamic.csv"
 BENCH_DECODE = APP_ROOT / "bench" / "results" / "dynamic_decode.csv"
+BENCH_LAYERS = APP_ROOT / "bench" / "results" / "dynamic_layers.csv"
 #: What writes each results file (by file name).
 BENCH_COMMANDS = {BENCH_QUALITY.name: "python bench/bench_dynamic.py",
-                  BENCH_DECODE.name: "python bench/bench_dynamic_decode.py --threads 1"}
+                  BENCH_DECODE.name: "python bench/bench_dynamic_decode.py --threads 1",
+                  BENCH_LAYERS.name: "python bench/bench_dynamic.py"}
+LAYER_COLUMNS = ("method", "target", "layer", "ffn_dim", "kept_mean", "kept_p10", "kept_p90")
 
 
 @dataclass(frozen=True)
@@ -283,6 +288,22 @@ def _decode_method(config: object) -> str:
 def _numbers(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     """The `columns` (name in df -> name here) of df as numbers, rows with a missing value dropped."""
     return pd.DataFrame({new: pd.to_numeric(df[old], errors="coerce") for old, new in columns.items()})
+
+
+def bench_layers(path: Path | None = None) -> tuple[pd.DataFrame | None, list[str]]:
+    """(bench/bench_dynamic.py's kept channels per method, target and layer, or None; notes on what is missing)."""
+    path = path or BENCH_LAYERS
+    if not path.is_file():
+        return None, [f"{bench_source(path)} is absent"]
+    raw = pd.read_csv(path)
+    missing = [c for c in LAYER_COLUMNS if c not in raw.columns]
+    if missing:
+        return None, [f"{bench_source(path)} lacks its {', '.join(missing)} column(s)"]
+    df = _numbers(raw, {c: c for c in LAYER_COLUMNS[1:]})
+    df.insert(0, "method", raw["method"].astype(str))
+    df = df.dropna()
+    df["target"] = df["target"].round(3)
+    return (df if len(df) else None), ([] if len(df) else [f"{bench_source(path)} has no complete row"])
 
 
 def bench_points(quality: Path | None = None, decode: Path | None = None

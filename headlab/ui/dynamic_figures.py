@@ -7,6 +7,8 @@
 - `units_figure`: the same channels as a grid ("which units fired"), and the kept heads.
 - `training_figures`: loss, KL and sparsity per training step; per-layer kept fraction and recall.
 - `quality_speed_figure`: perplexity against measured decode speed-up, one point per method and sparsity.
+- `layer_kept_figure`: FFN channels kept per token in each layer, one line per method (the mean over tokens)
+  with a band from the 10th to the 90th percentile, from bench/results/dynamic_layers.csv.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from headlab.engine.dynamic.inspect import TokenCell, TokenMap
-from headlab.ui.figures import PRUNED_COLOR
+from headlab.ui.figures import CATEGORICAL, PRUNED_COLOR
 
-__all__ = ["AGREEMENT", "cell_figure", "quality_speed_figure", "token_map_figure", "training_figures",
-           "units_figure"]
+__all__ = ["AGREEMENT", "cell_figure", "layer_kept_figure", "quality_speed_figure", "token_map_figure",
+           "training_figures", "units_figure"]
 
 _FONT = {"size": 12}
 _LEGEND_BELOW = {"orientation": "h", "y": -0.22}
@@ -199,4 +201,46 @@ def quality_speed_figure(points: pd.DataFrame, dense_perplexity: float | None) -
                       height=380, margin={"l": 60, "r": 10, "t": 40, "b": 50}, font=_FONT, legend=_LEGEND_BELOW)
     fig.update_xaxes(title_text="decode speed-up over dense (tokens/s ratio)", ticksuffix="x")
     fig.update_yaxes(title_text="perplexity (log scale)", type="log")
+    return fig
+
+
+def _translucent(colour: str, alpha: float) -> str:
+    """rgba() of a "#rrggbb" colour at opacity `alpha`."""
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def layer_kept_figure(layers: pd.DataFrame, target: float) -> go.Figure:
+    """Kept FFN channels per token against layer at one target sparsity: per method a line (mean over tokens) and a
+    band (10th to 90th percentile); `layers` has method, target, layer, ffn_dim, kept_mean, kept_p10, kept_p90."""
+    rows = layers[layers["target"].round(3) == round(target, 3)]
+    ffn_dim = int(rows["ffn_dim"].max()) if len(rows) else 0
+    fig = go.Figure()
+    for i, (method, r) in enumerate(rows.groupby("method", sort=False)):
+        r = r.sort_values("layer")
+        colour = CATEGORICAL[i % len(CATEGORICAL)]
+        if not colour.startswith("#") or len(colour) != 7:
+            colour = KEPT_COLOR
+        x = r["layer"].tolist()
+        low, high, mean = (r[c] / r["ffn_dim"] for c in ("kept_p10", "kept_p90", "kept_mean"))
+        fig.add_trace(go.Scatter(  # the band: 90th percentile forward, 10th back, filled
+            x=x + x[::-1], y=high.tolist() + low.tolist()[::-1], fill="toself", mode="lines",
+            line={"width": 0}, fillcolor=_translucent(colour, 0.15), legendgroup=str(method), showlegend=False,
+            hoverinfo="skip", name=f"{method} 10th-90th percentile"))
+        fig.add_trace(go.Scatter(
+            x=x, y=mean, mode="lines+markers", name=str(method), legendgroup=str(method),
+            line={"color": colour, "width": 2}, marker={"size": 4},
+            customdata=np.stack([r["kept_mean"], r["kept_p10"], r["kept_p90"]], axis=1),
+            hovertemplate=f"{method}, layer " + "%{x}<br>mean %{customdata[0]:.0f} channels kept per token "
+            "(%{y:.0%})<br>10th-90th percentile over tokens: %{customdata[1]:.0f}-%{customdata[2]:.0f}<extra></extra>"))
+    if len(rows):
+        fig.add_hline(y=1.0 - target, line={"dash": "dot", "color": "grey"},
+                      annotation_text=f"target: {1 - target:.0%} kept on average", annotation_position="top left")
+    fig.update_layout(title=_title(f"FFN channels kept per token, by layer, at {target:.0%} target sparsity "
+                                   "(line: mean over tokens; band: 10th-90th percentile)"),
+                      height=420, margin={"l": 70, "r": 10, "t": 40, "b": 50}, font=_FONT, legend=_LEGEND_BELOW)
+    n_layers = int(rows["layer"].max()) + 1 if len(rows) else 1
+    fig.update_xaxes(title_text="layer", dtick=1 if n_layers <= 16 else 2 if n_layers <= 40 else 4)
+    fig.update_yaxes(title_text=f"FFN channels kept per token (of {ffn_dim})" if ffn_dim else "FFN channels kept",
+                     tickformat=".0%", rangemode="tozero")
     return fig

@@ -17,6 +17,7 @@ from headlab.engine.dynamic.methods import save_method
 from headlab.ui import dynamic, keys
 from headlab.ui.dynamic_figures import (
     cell_figure,
+    layer_kept_figure,
     quality_speed_figure,
     token_map_figure,
     training_figures,
@@ -24,7 +25,7 @@ from headlab.ui.dynamic_figures import (
 )
 from headlab.ui.errors import user_errors
 
-__all__ = ["bench_panel", "generation_panel", "progress", "token_panel", "training_panel"]
+__all__ = ["bench_layers_panel", "bench_panel", "generation_panel", "progress", "token_panel", "training_panel"]
 
 _STATIC = {"displayModeBar": False}
 _RECALL_HELP = ("Of the k channels with the largest true |act(gate) * up| (k = the count this token kept), the share "
@@ -196,3 +197,21 @@ def bench_panel() -> None:
     st.caption(f"Benchmark figures, not this session's: {sources}, on the model and machine recorded in those "
                "files; their perplexity is the pinned protocol's (12 windows x 512 tokens), not the live one above. "
                + "".join(f"Note: {n}. " for n in notes))
+
+
+def bench_layers_panel() -> None:
+    """Kept FFN channels per layer and method (mean, 10th-90th percentile over tokens) from the benchmark file."""
+    layers, notes = dynamic.bench_layers()
+    source = dynamic.bench_source(dynamic.BENCH_LAYERS)
+    if layers is None:
+        st.info(f"No per-layer chart yet: {'; '.join(notes)}.")
+        return
+    targets = sorted(layers["target"].unique())
+    target = st.selectbox("Target sparsity", targets, index=targets.index(0.5) if 0.5 in targets else 0,
+                          format_func=lambda t: f"{t:.0%}", key=keys.W_DYN_BENCH_TARGET)
+    st.plotly_chart(layer_kept_figure(layers, target), key=keys.CHART_DYN_BENCH_LAYERS, config=_STATIC)
+    st.caption(f"Benchmark figures from {source}, on the pinned protocol's tokens: how each method spends its "
+               "channels over depth at the same average. The oracle keeps exactly k in every token of every layer "
+               "(no band); a per-layer threshold or the IPN keeps more in some layers and tokens, fewer in others; "
+               "per-prompt and routed masks vary only between windows, the static mask not at all. "
+               "Click a legend entry to hide a method.")

@@ -34,7 +34,7 @@ __all__ = [
     "DYN_TRAINING", "DYN_LOADED", "DYN_GENERATE", "W_DYN_METHOD", "W_DYN_TARGET", "W_DYN_FOLDER", "W_DYN_PROMPT",
     "W_DYN_TOKEN", "W_DYN_LAYER", "W_DYN_NEW_TOKENS", "W_DYN_STEPS", "W_DYN_HEADS", "W_DYN_SAVE_FOLDER",
     "FORM_DYN_TRAIN", "CHART_DYN_MAP", "CHART_DYN_HEADS_MAP", "CHART_DYN_CELL", "CHART_DYN_UNITS", "CHART_DYN_TRAINING",
-    "CHART_DYN_LAYERS", "CHART_DYN_QUALITY",
+    "CHART_DYN_LAYERS", "CHART_DYN_QUALITY", "CHART_DYN_BENCH_LAYERS", "W_DYN_BENCH_TARGET",
     "WIDGETS_TO_KEEP",
 ]
 
@@ -156,6 +156,8 @@ CHART_DYN_UNITS = "dynamic.units"
 CHART_DYN_TRAINING = "dynamic.training"
 CHART_DYN_LAYERS = "dynamic.layers"
 CHART_DYN_QUALITY = "dynamic.quality"
+CHART_DYN_BENCH_LAYERS = "dynamic.bench_layers"  # kept FFN channels per layer, from the benchmark file
+W_DYN_BENCH_TARGET = "w.dynamic.bench_target"  # the target sparsity that chart shows
 
 # Attention and Diagnostics on long prompts
 ATTN_LAYER_INPUTS = "attention.layer_inputs"  # this session's LayerInputCache (layer inputs of recent prompts)

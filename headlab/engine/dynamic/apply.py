@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -41,7 +41,7 @@ from headlab.engine.dynamic.rules import (
     weighted_score,
 )
 
-__all__ = ["SparsityMeter", "SparsityReport", "apply_rule"]
+__all__ = ["SparsityMeter", "SparsityReport", "apply_rule", "count_quantile"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ class SparsityReport:
     oracle and TEAL compute both before they decide: neither); a dropped head skips its Q rows and O
     columns. What a predictor reads itself (a sketch, CATS's gate) is not subtracted: the decode
     benchmark counts bytes.
+    kept_mean[l], kept_p10[l], kept_p90[l]: FFN channels kept per token in layer l, the mean and the 10th and
+    90th percentiles over tokens (how much the count varies from token to token; equal for the oracle).
     """
 
     rule: str
@@ -66,6 +68,9 @@ class SparsityReport:
     ffn: float
     weights_skipped: float
     n_tokens: int
+    kept_mean: list[float] = field(default_factory=list)
+    kept_p10: list[float] = field(default_factory=list)
+    kept_p90: list[float] = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"{self.rule}: {self.overall:.1%} of sparsified inputs zeroed, {self.ffn:.1%} of FFN channels, "
@@ -89,6 +94,7 @@ class SparsityMeter:
         self.skipped = torch.zeros(n_layers, dtype=torch.float64)  # weight elements not read, summed over tokens
         self.tokens = torch.zeros(n_layers, dtype=torch.float64)  # tokens through each layer's FFN
         self.layer_weights = torch.zeros(n_layers, dtype=torch.float64)  # elements of each layer's projections
+        self.kept_counts: torch.Tensor | None = None  # [L, F + 1]: tokens by the number of FFN channels they kept
         self.n_tokens = 0
 
     def weigh_layer(self, layer: int, projs: dict[str, nn.Module]) -> None:
@@ -112,6 +118,11 @@ class SparsityMeter:
             self.tokens[layer] += keep.numel() // keep.shape[-1]
             if layer == 0:
                 self.n_tokens += keep.numel() // keep.shape[-1]
+            width = keep.shape[-1]
+            if self.kept_counts is None:
+                self.kept_counts = torch.zeros(self.n_layers, width + 1, dtype=torch.float64)
+            per_token = keep.detach().reshape(-1, width).sum(-1).cpu()
+            self.kept_counts[layer] += torch.bincount(per_token, minlength=width + 1).to(torch.float64)
 
     def report(self) -> SparsityReport:
         if not self.total:
@@ -124,7 +135,25 @@ class SparsityMeter:
             raise ValueError("a layer ran without weigh_layer: the meter cannot say what its skipped weights are of")
         ffn = float(self.zeroed["down"].sum() / self.total["down"].sum()) if "down" in self.total else 0.0
         skipped = float(self.skipped.sum()) / read if read else 0.0
-        return SparsityReport(self.rule, per_layer, zeroed / total, ffn, skipped, self.n_tokens)
+        kept: dict[str, list[float]] = {"kept_mean": [], "kept_p10": [], "kept_p90": []}
+        if self.kept_counts is not None:
+            counts = torch.arange(self.kept_counts.shape[1], dtype=torch.float64)
+            tokens = self.kept_counts.sum(-1).clamp(min=1)
+            kept = {"kept_mean": ((self.kept_counts * counts).sum(-1) / tokens).tolist(),
+                    "kept_p10": [count_quantile(h, 0.1) for h in self.kept_counts],
+                    "kept_p90": [count_quantile(h, 0.9) for h in self.kept_counts]}
+        return SparsityReport(self.rule, per_layer, zeroed / total, ffn, skipped, self.n_tokens, **kept)
+
+
+def count_quantile(histogram: torch.Tensor, q: float) -> float:
+    """The q-quantile of counts given as a histogram (histogram[c] = how many tokens have count c): the smallest
+    count c with at least a fraction q of the tokens at or below it (nan when the histogram is empty)."""
+    total = float(histogram.sum())
+    if total <= 0:
+        return float("nan")
+    below = torch.cumsum(histogram.to(torch.float64), 0) / total
+    return float(torch.searchsorted(below, torch.tensor([q - 1e-12], dtype=torch.float64)).clamp(
+        max=histogram.numel() - 1))
 
 
 def _threshold(values: dict[str, torch.Tensor], site: str, layer: int, scores: torch.Tensor,
