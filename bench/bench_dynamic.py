@@ -20,8 +20,8 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
   calibrated thresholds, no training (headlab.engine.dynamic.ipn.untrained_ipn);
 - ipn: the network trained end to end (KL to the dense model + sparsity + consistency, model frozen);
   both read the sketch of the weights in a randomly rotated input space (headlab.engine.dynamic.rotation):
-  the shipped models are themselves 4-bit, and a sketch of their weights as stored reproduces them almost
-  exactly. ipn-untrained-aligned (every target) and ipn-aligned (--aligned-sparsities) read that aligned
+  the shipped SmolLM2 is itself 4-bit (rotation.weight_grid), and a sketch of its weights as stored reproduces
+  them almost exactly. ipn-untrained-aligned (every target) and ipn-aligned (--aligned-sparsities) read that aligned
   sketch instead; the columns sketch and sketch_error say which and its relative error on [gate; up];
 - oracle-ipn-budgets: the oracle given the trained network's own per-layer budgets (in layer l, the true top
   k_l channels per token, k_l = the network's mean kept count there on the calibration windows);

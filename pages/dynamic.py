@@ -29,6 +29,9 @@ if reason is not None:
     st.info(f"Dynamic sparsity needs a causal language model with a gated FFN (the Llama family): {reason}.")
     st.stop()
 model_key = session.model_choice().key
+grid_note = dynamic.weight_grid_note(handle, model_key)
+if grid_note is not None:
+    st.info(grid_note)
 DEFAULT_PROMPT = "The Eiffel Tower in Paris was finished in 1889. Explain in two sentences why it was built."
 for key, value in ((keys.W_DYN_METHOD, "cats"), (keys.W_DYN_TARGET, 0.5), (keys.W_DYN_NEW_TOKENS, 32),
                    (keys.W_DYN_PROMPT, DEFAULT_PROMPT), (keys.W_DYN_STEPS, 40), (keys.W_DYN_HEADS, False),

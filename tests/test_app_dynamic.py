@@ -215,3 +215,20 @@ def test_the_kept_channels_chart_has_a_line_and_a_band_per_method_over_layers(ti
     assert any("FFN channels kept per token, by layer, at 50%" in spec for spec in charts(at))
     at.selectbox(key=keys.W_DYN_BENCH_TARGET).set_value(0.7).run()
     assert any("at 70% target sparsity" in spec for spec in charts(at))
+
+
+def test_the_page_says_when_the_models_weights_are_natively_4bit(tiny_llama, no_bench, tmp_path, monkeypatch):
+    """No note for a float model; for one whose gate/up hold 16 values per group of 32, the note and why rotated."""
+    from tests.test_dynamic_rotation import _on_a_4bit_grid
+
+    at = dynamic_page()
+    assert not any("4-bit" in i.value for i in at.info)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                proj.weight.copy_(_on_a_4bit_grid(*proj.weight.shape))
+    monkeypatch.setenv("HEADLAB_MODEL", str(save_tiny(tmp_path / "tiny-4bit", model=model)))
+    at = dynamic_page()
+    notes = [i.value for i in at.info if "natively 4-bit" in i.value]
+    assert len(notes) == 1 and "own grid" in notes[0] and "rotated input space by default" in notes[0]

