@@ -54,8 +54,15 @@ STAGES = {
 }
 
 
-def spec(settings: list[str]) -> str:
-    return "obs[" + ",".join(settings) + "]"
+# Settings equal to what obs does without them, dropped from a candidate's name so one mask is never chosen twice
+# under two names (the bench's own defaults: the code's as they stood when the stages were laid out).
+IMPLIED = {"width20": {"allocation=flap", "damp=0.01", "normalise=stream"},
+           "heads30": {"allocation=ablation", "damp=0.01", "normalise=stream"}}
+
+
+def spec(settings: list[str], config: str | None = None) -> str:
+    kept = [s for s in settings if s not in IMPLIED.get(config, set())]
+    return "obs[" + ",".join(kept) + "]" if kept else "obs"
 
 
 def main() -> None:
@@ -96,7 +103,7 @@ def main() -> None:
             scored = []
             for option in options:
                 settings = winners + [option]
-                method = spec(settings)
+                method = spec(settings, config)
                 key = f"{method}@{config}"
                 if key not in results:
                     path = cached_mask_path(cache_dir, method, config)
@@ -124,7 +131,7 @@ def main() -> None:
                 if row["config"] == config and row["stage"] == stage and row["candidate"] == best:
                     row["chosen"] = True
             winners.append(best)
-        print(f"# {config}: chosen {spec(winners)}\n", flush=True)
+        print(f"# {config}: chosen {spec(winners, config)}\n", flush=True)
     csv_path = Path(args.csv or RESULTS / ("choices_quick.csv" if args.quick else "choices.csv"))
     write_rows(rows, csv_path)
     print(f"wrote {csv_path}")

@@ -127,3 +127,23 @@ def test_the_tokens_of_a_region_are_where_it_says():
 
     ids = _wikitext_ids(h.tokenizer)
     assert torch.equal(w[0], ids[REGIONS["heldout"].start: REGIONS["heldout"].start + 64])
+
+
+def test_distillation_reads_only_fit_text_and_training_prompts(monkeypatch, tmp_path):
+    """The distillation data (end-of-file paragraphs, the teacher's answers to training prompts) and the
+    training itself never touch protected text; the prompts never include an out-of-domain item."""
+    from headlab.engine.export.surgery import prune
+    from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
+    from headlab.engine.recovery.distill.data import prompt_split
+
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))
+    scored = {i.scored.strip() for i in ood_items()}
+    assert not scored & {t.strip() for t in prompt_split()[0] + prompt_split()[1]}
+    h = tiny_handle("llama")
+    m = PruneMask.dense(h.geometry)
+    m.ffn[:, ::2] = 0
+    with guard(h) as g:
+        data = distill_data(h, n_wikitext=8, n_prompts=6, max_new_tokens=4)
+        distill(h, prune(h, m), data, DistillConfig(steps=2, batch_size=2, max_length=48, eval_every=2,
+                                                    checkpoint_every=100))
+    assert g.checked > 0

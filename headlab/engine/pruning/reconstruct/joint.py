@@ -6,8 +6,10 @@ would pay: on the dense model's own inputs, structured OBS (least_squares.obs_se
 of each layer's O and down projections greedily and reports the error each removal adds, dE_k.
 Those are made comparable across layers by a normalisation (`NORMALISATIONS`):
 
-- "stream": dE divided by the energy of the residual stream at the layer's input (sum over tokens
-  of ||h||^2): how much each removal perturbs the stream, relative to its size;
+- "stream": every token's least-squares rows weighted by 1 / ||h_t|| (h the residual stream at the layer's
+  input), so dE sums ||delta_t||^2 / ||h_t||^2: how much each removal perturbs the stream relative to its
+  size at that token, which is what the later layers' norms see (and a few tokens of huge norm, such as
+  attention sinks, no longer dominate);
 - "output": dE divided by the centred energy of the projection's dense output (its relative error).
 
 The cheapest increments overall are taken until the budget's head and channel totals are reached
@@ -61,23 +63,23 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
         finally:
             for h in hooks:
                 h.remove()
-        stream = sum(float((x[v].double() ** 2).sum()) for x, v in zip(record.hidden[layer], valid))
+        # per token, 1 / ||h_t||: the stream's later layers see a perturbation relative to the stream's own size
+        scale = [x.float().norm(dim=-1).clamp(min=1e-6).reciprocal()[..., None] for x in record.hidden[layer]]
         record.hidden[layer] = []  # released as the walk goes
         for kind in ("attn", "ffn"):
             n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
             w = output_weight(handle, layer, kind).detach().float()
             m = Moments(n_units * width, g.hidden)
-            for x, v in zip(seen[kind], valid):
-                m.add(x[v], x[v].float() @ w.T.to(x.device))
+            for x, v, sc in zip(seen[kind], valid, scale):
+                x = x.float() * sc if normalise == "stream" else x.float()  # each token's rows weighted
+                m.add(x[v], x[v] @ w.T.to(x.device))
             n_remove = max(1, min(n_units - 1, round(max_fraction * n_units)))
             res = obs_select(m, n_units, width, n_remove, damp=config.damp, intercept=config.intercept)
             costs = torch.tensor(res.costs, dtype=torch.float64)
-            if normalise == "stream":
-                scale = stream
-            else:
+            if normalise == "output":
                 _, _, _, my = m.centered(config.intercept)
-                scale = float(m.yy) - m.count * float(my @ my)
-            out[kind].append(costs / max(scale, 1e-30))
+                costs = costs / max(float(m.yy) - m.count * float(my @ my), 1e-30)
+            out[kind].append(costs)
         if progress:
             progress(layer + 1, g.n_layers)
     return out

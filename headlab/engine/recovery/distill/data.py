@@ -20,6 +20,7 @@ from headlab.engine.core.tokens import context_length
 from headlab.engine.data.datasets import calibration_texts, load_prompts
 from headlab.engine.models.load import cache_dir
 from headlab.engine.recovery.distill.config import DistillError
+from headlab.engine.runtime.regions import ood_items
 
 __all__ = ["DistillData", "prompt_split", "teacher_continuations", "distill_data"]
 
@@ -50,8 +51,13 @@ class DistillData:
 
 def prompt_split(sets: Sequence[str] = ("mt_bench", "vicuna_bench", "gsm8k", "humaneval"),
                  heldout_every: int = 5) -> tuple[list[str], list[str]]:
-    """(train, held-out) prompt texts: the sets interleaved round-robin, every `heldout_every`-th held out."""
-    pools = [[p.text for p in load_prompts(s)] for s in sets]
+    """(train, held-out) prompt texts: the sets interleaved round-robin, every `heldout_every`-th held out.
+
+    Never a text scored out of domain (headlab.engine.runtime.regions.ood_items: the last items of each set,
+    and vicuna_bench's last prompt, which is also mt_bench's first).
+    """
+    scored = {item.scored.strip() for item in ood_items()}
+    pools = [[p.text for p in load_prompts(s) if p.text.strip() not in scored] for s in sets]
     mixed = [pool[i] for i in range(max(map(len, pools), default=0)) for pool in pools if i < len(pool)]
     train = [t for i, t in enumerate(mixed) if i % heldout_every != heldout_every - 1]
     heldout = [t for i, t in enumerate(mixed) if i % heldout_every == heldout_every - 1]
