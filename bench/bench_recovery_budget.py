@@ -1,7 +1,7 @@
 """Recovery within a wall-clock budget: a reconstructed 20%-smaller model, then distillation for N minutes.
 
     python bench/bench_recovery_budget.py                       # 30 minutes of training (resumable)
-    python bench/bench_recovery_budget.py --minutes 2 --quick   # smoke run
+    python bench/bench_recovery_budget.py --minutes 2 --quick --lrs 1e-4   # smoke run
 
 Student: the shipped SmolLM2 with ~20% of its parameters removed by width (the same fraction of
 heads and FFN channels), chosen and re-fitted by structured OBS (headlab.engine.pruning.strategies
@@ -10,7 +10,10 @@ then physically pruned (headlab.engine.export.surgery; the re-solved weights are
 full-parameter distillation (headlab.engine.recovery.distill: KL to the dense teacher's logits, AdamW,
 cosine schedule sized to the budget from a timed probe) until `--minutes` of training have passed.
 Data: WikiText-2 paragraphs from the END of the file (checked to lie after the held-out windows)
-and the teacher's greedy answers to the shipped training prompts.
+and the teacher's greedy answers to the shipped training prompts (never an out-of-domain item;
+headlab.engine.runtime.regions.check_fit_texts checks every text). The learning rate is chosen on the
+VALIDATION windows (tokens 75,000-79,096): each of `--lrs` trains a fresh student for `--probe-minutes`
+(cosine sized to that), and the lowest validation perplexity trains the full run.
 
 The curve: perplexity on the pinned protocol (the START of the file) and on the held-out windows
 (tokens 150,000-156,144, as in bench_quality), at 0 minutes and every `--every` minutes of
@@ -58,6 +61,7 @@ from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
 from headlab.engine.recovery.distill.checkpoint import has_checkpoint
 from headlab.engine.runtime.agreement import agreement, dense_reference
+from headlab.engine.runtime.regions import check_fit_texts, guard, region_perplexity, region_windows
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
 
@@ -89,6 +93,24 @@ def timed_probe(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig)
     return (walls[3] - walls[1]) / 2
 
 
+def choose_lr(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig, lrs: list[float], minutes: float,
+              s_per_step: float, val: torch.Tensor, state: dict[str, Any], save: Any) -> float:
+    """The learning rate whose `minutes`-long run (cosine sized to it) scores best on the VALIDATION windows."""
+    probes = state.setdefault("lr_probe", {})
+    steps = max(5, int(minutes * 60 / s_per_step))
+    for lr in lrs:
+        if str(lr) in probes:
+            continue
+        student = prune(teacher, mask)
+        with guard(teacher):  # the training reads fit text only
+            distill(teacher, student, data, replace(config, lr=lr, steps=steps, warmup=max(1, steps // 20)))
+        probes[str(lr)] = region_perplexity(student, None, val)
+        save()
+        _say(f"  lr {lr:g}: {steps} steps, validation perplexity {probes[str(lr)]:.3f}")
+        del student
+    return float(min(lrs, key=lambda lr: probes[str(lr)]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -98,10 +120,12 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=5.0, help="minutes of training between curve points")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3",
+                    help="learning rates compared by a short run each on the VALIDATION windows; the best trains")
+    ap.add_argument("--probe-minutes", type=float, default=3.0, help="training minutes of each learning-rate probe")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--n-wikitext", type=int, default=512, help="WikiText-2 paragraphs (end of the file)")
-    ap.add_argument("--n-prompts", type=int, default=48)
+    ap.add_argument("--n-prompts", type=int, default=160, help="training prompts answered by the teacher")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="short protocols, the quick quality cache")
     ap.add_argument("--fresh", action="store_true")
@@ -114,7 +138,8 @@ def main() -> None:
     protocol = PerplexityProtocol(window=256, stride=256, n_windows=2) if args.quick else DEFAULT_PROTOCOL
     ho = heldout_windows(teacher, HELDOUT_OFFSET, 256 if args.quick else 512, 2 if args.quick else 12)
     work = cache_dir_root() / "bench" / ("recovery_budget_quick" if args.quick else "recovery_budget") / (
-        f"{(args.model or DEFAULT_MODEL).replace('/', '_')}_{args.method}_{args.config}_{args.minutes:g}min")
+        f"{(args.model or DEFAULT_MODEL).replace('/', '_')}_{args.method}_{args.config}_{args.minutes:g}min_"
+        f"{args.n_wikitext}w{args.n_prompts}p_lrs{args.lrs}_{args.probe_minutes:g}").replace("[", "(").replace("]", ")")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -123,23 +148,34 @@ def main() -> None:
 
     dense = perplexity(teacher, None, protocol).perplexity
     dense_ho = heldout_perplexity(teacher, None, ho)
+    dense_val = region_perplexity(teacher, None, region_windows(
+        teacher, "validation", n=2 if args.quick else None, window=256 if args.quick else None))
     mask = student_mask(teacher, args.model, args.method, args.config, args.quick)
     c = cost(teacher, mask)
     data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts)
     where = check_disjoint(teacher, Calibration(calibration_texts("wikitext", args.n_wikitext)),
                            HELDOUT_OFFSET + ho.numel())
-    config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+    where += "; " + check_fit_texts(teacher, [*data.train, *data.heldout], "distillation")
+    val = region_windows(teacher, "validation", n=2 if args.quick else None, window=256 if args.quick else None)
+    config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length,
                            temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
                            eval_every=10_000)
     if "s_per_step" not in state:
         state["s_per_step"] = timed_probe(teacher, mask, data, config)
         curve_path.write_text(json.dumps(state, indent=1))
+    lrs = [float(x) for x in args.lrs.split(",")]
+    lr = lrs[0] if len(lrs) == 1 else choose_lr(teacher, mask, data, config, lrs, args.probe_minutes,
+                                                state["s_per_step"], val,
+                                                state, lambda: curve_path.write_text(json.dumps(state, indent=1)))
+    state["lr"] = lr
+    config = replace(config, lr=lr)
     steps = max(10, int(args.minutes * 60 / state["s_per_step"]))
     config = replace(config, steps=steps, warmup=max(1, steps // 20))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
-         f"({where}); probe {state['s_per_step']:.2f} s/step -> {steps} steps for {args.minutes:g} minutes")
+         f"({where}); probe {state['s_per_step']:.2f} s/step -> {steps} steps for {args.minutes:g} minutes; "
+         f"lr {lr:g} chosen on validation ({state.get('lr_probe', {})})")
 
     student = prune(teacher, mask)
     points: list[dict[str, Any]] = state.setdefault("points", [])
@@ -149,11 +185,13 @@ def main() -> None:
         t = time.perf_counter()
         ppl = perplexity(student, None, protocol).perplexity
         ppl_ho = heldout_perplexity(student, None, ho)
+        ppl_val = region_perplexity(student, None, val)
         if in_training:
             state["eval_in_training_s"] += time.perf_counter() - t
         points.append({"minutes": round(train_s / 60, 2), "step": step, "ppl_main": round(ppl, 3),
                        "ratio_main": round(ppl / dense, 3), "ppl_heldout": round(ppl_ho, 3),
-                       "ratio_heldout": round(ppl_ho / dense_ho, 3)})
+                       "ratio_heldout": round(ppl_ho / dense_ho, 3), "ppl_validation": round(ppl_val, 3),
+                       "ratio_validation": round(ppl_val / dense_val, 3)})
         curve_path.write_text(json.dumps(state, indent=1))
         _say(f"  {train_s / 60:5.1f} min, step {step:4d}: main {ppl:.2f} ({ppl / dense:.3f}x), "
              f"held-out {ppl_ho:.2f} ({ppl_ho / dense_ho:.3f}x)")

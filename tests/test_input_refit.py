@@ -112,3 +112,22 @@ def test_per_sample_masks_apply_each_rows_own_map():
         dense = token_logits(h, ids[1:], am[1:])
     torch.testing.assert_close(both[0], first[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(both[1], dense[0], atol=1e-5, rtol=0)
+
+
+def test_joint_allocation_takes_the_cheapest_removals_across_layers_and_kinds():
+    from headlab.engine.pruning.reconstruct.joint import _take, _take_mixed, joint_counts
+
+    costs = [torch.tensor([1.0, 5.0, 6.0]), torch.tensor([2.0, 3.0, 4.0])]
+    assert _take(costs, 3, 1, [4, 4]) == [1, 2]  # 1, 2, 3 are the cheapest
+    # a layer's count is a prefix of its own order: an expensive first removal hides a cheap second one
+    assert _take([torch.tensor([9.0, 0.0]), torch.tensor([1.0, 2.0])], 2, 1, [3, 3]) == [0, 2]
+    assert _take(costs, 2, 2, [4, 4]) == [0, 2]  # whole chunks of 2: (2 + 3) < (1 + 5)
+    mixed = _take_mixed({"attn": [torch.tensor([1.0, 100.0])], "ffn": [torch.tensor([0.5, 0.6, 0.7, 50.0])]},
+                        {"attn": 4, "ffn": 1}, 7, {"attn": 1, "ffn": 1}, {"attn": 3, "ffn": 5})
+    assert mixed == {"attn": [1], "ffn": [3]}  # per parameter: a head costs 0.25, a channel 0.5-0.7
+    h = tiny_handle("llama")
+    g = h.geometry
+    heads, channels = joint_counts(h, 2, 40, TEXTS, RefitConfig())
+    assert sum(heads) == 2 and sum(channels) == 40 and all(c < g.ffn_dim for c in channels)
+    heads, channels = joint_counts(h, 2, 40, TEXTS, RefitConfig(), even_groups=True, ffn_align=8)
+    assert all(x % g.n_kv_heads == 0 for x in heads) and all(c % 8 == 0 for c in channels)

@@ -19,6 +19,10 @@ blocks). The counts then go to `obs_prune`, which re-chooses and re-solves the u
 model's own inputs. ZipLM (Kurtic et al. 2023) and SlimGPT's global variants allocate the same way:
 one ordered list of OBS costs across layers.
 
+`allocation="joint"` goes one step further: only the parameters the budget removes are fixed, and heads
+compete with FFN channels by cost per parameter (both are measured in the same unit, the stream's relative
+perturbation), so the split between attention and FFN is chosen too.
+
 Cost: one dense pass over the texts, one [n, n] Gram per projection, and the greedy OBS removals.
 """
 
@@ -29,13 +33,15 @@ from collections.abc import Sequence
 import torch
 
 from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.core.tokens import batches, context_length, encode_batch
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, output_weight
 from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select
+from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.replay import record_layers
 
-__all__ = ["NORMALISATIONS", "joint_counts", "obs_costs"]
+__all__ = ["NORMALISATIONS", "joint_counts", "obs_costs", "unit_params"]
 
 NORMALISATIONS = ("stream", "output")
 
@@ -110,13 +116,58 @@ def _take(costs: list[torch.Tensor], total: int, chunk: int, sizes: list[int]) -
     return counts
 
 
+def _take_mixed(costs: dict[str, list[torch.Tensor]], params: dict[str, int], budget: int, chunks: dict[str, int],
+                sizes: dict[str, int]) -> dict[str, list[int]]:
+    """Counts per kind and layer removing about `budget` parameters, cheapest cost per parameter first."""
+    items = []  # (cost per parameter, kind, layer, chunk index)
+    for kind, per_layer in costs.items():
+        chunk = chunks[kind]
+        for layer, c in enumerate(per_layer):
+            c = torch.cummax(c, 0).values
+            for j in range(min(len(c), sizes[kind] - chunk) // chunk):
+                items.append((float(c[j * chunk:(j + 1) * chunk].sum()) / (chunk * params[kind]), kind, layer, j))
+    items.sort()
+    counts = {kind: [0] * len(per_layer) for kind, per_layer in costs.items()}
+    removed = 0
+    for _, kind, layer, j in items:
+        if removed >= budget:
+            break
+        if counts[kind][layer] == j * chunks[kind]:
+            step = chunks[kind] * params[kind]
+            if removed + step - budget > budget - removed:  # overshoots more than it helps: try smaller chunks
+                continue
+            counts[kind][layer] += chunks[kind]
+            removed += step
+    return counts
+
+
 def joint_counts(handle: ModelHandle, heads: int, channels: int, texts: Sequence[str], config: RefitConfig, *,
-                 normalise: str = "stream", even_groups: bool = False, ffn_align: int = 1,
+                 normalise: str = "stream", even_groups: bool = False, ffn_align: int = 1, mix: bool = False,
                  progress: Progress | None = None) -> tuple[list[int], list[int]]:
-    """(heads, channels) to remove per layer: the budget's totals taken cheapest-first from one global cost."""
+    """(heads, channels) to remove per layer: the budget's totals taken cheapest-first from one global cost.
+
+    `mix`: only the parameters the two totals remove are kept fixed; heads and channels compete for them
+    by cost per parameter (a head of a GQA model weighs its Q rows and O columns).
+    """
     g = handle.geometry
     costs = obs_costs(handle, texts, config, normalise, progress=progress)
-    head_chunk = g.n_kv_heads if even_groups and g.group_size > 1 else 1
-    h = _take(costs["attn"], heads, head_chunk, [g.n_heads] * g.n_layers)
-    f = _take(costs["ffn"], channels, ffn_align, [g.ffn_dim] * g.n_layers)
+    chunks = {"attn": g.n_kv_heads if even_groups and g.group_size > 1 else 1, "ffn": ffn_align}
+    sizes = {"attn": g.n_heads, "ffn": g.ffn_dim}
+    if mix:
+        params = unit_params(handle)
+        budget = heads * params["attn"] + channels * params["ffn"]
+        counts = _take_mixed(costs, params, budget, chunks, sizes)
+        return counts["attn"], counts["ffn"]
+    h = _take(costs["attn"], heads, chunks["attn"], [g.n_heads] * g.n_layers)
+    f = _take(costs["ffn"], channels, chunks["ffn"], [g.ffn_dim] * g.n_layers)
     return h, f
+
+
+def unit_params(handle: ModelHandle) -> dict[str, int]:
+    """Parameters one query head ("attn") and one FFN channel ("ffn") of layer 0 carry."""
+    g = handle.geometry
+    total = cost(handle).params_total
+    head = PruneMask.dense(g).with_head(0, 0, 0.0)
+    channel = PruneMask.dense(g)
+    channel.ffn[0, 0] = 0.0
+    return {"attn": total - cost(handle, head).params_kept, "ffn": total - cost(handle, channel).params_kept}

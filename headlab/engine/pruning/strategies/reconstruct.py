@@ -64,7 +64,7 @@ __all__ = [
     "width_fraction",
 ]
 
-ALLOCATIONS = ("auto", "global", "flap", "ablation", "owl", "uniform")
+ALLOCATIONS = ("auto", "global", "joint", "flap", "ablation", "owl", "uniform")
 REFIT_TEXTS = 128
 # Chosen on validation text (bench/bench_choices.py; bench/results/choices.csv, which a test checks against these):
 AUTO_ALLOCATION = {"heads": "ablation", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
@@ -106,7 +106,9 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
 
     "owl": OWL outlier ratios; "uniform": the same in every layer; "flap": where FLAP's per-layer standardised
     fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
-    "auto": "ablation" for a heads-only budget, else "flap" (what measured best, see the module doc).
+    "global": each total taken cheapest-first from OBS costs comparable across layers (reconstruct/joint.py);
+    "joint": as "global", but heads and channels compete for the parameters both totals remove (the split
+    between them is chosen too, so the totals are not kept); "auto": AUTO_ALLOCATION, chosen on validation text.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -115,9 +117,10 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     even_groups = even_groups and g.group_size > 1  # without GQA any head count is even
     if allocation == "auto":
         allocation = AUTO_ALLOCATION["width" if f else "heads"]
-    if allocation == "global":
+    if allocation in ("global", "joint"):
         return joint_counts(handle, h, f, refit_texts(calib), _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
-                            even_groups=even_groups, ffn_align=ffn_align, progress=progress)
+                            even_groups=even_groups, ffn_align=ffn_align, mix=allocation == "joint",
+                            progress=progress)
     if allocation in ("flap", "ablation"):
         flap = FlapStrategy()(handle, budget, calib, progress=progress)
         heads = (AblationStrategy(compensate=True)(handle, Budget(heads=h), calib, progress=progress)
