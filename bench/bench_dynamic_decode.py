@@ -20,6 +20,16 @@ whole gate, a network its sketches; final norm, LM head); fraction of ideal = sp
 predictor overhead = time spent in the chooser per decoded token / time of a dense token (CATS's
 includes its full gate mat-vec); FFN path = the kernel that ran (compiled CPU kernel, Triton, or
 the torch fallback); same greedy prefix = leading new tokens equal to dense decoding.
+
+Native precision (the shipped SmolLM2 is a Q4_1 model dequantised to float32): a "dense int4" row decodes with
+every FFN at 4 bits, 16 levels per group of 32 inputs, through PyTorch's CPU int4 kernel when it runs here
+(headlab.engine.dynamic.int4; ffn_path "int4 kernel", else "int4 dequantise-per-call", a slow fallback), attention
+and LM head float32; precision says which rows are which, and speedup_same_precision compares a row with the dense
+row of its own precision. A sparse decode reading its kept rows at 4 bits is not built yet (see int4.py): for
+every sparse row, ideal_int4_speedup is what it could reach at most, dense-int4 bytes over the bytes it would read
+with its kept channels and its predictor at 4 bits. A "llama.cpp Q4_1" row runs llama-bench on the shipped GGUF
+(every weight at 4 bits, `--threads` threads, generation from an empty context) when `make llama-cpp` has built
+the tools; otherwise the run says so and goes on.
 """
 
 from __future__ import annotations
@@ -46,8 +56,14 @@ from headlab.engine.dynamic import (
     dense_generate,
     sparse_generate,
 )
+from headlab.engine.dynamic.int4 import int4_decode_weight_bytes, int4_ffn, int4_generate
 from headlab.engine.dynamic.ipn import load_ipn, untrained_ipn
-from headlab.engine.models.load import load_model
+from headlab.engine.export import llama_cpp
+from headlab.engine.models.load import load_model, shipped_gguf
+
+#: Rows whose FFN runs at 4 bits (the others are float32).
+INT4_DENSE = "dense int4"
+LLAMA_CPP = "llama.cpp Q4_1"
 
 
 def _prompt(handle, n: int) -> torch.Tensor:
@@ -88,6 +104,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", default="auto", choices=["auto", "compiled", "torch", "triton"],
                     help="the sparse FFN kernel")
+    ap.add_argument("--no-int4", action="store_true", help="skip the dense int4 row")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp row")
     ap.add_argument("--csv", default="bench/results/dynamic_decode.csv")
     args = ap.parse_args()
 
@@ -96,10 +114,14 @@ def main() -> None:
     handle = load_model(args.model, dtype="float32")
     prompt = _prompt(handle, args.prompt)
     choosers = _choosers(handle, args)
+    if not args.no_int4:
+        int4_ffn(handle)  # quantised on all cores, before timing
     t_setup = time.perf_counter() - t
 
     torch.set_num_threads(args.threads)
     runs = {"dense": lambda n: dense_generate(handle, prompt, n)}
+    if not args.no_int4:
+        runs[INT4_DENSE] = lambda n: int4_generate(handle, prompt, n)
     runs.update({label: (lambda n, c=c: sparse_generate(handle, prompt, c, n, backend=args.backend))
                  for label, (c, _) in choosers.items()})
     for run in runs.values():  # warm-up; also makes the interleaved FFN copies
@@ -111,20 +133,30 @@ def main() -> None:
 
     g = handle.geometry
     dense_bytes = decode_weight_bytes(handle)
+    int4_bytes = int4_decode_weight_bytes(handle)
     dense_tps = statistics.median(r.decode_tokens_per_s for r in results["dense"])
+    int4_tps = statistics.median(r.decode_tokens_per_s for r in results[INT4_DENSE]) if INT4_DENSE in results else None
     dense_new = results["dense"][0].new_tokens
     rows = []
     for label, gens in results.items():
         first = gens[0]
         chooser, target = choosers.get(label, (None, 0.0))
+        int4 = label == INT4_DENSE
         tps = statistics.median(r.decode_tokens_per_s for r in gens)
-        sparse_bytes = (dense_bytes if chooser is None
-                        else decode_weight_bytes(handle, first.kept, first.heads, chooser=chooser))
-        ideal = dense_bytes / sparse_bytes
+        if int4:
+            sparse_bytes = int4_bytes
+        else:
+            sparse_bytes = (dense_bytes if chooser is None
+                            else decode_weight_bytes(handle, first.kept, first.heads, chooser=chooser))
+        ideal = (int4_bytes if int4 else dense_bytes) / sparse_bytes
         speedup = tps / dense_tps
+        ideal_int4 = None
+        if chooser is not None and first.heads is None:  # the int4 byte count covers FFN sparsity only
+            ideal_int4 = int4_bytes / int4_decode_weight_bytes(handle, first.kept, chooser=chooser)
         chooser_per_token = statistics.median(r.chooser_s / r.decoded for r in gens)
         rows.append({
             "config": label,
+            "precision": "int4 FFN" if int4 else "fp32",
             "chooser": first.chooser or "-",
             "ffn_path": first.ffn_path or "dense",
             "target_sparsity": target,
@@ -132,8 +164,10 @@ def main() -> None:
             "decode_head_sparsity": 0.0 if first.heads is None else 1.0 - float(first.heads.float().mean()) / g.n_heads,
             "tokens_per_s": tps,
             "speedup": speedup,
+            "speedup_same_precision": tps / int4_tps if int4 else speedup,
             "weight_mb_per_token": sparse_bytes / 2**20,
             "ideal_speedup": ideal,
+            "ideal_int4_speedup": ideal_int4,
             "fraction_of_ideal": speedup / ideal,
             "predictor_overhead": chooser_per_token * dense_tps,  # chooser time per token / dense token time
             "same_tokens_as_dense": _same_prefix(first.new_tokens, dense_new),
@@ -143,23 +177,59 @@ def main() -> None:
             "repeats": args.repeats,
             "model": handle.name,
         })
+    if not args.no_llama_cpp:
+        rows += _llama_cpp_row(handle, args, dense_tps)
 
-    print(f"\n# bench_dynamic_decode: {handle.name}, fp32, batch 1, {args.threads} torch thread(s) on {cpu_name()}")
+    print(f"\n# bench_dynamic_decode: {handle.name}, fp32 (int4 FFN in the {INT4_DENSE} row), batch 1, {args.threads} torch thread(s) on {cpu_name()}")
     print(f"# {args.prompt}-token prompt + {args.new} greedy tokens with the KV cache; median of {args.repeats} runs "
           f"(decode steps only); setup (load + calibration) {t_setup:.0f} s")
     print("# ideal = weight bytes read per token, dense / sparse (chooser's own reads included); "
           "fraction of ideal = speedup / ideal;")
     print("# predictor overhead = chooser time per token / dense token time; timings on a shared machine are noisy\n")
-    print("| config | FFN path | FFN sparsity | head sparsity | tok/s | speedup | MB read/token | ideal | "
-          "fraction of ideal | predictor overhead | same greedy prefix |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | precision | FFN path | FFN sparsity | head sparsity | tok/s | speedup | same precision | "
+          "MB read/token | ideal | fraction of ideal | ideal at int4 | predictor overhead | same greedy prefix |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(v, spec: str, suffix: str = "") -> str:
+        return "-" if v is None else format(v, spec) + suffix
+
     for r in rows:
-        dense = r["config"] == "dense"
-        print(f"| {r['config']} | {r['ffn_path']} | {r['decode_ffn_sparsity']:.1%} | {r['decode_head_sparsity']:.1%} | "
-              f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['weight_mb_per_token']:.0f} | "
-              f"{r['ideal_speedup']:.2f}x | {'-' if dense else format(r['fraction_of_ideal'], '.0%')} | "
-              f"{'-' if dense else format(r['predictor_overhead'], '.1%')} | {r['same_tokens_as_dense']}/{args.new} |")
+        sparse = r["config"] not in ("dense", INT4_DENSE, LLAMA_CPP)
+        print(f"| {r['config']} | {r['precision']} | {r['ffn_path']} | {cell(r.get('decode_ffn_sparsity'), '.1%')} | "
+              f"{cell(r.get('decode_head_sparsity'), '.1%')} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+              f"{cell(r.get('speedup_same_precision'), '.2f', 'x')} | {cell(r.get('weight_mb_per_token'), '.0f')} | "
+              f"{cell(r.get('ideal_speedup'), '.2f', 'x')} | "
+              f"{cell(r['fraction_of_ideal'] if sparse else None, '.0%')} | "
+              f"{cell(r.get('ideal_int4_speedup'), '.2f', 'x')} | "
+              f"{cell(r['predictor_overhead'] if sparse else None, '.1%')} | "
+              f"{cell(r.get('same_tokens_as_dense'), 'd')}/{args.new} |")
+    for r in rows:
+        if r.get("ideal_int4_speedup") is not None:
+            print(f"# {r['config']} at 4 bits: at most {r['ideal_int4_speedup']:.2f}x the dense int4 decode "
+                  f"(bytes read per token, its predictor included); the issue asks >= 1.15x")
     print(f"\nwrote {write_rows(rows, args.csv)}")
+
+
+def _llama_cpp_row(handle, args, dense_tps: float) -> list[dict]:
+    """llama-bench on the shipped Q4_1 GGUF at `--threads` threads, or nothing (and why) when it cannot run."""
+    gguf = shipped_gguf(handle.name)
+    if gguf is None:
+        print(f"# llama.cpp row skipped: {handle.name} is not a shipped model with a GGUF file")
+        return []
+    try:
+        speed = llama_cpp.bench(gguf, prompt=args.prompt, generate=args.new, threads=args.threads,
+                                repetitions=args.repeats)
+    except llama_cpp.LlamaCppMissing as e:
+        print(f"# llama.cpp row skipped: {e}")
+        return []
+    except llama_cpp.LlamaCppError as e:
+        print(f"# llama.cpp row skipped: llama-bench failed: {e}")
+        return []
+    tps = speed["generate"]
+    return [{"config": LLAMA_CPP, "precision": "Q4_1 (every weight)", "chooser": "-", "ffn_path": "llama.cpp",
+             "target_sparsity": 0.0, "tokens_per_s": tps, "speedup": tps / dense_tps, "new_tokens": args.new,
+             "prompt_tokens": args.prompt, "threads": args.threads, "repeats": args.repeats, "model": handle.name,
+             "fraction_of_ideal": None, "predictor_overhead": None}]
 
 
 if __name__ == "__main__":

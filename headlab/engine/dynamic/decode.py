@@ -39,7 +39,7 @@ from headlab.engine.dynamic.rules import Thresholds
 from headlab.kernels.decode import FFNBackend
 
 __all__ = [
-    "Generation", "decode_weight_bytes", "dense_generate", "sparse_generate", "sparse_nll"]
+    "Generation", "check_prompt", "decode_weight_bytes", "dense_generate", "sparse_generate", "sparse_nll"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class Generation:
         return self.decoded / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def _check_prompt(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> None:
+def check_prompt(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> None:
+    """Refuse anything but one non-empty prompt [1, T], at least one new token, and a model that decodes stepwise."""
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise ValueError(f"decoding runs one non-empty prompt: ids must be [1, T], got {tuple(ids.shape)}")
     if max_new_tokens < 1:
@@ -163,7 +164,7 @@ def sparse_generate(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser | T
     Token for token the same model as `chooser.gates(handle)` (CATS: `apply_rule(handle, thresholds)`).
     `backend`: the FFN kernel ("auto": Triton on CUDA, the compiled CPU kernel when built, else torch).
     """
-    _check_prompt(handle, ids, max_new_tokens)
+    check_prompt(handle, ids, max_new_tokens)
     if isinstance(chooser, Thresholds):
         chooser = CatsChooser(handle, chooser)
     chooser.check(handle)
@@ -179,7 +180,7 @@ def sparse_nll(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser, *, back
     heads only, the gathered FFN kernels): an implementation independent of the hooks that
     `chooser.gates(handle)` installs over a batched forward, for checking a perplexity measured there.
     """
-    _check_prompt(handle, ids, 1)
+    check_prompt(handle, ids, 1)
     chooser.check(handle)
     adapter = handle.adapter
     ids = ids.to(handle.device)
@@ -198,7 +199,7 @@ def sparse_nll(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser, *, back
 
 def dense_generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) -> Generation:
     """The dense twin of `sparse_generate`: the same prefill and decode loop, every weight the model's own."""
-    _check_prompt(handle, ids, max_new_tokens)
+    check_prompt(handle, ids, max_new_tokens)
     return _generate(handle, ids, max_new_tokens, None, "auto")
 
 
