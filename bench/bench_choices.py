@@ -9,8 +9,12 @@ tokens from token 75,000), never on the main protocol's windows or the held-out 
 stage keeps the previous stages' winners:
 
 1. inputs: the input side re-fitted or not (RefitConfig.inputs: none / pruned / all);
-2. allocation: how many units each layer loses (flap, ablation, owl, uniform, global);
-3. damping: the ridge damping of every solve.
+2. allocation: how many units each layer loses (flap, ablation, owl, global; joint also splits the
+   parameters between heads and channels);
+3. damping: the ridge damping of every solve;
+4. target: each projection's own dense output, or the dense residual stream (a sub-block also corrects
+   the error its input carries).
+heads30 takes width20's input mode and compares allocations only.
 
 Masks are chosen under the regions guard (nothing a method reads may hold main, validation, held-out
 or out-of-domain text) and cached with bench_quality's, so bench_quality reuses the winners' masks.
@@ -43,21 +47,22 @@ RESULTS = Path("bench/results")
 STAGES = {
     "width20": [
         ("inputs", ["inputs=none", "inputs=all"]),
-        ("allocation", ["allocation=flap", "allocation=global", "allocation=owl"]),
-        ("normalisation", []),  # filled when "global" wins: global with the other normalisation
-        ("damp", ["damp=0.01", "damp=0.1"]),
+        ("allocation", ["allocation=flap", "allocation=global", "allocation=joint", "allocation=owl"]),
+        ("normalisation", []),  # filled when "global" or "joint" wins: the same with the other normalisation
+        ("damp", ["damp=0.01", "damp=0.001", "damp=0.1"]),
+        ("target", ["target=output", "target=residual"]),
     ],
     "heads30": [
-        ("inputs", ["inputs=none", "inputs=all"]),
-        ("allocation", ["allocation=ablation", "allocation=global", "allocation=flap"]),
+        ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
+        ("allocation", ["allocation=ablation", "allocation=global"]),
     ],
 }
 
 
 # Settings equal to what obs does without them, dropped from a candidate's name so one mask is never chosen twice
 # under two names (the bench's own defaults: the code's as they stood when the stages were laid out).
-IMPLIED = {"width20": {"allocation=flap", "damp=0.01", "normalise=stream"},
-           "heads30": {"allocation=ablation", "damp=0.01", "normalise=stream"}}
+IMPLIED = {"width20": {"allocation=flap", "damp=0.01", "normalise=stream", "target=output"},
+           "heads30": {"allocation=ablation", "damp=0.01", "normalise=stream", "target=output"}}
 
 
 def spec(settings: list[str], config: str | None = None) -> str:
@@ -97,7 +102,7 @@ def main() -> None:
         winners: list[str] = []
         for stage, options in STAGES[config]:
             if stage == "normalisation":
-                if "allocation=global" not in winners:
+                if "allocation=global" not in winners and "allocation=joint" not in winners:
                     continue
                 options = ["normalise=stream", "normalise=output"]
             scored = []

@@ -222,11 +222,24 @@ def _make_mask(handle: Any, method: str, config: str, calib: Calibration, args: 
     return get_strategy(method, **kwargs)(handle, budget, calib)
 
 
+def split_specs(text: str) -> list[str]:
+    """Comma-separated methods, where a method's own settings may hold commas inside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [m for m in [*out, cur] if m]
+
+
 def methods_for(config: str, args: argparse.Namespace) -> list[str]:
     default = list(HEAD_METHODS) + (list(RECONSTRUCT_METHODS) if config in RECONSTRUCT_CONFIGS else [])
-    chosen = args.methods.split(",") if args.methods else default
+    chosen = split_specs(args.methods) if args.methods else default
     if config.startswith("depth"):
-        depth = args.depth_methods.split(",") if args.depth_methods else list(BENCH_DEPTH_METHODS)
+        depth = split_specs(args.depth_methods) if args.depth_methods else list(BENCH_DEPTH_METHODS)
         return [m for m in depth if parse_spec(m)[0] in DEPTH_METHODS or parse_spec(m)[0] in DEPTH_REFIT_METHODS]
     return chosen
 
