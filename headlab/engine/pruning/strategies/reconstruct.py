@@ -1,13 +1,14 @@
 """Strategies that re-fit what remains (headlab.engine.pruning.reconstruct): closed-form, layer by layer, no training.
 
 - `obs`: structured OBS chooses the heads and FFN channels of each layer on the inputs the
-  already-pruned layers produce, and the kept columns of the O / down projections are re-solved
-  by least squares (SlimGPT, Ling et al. 2024; ZipLM, Kurtic et al. 2023). How many units each
-  layer loses ("auto", chosen by measurement on SmolLM2, docs/quality.md): for heads alone, where
-  the measured mean-ablation KL cuts (50% of heads: 1.86x dense against 2.28x with FLAP's counts);
-  with FFN channels, where FLAP's per-layer standardised fluctuation cuts (An et al. 2024; 20% of
-  the parameters: 1.78x, against 1.86x with the ablation counts for heads and 2.30x with OWL's
-  outlier-weighted allocation, Yin et al. 2024). Or name one: "flap", "ablation", "owl", "uniform".
+  already-pruned layers produce, every kept weight is re-solved by least squares (the O / down
+  columns, and Q/K/V and gate/up through one input map per sub-block; SlimGPT, Ling et al. 2024;
+  ZipLM, Kurtic et al. 2023). How many units each layer loses ("auto") was chosen on VALIDATION
+  text (bench/bench_choices.py, bench/results/choices.csv): for heads alone, the joint allocation
+  from OBS costs comparable across layers ("global"; 30% of heads: 1.15x dense on validation against
+  1.24x where the measured mean-ablation KL cuts); with FFN channels, where FLAP's per-layer
+  standardised fluctuation cuts (An et al. 2024; 20% of the parameters: 2.00x, against 2.06x global,
+  2.01x "joint" and 2.47x with OWL's outlier-weighted allocation, Yin et al. 2024). Or name one.
 - `flap-refit`, `ablation-refit`, `hardconcrete-refit`: another method's choice of units (FLAP's
   standardised fluctuation, An et al. 2024; the measured mean-ablation KL; a hard-concrete mask
   trained on KL to the dense model), then the same re-solve in place of the mean bias (which is
@@ -67,7 +68,7 @@ __all__ = [
 ALLOCATIONS = ("auto", "global", "joint", "flap", "ablation", "owl", "uniform")
 REFIT_TEXTS = 128
 # Chosen on validation text (bench/bench_choices.py; bench/results/choices.csv, which a test checks against these):
-AUTO_ALLOCATION = {"heads": "ablation", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
+AUTO_ALLOCATION = {"heads": "global", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
 GLOBAL_NORMALISATION = "stream"  # how "global" makes OBS costs of different layers comparable (joint.py)
 DEFAULT_INPUTS = "all"  # input re-fits (layerwise.RefitConfig.inputs) where the family supports them
 INPUT_CHOICES = ("auto", *INPUT_MODES)
@@ -148,8 +149,8 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
 class ObsStrategy(Strategy):
     name = "obs"
     description = ("structured OBS chooses heads and FFN channels layer by layer on the pruned model's own "
-                   "inputs (per-layer counts where measured ablation or FLAP cuts), kept O/down columns "
-                   "re-solved by least squares")
+                   "inputs (per-layer counts: one global OBS cost for heads, where FLAP cuts for channels), "
+                   "every kept weight re-solved by least squares")
     reference = f"{SLIMGPT}; {ZIPLM}; per-layer counts: measured ablation / An et al., FLAP, AAAI 2024 (or {OWL})"
     cost_hint = "measured"
     always_compensates = True
