@@ -62,7 +62,7 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
     for layer in range(g.n_layers):
         seen: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
         projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
-        hooks = [projs[k].register_forward_pre_hook(lambda mod, args, k=k: seen[k].append(args[0].detach()))
+        hooks = [projs[k].register_forward_pre_hook(lambda mod, args, into=seen[k]: into.append(args[0].detach()))
                  for k in projs]
         try:
             record.run_from(layer, None, stop=layer + 1)
