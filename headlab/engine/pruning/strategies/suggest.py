@@ -8,8 +8,9 @@ Modes (which strategy runs; chosen from bench/bench_quality.py's measurements, d
               cut re-measured under the pruned model (better at large budgets, minutes per budget).
 - "optimise": hardconcrete+comp — a static hard-concrete mask trained on KL to the dense model,
               started from the ablation ranking, exact budget (slowest).
-- "reconstruct": obs — per-layer counts from the same measured ablation, structured OBS choosing
-              the heads (and channels) of each layer, the kept weights re-solved by least squares
+- "reconstruct": obs — per-layer counts from one global OBS cost across layers (chosen on validation
+              text), structured OBS choosing the heads (and channels) of each layer, every kept weight
+              re-solved by least squares
               (headlab.engine.pruning.strategies.reconstruct; minutes, on 128 calibration paragraphs).
 
 The prediction needs no forward pass: removals are assumed to add up, so
