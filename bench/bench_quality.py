@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -46,7 +45,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from headlab.engine.core import gates
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import read_wikitext
@@ -63,7 +61,7 @@ from headlab.engine.pruning.strategies.reconstruct import (
 )
 from headlab.engine.runtime.agreement import DenseReference, agreement, dense_reference
 from headlab.engine.runtime.cost import cost
-from headlab.engine.runtime.regions import HELDOUT_OFFSET, check_fit_texts, guard, ood_nll
+from headlab.engine.runtime.regions import HELDOUT_OFFSET, check_fit_texts, guard, ood_nll, region_perplexity
 from headlab.engine.runtime.evaluate import (
     DEFAULT_PROTOCOL,
     PerplexityProtocol,
@@ -71,7 +69,6 @@ from headlab.engine.runtime.evaluate import (
     leading_bos,
     perplexity,
     text_windows,
-    window_nll,
 )
 
 HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
@@ -93,15 +90,7 @@ def heldout_windows(handle: Any, offset: int, window: int, n: int) -> torch.Tens
     return text_windows(_wikitext_ids(handle.tokenizer), window, window, n, leading_bos(handle.tokenizer), start=offset)
 
 
-@torch.no_grad()
-def heldout_perplexity(handle: Any, mask: PruneMask | None, windows: torch.Tensor, batch_size: int = 4) -> float:
-    total, count = 0.0, 0
-    with gates.apply(handle, mask):
-        for i in range(0, windows.shape[0], batch_size):
-            ids = windows[i: i + batch_size].to(handle.device)
-            s, c = window_nll(handle.model(input_ids=ids).logits, ids, torch.ones(ids.shape[0], dtype=torch.long))
-            total, count = total + float(s), count + c
-    return math.exp(total / count)
+heldout_perplexity = region_perplexity  # perplexity over given windows, the mask applied per call
 
 
 def check_disjoint(handle: Any, calib: Calibration, heldout_end_token: int) -> str:
