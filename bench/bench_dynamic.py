@@ -26,7 +26,7 @@ Methods, at each target FFN sparsity (default 25, 40, 50 and 70% of the channels
 - oracle-ipn-budgets: the oracle given the trained network's own per-layer budgets (in layer l, the true top
   k_l channels per token, k_l = the network's mean kept count there on the calibration windows);
 - ipn+lora: the same with LoRA adapters (rank 8) on the FFN down projections trained jointly;
-- ipn+heads: the network also choosing query heads per token (target head sparsity 25%, 50% rows only);
+- ipn+heads: the network also choosing query heads per token (target head sparsity 25%, --heads-sparsities, default 50% only);
 - per-prompt: one mask per window, predicted by the trained network from the window's first 64 tokens,
   then kept for the whole window (headlab.engine.dynamic.prompt_mask), scored on the tokens after those 64
   only (scored_from), against the dense model on the same tokens (dense_ppl_*), never on its own prefix;
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -73,7 +72,7 @@ from bench.bench_quality import HELDOUT_OFFSET, heldout_windows
 from bench.machine import cpu_name
 from headlab.engine.core import gates
 from headlab.engine.core.csvfile import write_rows
-from headlab.engine.data.datasets import calibration_texts, read_wikitext
+from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.dynamic import (
     SparsityMeter,
     Thresholds,
@@ -103,9 +102,9 @@ from headlab.engine.runtime.evaluate import (
     DEFAULT_PROTOCOL,
     PerplexityProtocol,
     eval_windows,
-    leading_bos,
     window_nll,
 )
+from headlab.engine.runtime.regions import check_fit_texts, check_region_windows
 
 PROMPT = 64  # tokens a per-prompt or routed mask is predicted from
 RULES = ("oracle", "exact", "cats", "teal", "wina", "teal-ffn", "wina-ffn")
@@ -247,40 +246,6 @@ def matched_rule_row(handle, rule: str, ipn, calib: torch.Tensor, main, heldout)
             "level": th.meta["level"], "matched_weights_skipped": matched}
 
 
-def window_span(start: int, window: int, stride: int, n: int, bos: int | None) -> tuple[int, int]:
-    """[first, end) tokens of the WikiText-2 test file that text_windows(ids, window, stride, n, bos, start) reads."""
-    text = window - (bos is not None)
-    step = stride - 1 if bos is not None and stride == window else stride
-    return start, start + (n - 1) * step + text
-
-
-def calibration_span(handle, texts: list[str]) -> tuple[int, int]:
-    """[first, end) tokens of the file holding the calibration paragraphs (taken from its end, so they run to it)."""
-    text = read_wikitext()
-    missing = [t[:40] for t in texts if text.rfind(t) < 0]
-    if missing:
-        raise SystemExit(f"calibration paragraphs not found in the WikiText-2 test file: {missing}")
-    first = min(text.rfind(t) for t in texts)
-    def tokens(s: str) -> int:
-        return len(handle.tokenizer(s, add_special_tokens=False)["input_ids"])
-
-    return tokens(text[:first]), tokens(text)
-
-
-def check_disjoint(spans: dict[str, tuple[int, int]]) -> str:
-    """Stop the benchmark when two token spans [first, end) of the file overlap; else say where each lies.
-
-    bench_quality.check_disjoint's check for this benchmark's three uses of the text: training and calibration
-    (the IPN, the thresholds, the router's prompts, FLAP's statistics), the main protocol and the held-out slice.
-    """
-    named = sorted(spans.items(), key=lambda kv: kv[1])
-    for (a, (_, a_end)), (b, (b_first, _)) in itertools.pairwise(named):
-        if b_first < a_end:
-            raise SystemExit(f"{b} (tokens {spans[b][0]:,}-{spans[b][1]:,}) overlaps {a} "
-                             f"(tokens {spans[a][0]:,}-{spans[a][1]:,}) in the WikiText-2 test file")
-    return "; ".join(f"{name}: tokens {first:,}-{end:,}" for name, (first, end) in named)
-
-
 def network_folder(nets: Path, handle, cfg: IPNConfig, ids: torch.Tensor) -> Path:
     """Where the network trained with `cfg` on `ids` is cached: its target and steps, then the digest of every setting."""
     return nets / f"{cfg.target:.2f}-{cfg.steps}steps-{training_key(handle, cfg, ids)}"
@@ -294,6 +259,8 @@ def main() -> None:
     ap.add_argument("--lora-sparsities", default="0.5", help="targets that also get an ipn+lora row")
     ap.add_argument("--aligned-sparsities", default="0.5,0.7",
                     help="targets that also get a network trained on the aligned sketch (ipn-aligned)")
+    ap.add_argument("--heads-sparsities", default="0.5",
+                    help="targets that also get an ipn+heads row (the network choosing query heads too)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 short windows, 4 steps")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--report", action="store_true", help="print the table of cached rows and exit")
@@ -317,12 +284,9 @@ def main() -> None:
     main_w = eval_windows(handle, protocol)
     ho = heldout_windows(handle, HELDOUT_OFFSET, protocol.window, protocol.n_windows)
     heldout = (ho, torch.ones(ho.shape[0], dtype=torch.long))
-    bos = leading_bos(handle.tokenizer)
-    where = check_disjoint({
-        "main evaluation": window_span(0, protocol.window, protocol.stride, protocol.n_windows, bos),
-        "held-out evaluation": window_span(HELDOUT_OFFSET, protocol.window, protocol.window, protocol.n_windows, bos),
-        "training and calibration": calibration_span(handle, calibration_texts("wikitext")),
-    })
+    where = check_fit_texts(handle, calibration_texts("wikitext"), "training and calibration")
+    if not args.quick:  # the windows scored are the regions the fitted texts were checked against
+        check_region_windows(handle, main=main_w[0], heldout=ho)
     print(f"# disjoint texts: {where}", flush=True)
     steps = 4 if args.quick else args.steps
     n_windows = 4 if args.quick else 8
@@ -331,6 +295,7 @@ def main() -> None:
     targets = [float(s) for s in args.sparsities.split(",")]
     lora_targets = {float(s) for s in args.lora_sparsities.split(",") if s}
     aligned_targets = {float(s) for s in args.aligned_sparsities.split(",") if s}
+    heads_targets = {float(s) for s in args.heads_sparsities.split(",") if s}
     nets = _cache_dir() / f"dynamic-ipn{suffix}"
 
     dense = rows.get("dense", lambda: {"ppl_main": _nll(handle, *main_w, lambda i: contextlib.nullcontext()),
@@ -428,7 +393,7 @@ def main() -> None:
                      net_stamp())
         if s in lora_targets:
             rows.get(f"ipn+lora@{s}", lambda: run_ipn(lora_rank=8), net_stamp(lora_rank=8))
-        if s == 0.5:
+        if s in heads_targets:
             rows.get(f"ipn+heads@{s}", lambda: run_ipn(heads=True, head_target=0.25),
                      net_stamp(heads=True, head_target=0.25))
 

@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.data.datasets import read_wikitext
 from headlab.engine.importance.capture import CaptureStats
 from headlab.engine.models.load import DEFAULT_MODEL, load_model
 from headlab.engine.models.load import cache_dir as cache_dir_root
@@ -61,14 +60,22 @@ from headlab.engine.pruning.strategies.reconstruct import (
 )
 from headlab.engine.runtime.agreement import DenseReference, agreement, dense_reference
 from headlab.engine.runtime.cost import cost
-from headlab.engine.runtime.regions import HELDOUT_OFFSET, check_fit_texts, guard, ood_nll, region_perplexity
 from headlab.engine.runtime.evaluate import (
     DEFAULT_PROTOCOL,
     PerplexityProtocol,
     _wikitext_ids,
+    eval_windows,
     leading_bos,
     perplexity,
     text_windows,
+)
+from headlab.engine.runtime.regions import (
+    HELDOUT_OFFSET,
+    check_fit_texts,
+    check_region_windows,
+    guard,
+    ood_nll,
+    region_perplexity,
 )
 
 HEAD_METHODS = ("random", "magnitude", "entropy", "gradient", "gradient-iterative", "flap",
@@ -91,16 +98,6 @@ def heldout_windows(handle: Any, offset: int, window: int, n: int) -> torch.Tens
 
 
 heldout_perplexity = region_perplexity  # perplexity over given windows, the mask applied per call
-
-
-def check_disjoint(handle: Any, calib: Calibration, heldout_end_token: int) -> str:
-    """Where the calibration paragraphs start in the file, asserted to lie after the held-out windows."""
-    text = read_wikitext()
-    first = min(text.rfind(t) for t in calib.texts)
-    tokens_before = len(handle.tokenizer(text[:first], add_special_tokens=False)["input_ids"])
-    if tokens_before < heldout_end_token:
-        raise SystemExit(f"calibration starts at token ~{tokens_before}, inside the held-out windows")
-    return f"calibration paragraphs start at token ~{tokens_before:,} of {_wikitext_ids(handle.tokenizer).numel():,}"
 
 
 # --- caching -----------------------------------------------------------------------------------
@@ -267,8 +264,10 @@ def main() -> None:
         ho_window, ho_n = 512, 12
         calib = Calibration.shipped("wikitext", 32, max_length=256)
     ho = heldout_windows(handle, HELDOUT_OFFSET, ho_window, ho_n)
-    where = check_disjoint(handle, calib, HELDOUT_OFFSET + ho.numel())
+    where = check_fit_texts(handle, calib.texts, "calibration")
     where_fit = check_fit_texts(handle, refit_texts(calib), "re-fit")  # every text the re-fitting methods read
+    if not args.quick:  # the windows scored are the regions every fitted text was kept away from
+        check_region_windows(handle, main=eval_windows(handle, main_protocol)[0], heldout=ho)
 
     stats_path, tables_path, results_path = cache_dir / "stats.safetensors", cache_dir / "tables.safetensors", cache_dir / "results.json"
     if args.fresh:

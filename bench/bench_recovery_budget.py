@@ -46,7 +46,6 @@ from bench.bench_quality import (
     HELDOUT_OFFSET,
     bench_cache,
     cached_mask_path,
-    check_disjoint,
     heldout_perplexity,
     heldout_windows,
     make_mask,
@@ -61,9 +60,9 @@ from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
 from headlab.engine.recovery.distill.checkpoint import has_checkpoint
 from headlab.engine.runtime.agreement import agreement, dense_reference
-from headlab.engine.runtime.regions import check_fit_texts, guard, region_perplexity, region_windows
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol, perplexity
+from headlab.engine.runtime.regions import check_fit_texts, guard, region_perplexity, region_windows
 
 
 def _say(msg: str) -> None:
@@ -153,8 +152,7 @@ def main() -> None:
     mask = student_mask(teacher, args.model, args.method, args.config, args.quick)
     c = cost(teacher, mask)
     data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts)
-    where = check_disjoint(teacher, Calibration(calibration_texts("wikitext", args.n_wikitext)),
-                           HELDOUT_OFFSET + ho.numel())
+    where = check_fit_texts(teacher, calibration_texts("wikitext", args.n_wikitext), "calibration")
     where += "; " + check_fit_texts(teacher, [*data.train, *data.heldout], "distillation")
     val = region_windows(teacher, "validation", n=2 if args.quick else None, window=256 if args.quick else None)
     config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length,

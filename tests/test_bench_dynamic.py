@@ -40,43 +40,14 @@ def test_a_row_measured_with_other_settings_is_measured_again(tmp_path):
     assert made == [1, 3] and row["ppl_main"] == 3.0 and row["stamp"]["network"] == "b"
 
 
-def test_overlapping_texts_stop_the_benchmark():
-    from bench.bench_dynamic import check_disjoint
-
-    where = check_disjoint({"main": (0, 6000), "held-out": (150_000, 156_000), "calibration": (290_000, 300_000)})
-    assert where.index("main") < where.index("held-out") < where.index("calibration")
-    with pytest.raises(SystemExit, match="calibration .* overlaps held-out"):
-        check_disjoint({"main": (0, 6000), "held-out": (150_000, 156_000), "calibration": (155_999, 300_000)})
-    with pytest.raises(SystemExit, match="overlaps"):
-        check_disjoint({"a": (10, 20), "b": (0, 11)})
-
-
-@pytest.mark.parametrize("bos", [None, 258])
-def test_window_span_is_the_tokens_the_windows_read(bos):
-    import torch
-
-    from bench.bench_dynamic import window_span
-    from headlab.engine.runtime.evaluate import text_windows
-
-    ids = torch.arange(10_000)
-    for window, stride in ((64, 64), (64, 32)):
-        w = text_windows(ids, window, stride, 5, bos, start=1000)
-        first, end = window_span(1000, window, stride, 5, bos)
-        text = w[:, 1:] if bos is not None else w
-        assert int(text.min()) == first and int(text.max()) == end - 1
-
-
-def test_the_calibration_paragraphs_lie_after_both_evaluation_slices(llama):
-    from bench.bench_dynamic import calibration_span, check_disjoint, window_span
-    from bench.bench_quality import HELDOUT_OFFSET
+def test_the_training_paragraphs_lie_after_both_evaluation_slices(llama):
     from headlab.engine.data.datasets import calibration_texts
+    from headlab.engine.runtime.regions import EvaluationLeak, check_fit_texts, region_windows
 
-    first, end = calibration_span(llama, calibration_texts("wikitext"))
-    assert HELDOUT_OFFSET + 12 * 512 < first < end
-    check_disjoint({"main": window_span(0, 512, 512, 12, None),
-                    "held-out": window_span(HELDOUT_OFFSET, 512, 512, 12, None), "calibration": (first, end)})
-    with pytest.raises(SystemExit, match="not found"):
-        calibration_span(llama, ["a paragraph that is nowhere in the file, 0xdeadbeef"])
+    assert "token" in check_fit_texts(llama, calibration_texts("wikitext"), "training and calibration")
+    early = llama.tokenizer.decode(region_windows(llama, "heldout", n=1, window=64)[0], skip_special_tokens=True)
+    with pytest.raises(EvaluationLeak, match="before the end of the held-out|training text #1 holds protected text"):
+        check_fit_texts(llama, ["an unrelated sentence", early], "training")
 
 
 def test_a_static_mask_skips_its_channels_rows_and_columns(llama):

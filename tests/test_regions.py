@@ -27,6 +27,7 @@ from headlab.engine.runtime.regions import (
     REGIONS,
     EvaluationLeak,
     check_fit_texts,
+    check_region_windows,
     guard,
     ood_items,
     ood_nll,
@@ -65,6 +66,18 @@ def test_fit_texts_come_after_the_held_out_windows():
     assert "fit texts" in check_fit_texts(h, wikitext_calibration(128))
     with pytest.raises(EvaluationLeak, match="before the end of the held-out"):
         check_fit_texts(h, wikitext_calibration(1300))
+
+
+def test_a_benchmark_scores_exactly_the_regions_its_fit_texts_were_checked_against():
+    h = tiny_handle("llama")
+    main, heldout = region_windows(h, "main"), region_windows(h, "heldout")
+    check_region_windows(h, main=main, heldout=heldout)
+    with pytest.raises(EvaluationLeak, match="not the heldout region"):
+        check_region_windows(h, heldout=region_windows(h, "heldout", n=4))
+    with pytest.raises(EvaluationLeak, match="not the main region"):
+        check_region_windows(h, main=main.roll(1, dims=1))
+    with pytest.raises(ValueError, match="unknown region"):
+        check_region_windows(h, calibration=main)
 
 
 def test_training_prompts_never_hold_an_out_of_domain_item():

@@ -47,6 +47,7 @@ __all__ = [
     "OodItem",
     "Region",
     "check_fit_texts",
+    "check_region_windows",
     "guard",
     "ood_items",
     "ood_nll",
@@ -267,6 +268,22 @@ def guard(handle: ModelHandle, allow: Sequence[str] = ()) -> Iterator[EvalGuard]
         yield g
     finally:
         h.remove()
+
+
+def check_region_windows(handle: ModelHandle, **windows: torch.Tensor) -> None:
+    """Raise unless each tensor is exactly its named region's windows (e.g. `main=ids, heldout=ho`).
+
+    A benchmark that builds its evaluation windows itself states with this that they are the regions
+    `check_fit_texts` and the guard keep every fitted text away from.
+    """
+    for name, ids in windows.items():
+        if name not in REGIONS:
+            raise ValueError(f"unknown region {name!r}: one of {', '.join(REGIONS)}")
+        expected = region_windows(handle, name)
+        if tuple(ids.shape) != tuple(expected.shape) or not torch.equal(ids.cpu(), expected):
+            r = REGIONS[name]
+            raise EvaluationLeak(f"the {name} windows evaluated are not the {name} region ({r.n} windows of "
+                                 f"{r.window} tokens from token {r.start:,}): got {tuple(ids.shape)}")
 
 
 def check_fit_texts(handle: ModelHandle, texts: Sequence[str], label: str = "fit") -> str:
