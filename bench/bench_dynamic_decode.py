@@ -25,9 +25,10 @@ Native precision (the shipped SmolLM2 is a Q4_1 model dequantised to float32): a
 every FFN at 4 bits, 16 levels per group of 32 inputs, through PyTorch's CPU int4 kernel when it runs here
 (headlab.engine.dynamic.int4; ffn_path "int4 kernel", else "int4 dequantise-per-call", a slow fallback), attention
 and LM head float32; precision says which rows are which, and speedup_same_precision compares a row with the dense
-row of its own precision. A sparse decode reading its kept rows at 4 bits is not built yet (see int4.py): for
-every sparse row, ideal_int4_speedup is what it could reach at most, dense-int4 bytes over the bytes it would read
-with its kept channels and its predictor at 4 bits. A "llama.cpp Q4_1" row runs llama-bench on the shipped GGUF
+row of its own precision. Every importance-network row runs twice: in float32, and as "<row> int4", its kept
+channels read at 4 bits (the dense int4 row's own levels laid out channel-major, the compiled kernel's
+gathered_ffn_q4; headlab.engine.dynamic.int4_gathered); fraction_of_ideal compares its speed-up over dense int4
+with ideal_speedup, dense-int4 bytes over the bytes it reads with its kept channels and its predictor at 4 bits. A "llama.cpp Q4_1" row runs llama-bench on the shipped GGUF
 (every weight at 4 bits, `--threads` threads, generation from an empty context) when `make llama-cpp` has built
 the tools; otherwise the run says so and goes on.
 """
@@ -57,12 +58,14 @@ from headlab.engine.dynamic import (
     sparse_generate,
 )
 from headlab.engine.dynamic.int4 import int4_decode_weight_bytes, int4_ffn, int4_generate
+from headlab.engine.dynamic.int4_gathered import int4_interleaved_ffn, int4_sparse_generate
 from headlab.engine.dynamic.ipn import load_ipn, untrained_ipn
 from headlab.engine.export import llama_cpp
 from headlab.engine.models.load import load_model, shipped_gguf
 
 #: Rows whose FFN runs at 4 bits (the others are float32).
 INT4_DENSE = "dense int4"
+INT4_SUFFIX = " int4"  # a sparse row whose kept channels are read at 4 bits (int4_sparse_generate)
 LLAMA_CPP = "llama.cpp Q4_1"
 
 
@@ -116,6 +119,7 @@ def main() -> None:
     choosers = _choosers(handle, args)
     if not args.no_int4:
         int4_ffn(handle)  # quantised on all cores, before timing
+        int4_interleaved_ffn(handle)
     t_setup = time.perf_counter() - t
 
     torch.set_num_threads(args.threads)
@@ -124,6 +128,11 @@ def main() -> None:
         runs[INT4_DENSE] = lambda n: int4_generate(handle, prompt, n)
     runs.update({label: (lambda n, c=c: sparse_generate(handle, prompt, c, n, backend=args.backend))
                  for label, (c, _) in choosers.items()})
+    if not args.no_int4:  # the networks' rows again, their kept channels read at 4 bits (CATS computes a float gate)
+        int4_backend = "auto" if args.backend in ("auto", "compiled") else "torch"
+        runs.update({label + INT4_SUFFIX: (lambda n, c=c: int4_sparse_generate(handle, prompt, c, n,
+                                                                                 backend=int4_backend))
+                     for label, (c, _) in choosers.items() if not c.computes_gate})
     for run in runs.values():  # warm-up; also makes the interleaved FFN copies
         run(4)
     results: dict[str, list] = {label: [] for label in runs}
@@ -140,16 +149,20 @@ def main() -> None:
     rows = []
     for label, gens in results.items():
         first = gens[0]
-        chooser, target = choosers.get(label, (None, 0.0))
-        int4 = label == INT4_DENSE
+        sparse_int4 = label.endswith(INT4_SUFFIX)
+        chooser, target = choosers.get(label.removesuffix(INT4_SUFFIX) if sparse_int4 else label, (None, 0.0))
+        int4 = label == INT4_DENSE or sparse_int4
         tps = statistics.median(r.decode_tokens_per_s for r in gens)
-        if int4:
+        if sparse_int4:
+            sparse_bytes = int4_decode_weight_bytes(handle, first.kept, chooser=chooser)
+        elif int4:
             sparse_bytes = int4_bytes
         else:
             sparse_bytes = (dense_bytes if chooser is None
                             else decode_weight_bytes(handle, first.kept, first.heads, chooser=chooser))
         ideal = (int4_bytes if int4 else dense_bytes) / sparse_bytes
         speedup = tps / dense_tps
+        same_precision = tps / int4_tps if int4 else speedup
         ideal_int4 = None
         if chooser is not None and first.heads is None:  # the int4 byte count covers FFN sparsity only
             ideal_int4 = int4_bytes / int4_decode_weight_bytes(handle, first.kept, chooser=chooser)
@@ -164,11 +177,11 @@ def main() -> None:
             "decode_head_sparsity": 0.0 if first.heads is None else 1.0 - float(first.heads.float().mean()) / g.n_heads,
             "tokens_per_s": tps,
             "speedup": speedup,
-            "speedup_same_precision": tps / int4_tps if int4 else speedup,
+            "speedup_same_precision": same_precision,
             "weight_mb_per_token": sparse_bytes / 2**20,
             "ideal_speedup": ideal,
             "ideal_int4_speedup": ideal_int4,
-            "fraction_of_ideal": speedup / ideal,
+            "fraction_of_ideal": same_precision / ideal,
             "predictor_overhead": chooser_per_token * dense_tps,  # chooser time per token / dense token time
             "same_tokens_as_dense": _same_prefix(first.new_tokens, dense_new),
             "new_tokens": args.new,
@@ -180,7 +193,7 @@ def main() -> None:
     if not args.no_llama_cpp:
         rows += _llama_cpp_row(handle, args, dense_tps)
 
-    print(f"\n# bench_dynamic_decode: {handle.name}, fp32 (int4 FFN in the {INT4_DENSE} row), batch 1, {args.threads} torch thread(s) on {cpu_name()}")
+    print(f"\n# bench_dynamic_decode: {handle.name}, fp32 (int4 FFN in the {INT4_DENSE} and *{INT4_SUFFIX} rows), batch 1, {args.threads} torch thread(s) on {cpu_name()}")
     print(f"# {args.prompt}-token prompt + {args.new} greedy tokens with the KV cache; median of {args.repeats} runs "
           f"(decode steps only); setup (load + calibration) {t_setup:.0f} s")
     print("# ideal = weight bytes read per token, dense / sparse (chooser's own reads included); "

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from headlab.engine.core.errors import UnsupportedModelError
 from headlab.engine.core.handle import ModelHandle
-from headlab.engine.dynamic.choosers import CatsChooser, Chooser, tensor_bytes
+from headlab.engine.dynamic.choosers import CatsChooser, ChannelChoice, Chooser, tensor_bytes
 from headlab.engine.dynamic.gathered import GatheredFFN
 from headlab.engine.dynamic.rules import Thresholds
 from headlab.kernels.decode import FFNBackend
 
 __all__ = [
-    "Generation", "check_prompt", "decode_weight_bytes", "dense_generate", "sparse_generate", "sparse_nll"]
+    "FFNRunner", "Generation", "check_prompt", "decode_weight_bytes", "dense_generate", "sparse_generate", "sparse_nll"]
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,20 @@ def check_prompt(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int) ->
         raise UnsupportedModelError(f"cannot decode {handle.name} token by token: {reason}")
 
 
+class FFNRunner(Protocol):
+    """Runs one decoded token's FFN over the channels a chooser kept: `path` names the kernel it uses."""
+
+    path: str
+
+    def __call__(self, layer: int, x: torch.Tensor, choice: ChannelChoice) -> torch.Tensor: ...
+
+
 class _Steps:
     """The per-layer callbacks of one sparse decode: the chooser's decisions, timed and counted, then the FFN."""
 
-    def __init__(self, handle: ModelHandle, chooser: Chooser, backend: FFNBackend):
+    def __init__(self, handle: ModelHandle, chooser: Chooser, backend: FFNBackend, runner: FFNRunner | None = None):
         self.chooser = chooser
-        self.ffn_runner = GatheredFFN(handle, chooser.computes_gate, backend)
+        self.ffn_runner = runner if runner is not None else GatheredFFN(handle, chooser.computes_gate, backend)
         self.n_heads = handle.geometry.n_heads
         self.kept: list[list[int]] = []
         self.heads_kept: list[list[int]] = []
@@ -123,10 +132,10 @@ class _Steps:
 
 @torch.no_grad()
 def _generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int, chooser: Chooser | None,
-              backend: FFNBackend) -> Generation:
+              backend: FFNBackend, runner: FFNRunner | None = None) -> Generation:
     adapter, n_layers = handle.adapter, handle.geometry.n_layers
     ids = ids.to(handle.device)
-    steps = _Steps(handle, chooser, backend) if chooser is not None else None  # the FFN copies are made here
+    steps = _Steps(handle, chooser, backend, runner) if chooser is not None else None  # the FFN copies are made here
     cache = adapter.decode_cache()
     t0 = time.perf_counter()
     if chooser is None:
@@ -157,18 +166,21 @@ def _generate(handle: ModelHandle, ids: torch.Tensor, max_new_tokens: int, choos
 
 
 def sparse_generate(handle: ModelHandle, ids: torch.Tensor, chooser: Chooser | Thresholds, max_new_tokens: int,
-                    *, backend: FFNBackend = "auto") -> Generation:
+                    *, backend: FFNBackend = "auto", ffn_runner: FFNRunner | None = None) -> Generation:
     """Greedy continuation of ids [1, T] by exactly `max_new_tokens` tokens, each reading only what `chooser` keeps.
 
     `chooser`: a Chooser (headlab.engine.dynamic.choosers), or CATS thresholds (a CatsChooser is made from them).
     Token for token the same model as `chooser.gates(handle)` (CATS: `apply_rule(handle, thresholds)`).
     `backend`: the FFN kernel ("auto": Triton on CUDA, the compiled CPU kernel when built, else torch).
+    `ffn_runner`: what runs a decoded token's FFN over its kept channels (default: a GatheredFFN on the model's
+    own weights; headlab.engine.dynamic.int4_gathered passes one reading them at 4 bits). The prefill runs
+    `chooser.gates(handle)` over the model as it is either way.
     """
     check_prompt(handle, ids, max_new_tokens)
     if isinstance(chooser, Thresholds):
         chooser = CatsChooser(handle, chooser)
     chooser.check(handle)
-    return _generate(handle, ids, max_new_tokens, chooser, backend)
+    return _generate(handle, ids, max_new_tokens, chooser, backend, ffn_runner)
 
 
 @torch.no_grad()

@@ -13,10 +13,10 @@ float32 on every call (`path` says which: "int4 kernel" or "int4 dequantise-per-
     int4_decode_weight_bytes(handle)            # weight bytes a token reads that way
     int4_decode_weight_bytes(handle, kept, chooser=IPNChooser(handle, ipn))   # a sparse decode's ideal at 4 bits
 
-Not here yet: a sparse decode whose kept rows are read at 4 bits. The kernel's packed layout is blocked over rows
-(a subset of rows cannot be taken from it), and a kept channel's down column crosses every group of 32 of the
-down projection's rows, so it needs a channel-major int4 copy and its own compiled kernel;
-`int4_decode_weight_bytes` gives what such a decode would read, i.e. its ideal speed-up.
+A sparse decode whose kept rows are read at 4 bits is headlab.engine.dynamic.int4_gathered: the same levels in a
+channel-major layout and its own compiled kernel (PyTorch's packed layout is blocked over rows, and a kept
+channel's down column crosses every group of 32 of the down projection's rows). `int4_decode_weight_bytes`
+gives what it reads, i.e. its ideal speed-up.
 """
 
 from __future__ import annotations
