@@ -219,7 +219,7 @@ def main() -> None:
     for r in rows:
         if r.get("ideal_int4_speedup") is not None:
             print(f"# {r['config']} at 4 bits: at most {r['ideal_int4_speedup']:.2f}x the dense int4 decode "
-                  f"(bytes read per token, its predictor included); the issue asks >= 1.15x")
+                  f"(bytes read per token, its predictor included); the target is >= 1.15x")
     print(f"\nwrote {write_rows(rows, args.csv)}")
 
 

@@ -4,7 +4,7 @@ llama.cpp tokenizes a text (llama-tokenize) and scores the second half of each c
 (llama-perplexity); HeadLab computes that protocol on the masked source model with the very token
 ids llama.cpp used (headlab.engine.runtime.half_window). Tolerances: f32 files 1e-4 relative
 (summation order only), the shipped SmolLM2 at f32 1e-3 (30 layers of float32 in two orders), at
-q8_0 1% (the issue's bound for a quantised deployment).
+q8_0 1% (the bound set for a quantised deployment).
 
 Collected only when HEADLAB_DEPLOY=1 (tests/conftest.py): they need llama.cpp's tools, which
 `make llama-cpp` builds once (about 10 minutes) into ~/.cache/headlab/llama.cpp.
