@@ -109,6 +109,19 @@ def test_dense_and_dynamic_generation_side_by_side(tiny_llama, no_bench):
     assert any("kept weights" in c.value and "ideal speed-up" in c.value for c in at.caption)
 
 
+def test_an_importance_network_decodes_at_4_bits_beside_the_dense_int4_model(tiny_llama, no_bench):
+    at = dynamic_page()
+    assert at.radio(key=keys.W_DYN_PRECISION).disabled  # CATS (the default) decides from the float gate
+    at.selectbox(key=keys.W_DYN_METHOD).set_value("ipn").run()
+    assert not at.radio(key=keys.W_DYN_PRECISION).disabled
+    at.radio(key=keys.W_DYN_PRECISION).set_value("int4")
+    at.number_input(key=keys.W_DYN_NEW_TOKENS).set_value(8)
+    next(b for b in at.button if b.label == "Generate, dense and dynamic").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert metrics(at)["Dense"].endswith("tokens/s") and len(at.text) == 2
+    assert any("kept weights" in c.value and "at 4 bits" in c.value for c in at.caption)
+
+
 def test_training_runs_in_the_background_and_its_network_can_be_inspected(tiny_llama, no_bench, tmp_path):
     at = dynamic_page()
     at.number_input(key=keys.W_DYN_STEPS).set_value(2)

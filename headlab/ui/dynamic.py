@@ -29,6 +29,7 @@ from headlab.engine.dynamic.inspect import TokenMap, inspect_tokens
 from headlab.engine.dynamic.ipn import IPN, IPNConfig, IPNTraining, LayerAgreement, oracle_agreement, train_ipn
 from headlab.engine.dynamic.measure import DynamicPerplexity
 from headlab.engine.dynamic.methods import (
+    PRECISIONS,
     DynamicMethod,
     SideBySide,
     calibrated,
@@ -54,6 +55,7 @@ __all__ = [
     "FOLDER",
     "MAP_TOKENS",
     "METHOD_LABELS",
+    "PRECISIONS",
     "TRAINED",
     "Chosen",
     "TrainedIPN",
@@ -171,26 +173,30 @@ def token_map(handle: ModelHandle, model_key: str, chosen: Chosen, prompt: str, 
                                                                 compute, progress)
 
 
-def _generation_key(model_key: str, chosen: Chosen, prompt: str, max_new_tokens: int) -> str:
-    return f"{model_key}|{chosen.key}|{_digest(prompt)}|{max_new_tokens}"
+def _generation_key(model_key: str, chosen: Chosen, prompt: str, max_new_tokens: int, precision: str) -> str:
+    return f"{model_key}|{chosen.key}|{_digest(prompt)}|{max_new_tokens}|{precision}"
 
 
 def generation(handle: ModelHandle, model_key: str, chosen: Chosen, prompt: str, max_new_tokens: int,
-               progress: Progress) -> SideBySide:
-    """Dense and dynamic greedy continuations of `prompt` (chat template), each timed (computed once)."""
+               progress: Progress, precision: str = "float32") -> SideBySide:
+    """Dense and dynamic greedy continuations of `prompt` (chat template), each timed (computed once).
+
+    precision "int4": both read the FFN at 4 bits (importance networks only; see methods.side_by_side)."""
     ids = prompt_room(handle, prompt, max_new_tokens)
 
     def compute(report: Progress) -> SideBySide:
         report(0, 1)
-        return side_by_side(handle, chosen.method, ids, max_new_tokens)
+        return side_by_side(handle, chosen.method, ids, max_new_tokens, precision)
 
     return shared_cache("dynamic_generations", 32).get_or_compute(
-        _generation_key(model_key, chosen, prompt, max_new_tokens), compute, progress)
+        _generation_key(model_key, chosen, prompt, max_new_tokens, precision), compute, progress)
 
 
-def known_generation(model_key: str, chosen: Chosen, prompt: str, max_new_tokens: int) -> SideBySide | None:
+def known_generation(model_key: str, chosen: Chosen, prompt: str, max_new_tokens: int,
+                     precision: str = "float32") -> SideBySide | None:
     """The generation of these settings if some session already made it, else None."""
-    return shared_cache("dynamic_generations", 32).get(_generation_key(model_key, chosen, prompt, max_new_tokens))
+    return shared_cache("dynamic_generations", 32).get(
+        _generation_key(model_key, chosen, prompt, max_new_tokens, precision))
 
 
 # --- training (this session's) ------------------------------------------------------------------

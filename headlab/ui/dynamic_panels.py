@@ -13,6 +13,7 @@ import streamlit as st
 
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.progress import Progress
+from headlab.engine.dynamic.ipn import IPN
 from headlab.engine.dynamic.methods import save_method
 from headlab.ui import dynamic, keys
 from headlab.ui.dynamic_figures import (
@@ -93,15 +94,21 @@ def token_panel(handle: ModelHandle, model_key: str, chosen: dynamic.Chosen, pro
 
 def generation_panel(handle: ModelHandle, model_key: str, chosen: dynamic.Chosen, prompt: str) -> None:
     """Dense and dynamic greedy decoding of the prompt side by side, with decoded tokens per second."""
-    g1, g2 = st.columns([1, 3], vertical_alignment="bottom")
+    g1, g0, g2 = st.columns([1, 1, 2], vertical_alignment="bottom")
     n_new = int(g1.number_input("New tokens", 8, 128, step=8, key=keys.W_DYN_NEW_TOKENS))
-    request = (model_key, chosen.key, prompt, n_new)
+    networks = isinstance(chosen.method, IPN)
+    precision = g0.radio("FFN weights", dynamic.PRECISIONS, horizontal=True, key=keys.W_DYN_PRECISION,
+                         format_func=lambda p: "4-bit" if p == "int4" else p, disabled=not networks,
+                         help="4-bit: dense and dynamic both read the FFN at 16 levels per group of 32 inputs, the "
+                              "precision the shipped models are stored at (importance networks only).")
+    precision = precision if networks else "float32"
+    request = (model_key, chosen.key, prompt, n_new, precision)
     if g2.button("Generate, dense and dynamic", type="primary"):
         st.session_state[keys.DYN_GENERATE] = request
-    out = dynamic.known_generation(model_key, chosen, prompt, n_new)
+    out = dynamic.known_generation(model_key, chosen, prompt, n_new, precision)
     if out is None and st.session_state.get(keys.DYN_GENERATE) == request:
         with progress("Decoding, dense then dynamic (timed)") as p, user_errors():
-            out = dynamic.generation(handle, model_key, chosen, prompt, n_new, p)
+            out = dynamic.generation(handle, model_key, chosen, prompt, n_new, p, precision)
     if out is None:
         st.caption("Batch-1 greedy decoding with the KV cache (chat template), dense then under the method; tokens/s "
                    "count the decoded tokens, the prefill excluded. Timed once and shown to every session.")
@@ -116,7 +123,8 @@ def generation_panel(handle: ModelHandle, model_key: str, chosen: dynamic.Chosen
     g = handle.geometry
     if out.sparse_decode:
         heads = "" if out.dynamic.heads is None else f", {out.dynamic.heads.float().mean():.1f} of {g.n_heads} heads"
-        path = (f"It read only each token's kept weights: on average {out.dynamic.kept.float().mean():.0f} of "
+        bits = " at 4 bits, as the dense model beside it" if precision == "int4" else ""
+        path = (f"It read only each token's kept weights{bits}: on average {out.dynamic.kept.float().mean():.0f} of "
                 f"{g.ffn_dim} FFN channels{heads} per layer; ideal speed-up from the weight bytes read "
                 f"{out.ideal_speedup:.2f}x.")
     else:

@@ -32,7 +32,8 @@ __all__ = [
     "CHART_CLUSTERS_SCATTER", "CHART_CLUSTERS_LIVE", "CHART_CLUSTERS_MASKS", "CHART_CLUSTERS_CURVE",
     "CHART_CLUSTERS_GATES",
     "DYN_TRAINING", "DYN_LOADED", "DYN_GENERATE", "W_DYN_METHOD", "W_DYN_TARGET", "W_DYN_FOLDER", "W_DYN_PROMPT",
-    "W_DYN_TOKEN", "W_DYN_LAYER", "W_DYN_NEW_TOKENS", "W_DYN_STEPS", "W_DYN_HEADS", "W_DYN_SAVE_FOLDER",
+    "W_DYN_TOKEN", "W_DYN_LAYER", "W_DYN_NEW_TOKENS", "W_DYN_PRECISION", "W_DYN_STEPS", "W_DYN_HEADS",
+    "W_DYN_SAVE_FOLDER",
     "FORM_DYN_TRAIN", "CHART_DYN_MAP", "CHART_DYN_HEADS_MAP", "CHART_DYN_CELL", "CHART_DYN_UNITS", "CHART_DYN_TRAINING",
     "CHART_DYN_LAYERS", "CHART_DYN_QUALITY", "CHART_DYN_BENCH_LAYERS", "W_DYN_BENCH_TARGET",
     "WIDGETS_TO_KEEP",
@@ -137,7 +138,7 @@ CHART_CLUSTERS_GATES = "clusters.gates"
 # --- Dynamic page (pages/dynamic.py, headlab/ui/dynamic.py) -----------------------------------------------
 DYN_TRAINING = "headlab.dynamic.training"  # headlab.ui.dynamic.TrainingRun: this session's IPN training job
 DYN_LOADED = "headlab.dynamic.loaded"  # (model key, folder, method, cache name) loaded from a folder
-DYN_GENERATE = "headlab.dynamic.generate"  # (model key, method key, prompt, new tokens) last asked to generate
+DYN_GENERATE = "headlab.dynamic.generate"  # (model key, method key, prompt, new tokens, precision) last asked
 W_DYN_METHOD = "w.dynamic.method"
 W_DYN_TARGET = "w.dynamic.target"
 W_DYN_FOLDER = "w.dynamic.folder"
@@ -145,6 +146,7 @@ W_DYN_PROMPT = "w.dynamic.prompt"
 W_DYN_TOKEN = "w.dynamic.token"  # the inspected cell: token ...
 W_DYN_LAYER = "w.dynamic.layer"  # ... and layer (set by a click on the map too)
 W_DYN_NEW_TOKENS = "w.dynamic.new_tokens"
+W_DYN_PRECISION = "w.dynamic.precision"  # the decode's FFN weights: float32 or int4
 W_DYN_STEPS = "w.dynamic.steps"
 W_DYN_HEADS = "w.dynamic.heads"
 W_DYN_SAVE_FOLDER = "w.dynamic.save_folder"
@@ -171,4 +173,5 @@ WIDGETS_TO_KEEP = (
     W_HEADS_RANK_BY, W_HEADS_COLOUR, W_ATTN_PROMPT, W_ATTN_LAYER, W_ATTN_HEAD, W_ATTN_VIEW, W_ATTN_BINS, W_ATTN_REDUCE,
     W_ATTN_WINDOW, W_ATTN_POWER, W_PRUNE_UNIT, W_PRUNE_CRITERION, W_PRUNE_BUDGET, W_PRUNE_SCOPE, W_PRUNE_KV,
     W_GEN_PROMPT, W_GEN_TOKENS, W_DYN_METHOD, W_DYN_TARGET, W_DYN_PROMPT, W_DYN_NEW_TOKENS,
+    W_DYN_PRECISION,
 )

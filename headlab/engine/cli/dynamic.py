@@ -44,6 +44,7 @@ from headlab.engine.dynamic.decode import Generation
 from headlab.engine.dynamic.ipn import IPN, IPNConfig, oracle_agreement, train_ipn
 from headlab.engine.dynamic.methods import (
     METHOD_NAMES,
+    PRECISIONS,
     DynamicMethod,
     calibrated,
     load_method,
@@ -215,9 +216,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     handle = load_handle(args)
     ids = prompt_room(handle, args.prompt, args.max_new_tokens, chat=not args.raw)  # a bad prompt fails first
     method = _method(handle, args)
-    stage(f"decoding {args.max_new_tokens} tokens, dense then {method_label(method)}")
+    stage(f"decoding {args.max_new_tokens} tokens, dense then {method_label(method)}"
+          f"{' (FFN weights at 4 bits)' if args.precision == 'int4' else ''}")
     t = time.perf_counter()
-    out = side_by_side(handle, method, ids, args.max_new_tokens)
+    out = side_by_side(handle, method, ids, args.max_new_tokens, args.precision)
     say(f"({time.perf_counter() - t:.1f} s)")
     path = ("reads only each token's kept weights" if out.sparse_decode
             else "hooks on the dense layers, every weight still read, so its speed is no measure of the method")
@@ -235,6 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{out.ideal_speedup:.2f}x")
     _write_json(args.json, {
         "method": method_label(method), "prompt": args.prompt, "sparse_decode": out.sparse_decode,
+        "precision": args.precision,
         "dense": {"text": _text(handle, out.dense), "tokens_per_s": out.dense.decode_tokens_per_s},
         "dynamic": {"text": _text(handle, out.dynamic), "tokens_per_s": out.dynamic.decode_tokens_per_s},
         "speedup": out.speedup, "ideal_speedup": out.ideal_speedup, "same_tokens": out.same_tokens, "note": out.note})
@@ -300,5 +303,7 @@ def register(sub: Subparsers) -> None:
     _add_method_args(p)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="int4: dense and dynamic both read the FFN at 4 bits (importance networks only)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_generate)

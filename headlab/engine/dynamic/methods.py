@@ -7,6 +7,7 @@ The app's Dynamic page and `python -m headlab dynamic-*` offer the same methods 
     method = load_method(handle, "runs/cats-50")     # a thresholds or an IPN folder, checked against the model
     method_perplexity(handle, method, protocol)      # DynamicPerplexity: perplexity + measured sparsity
     side_by_side(handle, method, ids, 48)            # dense and dynamic greedy decoding, with tokens/s
+    side_by_side(handle, method, ids, 48, "int4")    # both with the FFN at 4 bits (importance networks)
 
 CATS thresholds and importance networks decode through the path that reads only each token's kept
 weights (headlab.engine.dynamic.decode.sparse_generate with their headlab.engine.dynamic.choosers Chooser); the
@@ -32,6 +33,8 @@ from headlab.engine.dynamic.apply import SparsityMeter, apply_rule
 from headlab.engine.dynamic.calibrate import calibrate
 from headlab.engine.dynamic.choosers import CatsChooser, Chooser, IPNChooser
 from headlab.engine.dynamic.decode import Generation, decode_weight_bytes, dense_generate, sparse_generate
+from headlab.engine.dynamic.int4 import int4_decode_weight_bytes, int4_generate
+from headlab.engine.dynamic.int4_gathered import int4_sparse_generate
 from headlab.engine.dynamic.ipn import IPN, IPNError, apply_ipn, ipn_perplexity, load_ipn, save_ipn, untrained_ipn
 from headlab.engine.dynamic.ipn.store import META_FILE as IPN_META_FILE
 from headlab.engine.dynamic.measure import DynamicPerplexity, dynamic_perplexity
@@ -41,6 +44,7 @@ from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityProtocol
 
 __all__ = [
     "METHOD_NAMES",
+    "PRECISIONS",
     "DynamicMethod",
     "SideBySide",
     "applied",
@@ -168,17 +172,41 @@ def prompt_room(handle: ModelHandle, prompt: str, max_new_tokens: int, *, chat: 
     return ids[:, -(limit - max_new_tokens):]
 
 
-def side_by_side(handle: ModelHandle, method: DynamicMethod, ids: torch.Tensor, max_new_tokens: int) -> SideBySide:
-    """Greedy continuations of ids [1, T] by `max_new_tokens` tokens, dense then under `method`, each timed."""
-    dense = dense_generate(handle, ids, max_new_tokens)
+PRECISIONS = ("float32", "int4")
+
+
+def side_by_side(handle: ModelHandle, method: DynamicMethod, ids: torch.Tensor, max_new_tokens: int,
+                 precision: str = "float32") -> SideBySide:
+    """Greedy continuations of ids [1, T] by `max_new_tokens` tokens, dense then under `method`, each timed.
+
+    precision "int4": both read the FFN at 4 bits (16 levels per group of 32, the shipped SmolLM2's own format):
+    dense through `int4_generate`, the method through `int4_sparse_generate` (importance networks only: the
+    other rules decide from the float gate or from hooks on the dense layers).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    int4 = precision == "int4"
     chooser, why = decode_chooser(handle, method)
+    if int4 and (chooser is None or chooser.computes_gate):
+        raise ValueError(f"decoding at 4 bits runs importance networks only; {method_label(method)} "
+                         f"{'decides from the float gate' if chooser is not None else 'has no sparse decode'}: "
+                         "use float32")
+    if int4 and handle.device.type != "cpu":
+        raise ValueError(f"decoding at 4 bits runs on the CPU; the model is on {handle.device}")
+    dense = int4_generate(handle, ids, max_new_tokens) if int4 else dense_generate(handle, ids, max_new_tokens)
     if chooser is None:
         with applied(handle, method):  # the decode loop calls the layers' modules, so the method's hooks fire
             return SideBySide(dense, dense_generate(handle, ids, max_new_tokens), False, why)
-    out = sparse_generate(handle, ids, chooser, max_new_tokens)
+    if int4:
+        out = int4_sparse_generate(handle, ids, chooser, max_new_tokens)
+    else:
+        out = sparse_generate(handle, ids, chooser, max_new_tokens)
     ideal = None
     if out.kept is not None and out.decoded > 0:
-        ideal = decode_weight_bytes(handle) / decode_weight_bytes(handle, out.kept, out.heads, chooser=chooser)
+        if int4:
+            ideal = int4_decode_weight_bytes(handle) / int4_decode_weight_bytes(handle, out.kept, chooser=chooser)
+        else:
+            ideal = decode_weight_bytes(handle) / decode_weight_bytes(handle, out.kept, out.heads, chooser=chooser)
     return SideBySide(dense, out, True, None, ideal)
 
 
