@@ -214,7 +214,8 @@ def test_the_attention_page_draws_the_map_of_a_4096_token_prompt(app_url, browse
     n_tokens = int(re.match(r"(\d+) tokens", caption.inner_text()).group(1))
     assert n_tokens >= LONG_PROMPT_TOKENS, caption.inner_text()
     assert page.locator('[data-testid="stException"]').count() == 0
-    assert plots_drawn(page, 3, SLOW) == 3  # dense and masked maps of the whole prompt, their difference
+    assert plots_settle(page, 3, SLOW) == 3  # dense and masked maps of the whole prompt, their difference (a
+    # rerun under load keeps the short prompt's three until it replaces them)
     page.screenshot(path=str(shots / "attention-4096-tokens.png"))
     assert not errors, errors
     page.close()
