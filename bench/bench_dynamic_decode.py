@@ -60,6 +60,7 @@ from headlab.engine.dynamic import (
 from headlab.engine.dynamic.int4 import int4_decode_weight_bytes, int4_ffn, int4_generate
 from headlab.engine.dynamic.int4_gathered import int4_interleaved_ffn, int4_sparse_generate
 from headlab.engine.dynamic.ipn import load_ipn, untrained_ipn
+from headlab.engine.dynamic.rotation import ALIGNED
 from headlab.engine.export import llama_cpp
 from headlab.engine.models.load import load_model, shipped_gguf
 
@@ -91,7 +92,8 @@ def _choosers(handle, args) -> dict[str, tuple[object, float]]:
         out[f"ipn untrained {s:.0%}"] = (IPNChooser(handle, untrained_ipn(handle, s)), s)
     for folder in args.ipn:
         ipn = load_ipn(handle, folder)
-        out[f"ipn {Path(folder).name}"] = (IPNChooser(handle, ipn), ipn.target)
+        name = "ipn-aligned" if ipn.sketch == ALIGNED else "ipn"  # the sketch as bench_dynamic names its rows
+        out[f"{name} {Path(folder).name}"] = (IPNChooser(handle, ipn), ipn.target)
     return out
 
 

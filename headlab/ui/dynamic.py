@@ -344,6 +344,8 @@ def bench_points(quality: Path | None = None, decode: Path | None = None
         return None, None, missing
     q = _numbers(q_raw, {"target": "target", "ppl_main": "perplexity", "ratio_main": "ratio"})
     q.insert(0, "method", q_raw["method"].astype(str))
+    if "precision" in d_raw.columns:  # the 4-bit rows' speed-ups compare with dense int4, not the fp32 baseline
+        d_raw = d_raw[d_raw["precision"].astype(str) == "fp32"]
     d = _numbers(d_raw, {"target_sparsity": "target", "speedup": "speedup"})
     d.insert(0, "method", d_raw["config"].map(_decode_method))
     q, d = q.dropna(), d[d["method"] != "dense"].dropna()
