@@ -107,6 +107,17 @@ def test_dynamic_generate_shows_dense_and_dynamic_text_with_tokens_per_second(fo
     assert (r["ideal_speedup"] is not None) is sparse_decode and (r["note"] is None) is sparse_decode
 
 
+def test_dynamic_generate_at_4_bits_decodes_both_sides_with_the_ffn_at_4_bits(folders, tmp_path, capsys):
+    record = tmp_path / "gen.json"
+    assert main(["dynamic-generate", "The cat sat", "--model", str(folders["model"]), "--method", "ipn",
+                 "--target", "0.5", *CALIB, "--max-new-tokens", "6", "--precision", "int4",
+                 "--json", str(record)]) == 0
+    r = json.loads(record.read_text())
+    assert r["precision"] == "int4" and r["sparse_decode"] is True and r["ideal_speedup"] is not None
+    printed = capsys.readouterr().out
+    assert printed.count("FFN at 4 bits") == 2
+
+
 def test_loading_thresholds_or_a_network_for_another_model_fails_clearly(folders, calibrated, trained, capsys):
     for out, what in ((calibrated[0], "these thresholds were calibrated for model"),
                       (trained[0], "this importance network was trained for model")):
@@ -123,6 +134,7 @@ def test_loading_thresholds_or_a_network_for_another_model_fails_clearly(folders
     (["dynamic-generate", "hi", "--load", "no/such/folder"], "is not a folder"),
     (["dynamic-train", "--target", "0.5", "--batch", "9", "--out", "x"], "a batch of 9 windows"),
     (["dynamic-generate", "   ", "--method", "cats", *CALIB], "the prompt is empty"),
+    (["dynamic-generate", "hi", "--method", "cats", "--precision", "int4", *CALIB], "importance networks only"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_status_2(folders, capsys, argv, message):
     assert main([*argv, "--model", str(folders["model"])]) == USER_ERROR_STATUS

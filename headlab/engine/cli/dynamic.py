@@ -223,8 +223,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     say(f"({time.perf_counter() - t:.1f} s)")
     path = ("reads only each token's kept weights" if out.sparse_decode
             else "hooks on the dense layers, every weight still read, so its speed is no measure of the method")
-    print(f"dense ({out.dense.decode_tokens_per_s:.1f} tokens/s):\n{_text(handle, out.dense)}\n")
-    print(f"{method_label(method)} ({out.dynamic.decode_tokens_per_s:.1f} tokens/s, {out.speedup:.2f}x; {path}):\n"
+    bits = ", FFN at 4 bits" if args.precision == "int4" else ""
+    print(f"dense ({out.dense.decode_tokens_per_s:.1f} tokens/s{bits}):\n{_text(handle, out.dense)}\n")
+    print(f"{method_label(method)} ({out.dynamic.decode_tokens_per_s:.1f} tokens/s{bits}, {out.speedup:.2f}x; "
+          f"{path}):\n"
           f"{_text(handle, out.dynamic)}\n")
     print(f"the first {out.same_tokens} of {args.max_new_tokens} new tokens agree")
     if out.note:
