@@ -193,17 +193,15 @@ def side_by_side(handle: ModelHandle, method: DynamicMethod, ids: torch.Tensor, 
                          "use float32")
     if int4 and handle.device.type != "cpu":
         raise ValueError(f"decoding at 4 bits runs on the CPU; the model is on {handle.device}")
-    dense = int4_generate(handle, ids, max_new_tokens) if int4 else dense_generate(handle, ids, max_new_tokens)
+    dense_gen, sparse_gen = (int4_generate, int4_sparse_generate) if int4 else (dense_generate, sparse_generate)
+    dense = dense_gen(handle, ids, max_new_tokens)
     if chooser is None:
         with applied(handle, method):  # the decode loop calls the layers' modules, so the method's hooks fire
             return SideBySide(dense, dense_generate(handle, ids, max_new_tokens), False, why)
-    if int4:
-        out = int4_sparse_generate(handle, ids, chooser, max_new_tokens)
-    else:
-        out = sparse_generate(handle, ids, chooser, max_new_tokens)
+    out = sparse_gen(handle, ids, chooser, max_new_tokens)
     ideal = None
     if out.kept is not None and out.decoded > 0:
-        if int4:
+        if int4:  # the 4-bit byte count covers the FFN channels only (kept heads are not counted there)
             ideal = int4_decode_weight_bytes(handle) / int4_decode_weight_bytes(handle, out.kept, chooser=chooser)
         else:
             ideal = decode_weight_bytes(handle) / decode_weight_bytes(handle, out.kept, out.heads, chooser=chooser)

@@ -194,6 +194,21 @@ struct Q4Args {
 
 constexpr int HALF = GROUP / 2;
 
+// h_j = act_j * up_j for channel j from its scaled level sums `us` / `gs` (both kernels): the groups' offsets
+// added through xsum, then the biases and the activation (or the given gate activation).
+template <bool GIVEN>
+inline float channel_output(const Q4Args& a, const uint16_t* sm, int64_t j, float us, float gs) {
+  const int64_t groups = a.d / GROUP;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    us += bf16(sm[3 * groups + grp]) * a.xsum[grp];
+    if (!GIVEN) gs += bf16(sm[groups + grp]) * a.xsum[grp];
+  }
+  if (a.up_bias) us += a.up_bias[j];
+  if (GIVEN) return a.gate_act[j] * us;
+  if (a.gate_bias) gs += a.gate_bias[j];
+  return gs / (1.f + std::exp(-gs)) * us;  // SiLU
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 // 32 levels of one group as four float vectors: values 0-7, 8-15 (low nibbles), 16-23, 24-31 (high nibbles).
 inline void levels8x4(const uint8_t* q, __m256 w[4]) {
@@ -248,20 +263,7 @@ inline float channels_q4(const Q4Args& a, const int64_t* j) {
   float h[B];
   float hsum = 0.f;
   for (int b = 0; b < B; ++b) {
-    float us = hsum8(u[b]), gs = GIVEN ? 0.f : hsum8(g[b]);
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      us += bf16(sm[b][3 * groups + grp]) * a.xsum[grp];
-      if (!GIVEN) gs += bf16(sm[b][groups + grp]) * a.xsum[grp];
-    }
-    if (a.up_bias) us += a.up_bias[j[b]];
-    float act;
-    if (GIVEN) {
-      act = a.gate_act[j[b]];
-    } else {
-      if (a.gate_bias) gs += a.gate_bias[j[b]];
-      act = gs / (1.f + std::exp(-gs));  // SiLU
-    }
-    h[b] = act * us;
+    h[b] = channel_output<GIVEN>(a, sm[b], j[b], hsum8(u[b]), GIVEN ? 0.f : hsum8(g[b]));
     hsum += h[b];
   }
   __m256 hv[B];
@@ -315,19 +317,7 @@ inline float channels_q4(const Q4Args& a, const int64_t* j) {
       us += u[b][v];
       gs += g[b][v];
     }
-    for (int64_t grp = 0; grp < groups; ++grp) {
-      us += bf16(sm[b][3 * groups + grp]) * a.xsum[grp];
-      if (!GIVEN) gs += bf16(sm[b][groups + grp]) * a.xsum[grp];
-    }
-    if (a.up_bias) us += a.up_bias[j[b]];
-    float act;
-    if (GIVEN) {
-      act = a.gate_act[j[b]];
-    } else {
-      if (a.gate_bias) gs += a.gate_bias[j[b]];
-      act = gs / (1.f + std::exp(-gs));  // SiLU
-    }
-    h[b] = act * us;
+    h[b] = channel_output<GIVEN>(a, sm[b], j[b], us, gs);
     hsum += h[b];
   }
   const uint8_t* dq[B];
