@@ -31,6 +31,7 @@ from headlab.engine.runtime.regions import (
     guard,
     ood_items,
     ood_nll,
+    ood_validation_items,
     region_perplexity,
     region_windows,
     training_prompts,
@@ -59,6 +60,11 @@ def test_the_guard_trips_on_every_evaluation_and_on_validation_unless_allowed():
         region_perplexity(h, None, region_windows(h, "heldout", n=1, window=128))
     with guard(h), pytest.raises(EvaluationLeak):
         ood_nll(h, None, ood_items(1))
+    # the out-of-domain part of validation is validation: guarded, and read where choosing is allowed
+    with guard(h), pytest.raises(EvaluationLeak):
+        ood_nll(h, None, ood_validation_items(1))
+    with guard(h, allow=("validation",)):
+        ood_nll(h, None, ood_validation_items(1))
 
 
 def test_fit_texts_come_after_the_held_out_windows():
@@ -80,8 +86,15 @@ def test_a_benchmark_scores_exactly_the_regions_its_fit_texts_were_checked_again
         check_region_windows(h, calibration=main)
 
 
-def test_training_prompts_never_hold_an_out_of_domain_item():
+def test_out_of_domain_validation_items_are_not_the_scored_ones():
     scored = {i.scored.strip() for i in ood_items()}
+    validation = {i.scored.strip() for i in ood_validation_items()}
+    assert len(validation) >= 30 and not scored & validation
+    assert {i.source for i in ood_validation_items()} == {i.source for i in ood_items()}
+
+
+def test_training_prompts_never_hold_an_out_of_domain_item():
+    scored = {i.scored.strip() for i in (*ood_items(), *ood_validation_items())}
     for name in ("mt_bench", "vicuna_bench", "gsm8k"):
         texts = training_prompts(name, 10_000)
         assert texts and not scored & {t.strip() for t in texts}
@@ -150,7 +163,7 @@ def test_distillation_reads_only_fit_text_and_training_prompts(monkeypatch, tmp_
     from headlab.engine.recovery.distill.data import prompt_split
 
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))
-    scored = {i.scored.strip() for i in ood_items()}
+    scored = {i.scored.strip() for i in (*ood_items(), *ood_validation_items())}
     assert not scored & {t.strip() for t in prompt_split()[0] + prompt_split()[1]}
     h = tiny_handle("llama")
     m = PruneMask.dense(h.geometry)

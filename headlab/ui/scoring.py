@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import streamlit as st
 
 from headlab.engine.core.progress import Progress
-from headlab.engine.data.datasets import CALIBRATION_SETS
 from headlab.engine.importance.criteria import Scores
 from headlab.engine.models.load import ModelHandle, cache_dir
-from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.pruning.strategies import CALIBRATION_CHOICES, Calibration
 from headlab.engine.pruning.strategies.scores import criterion_scores
 from headlab.ui import keys
 from headlab.ui.shared_cache import shared_cache
@@ -52,7 +51,7 @@ def calibration_choice() -> CalibrationChoice:
     """The calibration set picked in the sidebar (the default before any choice)."""
     name = st.session_state.get(keys.W_CALIBRATION, DEFAULT_CALIBRATION.name)
     n = int(st.session_state.get(keys.W_CALIBRATION_TEXTS, DEFAULT_CALIBRATION.n_texts))
-    return CalibrationChoice(name if name in CALIBRATION_SETS else DEFAULT_CALIBRATION.name, n)
+    return CalibrationChoice(name if name in CALIBRATION_CHOICES else DEFAULT_CALIBRATION.name, n)
 
 
 def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationChoice) -> Calibration:
@@ -62,7 +61,7 @@ def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationC
     """
 
     def compute(report: Progress) -> Calibration:
-        calib = Calibration.shipped(choice.name, choice.n_texts, max_length=choice.max_length)
+        calib = Calibration.shipped(choice.name, choice.n_texts, max_length=choice.max_length, handle=handle)
         calib.persist_dir = cache_dir() / "ablation"  # per-head costs kept on disk as measured: a restart resumes
         calib.stats(handle, report)
         for name in APP_CRITERIA:  # in the job, so concurrent sessions only ever read them (calib.cache)

@@ -12,8 +12,8 @@ import streamlit as st
 
 from headlab.engine.core.errors import USER_ERRORS
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.data.datasets import CALIBRATION_SETS
 from headlab.engine.models.load import DEFAULT_MODEL, ENCODER_MODEL, GEMMA3_MODEL
+from headlab.engine.pruning.strategies import CALIBRATION_CHOICES
 from headlab.ui import jobs, keys, session
 from headlab.ui.compute import mask_cost
 from headlab.ui.models import DTYPES, ModelChoice, default_choice, device_options, load_cached
@@ -77,8 +77,10 @@ def _model_picker() -> None:
 def _calibration_picker() -> None:
     session.widget_default(keys.W_CALIBRATION, DEFAULT_CALIBRATION.name)
     session.widget_default(keys.W_CALIBRATION_TEXTS, DEFAULT_CALIBRATION.n_texts)
-    st.selectbox("Calibration set", CALIBRATION_SETS, key=keys.W_CALIBRATION,
-                 help="Texts the head scores are computed on (one forward and backward pass).")
+    st.selectbox("Calibration set", CALIBRATION_CHOICES, key=keys.W_CALIBRATION,
+                 help="Texts the head scores are computed on (one forward and backward pass). mixed: WikiText "
+                      "paragraphs and the model's own answers to training prompts (generated once, then cached); "
+                      "an instruct model pruned on it keeps more of its chat quality.")
     st.number_input("Calibration texts", 4, 64, step=4, key=keys.W_CALIBRATION_TEXTS)
 
 

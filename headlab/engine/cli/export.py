@@ -22,6 +22,7 @@ from headlab.engine.cli.common import (
     add_calibration_args,
     add_model_args,
     add_protocol_args,
+    calibration_from_args,
     count_or_fraction,
     load_handle,
     load_mask,
@@ -31,7 +32,6 @@ from headlab.engine.cli.common import (
 )
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.export.deploy import EXPORT_TYPES, export_gguf
 from headlab.engine.export.write import LAYOUTS, export, zip_folder
 from headlab.engine.pruning.size_target import ROUTES, reach_size
@@ -60,7 +60,7 @@ def _ffn_align(args: argparse.Namespace) -> int:
 def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMask:
     """The mask that brings the model to --keep of its parameters along --route."""
     keep = count_or_fraction(args.keep)
-    texts = calibration_texts(args.calibration, args.n_texts)
+    texts = calibration_from_args(args, handle)
     calib = Calibration(texts, max_length=args.max_length, batch_size=args.batch_size, name=args.calibration)
     if args.method and args.route == "depth":
         if not isinstance(keep, float):

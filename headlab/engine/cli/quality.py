@@ -71,7 +71,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     handle = load_handle(args)
     budget = Budget(heads=count_or_fraction(args.budget), ffn=count_or_fraction(args.ffn))
     budget.counts(handle.geometry)
-    calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length)
+    calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length, handle=handle)
     t = time.perf_counter()
     with progress_bar(f"suggest ({args.method or args.mode})") as cb:
         mask, info = suggest_mask(handle, budget, mode=args.mode, method=args.method, calib=calib,
@@ -96,7 +96,7 @@ def _suggest_size(args: argparse.Namespace) -> int:
         raise ValueError("--keep asks for a parameter budget by --route; drop --budget / --method "
                          "(or drop --keep to choose heads by a method)")
     handle = load_handle(args)
-    calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length)
+    calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length, handle=handle)
     t = time.perf_counter()
     with progress_bar(f"suggest ({SIZE_METHODS[args.route]})") as cb:
         mask, info = suggest_size(handle, args.keep, args.route, calib=calib, protocol=protocol_from_args(args),

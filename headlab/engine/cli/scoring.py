@@ -17,6 +17,7 @@ from headlab.engine.cli.common import (
     add_calibration_args,
     add_model_args,
     add_protocol_args,
+    calibration_from_args,
     count_or_fraction,
     load_handle,
     measure_perplexity,
@@ -27,7 +28,6 @@ from headlab.engine.cli.common import (
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.core.files import write_atomic_text
 from headlab.engine.core.handle import ModelHandle
-from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.importance.capture import CaptureStats
 from headlab.engine.importance.criteria import Scores
 from headlab.engine.importance.registry import criterion_names, get_criterion, score
@@ -62,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     rank 0 writes the table once every rank has finished its share.
     """
     handle = load_handle(args)
-    texts = calibration_texts(args.calibration, args.n_texts)
+    texts = calibration_from_args(args, handle)
     criteria = args.criteria.split(",")
     t = time.perf_counter()
     with progress_bar("scoring") as cb:
@@ -89,7 +89,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     handle = load_handle(args)
     get_criterion(args.criterion)  # fail fast on a typo, before the slow pass
     budget = count_or_fraction(args.budget)
-    texts = calibration_texts(args.calibration, args.n_texts)
+    texts = calibration_from_args(args, handle)
     with progress_bar(f"scoring ({args.criterion})") as cb:
         scores, _ = score(handle, texts, [args.criterion], progress=cb, batch_size=args.batch_size,
                           max_length=args.max_length)

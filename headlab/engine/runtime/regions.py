@@ -9,10 +9,13 @@ Regions (token offsets in the model's own tokenisation of the whole file):
 - held-out: 12 windows of 512 tokens from token 150,000, reported only;
 - fit: paragraphs taken from the end of the file backwards (calibration, re-fit and distillation texts),
   checked to begin after the held-out windows (`check_fit_texts`);
-- out-of-domain: the last items of each shipped prompt set (`ood_items`), scored as mean NLL; training
-  that reads prompt sets takes them from the front (`training_prompts`).
+- out-of-domain: the last items of each shipped prompt set (`ood_items`), scored as mean NLL; the items in
+  front of them (`ood_validation_items`) are the out-of-domain part of validation, scored to choose between
+  settings; training that reads prompt sets takes them from the front (`training_prompts`) and never reads
+  either (`reserved_texts`).
 
-`EvalGuard` holds every run of 16 tokens (at least ~64 characters) of main, validation, held-out and the out-of-domain items (as
+`EvalGuard` holds every run of 16 tokens (at least ~64 characters) of main, validation (with its out-of-domain
+items), held-out and the out-of-domain items (as
 rolling hashes) and checks every batch a model embeds while it is installed (`guard`): a method that
 reads any of them raises `EvaluationLeak`. A test runs every choosing method under the guard with
 validation allowed, and runs the evaluations themselves under it to show the guard trips.
@@ -39,6 +42,7 @@ __all__ = [
     "HELDOUT_OFFSET",
     "HELDOUT_WINDOWS",
     "OOD_PER_SET",
+    "OOD_VALIDATION_PER_SET",
     "REGIONS",
     "VALIDATION_OFFSET",
     "VALIDATION_WINDOWS",
@@ -51,8 +55,10 @@ __all__ = [
     "guard",
     "ood_items",
     "ood_nll",
+    "ood_validation_items",
     "region_perplexity",
     "region_windows",
+    "reserved_texts",
     "training_prompts",
 ]
 
@@ -60,6 +66,7 @@ WINDOW = 512
 VALIDATION_OFFSET, VALIDATION_WINDOWS = 75_000, 8
 HELDOUT_OFFSET, HELDOUT_WINDOWS = 150_000, 12
 OOD_PER_SET = 16  # the last items of each prompt set are scored, never trained on
+OOD_VALIDATION_PER_SET = 8  # the items in front of those: out-of-domain validation, for choosing
 NGRAM = 16
 
 
@@ -121,23 +128,37 @@ class OodItem:
     scored: str
 
 
-def ood_items(n_per_set: int = OOD_PER_SET) -> list[OodItem]:
-    """The last `n_per_set` items of each shipped prompt set: GSM8K answers after their questions, the other
-    sets' prompts themselves."""
-    items: list[OodItem] = []
-    items += [OodItem("gsm8k", q, a) for q, a in _gsm8k_rows()[-n_per_set:]]
+def _items(lo: int, hi: int | None) -> list[OodItem]:
+    """Items [lo:hi] of each shipped set: GSM8K answers after their questions, the other sets' prompts themselves."""
+    items = [OodItem("gsm8k", q, a) for q, a in _gsm8k_rows()[lo:hi]]
     for name in ("mt_bench", "vicuna_bench", "humaneval"):
-        items += [OodItem(name, None, p.text) for p in load_prompts(name)[-n_per_set:]]
+        items += [OodItem(name, None, p.text) for p in load_prompts(name)[lo:hi]]
     return items
 
 
-def training_prompts(name: str, n: int, n_reserved: int = OOD_PER_SET) -> list[str]:
-    """Up to `n` prompts of a shipped set from its front, never one of the last `n_reserved` nor any text that is
-    scored out of domain (vicuna_bench's last prompt is also mt_bench's first)."""
-    prompts = load_prompts(name)
-    scored = {item.scored.strip() for item in ood_items(n_reserved)}
-    usable = [p.text for p in prompts[: max(0, len(prompts) - n_reserved)] if p.text.strip() not in scored]
-    return usable[:n]
+def ood_items(n_per_set: int = OOD_PER_SET) -> list[OodItem]:
+    """The last `n_per_set` items of each shipped prompt set: GSM8K answers after their questions, the other
+    sets' prompts themselves."""
+    return _items(-n_per_set, None)
+
+
+def ood_validation_items(n_per_set: int = OOD_VALIDATION_PER_SET) -> list[OodItem]:
+    """The out-of-domain part of validation: the `n_per_set` items of each set in front of the scored ones
+    (`ood_items`), chosen on, never trained on and never reported as a result."""
+    return _items(-(OOD_PER_SET + n_per_set), -OOD_PER_SET)
+
+
+def reserved_texts() -> set[str]:
+    """Every prompt-set text that training may not read (stripped): the scored out-of-domain items and the
+    out-of-domain validation items (vicuna_bench's last prompt is also mt_bench's first, so a text is
+    compared, not an index)."""
+    return {item.scored.strip() for item in (*ood_items(), *ood_validation_items())}
+
+
+def training_prompts(name: str, n: int) -> list[str]:
+    """Up to `n` prompts of a shipped set from its front, never a reserved text (`reserved_texts`)."""
+    reserved = reserved_texts()
+    return [p.text for p in load_prompts(name) if p.text.strip() not in reserved][:n]
 
 
 def _gsm8k_rows() -> list[tuple[str, str]]:
@@ -234,16 +255,23 @@ class EvalGuard:
         found = []
         for name in self.protect:
             if name == "ood":
-                for ids, scored in _ood_encoded(handle.tokenizer, ood_items(), 512):
-                    if ids.numel() >= self.n:  # runs wholly inside the scored text (not the chat template's)
-                        found.append(_hashes(ids[None], self.n)[scored.unfold(0, self.n, 1).all(-1)])
-                for item in ood_items():  # and the scored texts tokenised on their own
-                    found.append(_hashes(torch.tensor(handle.tokenizer(item.scored, add_special_tokens=False)
-                                                      ["input_ids"])[None], self.n))
+                found += self._item_hashes(handle, ood_items())
             else:
                 found.append(_hashes(region_windows(handle, name), self.n))
+                if name == "validation":
+                    found += self._item_hashes(handle, ood_validation_items())
         self.hashes = torch.unique(torch.cat(found))
         self.checked = 0
+
+    def _item_hashes(self, handle: ModelHandle, items: Sequence[OodItem]) -> list[torch.Tensor]:
+        found = []
+        for ids, scored in _ood_encoded(handle.tokenizer, items, 512):
+            if ids.numel() >= self.n:  # runs wholly inside the scored text (not the chat template's)
+                found.append(_hashes(ids[None], self.n)[scored.unfold(0, self.n, 1).all(-1)])
+        for item in items:  # and the scored texts tokenised on their own
+            found.append(_hashes(torch.tensor(handle.tokenizer(item.scored, add_special_tokens=False)
+                                              ["input_ids"])[None], self.n))
+        return found
 
     def check(self, ids: torch.Tensor) -> None:
         h = _hashes(ids.detach().cpu(), self.n)

@@ -8,7 +8,14 @@ The strategies are listed by name in headlab.engine.pruning.strategies.registry.
 """
 
 from headlab.engine.core.errors import UnknownStrategyError
-from headlab.engine.pruning.strategies.base import COMP_SUFFIX, Budget, Calibration, Strategy, parse_method
+from headlab.engine.pruning.strategies.base import (
+    CALIBRATION_CHOICES,
+    COMP_SUFFIX,
+    Budget,
+    Calibration,
+    Strategy,
+    parse_method,
+)
 from headlab.engine.pruning.strategies.registry import STRATEGIES, get_strategy, strategy_names
 from headlab.engine.pruning.strategies.suggest import (
     MODE_METHODS,
@@ -21,6 +28,7 @@ from headlab.engine.pruning.strategies.suggest import (
 )
 
 __all__ = [
+    "CALIBRATION_CHOICES",
     "COMP_SUFFIX",
     "MODES",
     "MODE_METHODS",

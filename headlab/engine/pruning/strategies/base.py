@@ -19,11 +19,13 @@ from typing import Any, ClassVar
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
-from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.data.datasets import CALIBRATION_SETS, calibration_texts
 from headlab.engine.importance.capture import CaptureStats, capture
 from headlab.engine.pruning.select import BudgetError, count_from_budget
+from headlab.engine.runtime.continuations import MIXED, mixed_texts
 
 __all__ = [
+    "CALIBRATION_CHOICES",
     "Budget",
     "Calibration",
     "Strategy",
@@ -32,6 +34,8 @@ __all__ = [
 ]
 
 COMP_SUFFIX = "+comp"
+# the shipped sets, and "mixed": WikiText paragraphs and the model's own answers to training prompts
+CALIBRATION_CHOICES = (*CALIBRATION_SETS, MIXED)
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,15 @@ class Calibration:
     lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     @classmethod
-    def shipped(cls, name: str = "wikitext", n: int = 32, max_length: int = 256) -> "Calibration":
-        """A calibration over one of the shipped sets (headlab.engine.data.datasets.calibration_texts)."""
+    def shipped(cls, name: str = "wikitext", n: int = 32, max_length: int = 256,
+                handle: ModelHandle | None = None) -> "Calibration":
+        """A calibration over one of the shipped sets (headlab.engine.data.datasets.calibration_texts), or "mixed"
+        (headlab.engine.runtime.continuations.mixed_texts: half of it the model's own answers, so `handle` is
+        needed; they are generated once and cached)."""
+        if name == MIXED:
+            if handle is None:
+                raise ValueError("the mixed calibration set holds the model's own answers: pass the model (handle=)")
+            return cls(mixed_texts(handle, n), max_length=max_length, name=name)
         return cls(calibration_texts(name, n), max_length=max_length, name=name)
 
     def stats(self, handle: ModelHandle, progress: Progress | None = None) -> CaptureStats:

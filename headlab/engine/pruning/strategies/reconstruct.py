@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
-from headlab.engine.data.datasets import CALIBRATION_SETS, calibration_texts
 from headlab.engine.pruning.reconstruct.budgets import (
     allocate,
     apportion,
@@ -44,10 +43,11 @@ from headlab.engine.pruning.reconstruct.budgets import (
 from headlab.engine.pruning.reconstruct.joint import joint_counts
 from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfig, obs_prune, refit, supports_input_maps
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
-from headlab.engine.pruning.strategies.base import Budget, Calibration, Strategy
+from headlab.engine.pruning.strategies.base import CALIBRATION_CHOICES, Budget, Calibration, Strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.hardconcrete import HardConcreteMask
 from headlab.engine.pruning.strategies.oneshot import AblationStrategy, FlapStrategy
+from headlab.engine.runtime.continuations import MIXED
 from headlab.engine.runtime.cost import cost
 
 __all__ = [
@@ -88,11 +88,12 @@ def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str =
     return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, inputs=inputs, **kw)
 
 
-def refit_texts(calib: Calibration, n: int = REFIT_TEXTS) -> list[str]:
-    """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer."""
-    if len(calib.texts) >= n or calib.name not in CALIBRATION_SETS:
+def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | None = None) -> list[str]:
+    """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer
+    ("mixed" needs the model, `handle`, whose answers it holds)."""
+    if len(calib.texts) >= n or calib.name not in CALIBRATION_CHOICES or (calib.name == MIXED and handle is None):
         return list(calib.texts)
-    return calibration_texts(calib.name, n)
+    return Calibration.shipped(calib.name, n, handle=handle).texts
 
 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
@@ -119,7 +120,8 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     if allocation == "auto":
         allocation = AUTO_ALLOCATION["width" if f else "heads"]
     if allocation in ("global", "joint"):
-        return joint_counts(handle, h, f, refit_texts(calib), _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
+        return joint_counts(handle, h, f, refit_texts(calib, handle=handle), _config(calib),
+                            normalise=normalise or GLOBAL_NORMALISATION,
                             even_groups=even_groups, ffn_align=ffn_align, mix=allocation == "joint",
                             progress=progress)
     if allocation in ("flap", "ablation"):
@@ -172,7 +174,7 @@ class ObsStrategy(Strategy):
                                        even_groups=self.even_groups, normalise=self.normalise)
         damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
         config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept, **damp)
-        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts), even_groups=self.even_groups,
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, self.n_texts, handle), even_groups=self.even_groups,
                          config=config, progress=progress)
         used = self.allocation
         if used == "auto":
@@ -198,7 +200,7 @@ class _RefitAfter(Strategy):
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         chosen = self.base(compensate=True, **self.base_options)(handle, budget, calib, progress=progress)
-        mask = refit(handle, chosen, refit_texts(calib, self.n_texts),
+        mask = refit(handle, chosen, refit_texts(calib, self.n_texts, handle),
                      config=_config(calib, handle, self.inputs, target=self.target), progress=progress)
         mask.meta.update({"method": self.name, "selection": chosen.meta.get("method"),
                           "reference": self.reference, "calibration": calib.describe()})
@@ -235,7 +237,7 @@ def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Cali
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
     base = method[: -len(REFIT_SUFFIX)]
     dropped = depth_prune(handle, keep, base, calib, progress=progress)
-    mask = refit(handle, dropped, refit_texts(calib, n_texts), config=_config(calib, handle, inputs, target="residual"),
+    mask = refit(handle, dropped, refit_texts(calib, n_texts, handle), config=_config(calib, handle, inputs, target="residual"),
                  progress=progress)
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
     # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
@@ -290,7 +292,7 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
             channels = [g.ffn_dim - kept] * g.n_layers
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
         intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
-        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts), even_groups=even,
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts, handle), even_groups=even,
                          config=_config(calib, handle, "auto", intercept=intercept), progress=progress)
         method = "obs (uniform" + (")" if intercept else ", no bias)")
     else:
