@@ -13,7 +13,10 @@ methods with -refit) run on heads30, heads50, width20 and depth20 by default:
 `select_s` is the wall time a method took to choose its mask, `select_cpu_min` the CPU minutes of this
 process in that time (every thread counted).
 Calibration: 32 WikiText-2 test paragraphs from the END of the file (headlab.engine.data.datasets), up
-to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each).
+to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each). A method's
+`calibration=mixed` setting (e.g. "obs[inputs=all,calibration=mixed,n_texts=256]") calibrates and re-fits on
+WikiText paragraphs and the model's own answers to training prompts instead
+(headlab.engine.runtime.continuations.mixed_texts).
 Evaluation, both printed with their token ranges:
 - main: the pinned protocol (headlab.engine.runtime.evaluate.DEFAULT_PROTOCOL): the START of the file;
 - held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
@@ -191,6 +194,9 @@ def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: a
 
 def _make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
     method, settings = parse_spec(method)
+    data = settings.pop("calibration", calib.name)
+    if data != calib.name:  # "calibration=mixed": as many texts of that set (WikiText and the model's answers)
+        calib = Calibration.shipped(data, len(calib.texts), max_length=calib.max_length, handle=handle)
     if config.startswith("depth"):
         if method in DEPTH_REFIT_METHODS:
             return depth_refit_prune(handle, 1.0 - int(config[5:]) / 100, method, calib, **settings)
@@ -381,7 +387,9 @@ def main() -> None:
 def settings_of(mask: PruneMask) -> str:
     """The settings a mask's method used, as far as its meta records them (allocation, input re-fits, damping)."""
     r = mask.meta.get("reconstruction", {})
-    parts = [f"allocation={mask.meta['allocation']}" if "allocation" in mask.meta else "",
+    calibration = str(mask.meta.get("calibration", "")).split()
+    parts = [f"calibration={calibration[1]}" if len(calibration) > 1 and calibration[1] != "wikitext" else "",
+             f"allocation={mask.meta['allocation']}" if "allocation" in mask.meta else "",
              f"inputs={r['inputs']}" if "inputs" in r else "", f"damp={r['damp']}" if "damp" in r else "",
              f"target={r['target']}" if "target" in r else ""]
     return " ".join(p for p in parts if p)

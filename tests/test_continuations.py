@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from headlab.engine.data.datasets import calibration_texts
@@ -48,3 +50,16 @@ def test_reconstruction_on_mixed_text_reads_no_protected_text_and_refits_on_more
     with guard(handle) as g:
         mask = get_strategy("obs", n_texts=10)(handle, Budget(heads=0.25, ffn=0.25), calib)
     assert g.checked > 0 and mask.meta["allocation"] == "flap"
+
+
+def test_the_command_line_scores_on_mixed_text(handle, tmp_path):
+    from headlab.engine.cli.main import main
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "scores.json"
+    rc = main(["score", "--model", str(folder), "--calibration", "mixed", "--n-texts", "4", "--max-length", "32",
+               "--criteria", "magnitude,entropy", "--out", str(out)])
+    assert rc == 0
+    written = json.loads(out.read_text())
+    assert written["calibration"] == "mixed" and written["n_texts"] == 4 and written["rows"]
