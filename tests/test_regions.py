@@ -17,6 +17,7 @@ from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
     DEFAULT_INPUTS,
     GLOBAL_NORMALISATION,
+    REFIT_TEXTS,
     ObsStrategy,
     depth_refit_prune,
     refit_texts,
@@ -94,7 +95,8 @@ def test_out_of_domain_validation_items_are_not_the_scored_ones():
 
 
 def test_training_prompts_never_hold_an_out_of_domain_item():
-    scored = {i.scored.strip() for i in (*ood_items(), *ood_validation_items())}
+    items = (*ood_items(), *ood_validation_items())
+    scored = {i.scored.strip() for i in items} | {i.context.strip() for i in items if i.context}
     for name in ("mt_bench", "vicuna_bench", "gsm8k"):
         texts = training_prompts(name, 10_000)
         assert texts and not scored & {t.strip() for t in texts}
@@ -144,6 +146,11 @@ def test_the_defaults_are_the_settings_chosen_on_validation():
     assert _chosen("heads30", "allocation") == f"allocation={AUTO_ALLOCATION['heads']}"
     norm = _chosen("width20", "normalisation") or _chosen("heads30", "normalisation")
     assert norm in (None, f"normalise={GLOBAL_NORMALISATION}")
+    # the re-fit's text count is a compute budget: the winner is never fewer texts than the library's default
+    texts = _chosen("width20", "texts")
+    assert texts is None or int(texts.split("=")[1]) >= REFIT_TEXTS
+    # the commands calibrate on WikiText unless told otherwise: that is what validation chose
+    assert _chosen("width20", "calibration") == "calibration=wikitext"
 
 
 def test_the_tokens_of_a_region_are_where_it_says():
@@ -163,7 +170,8 @@ def test_distillation_reads_only_fit_text_and_training_prompts(monkeypatch, tmp_
     from headlab.engine.recovery.distill.data import prompt_split
 
     monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path))
-    scored = {i.scored.strip() for i in (*ood_items(), *ood_validation_items())}
+    items = (*ood_items(), *ood_validation_items())
+    scored = {i.scored.strip() for i in items} | {i.context.strip() for i in items if i.context}
     assert not scored & {t.strip() for t in prompt_split()[0] + prompt_split()[1]}
     h = tiny_handle("llama")
     m = PruneMask.dense(h.geometry)

@@ -150,9 +150,10 @@ def ood_validation_items(n_per_set: int = OOD_VALIDATION_PER_SET) -> list[OodIte
 
 def reserved_texts() -> set[str]:
     """Every prompt-set text that training may not read (stripped): the scored out-of-domain items and the
-    out-of-domain validation items (vicuna_bench's last prompt is also mt_bench's first, so a text is
-    compared, not an index)."""
-    return {item.scored.strip() for item in (*ood_items(), *ood_validation_items())}
+    out-of-domain validation items, GSM8K's questions with their answers (vicuna_bench's last prompt is also
+    mt_bench's first, so a text is compared, not an index)."""
+    items = (*ood_items(), *ood_validation_items())
+    return {t.strip() for item in items for t in (item.scored, item.context) if t is not None}
 
 
 def training_prompts(name: str, n: int) -> list[str]:
