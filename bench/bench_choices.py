@@ -20,8 +20,9 @@ stage keeps the previous stages' winners:
    WikiText validation perplexity, the table's measure, and the trade is stated where the two disagree;
 6. texts: how many texts the re-fits read (128 paragraphs: ~20,000 tokens; 512: ~80,000). This is a compute
    budget more than a setting: the re-fit's time grows with it (about 6 against 30 minutes on 2 cores), so
-   the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names `n_texts=` where it uses more.
-heads30 takes width20's input mode and text count and compares allocations only.
+   the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names `n_texts=` where it uses more;
+7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
+heads30 takes width20's input mode and compares allocations and re-fit text counts.
 
 Masks are chosen under the regions guard (nothing a method reads may hold main, validation, held-out
 or out-of-domain text) and cached with bench_quality's, so bench_quality reuses the winners' masks.
@@ -60,10 +61,12 @@ STAGES = {
         ("target", ["target=output", "target=residual"]),
         ("calibration", ["calibration=wikitext", "calibration=mixed"]),
         ("texts", ["n_texts=128", "n_texts=512"]),
+        ("calibration texts", ["calib_texts=32", "calib_texts=512"]),
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
         ("allocation", ["allocation=ablation", "allocation=global"]),
+        ("texts", ["n_texts=128", "n_texts=512"]),
     ],
 }
 
@@ -71,7 +74,7 @@ STAGES = {
 # Settings equal to what obs does without them, dropped from a candidate's name so one mask is never chosen twice
 # under two names (the bench's own defaults: the code's as they stood when the stages were laid out).
 IMPLIED = {"width20": {"allocation=flap", "damp=0.01", "normalise=stream", "target=output", "n_texts=128",
-                       "calibration=wikitext"},
+                       "calibration=wikitext", "calib_texts=32"},
            "heads30": {"allocation=ablation", "damp=0.01", "normalise=stream", "target=output", "n_texts=128"}}
 
 

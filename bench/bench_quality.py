@@ -16,7 +16,8 @@ Calibration: 32 WikiText-2 test paragraphs from the END of the file (headlab.eng
 to 256 tokens each; the measured methods replay the first 4 of them (128 tokens each). A method's
 `calibration=mixed` setting (e.g. "obs[inputs=all,calibration=mixed,n_texts=256]") calibrates and re-fits on
 WikiText paragraphs and the model's own answers to training prompts instead
-(headlab.engine.runtime.continuations.mixed_texts).
+(headlab.engine.runtime.continuations.mixed_texts); `calib_texts=512` measures the calibration statistics (FLAP's
+per-layer counts) on 512 paragraphs instead of 32.
 Evaluation, both printed with their token ranges:
 - main: the pinned protocol (headlab.engine.runtime.evaluate.DEFAULT_PROTOCOL): the START of the file;
 - held-out: 12 windows of 512 tokens from the MIDDLE of the file (token offset 150,000),
@@ -194,9 +195,11 @@ def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: a
 
 def _make_mask(handle: Any, method: str, config: str, calib: Calibration, args: argparse.Namespace) -> PruneMask:
     method, settings = parse_spec(method)
-    data = settings.pop("calibration", calib.name)
-    if data != calib.name:  # "calibration=mixed": as many texts of that set (WikiText and the model's answers)
-        calib = Calibration.shipped(data, len(calib.texts), max_length=calib.max_length, handle=handle)
+    # "calibration=mixed": that set (WikiText and the model's answers); "calib_texts=512": the calibration (what
+    # FLAP's per-layer counts are measured on) that many texts long instead of 32
+    data, n_calib = settings.pop("calibration", calib.name), settings.pop("calib_texts", len(calib.texts))
+    if data != calib.name or n_calib != len(calib.texts):
+        calib = Calibration.shipped(data, n_calib, max_length=calib.max_length, handle=handle)
     if config.startswith("depth"):
         if method in DEPTH_REFIT_METHODS:
             return depth_refit_prune(handle, 1.0 - int(config[5:]) / 100, method, calib, **settings)

@@ -147,8 +147,9 @@ def test_the_defaults_are_the_settings_chosen_on_validation():
     norm = _chosen("width20", "normalisation") or _chosen("heads30", "normalisation")
     assert norm in (None, f"normalise={GLOBAL_NORMALISATION}")
     # the re-fit's text count is a compute budget: the winner is never fewer texts than the library's default
-    texts = _chosen("width20", "texts")
-    assert texts is None or int(texts.split("=")[1]) >= REFIT_TEXTS
+    for config in ("width20", "heads30"):
+        texts = _chosen(config, "texts")
+        assert texts is not None and int(texts.split("=")[1]) >= REFIT_TEXTS
     # the commands calibrate on WikiText unless told otherwise: that is what validation chose
     assert _chosen("width20", "calibration") == "calibration=wikitext"
 

@@ -163,7 +163,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--method", default=None, choices=[*DEPTH_METHODS, *DEPTH_REFIT_METHODS],
                    help="with --keep and --route depth: a depth method (-refit: the layers around each gap re-fitted)")
     p.add_argument("--refit-texts", type=int, default=REFIT_TEXTS,
-                   help="calibration texts the reconstruction fits on (at least --n-texts)")
+                   help="calibration texts the reconstruction fits on (at least --n-texts); 512 re-fits better "
+                        "(bench/results/choices.csv) and takes about 5x as long")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
     p.add_argument("--format", default="hf", choices=("hf", "gguf"),
