@@ -16,11 +16,11 @@ from headlab.engine.core.errors import USER_ERRORS
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
-from headlab.engine.data.datasets import CALIBRATION_SETS, calibration_texts
 from headlab.engine.distributed.world import RankFailedError, World, launched, open_world
 from headlab.engine.models.load import load_model
 from headlab.engine.models.placement import describe_layout
-from headlab.engine.runtime.continuations import MIXED, mixed_texts
+from headlab.engine.pruning.strategies import CALIBRATION_CHOICES, Calibration
+from headlab.engine.runtime.continuations import MIXED
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.evaluate import PerplexityProtocol, PerplexityResult, perplexity
 
@@ -110,7 +110,7 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
     """--calibration, --n-texts, --max-length, --batch-size: the texts a scoring pass runs on."""
-    p.add_argument("--calibration", default="wikitext", choices=(*CALIBRATION_SETS, MIXED),
+    p.add_argument("--calibration", default="wikitext", choices=CALIBRATION_CHOICES,
                    help="the texts: WikiText-2 paragraphs, a shipped prompt set, or mixed (WikiText and the "
                         "model's own answers to training prompts, generated once and cached)")
     p.add_argument("--n-texts", type=int, default=32, help="number of calibration texts")
@@ -118,12 +118,15 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
 
 
-def calibration_from_args(args: argparse.Namespace, handle: ModelHandle) -> list[str]:
-    """The --n-texts texts of --calibration ("mixed" holds the model's own answers)."""
-    if args.calibration == MIXED:
-        with progress_bar("answers for the mixed calibration") as cb:
-            return mixed_texts(handle, args.n_texts, progress=cb)
-    return calibration_texts(args.calibration, args.n_texts)
+def calibration_from_args(args: argparse.Namespace, handle: ModelHandle) -> Calibration:
+    """The --n-texts texts of --calibration at --max-length and --batch-size ("mixed" generates the model's own
+    answers once, with a progress bar)."""
+    generating = args.calibration == MIXED
+    with progress_bar("answers for the mixed calibration") if generating else contextlib.nullcontext() as cb:
+        calib = Calibration.shipped(args.calibration, args.n_texts, max_length=args.max_length, handle=handle,
+                                    progress=cb)
+    calib.batch_size = args.batch_size
+    return calib
 
 
 def load_handle(args: argparse.Namespace) -> ModelHandle:

@@ -35,7 +35,6 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.export.deploy import EXPORT_TYPES, export_gguf
 from headlab.engine.export.write import LAYOUTS, export, zip_folder
 from headlab.engine.pruning.size_target import ROUTES, reach_size
-from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
     DEPTH_REFIT_METHODS,
@@ -60,8 +59,7 @@ def _ffn_align(args: argparse.Namespace) -> int:
 def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMask:
     """The mask that brings the model to --keep of its parameters along --route."""
     keep = count_or_fraction(args.keep)
-    texts = calibration_from_args(args, handle)
-    calib = Calibration(texts, max_length=args.max_length, batch_size=args.batch_size, name=args.calibration)
+    calib = calibration_from_args(args, handle)
     if args.method and args.route == "depth":
         if not isinstance(keep, float):
             raise ValueError("--method takes --keep as a fraction of the parameters (0-1)")
@@ -83,10 +81,10 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
         print(f"size target: {r.describe()}")
     else:
         with progress_bar(f"scoring ({args.route})") as cb:
-            r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=texts, progress=cb)
+            r = reach_size(handle, keep, route=args.route, criterion=args.criterion, texts=calib.texts, progress=cb)
         mask = r.mask
         print(f"size target: {r.describe()}")
-    mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": len(texts)})
+    mask.meta.update({"model": handle.name, "calibration": args.calibration, "n_texts": len(calib.texts)})
     return mask
 
 

@@ -62,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     rank 0 writes the table once every rank has finished its share.
     """
     handle = load_handle(args)
-    texts = calibration_from_args(args, handle)
+    texts = calibration_from_args(args, handle).texts
     criteria = args.criteria.split(",")
     t = time.perf_counter()
     with progress_bar("scoring") as cb:
@@ -89,7 +89,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     handle = load_handle(args)
     get_criterion(args.criterion)  # fail fast on a typo, before the slow pass
     budget = count_or_fraction(args.budget)
-    texts = calibration_from_args(args, handle)
+    texts = calibration_from_args(args, handle).texts
     with progress_bar(f"scoring ({args.criterion})") as cb:
         scores, _ = score(handle, texts, [args.criterion], progress=cb, batch_size=args.batch_size,
                           max_length=args.max_length)

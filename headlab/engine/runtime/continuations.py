@@ -25,9 +25,9 @@ import torch
 
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.tokens import context_length
-from headlab.engine.data.datasets import calibration_texts, load_prompts
+from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.models.load import cache_dir
-from headlab.engine.runtime.regions import reserved_texts
+from headlab.engine.runtime.regions import training_prompts
 
 __all__ = ["MIXED", "mixed_texts", "prompt_split", "teacher_continuations"]
 
@@ -43,8 +43,7 @@ def prompt_split(sets: Sequence[str] = ("mt_bench", "vicuna_bench", "gsm8k", "hu
     Never a reserved text (headlab.engine.runtime.regions.reserved_texts: the items scored out of domain, the
     last of each set, and the out-of-domain validation items in front of them).
     """
-    reserved = reserved_texts()
-    pools = [[p.text for p in load_prompts(s) if p.text.strip() not in reserved] for s in sets]
+    pools = [training_prompts(s) for s in sets]
     mixed = [pool[i] for i in range(max(map(len, pools), default=0)) for pool in pools if i < len(pool)]
     train = [t for i, t in enumerate(mixed) if i % heldout_every != heldout_every - 1]
     heldout = [t for i, t in enumerate(mixed) if i % heldout_every == heldout_every - 1]

@@ -24,6 +24,7 @@ validation allowed, and runs the evaluations themselves under it to show the gua
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -148,16 +149,17 @@ def ood_validation_items(n_per_set: int = OOD_VALIDATION_PER_SET) -> list[OodIte
     return _items(-(OOD_PER_SET + n_per_set), -OOD_PER_SET)
 
 
-def reserved_texts() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def reserved_texts() -> frozenset[str]:
     """Every prompt-set text that training may not read (stripped): the scored out-of-domain items and the
     out-of-domain validation items, GSM8K's questions with their answers (vicuna_bench's last prompt is also
     mt_bench's first, so a text is compared, not an index)."""
     items = (*ood_items(), *ood_validation_items())
-    return {t.strip() for item in items for t in (item.scored, item.context) if t is not None}
+    return frozenset(t.strip() for item in items for t in (item.scored, item.context) if t is not None)
 
 
-def training_prompts(name: str, n: int) -> list[str]:
-    """Up to `n` prompts of a shipped set from its front, never a reserved text (`reserved_texts`)."""
+def training_prompts(name: str, n: int | None = None) -> list[str]:
+    """Up to `n` (all: None) prompts of a shipped set from its front, never a reserved text (`reserved_texts`)."""
     reserved = reserved_texts()
     return [p.text for p in load_prompts(name) if p.text.strip() not in reserved][:n]
 

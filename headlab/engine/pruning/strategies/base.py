@@ -81,14 +81,14 @@ class Calibration:
 
     @classmethod
     def shipped(cls, name: str = "wikitext", n: int = 32, max_length: int = 256,
-                handle: ModelHandle | None = None) -> "Calibration":
+                handle: ModelHandle | None = None, progress: Progress | None = None) -> "Calibration":
         """A calibration over one of the shipped sets (headlab.engine.data.datasets.calibration_texts), or "mixed"
         (headlab.engine.runtime.continuations.mixed_texts: half of it the model's own answers, so `handle` is
-        needed; they are generated once and cached)."""
+        needed; they are generated once and cached, `progress` reporting the generation)."""
         if name == MIXED:
             if handle is None:
                 raise ValueError("the mixed calibration set holds the model's own answers: pass the model (handle=)")
-            return cls(mixed_texts(handle, n), max_length=max_length, name=name)
+            return cls(mixed_texts(handle, n, progress=progress), max_length=max_length, name=name)
         return cls(calibration_texts(name, n), max_length=max_length, name=name)
 
     def stats(self, handle: ModelHandle, progress: Progress | None = None) -> CaptureStats:
