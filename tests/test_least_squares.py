@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select, ridge_fit
+from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select, ridge_fit, spd_inverse
 
 
 def _problem(n: int = 12, d: int = 5, tokens: int = 400, seed: int = 0):
@@ -80,3 +80,23 @@ def test_obs_removes_redundant_columns_first_and_respects_bucket_limits():
     limited = obs_select(_moments(x, y), n_groups=6, group_width=1, n_remove=2, damp=1e-9,
                          group_of=bucket, max_per_bucket=1)
     assert sorted(bucket[list(limited.removed)].tolist()) == [0, 1]
+
+
+def test_spd_inverse_matches_each_block_on_two_threads():
+    """4 blocks of 256 x 256 in float64 on 2 threads: torch 2.13's batched LU fails there (Gemma 3's heads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(4, 256, 296, dtype=torch.float64, generator=g)
+        blocks = a @ a.transpose(1, 2) + 0.1 * torch.eye(256, dtype=torch.float64)
+        blocks[3] = -blocks[3]  # an indefinite block (rounding can leave one) is inverted alone
+        expect = torch.stack([torch.linalg.inv(b) for b in blocks])
+        torch.testing.assert_close(spd_inverse(blocks), expect, rtol=1e-7, atol=1e-10)
+        m = Moments(4 * 256, 8)  # and structured OBS over 4 head-wide groups of 256 columns runs
+        x = torch.randn(2000, 4 * 256, dtype=torch.float64, generator=g)
+        m.add(x, x[:, :8] * 2.0)
+        res = obs_select(m, 4, 256, 3)
+        assert sorted(res.removed) == [1, 2, 3] and all(c == c for c in res.costs)  # the group that feeds y stays
+    finally:
+        torch.set_num_threads(threads)
