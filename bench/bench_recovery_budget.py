@@ -110,6 +110,45 @@ def choose_lr(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig, l
     return float(min(lrs, key=lambda lr: probes[str(lr)]))
 
 
+def packed(teacher: Any, config: DistillConfig, pack: int, args: argparse.Namespace) -> tuple[Any, DistillConfig]:
+    """The data with WikiText as running-text windows of `pack` tokens, and a batch of as many tokens per step."""
+    data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts, pack=pack)
+    check_fit_texts(teacher, [*data.train, *data.heldout], f"distillation (windows of {pack})")
+    bs = max(1, config.batch_size * config.max_length // pack)
+    return data, replace(config, batch_size=bs, max_length=pack)
+
+
+def choose_pack(teacher: Any, mask: PruneMask, config: DistillConfig, packs: list[int], args: argparse.Namespace,
+                val: torch.Tensor, state: dict[str, Any], save: Any) -> int:
+    """The WikiText shape (0: paragraphs; N: windows of N tokens) whose probe scores best on VALIDATION.
+
+    Paragraphs reuse the learning-rate probe at the chosen rate; each window size gets its own timed
+    probe (its steps cost differently) and a run of the same minutes at the same rate.
+    """
+    probes = state.setdefault("pack_probe", {})
+    timed = state.setdefault("s_per_step_pack", {})
+    if 0 in packs and "0" not in probes:
+        probes["0"] = state["lr_probe"][str(config.lr)] if str(config.lr) in state.get("lr_probe", {}) else None
+    for pack in packs:
+        if str(pack) in probes and probes[str(pack)] is not None:
+            continue
+        data, cfg = packed(teacher, config, pack, args) if pack else (
+            distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts), config)
+        if pack and str(pack) not in timed:
+            timed[str(pack)] = timed_probe(teacher, mask, data, cfg)
+        s_step = timed[str(pack)] if pack else state["s_per_step"]
+        steps = max(5, int(args.probe_minutes * 60 / s_step))
+        student = prune(teacher, mask)
+        with guard(teacher):  # the training reads fit text only
+            distill(teacher, student, data, replace(cfg, steps=steps, warmup=max(1, steps // 20)))
+        probes[str(pack)] = region_perplexity(student, None, val)
+        save()
+        _say(f"  WikiText {'windows of %d' % pack if pack else 'paragraphs'} (batch {cfg.batch_size} x "
+             f"{cfg.max_length}): {steps} steps, validation perplexity {probes[str(pack)]:.3f}")
+        del student
+    return min(packs, key=lambda p: probes[str(p)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -125,6 +164,10 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--n-wikitext", type=int, default=512, help="WikiText-2 paragraphs (end of the file)")
     ap.add_argument("--n-prompts", type=int, default=160, help="training prompts answered by the teacher")
+    ap.add_argument("--packs", default="0,512",
+                    help="WikiText as one text per paragraph (0) or as running-text windows of N tokens "
+                         "(batch shrunk to keep batch x length tokens per step): each is probed at the chosen "
+                         "learning rate on the VALIDATION windows and the best trains")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="short protocols, the quick quality cache")
     ap.add_argument("--fresh", action="store_true")
@@ -138,7 +181,8 @@ def main() -> None:
     ho = heldout_windows(teacher, HELDOUT_OFFSET, 256 if args.quick else 512, 2 if args.quick else 12)
     work = cache_dir_root() / "bench" / ("recovery_budget_quick" if args.quick else "recovery_budget") / (
         f"{(args.model or DEFAULT_MODEL).replace('/', '_')}_{args.method}_{args.config}_{args.minutes:g}min_"
-        f"{args.n_wikitext}w{args.n_prompts}p_lrs{args.lrs}_{args.probe_minutes:g}").replace("[", "(").replace("]", ")")
+        f"{args.n_wikitext}w{args.n_prompts}p_lrs{args.lrs}_{args.probe_minutes:g}"
+        + (f"_packs{args.packs}" if args.packs != "0" else "")).replace("[", "(").replace("]", ")")
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -167,13 +211,23 @@ def main() -> None:
                                                 state, lambda: curve_path.write_text(json.dumps(state, indent=1)))
     state["lr"] = lr
     config = replace(config, lr=lr)
-    steps = max(10, int(args.minutes * 60 / state["s_per_step"]))
+    packs = [int(x) for x in args.packs.split(",")]
+    pack = choose_pack(teacher, mask, config, packs, args, val, state,
+                       lambda: curve_path.write_text(json.dumps(state, indent=1)))
+    if pack:
+        data, config = packed(teacher, config, pack, args)
+        where = where.split("; ")[0] + "; " + check_fit_texts(teacher, [*data.train, *data.heldout], "distillation")
+    state["pack"] = pack
+    s_per_step = state["s_per_step_pack"][str(pack)] if pack else state["s_per_step"]
+    steps = max(10, int(args.minutes * 60 / s_per_step))
     config = replace(config, steps=steps, warmup=max(1, steps // 20))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
-         f"({where}); probe {state['s_per_step']:.2f} s/step -> {steps} steps for {args.minutes:g} minutes; "
-         f"lr {lr:g} chosen on validation ({state.get('lr_probe', {})})")
+         f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {s_per_step:.2f} s/step -> {steps} "
+         f"steps for {args.minutes:g} minutes; lr {lr:g} chosen on validation ({state.get('lr_probe', {})}); "
+         f"WikiText as {'windows of %d tokens' % pack if pack else 'paragraphs'}, chosen on validation "
+         f"({state.get('pack_probe', {})})")
 
     student = prune(teacher, mask)
     points: list[dict[str, Any]] = state.setdefault("points", [])
@@ -230,8 +284,21 @@ def main() -> None:
         print(f"| {p['minutes']:.1f} | {p['step']} | {p['ppl_main']:.2f} | {p['ratio_main']:.3f} | "
               f"{p['ppl_heldout']:.2f} | {p['ratio_heldout']:.3f} |")
     if not args.quick:
-        write_rows(points, Path(args.csv))
+        student = f"{args.method}@{args.config}"
+        rows = [{"student": student, **p, "lr": lr, "pack": pack, "top1_heldout": state["top1_heldout"],
+                 "measured": state.setdefault("measured", time.strftime("%Y-%m-%d"))} for p in points]
+        write_rows(merge_curves(Path(args.csv), rows, student), Path(args.csv))
+        curve_path.write_text(json.dumps(state, indent=1))
         print(f"wrote {args.csv}")
+
+
+def merge_curves(path: Path, rows: list[dict[str, Any]], student: str) -> list[dict[str, Any]]:
+    """The CSV's curves with `student`'s replaced by `rows` (one curve per student, each row dated)."""
+    import csv
+
+    old = [r for r in (csv.DictReader(path.open()) if path.exists() else []) if r.get("student") != student]
+    cols = list(dict.fromkeys([*rows[0], *(k for r in old for k in r)])) if rows else []
+    return [{k: r.get(k, "") for k in cols} for r in [*old, *rows]]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.objective import token_logits
-from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.data.datasets import calibration_texts, read_wikitext, wikitext_calibration
 from headlab.engine.export.surgery import prune
 from headlab.engine.recovery.distill import (
     DistillConfig,
@@ -24,6 +24,7 @@ from headlab.engine.recovery.distill import (
     teacher_continuations,
 )
 from headlab.engine.recovery.quantize import materialize
+from headlab.engine.runtime.regions import check_fit_texts
 from tests.tiny import save_tiny, tiny_handle
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 250, 8, 1, 64]])
@@ -203,6 +204,23 @@ def test_distill_data_mixes_text_and_answers_and_holds_some_out(llama_handle, mo
     assert d.sources == {"wikitext_end": 6, "teacher_continuations": 4}
     assert len(d.train) + len(d.heldout) == 10 and len(d.heldout) == 2
     assert not set(d.train) & set(d.heldout)
+
+
+def test_packed_wikitext_is_the_files_running_text_cut_into_windows(llama_handle):
+    tok = llama_handle.tokenizer
+    d = distill_data(llama_handle, n_wikitext=6, n_prompts=0, pack=64, heldout_fraction=0.25)
+    windows = [*d.train, *d.heldout]
+    assert d.sources["wikitext_end_windows_64"] == len(windows) > 6
+    text = read_wikitext()
+    assert all(text.rfind(w) >= 0 for w in windows)  # exact slices of the file
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) <= 65 for w in windows)
+    assert any("\n" in w for w in windows)  # contexts cross paragraph boundaries
+    ordered = sorted(windows, key=text.rfind)  # together they are the span, in order, with nothing left out
+    tail = text[text.rfind(wikitext_calibration(6)[-1]):]
+    assert "".join("".join(ordered).split()) == "".join(tail.split())
+    check_fit_texts(llama_handle, windows, "packed")  # after the held-out windows, no protected text
+    with pytest.raises(DistillError, match="pack"):
+        distill_data(llama_handle, n_wikitext=6, n_prompts=0, pack=1)
 
 
 @pytest.mark.parametrize("kw,match", [({"steps": 0}, "steps"), ({"bits": 3}, "1 or 2 bits"),

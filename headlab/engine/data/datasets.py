@@ -22,6 +22,7 @@ __all__ = [
     "read_wikitext",
     "wikitext_sha256",
     "wikitext_calibration",
+    "wikitext_stream",
     "load_prompts",
     "calibration_texts",
 ]
@@ -66,6 +67,27 @@ def wikitext_calibration(n: int = 32, min_chars: int = 400) -> list[str]:
     if len(chosen) < n:
         raise ValueError(f"only {len(chosen)} calibration paragraphs available, asked for {n}")
     return chosen[:n]
+
+
+def wikitext_stream(tokenizer, n: int, window: int, min_chars: int = 400) -> list[str]:
+    """The file's own running text over the span of `wikitext_calibration(n)`, cut into pieces of `window` tokens.
+
+    Where the paragraphs are separate texts that each start a context, these are contiguous slices
+    of the file (headings and short paragraphs included) that cross paragraph boundaries, as the
+    perplexity windows do. Each piece is an exact substring of the file, cut at token boundaries
+    (a fast tokenizer's offsets); the last, shorter piece is kept.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    text = read_wikitext()
+    start = text.rfind(wikitext_calibration(n, min_chars)[-1])
+    tail = text[start:]
+    try:
+        offsets = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError) as e:
+        raise ValueError(f"packing WikiText into windows needs a fast tokenizer with offsets ({e})") from None
+    cuts = [offsets[i][0] for i in range(0, len(offsets), window)] + [len(tail)]
+    return [tail[a:b].strip() for a, b in zip(cuts, cuts[1:]) if tail[a:b].strip()]
 
 
 def _prompt_from_row(row: dict, source: str, i: int) -> Prompt:

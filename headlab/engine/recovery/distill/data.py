@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headlab.engine.core.handle import ModelHandle
-from headlab.engine.data.datasets import calibration_texts
+from headlab.engine.data.datasets import calibration_texts, wikitext_stream
 from headlab.engine.recovery.distill.config import DistillError
 from headlab.engine.runtime.continuations import prompt_split, teacher_continuations
 
@@ -45,16 +45,29 @@ class DistillData:
 
 
 def distill_data(teacher: ModelHandle, *, n_wikitext: int = 64, n_prompts: int = 48, max_new_tokens: int = 64,
-                 heldout_fraction: float = 0.1, seed: int = 0,
+                 heldout_fraction: float = 0.1, seed: int = 0, pack: int = 0,
                  progress: Callable[[int, int], None] | None = None) -> DistillData:
     """WikiText-2 paragraphs (end of file) + the teacher's answers to training prompts, split train / held-out.
 
+    `pack` > 0: the WikiText part is the file's running text over the same paragraphs' span, cut into
+    windows of `pack` tokens (datasets.wikitext_stream), not one text per paragraph: contexts then
+    cross paragraph boundaries and reach `pack` tokens, as the perplexity windows do.
     For an encoder the prompts are used as they are (there is nothing to generate). Prompts of the
     held-out half of `prompt_split` are never used, so they stay unseen for agreement metrics.
     """
     if not 0 < heldout_fraction < 1:
         raise DistillError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
-    wiki = calibration_texts("wikitext", n_wikitext) if n_wikitext else []
+    if pack < 0 or pack == 1:
+        raise DistillError(f"pack must be 0 (one text per paragraph) or a window of at least 2 tokens, got {pack!r}")
+    if not n_wikitext:
+        wiki = []
+    elif pack:
+        try:
+            wiki = wikitext_stream(teacher.tokenizer, n_wikitext, pack)
+        except ValueError as e:
+            raise DistillError(str(e)) from None
+    else:
+        wiki = calibration_texts("wikitext", n_wikitext)
     prompts = prompt_split()[0][:n_prompts] if n_prompts else []
     if teacher.is_causal_lm and prompts:
         prompted = teacher_continuations(teacher, prompts, max_new_tokens=max_new_tokens, progress=progress)
@@ -68,4 +81,5 @@ def distill_data(teacher: ModelHandle, *, n_wikitext: int = 64, n_prompts: int =
     heldout = tuple(texts[i] for i in order[:n_held])
     train = tuple(texts[i] for i in order[n_held:])
     kind = "teacher_continuations" if teacher.is_causal_lm else "prompts"
-    return DistillData(train, heldout, {"wikitext_end": len(wiki), kind: len(prompted)})
+    wiki_kind = f"wikitext_end_windows_{pack}" if pack else "wikitext_end"
+    return DistillData(train, heldout, {wiki_kind: len(wiki), kind: len(prompted)})
