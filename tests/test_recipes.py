@@ -191,6 +191,23 @@ def test_cli_distill_writes_a_student_that_plain_transformers_reloads(tmp_path, 
     assert main(argv) == 2, "a second run into the same folder is refused unless --resume"
 
 
+def test_distill_cli_trains_on_packed_wikitext_windows(tmp_path, monkeypatch, capsys):
+    from headlab.engine.cli.main import main
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    base = ["distill", "--model", str(src), "--keep", "0.7", "--recipe", "single", "--steps", "2", "--batch-size", "2",
+            "--n-wikitext", "4", "--n-prompts", "2", "--max-new-tokens", "3", "--n-score-texts", "2", "--no-eval"]
+    assert main([*base, "--pack", "32", "--max-length", "32", "--out", str(tmp_path / "run")]) == 0
+    assert "'wikitext_end_windows_32'" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--max-length 64"):  # windows longer than the texts read would be cut
+        main([*base, "--pack", "64", "--max-length", "32", "--out", str(tmp_path / "run2")])
+    assert not (tmp_path / "run2").exists()
+
+
 @pytest.mark.real_model
 def test_minilm_pruned_student_disagrees_and_a_few_kd_steps_help(minilm):
     from headlab.engine.recovery.distill import distill_data, prompt_split

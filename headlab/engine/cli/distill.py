@@ -97,6 +97,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty: pass --resume to continue the run there, or choose a new --out")
     world.barrier()  # every rank has looked at --out before rank 0 writes into it
+    if args.pack and args.max_length < args.pack:  # a window longer than the text length would be cut
+        raise SystemExit(f"--pack {args.pack} needs --max-length {args.pack} or more (got {args.max_length})")
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                            temperature=args.temperature, hidden_weight=args.hidden_weight, mode=args.mode,
                            lora_rank=args.lora_rank, eval_every=args.eval_every, patience=args.patience,
@@ -114,7 +116,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if world.is_main == turn:
             with progress_bar("teacher answers") as cb:
                 data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts,
-                                    max_new_tokens=args.max_new_tokens, progress=cb)
+                                    max_new_tokens=args.max_new_tokens, pack=args.pack, progress=cb)
         world.barrier()
     print(f"data: {len(data.train)} training / {len(data.heldout)} held-out texts {data.sources}")
     heldout = prompt_split()[1][: args.n_heldout]
@@ -179,6 +181,10 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--patience", type=int, default=3, help="stop after N evaluations without improvement (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--n-wikitext", type=int, default=64, help="WikiText-2 paragraphs (end of file) to train on")
+    p.add_argument("--pack", type=int, default=0,
+                   help="WikiText as the file's running text in windows of N tokens, across paragraph boundaries "
+                        "(0: one text per paragraph); set --max-length to N and --batch-size to keep the tokens "
+                        "per step")
     p.add_argument("--n-prompts", type=int, default=48, help="training prompts (answered by the teacher for an LM)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="length of the teacher's answers")
     p.add_argument("--n-heldout", type=int, default=200, help="held-out prompts for the encoder agreement")
