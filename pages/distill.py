@@ -3,6 +3,7 @@
 import plotly.graph_objects as go
 import streamlit as st
 
+from headlab.engine.core.tokens import context_length
 from headlab.engine.pruning.size_target import target_params, width_mask
 from headlab.engine.recovery.distill import MODES, DistillConfig
 from headlab.engine.recovery.quantize import export_student
@@ -36,6 +37,13 @@ mode = c2.radio("Train", MODES, horizontal=True, key=keys.W_DISTILL_MODE,
                 format_func={"full": "all weights", "lora": "LoRA adapters"}.get)
 steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key=keys.W_DISTILL_STEPS))
 lr = c3.select_slider("Learning rate", [3e-5, 1e-4, 2e-4, 5e-4, 1e-3], 2e-4, key=keys.W_DISTILL_LR)
+window = min(512, context_length(handle.model))
+TEXT = {"running text": (max(1, 512 // window), window, window), "paragraphs": (4, 128, 0)}  # (texts, tokens, pack)
+text = c3.radio("WikiText as", list(TEXT), horizontal=True, key=keys.W_DISTILL_TEXT,
+                help=f"Running text: windows of {window} tokens cut from the file across paragraph boundaries, as "
+                     "perplexity windows are (better on validation text: bench/results/recovery_budget.csv). "
+                     "Paragraphs: 4 texts x 128 tokens per step, each starting a context.")
+batch_size, max_length, pack = TEXT[text]
 
 job: RecoveryJob | None = st.session_state.get(keys.DISTILL_JOB)
 running = job is not None and job.running
@@ -54,15 +62,16 @@ if b1.button("Start", type="primary", disabled=running):
         elif mask == mask.dense(handle.geometry):
             st.warning("The session's mask prunes nothing: the student is a full-size copy.")
         config = DistillConfig(steps=steps, lr=lr, mode=mode, eval_every=max(1, steps // 10), patience=0,
-                               warmup=max(1, steps // 10))
-        job = RecoveryJob(handle, student_mask, recipe, bits, config, protocol=live_protocol(handle)).start()
+                               warmup=max(1, steps // 10), batch_size=batch_size, max_length=max_length)
+        job = RecoveryJob(handle, student_mask, recipe, bits, config, protocol=live_protocol(handle),
+                          pack=pack).start()
         st.session_state[keys.DISTILL_JOB] = job
         running = True
 if b2.button("Stop", disabled=not running):
     job.stop()
 if job is None:
-    st.info("Choose a student and a recipe, then Start. Each step runs the teacher and the student on a batch "
-            "of 4 texts x 128 tokens: seconds per step for the default model on a CPU.")
+    st.info(f"Choose a student and a recipe, then Start. Each step runs the teacher and the student on "
+            f"{batch_size} x {max_length} tokens: seconds per step for the default model on a CPU.")
     st.stop()
 
 

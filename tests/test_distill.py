@@ -279,6 +279,9 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
     assert list(table["model"]) == ["teacher", "student, no recovery", "student, after 1-bit single-stage"]
     assert (table["perplexity"] > 1).all()
     assert job.result.steps_run == 3
+    # by default the WikiText part is running text, in windows as long as the model's context allows
+    assert job.pack == job.config.max_length == min(512, h.model.config.max_position_embeddings)
+    assert job.config.batch_size * job.config.max_length >= 512
 
 
 def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkeypatch):
@@ -295,6 +298,7 @@ def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkey
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180).run()
     at.switch_page("pages/distill.py").run()
     at.radio(key="distill.source").set_value("uniform width, reconstructed (OBS)").run()
+    at.radio(key="distill.text").set_value("paragraphs").run()
     at.slider(key="distill.keep").set_value(0.7)
     at.number_input(key="distill.steps").set_value(2)
     next(b for b in at.button if b.label == "Start").click()
@@ -306,6 +310,7 @@ def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkey
         time.sleep(0.2)
     assert job.finished and job.error is None, job.error
     assert job.mask.has_refit, "the student's kept output weights were re-solved"
+    assert (job.pack, job.config.batch_size, job.config.max_length) == (0, 4, 128)
     c = cost(h, job.mask)
     assert abs(c.params_kept / c.params_total - 0.7) < 0.02
     assert len(set(job.mask.heads.sum(dim=1).tolist())) == 1, "the same heads removed in every layer"

@@ -270,6 +270,7 @@ class RecoveryJob:
     n_wikitext: int = 64
     n_prompts: int = 48
     max_new_tokens: int = 64
+    pack: int = 0  # WikiText as running-text windows of this many tokens (distill_data); 0: paragraphs
     n_heldout: int = 100
     out_dir: str | os.PathLike | None = None
     resume: bool = False
@@ -318,7 +319,7 @@ class RecoveryJob:
         self.student = prune(self.teacher, self.mask)
         job.set_stage("preparing data (the teacher answers the training prompts once, then it is cached)")
         data = distill_data(self.teacher, n_wikitext=self.n_wikitext, n_prompts=self.n_prompts,
-                            max_new_tokens=self.max_new_tokens)
+                            max_new_tokens=self.max_new_tokens, pack=self.pack)
         heldout = prompt_split()[1][: self.n_heldout]
         job.set_stage("measuring the teacher and the un-recovered student")
         self.before = {"teacher": self._measure(self.teacher, heldout),
