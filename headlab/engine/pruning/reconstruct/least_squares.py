@@ -101,12 +101,9 @@ def spd_inverse(blocks: torch.Tensor) -> torch.Tensor:
     """
     chol, info = torch.linalg.cholesky_ex(blocks)
     out = torch.cholesky_inverse(chol)
-    if bool((info != 0).any()):
-        flat, bad = out.reshape(-1, *blocks.shape[-2:]), (info != 0).reshape(-1).nonzero().flatten()
-        src = blocks.reshape(-1, *blocks.shape[-2:])
-        for i in bad.tolist():
-            flat[i] = torch.linalg.inv(src[i])
-        out = flat.reshape(blocks.shape)
+    bad = info != 0
+    if bool(bad.any()):  # one at a time: a batched LU is what fails
+        out[bad] = torch.stack([torch.linalg.inv(b) for b in blocks[bad]])
     return out
 
 
