@@ -110,43 +110,69 @@ def choose_lr(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig, l
     return float(min(lrs, key=lambda lr: probes[str(lr)]))
 
 
-def packed(teacher: Any, config: DistillConfig, pack: int, args: argparse.Namespace) -> tuple[Any, DistillConfig]:
-    """The data with WikiText as running-text windows of `pack` tokens, and a batch of as many tokens per step."""
-    data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts, pack=pack)
-    check_fit_texts(teacher, [*data.train, *data.heldout], f"distillation (windows of {pack})")
-    bs = max(1, config.batch_size * config.max_length // pack)
-    return data, replace(config, batch_size=bs, max_length=pack)
+def step_shape(config: DistillConfig, pack: int) -> DistillConfig:
+    """`config` for WikiText windows of `pack` tokens (0: paragraphs, unchanged): as many tokens per step."""
+    if not pack:
+        return config
+    return replace(config, batch_size=max(1, config.batch_size * config.max_length // pack), max_length=pack)
 
 
-def choose_pack(teacher: Any, mask: PruneMask, config: DistillConfig, packs: list[int], args: argparse.Namespace,
-                val: torch.Tensor, state: dict[str, Any], save: Any) -> int:
+def shape_name(pack: int) -> str:
+    return f"windows of {pack} tokens" if pack else "paragraphs"
+
+
+class FitData:
+    """The distillation data for each WikiText shape (0: paragraphs; N: running-text windows of N tokens).
+
+    Each shape is built once (the teacher answers the prompts) and checked against every reserved
+    region once; calling again returns the same (data, where).
+    """
+
+    def __init__(self, teacher: Any, args: argparse.Namespace) -> None:
+        self.teacher, self.args = teacher, args
+        self._made: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, pack: int) -> tuple[Any, str]:
+        if pack not in self._made:
+            data = distill_data(self.teacher, n_wikitext=self.args.n_wikitext, n_prompts=self.args.n_prompts,
+                                pack=pack)
+            label = f"distillation (windows of {pack})" if pack else "distillation"
+            self._made[pack] = (data, check_fit_texts(self.teacher, [*data.train, *data.heldout], label))
+        return self._made[pack]
+
+
+def choose_pack(teacher: Any, mask: PruneMask, config: DistillConfig, packs: list[int], fit: FitData,
+                probe_minutes: float, val: torch.Tensor, state: dict[str, Any], save: Any) -> int:
     """The WikiText shape (0: paragraphs; N: windows of N tokens) whose probe scores best on VALIDATION.
 
-    Paragraphs reuse the learning-rate probe at the chosen rate; each window size gets its own timed
-    probe (its steps cost differently) and a run of the same minutes at the same rate.
+    Every shape gets its seconds per step (the paragraphs' is state["s_per_step"]). With more than one
+    shape, each gets a run of `probe_minutes` at the chosen rate; the paragraphs' run is the
+    learning-rate probe at that rate when there was one.
     """
     probes = state.setdefault("pack_probe", {})
     timed = state.setdefault("s_per_step_pack", {})
-    if 0 in packs and "0" not in probes:
-        probes["0"] = state["lr_probe"][str(config.lr)] if str(config.lr) in state.get("lr_probe", {}) else None
+    lr_probes = state.get("lr_probe", {})
     for pack in packs:
-        if str(pack) in probes and probes[str(pack)] is not None:
-            continue
-        data, cfg = packed(teacher, config, pack, args) if pack else (
-            distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts), config)
         if pack and str(pack) not in timed:
-            timed[str(pack)] = timed_probe(teacher, mask, data, cfg)
-        s_step = timed[str(pack)] if pack else state["s_per_step"]
-        steps = max(5, int(args.probe_minutes * 60 / s_step))
+            timed[str(pack)] = timed_probe(teacher, mask, fit(pack)[0], step_shape(config, pack))
+            save()
+        if len(packs) == 1 or probes.get(str(pack)) is not None:
+            continue
+        if not pack and str(config.lr) in lr_probes:  # that probe already ran this shape at this rate
+            probes["0"] = lr_probes[str(config.lr)]
+            save()
+            continue
+        cfg = step_shape(config, pack)
+        steps = max(5, int(probe_minutes * 60 / (timed[str(pack)] if pack else state["s_per_step"])))
         student = prune(teacher, mask)
         with guard(teacher):  # the training reads fit text only
-            distill(teacher, student, data, replace(cfg, steps=steps, warmup=max(1, steps // 20)))
+            distill(teacher, student, fit(pack)[0], replace(cfg, steps=steps, warmup=max(1, steps // 20)))
         probes[str(pack)] = region_perplexity(student, None, val)
         save()
-        _say(f"  WikiText {'windows of %d' % pack if pack else 'paragraphs'} (batch {cfg.batch_size} x "
+        _say(f"  WikiText {shape_name(pack)} (batch {cfg.batch_size} x "
              f"{cfg.max_length}): {steps} steps, validation perplexity {probes[str(pack)]:.3f}")
         del student
-    return min(packs, key=lambda p: probes[str(p)])
+    return packs[0] if len(packs) == 1 else min(packs, key=lambda p: probes[str(p)])
 
 
 def main() -> None:
@@ -195,9 +221,9 @@ def main() -> None:
         teacher, "validation", n=2 if args.quick else None, window=256 if args.quick else None))
     mask = student_mask(teacher, args.model, args.method, args.config, args.quick)
     c = cost(teacher, mask)
-    data = distill_data(teacher, n_wikitext=args.n_wikitext, n_prompts=args.n_prompts)
-    where = check_fit_texts(teacher, calibration_texts("wikitext", args.n_wikitext), "calibration")
-    where += "; " + check_fit_texts(teacher, [*data.train, *data.heldout], "distillation")
+    fit = FitData(teacher, args)
+    data = fit(0)[0]
+    calibration_where = check_fit_texts(teacher, calibration_texts("wikitext", args.n_wikitext), "calibration")
     val = region_windows(teacher, "validation", n=2 if args.quick else None, window=256 if args.quick else None)
     config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length,
                            temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
@@ -212,11 +238,11 @@ def main() -> None:
     state["lr"] = lr
     config = replace(config, lr=lr)
     packs = [int(x) for x in args.packs.split(",")]
-    pack = choose_pack(teacher, mask, config, packs, args, val, state,
+    pack = choose_pack(teacher, mask, config, packs, fit, args.probe_minutes, val, state,
                        lambda: curve_path.write_text(json.dumps(state, indent=1)))
-    if pack:
-        data, config = packed(teacher, config, pack, args)
-        where = where.split("; ")[0] + "; " + check_fit_texts(teacher, [*data.train, *data.heldout], "distillation")
+    data, fit_where = fit(pack)
+    config = step_shape(config, pack)
+    where = f"{calibration_where}; {fit_where}"
     state["pack"] = pack
     s_per_step = state["s_per_step_pack"][str(pack)] if pack else state["s_per_step"]
     steps = max(10, int(args.minutes * 60 / s_per_step))
@@ -226,7 +252,7 @@ def main() -> None:
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
          f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {s_per_step:.2f} s/step -> {steps} "
          f"steps for {args.minutes:g} minutes; lr {lr:g} chosen on validation ({state.get('lr_probe', {})}); "
-         f"WikiText as {'windows of %d tokens' % pack if pack else 'paragraphs'}, chosen on validation "
+         f"WikiText as {shape_name(pack)}, chosen on validation "
          f"({state.get('pack_probe', {})})")
 
     student = prune(teacher, mask)
