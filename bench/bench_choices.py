@@ -43,14 +43,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_quality import bench_cache, cached_mask_path, load_stats, make_mask, save_stats
+from bench.bench_quality import bench_cache, cached_mask_path, load_stats, make_mask, results_csv, save_stats
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.runtime.regions import REGIONS, ood_nll, ood_validation_items, region_perplexity, region_windows
 
-RESULTS = Path("bench/results")
 # stage -> the candidates' settings, each added to the winners of the stages before
 STAGES = {
     "width20": [
@@ -89,8 +88,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--configs", default="width20,heads30")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated stages to run (default: all); a stage left out keeps no winner, so the "
+                         "later ones build on the stages run")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
+    csv_path = results_csv("choices", args.model, args.quick, args.csv)
+    known = {stage for stages in STAGES.values() for stage, _ in stages}
+    wanted = set(args.stages.split(",")) if args.stages else known
+    if wanted - known:
+        raise SystemExit(f"--stages: unknown {sorted(wanted - known)}; the stages are {sorted(known)}")
     args.iter_steps, args.hc_steps = 4, 80
     torch.set_num_threads(args.threads)
     handle = load_model(args.model)
@@ -117,6 +124,8 @@ def main() -> None:
     for config in args.configs.split(","):
         winners: list[str] = []
         for stage, options in STAGES[config]:
+            if stage not in wanted:
+                continue
             if stage == "normalisation":
                 if "allocation=global" not in winners and "allocation=joint" not in winners:
                     continue
@@ -161,7 +170,6 @@ def main() -> None:
                     row["chosen"] = True
             winners.append(best)
         print(f"# {config}: chosen {spec(winners, config)}\n", flush=True)
-    csv_path = Path(args.csv or RESULTS / ("choices_quick.csv" if args.quick else "choices.csv"))
     write_rows(rows, csv_path)
     print(f"wrote {csv_path}")
 

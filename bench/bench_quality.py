@@ -105,6 +105,20 @@ heldout_perplexity = region_perplexity  # perplexity over given windows, the mas
 
 
 # --- caching -----------------------------------------------------------------------------------
+def results_csv(stem: str, model: str | None, quick: bool, csv: str | None) -> Path:
+    """Where a run's rows go: `csv`, else bench/results/<stem>[_quick].csv, which holds the default model's rows.
+
+    Another model's rows must be sent elsewhere by name (SystemExit otherwise, before anything runs), so they
+    never replace the default model's rows of the same configuration and method.
+    """
+    if csv:
+        return Path(csv)
+    if model not in (None, DEFAULT_MODEL):
+        raise SystemExit(f"--model {model}: name its results file with --csv (e.g. --csv {RESULTS}/{stem}_gemma3.csv); "
+                         f"{RESULTS}/{stem}.csv holds {DEFAULT_MODEL}'s rows")
+    return RESULTS / f"{stem}{'_quick' if quick else ''}.csv"
+
+
 def bench_cache(model: str | None, quick: bool) -> Path:
     """Where this benchmark keeps its masks and results for `model` (None: the default)."""
     tag = "quality_quick" if quick else "quality"
@@ -257,10 +271,9 @@ def main() -> None:
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tag = "quality_quick" if args.quick else "quality"
     cache_dir = bench_cache(args.model, args.quick)
     (cache_dir / "masks").mkdir(parents=True, exist_ok=True)
-    csv_path = Path(args.csv or RESULTS / f"{tag}.csv")
+    csv_path = results_csv("quality", args.model, args.quick, args.csv)
 
     handle = load_model(args.model)
     if args.quick:

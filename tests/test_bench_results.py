@@ -1,0 +1,34 @@
+"""Where the quality benchmarks write: another model's rows never replace the default model's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.bench_quality import results_csv
+from headlab.engine.models.load import DEFAULT_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_table_holds_the_default_models_rows_only():
+    assert results_csv("quality", None, False, None) == Path("bench/results/quality.csv")
+    assert results_csv("quality", DEFAULT_MODEL, False, None) == Path("bench/results/quality.csv")
+    assert results_csv("choices", None, True, None) == Path("bench/results/choices_quick.csv")
+    assert results_csv("quality", "gemma3-270m", False, "out/q.csv") == Path("out/q.csv")
+    with pytest.raises(SystemExit, match="--csv bench/results/quality_gemma3.csv"):
+        results_csv("quality", "gemma3-270m", False, None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gemma3-270m"], "name its results file with --csv"),
+    (["--stages", "allocation,bogus"], "--stages: unknown ['bogus']"),
+])
+def test_bench_choices_refuses_before_loading_anything(argv, message, tmp_path):
+    run = subprocess.run([sys.executable, "bench/bench_choices.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={"HEADLAB_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 1 and message in run.stderr
+    assert not any(tmp_path.iterdir())  # no model opened, nothing cached
