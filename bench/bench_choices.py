@@ -43,11 +43,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_quality import bench_cache, cached_mask_path, load_stats, make_mask, results_csv, save_stats
+from bench.bench_quality import (
+    bench_cache,
+    cached_mask_path,
+    load_cached_mask,
+    load_stats,
+    make_mask,
+    results_csv,
+    save_stats,
+)
 from headlab.engine.core.csvfile import write_rows
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Calibration
+from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, GLOBAL_NORMALISATION, REFIT_TEXTS
 from headlab.engine.runtime.regions import REGIONS, ood_nll, ood_validation_items, region_perplexity, region_windows
 
 # stage -> the candidates' settings, each added to the winners of the stages before
@@ -70,11 +79,12 @@ STAGES = {
 }
 
 
-# Settings equal to what obs does without them, dropped from a candidate's name so one mask is never chosen twice
-# under two names (the bench's own defaults: the code's as they stood when the stages were laid out).
-IMPLIED = {"width20": {"allocation=flap", "damp=0.01", "normalise=stream", "target=output", "n_texts=128",
-                       "calibration=wikitext", "calib_texts=32"},
-           "heads30": {"allocation=ablation", "damp=0.01", "normalise=stream", "target=output", "n_texts=128"}}
+# Settings equal to what obs does without them today, dropped from a candidate's name so one mask is never chosen
+# twice under two names. "auto" allocations follow the code (AUTO_ALLOCATION); a cached mask or result made when
+# "auto" meant another allocation is stale (bench_quality.stale_reason) and is made again.
+_COMMON = {"damp=0.01", f"normalise={GLOBAL_NORMALISATION}", "target=output", f"n_texts={REFIT_TEXTS}"}
+IMPLIED = {"width20": {f"allocation={AUTO_ALLOCATION['width']}", *_COMMON, "calibration=wikitext", "calib_texts=32"},
+           "heads30": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON}}
 
 
 def spec(settings: list[str], config: str | None = None) -> str:
@@ -135,11 +145,14 @@ def main() -> None:
                 settings = winners + [option]
                 method = spec(settings, config)
                 key = f"{method}@{config}"
+                path = cached_mask_path(cache_dir, method, config)
+                cached = load_cached_mask(path, method, config, handle.geometry)
+                if cached is None and path.exists():
+                    results.pop(key, None)  # measured on a stale mask
                 if key not in results:
-                    path = cached_mask_path(cache_dir, method, config)
                     t = time.perf_counter()
-                    if path.exists():
-                        mask = PruneMask.load(path, handle.geometry)
+                    if cached is not None:
+                        mask = cached
                     else:
                         mask = make_mask(handle, method, config, calib, args)
                         mask.meta["bench_select_seconds"] = time.perf_counter() - t

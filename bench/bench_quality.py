@@ -57,6 +57,7 @@ from headlab.engine.models.load import cache_dir as cache_dir_root
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
+    AUTO_ALLOCATION,
     DEPTH_REFIT_METHODS,
     depth_refit_prune,
     refit_texts,
@@ -128,6 +129,31 @@ def bench_cache(model: str | None, quick: bool) -> Path:
 def cached_mask_path(cache_dir: Path, method: str, config: str) -> Path:
     safe = method.replace("+", "_plus_").replace("[", "(").replace("]", ")").replace("=", "-").replace(",", "_")
     return cache_dir / "masks" / f"{safe}__{config}.json"
+
+
+def stale_reason(mask: PruneMask, method: str, config: str) -> str | None:
+    """Why a cached mask is not what `method` makes at `config` today (None: it is).
+
+    A method's name leaves its "auto" allocation implicit, and "auto" follows the validation choices
+    (AUTO_ALLOCATION): a mask cached before a choice changed was made with the old allocation.
+    """
+    if mask.meta.get("allocation_asked") != "auto" or "allocation" in parse_spec(method)[1]:
+        return None
+    now = AUTO_ALLOCATION["width" if config.startswith("width") else "heads"]
+    used = mask.meta.get("allocation")
+    return None if used == now else f"made with allocation {used}; {method} now means allocation {now}"
+
+
+def load_cached_mask(path: Path, method: str, config: str, geometry: Any) -> PruneMask | None:
+    """The mask cached at `path` if it is still what `method` makes at `config`, else None (made again)."""
+    if not path.exists():
+        return None
+    mask = PruneMask.load(path, geometry)
+    why = stale_reason(mask, method, config)
+    if why:
+        print(f"  {path.name}: cached mask is stale ({why}); making it again", flush=True)
+        return None
+    return mask
 
 
 def save_stats(stats: CaptureStats, path: Path) -> None:
@@ -345,13 +371,16 @@ def main() -> None:
     for config, method in todo:
         key = f"{method}@{config}"
         mask_path = cached_mask_path(cache_dir, method, config)
-        if key in results and "ood_nll" not in results[key] and not args.report and mask_path.exists():
-            results[key].update(ood_columns(PruneMask.load(mask_path, handle.geometry)))
+        cached = None if args.report else load_cached_mask(mask_path, method, config, handle.geometry)
+        if key in results and cached is None and mask_path.exists() and not args.report:
+            del results[key]  # measured on a stale mask
+        if key in results and "ood_nll" not in results[key] and cached is not None:
+            results[key].update(ood_columns(cached))
             results_path.write_text(json.dumps(results, indent=1))
         if key not in results:
             t, cpu = time.perf_counter(), time.process_time()
-            if mask_path.exists():
-                mask = PruneMask.load(mask_path, handle.geometry)
+            if cached is not None:
+                mask = cached
                 select_s = mask.meta.get("bench_select_seconds", float("nan"))
                 select_cpu = mask.meta.get("bench_select_cpu_seconds", float("nan"))
             else:

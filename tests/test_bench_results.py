@@ -32,3 +32,25 @@ def test_bench_choices_refuses_before_loading_anything(argv, message, tmp_path):
                          timeout=120, env={"HEADLAB_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 1 and message in run.stderr
     assert not any(tmp_path.iterdir())  # no model opened, nothing cached
+
+
+def test_a_mask_cached_when_auto_meant_another_allocation_is_stale(tmp_path):
+    from bench.bench_quality import load_cached_mask, stale_reason
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION
+    from tests.tiny import tiny_handle
+
+    g = tiny_handle("llama").geometry
+    other = "ablation" if AUTO_ALLOCATION["heads"] != "ablation" else "global"
+    mask = PruneMask.dense(g)
+    mask.meta.update(allocation=other, allocation_asked="auto")
+    assert "now means allocation" in stale_reason(mask, "obs[inputs=all]", "heads30")
+    assert stale_reason(mask, f"obs[inputs=all,allocation={other}]", "heads30") is None  # asked by name
+    mask.meta.update(allocation=AUTO_ALLOCATION["heads"])
+    assert stale_reason(mask, "obs[inputs=all]", "heads30") is None
+    assert "now means" in stale_reason(mask, "obs", "width20") or AUTO_ALLOCATION["width"] == AUTO_ALLOCATION["heads"]
+    mask.meta.update(allocation=other)
+    mask.save(tmp_path / "m.json")
+    assert load_cached_mask(tmp_path / "m.json", "obs[inputs=all]", "heads30", g) is None
+    assert load_cached_mask(tmp_path / "m.json", f"obs[allocation={other}]", "heads30", g) is not None
+    assert load_cached_mask(tmp_path / "missing.json", "obs", "heads30", g) is None
