@@ -28,7 +28,6 @@ DEFAULT_PORT = 8501
 SERVER_DEFAULTS = {
     "server.headless": "true",
     "server.fileWatcherType": "none",
-    "runner.fastReruns": "false",
     "browser.gatherUsageStats": "false",
     "browser.serverAddress": DEFAULT_ADDRESS,
     "client.toolbarMode": "minimal",

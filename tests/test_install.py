@@ -132,7 +132,6 @@ def test_streamlit_command_line():
     options = dict(zip(cmd[5::2], cmd[6::2]))
     assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8501"
     assert options["--server.headless"] == "true" and options["--browser.gatherUsageStats"] == "false"
-    assert options["--runner.fastReruns"] == "false"  # one run per session at a time: no lost clicks
     assert "--" not in cmd
 
     exposed = launcher.streamlit_command("0.0.0.0", 9000, ["--allow-remote-code"], root=ROOT)

@@ -12,7 +12,7 @@ address widgets by these string values.
 from __future__ import annotations
 
 __all__ = [
-    "MODEL_CHOICE", "MODEL_FAILED", "MASK", "MASK_VERSION", "HEAD_CLICKS", "PREFIX_CACHE", "MASK_UPLOAD_ERROR",
+    "MODEL_CHOICE", "MODEL_FAILED", "MASK", "PREFIX_CACHE", "MASK_UPLOAD_ERROR",
     "W_MODEL_OPTION", "W_MODEL_PATH", "W_DEVICE", "W_DTYPE", "W_TRUST_REMOTE_CODE", "W_CALIBRATION",
     "W_CALIBRATION_TEXTS", "W_MASK_UPLOAD", "W_HEADS_RANK_BY", "W_HEADS_COLOUR", "W_ATTN_PROMPT", "W_ATTN_LAYER",
     "W_ATTN_HEAD",
@@ -42,9 +42,7 @@ __all__ = [
 # --- plain state (headlab/ui/session.py and headlab/ui/sidebar.py read and write these) ---------------------
 MODEL_CHOICE = "headlab.model_choice"  # headlab.ui.models.ModelChoice the session has open
 MODEL_FAILED = "headlab.model_failed"  # (ModelChoice, message) of the last choice that did not load
-MASK = "headlab.mask"  # headlab.ui.session.MaskState: (model key, PruneMask)
-MASK_VERSION = "headlab.mask_version"  # bumped on every mask change; widgets that show the mask key on it
-HEAD_CLICKS = "headlab.head_clicks"  # {grid key: {grid id: last click applied}} (headlab/ui/head_grid.py)
+MASK = "headlab.mask"  # headlab.ui.session.MaskState: model key, mask, version, click acknowledgements
 PREFIX_CACHE = "headlab.prefix_cache"  # (model key, headlab.engine.runtime.prefix_cache.PrefixCache)
 MASK_UPLOAD_ERROR = "headlab.mask_upload_error"
 

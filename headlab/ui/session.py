@@ -17,7 +17,7 @@ generations, attention maps and full evaluations keyed by a digest of the mask; 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from typing import Any
 
 import streamlit as st
@@ -35,30 +35,41 @@ from headlab.ui.scoring import CalibrationChoice, cached_scores, calibration_cho
 
 __all__ = [
     "MaskState",
-    "model_choice",
-    "set_model_choice",
-    "handle",
-    "mask",
-    "set_mask",
-    "toggle",
     "apply_clicks",
-    "mask_version",
-    "prefix_cache",
-    "live_perplexity",
-    "last_live_run",
-    "scores",
     "calibration",
     "calibration_data",
+    "click_acks",
+    "handle",
+    "last_live_run",
+    "live_perplexity",
+    "mask",
+    "mask_version",
+    "model_choice",
+    "prefix_cache",
+    "scores",
+    "set_mask",
+    "set_model_choice",
+    "toggle",
     "widget_default",
 ]
 
 
-@dataclass(frozen=True)
 class MaskState:
-    """A session's mask and the model it was made for (a mask of another model is never applied)."""
+    """A session's mask, the model it was made for (a mask of another model is never applied), a version
+    bumped on every change, and the head grids' click acknowledgements: changed in place, under a lock.
 
-    model_key: str
-    mask: PruneMask
+    Streamlit can run two script runs of one session at once: a click starts a new run in a new thread
+    while the run it replaces may still be inside a grid's callback, and an assignment to st.session_state
+    made meanwhile can be lost (seen with fast clicks on a busy 2-core machine: a click's toggle or its
+    acknowledgement vanished). So the session state gets one MaskState, by the session's first run, and
+    every later change is made inside it.
+    """
+
+    def __init__(self, model_key: str, mask: PruneMask):
+        self.model_key, self.mask = model_key, mask
+        self.version = 0
+        self.clicks: dict[str, dict[str, int]] = {}  # grid key -> {grid id: seq of the last click applied}
+        self.lock = threading.RLock()
 
 
 def model_choice() -> ModelChoice:
@@ -76,50 +87,74 @@ def handle() -> ModelHandle:
     return load_cached(model_choice())
 
 
-def mask() -> PruneMask:
-    """This session's current mask for the open model (dense when none was set)."""
+def _mask_state() -> MaskState:
+    """This session's MaskState, made dense for the open model (first run, or another model opened)."""
     key = model_choice().key
     state: MaskState | None = st.session_state.get(keys.MASK)
-    if state is None or state.model_key != key:
+    if state is None:
         state = MaskState(key, PruneMask.dense(handle().geometry))
         st.session_state[keys.MASK] = state
-    return state.mask
+    elif state.model_key != key:
+        with state.lock:
+            if state.model_key != key:
+                state.model_key, state.mask = key, PruneMask.dense(handle().geometry)
+                state.clicks.clear()
+                state.version += 1
+    return state
+
+
+def mask() -> PruneMask:
+    """This session's current mask for the open model (dense when none was set)."""
+    return _mask_state().mask
 
 
 def set_mask(new: PruneMask) -> None:
     """Make `new` the session's mask (checked against the model first)."""
     new.check(handle().geometry)
-    st.session_state[keys.MASK] = MaskState(model_choice().key, new)
-    st.session_state[keys.MASK_VERSION] = mask_version() + 1
+    state = _mask_state()
+    with state.lock:
+        state.mask = new
+        state.version += 1
 
 
 def toggle(cells: list[tuple[int, int]]) -> None:
     """Flip the given (layer, head) cells of the session's mask."""
     if cells:
-        set_mask(mask().toggle_heads(cells))
+        state = _mask_state()
+        with state.lock:
+            set_mask(state.mask.toggle_heads(cells))
 
 
-def apply_clicks(grid_key: str, state: Any) -> bool:
+def click_acks(grid_key: str) -> dict[str, int]:
+    """The head grid `grid_key`'s acknowledgements: {grid id: seq of the last click applied}."""
+    state = _mask_state()
+    with state.lock:
+        return dict(state.clicks.get(grid_key, {}))
+
+
+def apply_clicks(grid_key: str, clicks: Any) -> bool:
     """Toggle the heads of the clicks in a head grid's `clicks` state not applied yet; whether there were any.
 
     Each click is applied once, in click order (headlab.ui.head_grid.new_clicks); a click outside the
-    model's grid is dropped. The acknowledgement is stored right after the mask, with no
-    Streamlit call in between, so a rerun that interrupts this applies every click exactly once.
+    model's grid is dropped. Reading the acknowledgements, changing the mask and storing the new
+    acknowledgements happen under the mask's lock, so two runs of the session applying the same
+    state at once apply each click exactly once.
     """
-    ledger = st.session_state.setdefault(keys.HEAD_CLICKS, {})
-    cells, applied = new_clicks(state, ledger.get(grid_key, {}))
-    if not cells:
-        return False
-    g = handle().geometry
-    new = mask().toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads])
-    set_mask(new)
-    ledger[grid_key] = applied
+    state = _mask_state()
+    with state.lock:
+        cells, applied = new_clicks(clicks, state.clicks.get(grid_key, {}))
+        if not cells:
+            return False
+        g = handle().geometry
+        set_mask(state.mask.toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads]))
+        state.clicks[grid_key] = applied
     return True
 
 
 def mask_version() -> int:
     """A counter bumped on each mask change (widgets that show the mask key on it)."""
-    return int(st.session_state.get(keys.MASK_VERSION, 0))
+    state: MaskState | None = st.session_state.get(keys.MASK)
+    return 0 if state is None else state.version
 
 
 def prefix_cache() -> PrefixCache | None:

@@ -7,7 +7,7 @@ import streamlit as st
 from headlab.engine.core.adapter import Geometry
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, PerplexityResult
 from headlab.engine.runtime.paired_bootstrap import change_interval
-from headlab.ui import keys, session
+from headlab.ui import session
 from headlab.ui.head_grid import GridView, head_grid
 
 __all__ = ["clickable_head_grid", "perplexity_metrics", "toggle_form"]
@@ -20,7 +20,7 @@ def clickable_head_grid(view: GridView, key: str) -> None:
     click this run's script has not seen applied yet (its callback did not run) is applied now
     and the script reruns, so the page never shows a mask without it.
     """
-    applied = st.session_state.get(keys.HEAD_CLICKS, {}).get(key, {})
+    applied = session.click_acks(key)
     clicks = head_grid(view, key=key, applied=applied,
                        on_clicks=lambda: session.apply_clicks(key, (st.session_state.get(key) or {}).get("clicks")))
     if session.apply_clicks(key, clicks):

@@ -1,0 +1,56 @@
+"""A session's mask under concurrent runs: Streamlit can run two script runs of one session at once.
+
+A click starts a new run in a new thread while the run it replaces may still be in a head grid's callback;
+both may apply the same grid state. Each click must still toggle its head exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from types import SimpleNamespace
+
+from headlab.engine.core.mask import PruneMask
+from headlab.ui import session
+from tests.tiny import tiny_handle
+
+
+def test_runs_applying_the_same_clicks_at_once_toggle_each_head_once(monkeypatch):
+    g = tiny_handle("llama").geometry
+    state = session.MaskState("tiny", PruneMask.dense(g))
+    monkeypatch.setattr(session, "_mask_state", lambda: state)
+    model = SimpleNamespace(geometry=g)
+
+    def slow_handle() -> SimpleNamespace:  # a thread switch between reading the acknowledgements and writing them
+        time.sleep(0.002)
+        return model
+
+    monkeypatch.setattr(session, "handle", slow_handle)
+    rng = random.Random(0)
+    cells = [(rng.randrange(g.n_layers), rng.randrange(g.n_heads)) for _ in range(40)]
+    events = [[i + 1, l, h] for i, (l, h) in enumerate(cells)]
+    # every run sees a prefix of the clicks (the browser's state grows), in any order, several times over
+    states = [{"grid": "g1", "events": events[:n]} for n in range(1, len(events) + 1) for _ in range(3)]
+    rng.shuffle(states)
+    start = threading.Barrier(4)
+
+    def run(chunk: list[dict]) -> None:
+        start.wait()
+        for s in chunk:
+            session.apply_clicks("heads.grid.entropy", s)
+
+    threads = [threading.Thread(target=run, args=(states[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    session.apply_clicks("heads.grid.entropy", {"grid": "g1", "events": events})  # the last state always arrives
+    want: set[tuple[int, int]] = set()
+    for c in cells:
+        want ^= {c}
+    got = {(int(l), int(h)) for l, h in (state.mask.heads_effective() == 0).nonzero().tolist()}
+    assert got == want
+    assert state.clicks == {"heads.grid.entropy": {"g1": len(events)}}
+    assert session.click_acks("heads.grid.entropy") == {"g1": len(events)}
+    assert not session.apply_clicks("heads.grid.entropy", {"grid": "g1", "events": events})  # nothing new
