@@ -84,11 +84,22 @@ def settle(page, expected: int) -> None:
 
 
 def saved_mask_pruned(page, tmp_path) -> set[tuple[int, int]]:
-    """The pruned heads of the mask file the sidebar's "Save mask" button downloads."""
-    with page.expect_download() as download:
-        page.locator('[data-testid="stSidebar"]').get_by_text("Save mask").click()
+    """The pruned heads of the mask file the sidebar's "Save mask" button downloads.
+
+    A run that starts while the file downloads (a grid sending an unacknowledged click again) replaces the
+    button's file and cancels the download: then the button, redrawn, is clicked again.
+    """
     path = tmp_path / f"mask-{time.monotonic_ns()}.json"
-    download.value.save_as(path)
+    for attempt in range(3):
+        with page.expect_download() as download:
+            page.locator('[data-testid="stSidebar"]').get_by_text("Save mask").click()
+        try:
+            download.value.save_as(path)
+            break
+        except Exception as e:  # playwright's Error: "Download.save_as: canceled"
+            if "canceled" not in str(e) or attempt == 2:
+                raise
+            wait_idle(page, SLOW)
     mask = PruneMask.from_dict(json.loads(path.read_text()))
     return {(int(l), int(h)) for l, h in (mask.heads_effective() == 0).nonzero().tolist()}
 

@@ -20,13 +20,15 @@ def test_runs_applying_the_same_clicks_at_once_toggle_each_head_once(monkeypatch
     g = tiny_handle("llama").geometry
     state = session.MaskState("tiny", PruneMask.dense(g))
     monkeypatch.setattr(session, "_mask_state", lambda: state)
-    model = SimpleNamespace(geometry=g)
+    monkeypatch.setattr(session, "handle", lambda: SimpleNamespace(geometry=g))
+    read_acks = session.new_clicks
 
-    def slow_handle() -> SimpleNamespace:  # a thread switch between reading the acknowledgements and writing them
+    def slow_new_clicks(*args):  # a thread switch between reading the acknowledgements and writing them
+        out = read_acks(*args)
         time.sleep(0.002)
-        return model
+        return out
 
-    monkeypatch.setattr(session, "handle", slow_handle)
+    monkeypatch.setattr(session, "new_clicks", slow_new_clicks)
     rng = random.Random(0)
     cells = [(rng.randrange(g.n_layers), rng.randrange(g.n_heads)) for _ in range(40)]
     events = [[i + 1, l, h] for i, (l, h) in enumerate(cells)]

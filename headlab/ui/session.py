@@ -113,16 +113,24 @@ def set_mask(new: PruneMask) -> None:
     new.check(handle().geometry)
     state = _mask_state()
     with state.lock:
-        state.mask = new
-        state.version += 1
+        _put(state, new)
+
+
+def _put(state: MaskState, new: PruneMask) -> None:
+    """The one place a mask changes (the caller holds state.lock and has checked `new`): no Streamlit call."""
+    state.mask = new
+    state.version += 1
 
 
 def toggle(cells: list[tuple[int, int]]) -> None:
     """Flip the given (layer, head) cells of the session's mask."""
     if cells:
+        g = handle().geometry
         state = _mask_state()
         with state.lock:
-            set_mask(state.mask.toggle_heads(cells))
+            new = state.mask.toggle_heads(cells)
+            new.check(g)
+            _put(state, new)
 
 
 def click_acks(grid_key: str) -> dict[str, int]:
@@ -140,13 +148,15 @@ def apply_clicks(grid_key: str, clicks: Any) -> bool:
     acknowledgements happen under the mask's lock, so two runs of the session applying the same
     state at once apply each click exactly once.
     """
+    g = handle().geometry  # Streamlit may stop a run at any of its calls: none is made below, under the lock
     state = _mask_state()
     with state.lock:
         cells, applied = new_clicks(clicks, state.clicks.get(grid_key, {}))
         if not cells:
             return False
-        g = handle().geometry
-        set_mask(state.mask.toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads]))
+        new = state.mask.toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads])
+        new.check(g)
+        _put(state, new)
         state.clicks[grid_key] = applied
     return True
 
