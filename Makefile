@@ -39,8 +39,9 @@ app:              ## the browser app on the default model, on 127.0.0.1:8501 (HE
 # pytest-xdist: TEST_WORKERS processes, each test file kept in one of them (module fixtures built once)
 TEST_WORKERS ?= 2
 
-test:             ## the whole test suite, on TEST_WORKERS processes (2: the machine's cores)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+test:             ## the whole test suite: on TEST_WORKERS processes (2: the machine's cores), then the browser tests alone
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not browser"
+	$(PY) -m pytest -q -m browser
 
 test-fast:        ## unit tests on tiny models only
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not real_model and not browser"

@@ -149,4 +149,5 @@ def test_ci_installs_through_make_setup_and_runs_the_readmes_test_command():
     assert "make setup" in commands
     assert commands[-1] == "make test"
     assert "make test " in (ROOT / "README.md").read_text()
-    assert make_recipe("test") == ["$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile"]
+    assert make_recipe("test") == ['$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not browser"',
+                                   "$(PY) -m pytest -q -m browser"]
