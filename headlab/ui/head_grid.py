@@ -14,9 +14,7 @@ server has not acknowledged in the grid's `clicks` state, {"grid": id, "events":
 head], ...]}. The server applies the events whose seq is above the last it applied for that id,
 in seq order, then acknowledges them through `applied` in the next data. So a click is applied
 once (a state sent again, or several states coalesced into the newest, changes nothing), in
-order, and never lost while the app is busy (the newest state holds every pending click). The
-browser sends the state again (with a counter, "sent") every 1.5 s while a click stays
-unacknowledged: on a busy server a run replaced mid-way can leave an older state the last one run.
+order, and never lost while the app is busy (the newest state holds every pending click).
 """
 
 from __future__ import annotations

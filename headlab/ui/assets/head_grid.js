@@ -6,7 +6,6 @@
 // every click gets a sequence number and stays in this grid's `clicks` state until the server
 // acknowledges it (data.applied[grid id] >= seq): the state the server reads always holds every
 // click it has not applied yet, so none is lost, and the server applies each one once, in order.
-// Clicks still unacknowledged after RESEND_MS are sent again.
 // Until then the cell shows its expected state at once (optimistic), so fast clicks look right.
 
 export default function (component) {
@@ -33,7 +32,7 @@ function mount(root) {
     if (!cell || !grid.data) return;
     grid.seq += 1;
     grid.pending.push([grid.seq, +cell.dataset.layer, +cell.dataset.head]);
-    send(grid);
+    grid.send("clicks", { grid: grid.id, events: grid.pending.map((e) => e.slice()) });
     paint(grid);
   });
   grid.box.addEventListener("mouseover", (event) => {
@@ -44,21 +43,6 @@ function mount(root) {
     grid.tip.style.display = "none";
   });
   return grid;
-}
-
-// Send every unacknowledged click; while any stays unacknowledged, send them again every RESEND_MS.
-// A busy server can run an older state after a newer one (runs replaced mid-way), and then no run
-// is left to see the newest clicks: sending again starts one. The server applies each seq once, so a
-// click sent twice still toggles its head once.
-const RESEND_MS = 1500;
-
-function send(grid) {
-  grid.sent = (grid.sent || 0) + 1;
-  grid.send("clicks", { grid: grid.id, events: grid.pending.map((e) => e.slice()), sent: grid.sent });
-  clearTimeout(grid.resend);
-  grid.resend = setTimeout(() => {
-    if (grid.pending.length) send(grid);
-  }, RESEND_MS);
 }
 
 function el(tag, className, text) {
