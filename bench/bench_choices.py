@@ -146,9 +146,7 @@ def main() -> None:
                 method = spec(settings, config)
                 key = f"{method}@{config}"
                 path = cached_mask_path(cache_dir, method, config)
-                cached = load_cached_mask(path, method, config, handle.geometry)
-                if cached is None and path.exists():
-                    results.pop(key, None)  # measured on a stale mask
+                cached = load_cached_mask(path, method, config, handle.geometry, results)
                 if key not in results:
                     t = time.perf_counter()
                     if cached is not None:

@@ -144,14 +144,20 @@ def stale_reason(mask: PruneMask, method: str, config: str) -> str | None:
     return None if used == now else f"made with allocation {used}; {method} now means allocation {now}"
 
 
-def load_cached_mask(path: Path, method: str, config: str, geometry: Any) -> PruneMask | None:
-    """The mask cached at `path` if it is still what `method` makes at `config`, else None (made again)."""
+def load_cached_mask(path: Path, method: str, config: str, geometry: Any,
+                     results: dict[str, Any] | None = None) -> PruneMask | None:
+    """The mask cached at `path` if it is still what `method` makes at `config`, else None (made again).
+
+    A stale mask's entry in `results` (keyed "method@config") is dropped too: it was measured on that mask.
+    """
     if not path.exists():
         return None
     mask = PruneMask.load(path, geometry)
     why = stale_reason(mask, method, config)
     if why:
         print(f"  {path.name}: cached mask is stale ({why}); making it again", flush=True)
+        if results is not None:
+            results.pop(f"{method}@{config}", None)
         return None
     return mask
 
@@ -371,9 +377,7 @@ def main() -> None:
     for config, method in todo:
         key = f"{method}@{config}"
         mask_path = cached_mask_path(cache_dir, method, config)
-        cached = None if args.report else load_cached_mask(mask_path, method, config, handle.geometry)
-        if key in results and cached is None and mask_path.exists() and not args.report:
-            del results[key]  # measured on a stale mask
+        cached = None if args.report else load_cached_mask(mask_path, method, config, handle.geometry, results)
         if key in results and "ood_nll" not in results[key] and cached is not None:
             results[key].update(ood_columns(cached))
             results_path.write_text(json.dumps(results, indent=1))

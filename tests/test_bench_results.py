@@ -51,6 +51,8 @@ def test_a_mask_cached_when_auto_meant_another_allocation_is_stale(tmp_path):
     assert "now means" in stale_reason(mask, "obs", "width20") or AUTO_ALLOCATION["width"] == AUTO_ALLOCATION["heads"]
     mask.meta.update(allocation=other)
     mask.save(tmp_path / "m.json")
-    assert load_cached_mask(tmp_path / "m.json", "obs[inputs=all]", "heads30", g) is None
+    results = {"obs[inputs=all]@heads30": {"ppl": 1.0}, "other@heads30": {"ppl": 2.0}}
+    assert load_cached_mask(tmp_path / "m.json", "obs[inputs=all]", "heads30", g, results) is None
+    assert results == {"other@heads30": {"ppl": 2.0}}  # measured on the stale mask: forgotten
     assert load_cached_mask(tmp_path / "m.json", f"obs[allocation={other}]", "heads30", g) is not None
     assert load_cached_mask(tmp_path / "missing.json", "obs", "heads30", g) is None

@@ -86,8 +86,8 @@ def settle(page, expected: int) -> None:
 def saved_mask_pruned(page, tmp_path) -> set[tuple[int, int]]:
     """The pruned heads of the mask file the sidebar's "Save mask" button downloads.
 
-    A run that starts while the file downloads (a grid sending an unacknowledged click again) replaces the
-    button's file and cancels the download: then the button, redrawn, is clicked again.
+    A run that starts while the file downloads (a late rerun of the page) replaces the button's file and
+    cancels the download: then the button, redrawn, is clicked again.
     """
     path = tmp_path / f"mask-{time.monotonic_ns()}.json"
     for attempt in range(3):

@@ -110,14 +110,18 @@ def mask() -> PruneMask:
 
 def set_mask(new: PruneMask) -> None:
     """Make `new` the session's mask (checked against the model first)."""
-    new.check(handle().geometry)
+    g = handle().geometry
     state = _mask_state()
     with state.lock:
-        _put(state, new)
+        _put(state, new, g)
 
 
-def _put(state: MaskState, new: PruneMask) -> None:
-    """The one place a mask changes (the caller holds state.lock and has checked `new`): no Streamlit call."""
+def _put(state: MaskState, new: PruneMask, geometry: Any) -> None:
+    """The one place a mask changes (the caller holds state.lock): `new`, checked against `geometry`.
+
+    No Streamlit call here: a stopped run raises at its next one, and must not stop half-way.
+    """
+    new.check(geometry)
     state.mask = new
     state.version += 1
 
@@ -128,9 +132,7 @@ def toggle(cells: list[tuple[int, int]]) -> None:
         g = handle().geometry
         state = _mask_state()
         with state.lock:
-            new = state.mask.toggle_heads(cells)
-            new.check(g)
-            _put(state, new)
+            _put(state, state.mask.toggle_heads(cells), g)
 
 
 def click_acks(grid_key: str) -> dict[str, int]:
@@ -154,9 +156,7 @@ def apply_clicks(grid_key: str, clicks: Any) -> bool:
         cells, applied = new_clicks(clicks, state.clicks.get(grid_key, {}))
         if not cells:
             return False
-        new = state.mask.toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads])
-        new.check(g)
-        _put(state, new)
+        _put(state, state.mask.toggle_heads([(l, h) for l, h in cells if l < g.n_layers and h < g.n_heads]), g)
         state.clicks[grid_key] = applied
     return True
 
