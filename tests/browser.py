@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from transformers import LlamaForCausalLM
 
@@ -25,13 +26,14 @@ from tests.tiny import save_tiny, tiny_model
 
 __all__ = ["ROOT", "CHROMIUM", "CHROMIUM_ARGS", "VIEWPORT", "save_tiny_llama", "streamlit_app", "launch_chromium",
            "wait_idle", "masked_perplexity", "wait_for_change", "grid_shape", "grid_cell", "click_head",
-           "sidebar_heads_pruned", "open_page", "is_local_url", "plots_drawn", "plots_settle"]
+           "sidebar_heads_pruned", "open_page", "is_local_url", "plots_drawn", "plots_settle", "failure_context"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]
 VIEWPORT = {"width": 1400, "height": 1250}
+SERVER_LOGS: list[Path] = []  # every streamlit log of this test process, newest last (failure_context reads them)
 
 
 def free_port() -> int:
@@ -74,6 +76,7 @@ def streamlit_app(model: str, log_path: Path, *, startup_s: float = 60,
         env["HEADLAB_MODEL"] = model
     port = _free_port()
     log = open(log_path, "w")
+    SERVER_LOGS.append(Path(log_path))
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
@@ -202,3 +205,21 @@ def is_local_url(url: str) -> bool:
         return True
     host = re.match(r"^[a-z]+://([^/:]+|\[[^\]]+\])", url)
     return host is not None and host.group(1) in ("127.0.0.1", "localhost", "[::1]")
+
+
+def failure_context(browser, shots: Path, log_lines: int = 60, text_chars: int = 4000) -> str:
+    """What a failed browser test leaves for its report: each open page's address, visible text and a screenshot
+    (saved under `shots`), and the tail of the newest streamlit server log."""
+    parts = []
+    for i, page in enumerate(p for context in browser.contexts for p in context.pages):
+        try:
+            shot = shots / f"page-{i}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            text = page.locator("body").inner_text(timeout=5000)
+            parts.append(f"--- page {i}: {page.url} (screenshot {shot})\n{text[:text_chars]}")
+        except (PlaywrightError, OSError) as e:  # a page that is closing or hung: say so and go on
+            parts.append(f"--- page {i}: {page.url}: could not be read ({e})")
+    if SERVER_LOGS and SERVER_LOGS[-1].exists():
+        tail = SERVER_LOGS[-1].read_text(errors="replace").splitlines()[-log_lines:]
+        parts.append(f"--- server log {SERVER_LOGS[-1]} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)

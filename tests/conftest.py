@@ -26,6 +26,19 @@ def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // workers))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed browser test's report carries what the browser showed and what the server logged."""
+    outcome = yield
+    report = outcome.get_result()
+    browser = getattr(item, "funcargs", {}).get("browser")
+    if report.when == "call" and report.failed and browser is not None:
+        from tests.browser import failure_context
+
+        shots = item.config._tmp_path_factory.mktemp("failure")
+        report.sections.append(("browser and server at the failure", failure_context(browser, shots)))
+
+
 @pytest.fixture(params=TINY_FAMILIES)
 def handle(request):
     """A tiny random model of each family (gpt2, bert, llama with GQA, qwen2 with biases)."""

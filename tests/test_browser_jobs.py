@@ -42,6 +42,9 @@ def progress_or_done(page) -> int | None:
     """The suggestion's heads measured so far (from its progress bar), HEADS once its result is shown, or None."""
     if page.locator('[data-testid="stMetric"]').filter(has_text="Measured").count():
         return HEADS
+    failed = page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(r"Suggest mask.*(failed|cancelled)"))
+    if failed.count():
+        raise JobFailed(failed.first.inner_text())
     bars = page.locator('[data-testid="stProgress"]').filter(has_text="Suggest mask")
     if not bars.count():
         return None
@@ -49,11 +52,17 @@ def progress_or_done(page) -> int | None:
     return int(found.group(1)) if found and int(found.group(2)) == HEADS else None
 
 
+class JobFailed(AssertionError):
+    """The page says the suggestion failed or was cancelled (its message): no use waiting for progress."""
+
+
 def wait_progress(page, at_least: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             n = progress_or_done(page)
+        except JobFailed:
+            raise
         except Exception:  # being redrawn
             n = None
         if n is not None and n >= at_least:
