@@ -59,6 +59,7 @@ from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
     DEPTH_REFIT_METHODS,
+    REFIT_TEXTS,
     depth_refit_prune,
     refit_texts,
     width_fraction,
@@ -135,12 +136,18 @@ def stale_reason(mask: PruneMask, method: str, config: str) -> str | None:
     """Why a cached mask is not what `method` makes at `config` today (None: it is).
 
     A method's name leaves its "auto" allocation implicit, and "auto" follows the validation choices
-    (AUTO_ALLOCATION): a mask cached before a choice changed was made with the old allocation.
+    (AUTO_ALLOCATION): a mask cached before a choice changed was made with the old allocation. A "global" or
+    "joint" allocation cached before it read the re-fit's own texts (no "allocation_texts" in its meta)
+    measured its costs on REFIT_TEXTS texts, whatever `n_texts` the re-fit had.
     """
-    if mask.meta.get("allocation_asked") != "auto" or "allocation" in parse_spec(method)[1]:
+    settings = parse_spec(method)[1]
+    used = mask.meta.get("allocation")
+    n_texts = int(settings.get("n_texts", REFIT_TEXTS))
+    if used in ("global", "joint") and "allocation_texts" not in mask.meta and n_texts > REFIT_TEXTS:
+        return f"its {used} allocation was measured on {REFIT_TEXTS} texts, not the re-fit's {n_texts}"
+    if mask.meta.get("allocation_asked") != "auto" or "allocation" in settings:
         return None
     now = AUTO_ALLOCATION["width" if config.startswith("width") else "heads"]
-    used = mask.meta.get("allocation")
     return None if used == now else f"made with allocation {used}; {method} now means allocation {now}"
 
 

@@ -56,3 +56,21 @@ def test_a_mask_cached_when_auto_meant_another_allocation_is_stale(tmp_path):
     assert results == {"other@heads30": {"ppl": 2.0}}  # measured on the stale mask: forgotten
     assert load_cached_mask(tmp_path / "m.json", f"obs[allocation={other}]", "heads30", g) is not None
     assert load_cached_mask(tmp_path / "missing.json", "obs", "heads30", g) is None
+
+
+def test_a_global_allocation_cached_before_it_read_the_refit_texts_is_stale_only_for_more_texts():
+    from bench.bench_quality import stale_reason
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.pruning.strategies.reconstruct import REFIT_TEXTS
+    from tests.tiny import tiny_handle
+
+    mask = PruneMask.dense(tiny_handle("llama").geometry)
+    mask.meta.update(allocation="global", allocation_asked="global")  # an older mask: no allocation_texts
+    more = f"obs[allocation=global,n_texts={4 * REFIT_TEXTS}]"
+    assert "measured on" in stale_reason(mask, more, "heads30")
+    assert stale_reason(mask, "obs[allocation=global]", "heads30") is None  # it did read REFIT_TEXTS texts
+    mask.meta["allocation_texts"] = 4 * REFIT_TEXTS  # made by the current code
+    assert stale_reason(mask, more, "heads30") is None
+    mask.meta.update(allocation="flap", allocation_asked="flap")  # no costs measured: nothing to go stale
+    del mask.meta["allocation_texts"]
+    assert stale_reason(mask, f"obs[allocation=flap,n_texts={4 * REFIT_TEXTS}]", "width20") is None

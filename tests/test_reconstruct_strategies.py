@@ -150,3 +150,27 @@ def test_reconstructed_export_reloaded_has_the_in_engine_perplexity(tmp_path, un
         reloaded = load_pruned(tmp_path / "out")
     assert perplexity(reloaded, None, protocol).perplexity == pytest.approx(in_engine, rel=1e-5)
     assert perplexity(h, None, protocol).perplexity != pytest.approx(in_engine, rel=1e-4)  # the mask does change it
+
+
+def test_a_global_allocation_measures_its_costs_on_the_texts_the_refit_reads(monkeypatch):
+    """obs[allocation=global,n_texts=N] on a shipped calibration holding fewer texts: both read the same N."""
+    from headlab.engine.pruning.strategies import reconstruct
+
+    h = tiny_handle("llama")
+    calib = Calibration.shipped("wikitext", 4, max_length=64)
+    seen: dict[str, list[str]] = {}
+    real_joint, real_obs = reconstruct.joint_counts, reconstruct.obs_prune
+
+    def joint(handle, heads, channels, texts, *args, **kwargs):
+        seen["allocation"] = list(texts)
+        return real_joint(handle, heads, channels, texts, *args, **kwargs)
+
+    def obs(handle, heads, channels, texts, *args, **kwargs):
+        seen["refit"] = list(texts)
+        return real_obs(handle, heads, channels, texts, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "joint_counts", joint)
+    monkeypatch.setattr(reconstruct, "obs_prune", obs)
+    m = ObsStrategy(allocation="global", n_texts=6)(h, Budget(heads=3), calib)
+    assert len(seen["refit"]) == 6 and seen["allocation"] == seen["refit"]
+    assert m.meta["allocation_texts"] == 6 and m.meta["allocation"] == "global"
