@@ -53,7 +53,6 @@ from bench.bench_quality import (
     save_stats,
 )
 from headlab.engine.core.csvfile import write_rows
-from headlab.engine.core.mask import PruneMask
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, GLOBAL_NORMALISATION, REFIT_TEXTS
@@ -147,6 +146,8 @@ def main() -> None:
                 key = f"{method}@{config}"
                 path = cached_mask_path(cache_dir, method, config)
                 cached = load_cached_mask(path, method, config, handle.geometry, results)
+                if cached is None:  # a result whose mask is gone is measured again with its mask
+                    results.pop(key, None)
                 if key not in results:
                     t = time.perf_counter()
                     if cached is not None:
@@ -162,8 +163,7 @@ def main() -> None:
                     results_path.write_text(json.dumps(results, indent=1))
                 r = results[key]
                 if "vood_nll" not in r:  # cached before the column existed
-                    r["vood_nll"] = ood_nll(handle, PruneMask.load(cached_mask_path(cache_dir, method, config),
-                                                                 handle.geometry), vood_items)["all"]
+                    r["vood_nll"] = ood_nll(handle, cached, vood_items)["all"]
                     results_path.write_text(json.dumps(results, indent=1))
                 scored.append((r["ppl_validation"], option))
                 print(f"  {config} {stage:>13} {method:>60}: validation {r['ppl_validation']:8.3f} "
