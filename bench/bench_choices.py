@@ -34,6 +34,7 @@ GLOBAL_NORMALISATION) are these winners, which tests/test_regions.py checks.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -181,8 +182,19 @@ def main() -> None:
                     row["chosen"] = True
             winners.append(best)
         print(f"# {config}: chosen {spec(winners, config)}\n", flush=True)
-    write_rows(rows, csv_path)
+    write_rows(merged_rows(csv_path, rows), csv_path)
     print(f"wrote {csv_path}")
+
+
+def merged_rows(csv_path: Path, rows: list[dict]) -> list[dict]:
+    """`rows`, after the rows already in `csv_path` of every (configuration, stage) this run did not measure:
+    a run of some configurations or stages leaves the others' rows in place."""
+    ran = {(r["config"], r["stage"]) for r in rows}
+    if not csv_path.exists():
+        return rows
+    with open(csv_path, newline="") as f:
+        kept = [r for r in csv.DictReader(f) if (r["config"], r["stage"]) not in ran]
+    return kept + rows
 
 
 if __name__ == "__main__":

@@ -74,3 +74,17 @@ def test_a_global_allocation_cached_before_it_read_the_refit_texts_is_stale_only
     mask.meta.update(allocation="flap", allocation_asked="flap")  # no costs measured: nothing to go stale
     del mask.meta["allocation_texts"]
     assert stale_reason(mask, f"obs[allocation=flap,n_texts={4 * REFIT_TEXTS}]", "width20") is None
+
+
+def test_a_run_of_some_stages_keeps_the_csvs_other_rows(tmp_path):
+    from bench.bench_choices import merged_rows
+    from headlab.engine.core.csvfile import write_rows
+
+    path = tmp_path / "choices.csv"
+    old = [{"config": "width20", "stage": "damp", "candidate": "damp=0.01"},
+           {"config": "heads30", "stage": "texts", "candidate": "n_texts=128"},
+           {"config": "heads30", "stage": "texts", "candidate": "n_texts=512"}]
+    assert merged_rows(path, old) == old  # no file yet
+    write_rows(old, path)
+    new = [{"config": "heads30", "stage": "texts", "candidate": "n_texts=512"}]
+    assert merged_rows(path, new) == [old[0], new[0]]  # the stage run replaces all its rows, the others stay
