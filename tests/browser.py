@@ -208,15 +208,18 @@ def is_local_url(url: str) -> bool:
 
 
 def failure_context(browser, shots: Path, log_lines: int = 60, text_chars: int = 4000) -> str:
-    """What a failed browser test leaves for its report: each open page's address, visible text and a screenshot
-    (saved under `shots`), and the tail of the newest streamlit server log."""
+    """What a failed browser test leaves for its report: each open page's address, visible text, screenshot (saved
+    under `shots`) and the browser's recent errors and console warnings, and the tail of the newest server log."""
     parts = []
     for i, page in enumerate(p for context in browser.contexts for p in context.pages):
         try:
             shot = shots / f"page-{i}.png"
             page.screenshot(path=str(shot), full_page=True)
             text = page.locator("body").inner_text(timeout=5000)
-            parts.append(f"--- page {i}: {page.url} (screenshot {shot})\n{text[:text_chars]}")
+            errors = [str(e) for e in page.page_errors()] + [
+                f"console {m.type}: {m.text}" for m in page.console_messages() if m.type in ("error", "warning")]
+            parts.append(f"--- page {i}: {page.url} (screenshot {shot})\n{text[:text_chars]}\n"
+                         f"--- page {i}: errors and warnings in the browser\n" + "\n".join(errors[-20:]))
         except (PlaywrightError, OSError) as e:  # a page that is closing or hung: say so and go on
             parts.append(f"--- page {i}: {page.url}: could not be read ({e})")
     if SERVER_LOGS and SERVER_LOGS[-1].exists():
