@@ -56,3 +56,39 @@ def test_runs_applying_the_same_clicks_at_once_toggle_each_head_once(monkeypatch
     assert state.clicks == {"heads.grid.entropy": {"g1": len(events)}}
     assert session.click_acks("heads.grid.entropy") == {"g1": len(events)}
     assert not session.apply_clicks("heads.grid.entropy", {"grid": "g1", "events": events})  # nothing new
+
+
+def test_a_mask_state_whose_session_state_entry_was_lost_is_found_again(monkeypatch):
+    """Streamlit drops a value an overlapping run assigned while it compacted the session state: the next run
+    must find the same MaskState (and the clicks applied to it), not make a new dense one."""
+    from headlab.ui import keys
+
+    g = tiny_handle("llama").geometry
+    fake_state: dict = {}
+    active = {"s1", "s2"}
+    monkeypatch.setattr(session, "st", SimpleNamespace(session_state=fake_state))
+    monkeypatch.setattr(session, "model_choice", lambda: SimpleNamespace(key="tiny"))
+    monkeypatch.setattr(session, "handle", lambda: SimpleNamespace(geometry=g))
+    monkeypatch.setattr(session, "_BY_SESSION", {})
+    monkeypatch.setattr(session, "Runtime", SimpleNamespace(
+        instance=lambda: SimpleNamespace(is_active_session=lambda sid: sid in active)))
+    sid = {"now": "s1"}
+    monkeypatch.setattr(session, "_session_id", lambda: sid["now"])
+
+    first = session._mask_state()
+    assert session.apply_clicks("prune.grid", {"grid": "g1", "events": [[1, 0, 1]]})
+    fake_state.clear()  # the entry lost by an overlapping run's compaction
+    again = session._mask_state()
+    assert again is first and fake_state[keys.MASK] is first
+    assert float(session.mask().heads[0, 1]) == 0.0 and session.mask_version() == first.version == 1
+    assert not session.apply_clicks("prune.grid", {"grid": "g1", "events": [[1, 0, 1]]})  # applied once
+
+    fake_state.clear()  # another session (another tab) gets its own, dense
+    sid["now"] = "s2"
+    other = session._mask_state()
+    assert other is not first and float(other.mask.heads[0, 1]) == 1.0
+    active.discard("s1")  # the first tab closed: its state is dropped when the next session starts
+    fake_state.clear()
+    sid["now"] = "s3"
+    session._mask_state()
+    assert set(session._BY_SESSION) == {"s2", "s3"}

@@ -18,9 +18,12 @@ generations, attention maps and full evaluations keyed by a digest of the mask; 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
+from streamlit.runtime import Runtime
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.importance.criteria import Scores
@@ -87,17 +90,55 @@ def handle() -> ModelHandle:
     return load_cached(model_choice())
 
 
+# Every session's MaskState by session id, the same objects st.session_state holds. Streamlit copies a session's
+# new st.session_state values aside and then clears them between runs (SessionState._compact_state), so a value
+# assigned by an overlapping run in between is lost. The first runs after a page load overlap (the page's and a
+# click's): without this, each made its own MaskState and the clicks applied to the lost one vanished.
+_BY_SESSION: dict[str, MaskState] = {}
+_BY_SESSION_LOCK = threading.Lock()
+
+
+def _session_id() -> str | None:
+    """The server's id of this session; None without a real server (AppTest mocks one, with the same session id
+    for every test: its state stays in each test's st.session_state)."""
+    ctx = get_script_run_ctx(suppress_warning=True)
+    served = Runtime.exists() and type(Runtime.instance()) is Runtime
+    return ctx.session_id if ctx is not None and served else None
+
+
+def _session_mask_state(make: Callable[[], MaskState]) -> MaskState:
+    """This session's MaskState: st.session_state's, else the one an overlapping run made, else `make()`'s."""
+    state: MaskState | None = st.session_state.get(keys.MASK)
+    if state is not None:
+        return state
+    sid = _session_id()
+    with _BY_SESSION_LOCK:
+        state = _BY_SESSION.get(sid) if sid is not None else None
+        if state is None:
+            state = make()
+            if sid is not None:
+                _forget_closed_sessions()
+                _BY_SESSION[sid] = state
+    st.session_state[keys.MASK] = state
+    return state
+
+
+def _forget_closed_sessions() -> None:
+    """Drop the MaskStates of sessions the server has closed (the caller holds _BY_SESSION_LOCK)."""
+    runtime = Runtime.instance()
+    for sid in [s for s in _BY_SESSION if not runtime.is_active_session(s)]:
+        del _BY_SESSION[sid]
+
+
 def _mask_state() -> MaskState:
     """This session's MaskState, made dense for the open model (first run, or another model opened)."""
     key = model_choice().key
-    state: MaskState | None = st.session_state.get(keys.MASK)
-    if state is None:
-        state = MaskState(key, PruneMask.dense(handle().geometry))
-        st.session_state[keys.MASK] = state
-    elif state.model_key != key:
+    g = handle().geometry  # before any lock: the first call loads the model
+    state = _session_mask_state(lambda: MaskState(key, PruneMask.dense(g)))
+    if state.model_key != key:
         with state.lock:
             if state.model_key != key:
-                state.model_key, state.mask = key, PruneMask.dense(handle().geometry)
+                state.model_key, state.mask = key, PruneMask.dense(g)
                 state.clicks.clear()
                 state.version += 1
     return state
@@ -164,6 +205,9 @@ def apply_clicks(grid_key: str, clicks: Any) -> bool:
 def mask_version() -> int:
     """A counter bumped on each mask change (widgets that show the mask key on it)."""
     state: MaskState | None = st.session_state.get(keys.MASK)
+    if state is None and (sid := _session_id()) is not None:
+        with _BY_SESSION_LOCK:
+            state = _BY_SESSION.get(sid)
     return 0 if state is None else state.version
 
 
