@@ -75,8 +75,8 @@ def wait_progress(page, at_least: int, timeout: float) -> int:
 def start_suggestion(page, grace_s: float = 30.0) -> None:
     """Click "Suggest mask"; click it once more if no job shows within `grace_s` seconds.
 
-    Rarely (once in about ten full browser runs here, idle) a click on the button started nothing: no job,
-    no error, the page idle. A user clicks again, so the test does too. A second click must join the job the
+    Now and then (in CI, and in 1 of 5 idle full browser runs here) a click on the button started nothing: no
+    job, no error, the page idle; the cause is not known yet. A user clicks again, so the test does too. A second click must join the job the
     first one started, never start another: the Jobs view is checked for exactly one at the end.
     """
     button = page.get_by_role("button", name="Suggest mask", exact=True)
