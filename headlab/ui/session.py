@@ -18,7 +18,6 @@ generations, attention maps and full evaluations keyed by a digest of the mask; 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
@@ -106,23 +105,6 @@ def _session_id() -> str | None:
     return ctx.session_id if ctx is not None and served else None
 
 
-def _session_mask_state(make: Callable[[], MaskState]) -> MaskState:
-    """This session's MaskState: st.session_state's, else the one an overlapping run made, else `make()`'s."""
-    state: MaskState | None = st.session_state.get(keys.MASK)
-    if state is not None:
-        return state
-    sid = _session_id()
-    with _BY_SESSION_LOCK:
-        state = _BY_SESSION.get(sid) if sid is not None else None
-        if state is None:
-            state = make()
-            if sid is not None:
-                _forget_closed_sessions()
-                _BY_SESSION[sid] = state
-    st.session_state[keys.MASK] = state
-    return state
-
-
 def _forget_closed_sessions() -> None:
     """Drop the MaskStates of sessions the server has closed (the caller holds _BY_SESSION_LOCK)."""
     runtime = Runtime.instance()
@@ -134,7 +116,17 @@ def _mask_state() -> MaskState:
     """This session's MaskState, made dense for the open model (first run, or another model opened)."""
     key = model_choice().key
     g = handle().geometry  # before any lock: the first call loads the model
-    state = _session_mask_state(lambda: MaskState(key, PruneMask.dense(g)))
+    state: MaskState | None = st.session_state.get(keys.MASK)
+    if state is None:  # the session's first run, or the entry an overlapping run assigned was lost
+        sid = _session_id()
+        with _BY_SESSION_LOCK:
+            state = _BY_SESSION.get(sid) if sid is not None else None
+            if state is None:
+                state = MaskState(key, PruneMask.dense(g))
+                if sid is not None:
+                    _forget_closed_sessions()
+                    _BY_SESSION[sid] = state
+        st.session_state[keys.MASK] = state
     if state.model_key != key:
         with state.lock:
             if state.model_key != key:
@@ -204,11 +196,7 @@ def apply_clicks(grid_key: str, clicks: Any) -> bool:
 
 def mask_version() -> int:
     """A counter bumped on each mask change (widgets that show the mask key on it)."""
-    state: MaskState | None = st.session_state.get(keys.MASK)
-    if state is None and (sid := _session_id()) is not None:
-        with _BY_SESSION_LOCK:
-            state = _BY_SESSION.get(sid)
-    return 0 if state is None else state.version
+    return _mask_state().version
 
 
 def prefix_cache() -> PrefixCache | None:

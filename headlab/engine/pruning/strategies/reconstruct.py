@@ -27,6 +27,7 @@ others) when the calibration holds fewer; the mask's meta says how many tokens e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from headlab.engine.core.handle import ModelHandle
@@ -99,7 +100,7 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
                  progress: Progress | None = None, ffn_align: int = 1,
                  even_groups: bool = False, normalise: str | None = None,
-                 n_texts: int = REFIT_TEXTS) -> tuple[list[int], list[int]]:
+                 texts: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
@@ -112,7 +113,7 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     "global": each total taken cheapest-first from OBS costs comparable across layers (reconstruct/joint.py);
     "joint": as "global", but heads and channels compete for the parameters both totals remove (the split
     between them is chosen too, so the totals are not kept); "auto": AUTO_ALLOCATION, chosen on validation text.
-    "global" and "joint" measure their costs on `n_texts` re-fit texts (refit_texts): the ones the re-fit reads.
+    "global" and "joint" measure their costs on `texts`, the ones the re-fit reads (default: refit_texts's).
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -122,8 +123,8 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     if allocation == "auto":
         allocation = AUTO_ALLOCATION["width" if f else "heads"]
     if allocation in ("global", "joint"):
-        return joint_counts(handle, h, f, refit_texts(calib, n_texts, handle), _config(calib),
-                            normalise=normalise or GLOBAL_NORMALISATION,
+        texts = texts if texts is not None else refit_texts(calib, handle=handle)
+        return joint_counts(handle, h, f, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
                             even_groups=even_groups, ffn_align=ffn_align, mix=allocation == "joint",
                             progress=progress)
     if allocation in ("flap", "ablation"):
@@ -172,11 +173,11 @@ class ObsStrategy(Strategy):
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
+        texts = refit_texts(calib, self.n_texts, handle)
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
-                                       even_groups=self.even_groups, normalise=self.normalise, n_texts=self.n_texts)
+                                       even_groups=self.even_groups, normalise=self.normalise, texts=texts)
         damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
         config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept, **damp)
-        texts = refit_texts(calib, self.n_texts, handle)
         mask = obs_prune(handle, heads, channels, texts, even_groups=self.even_groups, config=config, progress=progress)
         used = self.allocation
         if used == "auto":
