@@ -9,8 +9,8 @@ tokens from token 75,000), never on the main protocol's windows or the held-out 
 stage keeps the previous stages' winners:
 
 1. inputs: the input side re-fitted or not (RefitConfig.inputs: none / pruned / all);
-2. allocation: how many units each layer loses (flap, ablation, owl, global; joint also splits the
-   parameters between heads and channels);
+2. allocation: how many units each layer loses (flap, ablation, owl, global, kl: global's OBS costs in units of
+   the measured KL; joint and kl-joint also split the parameters between heads and channels);
 3. damping: the ridge damping of every solve;
 4. target: each projection's own dense output, or the dense residual stream (a sub-block also corrects
    the error its input carries);
@@ -63,7 +63,8 @@ from headlab.engine.runtime.regions import REGIONS, ood_nll, ood_validation_item
 STAGES = {
     "width20": [
         ("inputs", ["inputs=none", "inputs=all"]),
-        ("allocation", ["allocation=flap", "allocation=global", "allocation=joint", "allocation=owl"]),
+        ("allocation", ["allocation=flap", "allocation=global", "allocation=joint", "allocation=owl",
+                        "allocation=kl", "allocation=kl-joint"]),
         ("normalisation", []),  # filled when "global" or "joint" wins: the same with the other normalisation
         ("damp", ["damp=0.01", "damp=0.001", "damp=0.1"]),
         ("target", ["target=output", "target=residual"]),
@@ -73,7 +74,7 @@ STAGES = {
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
-        ("allocation", ["allocation=ablation", "allocation=global"]),
+        ("allocation", ["allocation=ablation", "allocation=global", "allocation=kl"]),
         ("texts", ["n_texts=128", "n_texts=512"]),
     ],
 }

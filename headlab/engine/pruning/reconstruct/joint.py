@@ -28,7 +28,7 @@ Cost: one dense pass over the texts, one [n, n] Gram per projection, and the gre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,19 +37,24 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.core.tokens import batches, context_length, encode_batch
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, output_weight
-from headlab.engine.pruning.reconstruct.least_squares import Moments, obs_select
+from headlab.engine.pruning.reconstruct.least_squares import Moments, ObsResult, obs_select
 from headlab.engine.runtime.cost import cost
 from headlab.engine.runtime.replay import record_layers
 
-__all__ = ["NORMALISATIONS", "joint_counts", "obs_costs", "unit_params"]
+__all__ = ["NORMALISATIONS", "counts_from_costs", "joint_counts", "obs_costs", "unit_params"]
 
 NORMALISATIONS = ("stream", "output")
 
 
 @torch.no_grad()
 def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, normalise: str = "stream",
-              max_fraction: float = 0.9, progress: Progress | None = None) -> dict[str, list[torch.Tensor]]:
-    """Per kind ("attn", "ffn") and layer, the normalised OBS cost of each greedy removal, in order (float64)."""
+              max_fraction: float = 0.9, progress: Progress | None = None,
+              visit: Callable[[int, str, Moments, ObsResult], None] | None = None) -> dict[str, list[torch.Tensor]]:
+    """Per kind ("attn", "ffn") and layer, the normalised OBS cost of each greedy removal, in order (float64).
+
+    `visit(layer, kind, moments, result)`, if given, is called for each projection with its plain (unweighted)
+    moments on the dense inputs and the greedy OBS result, before the walk moves on (measured.py).
+    """
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {normalise!r}")
     g, adapter = handle.geometry, handle.adapter
@@ -76,11 +81,17 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
             n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
             w = output_weight(handle, layer, kind).detach().float()
             m = Moments(n_units * width, g.hidden)
+            plain = Moments(n_units * width, g.hidden) if visit is not None and normalise == "stream" else m
             for x, v, sc in zip(seen[kind], valid, scale):
-                x = x.float() * sc if normalise == "stream" else x.float()  # each token's rows weighted
-                m.add(x[v], x[v] @ w.T.to(x.device))
+                x = x.float()[v]
+                if plain is not m:
+                    plain.add(x, x @ w.T.to(x.device))
+                x = x * sc[v] if normalise == "stream" else x  # each token's rows weighted
+                m.add(x, x @ w.T.to(x.device))
             n_remove = max(1, min(n_units - 1, round(max_fraction * n_units)))
             res = obs_select(m, n_units, width, n_remove, damp=config.damp, intercept=config.intercept)
+            if visit is not None:
+                visit(layer, kind, plain, res)
             costs = torch.tensor(res.costs, dtype=torch.float64)
             if normalise == "output":
                 _, _, _, my = m.centered(config.intercept)
@@ -149,8 +160,15 @@ def joint_counts(handle: ModelHandle, heads: int, channels: int, texts: Sequence
     `mix`: only the parameters the two totals remove are kept fixed; heads and channels compete for them
     by cost per parameter (a head of a GQA model weighs its Q rows and O columns).
     """
-    g = handle.geometry
     costs = obs_costs(handle, texts, config, normalise, progress=progress)
+    return counts_from_costs(handle, costs, heads, channels, even_groups=even_groups, ffn_align=ffn_align, mix=mix)
+
+
+def counts_from_costs(handle: ModelHandle, costs: dict[str, list[torch.Tensor]], heads: int, channels: int, *,
+                      even_groups: bool = False, ffn_align: int = 1, mix: bool = False) -> tuple[list[int], list[int]]:
+    """(heads, channels) to remove per layer, taken cheapest-first from `costs` (per kind and layer, in the
+    layer's greedy order) as joint_counts does; any costs comparable across layers and kinds will do."""
+    g = handle.geometry
     chunks = {"attn": g.n_kv_heads if even_groups and g.group_size > 1 else 1, "ffn": ffn_align}
     sizes = {"attn": g.n_heads, "ffn": g.ffn_dim}
     if mix:

@@ -41,8 +41,9 @@ from headlab.engine.pruning.reconstruct.budgets import (
     outlier_ratios,
     owl_ratios,
 )
-from headlab.engine.pruning.reconstruct.joint import joint_counts
+from headlab.engine.pruning.reconstruct.joint import counts_from_costs, joint_counts
 from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfig, obs_prune, refit, supports_input_maps
+from headlab.engine.pruning.reconstruct.measured import kl_costs
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import CALIBRATION_CHOICES, Budget, Calibration, Strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
@@ -54,6 +55,7 @@ from headlab.engine.runtime.cost import cost
 __all__ = [
     "ALLOCATIONS",
     "DEPTH_REFIT_METHODS",
+    "MEASURED_ALLOCATIONS",
     "REFIT_TEXTS",
     "AblationRefitStrategy",
     "FlapRefitStrategy",
@@ -66,7 +68,8 @@ __all__ = [
     "width_fraction",
 ]
 
-ALLOCATIONS = ("auto", "global", "joint", "flap", "ablation", "owl", "uniform")
+ALLOCATIONS = ("auto", "global", "joint", "kl", "kl-joint", "flap", "ablation", "owl", "uniform")
+MEASURED_ALLOCATIONS = ("global", "joint", "kl", "kl-joint")  # costs measured on the re-fit's texts
 REFIT_TEXTS = 128
 # Chosen on validation text (bench/bench_choices.py; bench/results/choices.csv, which a test checks against these):
 AUTO_ALLOCATION = {"heads": "global", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
@@ -100,7 +103,7 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
                  progress: Progress | None = None, ffn_align: int = 1,
                  even_groups: bool = False, normalise: str | None = None,
-                 texts: Sequence[str] | None = None) -> tuple[list[int], list[int]]:
+                 texts: Sequence[str] | None = None, curves: dict | None = None) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
@@ -112,8 +115,11 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     fluctuation cuts; "ablation": heads where the measured mean-ablation KL cuts (channels as "flap");
     "global": each total taken cheapest-first from OBS costs comparable across layers (reconstruct/joint.py);
     "joint": as "global", but heads and channels compete for the parameters both totals remove (the split
-    between them is chosen too, so the totals are not kept); "auto": AUTO_ALLOCATION, chosen on validation text.
-    "global" and "joint" measure their costs on `texts`, the ones the re-fit reads (default: refit_texts's).
+    between them is chosen too, so the totals are not kept); "kl" / "kl-joint": as "global" / "joint", each
+    layer's OBS costs scaled by the KL to the dense model its pruning alone causes (reconstruct/measured.py);
+    "auto": AUTO_ALLOCATION, chosen on validation text. The measured allocations (MEASURED_ALLOCATIONS)
+    measure their costs on `texts`, the ones the re-fit reads (default: refit_texts's). `curves`, a dict, receives
+    the KL allocations' measured curves (per kind, per layer: [(units removed, OBS cost, KL)]) and scales.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -122,6 +128,15 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     even_groups = even_groups and g.group_size > 1  # without GQA any head count is even
     if allocation == "auto":
         allocation = AUTO_ALLOCATION["width" if f else "heads"]
+    if allocation in ("kl", "kl-joint"):
+        texts = texts if texts is not None else refit_texts(calib, handle=handle)
+        kinds = [k for k, n in (("attn", h), ("ffn", f)) if n or allocation == "kl-joint"]
+        costs, measured = kl_costs(handle, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
+                                   kinds=kinds, progress=progress)
+        if curves is not None:
+            curves.update({kind: [{"points": c.points, "scale": c.scale} for c in measured[kind]] for kind in kinds})
+        return counts_from_costs(handle, costs, h, f, even_groups=even_groups, ffn_align=ffn_align,
+                                 mix=allocation == "kl-joint")
     if allocation in ("global", "joint"):
         texts = texts if texts is not None else refit_texts(calib, handle=handle)
         return joint_counts(handle, h, f, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
@@ -174,16 +189,20 @@ class ObsStrategy(Strategy):
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         texts = refit_texts(calib, self.n_texts, handle)
+        curves: dict = {}
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
-                                       even_groups=self.even_groups, normalise=self.normalise, texts=texts)
+                                       even_groups=self.even_groups, normalise=self.normalise, texts=texts,
+                                       curves=curves)
         damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
         config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept, **damp)
         mask = obs_prune(handle, heads, channels, texts, even_groups=self.even_groups, config=config, progress=progress)
         used = self.allocation
         if used == "auto":
             used = AUTO_ALLOCATION["width" if budget.counts(handle.geometry)[1] else "heads"]
-        if used in ("global", "joint"):  # the texts its costs were measured on (the re-fit's)
+        if used in MEASURED_ALLOCATIONS:  # the texts its costs were measured on (the re-fit's)
             mask.meta["allocation_texts"] = len(texts)
+        if curves:
+            mask.meta["allocation_curves"] = curves
         mask.meta.update({"method": self.name, "allocation": used, "allocation_asked": self.allocation,
                           "reference": self.reference,
                           "calibration": calib.describe(), "ffn_align": self.ffn_align,
