@@ -93,3 +93,20 @@ def test_a_heads_only_budget_measures_only_the_heads():
         torch.testing.assert_close(a, b)
     m = ObsStrategy(allocation="kl")(h, Budget(heads=3), calib)
     assert set(m.meta["allocation_curves"]) == {"attn"} and m.summary()["heads_pruned"] == 3
+
+
+def test_kl_and_kl_joint_on_the_same_texts_measure_the_curves_once(monkeypatch):
+    from headlab.engine.pruning.reconstruct import measured
+
+    h = tiny_handle("llama")
+    first, _ = kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32)
+    first["attn"][0].zero_()  # a caller's copy: changing it leaves the memo as measured
+
+    def fail(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(measured, "obs_costs", fail)
+    again, _ = kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32)
+    assert bool(again["attn"][0].any())
+    with pytest.raises(AssertionError, match="measured again"):  # other texts are measured
+        kl_costs(h, TEXTS[:6], CONFIG, kl_texts=4, kl_length=32)

@@ -24,7 +24,10 @@ SmolLM2-135M, about 5 minutes on 2 cores with 16 texts of 128 tokens).
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Sequence
+from dataclasses import astuple
 
 import torch
 
@@ -42,6 +45,8 @@ __all__ = ["KL_FRACTIONS", "KL_LENGTH", "KL_TEXTS", "LayerCurve", "kl_costs", "s
 KL_FRACTIONS = (0.25, 0.5)  # of a layer's units, removed alone to measure its KL
 KL_TEXTS = 16  # fit texts the KL is measured on (the first of the re-fit's)
 KL_LENGTH = 128
+# model -> {settings key: (costs, curves)}: "kl" and "kl-joint" on the same texts measure the curves once
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LayerCurve:
@@ -82,10 +87,23 @@ def kl_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, *, 
     """(costs, curves): joint.obs_costs's costs of every layer multiplied by its measured KL scale, and the curves.
 
     Only `kinds` are measured (a heads-only budget needs no channel curves); the others' costs are returned as
-    obs_costs gives them, and their curves are empty.
+    obs_costs gives them, and their curves are empty. The result is kept for the model's lifetime (the shared
+    model is never changed in place), so "kl" and "kl-joint" on the same texts and settings measure once.
     """
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
         raise ValueError(f"fractions must lie strictly between 0 and 1, got {list(fractions)}")
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = (digest, astuple(config), normalise, tuple(fractions), kl_texts, kl_length, tuple(kinds))
+    memo = _MEMO.setdefault(handle.model, {})
+    if key not in memo:
+        memo[key] = _measure(handle, texts, config, normalise, fractions, kl_texts, kl_length, kinds, progress)
+    costs, curves = memo[key]
+    return {k: [c.clone() for c in v] for k, v in costs.items()}, {k: list(v) for k, v in curves.items()}
+
+
+def _measure(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, normalise: str,
+             fractions: Sequence[float], kl_texts: int, kl_length: int, kinds: Sequence[str],
+             progress: Progress | None) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[LayerCurve]]]:
     g = handle.geometry
     replay = LayerReplay(handle, list(texts)[:kl_texts], max_length=kl_length, batch_size=config.batch_size)
     curves: dict[str, list[LayerCurve]] = {"attn": [], "ffn": []}
