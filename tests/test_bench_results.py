@@ -88,3 +88,18 @@ def test_a_run_of_some_stages_keeps_the_csvs_other_rows(tmp_path):
     write_rows(old, path)
     new = [{"config": "heads30", "stage": "texts", "candidate": "n_texts=512"}]
     assert merged_rows(path, new) == [old[0], new[0]]  # the stage run replaces all its rows, the others stay
+
+
+def test_a_fresh_cache_takes_the_csvs_validation_scores_instead_of_remaking_their_masks(tmp_path):
+    from bench.bench_choices import recorded_results
+    from headlab.engine.core.csvfile import write_rows
+
+    path = tmp_path / "choices.csv"
+    assert recorded_results(path) == {}
+    write_rows([{"config": "width20", "stage": "allocation", "candidate": "allocation=kl", "method": "obs[allocation=kl]",
+                 "ppl_validation": "33.199", "vood_nll": "3.2", "select_s": "1018.1", "measured": "2026-12-07"},
+                {"config": "heads30", "stage": "texts", "candidate": "n_texts=512", "method": "obs[n_texts=512]",
+                 "ppl_validation": "19.5", "vood_nll": "", "select_s": "", "measured": "2026-12-06"}], path)
+    got = recorded_results(path)
+    assert list(got) == ["obs[allocation=kl]@width20"]  # a row without its out-of-domain score is measured again
+    assert got["obs[allocation=kl]@width20"]["ppl_validation"] == 33.199 and got["obs[allocation=kl]@width20"]["from_csv"]
