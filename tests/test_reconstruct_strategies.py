@@ -8,6 +8,7 @@ import transformers
 
 from headlab.engine.cli.main import main
 from headlab.engine.core import gates
+from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.objective import token_logits
 from headlab.engine.export.write import export
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
@@ -128,6 +129,10 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--out", str(tmp_path / "d")]) == 0
     assert "magnitude-refit" in capsys.readouterr().out
+    assert main(["export", *common, "--route", "width", "--allocation", "kl-joint", "--save-mask",
+                 str(tmp_path / "k.json"), "--out", str(tmp_path / "k")]) == 0
+    assert "by the kl-joint allocation" in capsys.readouterr().out
+    assert PruneMask.load(tmp_path / "k.json").meta["allocation"] == "kl-joint"
 
 
 @pytest.mark.parametrize("uniform", [True, False])

@@ -37,6 +37,7 @@ from headlab.engine.export.write import LAYOUTS, export, zip_folder
 from headlab.engine.pruning.size_target import ROUTES, reach_size
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
+    ALLOCATIONS,
     DEPTH_REFIT_METHODS,
     REFIT_TEXTS,
     depth_refit_prune,
@@ -44,7 +45,7 @@ from headlab.engine.pruning.strategies.reconstruct import (
 )
 from headlab.engine.runtime.cost import cost
 
-__all__ = ["register", "cmd_export"]
+__all__ = ["cmd_export", "register"]
 
 
 def _ffn_align(args: argparse.Namespace) -> int:
@@ -75,7 +76,7 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
         with progress_bar("reconstructing (width)") as cb:
             uniform = args.layout == "uniform"
             r = width_by_reconstruction(handle, keep, calib, uniform=uniform, n_texts=args.refit_texts,
-                                        ffn_align=_ffn_align(args), progress=cb,
+                                        ffn_align=_ffn_align(args), progress=cb, allocation=args.allocation,
                                         even_groups=not uniform and args.format == "gguf" and not args.uneven_groups)
         mask = r.mask
         print(f"size target: {r.describe()}")
@@ -163,6 +164,10 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--refit-texts", type=int, default=REFIT_TEXTS,
                    help="calibration texts the reconstruction fits on (at least --n-texts); 512 re-fits better "
                         "(bench/results/choices.csv) and takes about 5x as long")
+    p.add_argument("--allocation", default="auto", choices=[a for a in ALLOCATIONS if a != "uniform"],
+                   help="with --keep --route width (per layer): how many heads and channels each layer loses; auto "
+                        "is the allocation chosen on validation text (bench/results/choices.csv); flap is the "
+                        "fastest, kl / kl-joint measure each layer's KL first (minutes more)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="uniform = standard config (refused if layers differ); per_layer = sizes in config.json")
     p.add_argument("--format", default="hf", choices=("hf", "gguf"),

@@ -292,11 +292,12 @@ def width_fraction(handle: ModelHandle, removed: float) -> float:
 
 def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
                             n_texts: int = REFIT_TEXTS, ffn_align: int = 1, even_groups: bool = False,
-                            progress: Progress | None = None) -> SizeResult:
+                            allocation: str = "auto", progress: Progress | None = None) -> SizeResult:
     """About `keep` of the parameters by width, chosen and re-solved by `obs`.
 
-    Default: the same fraction of heads and channels overall, split across layers where FLAP cuts, with an
-    intercept (a per-layer export, `headlab.engine.models.load.load_pruned`). `uniform`: every layer loses the
+    Default: the same fraction of heads and channels overall (`kl-joint` lets the split move, the parameter
+    count kept), split across layers by `allocation` ("auto": AUTO_ALLOCATION["width"], chosen on validation
+    text), with an intercept (a per-layer export, `headlab.engine.models.load.load_pruned`). `uniform`: every layer loses the
     same units, so the export has the family's standard config (plain transformers); the intercept is
     kept where the config can switch output biases on (Llama), else the fit has none. `ffn_align`: every layer
     keeps whole blocks of that many FFN channels (32 for a Q8_0 deployment, 256 for K-quants), chosen by OBS at
@@ -322,11 +323,12 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
-        mask = ObsStrategy(n_texts=n_texts, ffn_align=ffn_align, even_groups=even_groups)(handle, budget, calib,
-                                                                                           progress=progress)
+        mask = ObsStrategy(allocation=allocation, n_texts=n_texts, ffn_align=ffn_align,
+                           even_groups=even_groups)(handle, budget, calib, progress=progress)
         s = mask.summary()
         detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
-                  f"{s['ffn_channels_total']} FFN channels, split across layers where FLAP cuts")
+                  f"{s['ffn_channels_total']} FFN channels, split across layers by the {mask.meta['allocation']} "
+                  "allocation")
         method = "obs"
     kept = cost(handle, mask).params_kept
     mask.meta.update({"route": "width", "unit": "heads+ffn", "scope": "uniform" if uniform else "per_layer",
