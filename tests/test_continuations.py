@@ -8,7 +8,7 @@ import pytest
 
 from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.pruning.strategies import CALIBRATION_CHOICES, Budget, Calibration, get_strategy
-from headlab.engine.pruning.strategies.reconstruct import refit_texts
+from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, refit_texts
 from headlab.engine.runtime.continuations import MIXED, mixed_texts, prompt_split
 from headlab.engine.runtime.regions import check_fit_texts, guard, reserved_texts
 from tests.tiny import tiny_handle
@@ -49,7 +49,7 @@ def test_reconstruction_on_mixed_text_reads_no_protected_text_and_refits_on_more
     assert refit_texts(calib, 10) == calib.texts  # without the model it cannot answer: the calibration's own
     with guard(handle) as g:
         mask = get_strategy("obs", n_texts=10)(handle, Budget(heads=0.25, ffn=0.25), calib)
-    assert g.checked > 0 and mask.meta["allocation"] == "flap"
+    assert g.checked > 0 and mask.meta["allocation"] == AUTO_ALLOCATION["width"]
 
 
 def test_the_command_line_scores_on_mixed_text(handle, tmp_path):

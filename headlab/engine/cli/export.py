@@ -6,7 +6,8 @@
     python -m headlab export --mask mask.json --format gguf --gguf-type q8_0 --out pruned-gguf/   # for llama.cpp
 
 A width target is reached by reconstruction (headlab.engine.pruning.strategies.reconstruct: structured OBS
-per layer, per-layer counts where FLAP cuts, the kept weights re-solved); with --layout uniform every layer loses the same
+per layer, per-layer counts by --allocation, chosen on validation text, the kept weights re-solved); with --layout
+uniform every layer loses the same
 units, so plain transformers loads the folder (Llama: its config's bias switches carry the re-fitted
 biases; families without such a switch are fitted without a bias). --criterion picks units by a
 criterion instead, without reconstruction. --method names a depth method (e.g. ablation-iterative-refit).

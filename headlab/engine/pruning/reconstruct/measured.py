@@ -18,8 +18,9 @@ or by KL per parameter (`kl-joint`: heads and channels compete, the split chosen
 layers' KLs add up, the usual first-order view (OWL, ShortGPT and FLAP's per-layer scores make it too); the
 re-fit that follows, on the pruned model's own inputs, then corrects what they do together.
 
-Cost, on top of "global": one partial forward per (layer, kind, fraction) over the KL texts (2 x 2 x 30 for
-SmolLM2-135M, about 5 minutes on 2 cores with 16 texts of 128 tokens).
+Cost, on top of "global": one partial forward per (layer, kind, fraction) over the KL texts, each scored over
+the whole vocabulary (2 x 2 x 30 for SmolLM2-135M: with the re-fit, 17 minutes on 2 cores against 6 for
+FLAP's counts, 128 texts; bench/results/choices.csv's select_s).
 """
 
 from __future__ import annotations

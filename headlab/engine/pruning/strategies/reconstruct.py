@@ -6,9 +6,11 @@
   ZipLM, Kurtic et al. 2023). How many units each layer loses ("auto") was chosen on VALIDATION
   text (bench/bench_choices.py, bench/results/choices.csv): for heads alone, the joint allocation
   from OBS costs comparable across layers ("global"; 30% of heads: 1.15x dense on validation against
-  1.24x where the measured mean-ablation KL cuts); with FFN channels, where FLAP's per-layer
-  standardised fluctuation cuts (An et al. 2024; 20% of the parameters: 2.00x, against 2.06x global,
-  2.01x "joint" and 2.47x with OWL's outlier-weighted allocation, Yin et al. 2024). Or name one.
+  1.19x with those costs in measured KL, "kl", and 1.24x where the measured mean-ablation KL cuts); with
+  FFN channels, the OBS costs in units of the KL each layer's pruning alone causes, heads and channels
+  competing per parameter ("kl-joint", reconstruct/measured.py; 20% of the parameters: 1.88x, against
+  1.91x "kl", 2.00x where FLAP's per-layer standardised fluctuation cuts, An et al. 2024, 2.01x "joint",
+  2.06x "global" and 2.47x with OWL's outlier-weighted allocation, Yin et al. 2024). Or name one.
 - `flap-refit`, `ablation-refit`, `hardconcrete-refit`: another method's choice of units (FLAP's
   standardised fluctuation, An et al. 2024; the measured mean-ablation KL; a hard-concrete mask
   trained on KL to the dense model), then the same re-solve in place of the mean bias (which is
@@ -72,7 +74,7 @@ ALLOCATIONS = ("auto", "global", "joint", "kl", "kl-joint", "flap", "ablation", 
 MEASURED_ALLOCATIONS = ("global", "joint", "kl", "kl-joint")  # costs measured on the re-fit's texts
 REFIT_TEXTS = 128
 # Chosen on validation text (bench/bench_choices.py; bench/results/choices.csv, which a test checks against these):
-AUTO_ALLOCATION = {"heads": "global", "width": "flap"}  # "auto" for a heads-only budget / heads and channels
+AUTO_ALLOCATION = {"heads": "global", "width": "kl-joint"}  # "auto" for a heads-only budget / heads and channels
 GLOBAL_NORMALISATION = "stream"  # how "global" makes OBS costs of different layers comparable (joint.py)
 DEFAULT_INPUTS = "all"  # input re-fits (layerwise.RefitConfig.inputs) where the family supports them
 INPUT_CHOICES = ("auto", *INPUT_MODES)
@@ -169,9 +171,11 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
 class ObsStrategy(Strategy):
     name = "obs"
     description = ("structured OBS chooses heads and FFN channels layer by layer on the pruned model's own "
-                   "inputs (per-layer counts: one global OBS cost for heads, where FLAP cuts for channels), "
+                   "inputs (per-layer counts: one global OBS cost for heads; with channels, OBS costs in "
+                   "measured KL, heads and channels competing per parameter), "
                    "every kept weight re-solved by least squares")
-    reference = f"{SLIMGPT}; {ZIPLM}; per-layer counts: measured ablation / An et al., FLAP, AAAI 2024 (or {OWL})"
+    reference = (f"{SLIMGPT}; {ZIPLM}; per-layer counts: global OBS costs, in measured KL with channels "
+                 f"(or An et al., FLAP, AAAI 2024; {OWL})")
     cost_hint = "measured"
     always_compensates = True
 
