@@ -11,8 +11,10 @@ from headlab.engine.core import gates
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.objective import token_logits
 from headlab.engine.export.write import export
+from headlab.engine.pruning.reconstruct.joint import unit_params
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.reconstruct import (
+    AUTO_ALLOCATION,
     ObsStrategy,
     depth_refit_prune,
     layer_counts,
@@ -29,8 +31,15 @@ def _calib() -> Calibration:
 
 def test_layer_counts_sum_to_the_budget_for_every_allocation():
     h, calib = tiny_handle("llama"), _calib()
-    for allocation in ("auto", "owl", "uniform", "flap", "ablation"):
+    for allocation in ("owl", "uniform", "flap", "ablation", "global", "kl"):
         heads, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation)
+        assert sum(heads) == 3 and sum(channels) == 77, allocation
+    # "auto" with channels: AUTO_ALLOCATION["width"]; a joint one keeps the parameter count, not the two totals
+    heads, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, "auto")
+    if AUTO_ALLOCATION["width"].endswith("joint"):
+        p = unit_params(h)
+        assert abs(sum(heads) * p["attn"] + sum(channels) * p["ffn"] - (3 * p["attn"] + 77 * p["ffn"])) <= p["attn"]
+    else:
         assert sum(heads) == 3 and sum(channels) == 77
 
 
@@ -40,20 +49,35 @@ def test_allocations_that_would_empty_a_layer_leave_it_one_unit():
     assert sum(heads) == round(0.6 * 8) and max(heads) <= h.geometry.n_heads - 1
 
 
+def _params_removed(h, heads: int, channels: int) -> int:
+    p = unit_params(h)
+    return heads * p["attn"] + channels * p["ffn"]
+
+
 def test_obs_strategy_removes_the_budget_and_refits():
     h, calib = tiny_handle("llama"), _calib()
-    m = get_strategy("obs")(h, Budget(heads=3, ffn=77), calib)
+    m = get_strategy("obs", allocation="flap")(h, Budget(heads=3, ffn=77), calib)
     s = m.summary()
     assert (s["heads_pruned"], s["ffn_channels_pruned"]) == (3, 77)
     assert m.has_refit and m.meta["method"] == "obs"
+    m = get_strategy("obs")(h, Budget(heads=3, ffn=77), calib)  # the default with channels: AUTO_ALLOCATION["width"]
+    s = m.summary()
+    assert m.meta["allocation"] == AUTO_ALLOCATION["width"] and m.has_refit
+    asked, got = _params_removed(h, 3, 77), _params_removed(h, s["heads_pruned"], s["ffn_channels_pruned"])
+    assert abs(got - asked) <= unit_params(h)["attn"]  # a joint allocation may move the split, not the size
 
 
 def test_obs_with_ffn_blocks_keeps_whole_blocks_in_every_layer_for_every_allocation():
     """Counts rounded before OBS chooses (a Q8_0 deployment: blocks of 32 channels), not after."""
     h, calib = tiny_handle("llama"), _calib()  # FFN 128 per layer
-    for allocation in ("auto", "owl", "uniform"):
-        _, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation, ffn_align=32)
-        assert all((128 - c) % 32 == 0 and 128 - c >= 32 for c in channels) and abs(sum(channels) - 77) <= 16
+    for allocation in ("auto", "owl", "uniform", "kl-joint"):
+        heads, channels = layer_counts(h, Budget(heads=3, ffn=77), calib, allocation, ffn_align=32)
+        assert all((128 - c) % 32 == 0 and 128 - c >= 32 for c in channels), allocation
+        if allocation == "auto" and AUTO_ALLOCATION["width"].endswith("joint") or allocation == "kl-joint":
+            assert abs(_params_removed(h, sum(heads), sum(channels)) - _params_removed(h, 3, 77)) <= \
+                _params_removed(h, 0, 16)  # within half a block of the asked size
+        else:
+            assert abs(sum(channels) - 77) <= 16
     m = ObsStrategy(ffn_align=32)(h, Budget(heads=3, ffn=77), calib)
     kept = m.ffn_effective().sum(dim=1).tolist()
     assert all(k % 32 == 0 for k in kept) and m.has_refit and m.meta["ffn_align"] == 32
@@ -63,10 +87,12 @@ def test_obs_with_even_groups_leaves_every_gqa_group_of_a_layer_the_same_size():
     """What llama.cpp runs without extra rows: each KV head of a layer keeps as many query heads."""
     h, calib = tiny_handle("llama"), _calib()  # 4 query heads in 2 groups of 2, 2 layers
     g = h.geometry
-    for allocation in ("auto", "owl", "uniform"):
+    for allocation in ("auto", "owl", "uniform", "kl-joint"):
         heads, _ = layer_counts(h, Budget(heads=3, ffn=20), calib, allocation, even_groups=True)
-        assert all(c % g.n_kv_heads == 0 and c < g.n_heads for c in heads) and abs(sum(heads) - 3) <= 1
-    m = ObsStrategy(even_groups=True)(h, Budget(heads=2, ffn=20), calib)
+        assert all(c % g.n_kv_heads == 0 and c < g.n_heads for c in heads), allocation
+        if not (allocation == "kl-joint" or allocation == "auto" and AUTO_ALLOCATION["width"].endswith("joint")):
+            assert abs(sum(heads) - 3) <= 1
+    m = ObsStrategy(even_groups=True, allocation="flap")(h, Budget(heads=2, ffn=20), calib)
     kept = m.heads_effective().reshape(g.n_layers, g.n_kv_heads, g.group_size).sum(-1)
     assert all(len(set(row)) == 1 for row in kept.tolist()) and int(kept.sum()) == g.n_heads * g.n_layers - 2
     assert m.meta["even_groups"] is True

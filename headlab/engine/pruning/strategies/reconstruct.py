@@ -169,6 +169,13 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
 
 
 class ObsStrategy(Strategy):
+    """Structured OBS, layer by layer, every kept weight re-solved (module doc).
+
+    With a budget of heads and channels, the default allocation (AUTO_ALLOCATION["width"], "kl-joint") keeps
+    the parameters the two counts remove, not the counts themselves: heads and channels compete for them by
+    measured KL per parameter. Name a non-joint allocation (e.g. "kl", "flap") to keep both counts exactly.
+    """
+
     name = "obs"
     description = ("structured OBS chooses heads and FFN channels layer by layer on the pruned model's own "
                    "inputs (per-layer counts: one global OBS cost for heads; with channels, OBS costs in "
