@@ -145,7 +145,8 @@ def suggest_size(
 ) -> tuple[PruneMask, Suggestion]:
     """(mask, Suggestion) keeping about `keep` of the parameters by `route`, with the route's best method.
 
-    width: structured OBS with FLAP's per-layer counts and the kept weights re-solved
+    width: structured OBS with the per-layer counts chosen on validation text (AUTO_ALLOCATION["width"]: OBS costs
+    in measured KL, heads and channels competing per parameter) and the kept weights re-solved
     (headlab.engine.pruning.strategies.reconstruct.width_by_reconstruction; a per-layer export);
     depth: whole layers dropped by measured KL, re-measured under the pruned model, and the
     sub-blocks around each gap re-fitted to stand in for them (ablation-iterative-refit).
