@@ -214,14 +214,16 @@ def recorded_results(csv_path: Path) -> dict[str, dict]:
 
 
 def merged_rows(csv_path: Path, rows: list[dict]) -> list[dict]:
-    """`rows`, after the rows already in `csv_path` of every (configuration, stage) this run did not measure:
-    a run of some configurations or stages leaves the others' rows in place."""
+    """`rows` with the rows already in `csv_path` of every (configuration, stage) this run did not measure, in
+    STAGES's order: a run of some configurations or stages leaves the others' rows in place."""
     ran = {(r["config"], r["stage"]) for r in rows}
     if not csv_path.exists():
         return rows
     with open(csv_path, newline="") as f:
         kept = [r for r in csv.DictReader(f) if (r["config"], r["stage"]) not in ran]
-    return kept + rows
+    order = {(config, stage): (i, j) for i, config in enumerate(STAGES)
+             for j, (stage, _) in enumerate(STAGES[config])}
+    return sorted(kept + rows, key=lambda r: order.get((r["config"], r["stage"]), (len(order), 0)))  # stable
 
 
 if __name__ == "__main__":
