@@ -152,7 +152,7 @@ def main() -> None:
                 key = f"{method}@{config}"
                 path = cached_mask_path(cache_dir, method, config)
                 cached = load_cached_mask(path, method, config, handle.geometry, results)
-                if cached is None and not results.get(key, {}).get("from_csv"):
+                if cached is None and (args.remeasure or not results.get(key, {}).get("from_csv")):
                     results.pop(key, None)  # a result whose mask is gone is measured again with its mask
                 if key not in results and cached is None and key in recorded and not args.remeasure:
                     results[key] = recorded[key]
