@@ -51,7 +51,7 @@ from headlab.engine.pruning.reconstruct.least_squares import DEFAULT_DAMP, Momen
 from headlab.engine.runtime.replay import LayerInputs, layer_output, record_layers
 
 __all__ = ["INPUT_MODES", "TARGETS", "RefitConfig", "fit_input_map", "obs_prune", "output_weight", "refit",
-           "relative_error", "supports_input_maps"]
+           "relative_error", "supports_input_maps", "with_refit"]
 
 TARGETS = ("output", "residual")
 INPUT_MODES = ("none", "pruned", "all")
@@ -154,7 +154,7 @@ def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_o
     return out.starting_at(layer + 1), seen_in, seen_out
 
 
-def _with_refit(mask: PruneMask, g, layer: int, kind: str, keep_units: tuple[int, ...], w: torch.Tensor,
+def with_refit(mask: PruneMask, g, layer: int, kind: str, keep_units: tuple[int, ...], w: torch.Tensor,
                 c: torch.Tensor) -> PruneMask:
     """`mask` with `layer`'s `kind` gates set to keep exactly `keep_units`, its refit and its intercept bias."""
     m = mask.clone()
@@ -324,7 +324,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             feats = unit_features(keep_units, width)
             w, c = ridge_fit(m, feats, damp=config.damp, intercept=config.intercept)
             errors[kind][layer] = relative_error(m, feats, w, config.intercept)
-            mask = _with_refit(mask, g, layer, kind, keep_units, w, c)
+            mask = with_refit(mask, g, layer, kind, keep_units, w, c)
             # The record ran before this refit. When the FFN sub-block just adds its projection's output to the
             # stream (pre-LN, nothing after the projection: checked on this very run), swap that output for the
             # refit one instead of running the layer again.

@@ -35,9 +35,9 @@ import torch
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
-from headlab.engine.core.refit import LayerRefit, unit_features
+from headlab.engine.core.refit import unit_features
 from headlab.engine.pruning.reconstruct.joint import obs_costs
-from headlab.engine.pruning.reconstruct.layerwise import RefitConfig
+from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, with_refit
 from headlab.engine.pruning.reconstruct.least_squares import Moments, ObsResult, ridge_fit
 from headlab.engine.runtime.replay import LayerReplay
 
@@ -69,15 +69,7 @@ def single_layer_mask(handle: ModelHandle, layer: int, kind: str, m: Moments, or
     gone = set(order[:n])
     keep = tuple(u for u in range(n_units) if u not in gone)
     w, c = ridge_fit(m, unit_features(keep, width), damp=config.damp, intercept=config.intercept)
-    mask = PruneMask.dense(g)
-    gates = mask.heads if kind == "attn" else mask.ffn
-    gates[layer] = 0.0
-    gates[layer, list(keep)] = 1.0
-    bias = torch.zeros(g.n_layers, g.hidden)
-    bias[layer] = c.float()
-    setattr(mask, "attn_bias" if kind == "attn" else "ffn_bias", bias if config.intercept else None)
-    mask.refits(kind)[layer] = LayerRefit(keep, w.float())
-    return mask
+    return with_refit(PruneMask.dense(g), g, layer, kind, keep, w, c)
 
 
 @torch.no_grad()

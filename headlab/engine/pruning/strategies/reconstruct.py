@@ -130,8 +130,9 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     even_groups = even_groups and g.group_size > 1  # without GQA any head count is even
     if allocation == "auto":
         allocation = AUTO_ALLOCATION["width" if f else "heads"]
+    if allocation in MEASURED_ALLOCATIONS and texts is None:
+        texts = refit_texts(calib, handle=handle)
     if allocation in ("kl", "kl-joint"):
-        texts = texts if texts is not None else refit_texts(calib, handle=handle)
         kinds = [k for k, n in (("attn", h), ("ffn", f)) if n or allocation == "kl-joint"]
         costs, measured = kl_costs(handle, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
                                    kinds=kinds, progress=progress)
@@ -140,7 +141,6 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         return counts_from_costs(handle, costs, h, f, even_groups=even_groups, ffn_align=ffn_align,
                                  mix=allocation == "kl-joint")
     if allocation in ("global", "joint"):
-        texts = texts if texts is not None else refit_texts(calib, handle=handle)
         return joint_counts(handle, h, f, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
                             even_groups=even_groups, ffn_align=ffn_align, mix=allocation == "joint",
                             progress=progress)
