@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
+from headlab.engine.core.hooks import temporary_hooks
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.models.wrap import wrap_model
 from headlab.engine.runtime.evaluate import PerplexityProtocol, perplexity
@@ -248,6 +249,32 @@ def test_run_from_a_layer_equals_recording_under_the_new_mask_and_shares_the_pre
     for got, want in zip(replayed.outputs, fresh.outputs):
         assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(replayed.outputs[0], dense.outputs[0], atol=1e-4)
+
+
+def test_run_until_shows_hooks_what_a_full_run_does_and_skips_the_rest(causal):
+    g, adapter = causal.geometry, causal.adapter
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    record = record_layers(causal, None, [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}])
+    mask = PruneMask.dense(g).toggle_head(1, 0)
+    mask.ffn[1, ::2] = 0.0
+    o, down = adapter.head_output_proj(1), adapter.ffn_output_proj(1)
+
+    def capture(run) -> tuple[list, list]:
+        seen_o, calls_down = [], []
+        with temporary_hooks() as hooks:
+            hooks.pre(o, lambda mod, args: seen_o.append(args[0].clone()))
+            hooks.post(down, lambda mod, args, out: calls_down.append(out))
+            run()
+        return seen_o, calls_down
+
+    full_o, full_down = capture(lambda: record.run_from(1, mask, stop=2))
+    early_o, early_down = capture(lambda: record.run_until(1, mask, o, pre=True))
+    assert len(full_down) == 2 and not early_down, "the FFN after O is not computed"
+    for got, want in zip(early_o, full_o, strict=True):
+        assert torch.equal(got, want)
+    assert not any(h for h in o._forward_pre_hooks.values() if h.__name__ == "reached"), "its stop hook is removed"
+    with pytest.raises(ValueError, match="did not run inside layer 0"):
+        record.run_until(0, None, adapter.head_output_proj(1), pre=True)
 
 
 def test_layer_replay_starts_at_the_first_changed_layer_and_refuses_a_later_start(llama_handle):

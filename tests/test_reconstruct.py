@@ -13,7 +13,7 @@ from headlab.engine.export.write import export
 from headlab.engine.models.load import load_pruned
 from headlab.engine.pruning.compensation import compensate
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, obs_prune, refit
-from headlab.engine.runtime.replay import LayerReplay
+from headlab.engine.runtime.replay import LayerInputs, LayerReplay
 from tests.tiny import tiny_handle
 
 TEXTS = [f"{i} The quick brown fox jumps over the lazy dog, then {i * 7} more foxes follow it home." for i in range(12)]
@@ -113,3 +113,31 @@ def test_residual_targets_are_refused_for_post_ln_models():
     h = tiny_handle("bert")
     with pytest.raises(ValueError, match="pre-LN"):
         refit(h, _pruned(h.geometry), TEXTS, config=RefitConfig(target="residual"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_running_layers_only_as_far_as_a_fit_needs_changes_nothing(monkeypatch, family):
+    """The walk stops a pruned layer at O's input or a norm's output when that is all a fit reads: the masks are
+    exactly those of full runs (LayerInputs.run_until replaced by a full run of the layer)."""
+    h = tiny_handle(family)
+    config = RefitConfig(inputs="all")
+    fast = obs_prune(h, [1, 2], [30, 20], TEXTS, config=config)
+    fast_refit = refit(h, _pruned(h.geometry), TEXTS, config=config)
+    assert fast.attn_in and fast.ffn_in and fast.attn_refit and fast.ffn_refit
+
+    def full_run(self, layer, mask, module, *, pre=False):
+        self.run_from(layer, mask, stop=layer + 1)
+
+    monkeypatch.setattr(LayerInputs, "run_until", full_run)
+    assert obs_prune(h, [1, 2], [30, 20], TEXTS, config=config) == fast
+    assert refit(h, _pruned(h.geometry), TEXTS, config=config) == fast_refit
+
+
+def test_residual_targets_reach_past_a_removed_attention_to_the_next_ffn():
+    """Layer 1's attention removed, its FFN kept: layer 0's FFN targets the dense stream in front of that FFN."""
+    h = tiny_handle("llama")
+    gap = PruneMask.dense(h.geometry).with_block(1, "attn", 0.0)
+    r = refit(h, gap, TEXTS, config=RefitConfig(target="residual"))
+    assert set(r.ffn_refit) == {0, 1} and not r.attn_refit
+    replay = LayerReplay(h, TEXTS)
+    assert replay.kl(r) < replay.kl(gap)

@@ -7,7 +7,9 @@ embeddings, ...: captured by a pre-hook, so no family-specific code). Those call
 depend on the token ids only, never on the mask, so every replay reuses them.
 `LayerInputs.run_from(layer, mask)` re-runs layers layer..L-1 under `mask` and returns a new
 record sharing the first layer + 1 inputs (no copies); `stop` ends the run early, and
-`starting_at(layer)` keeps only one layer's inputs (a layer-by-layer walk holds one layer at a time).
+`starting_at(layer)` keeps only one layer's inputs (a layer-by-layer walk holds one layer at a time), and
+`run_until(layer, mask, module)` runs a layer only as far as a module inside it, for hooks that capture
+what that module sees (the rest of the layer is not computed).
 
 Two users, one mechanism:
 - `PrefixCache` (headlab.engine.runtime.prefix_cache): perplexity of many masks in the app;
@@ -34,6 +36,10 @@ from headlab.engine.core.progress import Progress
 from headlab.engine.core.tokens import batches, context_length, encode_batch
 
 __all__ = ["LayerCall", "LayerInputs", "LayerReplay", "final_logits", "layer_output", "record_layers"]
+
+
+class _Reached(Exception):
+    """Raised by run_until's hook once the module it waits for has run: the rest of the layer is skipped."""
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -98,6 +104,33 @@ class LayerInputs:
                     if progress:
                         progress(done, steps)
         return LayerInputs(self.handle, hidden, self.calls)
+
+    @torch.no_grad()
+    def run_until(self, layer: int, mask: PruneMask | None, module: torch.nn.Module, *, pre: bool = False) -> None:
+        """Run `layer` under `mask` on every batch only as far as `module`, a module inside it, and stop there.
+
+        For capturing hooks: every forward hook of `module` registered before this call (its forward pre-hooks
+        with `pre`) runs, and sees exactly what a full run shows it; the rest of the layer is not computed, so
+        nothing is recorded (hooks `mask`'s gates put on `module` itself do not run either).
+        """
+        if not 0 <= layer < len(self.calls):
+            raise ValueError(f"need 0 <= layer < {len(self.calls)}, got {layer}")
+
+        def reached(*_: Any) -> None:
+            raise _Reached
+
+        stop = module.register_forward_pre_hook(reached) if pre else module.register_forward_hook(reached)
+        target = self.handle.adapter.layers()[layer]
+        try:
+            with gates.apply(self.handle, mask):
+                for x, call in zip(self.hidden[layer], self.calls[layer]):
+                    try:
+                        target(x, *call.args, **call.kwargs)
+                    except _Reached:
+                        continue
+                    raise ValueError(f"{type(module).__name__} did not run inside layer {layer}")
+        finally:
+            stop.remove()
 
     def starting_at(self, layer: int) -> "LayerInputs":
         """A record holding only the inputs of `layer` (earlier ones released): enough to `run_from(layer, ...)`."""

@@ -70,7 +70,7 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
         hooks = [projs[k].register_forward_pre_hook(lambda mod, args, into=seen[k]: into.append(args[0].detach()))
                  for k in projs]
         try:
-            record.run_from(layer, None, stop=layer + 1)
+            record.run_until(layer, None, projs["ffn"], pre=True)  # both inputs seen: down's product is not needed
         finally:
             for h in hooks:
                 h.remove()

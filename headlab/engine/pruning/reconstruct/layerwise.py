@@ -29,9 +29,11 @@ This is the closed-form, training-free reconstruction of SlimGPT (Ling et al., N
 ZipLM (Kurtic et al., NeurIPS 2023) restricted to the output projections, so the result is still an
 ordinary checkpoint after surgery (headlab.engine.core.refit: compact refits carried by the mask). The
 targets are the dense model's outputs, so a layer also absorbs part of the error that earlier
-layers left in its input. Cost: about three forwards of one layer per layer over the calibration
-tokens (the dense layer, the pruned layer before each refit; the FFN's refit corrects the layer's
-output in place), plus one dense forward to start and the solves (an [F, F] system per FFN).
+layers left in its input. Cost per layer, over the calibration tokens: the dense layer, the pruned layer
+once before the FFN's refit (which then corrects the layer's output in place), and the pruned layer only as
+far as the attention's O projection before its refit and as far as each sub-block's norm before an input map
+(LayerInputs.run_until: the rest is not computed); plus one dense forward to start and the solves (an
+[F, F] system per FFN).
 """
 
 from __future__ import annotations
@@ -140,9 +142,14 @@ def fit_input_map(pruned: Sequence[torch.Tensor], dense: Sequence[torch.Tensor],
 
 
 def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_of: Sequence[torch.nn.Module],
-               post: Sequence[torch.nn.Module] = ()) -> tuple[LayerInputs, list[list[torch.Tensor]], ...]:
+               post: Sequence[torch.nn.Module] = (), *, until: torch.nn.Module | None = None,
+               until_input: bool = False) -> tuple[LayerInputs | None, list[list[torch.Tensor]], ...]:
     """Run `layer` alone under `mask`: (the record at layer + 1, per batch the input of each `inputs_of` module,
-    per batch the output of each `post` module). Captured before any gate acts (hooks registered first)."""
+    per batch the output of each `post` module). Captured before any gate acts (hooks registered first).
+
+    `until`: the layer runs only as far as that module (its output; its input with `until_input`), so what
+    comes after it is not computed and no record is returned (None): the captures are the same.
+    """
     seen_in: list[list[torch.Tensor]] = [[] for _ in inputs_of]
     seen_out: list[list[torch.Tensor]] = [[] for _ in post]
     with temporary_hooks() as hooks:
@@ -150,6 +157,9 @@ def _run_layer(record: LayerInputs, layer: int, mask: PruneMask | None, inputs_o
             hooks.pre(module, lambda mod, args, into=into: into.append(args[0].detach()))
         for module, into in zip(post, seen_out):
             hooks.post(module, lambda mod, args, out, into=into: into.append(layer_output(out).detach()))
+        if until is not None:
+            record.run_until(layer, mask, until, pre=until_input)
+            return None, seen_in, seen_out
         out = record.run_from(layer, mask, stop=layer + 1)
     return out.starting_at(layer + 1), seen_in, seen_out
 
@@ -209,7 +219,7 @@ class _Stream:
             return self.record.hidden[layer]
         if layer not in self._mid:
             attn = self.handle.adapter.subblock(layer, "attn").module
-            _, (out,) = _run_layer(self.record, layer, None, [], post=[attn])
+            _, _, (out,) = _run_layer(self.record, layer, None, [], post=[attn], until=attn)
             self._mid[layer] = [h + a for h, a in zip(self.record.hidden[layer], out)]
         return self._mid[layer]
 
@@ -296,7 +306,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             if not runs[pos]:
                 continue
             if maps_on and pos > first_loss and (changed or config.inputs == "all"):
-                _, _, (n_p,) = _run_layer(pruned, layer, mask, [], post=[norms[kind]])
+                _, _, (n_p,) = _run_layer(pruned, layer, mask, [], post=[norms[kind]], until=norms[kind])
                 mask = _with_input_map(mask, layer, kind, fit_input_map(n_p, dense_norm[kind], valid,
                                                                         config.input_damp))
                 current = None
@@ -304,8 +314,12 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
             if not changed or not (config.refits(kind) or count):
                 continue
             ffn_module = adapter.subblock(layer, "ffn").module
-            current, (x_p,), (a_p, f_p, raw) = _run_layer(pruned, layer, mask, [projs[kind]],
-                                                          post=[attn_module, ffn_module, projs[kind]])
+            if kind == "attn":  # O's input is all the attention's refit needs: the FFN runs after it, refitted
+                current, a_p, f_p, raw = None, None, None, None
+                _, (x_p,), _ = _run_layer(pruned, layer, mask, [projs[kind]], until=projs[kind], until_input=True)
+            else:
+                current, (x_p,), (a_p, f_p, raw) = _run_layer(pruned, layer, mask, [projs[kind]],
+                                                              post=[attn_module, ffn_module, projs[kind]])
             if residual:
                 before = pruned.hidden[layer]
                 if kind == "ffn" and runs[2 * layer]:

@@ -1,4 +1,4 @@
-"""Measured allocation: the global OBS costs put in one unit, the KL to the dense model that each layer's pruning causes.
+"""Measured allocation: the global OBS costs in one unit, the KL to the dense model that each layer's pruning causes.
 
 The "global" allocation (joint.py) compares OBS costs across layers through a normalisation (each removal's
 perturbation of the residual stream relative to its size). That says how much a layer's output changes, not
