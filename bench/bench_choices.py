@@ -18,9 +18,11 @@ stage keeps the previous stages' winners:
    candidate is also scored on the out-of-domain part of validation (`vood_nll`: mean NLL on the chat items in
    front of the scored ones, headlab.engine.runtime.regions.ood_validation_items); the choice is made on the
    WikiText validation perplexity, the table's measure, and the trade is stated where the two disagree;
-6. texts: how many texts the re-fits read (128 paragraphs: ~20,000 tokens; 512: ~80,000). This is a compute
-   budget more than a setting: the re-fit's time grows with it (about 6 against 30 minutes on 2 cores), so
-   the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names `n_texts=` where it uses more;
+6. texts: how many texts the re-fits read (128 paragraphs: ~20,000 tokens; 512: ~80,000; or the whole fit
+   region, everything after the held-out windows, as running text in windows of 512 tokens: ~146,000). This
+   is a compute budget more than a setting: the re-fit's time grows with it (about 17 against 46 minutes on 2
+   cores for the first two), so the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names
+   `n_texts=` (and `window=`) where it uses more;
 7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
 heads30 takes width20's input mode and compares allocations and re-fit text counts.
 
@@ -59,6 +61,8 @@ from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, GLOBAL_NORMALISATION, REFIT_TEXTS
 from headlab.engine.runtime.regions import REGIONS, ood_nll, ood_validation_items, region_perplexity, region_windows
 
+# SmolLM2's paragraphs of 400+ characters that start after the held-out windows (check_fit_texts: the 695th does not)
+FIT_SPAN = 694
 # stage -> the candidates' settings, each added to the winners of the stages before
 STAGES = {
     "width20": [
@@ -69,13 +73,13 @@ STAGES = {
         ("damp", ["damp=0.01", "damp=0.001", "damp=0.1"]),
         ("target", ["target=output", "target=residual"]),
         ("calibration", ["calibration=wikitext", "calibration=mixed"]),
-        ("texts", ["n_texts=128", "n_texts=512"]),
+        ("texts", ["n_texts=128", "n_texts=512", f"n_texts={FIT_SPAN},window=512"]),
         ("calibration texts", ["calib_texts=32", "calib_texts=512"]),
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
         ("allocation", ["allocation=ablation", "allocation=global", "allocation=kl"]),
-        ("texts", ["n_texts=128", "n_texts=512"]),
+        ("texts", ["n_texts=128", "n_texts=512", f"n_texts={FIT_SPAN},window=512"]),
     ],
 }
 

@@ -268,13 +268,28 @@ def test_run_until_shows_hooks_what_a_full_run_does_and_skips_the_rest(causal):
         return seen_o, calls_down
 
     full_o, full_down = capture(lambda: record.run_from(1, mask, stop=2))
+    n_hooks = len(o._forward_pre_hooks)
     early_o, early_down = capture(lambda: record.run_until(1, mask, o, pre=True))
+    assert len(o._forward_pre_hooks) == n_hooks, "its stop hook is removed"
     assert len(full_down) == 2 and not early_down, "the FFN after O is not computed"
     for got, want in zip(early_o, full_o, strict=True):
         assert torch.equal(got, want)
-    assert not any(h for h in o._forward_pre_hooks.values() if h.__name__ == "reached"), "its stop hook is removed"
     with pytest.raises(ValueError, match="did not run inside layer 0"):
         record.run_until(0, None, adapter.head_output_proj(1), pre=True)
+
+
+def test_recording_only_the_first_layer_keeps_every_call_and_replays_the_same(causal):
+    g = causal.geometry
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    inputs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    full = record_layers(causal, None, inputs)
+    first = record_layers(causal, None, inputs, keep=(0,))
+    assert all(len(h) == 2 for h in full.hidden) and [len(h) for h in first.hidden] == [2] + [0] * g.n_layers
+    assert [len(c) for c in first.calls] == [2] * g.n_layers
+    for got, want in zip(first.run_from(0, None).outputs, full.outputs, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="outside 0"):
+        record_layers(causal, None, inputs, keep=(g.n_layers + 1,))
 
 
 def test_layer_replay_starts_at_the_first_changed_layer_and_refuses_a_later_start(llama_handle):

@@ -10,6 +10,7 @@ from headlab.engine.cli.main import main
 from headlab.engine.core import gates
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.objective import token_logits
+from headlab.engine.data.datasets import read_wikitext, wikitext_calibration
 from headlab.engine.export.write import export
 from headlab.engine.pruning.reconstruct.joint import unit_params
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
@@ -18,6 +19,7 @@ from headlab.engine.pruning.strategies.reconstruct import (
     ObsStrategy,
     depth_refit_prune,
     layer_counts,
+    refit_texts,
     width_by_reconstruction,
 )
 from headlab.engine.runtime.replay import LayerReplay
@@ -205,3 +207,22 @@ def test_a_global_allocation_measures_its_costs_on_the_texts_the_refit_reads(mon
     m = ObsStrategy(allocation="global", n_texts=6)(h, Budget(heads=3), calib)
     assert len(seen["refit"]) == 6 and seen["allocation"] == seen["refit"]
     assert m.meta["allocation_texts"] == 6 and m.meta["allocation"] == "global"
+
+
+def test_obs_can_fit_on_windows_of_running_text_over_the_paragraphs_span():
+    h = tiny_handle("llama")
+    shipped = Calibration.shipped("wikitext", 4, max_length=32)
+    windows = refit_texts(shipped, 2, h, window=48)
+    text = read_wikitext()
+    span = text[text.rfind(wikitext_calibration(2)[-1]):]
+    assert len(windows) > 2 and all(len(h.tokenizer(w, add_special_tokens=False)["input_ids"]) <= 48 for w in windows)
+    starts = [span.find(w) for w in windows]
+    assert all(s >= 0 for s in starts) and starts == sorted(starts), "in-order pieces of the file's own text"
+    assert sum(map(len, windows)) >= 0.9 * len(span.strip()) - 2 * len(windows), "the whole span, cut where needed"
+    mask = ObsStrategy(allocation="global", n_texts=2, window=48)(h, Budget(heads=1, ffn=20), shipped)
+    assert mask.meta["fit_window"] == 48 and mask.meta["reconstruction"]["calibration_texts"] == len(windows)
+    assert mask.meta["reconstruction"]["calibration_tokens"] > 32 * len(windows) // 2, "whole windows, not 32 tokens"
+    with pytest.raises(ValueError, match="shipped WikiText"):
+        refit_texts(_calib(), 2, h, window=48)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        ObsStrategy(window=1)

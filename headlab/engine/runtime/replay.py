@@ -39,7 +39,11 @@ __all__ = ["LayerCall", "LayerInputs", "LayerReplay", "final_logits", "layer_out
 
 
 class _Reached(Exception):
-    """Raised by run_until's hook once the module it waits for has run: the rest of the layer is skipped."""
+    """Raised by a hook once the module a run waits for has run: the rest of the forward is skipped."""
+
+
+def _reached(*_: Any) -> None:
+    raise _Reached
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -116,12 +120,9 @@ class LayerInputs:
         if not 0 <= layer < len(self.calls):
             raise ValueError(f"need 0 <= layer < {len(self.calls)}, got {layer}")
 
-        def reached(*_: Any) -> None:
-            raise _Reached
-
-        stop = module.register_forward_pre_hook(reached) if pre else module.register_forward_hook(reached)
         target = self.handle.adapter.layers()[layer]
-        try:
+        with temporary_hooks() as hooks:  # thread-scoped: another session's forward through `module` runs on
+            (hooks.pre if pre else hooks.post)(module, _reached)
             with gates.apply(self.handle, mask):
                 for x, call in zip(self.hidden[layer], self.calls[layer]):
                     try:
@@ -129,8 +130,6 @@ class LayerInputs:
                     except _Reached:
                         continue
                     raise ValueError(f"{type(module).__name__} did not run inside layer {layer}")
-        finally:
-            stop.remove()
 
     def starting_at(self, layer: int) -> "LayerInputs":
         """A record holding only the inputs of `layer` (earlier ones released): enough to `run_from(layer, ...)`."""
@@ -138,11 +137,12 @@ class LayerInputs:
         return LayerInputs(self.handle, [[] if i != layer else self.hidden[i] for i in range(L + 1)], self.calls)
 
 
-def _recorder(hidden: list[torch.Tensor], calls: list[LayerCall]) -> Callable[..., None]:
+def _recorder(hidden: list[torch.Tensor] | None, calls: list[LayerCall]) -> Callable[..., None]:
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(x.detach())
+        if hidden is not None:
+            hidden.append(x.detach())
         calls.append(LayerCall(tuple(args[1:]), kwargs))
 
     return hook
@@ -155,23 +155,40 @@ def record_layers(
     inputs: Sequence[Mapping[str, torch.Tensor]],
     *,
     each: Callable[[int, Any], None] | None = None,
+    keep: Sequence[int] | None = None,
 ) -> LayerInputs:
     """Run `handle.model(**inputs[b])` under `mask` for each batch, recording every layer's input and call.
 
     `each(b, output)` sees batch b's model output (e.g. to score its logits) before the next batch runs.
+    `keep`: record the hidden states of only these layers (L: the last layer's output), e.g. (0,) for a walk
+    that advances layer by layer and would otherwise hold every layer's states at once; the calls are all kept.
     """
     adapter, L = handle.adapter, handle.geometry.n_layers
+    kept = set(range(L + 1)) if keep is None else set(keep)
+    if not kept <= set(range(L + 1)):
+        raise ValueError(f"keep names layers outside 0..{L}: {sorted(kept - set(range(L + 1)))}")
     hidden: list[list[torch.Tensor]] = [[] for _ in range(L + 1)]
     calls: list[list[LayerCall]] = [[] for _ in range(L)]
     # use_cache=False: a KV cache captured in the kwargs would grow on every replay.
     extra = {"use_cache": False} if handle.geometry.causal else {}
     with temporary_hooks() as hooks, gates.apply(handle, mask):
         for layer, module in enumerate(adapter.layers()):
-            hooks.pre(module, _recorder(hidden[layer], calls[layer]), with_kwargs=True)
-        hooks.post(adapter.layers()[L - 1], lambda m, a, k, out: hidden[L].append(layer_output(out).detach()),
-                   with_kwargs=True)
+            hooks.pre(module, _recorder(hidden[layer] if layer in kept else None, calls[layer]), with_kwargs=True)
+        if L in kept:
+            hooks.post(adapter.layers()[L - 1], lambda m, a, k, out: hidden[L].append(layer_output(out).detach()),
+                       with_kwargs=True)
+        # nothing reads the model's output: stop once the last layer's call is recorded (its compute and the
+        # LM head's, a fifth of a small model's forward, are skipped)
+        stop = each is None and L not in kept
+        if stop:
+            hooks.pre(adapter.layers()[L - 1], _reached, with_kwargs=True)
         for b, batch in enumerate(inputs):
-            out = handle.model(**batch, **extra)
+            try:
+                out = handle.model(**batch, **extra)
+            except _Reached:
+                continue
+            if stop:
+                raise ValueError(f"the model's last layer did not run on batch {b}")
             if each:
                 each(b, out)
     return LayerInputs(handle, hidden, calls)

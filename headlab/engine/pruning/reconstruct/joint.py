@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.hooks import temporary_hooks
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.core.tokens import batches, context_length, encode_batch
@@ -62,21 +63,19 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
     encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
                for chunk in batches(list(texts), config.batch_size)]
     valid = [am.bool() for _, am in encoded]
-    record = record_layers(handle, None, [{"input_ids": ids, "attention_mask": am} for ids, am in encoded])
+    # layer by layer from the first layer's inputs: one layer's states held at a time
+    record = record_layers(handle, None, [{"input_ids": ids, "attention_mask": am} for ids, am in encoded], keep=(0,))
     out: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
     for layer in range(g.n_layers):
         seen: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
         projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
-        hooks = [projs[k].register_forward_pre_hook(lambda mod, args, into=seen[k]: into.append(args[0].detach()))
-                 for k in projs]
-        try:
-            record.run_until(layer, None, projs["ffn"], pre=True)  # both inputs seen: down's product is not needed
-        finally:
-            for h in hooks:
-                h.remove()
+        with temporary_hooks() as hooks:  # thread-scoped: the model may be shared with other sessions
+            for k in projs:
+                hooks.pre(projs[k], lambda mod, args, into=seen[k]: into.append(args[0].detach()))
+            nxt = record.run_from(layer, None, stop=layer + 1).starting_at(layer + 1)
         # per token, 1 / ||h_t||: the stream's later layers see a perturbation relative to the stream's own size
         scale = [x.float().norm(dim=-1).clamp(min=1e-6).reciprocal()[..., None] for x in record.hidden[layer]]
-        record.hidden[layer] = []  # released as the walk goes
+        record = nxt
         for kind in ("attn", "ffn"):
             n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
             w = output_weight(handle, layer, kind).detach().float()

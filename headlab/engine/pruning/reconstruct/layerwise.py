@@ -264,10 +264,12 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     # Refits, input maps and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
     mask = mask.without_refit()
     mask.attn_bias = mask.ffn_bias = None
-    full = record_layers(handle, None, inputs)
+    # residual targets read the dense stream at every layer; otherwise the walk holds one layer's states at a time
+    full = record_layers(handle, None, inputs, keep=None if residual else (0,))
     stream = _Stream(handle, full) if residual else None
     dense = full if residual else full.starting_at(0)
     pruned = full.starting_at(0)
+    del full
     runs = _kept_positions(mask)
     runs.append(True)  # the model's output
     maps_on = config.inputs != "none"

@@ -29,12 +29,14 @@ others) when the calibration holds fewer; the mask's meta says how many tokens e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
+from headlab.engine.data.datasets import wikitext_stream
 from headlab.engine.pruning.reconstruct.budgets import (
     allocate,
     apportion,
@@ -94,9 +96,22 @@ def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str =
     return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, inputs=inputs, **kw)
 
 
-def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | None = None) -> list[str]:
+def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | None = None,
+                window: int = 0) -> list[str]:
     """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer
-    ("mixed" needs the model, `handle`, whose answers it holds)."""
+    ("mixed" needs the model, `handle`, whose answers it holds).
+
+    `window` > 0 (the shipped WikiText set): the file's running text over the span of its last `n` paragraphs,
+    cut into pieces of `window` tokens (datasets.wikitext_stream): headings and short paragraphs included and
+    contexts crossing paragraph boundaries, as the perplexity windows are, so the same span gives more tokens.
+    """
+    if window:
+        if window < 2:
+            raise ValueError(f"window must be 0 (paragraphs) or at least 2 tokens, got {window}")
+        if calib.name != "wikitext" or handle is None:
+            raise ValueError(f"fitting on windows of running text needs the shipped WikiText calibration and the "
+                             f"model's tokenizer (got the {calib.name!r} set{'' if handle else ' and no model'})")
+        return wikitext_stream(handle.tokenizer, n, window)
     if len(calib.texts) >= n or calib.name not in CALIBRATION_CHOICES or (calib.name == MIXED and handle is None):
         return list(calib.texts)
     return Calibration.shipped(calib.name, n, handle=handle).texts
@@ -188,18 +203,23 @@ class ObsStrategy(Strategy):
 
     def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
                  intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1, inputs: str = "auto",
-                 damp: float | None = None, normalise: str | None = None):
+                 damp: float | None = None, normalise: str | None = None, window: int = 0):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if inputs not in INPUT_CHOICES:
             raise ValueError(f"inputs must be one of {', '.join(INPUT_CHOICES)}, got {inputs!r}")
+        if window and window < 2:
+            raise ValueError(f"window must be 0 (paragraphs) or at least 2 tokens, got {window}")
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
         self.n_texts, self.ffn_align, self.inputs, self.damp, self.normalise = n_texts, ffn_align, inputs, damp, normalise
+        self.window = window  # > 0: fit on the running text of the n_texts paragraphs' span, in windows (refit_texts)
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
-        texts = refit_texts(calib, self.n_texts, handle)
+        texts = refit_texts(calib, self.n_texts, handle, window=self.window)
+        if self.window > calib.max_length:  # the fits (and the allocation's costs) read whole windows
+            calib = dataclasses.replace(calib, max_length=self.window, _stats=None)
         curves: dict = {}
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
                                        even_groups=self.even_groups, normalise=self.normalise, texts=texts,
@@ -216,7 +236,7 @@ class ObsStrategy(Strategy):
             mask.meta["allocation_curves"] = curves
         mask.meta.update({"method": self.name, "allocation": used, "allocation_asked": self.allocation,
                           "reference": self.reference,
-                          "calibration": calib.describe(), "ffn_align": self.ffn_align,
+                          "calibration": calib.describe(), "ffn_align": self.ffn_align, "fit_window": self.window,
                           "even_groups": self.even_groups})
         return mask
 
