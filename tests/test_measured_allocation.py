@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from headlab.engine.core import gates
 from headlab.engine.core.objective import token_logits
 from headlab.engine.core.tokens import encode_batch
-from headlab.engine.pruning.reconstruct.joint import obs_costs, unit_params
+from headlab.engine.pruning.reconstruct.joint import counts_from_costs, joint_counts, obs_costs, unit_params
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig
 from headlab.engine.pruning.reconstruct.measured import LayerCurve, kl_costs, single_layer_mask
 from headlab.engine.pruning.strategies import Budget, Calibration
@@ -89,8 +89,11 @@ def test_a_heads_only_budget_measures_only_the_heads():
     h, calib = tiny_handle("llama"), Calibration(list(TEXTS), max_length=64, name="tiny")
     scaled, curves = kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32, kinds=("attn",))
     assert curves["ffn"] == [] and len(curves["attn"]) == h.geometry.n_layers
-    for a, b in zip(scaled["ffn"], obs_costs(h, TEXTS, CONFIG)["ffn"]):
-        torch.testing.assert_close(a, b)
+    assert [c.numel() for c in scaled["ffn"]] == [0] * h.geometry.n_layers, "no channel costs measured"
+    for a, b, curve in zip(scaled["attn"], obs_costs(h, TEXTS, CONFIG, kinds=("attn",))["attn"], curves["attn"],
+                           strict=True):
+        assert a.numel() > 0
+        torch.testing.assert_close(a, b * curve.scale)
     m = ObsStrategy(allocation="kl")(h, Budget(heads=3), calib)
     assert set(m.meta["allocation_curves"]) == {"attn"} and m.summary()["heads_pruned"] == 3
 
@@ -110,3 +113,15 @@ def test_kl_and_kl_joint_on_the_same_texts_measure_the_curves_once(monkeypatch):
     assert bool(again["attn"][0].any())
     with pytest.raises(AssertionError, match="measured again"):  # other texts are measured
         kl_costs(h, TEXTS[:6], CONFIG, kl_texts=4, kl_length=32)
+
+
+def test_a_heads_only_global_allocation_skips_the_channels_and_counts_the_same():
+    h = tiny_handle("llama")
+    both, heads_only = obs_costs(h, TEXTS, CONFIG), obs_costs(h, TEXTS, CONFIG, kinds=("attn",))
+    for a, b in zip(both["attn"], heads_only["attn"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(c.numel() == 0 for c in heads_only["ffn"]) and all(c.numel() > 0 for c in both["ffn"])
+    counts = joint_counts(h, 3, 0, TEXTS, CONFIG)
+    assert counts == counts_from_costs(h, both, 3, 0) and sum(counts[0]) == 3 and counts[1] == [0, 0]
+    with pytest.raises(ValueError, match="kinds must be"):
+        obs_costs(h, TEXTS, CONFIG, kinds=("mlp",))

@@ -161,6 +161,13 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
                  str(tmp_path / "k.json"), "--out", str(tmp_path / "k")]) == 0
     assert "by the kl-joint allocation" in capsys.readouterr().out
     assert PruneMask.load(tmp_path / "k.json").meta["allocation"] == "kl-joint"
+    assert main(["export", *common, "--route", "width", "--layout", "uniform", "--refit-window", "48", "--save-mask",
+                 str(tmp_path / "s.json"), "--out", str(tmp_path / "s")]) == 0
+    meta = PruneMask.load(tmp_path / "s.json").meta
+    assert meta["fit_window"] == 48 and meta["reconstruction"]["calibration_texts"] > 8, "the 8 paragraphs' span, cut"
+    assert main(["export", *common, "--route", "width", "--refit-window", "1", "--out", str(tmp_path / "bad")]) != 0
+    assert "at least 2 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("uniform", [True, False])

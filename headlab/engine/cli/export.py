@@ -78,6 +78,7 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
             uniform = args.layout == "uniform"
             r = width_by_reconstruction(handle, keep, calib, uniform=uniform, n_texts=args.refit_texts,
                                         ffn_align=_ffn_align(args), progress=cb, allocation=args.allocation,
+                                        window=args.refit_window,
                                         even_groups=not uniform and args.format == "gguf" and not args.uneven_groups)
         mask = r.mask
         print(f"size target: {r.describe()}")
@@ -165,6 +166,11 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--refit-texts", type=int, default=REFIT_TEXTS,
                    help="calibration texts the reconstruction fits on (at least --n-texts); 512 re-fits better "
                         "(bench/results/choices.csv) and takes about 5x as long")
+    p.add_argument("--refit-window", type=int, default=0,
+                   help="with --route width and the wikitext calibration: fit on the file's running text over the "
+                        "span of --refit-texts paragraphs, in windows of this many tokens (headings and short "
+                        "paragraphs too: 694 paragraphs' span in windows of 512 is about 146,000 tokens for SmolLM2, "
+                        "against 81,000 in the paragraphs alone); 0 = one text per paragraph")
     p.add_argument("--allocation", default="auto", choices=[a for a in ALLOCATIONS if a != "uniform"],
                    help="with --keep --route width (per layer): how many heads and channels each layer loses; auto "
                         "is the allocation chosen on validation text (bench/results/choices.csv); flap is the "

@@ -50,14 +50,19 @@ NORMALISATIONS = ("stream", "output")
 @torch.no_grad()
 def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, normalise: str = "stream",
               max_fraction: float = 0.9, progress: Progress | None = None,
-              visit: Callable[[int, str, Moments, ObsResult], None] | None = None) -> dict[str, list[torch.Tensor]]:
+              visit: Callable[[int, str, Moments, ObsResult], None] | None = None,
+              kinds: Sequence[str] = ("attn", "ffn")) -> dict[str, list[torch.Tensor]]:
     """Per kind ("attn", "ffn") and layer, the normalised OBS cost of each greedy removal, in order (float64).
 
     `visit(layer, kind, moments, result)`, if given, is called for each projection with its plain (unweighted)
     moments on the dense inputs and the greedy OBS result, before the walk moves on (measured.py).
+    Only `kinds` are measured (a heads-only budget skips the FFN's [F, F] Grams and its greedy removals);
+    another kind gets no costs (an empty tensor per layer: none of its units can be taken).
     """
     if normalise not in NORMALISATIONS:
         raise ValueError(f"normalise must be one of {', '.join(NORMALISATIONS)}, got {normalise!r}")
+    if not set(kinds) <= {"attn", "ffn"}:
+        raise ValueError(f"kinds must be 'attn' and/or 'ffn', got {list(kinds)}")
     g, adapter = handle.geometry, handle.adapter
     max_length = min(config.max_length, context_length(handle.model))
     encoded = [encode_batch(handle.tokenizer, list(chunk), max_length, handle.device)
@@ -77,6 +82,9 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
         scale = [x.float().norm(dim=-1).clamp(min=1e-6).reciprocal()[..., None] for x in record.hidden[layer]]
         record = nxt
         for kind in ("attn", "ffn"):
+            if kind not in kinds:
+                out[kind].append(torch.zeros(0, dtype=torch.float64))
+                continue
             n_units, width = (g.n_heads, g.head_dim) if kind == "attn" else (g.ffn_dim, 1)
             w = output_weight(handle, layer, kind).detach().float()
             m = Moments(n_units * width, g.hidden)
@@ -159,7 +167,8 @@ def joint_counts(handle: ModelHandle, heads: int, channels: int, texts: Sequence
     `mix`: only the parameters the two totals remove are kept fixed; heads and channels compete for them
     by cost per parameter (a head of a GQA model weighs its Q rows and O columns).
     """
-    costs = obs_costs(handle, texts, config, normalise, progress=progress)
+    kinds = [k for k, n in (("attn", heads), ("ffn", channels)) if n or mix]
+    costs = obs_costs(handle, texts, config, normalise, progress=progress, kinds=kinds)
     return counts_from_costs(handle, costs, heads, channels, even_groups=even_groups, ffn_align=ffn_align, mix=mix)
 
 

@@ -79,8 +79,8 @@ def kl_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, *, 
              progress: Progress | None = None) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[LayerCurve]]]:
     """(costs, curves): joint.obs_costs's costs of every layer multiplied by its measured KL scale, and the curves.
 
-    Only `kinds` are measured (a heads-only budget needs no channel curves); the others' costs are returned as
-    obs_costs gives them, and their curves are empty. The result is kept for the model's lifetime (the shared
+    Only `kinds` are measured (a heads-only budget needs no channel curves); the others get no costs (obs_costs)
+    and empty curves. The result is kept for the model's lifetime (the shared
     model is never changed in place), so "kl" and "kl-joint" on the same texts and settings measure once.
     """
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
@@ -113,7 +113,7 @@ def _measure(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, nor
             points.append((n, float(cum[n]), kl))
         curves[kind].append(LayerCurve(points))
 
-    costs = obs_costs(handle, texts, config, normalise, progress=progress, visit=measure)
+    costs = obs_costs(handle, texts, config, normalise, progress=progress, visit=measure, kinds=kinds)
     scaled = {kind: [c * curve.scale for c, curve in zip(costs[kind], curves[kind])] if kind in kinds else costs[kind]
               for kind in costs}
     return scaled, curves

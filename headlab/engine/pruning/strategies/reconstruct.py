@@ -183,6 +183,11 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     return out[0], out[1]
 
 
+def _reading(calib: Calibration, window: int) -> Calibration:
+    """`calib`, read `window` tokens at a time where that is longer: fits and costs then see whole windows."""
+    return dataclasses.replace(calib, max_length=window, _stats=None) if window > calib.max_length else calib
+
+
 class ObsStrategy(Strategy):
     """Structured OBS, layer by layer, every kept weight re-solved (module doc).
 
@@ -218,8 +223,7 @@ class ObsStrategy(Strategy):
                  progress: Progress | None = None) -> PruneMask:
         self.check_budget(handle, budget)
         texts = refit_texts(calib, self.n_texts, handle, window=self.window)
-        if self.window > calib.max_length:  # the fits (and the allocation's costs) read whole windows
-            calib = dataclasses.replace(calib, max_length=self.window, _stats=None)
+        calib = _reading(calib, self.window)
         curves: dict = {}
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
                                        even_groups=self.even_groups, normalise=self.normalise, texts=texts,
@@ -323,7 +327,7 @@ def width_fraction(handle: ModelHandle, removed: float) -> float:
 
 def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration, *, uniform: bool = False,
                             n_texts: int = REFIT_TEXTS, ffn_align: int = 1, even_groups: bool = False,
-                            allocation: str = "auto", progress: Progress | None = None) -> SizeResult:
+                            allocation: str = "auto", window: int = 0, progress: Progress | None = None) -> SizeResult:
     """About `keep` of the parameters by width, chosen and re-solved by `obs`.
 
     Default: the same fraction of heads and channels overall (`kl-joint` lets the split move, the parameter
@@ -333,7 +337,9 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
     kept where the config can switch output biases on (Llama), else the fit has none. `ffn_align`: every layer
     keeps whole blocks of that many FFN channels (32 for a Q8_0 deployment, 256 for K-quants), chosen by OBS at
     those counts (uniform: the one width rounded to the nearest block). `even_groups` (per layer): every GQA
-    group of a layer keeps as many query heads, so llama.cpp runs the layer without extra rows.
+    group of a layer keeps as many query heads, so llama.cpp runs the layer without extra rows. `window` > 0:
+    fit on the running text over the span of `n_texts` WikiText paragraphs, in pieces of that many tokens
+    (refit_texts).
     """
     g = handle.geometry
     target, total = target_params(handle, keep), cost(handle).params_total
@@ -348,14 +354,15 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
             channels = [g.ffn_dim - kept] * g.n_layers
         even = all(h % g.n_kv_heads == 0 for h in heads)  # whole KV groups removed: uneven, a per-layer export
         intercept = all(handle.adapter.can_switch_output_bias(k) for k in ("attn", "ffn"))
-        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts, handle), even_groups=even,
-                         config=_config(calib, handle, "auto", intercept=intercept), progress=progress)
+        mask = obs_prune(handle, heads, channels, refit_texts(calib, n_texts, handle, window=window),
+                         even_groups=even, config=_config(_reading(calib, window), handle, "auto", intercept=intercept),
+                         progress=progress)
         method = "obs (uniform" + (")" if intercept else ", no bias)")
     else:
         r = width_fraction(handle, 1.0 - target / total)
         budget = Budget(heads=round(r, 4) if prune_heads else 0.0, ffn=round(r, 4))
-        mask = ObsStrategy(allocation=allocation, n_texts=n_texts, ffn_align=ffn_align,
-                           even_groups=even_groups)(handle, budget, calib, progress=progress)
+        mask = ObsStrategy(allocation=allocation, n_texts=n_texts, ffn_align=ffn_align, even_groups=even_groups,
+                           window=window)(handle, budget, calib, progress=progress)
         s = mask.summary()
         detail = (f"{s['heads_pruned']} of {s['heads_total']} heads and {s['ffn_channels_pruned']} of "
                   f"{s['ffn_channels_total']} FFN channels, split across layers by the {mask.meta['allocation']} "
@@ -363,5 +370,6 @@ def width_by_reconstruction(handle: ModelHandle, keep: float, calib: Calibration
         method = "obs"
     kept = cost(handle, mask).params_kept
     mask.meta.update({"route": "width", "unit": "heads+ffn", "scope": "uniform" if uniform else "per_layer",
+                      "fit_window": window,
                       "budget": 1.0 - kept / total, "target_params": target, "detail": detail})
     return SizeResult("width", method, mask, target, total, kept, detail)
