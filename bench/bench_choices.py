@@ -59,10 +59,18 @@ from headlab.engine.core.csvfile import write_rows
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, GLOBAL_NORMALISATION, REFIT_TEXTS
-from headlab.engine.runtime.regions import REGIONS, ood_nll, ood_validation_items, region_perplexity, region_windows
+from headlab.engine.runtime.regions import (
+    REGIONS,
+    fit_paragraphs,
+    ood_nll,
+    ood_validation_items,
+    region_perplexity,
+    region_windows,
+)
 
-# SmolLM2's paragraphs of 400+ characters that start after the held-out windows (check_fit_texts: the 695th does not)
-FIT_SPAN = 694
+# every paragraph that starts after the held-out windows (regions.fit_paragraphs: 694 for SmolLM2), as the running
+# text of their span in 512-token windows; "n_texts=fit" becomes that count for the model being run
+WHOLE_FIT = "n_texts=fit,window=512"
 # stage -> the candidates' settings, each added to the winners of the stages before
 STAGES = {
     "width20": [
@@ -73,13 +81,13 @@ STAGES = {
         ("damp", ["damp=0.01", "damp=0.001", "damp=0.1"]),
         ("target", ["target=output", "target=residual"]),
         ("calibration", ["calibration=wikitext", "calibration=mixed"]),
-        ("texts", ["n_texts=128", "n_texts=512", f"n_texts={FIT_SPAN},window=512"]),
+        ("texts", ["n_texts=128", "n_texts=512", WHOLE_FIT]),
         ("calibration texts", ["calib_texts=32", "calib_texts=512"]),
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
         ("allocation", ["allocation=ablation", "allocation=global", "allocation=kl"]),
-        ("texts", ["n_texts=128", "n_texts=512", f"n_texts={FIT_SPAN},window=512"]),
+        ("texts", ["n_texts=128", "n_texts=512", WHOLE_FIT]),
     ],
 }
 
@@ -130,6 +138,7 @@ def main() -> None:
         save_stats(stats, stats_path)
     calib.set_stats(stats)
     val = region_windows(handle, "validation", n=2 if args.quick else None, window=256 if args.quick else None)
+    fit_span = fit_paragraphs(handle)
     results_path = cache_dir / "choices.json"
     results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.exists() else {}
     recorded = recorded_results(csv_path)  # candidates the CSV already scored (a fresh cache need not redo them)
@@ -151,6 +160,7 @@ def main() -> None:
                 options = ["normalise=stream", "normalise=output"]
             scored = []
             for option in options:
+                option = option.replace("n_texts=fit", f"n_texts={fit_span}")
                 settings = winners + [option]
                 method = spec(settings, config)
                 key = f"{method}@{config}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.data.datasets import wikitext_calibration
+from headlab.engine.data.datasets import wikitext_calibration, wikitext_paragraphs, wikitext_stream
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.depth import depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
@@ -29,6 +29,7 @@ from headlab.engine.runtime.regions import (
     EvaluationLeak,
     check_fit_texts,
     check_region_windows,
+    fit_paragraphs,
     guard,
     ood_items,
     ood_nll,
@@ -73,6 +74,16 @@ def test_fit_texts_come_after_the_held_out_windows():
     assert "fit texts" in check_fit_texts(h, wikitext_calibration(128))
     with pytest.raises(EvaluationLeak, match="before the end of the held-out"):
         check_fit_texts(h, wikitext_calibration(1300))
+
+
+def test_the_fit_region_holds_exactly_fit_paragraphs_and_their_running_text():
+    h = tiny_handle("llama")
+    n = fit_paragraphs(h)
+    assert 128 < n < len(wikitext_paragraphs())
+    check_fit_texts(h, wikitext_calibration(n))
+    check_fit_texts(h, wikitext_stream(h.tokenizer, n, 512), "running text")
+    with pytest.raises(EvaluationLeak, match="before the end of the held-out"):
+        check_fit_texts(h, wikitext_calibration(n + 1))
 
 
 def test_a_benchmark_scores_exactly_the_regions_its_fit_texts_were_checked_against():
@@ -149,7 +160,7 @@ def test_the_defaults_are_the_settings_chosen_on_validation():
     # the re-fit's text count is a compute budget: the winner is never fewer texts than the library's default
     for config in ("width20", "heads30"):
         texts = _chosen(config, "texts")
-        assert texts is not None and int(texts.split("=")[1]) >= REFIT_TEXTS
+        assert texts is not None and int(texts.split(",")[0].split("=")[1]) >= REFIT_TEXTS
     # the commands calibrate on WikiText unless told otherwise: that is what validation chose
     assert _chosen("width20", "calibration") == "calibration=wikitext"
 

@@ -22,6 +22,7 @@ __all__ = [
     "read_wikitext",
     "wikitext_sha256",
     "wikitext_calibration",
+    "wikitext_paragraphs",
     "wikitext_stream",
     "load_prompts",
     "calibration_texts",
@@ -60,10 +61,15 @@ def wikitext_sha256() -> str:
     return hashlib.sha256(WIKITEXT_FILE.read_bytes()).hexdigest()
 
 
+def wikitext_paragraphs(min_chars: int = 400) -> list[str]:
+    """Every article paragraph of at least `min_chars` (no headings), from the end of the file backwards."""
+    paragraphs = [p.strip() for p in read_wikitext().split("\n")]
+    return [p for p in reversed(paragraphs) if len(p) >= min_chars and not p.startswith("=")]
+
+
 def wikitext_calibration(n: int = 32, min_chars: int = 400) -> list[str]:
     """`n` article paragraphs of at least `min_chars`, taken from the end of the file backwards."""
-    paragraphs = [p.strip() for p in read_wikitext().split("\n")]
-    chosen = [p for p in reversed(paragraphs) if len(p) >= min_chars and not p.startswith("=")]
+    chosen = wikitext_paragraphs(min_chars)
     if len(chosen) < n:
         raise ValueError(f"only {len(chosen)} calibration paragraphs available, asked for {n}")
     return chosen[:n]

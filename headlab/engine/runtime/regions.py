@@ -36,7 +36,7 @@ import torch
 from headlab.engine.core import gates
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
-from headlab.engine.data.datasets import DATA_DIR, PROMPT_SETS, load_prompts, read_wikitext
+from headlab.engine.data.datasets import DATA_DIR, PROMPT_SETS, load_prompts, read_wikitext, wikitext_paragraphs
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, _wikitext_ids, leading_bos, text_windows, window_nll
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Region",
     "check_fit_texts",
     "check_region_windows",
+    "fit_paragraphs",
     "guard",
     "ood_items",
     "ood_nll",
@@ -317,6 +318,19 @@ def check_region_windows(handle: ModelHandle, **windows: torch.Tensor) -> None:
                                  f"{r.window} tokens from token {r.start:,}): got {tuple(ids.shape)}")
 
 
+def _heldout_end_char(handle: ModelHandle) -> int:
+    """The character of the shipped file where the held-out windows end, in `handle`'s tokenisation."""
+    ids = _wikitext_ids(handle.tokenizer)
+    return len(handle.tokenizer.decode(ids[:min(REGIONS["heldout"].end, ids.numel())]))
+
+
+def fit_paragraphs(handle: ModelHandle) -> int:
+    """How many calibration paragraphs (datasets.wikitext_calibration) start after the held-out windows: the
+    most a fit may read (694 for SmolLM2; the count depends on the tokenizer, which places the windows)."""
+    text, end = read_wikitext(), _heldout_end_char(handle)
+    return sum(1 for p in wikitext_paragraphs() if text.rfind(p) >= end)
+
+
 def check_fit_texts(handle: ModelHandle, texts: Sequence[str], label: str = "fit") -> str:
     """Raise unless every WikiText text of `texts` lies after the held-out windows and none holds protected text.
 
@@ -326,8 +340,7 @@ def check_fit_texts(handle: ModelHandle, texts: Sequence[str], label: str = "fit
     found = [text.rfind(t) for t in texts]
     inside = [p for p in found if p >= 0]
     ids = _wikitext_ids(handle.tokenizer)
-    heldout_end = min(REGIONS["heldout"].end, ids.numel())
-    heldout_end_char = len(handle.tokenizer.decode(ids[:heldout_end]))
+    heldout_end_char = _heldout_end_char(handle)
     if inside and min(inside) < heldout_end_char:
         raise EvaluationLeak(f"a {label} text starts at character {min(inside):,}, before the end of the held-out "
                              f"windows (character ~{heldout_end_char:,}): fit texts come from the file's end")
