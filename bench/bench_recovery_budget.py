@@ -311,18 +311,25 @@ def main() -> None:
               f"{p['ppl_heldout']:.2f} | {p['ratio_heldout']:.3f} |")
     if not args.quick:
         student = f"{args.method}@{args.config}"
-        rows = [{"student": student, **p, "lr": lr, "pack": pack, "top1_heldout": state["top1_heldout"],
+        rows = [{"student": student, "budget_minutes": args.minutes, **p, "lr": lr, "pack": pack,
+                 "top1_heldout": state["top1_heldout"],
                  "measured": state.setdefault("measured", time.strftime("%Y-%m-%d"))} for p in points]
-        write_rows(merge_curves(Path(args.csv), rows, student), Path(args.csv))
+        write_rows(merge_curves(Path(args.csv), rows, student, args.minutes), Path(args.csv))
         curve_path.write_text(json.dumps(state, indent=1))
         print(f"wrote {args.csv}")
 
 
-def merge_curves(path: Path, rows: list[dict[str, Any]], student: str) -> list[dict[str, Any]]:
-    """The CSV's curves with `student`'s replaced by `rows` (one curve per student, each row dated)."""
+def merge_curves(path: Path, rows: list[dict[str, Any]], student: str, budget: float = 30.0) -> list[dict[str, Any]]:
+    """The CSV's curves with `student`'s at this `budget` (minutes the schedule was sized to) replaced by `rows`:
+    one curve per student and budget, each row dated (a row from before the column existed had 30 minutes)."""
     import csv
 
-    old = [r for r in (csv.DictReader(path.open()) if path.exists() else []) if r.get("student") != student]
+    def same(r: dict[str, Any]) -> bool:
+        return r.get("student") == student and float(r.get("budget_minutes") or 30.0) == float(budget)
+
+    old = [r for r in (csv.DictReader(path.open()) if path.exists() else []) if not same(r)]
+    for r in old:
+        r["budget_minutes"] = r.get("budget_minutes") or 30.0
     cols = list(dict.fromkeys([*rows[0], *(k for r in old for k in r)])) if rows else []
     return [{k: r.get(k, "") for k in cols} for r in [*old, *rows]]
 

@@ -103,3 +103,17 @@ def test_a_fresh_cache_takes_the_csvs_validation_scores_instead_of_remaking_thei
     got = recorded_results(path)
     assert list(got) == ["obs[allocation=kl]@width20"]  # a row without its out-of-domain score is measured again
     assert got["obs[allocation=kl]@width20"]["ppl_validation"] == 33.199 and got["obs[allocation=kl]@width20"]["from_csv"]
+
+
+def test_a_recovery_curve_at_another_budget_keeps_the_first_and_the_same_budget_replaces_it(tmp_path):
+    from bench.bench_recovery_budget import merge_curves
+    from headlab.engine.core.csvfile import write_rows
+
+    path = tmp_path / "recovery.csv"
+    write_rows([{"student": "s", "minutes": m, "ratio_main": r} for m, r in ((0.0, 1.6), (30.0, 1.3))], path)
+    rows15 = [{"student": "s", "budget_minutes": 15.0, "minutes": m, "ratio_main": r} for m, r in ((0.0, 1.6), (15.0, 1.2))]
+    merged = merge_curves(path, rows15, "s", 15.0)
+    assert [(float(r["budget_minutes"]), float(r["minutes"])) for r in merged] == [(30, 0), (30, 30), (15, 0), (15, 15)]
+    write_rows(merged, path)
+    again = merge_curves(path, [{**rows15[1], "ratio_main": 1.1}], "s", 15.0)
+    assert [(float(r["budget_minutes"]), float(r["ratio_main"])) for r in again] == [(30, 1.6), (30, 1.3), (15, 1.1)]
