@@ -54,8 +54,8 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
               kinds: Sequence[str] = ("attn", "ffn")) -> dict[str, list[torch.Tensor]]:
     """Per kind ("attn", "ffn") and layer, the normalised OBS cost of each greedy removal, in order (float64).
 
-    `visit(layer, kind, moments, result)`, if given, is called for each projection with its plain (unweighted)
-    moments on the dense inputs and the greedy OBS result, before the walk moves on (measured.py).
+    `visit(layer, kind, moments, result)`, if given, is called for each measured projection with its plain
+    (unweighted) moments on the dense inputs and the greedy OBS result, before the walk moves on (measured.py).
     Only `kinds` are measured (a heads-only budget skips the FFN's [F, F] Grams and its greedy removals);
     another kind gets no costs (an empty tensor per layer: none of its units can be taken).
     """
@@ -75,7 +75,7 @@ def obs_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, no
         seen: dict[str, list[torch.Tensor]] = {"attn": [], "ffn": []}
         projs = {"attn": adapter.head_output_proj(layer), "ffn": adapter.ffn_output_proj(layer)}
         with temporary_hooks() as hooks:  # thread-scoped: the model may be shared with other sessions
-            for k in projs:
+            for k in kinds:  # only what is measured is captured (an FFN's inputs are 8/3 of the stream's size)
                 hooks.pre(projs[k], lambda mod, args, into=seen[k]: into.append(args[0].detach()))
             nxt = record.run_from(layer, None, stop=layer + 1).starting_at(layer + 1)
         # per token, 1 / ||h_t||: the stream's later layers see a perturbation relative to the stream's own size

@@ -101,9 +101,7 @@ def _measure(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, nor
     replay = LayerReplay(handle, list(texts)[:kl_texts], max_length=kl_length, batch_size=config.batch_size)
     curves: dict[str, list[LayerCurve]] = {"attn": [], "ffn": []}
 
-    def measure(layer: int, kind: str, m: Moments, res: ObsResult) -> None:
-        if kind not in kinds:
-            return
+    def measure(layer: int, kind: str, m: Moments, res: ObsResult) -> None:  # called for `kinds` only
         size = g.n_heads if kind == "attn" else g.ffn_dim
         cum = torch.tensor((0.0, *res.costs), dtype=torch.float64).cumsum(0)
         counts = sorted({max(1, min(len(res.removed), round(f * size))) for f in fractions})

@@ -96,6 +96,13 @@ def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str =
     return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, inputs=inputs, **kw)
 
 
+def _checked_window(window: int) -> int:
+    """`window` if it is 0 (one text per paragraph) or at least 2 tokens, else a ValueError."""
+    if window and window < 2:
+        raise ValueError(f"window must be 0 (paragraphs) or at least 2 tokens, got {window}")
+    return window
+
+
 def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | None = None,
                 window: int = 0) -> list[str]:
     """The texts reconstruction fits on: the calibration's, or `n` of its shipped set when it holds fewer
@@ -105,9 +112,7 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | 
     cut into pieces of `window` tokens (datasets.wikitext_stream): headings and short paragraphs included and
     contexts crossing paragraph boundaries, as the perplexity windows are, so the same span gives more tokens.
     """
-    if window:
-        if window < 2:
-            raise ValueError(f"window must be 0 (paragraphs) or at least 2 tokens, got {window}")
+    if _checked_window(window):
         if calib.name != "wikitext" or handle is None:
             raise ValueError(f"fitting on windows of running text needs the shipped WikiText calibration and the "
                              f"model's tokenizer (got the {calib.name!r} set{'' if handle else ' and no model'})")
@@ -213,8 +218,7 @@ class ObsStrategy(Strategy):
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if inputs not in INPUT_CHOICES:
             raise ValueError(f"inputs must be one of {', '.join(INPUT_CHOICES)}, got {inputs!r}")
-        if window and window < 2:
-            raise ValueError(f"window must be 0 (paragraphs) or at least 2 tokens, got {window}")
+        _checked_window(window)
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
         self.n_texts, self.ffn_align, self.inputs, self.damp, self.normalise = n_texts, ffn_align, inputs, damp, normalise
         self.window = window  # > 0: fit on the running text of the n_texts paragraphs' span, in windows (refit_texts)
