@@ -24,7 +24,9 @@ stage keeps the previous stages' winners:
    cores for the first two), so the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names
    `n_texts=` (and `window=`) where it uses more;
 7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
-heads30 takes width20's input mode and compares allocations and re-fit text counts.
+heads30 takes width20's input mode and compares allocations and re-fit text counts; heads50 compares the re-fit
+texts; depth20 (the iterative ablation's layers, their neighbours re-fitted: ablation-iterative-refit) compares
+the input mode and the re-fit texts.
 
 Masks are chosen under the regions guard (nothing a method reads may hold main, validation, held-out
 or out-of-domain text) and cached with bench_quality's, so bench_quality reuses the winners' masks.
@@ -89,7 +91,20 @@ STAGES = {
         ("allocation", ["allocation=ablation", "allocation=global", "allocation=kl"]),
         ("texts", ["n_texts=128", "n_texts=512", WHOLE_FIT]),
     ],
+    # the texts the re-fits read, for the two rows furthest from their targets (heads50 takes width20's inputs=all;
+    # depth's stand-ins compare it with none: on main text depth was 2.47x with it, 2.32x without)
+    "heads50": [
+        ("inputs", ["inputs=all"]),
+        ("texts", ["n_texts=128", WHOLE_FIT]),
+    ],
+    "depth20": [
+        ("inputs", ["inputs=none", "inputs=all"]),
+        ("texts", ["n_texts=128", WHOLE_FIT]),
+    ],
 }
+# the method a configuration's candidates are settings of (default obs): depth20's stand-ins are re-fitted around
+# the layers the iterative ablation drops (bench_quality's best depth method)
+BASE = {"depth20": "ablation-iterative-refit"}
 
 
 # Settings equal to what obs does without them today, dropped from a candidate's name so one mask is never chosen
@@ -97,12 +112,15 @@ STAGES = {
 # "auto" meant another allocation is stale (bench_quality.stale_reason) and is made again.
 _COMMON = {"damp=0.01", f"normalise={GLOBAL_NORMALISATION}", "target=output", f"n_texts={REFIT_TEXTS}"}
 IMPLIED = {"width20": {f"allocation={AUTO_ALLOCATION['width']}", *_COMMON, "calibration=wikitext", "calib_texts=32"},
-           "heads30": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON}}
+           "heads30": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},
+           "heads50": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},
+           "depth20": {f"n_texts={REFIT_TEXTS}"}}
 
 
 def spec(settings: list[str], config: str | None = None) -> str:
     kept = [s for s in settings if s not in IMPLIED.get(config, set())]
-    return "obs[" + ",".join(kept) + "]" if kept else "obs"
+    base = BASE.get(config, "obs")
+    return f"{base}[" + ",".join(kept) + "]" if kept else base
 
 
 def main() -> None:

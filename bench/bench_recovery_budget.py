@@ -251,9 +251,10 @@ def main() -> None:
     _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
          f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {s_per_step:.2f} s/step -> {steps} "
-         f"steps for {args.minutes:g} minutes; lr {lr:g} chosen on validation ({state.get('lr_probe', {})}); "
-         f"WikiText as {shape_name(pack)}, chosen on validation "
-         f"({state.get('pack_probe', {})})")
+         f"steps for {args.minutes:g} minutes; lr {lr:g} "
+         + (f"chosen on validation ({state.get('lr_probe', {})})" if len(lrs) > 1 else "given (--lrs, no probe)")
+         + f"; WikiText as {shape_name(pack)}, "
+         + (f"chosen on validation ({state.get('pack_probe', {})})" if len(packs) > 1 else "given (--packs, no probe)"))
 
     student = prune(teacher, mask)
     points: list[dict[str, Any]] = state.setdefault("points", [])

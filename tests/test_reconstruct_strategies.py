@@ -117,6 +117,13 @@ def test_depth_refit_drops_the_same_layers_as_its_base_method():
     assert m.meta["layers_dropped"] and m.has_refit
     assert int((m.attn == 0).sum()) == len(m.meta["layers_dropped"])
     assert 0 <= m.meta["stand_in"]["added_parameters"] <= 2 * h.geometry.hidden  # at most one bias per refit
+    shipped = Calibration.shipped("wikitext", 4, max_length=32)
+    w = depth_refit_prune(h, 0.7, "magnitude-refit", shipped, n_texts=2, window=48)
+    assert w.meta["layers_dropped"] == m.meta["layers_dropped"] and w.meta["fit_window"] == 48
+    assert w.meta["reconstruction"]["calibration_texts"] == len(refit_texts(shipped, 2, h, window=48))
+    assert w.meta["reconstruction"]["calibration_tokens"] > 32 * w.meta["reconstruction"]["calibration_texts"] // 2
+    with pytest.raises(ValueError, match="shipped WikiText"):
+        depth_refit_prune(h, 0.7, "magnitude-refit", calib, window=48)
 
 
 def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):
@@ -157,6 +164,9 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "w")
     assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--out", str(tmp_path / "d")]) == 0
     assert "magnitude-refit" in capsys.readouterr().out
+    assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--refit-window", "48",
+                 "--save-mask", str(tmp_path / "dw.json"), "--out", str(tmp_path / "dw")]) == 0
+    assert PruneMask.load(tmp_path / "dw.json").meta["fit_window"] == 48
     assert main(["export", *common, "--route", "width", "--allocation", "kl-joint", "--save-mask",
                  str(tmp_path / "k.json"), "--out", str(tmp_path / "k")]) == 0
     assert "by the kl-joint allocation" in capsys.readouterr().out

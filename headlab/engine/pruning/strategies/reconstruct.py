@@ -294,15 +294,22 @@ class HardConcreteRefitStrategy(_RefitAfter):
 
 
 def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,
-                      n_texts: int = REFIT_TEXTS, inputs: str = "auto", progress: Progress | None = None) -> PruneMask:
-    """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in."""
+                      n_texts: int = REFIT_TEXTS, inputs: str = "auto", window: int = 0,
+                      progress: Progress | None = None) -> PruneMask:
+    """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in.
+
+    `window` > 0: the stand-ins are fitted on the running text over the span of `n_texts` WikiText paragraphs,
+    in pieces of that many tokens (refit_texts); the layers dropped are chosen on the calibration as before.
+    """
     if method not in DEPTH_REFIT_METHODS:
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
+    texts = refit_texts(calib, n_texts, handle, window=window)  # bad input fails before the slow part
     base = method[: -len(REFIT_SUFFIX)]
     dropped = depth_prune(handle, keep, base, calib, progress=progress)
-    mask = refit(handle, dropped, refit_texts(calib, n_texts, handle), config=_config(calib, handle, inputs, target="residual"),
+    mask = refit(handle, dropped, texts, config=_config(_reading(calib, window), handle, inputs, target="residual"),
                  progress=progress)
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
+    mask.meta["fit_window"] = window
     # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
     mask.meta["stand_in"] = {
         "refitted_attn": sorted(mask.attn_refit), "refitted_ffn": sorted(mask.ffn_refit),
