@@ -168,7 +168,8 @@ def register(sub: Subparsers) -> None:
                    help="calibration texts the reconstruction fits on (at least --n-texts); 512 re-fits better "
                         "(bench/results/choices.csv) and takes about 5x as long")
     p.add_argument("--refit-window", type=int, default=0,
-                   help="with --route width or a depth -refit method, and the wikitext calibration: fit on the file's running text over the "
+                   help="with --route width or a depth -refit method, and the wikitext calibration: fit on the file's "
+                        "running text over the "
                         "span of --refit-texts paragraphs, in windows of this many tokens (headings and short "
                         "paragraphs too: 694 paragraphs' span in windows of 512 is about 146,000 tokens for SmolLM2, "
                         "against 81,000 in the paragraphs alone); 0 = one text per paragraph")
