@@ -58,6 +58,7 @@ from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
+    DEPTH_INPUTS,
     DEPTH_REFIT_METHODS,
     REFIT_TEXTS,
     depth_refit_prune,
@@ -135,12 +136,17 @@ def cached_mask_path(cache_dir: Path, method: str, config: str) -> Path:
 def stale_reason(mask: PruneMask, method: str, config: str) -> str | None:
     """Why a cached mask is not what `method` makes at `config` today (None: it is).
 
-    A method's name leaves its "auto" allocation implicit, and "auto" follows the validation choices
-    (AUTO_ALLOCATION): a mask cached before a choice changed was made with the old allocation. A "global" or
+    A name leaves its "auto" allocation implicit (a depth method's, its input mode), and "auto" follows the
+    validation choices (AUTO_ALLOCATION, DEPTH_INPUTS): a mask cached before a choice changed was made with the
+    old setting. A "global" or
     "joint" allocation cached before it read the re-fit's own texts (no "allocation_texts" in its meta)
     measured its costs on REFIT_TEXTS texts, whatever `n_texts` the re-fit had.
     """
     settings = parse_spec(method)[1]
+    if config.startswith("depth") and "inputs" not in settings:  # depth's "auto" input mode is its own choice
+        made = mask.meta.get("reconstruction", {}).get("inputs")
+        if made is not None and made != DEPTH_INPUTS:
+            return f"made with inputs={made}; {method} now means inputs={DEPTH_INPUTS}"
     used = mask.meta.get("allocation")
     n_texts = int(settings.get("n_texts", REFIT_TEXTS))
     if used in ("global", "joint") and "allocation_texts" not in mask.meta and n_texts > REFIT_TEXTS:

@@ -58,6 +58,21 @@ def test_a_mask_cached_when_auto_meant_another_allocation_is_stale(tmp_path):
     assert load_cached_mask(tmp_path / "missing.json", "obs", "heads30", g) is None
 
 
+def test_a_depth_mask_cached_when_auto_meant_other_input_maps_is_stale():
+    from bench.bench_quality import stale_reason
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.pruning.strategies.reconstruct import DEPTH_INPUTS
+    from tests.tiny import tiny_handle
+
+    other = "all" if DEPTH_INPUTS != "all" else "none"
+    mask = PruneMask.dense(tiny_handle("llama").geometry)
+    mask.meta["reconstruction"] = {"inputs": other}
+    assert f"now means inputs={DEPTH_INPUTS}" in stale_reason(mask, "ablation-iterative-refit", "depth20")
+    assert stale_reason(mask, f"ablation-iterative-refit[inputs={other}]", "depth20") is None  # asked by name
+    mask.meta["reconstruction"] = {"inputs": DEPTH_INPUTS}
+    assert stale_reason(mask, "ablation-iterative-refit", "depth20") is None
+
+
 def test_a_global_allocation_cached_before_it_read_the_refit_texts_is_stale_only_for_more_texts():
     from bench.bench_quality import stale_reason
     from headlab.engine.core.mask import PruneMask

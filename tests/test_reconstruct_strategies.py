@@ -16,6 +16,7 @@ from headlab.engine.pruning.reconstruct.joint import unit_params
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
 from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
+    DEPTH_INPUTS,
     ObsStrategy,
     depth_refit_prune,
     layer_counts,
@@ -117,6 +118,7 @@ def test_depth_refit_drops_the_same_layers_as_its_base_method():
     assert m.meta["layers_dropped"] and m.has_refit
     assert int((m.attn == 0).sum()) == len(m.meta["layers_dropped"])
     assert 0 <= m.meta["stand_in"]["added_parameters"] <= 2 * h.geometry.hidden  # at most one bias per refit
+    assert m.meta["reconstruction"]["inputs"] == DEPTH_INPUTS  # "auto": the input mode validation chose for depth
     shipped = Calibration.shipped("wikitext", 4, max_length=32)
     w = depth_refit_prune(h, 0.7, "magnitude-refit", shipped, n_texts=2, window=48)
     assert w.meta["layers_dropped"] == m.meta["layers_dropped"] and w.meta["fit_window"] == 48

@@ -16,6 +16,7 @@ from headlab.engine.pruning.strategies.depth import depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
     DEFAULT_INPUTS,
+    DEPTH_INPUTS,
     GLOBAL_NORMALISATION,
     REFIT_TEXTS,
     ObsStrategy,
@@ -155,6 +156,7 @@ def test_the_defaults_are_the_settings_chosen_on_validation():
     assert inputs == f"inputs={DEFAULT_INPUTS}"
     assert _chosen("width20", "allocation") == f"allocation={AUTO_ALLOCATION['width']}"
     assert _chosen("heads30", "allocation") == f"allocation={AUTO_ALLOCATION['heads']}"
+    assert _chosen("depth20", "inputs") in (None, f"inputs={DEPTH_INPUTS}")  # depth's stand-ins: their own choice
     norm = _chosen("width20", "normalisation") or _chosen("heads30", "normalisation")
     assert norm in (None, f"normalise={GLOBAL_NORMALISATION}")
     # the re-fit's text count is a compute budget: the winner is never fewer texts than the library's default

@@ -58,6 +58,7 @@ from headlab.engine.runtime.cost import cost
 
 __all__ = [
     "ALLOCATIONS",
+    "DEPTH_INPUTS",
     "DEPTH_REFIT_METHODS",
     "MEASURED_ALLOCATIONS",
     "REFIT_TEXTS",
@@ -79,6 +80,8 @@ REFIT_TEXTS = 128
 AUTO_ALLOCATION = {"heads": "global", "width": "kl-joint"}  # "auto" for a heads-only budget / heads and channels
 GLOBAL_NORMALISATION = "stream"  # how "global" makes OBS costs of different layers comparable (joint.py)
 DEFAULT_INPUTS = "all"  # input re-fits (layerwise.RefitConfig.inputs) where the family supports them
+# depth's stand-ins: validation (bench_choices depth20) chose no input maps, 2.407x against 2.467x with them
+DEPTH_INPUTS = "none"
 INPUT_CHOICES = ("auto", *INPUT_MODES)
 REFIT_SUFFIX = "-refit"
 DEPTH_REFIT_METHODS = tuple(m + REFIT_SUFFIX for m in DEPTH_METHODS if "+comp" not in m and m != "random")
@@ -87,12 +90,13 @@ ZIPLM = "Kurtic, Frantar & Alistarh, 'ZipLM: Inference-Aware Structured Pruning 
 OWL = "Yin et al., 'Outlier Weighed Layerwise Sparsity (OWL)', ICML 2024"
 
 
-def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str = "none", **kw: Any) -> RefitConfig:
-    """The refit settings for `calib`; `inputs` "auto": DEFAULT_INPUTS where `handle`'s family supports input maps."""
+def _config(calib: Calibration, handle: ModelHandle | None = None, inputs: str = "none", *,
+            auto: str = DEFAULT_INPUTS, **kw: Any) -> RefitConfig:
+    """The refit settings for `calib`; `inputs` "auto": `auto` where `handle`'s family supports input maps."""
     if inputs not in INPUT_CHOICES:
         raise ValueError(f"inputs must be one of {', '.join(INPUT_CHOICES)}, got {inputs!r}")
     if inputs == "auto":
-        inputs = DEFAULT_INPUTS if handle is not None and supports_input_maps(handle) else "none"
+        inputs = auto if handle is not None and supports_input_maps(handle) else "none"
     return RefitConfig(max_length=calib.max_length, batch_size=calib.batch_size, inputs=inputs, **kw)
 
 
@@ -298,7 +302,7 @@ def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Cali
                       progress: Progress | None = None) -> PruneMask:
     """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in.
 
-    `window` > 0: the stand-ins are fitted on the running text over the span of `n_texts` WikiText paragraphs,
+    `inputs` "auto": DEPTH_INPUTS (chosen on validation). `window` > 0: the stand-ins are fitted on the running text over the span of `n_texts` WikiText paragraphs,
     in pieces of that many tokens (refit_texts); the layers dropped are chosen on the calibration as before.
     """
     if method not in DEPTH_REFIT_METHODS:
@@ -306,8 +310,8 @@ def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Cali
     texts = refit_texts(calib, n_texts, handle, window=window)  # bad input fails before the slow part
     base = method[: -len(REFIT_SUFFIX)]
     dropped = depth_prune(handle, keep, base, calib, progress=progress)
-    mask = refit(handle, dropped, texts, config=_config(_reading(calib, window), handle, inputs, target="residual"),
-                 progress=progress)
+    mask = refit(handle, dropped, texts, progress=progress,
+                 config=_config(_reading(calib, window), handle, inputs, auto=DEPTH_INPUTS, target="residual"))
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
     mask.meta["fit_window"] = window
     # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
