@@ -133,6 +133,26 @@ def test_running_layers_only_as_far_as_a_fit_needs_changes_nothing(monkeypatch, 
     assert refit(h, _pruned(h.geometry), TEXTS, config=config) == fast_refit
 
 
+def test_residual_targets_record_the_dense_stream_only_where_they_read_it(monkeypatch):
+    """A depth gap's stand-in reads the dense stream after the gap: only that layer's states are kept (not all L + 1,
+    which ran out of memory on 146,000 tokens), and the masks are exactly those made with every layer recorded."""
+    from headlab.engine.pruning.reconstruct import layerwise
+
+    h = tiny_handle("llama")
+    L = h.geometry.n_layers
+    dropped = PruneMask.dense(h.geometry).with_block(1, "attn", 0.0).with_block(1, "ffn", 0.0)
+    gap = PruneMask.dense(h.geometry).with_block(1, "attn", 0.0)
+    config = RefitConfig(target="residual", inputs="all")
+    runs = layerwise._kept_positions(dropped) + [True]
+    assert layerwise._stream_layers(h.geometry, dropped, None, config, runs) == {L}  # layer 0's FFN reads the output
+    lean = [refit(h, m, TEXTS, config=config) for m in (dropped, gap, _pruned(h.geometry))]
+    monkeypatch.setattr(layerwise, "_stream_layers", lambda g, *a: set(range(g.n_layers + 1)))
+    assert [refit(h, m, TEXTS, config=config) for m in (dropped, gap, _pruned(h.geometry))] == lean
+    monkeypatch.setattr(layerwise, "_stream_layers", lambda g, *a: set())
+    with pytest.raises(RuntimeError, match="not recorded"):  # a layer it missed fails loudly, never fits on nothing
+        refit(h, dropped, TEXTS, config=config)
+
+
 def test_residual_targets_reach_past_a_removed_attention_to_the_next_ffn():
     """Layer 1's attention removed, its FFN kept: layer 0's FFN targets the dense stream in front of that FFN."""
     h = tiny_handle("llama")

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headlab.engine.core.adapter import Geometry
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.hooks import temporary_hooks
 from headlab.engine.core.mask import MaskError, PruneMask
@@ -207,14 +208,17 @@ class _Stream:
     """
 
     def __init__(self, handle: ModelHandle, record: LayerInputs) -> None:
-        self.handle, self.record = handle, record
+        self.handle, self.record = handle, record  # `record` holds the layers `at` is asked for (_stream_layers)
         self._mid: dict[int, list[torch.Tensor]] = {}
 
-    def set_mid(self, layer: int, attn_out: list[torch.Tensor]) -> None:
-        self._mid = {layer: [h + a for h, a in zip(self.record.hidden[layer], attn_out)]}
+    def set_mid(self, layer: int, hidden: list[torch.Tensor], attn_out: list[torch.Tensor]) -> None:
+        """The dense stream in front of `layer`'s FFN, from the walk's own dense input and attention output."""
+        self._mid = {layer: [h + a for h, a in zip(hidden, attn_out)]}
 
     def at(self, position: int) -> list[torch.Tensor]:
         layer, odd = divmod(position, 2)
+        if not self.record.hidden[layer] and not (odd and layer in self._mid):
+            raise RuntimeError(f"the dense stream at layer {layer} was not recorded (_stream_layers missed it)")
         if not odd:
             return self.record.hidden[layer]
         if layer not in self._mid:
@@ -222,6 +226,25 @@ class _Stream:
             _, _, (out,) = _run_layer(self.record, layer, None, [], post=[attn], until=attn)
             self._mid[layer] = [h + a for h, a in zip(self.record.hidden[layer], out)]
         return self._mid[layer]
+
+
+def _stream_layers(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | None, config: RefitConfig,
+                   runs: list[bool]) -> set[int]:
+    """The layers whose dense input `_Stream.at` can be asked for: the one at or after the next running position
+    of every sub-block the walk may re-fit (L: the model's output). Only these are recorded, not all L + 1
+    (146,000 tokens of SmolLM2's stream are 0.3 GB a layer)."""
+    out = set()
+    for pos in range(2 * g.n_layers):
+        layer, kind = divmod(pos, 2)
+        kind = REFIT_KINDS[kind]
+        nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
+        n_units = g.n_heads if kind == "attn" else g.ffn_dim
+        count = counts[kind][layer] if counts is not None else 0
+        pruned = len(mask.kept_units(layer, kind)) < n_units or count > 0 or config.refit_unpruned
+        beside_removed = nxt != pos + 1 or (pos > 0 and not runs[pos - 1])
+        if runs[pos] and (pruned or beside_removed) and (config.refits(kind) or count):
+            out.add(nxt // 2)
+    return out
 
 
 def _with_input_map(mask: PruneMask, layer: int, kind: str, m: torch.Tensor) -> PruneMask:
@@ -264,14 +287,15 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
     # Refits, input maps and intercepts are re-solved; FLAP biases of the input mask are replaced, never stacked.
     mask = mask.without_refit()
     mask.attn_bias = mask.ffn_bias = None
-    # residual targets read the dense stream at every layer; otherwise the walk holds one layer's states at a time
-    full = record_layers(handle, None, inputs, keep=None if residual else (0,))
-    stream = _Stream(handle, full) if residual else None
-    dense = full if residual else full.starting_at(0)
-    pruned = full.starting_at(0)
-    del full
     runs = _kept_positions(mask)
     runs.append(True)  # the model's output
+    # the walk holds one layer's states at a time; residual targets also keep the dense stream where they read it
+    full = record_layers(handle, None, inputs, keep={0, *(_stream_layers(g, mask, counts, config, runs) if residual
+                                                          else ())})
+    stream = _Stream(handle, full) if residual else None
+    dense = full.starting_at(0)
+    pruned = full.starting_at(0)
+    del full
     maps_on = config.inputs != "none"
     if maps_on and not supports_input_maps(handle):
         raise ValueError(f"input re-fits need a norm in front of each sub-block and mapped Q/K/V and gate/up "
@@ -290,7 +314,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
                                                          post=[attn_module, *norms.values()])
         dense_norm = dict(zip(norms, n_d))
         if residual:
-            stream.set_mid(layer, a_d)
+            stream.set_mid(layer, dense.hidden[layer], a_d)
         else:
             targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
                        for kind, xs in (("attn", x_o), ("ffn", x_d))}
@@ -360,7 +384,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
         if current is None:
             current, _, _ = _run_layer(pruned, layer, mask, [])
         pruned = current
-        dense = dense if residual else dense_next
+        dense = dense_next
         if progress:
             progress(layer + 1, g.n_layers)
     for name in ("attn_bias", "ffn_bias"):  # without an intercept no bias is made (an export stays bias-free)
