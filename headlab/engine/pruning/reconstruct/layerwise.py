@@ -228,6 +228,20 @@ class _Stream:
         return self._mid[layer]
 
 
+def _site(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | None, config: RefitConfig, runs: list[bool],
+          pos: int, residual: bool) -> tuple[int, int, bool]:
+    """For the sub-block at position `pos`: (the next running position, the units it is to lose, whether a run of it
+    is re-fitted: it lost or will lose units, config.refit_unpruned, or with residual targets it stands next to
+    removed sub-blocks and stands in for them)."""
+    layer, kind = pos // 2, REFIT_KINDS[pos % 2]
+    nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
+    count = counts[kind][layer] if counts is not None else 0
+    beside_removed = residual and (nxt != pos + 1 or (pos > 0 and not runs[pos - 1]))
+    n_units = g.n_heads if kind == "attn" else g.ffn_dim
+    changed = len(mask.kept_units(layer, kind)) < n_units or count > 0 or config.refit_unpruned or beside_removed
+    return nxt, count, changed
+
+
 def _stream_layers(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | None, config: RefitConfig,
                    runs: list[bool]) -> set[int]:
     """The layers whose dense input `_Stream.at` can be asked for: the one at or after the next running position
@@ -235,14 +249,8 @@ def _stream_layers(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | 
     (146,000 tokens of SmolLM2's stream are 0.3 GB a layer)."""
     out = set()
     for pos in range(2 * g.n_layers):
-        layer, kind = divmod(pos, 2)
-        kind = REFIT_KINDS[kind]
-        nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
-        n_units = g.n_heads if kind == "attn" else g.ffn_dim
-        count = counts[kind][layer] if counts is not None else 0
-        pruned = len(mask.kept_units(layer, kind)) < n_units or count > 0 or config.refit_unpruned
-        beside_removed = nxt != pos + 1 or (pos > 0 and not runs[pos - 1])
-        if runs[pos] and (pruned or beside_removed) and (config.refits(kind) or count):
+        nxt, count, changed = _site(g, mask, counts, config, runs, pos, residual=True)
+        if runs[pos] and changed and (config.refits(REFIT_KINDS[pos % 2]) or count):
             out.add(nxt // 2)
     return out
 
@@ -323,12 +331,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
         for kind in REFIT_KINDS:
             pos = 2 * layer + (kind == "ffn")
             kept = mask.kept_units(layer, kind)
-            n_units = g.n_heads if kind == "attn" else g.ffn_dim
-            count = counts[kind][layer] if counts is not None else 0
-            nxt = next(q for q in range(pos + 1, 2 * g.n_layers + 1) if runs[q])
-            # Residual targets: a sub-block next to removed ones stands in for them.
-            beside_removed = residual and (nxt != pos + 1 or (pos > 0 and not runs[pos - 1]))
-            changed = len(kept) < n_units or count > 0 or config.refit_unpruned or beside_removed
+            nxt, count, changed = _site(g, mask, counts, config, runs, pos, residual)
             if not runs[pos]:
                 continue
             if maps_on and pos > first_loss and (changed or config.inputs == "all"):

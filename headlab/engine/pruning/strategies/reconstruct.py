@@ -302,8 +302,9 @@ def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Cali
                       progress: Progress | None = None) -> PruneMask:
     """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in.
 
-    `inputs` "auto": DEPTH_INPUTS (chosen on validation). `window` > 0: the stand-ins are fitted on the running text over the span of `n_texts` WikiText paragraphs,
-    in pieces of that many tokens (refit_texts); the layers dropped are chosen on the calibration as before.
+    `inputs` "auto": DEPTH_INPUTS (chosen on validation). `window` > 0: the stand-ins are fitted on the running
+    text over the span of `n_texts` WikiText paragraphs, in pieces of that many tokens (refit_texts); the layers
+    dropped are chosen on the calibration as before.
     """
     if method not in DEPTH_REFIT_METHODS:
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
