@@ -8,7 +8,9 @@ heads and FFN channels), chosen and re-fitted by structured OBS (headlab.engine.
 .reconstruct, the `obs` row of bench_quality's width20: its cached mask is reused when present),
 then physically pruned (headlab.engine.export.surgery; the re-solved weights are in the copy). Then
 full-parameter distillation (headlab.engine.recovery.distill: KL to the dense teacher's logits, AdamW,
-cosine schedule sized to the budget from a timed probe) until `--minutes` of training have passed.
+cosine schedule sized to the budget: a timed probe gives seconds per step as fixed + per padded token,
+summed over the batches the run will draw, headlab.engine.recovery.distill.budget) until `--minutes` of
+training have passed.
 Data: WikiText-2 paragraphs from the END of the file (checked to lie after the held-out windows)
 and the teacher's greedy answers to the shipped training prompts (never an out-of-domain item;
 headlab.engine.runtime.regions.check_fit_texts checks every text). The learning rate is chosen on the
@@ -32,7 +34,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,7 @@ from headlab.engine.models.load import DEFAULT_MODEL, load_model
 from headlab.engine.models.load import cache_dir as cache_dir_root
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
+from headlab.engine.recovery.distill.budget import StepTime, probe_step_time, steps_for_budget
 from headlab.engine.recovery.distill.checkpoint import has_checkpoint
 from headlab.engine.runtime.agreement import agreement, dense_reference
 from headlab.engine.runtime.cost import cost
@@ -81,22 +84,22 @@ def student_mask(teacher: Any, model: str | None, method: str, config: str, quic
     return make_mask(teacher, method, config, calib, args)
 
 
-def timed_probe(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig) -> float:
-    """Seconds per training step, from 4 steps on a throwaway copy (the first is warm-up)."""
-    walls: list[float] = []
-    probe = prune(teacher, mask)
-    distill(teacher, probe, data, replace(config, steps=4, eval_every=1000, checkpoint_every=1000),
-            progress=lambda rec: walls.append(rec.elapsed_s))
-    del probe
-    # records: step 0 (the initial held-out metric), steps 1-4 (step 4 also evaluates): use steps 1 -> 3
-    return (walls[3] - walls[1]) / 2
+def timed_probe(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig) -> dict[str, float]:
+    """The step-time model (budget.StepTime as a dict), from steps on a throwaway copy of the student."""
+    return asdict(probe_step_time(teacher, prune(teacher, mask), data, config))
+
+
+def budget_steps(teacher: Any, data: Any, config: DistillConfig, minutes: float, model: dict[str, float],
+                 minimum: int = 5) -> int:
+    """The steps whose predicted times (the model, over the batches the run will draw) fill `minutes`."""
+    return steps_for_budget(teacher.tokenizer, data, config, minutes * 60, StepTime(**model), minimum=minimum)
 
 
 def choose_lr(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig, lrs: list[float], minutes: float,
-              s_per_step: float, val: torch.Tensor, state: dict[str, Any], save: Any) -> float:
+              step_time: dict[str, float], val: torch.Tensor, state: dict[str, Any], save: Any) -> float:
     """The learning rate whose `minutes`-long run (cosine sized to it) scores best on the VALIDATION windows."""
     probes = state.setdefault("lr_probe", {})
-    steps = max(5, int(minutes * 60 / s_per_step))
+    steps = budget_steps(teacher, data, config, minutes, step_time)
     for lr in lrs:
         if str(lr) in probes:
             continue
@@ -145,12 +148,12 @@ def choose_pack(teacher: Any, mask: PruneMask, config: DistillConfig, packs: lis
                 probe_minutes: float, val: torch.Tensor, state: dict[str, Any], save: Any) -> int:
     """The WikiText shape (0: paragraphs; N: windows of N tokens) whose probe scores best on VALIDATION.
 
-    Every shape gets its seconds per step (the paragraphs' is state["s_per_step"]). With more than one
+    Every shape gets its step-time model (the paragraphs' is state["step_time"]). With more than one
     shape, each gets a run of `probe_minutes` at the chosen rate; the paragraphs' run is the
     learning-rate probe at that rate when there was one.
     """
     probes = state.setdefault("pack_probe", {})
-    timed = state.setdefault("s_per_step_pack", {})
+    timed = state.setdefault("step_time_pack", {})
     lr_probes = state.get("lr_probe", {})
     for pack in packs:
         if pack and str(pack) not in timed:
@@ -163,7 +166,8 @@ def choose_pack(teacher: Any, mask: PruneMask, config: DistillConfig, packs: lis
             save()
             continue
         cfg = step_shape(config, pack)
-        steps = max(5, int(probe_minutes * 60 / (timed[str(pack)] if pack else state["s_per_step"])))
+        model = timed[str(pack)] if pack else state["step_time"]
+        steps = budget_steps(teacher, fit(pack)[0], cfg, probe_minutes, model)
         student = prune(teacher, mask)
         with guard(teacher):  # the training reads fit text only
             distill(teacher, student, fit(pack)[0], replace(cfg, steps=steps, warmup=max(1, steps // 20)))
@@ -228,12 +232,12 @@ def main() -> None:
     config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length,
                            temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
                            eval_every=10_000)
-    if "s_per_step" not in state:
-        state["s_per_step"] = timed_probe(teacher, mask, data, config)
+    if "step_time" not in state:
+        state["step_time"] = timed_probe(teacher, mask, data, config)
         curve_path.write_text(json.dumps(state, indent=1))
     lrs = [float(x) for x in args.lrs.split(",")]
     lr = lrs[0] if len(lrs) == 1 else choose_lr(teacher, mask, data, config, lrs, args.probe_minutes,
-                                                state["s_per_step"], val,
+                                                state["step_time"], val,
                                                 state, lambda: curve_path.write_text(json.dumps(state, indent=1)))
     state["lr"] = lr
     config = replace(config, lr=lr)
@@ -244,14 +248,15 @@ def main() -> None:
     config = step_shape(config, pack)
     where = f"{calibration_where}; {fit_where}"
     state["pack"] = pack
-    s_per_step = state["s_per_step_pack"][str(pack)] if pack else state["s_per_step"]
-    steps = max(10, int(args.minutes * 60 / s_per_step))
+    step_time = state["step_time_pack"][str(pack)] if pack else state["step_time"]
+    steps = budget_steps(teacher, data, config, args.minutes, step_time, minimum=10)
     config = replace(config, steps=steps, warmup=max(1, steps // 20))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
-         f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {s_per_step:.2f} s/step -> {steps} "
-         f"steps for {args.minutes:g} minutes; lr {lr:g} "
+         f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {step_time['fixed_s']:.2f} s + "
+         f"{1e3 * step_time['per_token_s']:.2f} ms/token a step, over the run's batches -> {steps} steps for "
+         f"{args.minutes:g} minutes; lr {lr:g} "
          + (f"chosen on validation ({state.get('lr_probe', {})})" if len(lrs) > 1 else "given (--lrs, no probe)")
          + f"; WikiText as {shape_name(pack)}, "
          + (f"chosen on validation ({state.get('pack_probe', {})})" if len(packs) > 1 else "given (--packs, no probe)"))

@@ -4,7 +4,13 @@
     python -m headlab distill --mask mask.json --recipe single --bits 1 --out runs/xtc
     python -m headlab distill --keep 0.7 --recipe multi --bits 1 --steps 300 --out runs/bb
     python -m headlab distill ... --out runs/bb --resume                      # after Ctrl-C: same run, continued
+    python -m headlab distill --keep 0.8 --minutes 15 --out runs/kd15         # as many steps as fit 15 minutes
     python -m headlab distill --model minilm --keep 0.8 --out runs/minilm     # the sentence encoder
+
+--minutes sizes the run (its step count, and so its cosine schedule) to a wall-clock budget of training: a
+timed probe on a throwaway copy gives seconds per step as fixed + per padded token, summed over the batches the
+run will draw (headlab.engine.recovery.distill.budget); the count is kept in the folder, so --resume continues
+the same schedule.
 
 The folder gets the mask, each stage's checkpoints, `result.json` (metrics before / after, the
 step history) and `student/`: the dequantised Hugging Face model (+ int8 codes and scales for a
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +41,7 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.export.surgery import prune
 from headlab.engine.recovery.distill import MODES, DistillConfig, StepRecord, distill_data, prompt_split
+from headlab.engine.recovery.distill.budget import probe_step_time, steps_for_budget
 from headlab.engine.recovery.encoder_agreement import encoder_agreement
 from headlab.engine.recovery.quantize import export_student
 from headlab.engine.recovery.recipes import RECIPES, plan_stages, recovery_student, run_recipe
@@ -84,6 +92,25 @@ def _describe(m: dict[str, Any], base: dict[str, Any] | None) -> str:
             f"mean cosine {m['mean_cosine']:.4f}")
 
 
+def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMask, data: Any,
+                  config: DistillConfig, out: Path) -> int:
+    """The steps that fill --minutes of training (module doc), probed once and kept in out/budget.json."""
+    saved = out / "budget.json"
+    if args.resume and saved.exists():
+        kept = json.loads(saved.read_text())
+        if kept.get("minutes") == args.minutes:
+            return int(kept["steps"])
+        raise ValueError(f"{out} was sized to {kept.get('minutes')} minutes; resume it with that --minutes")
+    say(f"timing a few steps to fit {args.minutes:g} minutes ...")
+    model = probe_step_time(teacher, prune(teacher, mask), data, config)
+    steps = steps_for_budget(teacher.tokenizer, data, config, args.minutes * 60, model)
+    write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, "fixed_s": model.fixed_s,
+                                         "per_token_s": model.per_token_s}, indent=1))
+    print(f"budget: {steps} steps fit {args.minutes:g} minutes ({model.fixed_s:.2f} s + "
+          f"{1e3 * model.per_token_s:.3f} ms per padded token a step)")
+    return steps
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     """Prune to the student, distil it by --recipe (resumable), measure it and write the run folder.
 
@@ -99,6 +126,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     world.barrier()  # every rank has looked at --out before rank 0 writes into it
     if args.pack and args.max_length < args.pack:  # a window longer than the text length would be cut
         raise SystemExit(f"--pack {args.pack} needs --max-length {args.pack} or more (got {args.max_length})")
+    if args.minutes is not None and (args.minutes <= 0 or world.size > 1 or args.recipe != "fp32"):
+        raise SystemExit("--minutes takes a positive budget and sizes a single-process fp32 run; under torchrun "
+                         "or for the 1-/2-bit recipes give --steps")
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                            temperature=args.temperature, hidden_weight=args.hidden_weight, mode=args.mode,
                            lora_rank=args.lora_rank, eval_every=args.eval_every, patience=args.patience,
@@ -111,7 +141,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         mask.save(out / "mask.json")
     c = cost(teacher, mask)
     print(f"student: {c.params_kept:,}/{c.params_total:,} parameters ({100 * c.params_removed_fraction:.1f}% "
-          f"removed); recipe {args.recipe}: " + " -> ".join(f"{s.name} x {s.steps} steps" for s in stages))
+          f"removed); recipe {args.recipe}: " + (f"steps sized to {args.minutes:g} minutes" if args.minutes else
+                                                   " -> ".join(f"{s.name} x {s.steps} steps" for s in stages)))
     for turn in (True, False):  # rank 0 generates the teacher's answers; the other ranks then read its cache
         if world.is_main == turn:
             with progress_bar("teacher answers") as cb:
@@ -119,6 +150,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                     max_new_tokens=args.max_new_tokens, pack=args.pack, progress=cb)
         world.barrier()
     print(f"data: {len(data.train)} training / {len(data.heldout)} held-out texts {data.sources}")
+    if args.minutes is not None:
+        config = replace(config, steps=_budget_steps(args, teacher, mask, data, config, out))
     heldout = prompt_split()[1][: args.n_heldout]
     before = {}
     if not args.no_eval and world.is_main:
@@ -171,6 +204,8 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--mode", default="full", choices=MODES, help="full fine-tuning or LoRA adapters")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--steps", type=int, default=150, help="total optimisation steps (all stages)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="or: as many steps as fit this many minutes of training (fp32, one process; module doc)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128, help="tokens per training text")
     p.add_argument("--lr", type=float, default=1e-4)

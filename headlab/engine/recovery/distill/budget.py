@@ -1,0 +1,93 @@
+"""How many steps fit a wall-clock budget, from the tokens of the batches the run will draw.
+
+A step's time follows its padded batch (texts x longest text), and a run's batches differ: with one 512-token
+window per step, a step that draws a short answer costs a third of one that draws a window. Timing a few steps
+and dividing the budget by their mean then sizes the schedule by whichever texts those steps happened to draw
+(a run sized that way reached step 530 of 659). Here the probe's steps give a step-time model,
+seconds = fixed + per_token x padded tokens, and the schedule gets the steps whose predicted times, summed over
+the batches `loop._batch_texts` will really draw, fill the budget.
+
+    model = probe_step_time(teacher, prune(teacher, mask), data, config)   # trains that copy: throw it away
+    steps = steps_for_budget(teacher.tokenizer, data, config, 15 * 60, model)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Sequence
+
+from headlab.engine.core.handle import ModelHandle
+from headlab.engine.recovery.distill.config import DistillConfig
+from headlab.engine.recovery.distill.data import DistillData
+from headlab.engine.recovery.distill.loop import _batch_texts, distill
+
+__all__ = ["StepTime", "fit_step_time", "probe_step_time", "step_tokens", "steps_for_budget"]
+
+PROBE_STEPS = 8  # the first is warm-up and the last also evaluates: the six between are timed
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds of one training step: fixed + per_token x its padded tokens."""
+
+    fixed_s: float
+    per_token_s: float
+
+    def predict(self, tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+
+def step_tokens(tokenizer: Any, data: DistillData, config: DistillConfig, steps: Iterable[int]) -> list[int]:
+    """Padded token slots (texts x longest, cut at max_length) of each step's batch, as the run draws it."""
+    out = []
+    for step in steps:
+        texts = _batch_texts(data, config, step)
+        enc = tokenizer(list(texts), truncation=True, max_length=config.max_length)
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        out.append(len(texts) * max(lengths))
+    return out
+
+
+def fit_step_time(walls: Sequence[float], tokens: Sequence[int]) -> StepTime:
+    """Least squares of walls on tokens, neither term negative; one token count (or one step) gives the mean rate."""
+    if len(walls) != len(tokens) or not walls:
+        raise ValueError(f"need one wall time per step's token count (got {len(walls)} and {len(tokens)})")
+    if min(walls) <= 0 or min(tokens) <= 0:
+        raise ValueError("step times and token counts must be positive")
+    n = len(walls)
+    mt, mw = sum(tokens) / n, sum(walls) / n
+    var = sum((t - mt) ** 2 for t in tokens)
+    if var > 0:
+        slope = sum((t - mt) * (w - mw) for t, w in zip(tokens, walls)) / var
+        fixed = mw - slope * mt
+        if slope > 0 and fixed >= 0:
+            return StepTime(fixed, slope)
+    return StepTime(0.0, sum(walls) / sum(tokens))  # proportional: the fit's terms would not both be physical
+
+
+def probe_step_time(teacher: ModelHandle, student: ModelHandle, data: DistillData, config: DistillConfig) -> StepTime:
+    """The step-time model from PROBE_STEPS steps of `config` on `student`, which they train: pass a throwaway
+    copy. The probe draws the run's first batches (same seed and offset), so their token counts are the run's."""
+    walls: list[float] = []
+    distill(teacher, student, data, replace(config, steps=PROBE_STEPS, eval_every=10 * PROBE_STEPS,
+                                            checkpoint_every=10 * PROBE_STEPS),
+            progress=lambda rec: walls.append(rec.elapsed_s))
+    # walls[0]: step 0 (the untrained student's held-out metric); walls[i]: after step i, which drew batch i - 1
+    timed = range(2, PROBE_STEPS)
+    return fit_step_time([walls[i] - walls[i - 1] for i in timed],
+                         step_tokens(teacher.tokenizer, data, config, [i - 1 for i in timed]))
+
+
+def steps_for_budget(tokenizer: Any, data: DistillData, config: DistillConfig, seconds: float, model: StepTime,
+                     *, minimum: int = 1, limit: int = 1_000_000) -> int:
+    """The number of steps whose predicted times, over the batches the run draws from step 0, fill `seconds`."""
+    if seconds <= 0:
+        raise ValueError(f"the budget must be positive, got {seconds} s")
+    total, step = 0.0, 0
+    while step < limit:
+        (tokens,) = step_tokens(tokenizer, data, config, [step])
+        total += model.predict(tokens)
+        if total > seconds:
+            break
+        step += 1
+    return max(minimum, step)

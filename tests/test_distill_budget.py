@@ -1,0 +1,101 @@
+"""Sizing a distillation run to a wall-clock budget from the tokens of the batches it will draw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headlab.engine.recovery.distill import DistillConfig, DistillData
+from headlab.engine.recovery.distill.budget import StepTime, fit_step_time, step_tokens, steps_for_budget
+
+SHORT, LONG = "a b", " ".join(["word"] * 200)
+
+
+@pytest.fixture(scope="module")
+def mixed() -> DistillData:
+    """Two long texts and six short ones: a batch of one text is long or short by the draw."""
+    return DistillData((LONG, LONG, *[SHORT] * 6), (SHORT,))
+
+
+def test_step_tokens_are_the_padded_batches_the_run_draws(llama_handle, mixed):
+    tok = llama_handle.tokenizer
+    config = DistillConfig(batch_size=1, max_length=64)
+    counts = step_tokens(tok, mixed, config, range(16))  # two epochs of the eight texts
+    long_len = len(tok(LONG, truncation=True, max_length=64)["input_ids"])
+    short_len = len(tok(SHORT)["input_ids"])
+    assert long_len == 64 and short_len < 8
+    assert sorted(set(counts)) == [short_len, long_len]
+    assert counts[:8].count(long_len) == 2 and counts[8:].count(long_len) == 2  # each epoch draws both long texts
+    # a batch of two is padded to its longest text
+    pairs = step_tokens(tok, mixed, DistillConfig(batch_size=2, max_length=64), range(4))
+    assert all(c in (2 * short_len, 2 * long_len) for c in pairs)
+    assert sum(c == 2 * long_len for c in pairs) in (1, 2)
+
+
+def test_the_step_time_model_recovers_fixed_and_per_token_costs():
+    tokens = [64, 5, 64, 5, 5, 64]
+    model = fit_step_time([0.5 + 0.01 * t for t in tokens], tokens)
+    assert model.fixed_s == pytest.approx(0.5) and model.per_token_s == pytest.approx(0.01)
+    # one token count: the mean rate; a fit with a negative term falls back to it too
+    same = fit_step_time([1.0, 3.0], [10, 10])
+    assert same == StepTime(0.0, 0.2)
+    inverted = fit_step_time([3.0, 1.0], [10, 100])  # longer batches faster: no physical slope
+    assert inverted.fixed_s == 0.0 and inverted.per_token_s == pytest.approx(4.0 / 110)
+    with pytest.raises(ValueError, match="one wall time per step"):
+        fit_step_time([1.0], [1, 2])
+    with pytest.raises(ValueError, match="positive"):
+        fit_step_time([0.0], [3])
+
+
+def test_the_budget_counts_each_drawn_batch_at_its_own_cost(llama_handle, mixed):
+    tok = llama_handle.tokenizer
+    config = DistillConfig(batch_size=1, max_length=64)
+    model = StepTime(0.1, 0.01)
+    costs = [model.predict(t) for t in step_tokens(tok, mixed, config, range(40))]
+    budget = sum(costs[:23]) + 0.5 * costs[23]
+    assert steps_for_budget(tok, mixed, config, budget, model) == 23
+    assert steps_for_budget(tok, mixed, config, 1e-6, model, minimum=5) == 5
+    with pytest.raises(ValueError, match="positive"):
+        steps_for_budget(tok, mixed, config, 0, model)
+
+
+def test_a_probe_times_real_steps_and_leaves_the_teacher_alone(llama_handle, mixed):
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.export.surgery import prune
+    from headlab.engine.recovery.distill.budget import probe_step_time
+
+    before = {k: v.clone() for k, v in llama_handle.model.state_dict().items()}
+    model = probe_step_time(llama_handle, prune(llama_handle, PruneMask.dense(llama_handle.geometry)), mixed,
+                            DistillConfig(batch_size=1, max_length=64, warmup=1))
+    assert model.per_token_s > 0 and model.fixed_s >= 0
+    assert all(torch.equal(before[k], v) for k, v in llama_handle.model.state_dict().items())
+
+
+def test_distill_cli_sizes_the_run_to_minutes_and_resumes_the_same_schedule(tmp_path, monkeypatch, capsys):
+    import json
+
+    from headlab.engine.cli.main import main
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    base = ["distill", "--model", str(src), "--keep", "0.7", "--batch-size", "2", "--max-length", "32",
+            "--n-wikitext", "6", "--n-prompts", "2", "--max-new-tokens", "3", "--n-score-texts", "2", "--no-eval"]
+    out = tmp_path / "run"
+    assert main([*base, "--minutes", "0.05", "--out", str(out)]) == 0
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["minutes"] == 0.05 and budget["steps"] >= 1 and budget["per_token_s"] > 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps_run"] == budget["steps"]
+    assert f"budget: {budget['steps']} steps fit 0.05 minutes" in capsys.readouterr().out
+    # a resume keeps the count it was sized to, and refuses another budget
+    assert main([*base, "--minutes", "0.05", "--resume", "--out", str(out)]) == 0
+    assert json.loads((out / "budget.json").read_text()) == budget
+    assert main([*base, "--minutes", "0.1", "--resume", "--out", str(out)]) == 2
+    assert "sized to 0.05 minutes" in capsys.readouterr().err
+    for bad in (["--minutes", "0"], ["--minutes", "1", "--recipe", "single"]):
+        with pytest.raises(SystemExit, match="--minutes takes a positive budget"):
+            main([*base, *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
