@@ -73,6 +73,37 @@ def test_a_depth_mask_cached_when_auto_meant_other_input_maps_is_stale():
     assert stale_reason(mask, "ablation-iterative-refit", "depth20") is None
 
 
+def test_depth_refit_candidates_share_the_cached_layer_search_and_count_its_time(tmp_path):
+    import argparse
+
+    import torch
+
+    from bench.bench_quality import cached_mask_path, make_mask
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.pruning.strategies import Calibration
+    from tests.tiny import tiny_handle
+
+    h, args = tiny_handle("llama"), argparse.Namespace(iter_steps=2, hc_steps=2)
+    calib = Calibration.shipped("wikitext", 4, max_length=32)
+    first = make_mask(h, "magnitude-refit", "depth30", calib, args, tmp_path)
+    search = cached_mask_path(tmp_path, "magnitude", "depth30")
+    assert first.has_refit and search.exists() and "layer_search_reused_s" not in first.meta  # kept for the next
+    saved = PruneMask.load(search, h.geometry)
+    assert saved.meta["layers_dropped"] == first.meta["layers_dropped"] and saved.meta["bench_select_seconds"] >= 0
+    second = make_mask(h, "magnitude-refit[damp=0.5]", "depth30", calib, args, tmp_path)
+    assert second.meta["layers_dropped"] == first.meta["layers_dropped"]
+    assert second.meta["layer_search_reused_s"] == saved.meta["bench_select_seconds"]
+    assert not any(k.startswith("bench_") for k in second.meta)  # the search's own timing is not copied over
+    assert second.meta["reconstruction"]["damp"] == 0.5
+    again = make_mask(h, "magnitude-refit", "depth30", calib, args, tmp_path)
+    assert all(torch.equal(again.attn_refit[k].weight, first.attn_refit[k].weight) for k in first.attn_refit)
+    # another calibration searches again and leaves the cached search alone
+    other = make_mask(h, "magnitude-refit", "depth30", Calibration.shipped("wikitext", 3, max_length=32), args,
+                      tmp_path)
+    assert "layer_search_reused_s" not in other.meta
+    assert PruneMask.load(search, h.geometry).meta["calibration"] == saved.meta["calibration"]
+
+
 def test_a_global_allocation_cached_before_it_read_the_refit_texts_is_stale_only_for_more_texts():
     from bench.bench_quality import stale_reason
     from headlab.engine.core.mask import PruneMask

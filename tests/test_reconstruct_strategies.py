@@ -14,6 +14,7 @@ from headlab.engine.data.datasets import read_wikitext, wikitext_calibration
 from headlab.engine.export.write import export
 from headlab.engine.pruning.reconstruct.joint import unit_params
 from headlab.engine.pruning.strategies import Budget, Calibration, get_strategy
+from headlab.engine.pruning.strategies.depth import depth_prune
 from headlab.engine.pruning.strategies.reconstruct import (
     AUTO_ALLOCATION,
     DEPTH_INPUTS,
@@ -126,6 +127,37 @@ def test_depth_refit_drops_the_same_layers_as_its_base_method():
     assert w.meta["reconstruction"]["calibration_tokens"] > 32 * w.meta["reconstruction"]["calibration_texts"] // 2
     with pytest.raises(ValueError, match="shipped WikiText"):
         depth_refit_prune(h, 0.7, "magnitude-refit", calib, window=48)
+
+
+def _same_refits(a: PruneMask, b: PruneMask) -> bool:
+    pairs = [(a.attn_refit, b.attn_refit), (a.ffn_refit, b.ffn_refit), (a.attn_in, b.attn_in), (a.ffn_in, b.ffn_in)]
+    def equal(u, v) -> bool:  # a LayerRefit (units, weight) or an input map's tensors
+        if hasattr(u, "weight"):
+            return u.units == v.units and torch.equal(u.weight, v.weight)
+        return all(torch.equal(p, q) for p, q in zip(u, v)) if isinstance(u, tuple) else torch.equal(u, v)
+    return all(x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x) for x, y in pairs) and all(
+        (u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
+        for u, v in ((a.attn_bias, b.attn_bias), (a.ffn_bias, b.ffn_bias)))
+
+
+def test_depth_refit_reuses_a_given_layer_search_and_refuses_a_foreign_one():
+    h, calib = tiny_handle("llama"), _calib()
+    search = depth_prune(h, 0.7, "magnitude", calib)
+    fresh = depth_refit_prune(h, 0.7, "magnitude-refit", calib)
+    reused = depth_refit_prune(h, 0.7, "magnitude-refit", calib, dropped=search.clone())
+    assert reused.meta["layers_dropped"] == fresh.meta["layers_dropped"]
+    assert _same_refits(reused, fresh)  # the same layers and the same re-fitted weights
+    damped = depth_refit_prune(h, 0.7, "magnitude-refit", calib, dropped=search.clone(), damp=0.5)
+    assert damped.meta["reconstruction"]["damp"] == 0.5 and not _same_refits(damped, fresh)
+    other_method = depth_prune(h, 0.7, "entropy", calib)
+    other_size = PruneMask.dense(h.geometry)  # the tiny model has two layers: keep=0.7 drops one, this none
+    other_size.meta.update({**search.meta, "layers_dropped": []})
+    other_calib = depth_prune(h, 0.7, "magnitude", Calibration.shipped("wikitext", 3, max_length=24))
+    width = search.clone()
+    width.heads[0, 0] = 0.0
+    for foreign in (other_method, other_size, other_calib, width):
+        with pytest.raises(ValueError, match="not magnitude's at keep=0.7"):
+            depth_refit_prune(h, 0.7, "magnitude-refit", calib, dropped=foreign)
 
 
 def test_uniform_width_export_reloads_with_plain_transformers(tmp_path):

@@ -50,7 +50,7 @@ from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfi
 from headlab.engine.pruning.reconstruct.measured import kl_costs
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import CALIBRATION_CHOICES, Budget, Calibration, Strategy
-from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune
+from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune, layers_for_target
 from headlab.engine.pruning.strategies.hardconcrete import HardConcreteMask
 from headlab.engine.pruning.strategies.oneshot import AblationStrategy, FlapStrategy
 from headlab.engine.runtime.continuations import MIXED
@@ -298,21 +298,27 @@ class HardConcreteRefitStrategy(_RefitAfter):
 
 
 def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Calibration, *,
-                      n_texts: int = REFIT_TEXTS, inputs: str = "auto", window: int = 0,
-                      progress: Progress | None = None) -> PruneMask:
+                      n_texts: int = REFIT_TEXTS, inputs: str = "auto", window: int = 0, damp: float | None = None,
+                      dropped: PruneMask | None = None, progress: Progress | None = None) -> PruneMask:
     """Drop layers by the depth method `method` minus "-refit", then let the sub-blocks around each gap stand in.
 
     `inputs` "auto": DEPTH_INPUTS (chosen on validation). `window` > 0: the stand-ins are fitted on the running
     text over the span of `n_texts` WikiText paragraphs, in pieces of that many tokens (refit_texts); the layers
-    dropped are chosen on the calibration as before.
+    dropped are chosen on the calibration as before. `damp`: the ridge damping of every solve (None: RefitConfig's).
+    `dropped`: that depth method's own mask at `keep` on this calibration, made earlier (the layer search does not
+    depend on the re-fit's settings, so settings compared side by side can share it); it is checked, not trusted.
     """
     if method not in DEPTH_REFIT_METHODS:
         raise ValueError(f"unknown depth method {method!r}; choose one of {', '.join(DEPTH_REFIT_METHODS)}")
     texts = refit_texts(calib, n_texts, handle, window=window)  # bad input fails before the slow part
     base = method[: -len(REFIT_SUFFIX)]
-    dropped = depth_prune(handle, keep, base, calib, progress=progress)
+    if dropped is None:
+        dropped = depth_prune(handle, keep, base, calib, progress=progress)
+    else:
+        _check_dropped(handle, dropped, base, keep, calib)
+    kw = {} if damp is None else {"damp": damp, "input_damp": damp}
     mask = refit(handle, dropped, texts, progress=progress,
-                 config=_config(_reading(calib, window), handle, inputs, auto=DEPTH_INPUTS, target="residual"))
+                 config=_config(_reading(calib, window), handle, inputs, auto=DEPTH_INPUTS, target="residual", **kw))
     mask.meta.update({k: v for k, v in dropped.meta.items() if k != "reconstruction"})
     mask.meta["fit_window"] = window
     # The stand-in is weights the kept projections already have; what it adds is at most an output bias each.
@@ -322,6 +328,21 @@ def depth_refit_prune(handle: ModelHandle, keep: float, method: str, calib: Cali
     }
     mask.meta["method"] = method
     return mask
+
+
+def _check_dropped(handle: ModelHandle, dropped: PruneMask, base: str, keep: float, calib: Calibration) -> None:
+    """A ValueError unless `dropped` is what depth_prune(handle, keep, base, calib) makes: whole layers only, that
+    many, by that method on that calibration."""
+    meta, want = dropped.meta, layers_for_target(handle, keep)
+    layers = meta.get("layers_dropped")
+    whole = (dropped.heads.min() > 0 and dropped.ffn.min() > 0 and not dropped.has_bias and not dropped.has_refit
+             and layers is not None
+             and all((float(dropped.attn[i]) == 0) == (float(dropped.ffn_block[i]) == 0) == (i in layers)
+                     for i in range(handle.geometry.n_layers)))
+    if not whole or meta.get("method") != base or meta.get("calibration") != calib.describe() or len(layers) != want:
+        raise ValueError(f"the layers given to re-fit around are not {base}'s at keep={keep} on this calibration "
+                         f"(expected {want} whole layers dropped by {base} on {calib.describe()!r}; got "
+                         f"{meta.get('method')!r}, layers {layers}, calibration {meta.get('calibration')!r})")
 
 
 def _no_bias(mask: PruneMask) -> PruneMask:
