@@ -35,7 +35,14 @@ bits = c2.radio("Target bits", [1, 2], horizontal=True, key=keys.W_DISTILL_BITS,
                 help="1 bit: sign x per-row scale; 2 bits: ternary. Q/K/V/O and FFN weights; embeddings stay.")
 mode = c2.radio("Train", MODES, horizontal=True, key=keys.W_DISTILL_MODE,
                 format_func={"full": "all weights", "lora": "LoRA adapters"}.get)
-steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key=keys.W_DISTILL_STEPS))
+by_time = c3.toggle("Size by minutes", key=keys.W_DISTILL_BY_TIME, disabled=recipe != "fp32",
+                    help="As many steps as fit this many minutes of training: a few timed steps give seconds per "
+                         "step from its tokens, summed over the batches the run will draw, so the cosine schedule "
+                         "ends when the time does. Full precision only.") and recipe == "fp32"
+minutes = float(c3.number_input("Minutes of training", 0.5, 600.0, 5.0, 0.5, key=keys.W_DISTILL_MINUTES,
+                                disabled=not by_time))
+steps = int(c3.number_input("Steps (all stages together)", 2, 10_000, 60, key=keys.W_DISTILL_STEPS,
+                            disabled=by_time))
 lr = c3.select_slider("Learning rate", [3e-5, 1e-4, 2e-4, 5e-4, 1e-3], 2e-4, key=keys.W_DISTILL_LR)
 window = min(512, context_length(handle.model))
 TEXT = {"running text": (max(1, 512 // window), window, window), "paragraphs": (4, 128, 0)}  # (texts, tokens, pack)
@@ -64,7 +71,7 @@ if b1.button("Start", type="primary", disabled=running):
         config = DistillConfig(steps=steps, lr=lr, mode=mode, eval_every=max(1, steps // 10), patience=0,
                                warmup=max(1, steps // 10), batch_size=batch_size, max_length=max_length)
         job = RecoveryJob(handle, student_mask, recipe, bits, config, protocol=live_protocol(handle),
-                          pack=pack).start()
+                          pack=pack, minutes=minutes if by_time else None).start()
         st.session_state[keys.DISTILL_JOB] = job
         running = True
 if b2.button("Stop", disabled=not running):
@@ -97,8 +104,8 @@ def _metric_rows(job: RecoveryJob) -> list[dict]:
 
 @st.fragment(run_every=1.0 if running else None)
 def live_panel() -> None:
-    done = job.history[-1].step if job.history else 0
-    st.progress(min(done / steps, 1.0) if steps else 0.0, text=f"{job.status}: step {done}/{steps}")
+    done, total = (job.history[-1].step if job.history else 0), job.config.steps  # sized by minutes: once timed
+    st.progress(min(done / total, 1.0) if total else 0.0, text=f"{job.status}: step {done}/{total}")
     if job.error:
         st.error(f"The distillation failed: {job.error}")
     if job.history:

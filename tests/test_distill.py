@@ -284,6 +284,47 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
     assert job.config.batch_size * job.config.max_length >= 512
 
 
+def test_distill_page_sizes_a_full_precision_run_by_minutes(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from headlab.ui import keys
+    from headlab.ui.models import ModelChoice
+    from headlab.ui.session import MaskState
+
+    model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
+    monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)
+    at.session_state[keys.MASK] = MaskState(ModelChoice(str(model_dir)).key, _mask(h))
+    at.run()
+    at.switch_page("pages/distill.py").run()
+    at.selectbox(key="distill.recipe").set_value("single").run()
+    assert at.toggle(key="distill.by_time").disabled  # a budget in minutes sizes full-precision runs only
+    at.selectbox(key="distill.recipe").set_value("fp32").run()
+    at.toggle(key="distill.by_time").set_value(True).run()
+    assert at.number_input(key="distill.steps").disabled and not at.number_input(key="distill.minutes").disabled
+    at.number_input(key="distill.minutes").set_value(0.5)
+    next(b for b in at.button if b.label == "Start").click()
+    at.run()
+    assert not at.exception
+    job = at.session_state["distill.job"]
+    assert job.minutes == 0.5
+    deadline = time.time() + 120
+    while not job.history[1:] and not job.finished and time.time() < deadline:  # timed and sized, then training
+        time.sleep(0.2)
+    job.stop()
+    while not job.finished and time.time() < deadline:
+        time.sleep(0.2)
+    assert job.finished and job.error is None, job.error
+    sized = job.config.steps  # from the budget; the steps box (60, warm-up 6) only set the fractions
+    assert job.history[-1].steps == sized and job.config.warmup == min(sized, round(6 * sized / 60))
+    at.run()
+    assert not at.exception
+
+
 def test_distill_page_reconstructs_a_student_of_the_chosen_size(tmp_path, monkeypatch):
     import time
     from pathlib import Path

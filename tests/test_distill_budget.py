@@ -99,3 +99,27 @@ def test_distill_cli_sizes_the_run_to_minutes_and_resumes_the_same_schedule(tmp_
         with pytest.raises(SystemExit, match="--minutes takes a positive budget"):
             main([*base, *bad, "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_recovery_job_sized_by_minutes_trains_the_steps_that_fit(tmp_path, monkeypatch):
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.recovery.recipes import RecoveryJob
+    from headlab.engine.runtime.evaluate import PerplexityProtocol
+    from tests.tiny import tiny_handle
+
+    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
+    h = tiny_handle("llama")
+    mask = PruneMask.dense(h.geometry)
+    mask.ffn[:, : h.geometry.ffn_dim // 2] = 0
+    config = DistillConfig(steps=100, warmup=10, eval_every=20, batch_size=2, max_length=32, patience=0)
+    job = RecoveryJob(h, mask, "fp32", config=config, minutes=0.02, n_wikitext=4, n_prompts=2, max_new_tokens=3,
+                      n_heldout=4, protocol=PerplexityProtocol(window=32, stride=32, n_windows=2))
+    job.run()
+    assert job.error is None, job.error
+    steps = job.config.steps
+    assert job.result.steps_run == steps and steps >= 1
+    assert job.config.warmup == min(steps, round(10 * steps / 100))  # the same fractions of the steps
+    assert job.config.eval_every == max(1, round(20 * steps / 100))
+    for bad in (dict(minutes=0.0), dict(minutes=1.0, recipe="single"), dict(minutes=1.0, resume=True)):
+        with pytest.raises(ValueError, match="sizes a new full-precision run"):
+            RecoveryJob(h, mask, **{"recipe": "fp32", "config": config, **bad})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,6 +47,7 @@ from headlab.engine.recovery.distill import (
     prompt_split,
     with_bits,
 )
+from headlab.engine.recovery.distill.budget import probe_step_time, steps_for_budget
 from headlab.engine.recovery.encoder_agreement import encoder_agreement
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, perplexity
 
@@ -249,6 +250,13 @@ def run_recipe(
     return result
 
 
+def _sized(config: DistillConfig, steps: int) -> DistillConfig:
+    """`config` at `steps` steps, its warm-up and evaluation spacing the same fractions of them."""
+    scale = steps / config.steps
+    return replace(config, steps=steps, warmup=min(steps, round(config.warmup * scale)),
+                   eval_every=max(1, round(config.eval_every * scale)))
+
+
 @dataclass
 class RecoveryJob:
     """Prune by `mask`, distil by `recipe` and measure before / after, as an headlab.engine.core.jobs.Job.
@@ -274,6 +282,9 @@ class RecoveryJob:
     n_heldout: int = 100
     out_dir: str | os.PathLike | None = None
     resume: bool = False
+    # fp32 only: as many steps as fit this many minutes of training (distill.budget), instead of config.steps;
+    # the warm-up and the evaluation spacing keep their fractions of the steps
+    minutes: float | None = None
     history: list[StepRecord] = field(default_factory=list)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] | None = None
@@ -282,6 +293,9 @@ class RecoveryJob:
 
     def __post_init__(self) -> None:
         plan_stages(self.recipe, self.bits, self.config.check().steps, self.scheme)  # refuse bad settings now
+        if self.minutes is not None and (self.minutes <= 0 or self.recipe != "fp32" or self.resume):
+            raise ValueError(f"a budget in minutes sizes a new full-precision run (got {self.minutes} minutes, "
+                             f"recipe {self.recipe}{', resumed' if self.resume else ''}); give steps instead")
         self.job: Job[RecipeResult] = Job(self._work, name="distill")
 
     @property
@@ -324,6 +338,11 @@ class RecoveryJob:
         job.set_stage("measuring the teacher and the un-recovered student")
         self.before = {"teacher": self._measure(self.teacher, heldout),
                        "student": self._measure(self.student, heldout)}
+        if self.minutes is not None:
+            job.set_stage(f"timing a few steps to fit {self.minutes:g} minutes")
+            self.config = _sized(self.config, steps_for_budget(
+                self.teacher.tokenizer, data, self.config, self.minutes * 60,
+                probe_step_time(self.teacher, prune(self.teacher, self.mask), data, self.config)))
         job.set_stage("distilling")
         self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
                                  config=self.config, scheme=self.scheme, out_dir=self.out_dir,
