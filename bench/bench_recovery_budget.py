@@ -15,7 +15,8 @@ Data: WikiText-2 paragraphs from the END of the file (checked to lie after the h
 and the teacher's greedy answers to the shipped training prompts (never an out-of-domain item;
 headlab.engine.runtime.regions.check_fit_texts checks every text). The learning rate is chosen on the
 VALIDATION windows (tokens 75,000-79,096): each of `--lrs` trains a fresh student for `--probe-minutes`
-(cosine sized to that), and the lowest validation perplexity trains the full run.
+(cosine sized to that; on the WikiText shape `--packs` gives when it gives one, else on paragraphs), and the
+lowest validation perplexity trains the full run.
 
 The curve: perplexity on the pinned protocol (the START of the file) and on the held-out windows
 (tokens 150,000-156,144, as in bench_quality), at 0 minutes and every `--every` minutes of
@@ -232,18 +233,27 @@ def main() -> None:
     config = DistillConfig(steps=1, batch_size=args.batch_size, max_length=args.max_length,
                            temperature=args.temperature, patience=0, restore_best=False, checkpoint_every=25,
                            eval_every=10_000)
+    def save() -> None:
+        curve_path.write_text(json.dumps(state, indent=1))
+
     if "step_time" not in state:
         state["step_time"] = timed_probe(teacher, mask, data, config)
-        curve_path.write_text(json.dumps(state, indent=1))
+        save()
     lrs = [float(x) for x in args.lrs.split(",")]
-    lr = lrs[0] if len(lrs) == 1 else choose_lr(teacher, mask, data, config, lrs, args.probe_minutes,
-                                                state["step_time"], val,
-                                                state, lambda: curve_path.write_text(json.dumps(state, indent=1)))
+    packs = [int(x) for x in args.packs.split(",")]
+    # the learning-rate probes train the shape that will train when one is given (else paragraphs, and the shapes
+    # are compared at the chosen rate)
+    lr_pack = packs[0] if len(packs) == 1 else 0
+    if lr_pack and str(lr_pack) not in state.setdefault("step_time_pack", {}):
+        state["step_time_pack"][str(lr_pack)] = timed_probe(teacher, mask, fit(lr_pack)[0],
+                                                            step_shape(config, lr_pack))
+        save()
+    lr = lrs[0] if len(lrs) == 1 else choose_lr(
+        teacher, mask, fit(lr_pack)[0], step_shape(config, lr_pack), lrs, args.probe_minutes,
+        state["step_time_pack"][str(lr_pack)] if lr_pack else state["step_time"], val, state, save)
     state["lr"] = lr
     config = replace(config, lr=lr)
-    packs = [int(x) for x in args.packs.split(",")]
-    pack = choose_pack(teacher, mask, config, packs, fit, args.probe_minutes, val, state,
-                       lambda: curve_path.write_text(json.dumps(state, indent=1)))
+    pack = choose_pack(teacher, mask, config, packs, fit, args.probe_minutes, val, state, save)
     data, fit_where = fit(pack)
     config = step_shape(config, pack)
     where = f"{calibration_where}; {fit_where}"
@@ -257,7 +267,8 @@ def main() -> None:
          f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {step_time['fixed_s']:.2f} s + "
          f"{1e3 * step_time['per_token_s']:.2f} ms/token a step, over the run's batches -> {steps} steps for "
          f"{args.minutes:g} minutes; lr {lr:g} "
-         + (f"chosen on validation ({state.get('lr_probe', {})})" if len(lrs) > 1 else "given (--lrs, no probe)")
+         + (f"chosen on validation ({state.get('lr_probe', {})}, each trained on {shape_name(lr_pack)})"
+            if len(lrs) > 1 else "given (--lrs, no probe)")
          + f"; WikiText as {shape_name(pack)}, "
          + (f"chosen on validation ({state.get('pack_probe', {})})" if len(packs) > 1 else "given (--packs, no probe)"))
 
