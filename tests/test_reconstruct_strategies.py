@@ -201,6 +201,13 @@ def test_cli_export_by_width_reconstructs_and_by_depth_takes_a_refit_method(tmp_
     assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--refit-window", "48",
                  "--save-mask", str(tmp_path / "dw.json"), "--out", str(tmp_path / "dw")]) == 0
     assert PruneMask.load(tmp_path / "dw.json").meta["fit_window"] == 48
+    assert main(["export", *common, "--route", "depth", "--method", "magnitude-refit", "--refit-damp", "0.001",
+                 "--save-mask", str(tmp_path / "dd.json"), "--out", str(tmp_path / "dd")]) == 0
+    assert PruneMask.load(tmp_path / "dd.json").meta["reconstruction"]["damp"] == 0.001
+    for bad in (["--route", "width"], ["--route", "depth", "--method", "magnitude"],
+                ["--route", "depth", "--method", "magnitude-refit", "--refit-damp", "-1"]):
+        assert main(["export", *common, "--refit-damp", "0.001", *bad, "--out", str(tmp_path / "bad")]) != 0
+        assert "--refit-damp" in capsys.readouterr().err
     assert main(["export", *common, "--route", "width", "--allocation", "kl-joint", "--save-mask",
                  str(tmp_path / "k.json"), "--out", str(tmp_path / "k")]) == 0
     assert "by the kl-joint allocation" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def _size_target_mask(args: argparse.Namespace, handle: ModelHandle) -> PruneMas
         with progress_bar(f"depth ({args.method})") as cb:
             if args.method in DEPTH_REFIT_METHODS:
                 mask = depth_refit_prune(handle, keep, args.method, calib, n_texts=args.refit_texts,
-                                         window=args.refit_window, progress=cb)
+                                         window=args.refit_window, damp=args.refit_damp, progress=cb)
             else:
                 mask = depth_prune(handle, keep, args.method, calib, progress=cb)
         c = cost(handle, mask)
@@ -96,6 +96,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Physically prune by --mask or to --keep, write the checkpoint and report parity and perplexity."""
     if (args.mask is None) == (args.keep is None):
         raise ValueError("give exactly one of --mask (a mask file) or --keep (a size target)")
+    if args.refit_damp is not None and not (args.route == "depth" and args.method in DEPTH_REFIT_METHODS
+                                            and args.keep is not None and args.refit_damp >= 0):
+        raise ValueError(f"--refit-damp (>= 0, got {args.refit_damp}) sets the ridge of a depth -refit method's "
+                         "stand-ins: give it with --keep, --route depth and --method <depth method>-refit")
     handle = load_handle(args)
     mask = load_mask(args.mask, handle) if args.mask else _size_target_mask(args, handle)
     if args.save_mask:
@@ -173,6 +177,10 @@ def register(sub: Subparsers) -> None:
                         "span of --refit-texts paragraphs, in windows of this many tokens (headings and short "
                         "paragraphs too: 694 paragraphs' span in windows of 512 is about 146,000 tokens for SmolLM2, "
                         "against 81,000 in the paragraphs alone); 0 = one text per paragraph")
+    p.add_argument("--refit-damp", type=float, default=None,
+                   help="with a depth -refit method: the stand-ins' ridge damping, a fraction of the mean Gram "
+                        "diagonal (default 0.01; on the whole fit region as 512-token windows validation chose less: "
+                        "bench/results/choices.csv)")
     p.add_argument("--allocation", default="auto", choices=[a for a in ALLOCATIONS if a != "uniform"],
                    help="with --keep --route width (per layer): how many heads and channels each layer loses; auto "
                         "is the allocation chosen on validation text (bench/results/choices.csv); flap is the "
