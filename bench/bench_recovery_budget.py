@@ -87,7 +87,7 @@ def student_mask(teacher: Any, model: str | None, method: str, config: str, quic
 
 def timed_probe(teacher: Any, mask: PruneMask, data: Any, config: DistillConfig) -> dict[str, float]:
     """The step-time model (budget.StepTime as a dict), from steps on a throwaway copy of the student."""
-    return asdict(probe_step_time(teacher, prune(teacher, mask), data, config))
+    return asdict(probe_step_time(teacher, mask, data, config))
 
 
 def budget_steps(teacher: Any, data: Any, config: DistillConfig, minutes: float, model: dict[str, float],

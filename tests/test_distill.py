@@ -246,8 +246,8 @@ def test_history_reports_the_untrained_student_at_step_zero(llama_handle, data):
     assert seen[0].heldout is not None and seen[0].loss is None
 
 
-def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecovered(tmp_path, monkeypatch):
-    import time
+def _distill_page(tmp_path, monkeypatch):
+    """(the app on the Distill page with the tiny Llama and _mask as the session's mask, that model's handle)."""
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
@@ -263,6 +263,13 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
     at.session_state[keys.MASK] = MaskState(ModelChoice(str(model_dir)).key, _mask(h))
     at.run()
     at.switch_page("pages/distill.py").run()
+    return at, h
+
+
+def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecovered(tmp_path, monkeypatch):
+    import time
+
+    at, h = _distill_page(tmp_path, monkeypatch)
     assert not at.exception
     at.number_input(key="distill.steps").set_value(3)
     at.selectbox(key="distill.recipe").set_value("single")
@@ -286,21 +293,8 @@ def test_distill_page_trains_a_student_and_compares_it_with_teacher_and_unrecove
 
 def test_distill_page_sizes_a_full_precision_run_by_minutes(tmp_path, monkeypatch):
     import time
-    from pathlib import Path
 
-    from streamlit.testing.v1 import AppTest
-
-    from headlab.ui import keys
-    from headlab.ui.models import ModelChoice
-    from headlab.ui.session import MaskState
-
-    model_dir, h = save_tiny(tmp_path / "tiny-llama", "llama"), tiny_handle("llama")
-    monkeypatch.setenv("HEADLAB_MODEL", str(model_dir))
-    monkeypatch.setenv("HEADLAB_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=180)
-    at.session_state[keys.MASK] = MaskState(ModelChoice(str(model_dir)).key, _mask(h))
-    at.run()
-    at.switch_page("pages/distill.py").run()
+    at, h = _distill_page(tmp_path, monkeypatch)
     at.selectbox(key="distill.recipe").set_value("single").run()
     assert at.toggle(key="distill.by_time").disabled  # a budget in minutes sizes full-precision runs only
     at.selectbox(key="distill.recipe").set_value("fp32").run()

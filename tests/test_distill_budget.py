@@ -61,11 +61,10 @@ def test_the_budget_counts_each_drawn_batch_at_its_own_cost(llama_handle, mixed)
 
 def test_a_probe_times_real_steps_and_leaves_the_teacher_alone(llama_handle, mixed):
     from headlab.engine.core.mask import PruneMask
-    from headlab.engine.export.surgery import prune
     from headlab.engine.recovery.distill.budget import probe_step_time
 
     before = {k: v.clone() for k, v in llama_handle.model.state_dict().items()}
-    model = probe_step_time(llama_handle, prune(llama_handle, PruneMask.dense(llama_handle.geometry)), mixed,
+    model = probe_step_time(llama_handle, PruneMask.dense(llama_handle.geometry), mixed,
                             DistillConfig(batch_size=1, max_length=64, warmup=1))
     assert model.per_token_s > 0 and model.fixed_s >= 0
     assert all(torch.equal(before[k], v) for k, v in llama_handle.model.state_dict().items())

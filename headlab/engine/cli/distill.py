@@ -102,7 +102,7 @@ def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMas
             return int(kept["steps"])
         raise ValueError(f"{out} was sized to {kept.get('minutes')} minutes; resume it with that --minutes")
     say(f"timing a few steps to fit {args.minutes:g} minutes ...")
-    model = probe_step_time(teacher, prune(teacher, mask), data, config)
+    model = probe_step_time(teacher, mask, data, config)
     steps = steps_for_budget(teacher.tokenizer, data, config, args.minutes * 60, model)
     write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, "fixed_s": model.fixed_s,
                                          "per_token_s": model.per_token_s}, indent=1))

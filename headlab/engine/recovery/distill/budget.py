@@ -7,7 +7,7 @@ and dividing the budget by their mean then sizes the schedule by whichever texts
 seconds = fixed + per_token x padded tokens, and the schedule gets the steps whose predicted times, summed over
 the batches `loop._batch_texts` will really draw, fill the budget.
 
-    model = probe_step_time(teacher, prune(teacher, mask), data, config)   # trains that copy: throw it away
+    model = probe_step_time(teacher, mask, data, config)   # trains a throwaway copy pruned by `mask`
     steps = steps_for_budget(teacher.tokenizer, data, config, 15 * 60, model)
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 from headlab.engine.core.handle import ModelHandle
+from headlab.engine.core.mask import PruneMask
+from headlab.engine.export.surgery import prune
 from headlab.engine.recovery.distill.config import DistillConfig
 from headlab.engine.recovery.distill.data import DistillData
 from headlab.engine.recovery.distill.loop import _batch_texts, distill
@@ -65,11 +67,11 @@ def fit_step_time(walls: Sequence[float], tokens: Sequence[int]) -> StepTime:
     return StepTime(0.0, sum(walls) / sum(tokens))  # proportional: the fit's terms would not both be physical
 
 
-def probe_step_time(teacher: ModelHandle, student: ModelHandle, data: DistillData, config: DistillConfig) -> StepTime:
-    """The step-time model from PROBE_STEPS steps of `config` on `student`, which they train: pass a throwaway
-    copy. The probe draws the run's first batches (same seed and offset), so their token counts are the run's."""
+def probe_step_time(teacher: ModelHandle, mask: PruneMask, data: DistillData, config: DistillConfig) -> StepTime:
+    """The step-time model from PROBE_STEPS steps of `config` on a throwaway student pruned by `mask` (the steps
+    train it). The probe draws the run's first batches (same seed and offset), so their token counts are the run's."""
     walls: list[float] = []
-    distill(teacher, student, data, replace(config, steps=PROBE_STEPS, eval_every=10 * PROBE_STEPS,
+    distill(teacher, prune(teacher, mask), data, replace(config, steps=PROBE_STEPS, eval_every=10 * PROBE_STEPS,
                                             checkpoint_every=10 * PROBE_STEPS),
             progress=lambda rec: walls.append(rec.elapsed_s))
     # walls[0]: step 0 (the untrained student's held-out metric); walls[i]: after step i, which drew batch i - 1
