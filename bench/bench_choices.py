@@ -11,7 +11,7 @@ stage keeps the previous stages' winners:
 1. inputs: the input side re-fitted or not (RefitConfig.inputs: none / pruned / all);
 2. allocation: how many units each layer loses (flap, ablation, owl, global, kl: global's OBS costs in units of
    the measured KL; joint and kl-joint also split the parameters between heads and channels);
-3. damping: the ridge damping of every solve;
+3. damping: the ridge damping of every solve (width20 compares it again at the text budget chosen: "fit damp");
 4. target: each projection's own dense output, or the dense residual stream (a sub-block also corrects
    the error its input carries);
 5. calibration: WikiText alone, or mixed (WikiText and the model's own answers to training prompts). Every
@@ -87,6 +87,9 @@ STAGES = {
         ("calibration", ["calibration=wikitext", "calibration=mixed"]),
         ("texts", ["n_texts=128", "n_texts=512", WHOLE_FIT]),
         ("calibration texts", ["calib_texts=32", "calib_texts=512"]),
+        # the ridge again at the text budget chosen (the damp stage above ran at 128 texts): depth's stand-ins went
+        # from 1.815x to 1.593x by lowering it there
+        ("fit damp", ["damp=0.01", "damp=0.001", "damp=0.0001"]),
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)

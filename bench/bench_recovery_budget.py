@@ -265,7 +265,8 @@ def main() -> None:
     _say(f"# {teacher.name}: {c.params_kept:,}/{c.params_total:,} parameters kept ({100 * c.params_removed_fraction:.1f}% "
          f"removed) by {args.method}@{args.config}; {args.threads} thread(s), load {load:.1f}; data {data.sources} "
          f"({where}); batch {config.batch_size} x {config.max_length} tokens; probe {step_time['fixed_s']:.2f} s + "
-         f"{1e3 * step_time['per_token_s']:.2f} ms/token a step, over the run's batches -> {steps} steps for "
+         f"{1e3 * step_time['per_token_s']:.2f} ms/token a step (+{step_time.get('checkpoint_s', 0.0):.1f} s a "
+         f"checkpoint), over the run's batches -> {steps} steps for "
          f"{args.minutes:g} minutes; lr {lr:g} "
          + (f"chosen on validation ({state.get('lr_probe', {})}, each trained on {shape_name(lr_pack)})"
             if len(lrs) > 1 else "given (--lrs, no probe)")

@@ -59,6 +59,22 @@ def test_the_budget_counts_each_drawn_batch_at_its_own_cost(llama_handle, mixed)
         steps_for_budget(tok, mixed, config, 0, model)
 
 
+def test_the_budget_counts_evaluations_and_checkpoints_where_the_run_does_them(llama_handle, mixed):
+    tok = llama_handle.tokenizer
+    config = DistillConfig(batch_size=1, max_length=64, eval_every=10, checkpoint_every=4)
+    model = StepTime(0.1, 0.01, eval_s=2.0, checkpoint_s=0.5)
+    costs = [model.predict(t) for t in step_tokens(tok, mixed, config, range(40))]
+    # 23 steps: evaluations after 10 and 20 and the last, checkpoints after 4, 8, ..., 20 and the last
+    run23 = sum(costs[:23]) + 3 * 2.0 + 6 * 0.5
+    assert steps_for_budget(tok, mixed, config, run23 + 1e-9, model) == 23
+    assert steps_for_budget(tok, mixed, config, run23 - 1e-9, model) < 23
+    # a run that writes no checkpoints fits more steps in the same time
+    assert steps_for_budget(tok, mixed, config, run23, model, checkpoints=False) > 23
+    # 20 steps: the last step's evaluation and checkpoint are the periodic ones, counted once
+    run20 = sum(costs[:20]) + 2 * 2.0 + 5 * 0.5
+    assert steps_for_budget(tok, mixed, config, run20 + 1e-9, model) == 20
+
+
 def test_a_probe_times_real_steps_and_leaves_the_teacher_alone(llama_handle, mixed):
     from headlab.engine.core.mask import PruneMask
     from headlab.engine.recovery.distill.budget import probe_step_time
@@ -66,8 +82,34 @@ def test_a_probe_times_real_steps_and_leaves_the_teacher_alone(llama_handle, mix
     before = {k: v.clone() for k, v in llama_handle.model.state_dict().items()}
     model = probe_step_time(llama_handle, PruneMask.dense(llama_handle.geometry), mixed,
                             DistillConfig(batch_size=1, max_length=64, warmup=1))
-    assert model.per_token_s > 0 and model.fixed_s >= 0
+    assert model.per_token_s > 0 and model.fixed_s >= 0 and model.eval_s >= 0 and model.checkpoint_s >= 0
     assert all(torch.equal(before[k], v) for k, v in llama_handle.model.state_dict().items())
+
+
+def test_a_probe_times_one_evaluation_and_one_checkpoint_in_a_folder_it_removes(llama_handle, mixed, monkeypatch,
+                                                                              tmp_path):
+    import tempfile
+    import time
+
+    from headlab.engine.core.mask import PruneMask
+    from headlab.engine.recovery.distill import loop
+    from headlab.engine.recovery.distill.budget import probe_step_time
+
+    def slow(fn, seconds):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    # an evaluation that takes 0.4 s longer and a checkpoint write 0.25 s longer than their own work
+    monkeypatch.setattr(loop, "heldout_metric", slow(loop.heldout_metric, 0.4))
+    monkeypatch.setattr(loop, "_write_checkpoint", slow(loop._write_checkpoint, 0.25))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = probe_step_time(llama_handle, PruneMask.dense(llama_handle.geometry), mixed,
+                            DistillConfig(batch_size=1, max_length=64, warmup=1))
+    assert 0.4 <= model.eval_s < 1.5 and 0.25 <= model.checkpoint_s < 1.5
+    assert model.fixed_s < 0.25  # neither leaked into the steps' fit
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_distill_cli_sizes_the_run_to_minutes_and_resumes_the_same_schedule(tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,10 +104,10 @@ def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMas
     say(f"timing a few steps to fit {args.minutes:g} minutes ...")
     model = probe_step_time(teacher, mask, data, config)
     steps = steps_for_budget(teacher.tokenizer, data, config, args.minutes * 60, model)
-    write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, "fixed_s": model.fixed_s,
-                                         "per_token_s": model.per_token_s}, indent=1))
+    write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, **asdict(model)}, indent=1))
     print(f"budget: {steps} steps fit {args.minutes:g} minutes ({model.fixed_s:.2f} s + "
-          f"{1e3 * model.per_token_s:.3f} ms per padded token a step)")
+          f"{1e3 * model.per_token_s:.3f} ms per padded token a step; {model.eval_s:.1f} s an evaluation, "
+          f"{model.checkpoint_s:.1f} s a checkpoint)")
     return steps
 
 

@@ -342,7 +342,7 @@ class RecoveryJob:
             job.set_stage(f"timing a few steps to fit {self.minutes:g} minutes")
             self.config = _sized(self.config, steps_for_budget(
                 self.teacher.tokenizer, data, self.config, self.minutes * 60,
-                probe_step_time(self.teacher, self.mask, data, self.config)))
+                probe_step_time(self.teacher, self.mask, data, self.config), checkpoints=self.out_dir is not None))
         job.set_stage("distilling")
         self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
                                  config=self.config, scheme=self.scheme, out_dir=self.out_dir,

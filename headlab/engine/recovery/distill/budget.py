@@ -5,7 +5,9 @@ window per step, a step that draws a short answer costs a third of one that draw
 and dividing the budget by their mean then sizes the schedule by whichever texts those steps happened to draw
 (a run sized that way reached step 530 of 659). Here the probe's steps give a step-time model,
 seconds = fixed + per_token x padded tokens, and the schedule gets the steps whose predicted times, summed over
-the batches `loop._batch_texts` will really draw, fill the budget.
+the batches `loop._batch_texts` will really draw, fill the budget. The probe also times one held-out evaluation
+and one checkpoint write, and the schedule counts each where the run will do it (every `eval_every` and
+`checkpoint_every` steps, and after the last): a 15-minute run that left them out ended at step 262 of 272.
 
     model = probe_step_time(teacher, mask, data, config)   # trains a throwaway copy pruned by `mask`
     steps = steps_for_budget(teacher.tokenizer, data, config, 15 * 60, model)
@@ -13,6 +15,7 @@ the batches `loop._batch_texts` will really draw, fill the budget.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
@@ -25,15 +28,19 @@ from headlab.engine.recovery.distill.loop import _batch_texts, distill
 
 __all__ = ["StepTime", "fit_step_time", "probe_step_time", "step_tokens", "steps_for_budget"]
 
-PROBE_STEPS = 8  # the first is warm-up and the last also evaluates: the six between are timed
+PROBE_STEPS = 8  # the first is warm-up and the last also evaluates: the steps between are timed
+PROBE_CHECKPOINT = 4  # the probe's checkpoint after step 4 lands in step 5's wall time: step 5 times the write
 
 
 @dataclass(frozen=True)
 class StepTime:
-    """Predicted seconds of one training step: fixed + per_token x its padded tokens."""
+    """Predicted seconds of one training step: fixed + per_token x its padded tokens; a held-out evaluation
+    and a checkpoint write cost eval_s and checkpoint_s on top of the step they follow."""
 
     fixed_s: float
     per_token_s: float
+    eval_s: float = 0.0
+    checkpoint_s: float = 0.0
 
     def predict(self, tokens: int) -> float:
         return self.fixed_s + self.per_token_s * tokens
@@ -69,27 +76,41 @@ def fit_step_time(walls: Sequence[float], tokens: Sequence[int]) -> StepTime:
 
 def probe_step_time(teacher: ModelHandle, mask: PruneMask, data: DistillData, config: DistillConfig) -> StepTime:
     """The step-time model from PROBE_STEPS steps of `config` on a throwaway student pruned by `mask` (the steps
-    train it). The probe draws the run's first batches (same seed and offset), so their token counts are the run's."""
+    train it; its checkpoints go to a temporary folder). The probe draws the run's first batches (same seed and
+    offset), so their token counts are the run's."""
     walls: list[float] = []
-    distill(teacher, prune(teacher, mask), data, replace(config, steps=PROBE_STEPS, eval_every=10 * PROBE_STEPS,
-                                            checkpoint_every=10 * PROBE_STEPS),
-            progress=lambda rec: walls.append(rec.elapsed_s))
+    with tempfile.TemporaryDirectory(prefix="headlab-probe-") as tmp:
+        distill(teacher, prune(teacher, mask), data,
+                replace(config, steps=PROBE_STEPS, eval_every=10 * PROBE_STEPS, checkpoint_every=PROBE_CHECKPOINT),
+                out_dir=tmp, progress=lambda rec: walls.append(rec.elapsed_s))
     # walls[0]: step 0 (the untrained student's held-out metric); walls[i]: after step i, which drew batch i - 1
-    timed = range(2, PROBE_STEPS)
-    return fit_step_time([walls[i] - walls[i - 1] for i in timed],
-                         step_tokens(teacher.tokenizer, data, config, [i - 1 for i in timed]))
+    tokens = step_tokens(teacher.tokenizer, data, config, range(PROBE_STEPS))
+    wall = {i: walls[i] - walls[i - 1] for i in range(1, PROBE_STEPS + 1)}
+    timed = [i for i in range(2, PROBE_STEPS) if i != PROBE_CHECKPOINT + 1]
+    model = fit_step_time([wall[i] for i in timed], [tokens[i - 1] for i in timed])
+    # what the checkpoint write (in step 5's wall) and the last step's evaluation add to their steps' predicted times
+    extra = {i: max(0.0, wall[i] - model.predict(tokens[i - 1])) for i in (PROBE_CHECKPOINT + 1, PROBE_STEPS)}
+    return replace(model, checkpoint_s=extra[PROBE_CHECKPOINT + 1], eval_s=extra[PROBE_STEPS])
 
 
 def steps_for_budget(tokenizer: Any, data: DistillData, config: DistillConfig, seconds: float, model: StepTime,
-                     *, minimum: int = 1, limit: int = 1_000_000) -> int:
-    """The number of steps whose predicted times, over the batches the run draws from step 0, fill `seconds`."""
+                     *, minimum: int = 1, limit: int = 1_000_000, checkpoints: bool = True) -> int:
+    """The number of steps whose predicted times, over the batches the run draws from step 0, fill `seconds`, with
+    a held-out evaluation every `config.eval_every` steps and a checkpoint every `config.checkpoint_every` (when
+    the run writes them: `checkpoints`), and both after the last step."""
     if seconds <= 0:
         raise ValueError(f"the budget must be positive, got {seconds} s")
+    ckpt = model.checkpoint_s if checkpoints else 0.0
     total, step = 0.0, 0
     while step < limit:
+        n = step + 1  # the run's step count if this step is its last
         (tokens,) = step_tokens(tokenizer, data, config, [step])
         total += model.predict(tokens)
-        if total > seconds:
+        periodic = (model.eval_s if n % config.eval_every == 0 else 0.0) + (ckpt if n % config.checkpoint_every == 0
+                                                                            else 0.0)
+        final = (model.eval_s if n % config.eval_every else 0.0) + (ckpt if n % config.checkpoint_every else 0.0)
+        if total + periodic + final > seconds:
             break
+        total += periodic
         step += 1
     return max(minimum, step)
