@@ -24,9 +24,10 @@ stage keeps the previous stages' winners:
    cores for the first two), so the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names
    `n_texts=` (and `window=`) where it uses more;
 7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
-heads30 takes width20's input mode and compares allocations and re-fit text counts; heads50 compares the re-fit
-texts; depth20 (the iterative ablation's layers, their neighbours re-fitted: ablation-iterative-refit) compares
-the input mode, the re-fit texts and then the damping at that text budget. Its candidates share one layer search
+heads30 takes width20's input mode and compares allocations and re-fit text counts; heads50 compares the
+allocation, the target and the re-fit texts; depth20 (the iterative ablation's layers, their neighbours
+re-fitted: ablation-iterative-refit) compares the input mode, the re-fit texts and then the damping at that
+text budget. Its candidates share one layer search
 (bench_quality.layer_search: the ablation-iterative mask cached for depth20, its time counted in each
 candidate's selection time).
 
@@ -60,6 +61,7 @@ from bench.bench_quality import (
     save_stats,
 )
 from headlab.engine.core.csvfile import write_rows
+from headlab.engine.core.files import write_atomic_text
 from headlab.engine.models.load import load_model
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.pruning.strategies.reconstruct import AUTO_ALLOCATION, GLOBAL_NORMALISATION, REFIT_TEXTS
@@ -100,6 +102,10 @@ STAGES = {
     # depth's stand-ins compare it with none: on main text depth was 2.47x with it, 2.32x without)
     "heads50": [
         ("inputs", ["inputs=all"]),
+        # half the heads gone: the allocation (global's OBS costs against the measured KL), and whether the intact
+        # FFN behind each attention also corrects the error attention leaves in the stream (residual targets)
+        ("allocation", ["allocation=global", "allocation=kl"]),
+        ("target", ["target=output", "target=residual"]),
         ("texts", ["n_texts=128", WHOLE_FIT]),
     ],
     "depth20": [
@@ -210,11 +216,11 @@ def main() -> None:
                                     "vood_nll": ood_nll(handle, mask, vood_items)["all"],
                                     "select_s": round(mask.meta.get("bench_select_seconds", float("nan")), 1),
                                     "measured": time.strftime("%Y-%m-%d")}
-                    results_path.write_text(json.dumps(results, indent=1))
+                    save_result(results_path, results, key)
                 r = results[key]
                 if "vood_nll" not in r:  # cached before the column existed
                     r["vood_nll"] = ood_nll(handle, cached, vood_items)["all"]
-                    results_path.write_text(json.dumps(results, indent=1))
+                    save_result(results_path, results, key)
                 scored.append((r["ppl_validation"], option))
                 print(f"  {config} {stage:>13} {method:>60}: validation {r['ppl_validation']:8.3f} "
                       f"({r['ppl_validation'] / dense:.3f}x)  out-of-domain NLL {r['vood_nll']:.3f} "
@@ -233,6 +239,16 @@ def main() -> None:
         print(f"# {config}: chosen {spec(winners, config)}\n", flush=True)
     write_rows(merged_rows(csv_path, rows), csv_path)
     print(f"wrote {csv_path}")
+
+
+def save_result(path: Path, results: dict[str, dict], key: str) -> None:
+    """Write `results[key]` into the JSON at `path` over what the file holds now: runs of other configurations
+    in parallel each add their own candidates and keep the others' (the file is read again, not overwritten from
+    this run's copy), and the file is replaced whole, never left half-written."""
+    on_disk = json.loads(path.read_text()) if path.exists() else {}
+    on_disk[key] = results[key]
+    results.update(on_disk)
+    write_atomic_text(path, json.dumps(on_disk, indent=1))
 
 
 def recorded_results(csv_path: Path) -> dict[str, dict]:

@@ -136,6 +136,24 @@ def test_a_run_of_some_stages_keeps_the_csvs_other_rows(tmp_path):
     assert merged_rows(path, new) == [old[0], new[0]]  # the stage run replaces all its rows, the others stay
 
 
+def test_parallel_runs_of_bench_choices_keep_each_others_scores(tmp_path):
+    import json
+
+    from bench.bench_choices import save_result
+
+    path = tmp_path / "choices.json"
+    width = {"obs@width20": {"ppl_validation": 30.0}}
+    heads = {"obs@heads50": {"ppl_validation": 26.0}}  # another run, started from the same empty file
+    save_result(path, width, "obs@width20")
+    save_result(path, heads, "obs@heads50")
+    width["obs[damp=0.001]@width20"] = {"ppl_validation": 29.0}
+    save_result(path, width, "obs[damp=0.001]@width20")  # this run's copy never held heads50's entry
+    assert json.loads(path.read_text()) == {"obs@width20": {"ppl_validation": 30.0},
+                                            "obs@heads50": {"ppl_validation": 26.0},
+                                            "obs[damp=0.001]@width20": {"ppl_validation": 29.0}}
+    assert "obs@heads50" in width  # and the run sees what the others wrote
+
+
 def test_a_fresh_cache_takes_the_csvs_validation_scores_instead_of_remaking_their_masks(tmp_path):
     from bench.bench_choices import recorded_results
     from headlab.engine.core.csvfile import write_rows
