@@ -25,11 +25,11 @@ stage keeps the previous stages' winners:
    `n_texts=` (and `window=`) where it uses more;
 7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
 heads30 takes width20's input mode and compares allocations and re-fit text counts; heads50 compares the
-allocation, the target and the re-fit texts; depth20 (the iterative ablation's layers, their neighbours
-re-fitted: ablation-iterative-refit) compares the input mode, the re-fit texts and then the damping at that
-text budget. Its candidates share one layer search
-(bench_quality.layer_search: the ablation-iterative mask cached for depth20, its time counted in each
-candidate's selection time).
+allocation, the target, re-solving the FFNs that lose nothing, and the re-fit texts; depth20 (the iterative
+ablation's layers, their neighbours re-fitted: ablation-iterative-refit) compares the input mode, the re-fit
+texts and then the damping at that text budget. Its candidates share one layer search (bench_quality
+.layer_search: the ablation-iterative mask cached for depth20, its time counted in each candidate's selection
+time).
 
 Masks are chosen under the regions guard (nothing a method reads may hold main, validation, held-out
 or out-of-domain text) and cached with bench_quality's, so bench_quality reuses the winners' masks.
@@ -106,6 +106,8 @@ STAGES = {
         # FFN behind each attention also corrects the error attention leaves in the stream (residual targets)
         ("allocation", ["allocation=global", "allocation=kl"]),
         ("target", ["target=output", "target=residual"]),
+        # ... and whether those FFNs, which lose nothing, are re-solved on their shifted inputs too
+        ("unpruned", ["refit_unpruned=false", "refit_unpruned=true"]),
         ("texts", ["n_texts=128", WHOLE_FIT]),
     ],
     "depth20": [
@@ -124,7 +126,8 @@ BASE = {"depth20": "ablation-iterative-refit"}
 # Settings equal to what obs does without them today, dropped from a candidate's name so one mask is never chosen
 # twice under two names. "auto" allocations follow the code (AUTO_ALLOCATION); a cached mask or result made when
 # "auto" meant another allocation is stale (bench_quality.stale_reason) and is made again.
-_COMMON = {"damp=0.01", f"normalise={GLOBAL_NORMALISATION}", "target=output", f"n_texts={REFIT_TEXTS}"}
+_COMMON = {"damp=0.01", f"normalise={GLOBAL_NORMALISATION}", "target=output", f"n_texts={REFIT_TEXTS}",
+           "refit_unpruned=false"}
 IMPLIED = {"width20": {f"allocation={AUTO_ALLOCATION['width']}", *_COMMON, "calibration=wikitext", "calib_texts=32"},
            "heads30": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},
            "heads50": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},

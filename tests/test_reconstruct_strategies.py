@@ -71,6 +71,23 @@ def test_obs_strategy_removes_the_budget_and_refits():
     assert abs(got - asked) <= unit_params(h)["attn"]  # a joint allocation may move the split, not the size
 
 
+def test_obs_can_refit_the_sub_blocks_that_lose_nothing():
+    """A heads-only budget leaves every FFN whole: by default only the attention is re-solved; with
+    refit_unpruned the FFNs are too (on their shifted inputs), and the mask says so."""
+    h, calib = tiny_handle("llama"), _calib()
+    g = h.geometry
+    plain = ObsStrategy(allocation="uniform", inputs="none")(h, Budget(heads=g.n_layers), calib)
+    both = ObsStrategy(allocation="uniform", inputs="none", refit_unpruned=True)(h, Budget(heads=g.n_layers), calib)
+    assert torch.equal(plain.heads, both.heads) and bool(both.ffn.all())  # the same units go, no channel
+    assert plain.refits("ffn") == {} and sorted(plain.refits("attn")) == list(range(g.n_layers))
+    assert sorted(both.refits("ffn")) == list(range(g.n_layers))
+    assert both.meta["reconstruction"]["refit_unpruned"] and not plain.meta["reconstruction"]["refit_unpruned"]
+    errors = both.meta["reconstruction"]["relative_error"]["ffn"]
+    assert all(e is not None for e in errors)
+    with pytest.raises(ValueError, match="refit_unpruned must be true or false"):
+        ObsStrategy(refit_unpruned="yes")
+
+
 def test_obs_with_ffn_blocks_keeps_whole_blocks_in_every_layer_for_every_allocation():
     """Counts rounded before OBS chooses (a Q8_0 deployment: blocks of 32 channels), not after."""
     h, calib = tiny_handle("llama"), _calib()  # FFN 128 per layer

@@ -399,6 +399,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
                   + ("matching the dense residual stream after each sub-block" if residual
                      else "matching each projection's dense output"),
         "target": config.target, "damp": config.damp, "intercept": config.intercept, "units": config.units,
+        "refit_unpruned": config.refit_unpruned,
         "inputs": config.inputs, "input_damp": config.input_damp,
         "input_maps": {"attn": sorted(mask.attn_in), "ffn": sorted(mask.ffn_in)},
         "calibration_texts": len(texts), "calibration_tokens": n_tokens,

@@ -217,7 +217,8 @@ class ObsStrategy(Strategy):
 
     def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
                  intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1, inputs: str = "auto",
-                 damp: float | None = None, normalise: str | None = None, window: int = 0):
+                 damp: float | None = None, normalise: str | None = None, window: int = 0,
+                 refit_unpruned: bool = False):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if inputs not in INPUT_CHOICES:
@@ -226,6 +227,12 @@ class ObsStrategy(Strategy):
         self.allocation, self.target, self.even_groups, self.intercept = allocation, target, even_groups, intercept
         self.n_texts, self.ffn_align, self.inputs, self.damp, self.normalise = n_texts, ffn_align, inputs, damp, normalise
         self.window = window  # > 0: fit on the running text of the n_texts paragraphs' span, in windows (refit_texts)
+        # re-solve the output projections of sub-blocks that lose nothing too (after the first loss they read shifted
+        # inputs; with target="residual" they also correct the error the stream carries): the FFNs behind a
+        # heads-only budget
+        if not isinstance(refit_unpruned, bool):
+            raise ValueError(f"refit_unpruned must be true or false, got {refit_unpruned!r}")
+        self.refit_unpruned = refit_unpruned
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
@@ -237,7 +244,8 @@ class ObsStrategy(Strategy):
                                        even_groups=self.even_groups, normalise=self.normalise, texts=texts,
                                        curves=curves)
         damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
-        config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept, **damp)
+        config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept,
+                         refit_unpruned=self.refit_unpruned, **damp)
         mask = obs_prune(handle, heads, channels, texts, even_groups=self.even_groups, config=config, progress=progress)
         used = self.allocation
         if used == "auto":
