@@ -226,16 +226,15 @@ def load_tensors(path: Path) -> dict[str, Any]:
     return out
 
 
-def kl_memo_path(cache_dir: Path, handle: Any, key: tuple) -> Path:
-    """The file of one measured-KL allocation (reconstruct/measured.kl_costs's memo entry) for `handle`."""
-    from headlab.engine.importance.ablation_store import model_fingerprint
-
-    digest = hashlib.sha256(f"{model_fingerprint(handle)}|{key!r}".encode()).hexdigest()[:24]
+def kl_memo_path(cache_dir: Path, fingerprint: str, key: tuple) -> Path:
+    """The file of one measured-KL allocation (reconstruct/measured.kl_costs's memo entry) for the model whose
+    weights have `fingerprint` (ablation_store.model_fingerprint)."""
+    digest = hashlib.sha256(f"{fingerprint}|{key!r}".encode()).hexdigest()[:24]
     return cache_dir / "kl_costs" / f"{digest}.safetensors"
 
 
 def load_kl_memo(handle: Any, cache_dir: Path) -> int:
-    """Put every measured-KL allocation stored for `handle` into kl_costs's memo; how many there were.
+    """Put every measured-KL allocation stored for `handle` and not yet in kl_costs's memo into it; how many.
 
     kl_costs keeps its measurement for the model's lifetime, so the candidates of one run that differ only in
     the re-fit (the damping, the target) measure it once; on disk the next run does not measure it again either
@@ -252,13 +251,14 @@ def load_kl_memo(handle: Any, cache_dir: Path) -> int:
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("fingerprint") != fingerprint:
+            key = ast.literal_eval(meta["key"]) if meta.get("fingerprint") == fingerprint else None
+            if key is None or key in memo:
                 continue
             layout = json.loads(meta["layout"])
             costs = {kind: [f.get_tensor(f"{kind}.{i}") for i in range(n_layers)] for kind, n_layers in layout.items()}
         curves = {kind: [LayerCurve([tuple(p) for p in points]) for points in layers]
                   for kind, layers in json.loads(meta["curves"]).items()}
-        memo[ast.literal_eval(meta["key"])] = (costs, curves)
+        memo[key] = (costs, curves)
         n += 1
     return n
 
@@ -270,20 +270,23 @@ def save_kl_memo(handle: Any, cache_dir: Path) -> int:
     from headlab.engine.importance.ablation_store import model_fingerprint
     from headlab.engine.pruning.reconstruct.measured import _MEMO
 
-    written = 0
-    for key, (costs, curves) in _MEMO.get(handle.model, {}).items():
-        path = kl_memo_path(cache_dir, handle, key)
+    entries = _MEMO.get(handle.model, {})
+    if not entries:
+        return 0
+    fingerprint, written = model_fingerprint(handle), 0
+    for key, (costs, curves) in entries.items():
+        path = kl_memo_path(cache_dir, fingerprint, key)
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{kind}.{i}": c.contiguous() for kind, layers in costs.items() for i, c in enumerate(layers)}
-        meta = {"fingerprint": model_fingerprint(handle), "key": repr(key),
+        meta = {"fingerprint": fingerprint, "key": repr(key),
                 "layout": json.dumps({kind: len(layers) for kind, layers in costs.items()}),
                 "curves": json.dumps({kind: [list(map(list, c.points)) for c in layers]
                                       for kind, layers in curves.items()})}
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel runs never share a temporary file
         save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        os.replace(tmp, path)
         written += 1
     return written
 
