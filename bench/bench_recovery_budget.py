@@ -9,7 +9,8 @@ heads and FFN channels), chosen and re-fitted by structured OBS (headlab.engine.
 then physically pruned (headlab.engine.export.surgery; the re-solved weights are in the copy). Then
 full-parameter distillation (headlab.engine.recovery.distill: KL to the dense teacher's logits, AdamW,
 cosine schedule sized to the budget: a timed probe gives seconds per step as fixed + per padded token,
-summed over the batches the run will draw, headlab.engine.recovery.distill.budget) until `--minutes` of
+summed over the batches the run will draw, headlab.engine.recovery.distill.budget, and after a fifth of the
+steps the run sizes itself again from its own steps' training time, budget.Rebudget) until `--minutes` of
 training have passed.
 Data: WikiText-2 paragraphs from the END of the file (checked to lie after the held-out windows)
 and the teacher's greedy answers to the shipped training prompts (never an out-of-domain item;
@@ -61,7 +62,7 @@ from headlab.engine.models.load import DEFAULT_MODEL, load_model
 from headlab.engine.models.load import cache_dir as cache_dir_root
 from headlab.engine.pruning.strategies import Calibration
 from headlab.engine.recovery.distill import DistillConfig, distill, distill_data
-from headlab.engine.recovery.distill.budget import StepTime, probe_step_time, steps_for_budget
+from headlab.engine.recovery.distill.budget import Rebudget, StepTime, probe_step_time, steps_for_budget
 from headlab.engine.recovery.distill.checkpoint import has_checkpoint
 from headlab.engine.runtime.agreement import agreement, dense_reference
 from headlab.engine.runtime.cost import cost
@@ -295,6 +296,7 @@ def main() -> None:
     if not points:
         point(0, 0.0)
     records: list[Any] = []
+    trained: dict[int, float] = {}  # step -> training seconds when it ended (the curve's evaluations after it left out)
 
     def train_s(rec: Any) -> float:
         """Training time: the run's wall time (kept across resumes by the checkpoint) less the curve's evaluations."""
@@ -304,15 +306,24 @@ def main() -> None:
         if not records and rec.step:  # resumed from a checkpoint: points past it are measured again
             points[:] = [p for p in points if p["step"] < rec.step]
         records.append(rec)
+        trained[rec.step] = train_s(rec)
         if rec.step and train_s(rec) >= len(points) * args.every * 60:
             point(rec.step, train_s(rec), in_training=True)
         if rec.step % 25 == 0 and rec.loss is not None:
             _say(f"  step {rec.step}/{rec.steps} loss {rec.loss:.4f} ({train_s(rec) / 60:.1f} min of training)")
 
     if not state.get("done"):
+        # the run sizes itself again after a fifth of its steps, from those steps' training time (budget.Rebudget)
+        resize = Rebudget(teacher.tokenizer, data, args.minutes * 60, StepTime(**step_time),
+                          clock=lambda r: trained.get(r.step, train_s(r)))
         result = distill(teacher, student, data, config, out_dir=work / "distill",
-                         resume=has_checkpoint(work / "distill"), progress=on_step,
+                         resume=has_checkpoint(work / "distill"), progress=on_step, resize=resize,
                          should_stop=lambda: bool(records) and train_s(records[-1]) >= args.minutes * 60)
+        if resize.refit is not None:
+            state["step_time_run"] = asdict(resize.refit)
+            _say(f"  re-sized after step {resize.at(steps)}: {resize.refit.fixed_s:.2f} s + "
+                 f"{1e3 * resize.refit.per_token_s:.2f} ms/token a step -> {result.steps_planned} steps")
+        state["steps_planned"] = result.steps_planned
         if points[-1]["step"] != result.steps_run:
             point(result.steps_run, train_s(records[-1]))
         a = agreement(student, None, ho, reference=dense_reference(teacher, ho, n_prompts=AGREE_PROMPTS, n_new=AGREE_NEW))

@@ -9,8 +9,9 @@
 
 --minutes sizes the run (its step count, and so its cosine schedule) to a wall-clock budget of training: a
 timed probe on a throwaway copy gives seconds per step as fixed + per padded token, summed over the batches the
-run will draw (headlab.engine.recovery.distill.budget); the count is kept in the folder, so --resume continues
-the same schedule.
+run will draw (headlab.engine.recovery.distill.budget), and after a fifth of those steps the run sizes itself
+again from its own steps (budget.Rebudget: a probe's few steps can be 10-20% off). The probe is kept in the
+folder and the length in the checkpoint, so --resume continues the same schedule.
 
 The folder gets the mask, each stage's checkpoints, `result.json` (metrics before / after, the
 step history) and `student/`: the dequantised Hugging Face model (+ int8 codes and scales for a
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +42,7 @@ from headlab.engine.core.mask import PruneMask
 from headlab.engine.data.datasets import calibration_texts
 from headlab.engine.export.surgery import prune
 from headlab.engine.recovery.distill import MODES, DistillConfig, StepRecord, distill_data, prompt_split
-from headlab.engine.recovery.distill.budget import probe_step_time, steps_for_budget
+from headlab.engine.recovery.distill.budget import Rebudget, StepTime, probe_step_time, steps_for_budget
 from headlab.engine.recovery.encoder_agreement import encoder_agreement
 from headlab.engine.recovery.quantize import export_student
 from headlab.engine.recovery.recipes import RECIPES, plan_stages, recovery_student, run_recipe
@@ -93,13 +94,14 @@ def _describe(m: dict[str, Any], base: dict[str, Any] | None) -> str:
 
 
 def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMask, data: Any,
-                  config: DistillConfig, out: Path) -> int:
-    """The steps that fill --minutes of training (module doc), probed once and kept in out/budget.json."""
+                  config: DistillConfig, out: Path) -> tuple[int, StepTime]:
+    """The steps that fill --minutes of training (module doc) and the step-time model they come from, probed once
+    and kept in out/budget.json."""
     saved = out / "budget.json"
     if args.resume and saved.exists():
         kept = json.loads(saved.read_text())
         if kept.get("minutes") == args.minutes:
-            return int(kept["steps"])
+            return int(kept["steps"]), StepTime(**{f.name: kept[f.name] for f in fields(StepTime) if f.name in kept})
         raise ValueError(f"{out} was sized to {kept.get('minutes')} minutes; resume it with that --minutes")
     say(f"timing a few steps to fit {args.minutes:g} minutes ...")
     model = probe_step_time(teacher, mask, data, config)
@@ -107,8 +109,9 @@ def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMas
     write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, **asdict(model)}, indent=1))
     print(f"budget: {steps} steps fit {args.minutes:g} minutes ({model.fixed_s:.2f} s + "
           f"{1e3 * model.per_token_s:.3f} ms per padded token a step; {model.eval_s:.1f} s an evaluation, "
-          f"{model.checkpoint_s:.1f} s a checkpoint)")
-    return steps
+          f"{model.checkpoint_s:.1f} s a checkpoint); sized again from the run's own steps after step "
+          f"{Rebudget(teacher.tokenizer, data, args.minutes * 60, model).at(steps)}")
+    return steps, model
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -150,8 +153,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                     max_new_tokens=args.max_new_tokens, pack=args.pack, progress=cb)
         world.barrier()
     print(f"data: {len(data.train)} training / {len(data.heldout)} held-out texts {data.sources}")
+    resize = None
     if args.minutes is not None:
-        config = replace(config, steps=_budget_steps(args, teacher, mask, data, config, out))
+        steps, model = _budget_steps(args, teacher, mask, data, config, out)
+        config = replace(config, steps=steps)
+        resize = Rebudget(teacher.tokenizer, data, args.minutes * 60, model)
     heldout = prompt_split()[1][: args.n_heldout]
     before = {}
     if not args.no_eval and world.is_main:
@@ -162,7 +168,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     try:
         result = run_recipe(teacher, student, data, args.recipe, args.bits, config=config, scheme=args.scheme,
-                            out_dir=out / "stages", resume=args.resume,
+                            out_dir=out / "stages", resume=args.resume, resize=resize,
                             progress=_step_printer(max(1, args.eval_every // 5)), world=world)
     except KeyboardInterrupt:
         say(f"\ninterrupted: the checkpoint is in {out / 'stages'}; add --resume to the same command to continue")

@@ -47,7 +47,7 @@ from headlab.engine.recovery.distill import (
     prompt_split,
     with_bits,
 )
-from headlab.engine.recovery.distill.budget import probe_step_time, steps_for_budget
+from headlab.engine.recovery.distill.budget import Rebudget, probe_step_time, steps_for_budget
 from headlab.engine.recovery.encoder_agreement import encoder_agreement
 from headlab.engine.runtime.evaluate import DEFAULT_PROTOCOL, perplexity
 
@@ -128,7 +128,7 @@ class RecipeResult:
 
     @property
     def steps_planned(self) -> int:
-        return sum(s.steps for s, _ in self.stages)
+        return sum(r.steps_planned for _, r in self.stages)  # a re-sized run's length, else the stage's
 
     @property
     def steps_run(self) -> int:
@@ -209,14 +209,19 @@ def run_recipe(
     progress: Callable[[StepRecord], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     world: World = SINGLE,
+    resize: Callable[[list[StepRecord], DistillConfig], int | None] | None = None,
 ) -> RecipeResult:
     """Run `recipe` on `student` (in place) with `config.steps` steps in total (module doc).
 
     Under a data-parallel `world` every stage's distillation splits its batches across the ranks and
-    rank 0 alone writes the stage folders.
+    rank 0 alone writes the stage folders. `resize` (a one-stage recipe): distill's, the run's length sized again
+    from its own steps (budget.Rebudget).
     """
     config = config or DistillConfig()
     stages = plan_stages(recipe, bits, config.steps, scheme)
+    if resize is not None and len(stages) > 1:
+        raise DistillError(f"recipe {recipe!r} has {len(stages)} stages: a run re-sized from its own steps has one "
+                           "(give --steps)")
     result = RecipeResult(recipe, None if recipe == "fp32" else bits)
     out = Path(out_dir) if out_dir is not None else None
     offset, planned = 0, 0
@@ -235,11 +240,12 @@ def run_recipe(
 
         def shifted(rec: StepRecord, offset: int = offset) -> None:
             if progress:
-                progress(StepRecord(**{**rec.__dict__, "step": rec.step + offset, "steps": config.steps}))
+                planned = config.steps if resize is None else rec.steps  # a re-sized run's own length
+                progress(StepRecord(**{**rec.__dict__, "step": rec.step + offset, "steps": planned}))
 
         r = distill(teacher, student, data, stage_config, out_dir=folder,
                     resume=resume and folder is not None and has_checkpoint(folder),
-                    progress=shifted, should_stop=should_stop, stage=label, world=world)
+                    progress=shifted, should_stop=should_stop, stage=label, world=world, resize=resize)
         result.stages.append((stage, r))
         offset += r.steps_run
         if r.interrupted:
@@ -338,16 +344,20 @@ class RecoveryJob:
         job.set_stage("measuring the teacher and the un-recovered student")
         self.before = {"teacher": self._measure(self.teacher, heldout),
                        "student": self._measure(self.student, heldout)}
+        resize = None
         if self.minutes is not None:
             job.set_stage(f"timing a few steps to fit {self.minutes:g} minutes")
+            model = probe_step_time(self.teacher, self.mask, data, self.config)
             self.config = _sized(self.config, steps_for_budget(
-                self.teacher.tokenizer, data, self.config, self.minutes * 60,
-                probe_step_time(self.teacher, self.mask, data, self.config), checkpoints=self.out_dir is not None))
+                self.teacher.tokenizer, data, self.config, self.minutes * 60, model,
+                checkpoints=self.out_dir is not None))
+            resize = Rebudget(self.teacher.tokenizer, data, self.minutes * 60, model,
+                              checkpoints=self.out_dir is not None)
         job.set_stage("distilling")
         self.result = run_recipe(self.teacher, self.student, data, self.recipe, self.bits,
                                  config=self.config, scheme=self.scheme, out_dir=self.out_dir,
                                  resume=self.resume, progress=self.history.append,
-                                 should_stop=job.cancel_requested)
+                                 should_stop=job.cancel_requested, resize=resize)
         job.set_stage("measuring the recovered student")
         self.after = self._measure(self.student, heldout)
         job.set_stage("stopped" if self.result.interrupted else "done")

@@ -11,22 +11,32 @@ and one checkpoint write, and the schedule counts each where the run will do it 
 
     model = probe_step_time(teacher, mask, data, config)   # trains a throwaway copy pruned by `mask`
     steps = steps_for_budget(teacher.tokenizer, data, config, 15 * 60, model)
+    distill(teacher, student, data, replace(config, steps=steps),
+            resize=Rebudget(teacher.tokenizer, data, 15 * 60, model))   # re-sized once from its own steps
+
+A probe's eight steps can still be off: on a 2-core machine its timed steps ran at 5.05 s a window while the
+run's averaged 4.50 s (the first steps of a process are the slowest), and a 15-minute run sized from them
+trained for 12.2 minutes. `Rebudget` re-fits the model once, after `fraction` of the planned steps, on the
+later half of the steps the run has done (its own batches, on the machine as it is now), and the remaining
+steps are sized from what is left of the budget; the cosine schedule follows the new length from there on
+(the run's checkpoints keep it, so a resumed run goes on with the same length).
 """
 
 from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.export.surgery import prune
+from headlab.engine.recovery.distill.checkpoint import StepRecord
 from headlab.engine.recovery.distill.config import DistillConfig
 from headlab.engine.recovery.distill.data import DistillData
 from headlab.engine.recovery.distill.loop import _batch_texts, distill
 
-__all__ = ["StepTime", "fit_step_time", "probe_step_time", "step_tokens", "steps_for_budget"]
+__all__ = ["Rebudget", "StepTime", "fit_step_time", "probe_step_time", "step_tokens", "steps_for_budget"]
 
 PROBE_STEPS = 8  # the first is warm-up and the last also evaluates: the steps between are timed
 PROBE_CHECKPOINT = 4  # the probe's checkpoint after step 4 lands in step 5's wall time: step 5 times the write
@@ -94,14 +104,18 @@ def probe_step_time(teacher: ModelHandle, mask: PruneMask, data: DistillData, co
 
 
 def steps_for_budget(tokenizer: Any, data: DistillData, config: DistillConfig, seconds: float, model: StepTime,
-                     *, minimum: int = 1, limit: int = 1_000_000, checkpoints: bool = True) -> int:
+                     *, minimum: int = 1, limit: int = 1_000_000, checkpoints: bool = True, start: int = 0,
+                     spent: float = 0.0) -> int:
     """The number of steps whose predicted times, over the batches the run draws from step 0, fill `seconds`, with
     a held-out evaluation every `config.eval_every` steps and a checkpoint every `config.checkpoint_every` (when
-    the run writes them: `checkpoints`), and both after the last step."""
+    the run writes them: `checkpoints`), and both after the last step.
+
+    `start`, `spent`: a run that has done `start` steps in `spent` seconds; the steps after it are predicted and
+    the count returned is the run's whole length (at least `start`)."""
     if seconds <= 0:
         raise ValueError(f"the budget must be positive, got {seconds} s")
     ckpt = model.checkpoint_s if checkpoints else 0.0
-    total, step = 0.0, 0
+    total, step = float(spent), int(start)
     while step < limit:
         n = step + 1  # the run's step count if this step is its last
         (tokens,) = step_tokens(tokenizer, data, config, [step])
@@ -114,3 +128,61 @@ def steps_for_budget(tokenizer: Any, data: DistillData, config: DistillConfig, s
         total += periodic
         step += 1
     return max(minimum, step)
+
+
+@dataclass
+class Rebudget:
+    """The run's length sized again, once, from its own steps (module doc); `distill(..., resize=...)` calls it
+    after every step and takes the length it returns (None: not yet).
+
+    After `max(min_steps, fraction x planned)` steps, the steps in the later half of those (but step 1, a step
+    that evaluated and one that carries a checkpoint write) give a new StepTime (fit_step_time); the evaluation
+    and checkpoint costs stay `model`'s, the probe's. `clock(record)`: the budget's seconds at a step (default
+    the run's wall time; a benchmark whose curve evaluations run inside the training passes its own clock that
+    leaves them out). `refit` keeps the model it fitted, for a report.
+    """
+
+    tokenizer: Any
+    data: DistillData
+    seconds: float
+    model: StepTime
+    fraction: float = 0.2
+    min_steps: int = 10
+    checkpoints: bool = True
+    clock: Callable[[StepRecord], float] | None = None
+    refit: StepTime | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"fraction must lie strictly between 0 and 1, got {self.fraction}")
+        if self.seconds <= 0:
+            raise ValueError(f"the budget must be positive, got {self.seconds} s")
+
+    def at(self, planned: int) -> int:
+        """The step after which a run planned at `planned` steps is re-sized."""
+        return max(self.min_steps, round(self.fraction * planned))
+
+    def __call__(self, history: Sequence[StepRecord], config: DistillConfig) -> int | None:
+        done = history[-1].step
+        if done != self.at(config.steps) or done >= config.steps:
+            return None
+        clock = self.clock or (lambda r: r.elapsed_s)
+        when = {r.step: clock(r) for r in history}
+        evaluated = {r.step for r in history if r.step and r.heldout is not None}
+        every = config.checkpoint_every if self.checkpoints else 0
+
+        def clean(i: int) -> bool:  # step i's wall is one training step and nothing else
+            carries_write = bool(every) and i > 1 and (i - 1) % every == 0
+            return i >= 2 and i - 1 in when and i in when and i not in evaluated and not carries_write
+
+        steps = [i for i in range(done // 2 + 1, done + 1) if clean(i)]
+        if len(steps) < 3:
+            return config.steps  # too few clean steps to say better than the probe
+        tokens = step_tokens(self.tokenizer, self.data, config, [i - 1 for i in steps])
+        walls = [when[i] - when[i - 1] for i in steps]
+        if min(walls) <= 0:
+            return config.steps
+        self.refit = replace(fit_step_time(walls, tokens), eval_s=self.model.eval_s,
+                             checkpoint_s=self.model.checkpoint_s)
+        return steps_for_budget(self.tokenizer, self.data, config, self.seconds, self.refit, minimum=done + 1,
+                                checkpoints=self.checkpoints, start=done, spent=when[done])

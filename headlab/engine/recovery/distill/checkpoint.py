@@ -60,6 +60,7 @@ class _RunState:
     bad_evals: int = 0
     stopped_early: bool = False
     wall_s: float = 0.0
+    planned: int | None = None  # the run's length when a re-size changed it (loop.distill's `resize`)
 
 
 def has_checkpoint(out_dir: str | os.PathLike | None) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,10 +123,15 @@ def distill(
     should_stop: Callable[[], bool] | None = None,
     stage: str = "",
     world: World = SINGLE,
+    resize: Callable[[list[StepRecord], DistillConfig], int | None] | None = None,
 ) -> DistillResult:
     """Train `student` (in place) to match `teacher` on `data`; see losses.py for the objective.
 
     world: the ranks of a data-parallel job (module docstring); should_stop must then answer alike on every rank.
+    resize: called after every step with the history and the settings until it returns a length (more than the
+    steps done): the run then has that many steps, the cosine schedule following the new length from the next
+    step (budget.Rebudget sizes a wall-clock budget from the run's own steps). The checkpoint keeps the length, so
+    a resumed run goes on with it; one process only (the ranks of a job would have to agree on it).
     """
     config = (config or DistillConfig()).check()
     data.check()
@@ -150,9 +155,14 @@ def distill(
     # An encoder's sentence embeddings go through the teacher's own ST modules (Pooling, Normalize), read once.
     head = None if teacher.adapter.has_lm_head else sentence_head(teacher)
     eval_kwargs = {"batch_size": config.batch_size, "max_length": config.max_length, "head": head}
+    if resize is not None and world.size > 1:
+        raise DistillError("re-sizing a run from its own step times needs a single process (each rank would time "
+                           "its own steps): size a data-parallel run by --steps")
     if resume:
         state = _load_checkpoint(out, params, opt, fingerprint)
         best = _load_best(out)
+        if state.planned is not None:  # the length a re-size gave (the fingerprint holds the length asked for)
+            config = replace(config, steps=state.planned)
     else:
         state = _RunState()
         state.initial = state.best = heldout_metric(teacher, student, data.heldout, **eval_kwargs)
@@ -199,6 +209,11 @@ def distill(
             state.wall_s = time.perf_counter() - started
             record = StepRecord(state.step, config.steps, loss_value, kd, hid, lr, held, state.wall_s, stage)
             state.history.append(record)
+            if resize is not None and state.planned is None and state.step < config.steps:
+                planned = resize(state.history, config)
+                if planned is not None:
+                    state.planned = max(int(planned), state.step + 1)
+                    config = replace(config, steps=state.planned)
             if writes is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps
                                        or state.stopped_early):
                 _write_checkpoint(writes, params, opt, state, fingerprint)
