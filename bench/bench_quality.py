@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from headlab.engine.core.csvfile import write_rows
+from headlab.engine.core.files import write_atomic_safetensors, write_atomic_text
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.importance.capture import CaptureStats
 from headlab.engine.models.load import DEFAULT_MODEL, load_model
@@ -179,13 +180,11 @@ def load_cached_mask(path: Path, method: str, config: str, geometry: Any,
 
 
 def save_stats(stats: CaptureStats, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f.name: getattr(stats, f.name).contiguous() for f in fields(stats)
+    tensors = {f.name: getattr(stats, f.name) for f in fields(stats)
                if isinstance(getattr(stats, f.name), torch.Tensor)}
-    save_file(tensors, str(path))
+    write_atomic_safetensors(path, tensors)
     scalars = {f.name: getattr(stats, f.name) for f in fields(stats) if not isinstance(getattr(stats, f.name), torch.Tensor)}
-    path.with_suffix(".json").write_text(json.dumps(scalars))
+    write_atomic_text(path.with_suffix(".json"), json.dumps(scalars))
 
 
 def load_stats(path: Path) -> CaptureStats | None:
@@ -198,8 +197,6 @@ def load_stats(path: Path) -> CaptureStats | None:
 
 def save_tensors(cache: dict[str, Any], path: Path) -> None:
     """The calibration's measured tables (ablation KLs, compensated gradients) as safetensors."""
-    from safetensors.torch import save_file
-
     out = {}
     for k, v in cache.items():
         if isinstance(v, torch.Tensor):
@@ -207,7 +204,7 @@ def save_tensors(cache: dict[str, Any], path: Path) -> None:
         elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
             out.update({f"{k}#{i}": t.contiguous() for i, t in enumerate(v)})
     if out:
-        save_file(out, str(path))
+        write_atomic_safetensors(path, out)
 
 
 def load_tensors(path: Path) -> dict[str, Any]:
@@ -265,8 +262,6 @@ def load_kl_memo(handle: Any, cache_dir: Path) -> int:
 
 def save_kl_memo(handle: Any, cache_dir: Path) -> int:
     """Write kl_costs's memo entries for `handle` that are not on disk yet (load_kl_memo reads them back)."""
-    from safetensors.torch import save_file
-
     from headlab.engine.importance.ablation_store import model_fingerprint
     from headlab.engine.pruning.reconstruct.measured import _MEMO
 
@@ -284,9 +279,7 @@ def save_kl_memo(handle: Any, cache_dir: Path) -> int:
                 "layout": json.dumps({kind: len(layers) for kind, layers in costs.items()}),
                 "curves": json.dumps({kind: [list(map(list, c.points)) for c in layers]
                                       for kind, layers in curves.items()})}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel runs never share a temporary file
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_atomic_safetensors(path, tensors, metadata=meta)  # parallel runs never share a temporary file
         written += 1
     return written
 

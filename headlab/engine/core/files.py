@@ -1,4 +1,4 @@
-"""The engine's own JSON files (masks, routers, clusters, thresholds): read with checks, write atomically.
+"""The engine's own files (masks, routers, clusters, thresholds, tensor caches): read with checks, write atomically.
 
 Every such file carries `"format"` (what it is) and `"version"` (its layout); a reader refuses a
 file that is not valid JSON, not that kind of file, or of another version, naming the file and
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_format_json", "write_atomic_text"]
+__all__ = ["read_format_json", "write_atomic_safetensors", "write_atomic_text"]
 
 
 def read_format_json(path: str | os.PathLike, fmt: str, *, version: int | None = None, what: str = "file",
@@ -37,6 +37,23 @@ def write_atomic_text(path: str | os.PathLike, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_atomic_safetensors(path: str | os.PathLike, tensors: dict[str, Any],
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (made contiguous) as safetensors through a temporary sibling renamed into place: readers
+    never see half a file, and processes writing the same path never share a temporary one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

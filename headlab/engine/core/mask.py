@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from headlab.engine.core.adapter import Geometry
 from headlab.engine.core.errors import MaskError
-from headlab.engine.core.files import write_atomic_text
+from headlab.engine.core.files import write_atomic_safetensors, write_atomic_text
 from headlab.engine.core.refit import (
     REFIT_KINDS,
     LayerRefit,
@@ -42,7 +42,6 @@ from headlab.engine.core.refit import (
     input_maps_from_tensors,
     refit_tensors,
     refits_from_tensors,
-    write_atomic_safetensors,
 )
 
 __all__ = ["PruneMask", "MaskError", "first_difference", "MASK_FORMAT_VERSION", "UNIT_KINDS", "UNIT_WORDS"]

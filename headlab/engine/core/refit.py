@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 __all__ = [
     "INPUT_MAP_KINDS",
@@ -45,7 +44,6 @@ __all__ = [
     "refit_tensors",
     "refits_from_tensors",
     "unit_features",
-    "write_atomic_safetensors",
 ]
 
 # The two output projections a refit can replace, by the mask's sub-block names.
@@ -140,15 +138,3 @@ def refit_path(mask_path: str | os.PathLike) -> Path:
     p = Path(mask_path)
     return p.with_name(f"{p.stem}.refit.safetensors")
 
-
-def write_atomic_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `tensors` as safetensors through a temporary sibling renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

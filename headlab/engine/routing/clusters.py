@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from headlab.engine.core.files import read_format_json, write_atomic_text
+from headlab.engine.core.files import read_format_json, write_atomic_safetensors, write_atomic_text
 from headlab.engine.core.progress import Progress
 from headlab.engine.data.datasets import DATA_DIR, PROMPT_SETS, load_prompts
 from headlab.engine.models.load import cache_dir
@@ -222,8 +222,6 @@ def project_2d(
     progress: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """A 2-D map [N, 2] of the embeddings: "pca" (instant) or "umap" (cosine; cached on disk)."""
-    from safetensors.torch import save_file
-
     if method not in PROJECTIONS:
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {method!r}")
     x = embeddings.float().numpy()
@@ -244,10 +242,7 @@ def project_2d(
     xy = np.asarray(xy, dtype=np.float32)
     if cache:
         path = _projection_path(embeddings, method, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"xy": torch.from_numpy(xy).contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        write_atomic_safetensors(path, {"xy": torch.from_numpy(xy)})
     return xy
 
 

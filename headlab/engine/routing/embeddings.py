@@ -15,14 +15,14 @@ export into the same folder) starts a new cache entry.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
+from headlab.engine.core.files import write_atomic_safetensors
 from headlab.engine.core.progress import Progress
 from headlab.engine.core.tokens import EmptyTextError
 from headlab.engine.models.load import ENCODER_MODEL, cache_dir, resolve_source
@@ -125,8 +125,5 @@ def embed_texts(
             return emb
     emb = encoder.encode(texts, batch_size=batch_size, progress=progress)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={"encoder": encoder.name})
-        os.replace(tmp, path)
+        write_atomic_safetensors(path, {"embeddings": emb}, metadata={"encoder": encoder.name})
     return emb
