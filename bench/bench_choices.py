@@ -13,7 +13,7 @@ stage keeps the previous stages' winners:
    the measured KL; joint and kl-joint also split the parameters between heads and channels);
 3. damping: the ridge damping of every solve (width20 compares it again at the text budget chosen: "fit damp");
 4. target: each projection's own dense output, or the dense residual stream (a sub-block also corrects
-   the error its input carries);
+   the error its input carries; width20 compares it again on the whole fit region: "fit target");
 5. calibration: WikiText alone, or mixed (WikiText and the model's own answers to training prompts). Every
    candidate is also scored on the out-of-domain part of validation (`vood_nll`: mean NLL on the chat items in
    front of the scored ones, headlab.engine.runtime.regions.ood_validation_items); the choice is made on the
@@ -92,6 +92,9 @@ STAGES = {
         # the ridge again at the text budget chosen (the damp stage above ran at 128 texts): depth's stand-ins went
         # from 1.815x to 1.593x by lowering it there
         ("fit damp", ["damp=0.01", "damp=0.001", "damp=0.0001"]),
+        # the target again on the whole fit region: at 128 texts the residual stream lost by 0.01, within what
+        # more text can turn (a sub-block correcting the error its input carries has more to fit)
+        ("fit target", ["target=output", "target=residual"]),
     ],
     "heads30": [
         ("inputs", ["inputs=all"]),  # width20's choice, carried over (not compared here: CPU time)
