@@ -23,7 +23,8 @@ stage keeps the previous stages' winners:
    is a compute budget more than a setting: the re-fit's time grows with it (about 17 against 46 minutes on 2
    cores for the first two), so the library keeps 128 (REFIT_TEXTS, interactive) and the quality table names
    `n_texts=` (and `window=`) where it uses more;
-7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512.
+7. calibration texts: the statistics FLAP's per-layer counts are measured on, 32 paragraphs or 512;
+8. kl points: the fractions of a layer's units removed alone to measure its KL (width20's "kl points").
 heads30 takes width20's input mode and compares allocations and re-fit text counts; heads50 compares the
 allocation, the target, re-solving the FFNs that lose nothing, and the re-fit texts; depth20 (the iterative
 ablation's layers, their neighbours re-fitted: ablation-iterative-refit) compares the input mode, the re-fit
@@ -92,6 +93,10 @@ STAGES = {
         # the ridge again at the text budget chosen (the damp stage above ran at 128 texts): depth's stand-ins went
         # from 1.815x to 1.593x by lowering it there
         ("fit damp", ["damp=0.01", "damp=0.001", "damp=0.0001"]),
+        # the measured allocation's points: kl-joint takes up to two thirds of a middle FFN's channels, past the
+        # default points (a quarter and half of a layer's units removed alone), where each layer's scale is
+        # extrapolated; a third point at three quarters measures it there
+        ("kl points", ["kl_fractions=0.25/0.5", "kl_fractions=0.25/0.5/0.75"]),
         # the target again on the whole fit region: at 128 texts the residual stream lost by 0.01, within what
         # more text can turn (a sub-block correcting the error its input carries has more to fit)
         ("fit target", ["target=output", "target=residual"]),
@@ -131,7 +136,8 @@ BASE = {"depth20": "ablation-iterative-refit"}
 # "auto" meant another allocation is stale (bench_quality.stale_reason) and is made again.
 _COMMON = {"damp=0.01", f"normalise={GLOBAL_NORMALISATION}", "target=output", f"n_texts={REFIT_TEXTS}",
            "refit_unpruned=false"}
-IMPLIED = {"width20": {f"allocation={AUTO_ALLOCATION['width']}", *_COMMON, "calibration=wikitext", "calib_texts=32"},
+IMPLIED = {"width20": {f"allocation={AUTO_ALLOCATION['width']}", *_COMMON, "calibration=wikitext", "calib_texts=32",
+                       "kl_fractions=0.25/0.5"},
            "heads30": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},
            "heads50": {f"allocation={AUTO_ALLOCATION['heads']}", *_COMMON},
            "depth20": {f"n_texts={REFIT_TEXTS}", "damp=0.01"}}

@@ -125,3 +125,19 @@ def test_a_heads_only_global_allocation_skips_the_channels_and_counts_the_same()
     assert counts == counts_from_costs(h, both, 3, 0) and sum(counts[0]) == 3 and counts[1] == [0, 0]
     with pytest.raises(ValueError, match="kinds must be"):
         obs_costs(h, TEXTS, CONFIG, kinds=("mlp",))
+
+
+def test_the_kl_points_are_a_setting_of_the_strategy():
+    h, calib = tiny_handle("llama"), Calibration(list(TEXTS), max_length=64, name="tiny")
+    g = h.geometry
+    m = ObsStrategy(allocation="kl", kl_fractions="0.75/0.25/0.5")(h, Budget(heads=3, ffn=77), calib)
+    assert m.meta["allocation_kl_fractions"] == [0.25, 0.5, 0.75]
+    for kind, size in (("attn", g.n_heads), ("ffn", g.ffn_dim)):
+        for curve in m.meta["allocation_curves"][kind]:  # one point per fraction (counts differ on these sizes)
+            assert [n for n, _, _ in curve["points"]] == sorted({max(1, round(f * size)) for f in (0.25, 0.5, 0.75)})
+    default = ObsStrategy(allocation="kl")(h, Budget(heads=3, ffn=77), calib)
+    assert default.meta["allocation_kl_fractions"] == [0.25, 0.5]
+    assert ObsStrategy(kl_fractions=0.5).kl_fractions == (0.5,)
+    for bad in ("0.5/1", "0", "a/b", ""):
+        with pytest.raises(ValueError, match="kl_fractions"):
+            ObsStrategy(kl_fractions=bad)

@@ -47,7 +47,7 @@ from headlab.engine.pruning.reconstruct.budgets import (
 )
 from headlab.engine.pruning.reconstruct.joint import counts_from_costs, joint_counts
 from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfig, obs_prune, refit, supports_input_maps
-from headlab.engine.pruning.reconstruct.measured import kl_costs
+from headlab.engine.pruning.reconstruct.measured import KL_FRACTIONS, kl_costs
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import CALIBRATION_CHOICES, Budget, Calibration, Strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune, layers_for_target
@@ -129,7 +129,8 @@ def refit_texts(calib: Calibration, n: int = REFIT_TEXTS, handle: ModelHandle | 
 def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, allocation: str,
                  progress: Progress | None = None, ffn_align: int = 1,
                  even_groups: bool = False, normalise: str | None = None,
-                 texts: Sequence[str] | None = None, curves: dict | None = None) -> tuple[list[int], list[int]]:
+                 texts: Sequence[str] | None = None, curves: dict | None = None,
+                 kl_fractions: Sequence[float] = KL_FRACTIONS) -> tuple[list[int], list[int]]:
     """(heads, channels) to remove per layer for `budget`, split by `allocation`; each sums to the budget exactly.
 
     `ffn_align` > 1: every layer keeps a whole number of `ffn_align`-channel blocks (budgets.apportion_aligned),
@@ -145,7 +146,8 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     layer's OBS costs scaled by the KL to the dense model its pruning alone causes (reconstruct/measured.py);
     "auto": AUTO_ALLOCATION, chosen on validation text. The measured allocations (MEASURED_ALLOCATIONS)
     measure their costs on `texts`, the ones the re-fit reads (default: refit_texts's). `curves`, a dict, receives
-    the KL allocations' measured curves (per kind, per layer: [(units removed, OBS cost, KL)]) and scales.
+    the KL allocations' measured curves (per kind, per layer: [(units removed, OBS cost, KL)]) and scales;
+    `kl_fractions`, the fractions of a layer's units they remove alone to measure its KL.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -159,7 +161,7 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     if allocation in ("kl", "kl-joint"):
         kinds = [k for k, n in (("attn", h), ("ffn", f)) if n or allocation == "kl-joint"]
         costs, measured = kl_costs(handle, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
-                                   kinds=kinds, progress=progress)
+                                   kinds=kinds, progress=progress, fractions=tuple(kl_fractions))
         if curves is not None:
             curves.update({kind: [{"points": c.points, "scale": c.scale} for c in measured[kind]] for kind in kinds})
         return counts_from_costs(handle, costs, h, f, even_groups=even_groups, ffn_align=ffn_align,
@@ -192,6 +194,19 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
     return out[0], out[1]
 
 
+def _fractions(value: str | Sequence[float]) -> tuple[float, ...]:
+    """KL fractions from "0.25/0.5" or a sequence, each strictly between 0 and 1, sorted, without repeats."""
+    if isinstance(value, (int, float)):
+        value = (value,)
+    try:
+        out = tuple(float(v) for v in (value.split("/") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise ValueError(f"kl_fractions must be fractions such as 0.25/0.5/0.75, got {value!r}") from None
+    if not out or any(not 0.0 < f < 1.0 for f in out):
+        raise ValueError(f"kl_fractions must lie strictly between 0 and 1, got {value!r}")
+    return tuple(sorted(set(out)))
+
+
 def _reading(calib: Calibration, window: int) -> Calibration:
     """`calib`, read `window` tokens at a time where that is longer: fits and costs then see whole windows."""
     return dataclasses.replace(calib, max_length=window, _stats=None) if window > calib.max_length else calib
@@ -218,7 +233,7 @@ class ObsStrategy(Strategy):
     def __init__(self, allocation: str = "auto", target: str = "output", even_groups: bool = False,
                  intercept: bool = True, n_texts: int = REFIT_TEXTS, ffn_align: int = 1, inputs: str = "auto",
                  damp: float | None = None, normalise: str | None = None, window: int = 0,
-                 refit_unpruned: bool = False):
+                 refit_unpruned: bool = False, kl_fractions: str | Sequence[float] = KL_FRACTIONS):
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if inputs not in INPUT_CHOICES:
@@ -233,6 +248,10 @@ class ObsStrategy(Strategy):
         if not isinstance(refit_unpruned, bool):
             raise ValueError(f"refit_unpruned must be true or false, got {refit_unpruned!r}")
         self.refit_unpruned = refit_unpruned
+        # the measured allocations' points: the fractions of a layer's units removed alone to measure its KL
+        # ("0.25/0.5/0.75" in a method's settings); kl-joint takes up to two thirds of a middle FFN's channels at
+        # 20% of the parameters, past the default points, where the scale is extrapolated
+        self.kl_fractions = _fractions(kl_fractions)
 
     def __call__(self, handle: ModelHandle, budget: Budget, calib: Calibration, *,
                  progress: Progress | None = None) -> PruneMask:
@@ -242,7 +261,7 @@ class ObsStrategy(Strategy):
         curves: dict = {}
         heads, channels = layer_counts(handle, budget, calib, self.allocation, progress, self.ffn_align,
                                        even_groups=self.even_groups, normalise=self.normalise, texts=texts,
-                                       curves=curves)
+                                       curves=curves, kl_fractions=self.kl_fractions)
         damp = {} if self.damp is None else {"damp": self.damp, "input_damp": self.damp}
         config = _config(calib, handle, self.inputs, target=self.target, intercept=self.intercept,
                          refit_unpruned=self.refit_unpruned, **damp)
@@ -252,6 +271,8 @@ class ObsStrategy(Strategy):
             used = AUTO_ALLOCATION["width" if budget.counts(handle.geometry)[1] else "heads"]
         if used in MEASURED_ALLOCATIONS:  # the texts its costs were measured on (the re-fit's)
             mask.meta["allocation_texts"] = len(texts)
+        if used in ("kl", "kl-joint"):
+            mask.meta["allocation_kl_fractions"] = list(self.kl_fractions)
         if curves:
             mask.meta["allocation_curves"] = curves
         mask.meta.update({"method": self.name, "allocation": used, "allocation_asked": self.allocation,
