@@ -36,8 +36,6 @@ measured in the same process.
 from __future__ import annotations
 
 import argparse
-import ast
-import hashlib
 import json
 import os
 import platform
@@ -223,67 +221,6 @@ def load_tensors(path: Path) -> dict[str, Any]:
     return out
 
 
-def kl_memo_path(cache_dir: Path, fingerprint: str, key: tuple) -> Path:
-    """The file of one measured-KL allocation (reconstruct/measured.kl_costs's memo entry) for the model whose
-    weights have `fingerprint` (ablation_store.model_fingerprint)."""
-    digest = hashlib.sha256(f"{fingerprint}|{key!r}".encode()).hexdigest()[:24]
-    return cache_dir / "kl_costs" / f"{digest}.safetensors"
-
-
-def load_kl_memo(handle: Any, cache_dir: Path) -> int:
-    """Put every measured-KL allocation stored for `handle` and not yet in kl_costs's memo into it; how many.
-
-    kl_costs keeps its measurement for the model's lifetime, so the candidates of one run that differ only in
-    the re-fit (the damping, the target) measure it once; on disk the next run does not measure it again either
-    (on the whole fit region it is most of a width candidate's hour)."""
-    from safetensors import safe_open
-
-    from headlab.engine.importance.ablation_store import model_fingerprint
-    from headlab.engine.pruning.reconstruct.measured import _MEMO, LayerCurve
-
-    folder = cache_dir / "kl_costs"
-    if not folder.is_dir():
-        return 0
-    fingerprint, memo, n = model_fingerprint(handle), _MEMO.setdefault(handle.model, {}), 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            key = ast.literal_eval(meta["key"]) if meta.get("fingerprint") == fingerprint else None
-            if key is None or key in memo:
-                continue
-            layout = json.loads(meta["layout"])
-            costs = {kind: [f.get_tensor(f"{kind}.{i}") for i in range(n_layers)] for kind, n_layers in layout.items()}
-        curves = {kind: [LayerCurve([tuple(p) for p in points]) for points in layers]
-                  for kind, layers in json.loads(meta["curves"]).items()}
-        memo[key] = (costs, curves)
-        n += 1
-    return n
-
-
-def save_kl_memo(handle: Any, cache_dir: Path) -> int:
-    """Write kl_costs's memo entries for `handle` that are not on disk yet (load_kl_memo reads them back)."""
-    from headlab.engine.importance.ablation_store import model_fingerprint
-    from headlab.engine.pruning.reconstruct.measured import _MEMO
-
-    entries = _MEMO.get(handle.model, {})
-    if not entries:
-        return 0
-    fingerprint, written = model_fingerprint(handle), 0
-    for key, (costs, curves) in entries.items():
-        path = kl_memo_path(cache_dir, fingerprint, key)
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{kind}.{i}": c.contiguous() for kind, layers in costs.items() for i, c in enumerate(layers)}
-        meta = {"fingerprint": fingerprint, "key": repr(key),
-                "layout": json.dumps({kind: len(layers) for kind, layers in costs.items()}),
-                "curves": json.dumps({kind: [list(map(list, c.points)) for c in layers]
-                                      for kind, layers in curves.items()})}
-        write_atomic_safetensors(path, tensors, metadata=meta)  # parallel runs never share a temporary file
-        written += 1
-    return written
-
-
 # --- configurations -------------------------------------------------------------------------
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A method with settings, "obs[inputs=none,allocation=flap]", as ("obs", {"inputs": "none", ...})."""
@@ -315,13 +252,12 @@ def make_mask(handle: Any, method: str, config: str, calib: Calibration, args: a
     mask's meta "layer_search_reused_s" (and "_cpu_s") is then the seconds that search took when it was made, for
     the caller to count in the selection time.
     """
-    if cache_dir is not None:
-        load_kl_memo(handle, cache_dir)
+    if cache_dir is not None and calib.persist_dir is None:
+        # slow measurements kept with the bench's cache (the measured-KL allocations under kl_costs/: on the whole
+        # fit region most of a width candidate's hour; ablation costs under ablation/), read back by later runs
+        calib.persist_dir = cache_dir
     with guard(handle):
-        mask = _make_mask(handle, method, config, calib, args, cache_dir)
-    if cache_dir is not None:
-        save_kl_memo(handle, cache_dir)
-    return mask
+        return _make_mask(handle, method, config, calib, args, cache_dir)
 
 
 def layer_search(handle: Any, base: str, config: str, calib: Calibration,

@@ -23,7 +23,7 @@ class Stop(Exception):
 
 def calibration(tmp_path) -> Calibration:
     c = Calibration(list(TEXTS), max_length=32, name="test")
-    c.persist_dir = tmp_path / "ablation"
+    c.persist_dir = tmp_path  # the per-head costs go to tmp_path / "ablation"
     return c
 
 

@@ -182,31 +182,3 @@ def test_a_recovery_curve_at_another_budget_keeps_the_first_and_the_same_budget_
     write_rows(merged, path)
     again = merge_curves(path, [{**rows15[1], "ratio_main": 1.1}], "s", 15.0)
     assert [(float(r["budget_minutes"]), float(r["ratio_main"])) for r in again] == [(30, 1.6), (30, 1.3), (15, 1.1)]
-
-
-def test_a_measured_kl_allocation_is_kept_on_disk_and_read_back_instead_of_measured_again(tmp_path, monkeypatch):
-    from bench.bench_quality import load_kl_memo, save_kl_memo
-    from headlab.engine.pruning.reconstruct import measured
-    from headlab.engine.pruning.reconstruct.layerwise import RefitConfig
-    from tests.test_reconstruct import TEXTS
-    from tests.tiny import tiny_handle
-
-    h = tiny_handle("llama")
-    config = RefitConfig(max_length=64)
-    costs, curves = measured.kl_costs(h, list(TEXTS), config, kinds=("attn", "ffn"))
-    assert save_kl_memo(h, tmp_path) == 1 and save_kl_memo(h, tmp_path) == 0  # written once
-    measured._MEMO.pop(h.model)
-
-    def no_measure(*args, **kwargs):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr(measured, "_measure", no_measure)
-    assert load_kl_memo(h, tmp_path) == 1
-    again, curves_again = measured.kl_costs(h, list(TEXTS), config, kinds=("attn", "ffn"))
-    assert all(torch.equal(a, b) for kind in costs for a, b in zip(costs[kind], again[kind]))
-    assert [[c.points, c.scale] for c in curves["attn"]] == [[c.points, c.scale] for c in curves_again["attn"]]
-    # another model (other weights) reads none of it
-    other = tiny_handle("llama", seed=1)
-    assert load_kl_memo(other, tmp_path) == 0
-    with pytest.raises(AssertionError, match="measured again"):
-        measured.kl_costs(h, list(TEXTS)[:-1], config, kinds=("attn", "ffn"))  # other texts: not stored

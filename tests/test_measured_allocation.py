@@ -141,3 +141,41 @@ def test_the_kl_points_are_a_setting_of_the_strategy():
     for bad in ("0.5/1", "0", "a/b", ""):
         with pytest.raises(ValueError, match="kl_fractions"):
             ObsStrategy(kl_fractions=bad)
+
+
+def test_a_measurement_is_kept_in_the_store_and_read_back_instead_of_measured_again(tmp_path, monkeypatch):
+    from headlab.engine.pruning.reconstruct import measured
+
+    h, store = tiny_handle("llama"), tmp_path / "kl_costs"
+    costs, curves = kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32, store=store)
+    files = list(store.glob("*.safetensors"))
+    assert len(files) == 1 and not [p for p in store.iterdir() if p.name.startswith(".")]  # written whole, once
+    measured._MEMO.pop(h.model)  # a new process: nothing in memory
+
+    def no_measure(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(measured, "_measure", no_measure)
+    again, curves_again = kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32, store=store)
+    assert all(torch.equal(a, b) for kind in costs for a, b in zip(costs[kind], again[kind], strict=True))
+    assert [[c.points, c.scale] for c in curves["ffn"]] == [[c.points, c.scale] for c in curves_again["ffn"]]
+    # other texts, other settings or another model's weights read nothing (and would measure)
+    for call in (lambda: kl_costs(h, TEXTS[:-1], CONFIG, kl_texts=4, kl_length=32, store=store),
+                 lambda: kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32, store=store, fractions=(0.5,)),
+                 lambda: kl_costs(tiny_handle("llama", seed=1), TEXTS, CONFIG, kl_texts=4, kl_length=32,
+                                  store=store)):
+        with pytest.raises(AssertionError, match="measured again"):
+            call()
+    # a damaged file is measured again, not trusted
+    files[0].write_bytes(b"not safetensors")
+    measured._MEMO.pop(h.model)
+    with pytest.raises(AssertionError, match="measured again"):
+        kl_costs(h, TEXTS, CONFIG, kl_texts=4, kl_length=32, store=store)
+
+
+def test_a_calibration_with_a_persist_dir_keeps_the_kl_allocation_there(tmp_path):
+    h = tiny_handle("llama")
+    calib = Calibration(list(TEXTS), max_length=64, name="tiny")
+    calib.persist_dir = tmp_path
+    ObsStrategy(allocation="kl-joint")(h, Budget(heads=3, ffn=77), calib)
+    assert len(list((tmp_path / "kl_costs").glob("*.safetensors"))) == 1

@@ -62,7 +62,7 @@ def shared_calibration(handle: ModelHandle, model_key: str, choice: CalibrationC
 
     def compute(report: Progress) -> Calibration:
         calib = Calibration.shipped(choice.name, choice.n_texts, max_length=choice.max_length, handle=handle)
-        calib.persist_dir = cache_dir() / "ablation"  # per-head costs kept on disk as measured: a restart resumes
+        calib.persist_dir = cache_dir()  # slow measurements kept on disk (ablation/, kl_costs/): a restart resumes
         calib.stats(handle, report)
         for name in APP_CRITERIA:  # in the job, so concurrent sessions only ever read them (calib.cache)
             criterion_scores(handle, name, calib)

@@ -27,7 +27,9 @@ import torch
 from headlab.engine.core.files import write_atomic_text
 from headlab.engine.core.handle import ModelHandle
 
-__all__ = ["ABLATION_STORE_VERSION", "AblationStore", "model_fingerprint"]
+__all__ = ["ABLATION_STORE", "ABLATION_STORE_VERSION", "AblationStore", "model_fingerprint"]
+
+ABLATION_STORE = "ablation"  # the folder under a calibration's persist_dir (strategies.base.Calibration)
 
 #: Bump when ablation_kl's numbers change meaning (a cached file of an older version is not read).
 ABLATION_STORE_VERSION = 1

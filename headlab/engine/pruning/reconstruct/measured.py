@@ -20,32 +20,42 @@ re-fit that follows, on the pruned model's own inputs, then corrects what they d
 
 Cost, on top of "global": one partial forward per (layer, kind, fraction) over the KL texts, each scored over
 the whole vocabulary (2 x 2 x 30 for SmolLM2-135M: with the re-fit, 17 minutes on 2 cores against 6 for
-FLAP's counts, 128 texts; bench/results/choices.csv's select_s).
+FLAP's counts, 128 texts; bench/results/choices.csv's select_s). A measurement is kept for the model's lifetime
+and, given a `store` folder (the calibration's `persist_dir`: the app's cache), on disk as safetensors keyed by
+the model's weight fingerprint and the measurement's settings, so a restart or another process does not measure
+it again (on the whole fit region it is most of a width20 candidate's hour).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import json
 import weakref
 from collections.abc import Sequence
 from dataclasses import astuple
+from pathlib import Path
 
 import torch
 
+from headlab.engine.core.files import write_atomic_safetensors
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.mask import PruneMask
 from headlab.engine.core.progress import Progress
 from headlab.engine.core.refit import unit_features
+from headlab.engine.importance.ablation_store import model_fingerprint
 from headlab.engine.pruning.reconstruct.joint import obs_costs
 from headlab.engine.pruning.reconstruct.layerwise import RefitConfig, with_refit
 from headlab.engine.pruning.reconstruct.least_squares import Moments, ObsResult, ridge_fit
 from headlab.engine.runtime.replay import LayerReplay
 
-__all__ = ["KL_FRACTIONS", "KL_LENGTH", "KL_TEXTS", "LayerCurve", "kl_costs", "single_layer_mask"]
+__all__ = ["KL_FRACTIONS", "KL_LENGTH", "KL_STORE", "KL_TEXTS", "LayerCurve", "kl_costs", "single_layer_mask",
+           "store_path"]
 
 KL_FRACTIONS = (0.25, 0.5)  # of a layer's units, removed alone to measure its KL
 KL_TEXTS = 16  # fit texts the KL is measured on (the first of the re-fit's)
 KL_LENGTH = 128
+KL_STORE = "kl_costs"  # the folder under a calibration's persist_dir that keeps measurements on disk
 # model -> {settings key: (costs, curves)}: "kl" and "kl-joint" on the same texts measure the curves once
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -75,13 +85,14 @@ def single_layer_mask(handle: ModelHandle, layer: int, kind: str, m: Moments, or
 @torch.no_grad()
 def kl_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, *, normalise: str = "stream",
              fractions: Sequence[float] = KL_FRACTIONS, kl_texts: int = KL_TEXTS, kl_length: int = KL_LENGTH,
-             kinds: Sequence[str] = ("attn", "ffn"),
-             progress: Progress | None = None) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[LayerCurve]]]:
+             kinds: Sequence[str] = ("attn", "ffn"), progress: Progress | None = None,
+             store: str | Path | None = None) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[LayerCurve]]]:
     """(costs, curves): joint.obs_costs's costs of every layer multiplied by its measured KL scale, and the curves.
 
     Only `kinds` are measured (a heads-only budget needs no channel curves); the others get no costs (obs_costs)
     and empty curves. The result is kept for the model's lifetime (the shared
-    model is never changed in place), so "kl" and "kl-joint" on the same texts and settings measure once.
+    model is never changed in place), so "kl" and "kl-joint" on the same texts and settings measure once; with
+    `store`, also in that folder (store_path), read back instead of measured again by any later process.
     """
     if not fractions or any(not 0.0 < f < 1.0 for f in fractions):
         raise ValueError(f"fractions must lie strictly between 0 and 1, got {list(fractions)}")
@@ -89,9 +100,49 @@ def kl_costs(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, *, 
     key = (digest, astuple(config), normalise, tuple(fractions), kl_texts, kl_length, tuple(kinds))
     memo = _MEMO.setdefault(handle.model, {})
     if key not in memo:
-        memo[key] = _measure(handle, texts, config, normalise, fractions, kl_texts, kl_length, kinds, progress)
+        path = store_path(store, model_fingerprint(handle), key) if store is not None else None
+        entry = _read(path, key) if path is not None else None
+        if entry is None:
+            entry = _measure(handle, texts, config, normalise, fractions, kl_texts, kl_length, kinds, progress)
+            if path is not None:
+                _write(path, key, *entry)
+        memo[key] = entry
     costs, curves = memo[key]
     return {k: [c.clone() for c in v] for k, v in costs.items()}, {k: list(v) for k, v in curves.items()}
+
+
+def store_path(folder: str | Path, fingerprint: str, key: tuple) -> Path:
+    """The file in `folder` of one measurement (kl_costs's settings `key`) of the model whose weights have
+    `fingerprint` (ablation_store.model_fingerprint)."""
+    digest = hashlib.sha256(f"{fingerprint}|{key!r}".encode()).hexdigest()[:24]
+    return Path(folder) / f"{digest}.safetensors"
+
+
+def _read(path: Path, key: tuple) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[LayerCurve]]] | None:
+    """The measurement stored at `path` for `key`, or None (absent, another key, or unreadable: measured again)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if ast.literal_eval(meta["key"]) != key:
+                return None
+            layout = json.loads(meta["layout"])
+            costs = {kind: [f.get_tensor(f"{kind}.{i}") for i in range(n)] for kind, n in layout.items()}
+        curves = {kind: [LayerCurve([tuple(p) for p in points]) for points in layers]
+                  for kind, layers in json.loads(meta["curves"]).items()}
+    except (OSError, ValueError, KeyError, SyntaxError, SafetensorError):
+        return None
+    return costs, curves
+
+
+def _write(path: Path, key: tuple, costs: dict[str, list[torch.Tensor]], curves: dict[str, list[LayerCurve]]) -> None:
+    tensors = {f"{kind}.{i}": c for kind, layers in costs.items() for i, c in enumerate(layers)}
+    meta = {"key": repr(key), "layout": json.dumps({kind: len(layers) for kind, layers in costs.items()}),
+            "curves": json.dumps({kind: [list(map(list, c.points)) for c in layers] for kind, layers in curves.items()})}
+    write_atomic_safetensors(path, tensors, metadata=meta)
 
 
 def _measure(handle: ModelHandle, texts: Sequence[str], config: RefitConfig, normalise: str,

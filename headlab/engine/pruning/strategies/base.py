@@ -65,9 +65,10 @@ class Calibration:
     `stats()` is one dense capture pass with gradients (entropy, moments for compensation,
     Michel gradients); `cache` holds what strategies measure (e.g. per-head ablation KL),
     keyed by the strategy, so a second budget reuses the first one's measurements.
-    `persist_dir`: where per-head ablation costs are kept on disk as they are measured
-    (headlab.engine.importance.ablation_store), so an interrupted measurement resumes; None keeps them
-    in memory only.
+    `persist_dir`: where slow measurements are kept on disk: per-head ablation costs as they are measured
+    (`ablation/`, headlab.engine.importance.ablation_store), so an interrupted measurement resumes, and the
+    measured-KL allocations (`kl_costs/`, headlab.engine.pruning.reconstruct.measured); None keeps them in
+    memory only.
     """
 
     texts: list[str]

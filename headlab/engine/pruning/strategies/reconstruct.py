@@ -47,7 +47,7 @@ from headlab.engine.pruning.reconstruct.budgets import (
 )
 from headlab.engine.pruning.reconstruct.joint import counts_from_costs, joint_counts
 from headlab.engine.pruning.reconstruct.layerwise import INPUT_MODES, RefitConfig, obs_prune, refit, supports_input_maps
-from headlab.engine.pruning.reconstruct.measured import KL_FRACTIONS, kl_costs
+from headlab.engine.pruning.reconstruct.measured import KL_FRACTIONS, KL_STORE, kl_costs
 from headlab.engine.pruning.size_target import SizeResult, target_params, width_mask
 from headlab.engine.pruning.strategies.base import CALIBRATION_CHOICES, Budget, Calibration, Strategy
 from headlab.engine.pruning.strategies.depth import DEPTH_METHODS, depth_prune, layers_for_target
@@ -160,8 +160,9 @@ def layer_counts(handle: ModelHandle, budget: Budget, calib: Calibration, alloca
         texts = refit_texts(calib, handle=handle)
     if allocation in ("kl", "kl-joint"):
         kinds = [k for k, n in (("attn", h), ("ffn", f)) if n or allocation == "kl-joint"]
+        store = calib.persist_dir / KL_STORE if calib.persist_dir is not None else None
         costs, measured = kl_costs(handle, texts, _config(calib), normalise=normalise or GLOBAL_NORMALISATION,
-                                   kinds=kinds, progress=progress, fractions=tuple(kl_fractions))
+                                   kinds=kinds, progress=progress, fractions=tuple(kl_fractions), store=store)
         if curves is not None:
             curves.update({kind: [{"points": c.points, "scale": c.scale} for c in measured[kind]] for kind in kinds})
         return counts_from_costs(handle, costs, h, f, even_groups=even_groups, ffn_align=ffn_align,

@@ -11,7 +11,7 @@ import torch
 from headlab.engine.core.handle import ModelHandle
 from headlab.engine.core.progress import Progress
 from headlab.engine.importance.ablation import ablation_kl
-from headlab.engine.importance.ablation_store import AblationStore
+from headlab.engine.importance.ablation_store import ABLATION_STORE, AblationStore
 from headlab.engine.importance.criteria import Scores
 from headlab.engine.importance.gate_gradients import gate_gradients
 from headlab.engine.importance.registry import get_criterion
@@ -69,8 +69,8 @@ def _measure_ablation(handle: ModelHandle, calib: Calibration, texts: list[str],
     means = calib.stats(handle, progress).head_in_mean if mean else None
     max_length = min(calib.max_length, ABLATION_MAX_LENGTH)
     replay = LayerReplay(handle, texts, max_length=max_length)
-    store = (AblationStore.for_run(calib.persist_dir, handle, texts, max_length=max_length, mean=mean)
-             if calib.persist_dir is not None else None)
+    folder = calib.persist_dir / ABLATION_STORE if calib.persist_dir is not None else None
+    store = AblationStore.for_run(folder, handle, texts, max_length=max_length, mean=mean) if folder else None
     known = store.load() if store is not None else None
     try:
         delta, _ = ablation_kl(handle, texts, means=means, replay=replay, progress=progress, known=known,
