@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.bench_quality import results_csv
 from headlab.engine.models.load import DEFAULT_MODEL
