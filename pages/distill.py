@@ -104,7 +104,9 @@ def _metric_rows(job: RecoveryJob) -> list[dict]:
 
 @st.fragment(run_every=1.0 if running else None)
 def live_panel() -> None:
-    done, total = (job.history[-1].step if job.history else 0), job.config.steps  # sized by minutes: once timed
+    # sized by minutes: once timed, and again after a fifth of the steps (the records carry the run's length)
+    done = job.history[-1].step if job.history else 0
+    total = job.history[-1].steps if job.history else job.config.steps
     st.progress(min(done / total, 1.0) if total else 0.0, text=f"{job.status}: step {done}/{total}")
     if job.error:
         st.error(f"The distillation failed: {job.error}")
