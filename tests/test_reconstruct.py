@@ -145,9 +145,14 @@ def test_residual_targets_record_the_dense_stream_only_where_they_read_it(monkey
     config = RefitConfig(target="residual", inputs="all")
     runs = layerwise._kept_positions(dropped) + [True]
     assert layerwise._stream_layers(h.geometry, dropped, None, config, runs) == {L}  # layer 0's FFN reads the output
-    lean = [refit(h, m, TEXTS, config=config) for m in (dropped, gap, _pruned(h.geometry))]
+    # a width mask removes no sub-block: every target is the walk's own next dense state, nothing is recorded
+    width = _pruned(h.geometry)
+    assert layerwise._stream_layers(h.geometry, width, None, config, layerwise._kept_positions(width) + [True]) == set()
+    lean = [refit(h, m, TEXTS, config=config) for m in (dropped, gap, width)]
+    lean_obs = obs_prune(h, [1, 2], [30, 20], TEXTS, config=config)
     monkeypatch.setattr(layerwise, "_stream_layers", lambda g, *a: set(range(g.n_layers + 1)))
-    assert [refit(h, m, TEXTS, config=config) for m in (dropped, gap, _pruned(h.geometry))] == lean
+    assert [refit(h, m, TEXTS, config=config) for m in (dropped, gap, width)] == lean
+    assert obs_prune(h, [1, 2], [30, 20], TEXTS, config=config) == lean_obs
     monkeypatch.setattr(layerwise, "_stream_layers", lambda g, *a: set())
     with pytest.raises(RuntimeError, match="not recorded"):  # a layer it missed fails loudly, never fits on nothing
         refit(h, dropped, TEXTS, config=config)

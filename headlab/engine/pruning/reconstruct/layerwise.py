@@ -208,15 +208,23 @@ class _Stream:
     """
 
     def __init__(self, handle: ModelHandle, record: LayerInputs) -> None:
-        self.handle, self.record = handle, record  # `record` holds the layers `at` is asked for (_stream_layers)
+        # `record` holds the layers `at` is asked for past the walk's next position (_stream_layers)
+        self.handle, self.record = handle, record
         self._mid: dict[int, list[torch.Tensor]] = {}
+        self._next: dict[int, list[torch.Tensor]] = {}
 
     def set_mid(self, layer: int, hidden: list[torch.Tensor], attn_out: list[torch.Tensor]) -> None:
         """The dense stream in front of `layer`'s FFN, from the walk's own dense input and attention output."""
         self._mid = {layer: [h + a for h, a in zip(hidden, attn_out)]}
 
+    def set_next(self, layer: int, hidden: list[torch.Tensor]) -> None:
+        """The dense input of `layer`, the walk's own next dense record (held by the walk anyway: no copy)."""
+        self._next = {layer: hidden}
+
     def at(self, position: int) -> list[torch.Tensor]:
         layer, odd = divmod(position, 2)
+        if not odd and layer in self._next:
+            return self._next[layer]
         if not self.record.hidden[layer] and not (odd and layer in self._mid):
             raise RuntimeError(f"the dense stream at layer {layer} was not recorded (_stream_layers missed it)")
         if not odd:
@@ -244,13 +252,16 @@ def _site(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | None, con
 
 def _stream_layers(g: Geometry, mask: PruneMask, counts: dict[str, list[int]] | None, config: RefitConfig,
                    runs: list[bool]) -> set[int]:
-    """The layers whose dense input `_Stream.at` can be asked for: the one at or after the next running position
-    of every sub-block the walk may re-fit (L: the model's output). Only these are recorded, not all L + 1
-    (146,000 tokens of SmolLM2's stream are 0.3 GB a layer)."""
+    """The layers whose dense input `_Stream.at` can be asked for beyond what the walk itself holds: the one at or
+    after the next running position of every sub-block the walk may re-fit (L: the model's output) where that
+    position lies past the sub-block's own neighbour (removed sub-blocks between). The neighbour's stream is the
+    walk's: the next layer's dense input (`set_next`) or the same layer's middle (`set_mid`). Only these are
+    recorded, not all L + 1: 146,000 tokens of SmolLM2's stream are 0.3 GB a layer, and a width mask, which
+    removes no sub-block, records none (it held every layer, 20 GB, before)."""
     out = set()
     for pos in range(2 * g.n_layers):
         nxt, count, changed = _site(g, mask, counts, config, runs, pos, residual=True)
-        if runs[pos] and changed and (config.refits(REFIT_KINDS[pos % 2]) or count):
+        if runs[pos] and changed and (config.refits(REFIT_KINDS[pos % 2]) or count) and nxt != pos + 1:
             out.add(nxt // 2)
     return out
 
@@ -323,6 +334,7 @@ def _walk(handle: ModelHandle, mask: PruneMask, texts: Sequence[str], config: Re
         dense_norm = dict(zip(norms, n_d))
         if residual:
             stream.set_mid(layer, dense.hidden[layer], a_d)
+            stream.set_next(layer + 1, dense_next.hidden[layer + 1])
         else:
             targets = {kind: [x @ output_weight(handle, layer, kind).T.to(x.dtype) for x in xs]
                        for kind, xs in (("attn", x_o), ("ffn", x_d))}
