@@ -131,7 +131,8 @@ def bench_cache(model: str | None, quick: bool) -> Path:
 
 
 def cached_mask_path(cache_dir: Path, method: str, config: str) -> Path:
-    safe = method.replace("+", "_plus_").replace("[", "(").replace("]", ")").replace("=", "-").replace(",", "_").replace("/", "-")
+    safe = (method.replace("+", "_plus_").replace("[", "(").replace("]", ")").replace("=", "-").replace(",", "_")
+            .replace("/", "-"))
     return cache_dir / "masks" / f"{safe}__{config}.json"
 
 

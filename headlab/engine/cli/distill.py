@@ -109,8 +109,7 @@ def _budget_steps(args: argparse.Namespace, teacher: ModelHandle, mask: PruneMas
     write_atomic_text(saved, json.dumps({"minutes": args.minutes, "steps": steps, **asdict(model)}, indent=1))
     print(f"budget: {steps} steps fit {args.minutes:g} minutes ({model.fixed_s:.2f} s + "
           f"{1e3 * model.per_token_s:.3f} ms per padded token a step; {model.eval_s:.1f} s an evaluation, "
-          f"{model.checkpoint_s:.1f} s a checkpoint); sized again from the run's own steps after step "
-          f"{Rebudget(teacher.tokenizer, data, args.minutes * 60, model).at(steps)}")
+          f"{model.checkpoint_s:.1f} s a checkpoint)")
     return steps, model
 
 
@@ -158,6 +157,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         steps, model = _budget_steps(args, teacher, mask, data, config, out)
         config = replace(config, steps=steps)
         resize = Rebudget(teacher.tokenizer, data, args.minutes * 60, model)
+        print(f"the run sizes itself again from its own steps after step {resize.at(steps)}")
     heldout = prompt_split()[1][: args.n_heldout]
     before = {}
     if not args.no_eval and world.is_main:
